@@ -1,0 +1,65 @@
+"""mctl: Modal's programming model on your own machines. `import mctl as modal` runs Modal apps.
+
+Importing mctl does no I/O and pulls in no heavy dependency; they load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mctl import exception
+from mctl.core.hookspecs import hookimpl
+from mctl.exception import Error
+from mctl.sdk.app import App
+from mctl.sdk.cls import Cls
+from mctl.sdk.function import Function, FunctionCall, gather
+from mctl.sdk.image import Image
+from mctl.sdk.partial import batched, concurrent, enter, exit, method, parameter
+from mctl.sdk.retries import Retries
+from mctl.sdk.schedule import Cron, Period
+from mctl.sdk.secret import Secret
+from mctl.sdk.volume import Volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App", "Cls", "Cron", "Error", "Function", "FunctionCall", "Image", "Period", "Retries",
+    "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
+    "is_local", "method", "parameter",
+]
+
+# Names Modal removed, with the spelling to use now.
+_REMOVED = {
+    "Stub": "mctl.App",
+    "web_endpoint": "mctl.fastapi_endpoint (web endpoints are not supported yet)",
+    "Mount": "Image.add_local_dir / Image.add_local_file / Image.add_local_python_source",
+    "build": "@mctl.enter() (images are built from Image methods)",
+    "asgi_app": "a web server inside a function (web endpoints are not supported yet)",
+    "wsgi_app": "a web server inside a function (web endpoints are not supported yet)",
+    "SharedVolume": "mctl.Volume",
+    "NetworkFileSystem": "mctl.Volume",
+    "lookup": "mctl.Function.from_name / mctl.Cls.from_name",
+}
+_REMOVED_KEYWORD_STYLE = {
+    "concurrency_limit": "@app.function(max_containers=...)",
+    "keep_warm": "@app.function(min_containers=...)",
+}
+
+
+def __getattr__(name: str) -> Any:
+    from mctl.exception import DeprecationError
+
+    if name in _REMOVED:
+        raise DeprecationError(f"mctl.{name} (modal.{name}) was removed from Modal's API; use "
+                               f"{_REMOVED[name]} instead.")
+    if name in _REMOVED_KEYWORD_STYLE:
+        raise DeprecationError(f"{name} is no longer a Modal name; use "
+                               f"{_REMOVED_KEYWORD_STYLE[name]}.")
+    raise AttributeError(f"module 'mctl' has no attribute {name!r}")
+
+
+def is_local() -> bool:
+    """True outside a worker (as modal.is_local)."""
+    import os
+
+    return "MCTL_TASK_ID" not in os.environ

@@ -1,0 +1,1 @@
+"""The `mctl` command line."""

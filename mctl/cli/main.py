@@ -1,0 +1,336 @@
+"""`mctl`: run, deploy, app, secret, plugins, server. Plugins add commands through a hook."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from mctl.exception import Error, InvalidError
+
+
+def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
+    """`path/app.py[::name]` -> (module, App, object name)."""
+    from mctl.sdk.app import App
+
+    path, _, obj_name = ref.partition("::")
+    if not os.path.exists(path):
+        raise click.UsageError(f"No such file {path!r}; pass the path of your app's .py file.")
+    path = os.path.abspath(path)
+    module_name = os.path.splitext(os.path.basename(path))[0]
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if not apps:
+        raise click.UsageError(f"{path} defines no mctl.App; create one with app = mctl.App(...).")
+    app = vars(module).get("app") if isinstance(vars(module).get("app"), App) else apps[0]
+    return module, app, obj_name or None
+
+
+def _parse_entrypoint_args(func: Any, args: list[str]) -> dict[str, Any]:
+    """`--name value` pairs converted by the entrypoint's annotations (int, float, bool, str)."""
+    sig = inspect.signature(func)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise click.UsageError(f"Unexpected argument {arg!r}; pass entrypoint arguments as "
+                                   "--name value.")
+        key = arg[2:].replace("-", "_")
+        if key not in sig.parameters:
+            raise click.UsageError(f"{func.__name__} has no parameter {key!r}; it takes "
+                                   f"{', '.join(sig.parameters) or 'none'}.")
+        param = sig.parameters[key]
+        annotation = param.annotation
+        if annotation in (bool, "bool"):
+            out[key] = True
+            i += 1
+            continue
+        if i + 1 >= len(args):
+            raise click.UsageError(f"--{key} needs a value.")
+        value: Any = args[i + 1]
+        converter = {int: int, "int": int, float: float, "float": float}.get(annotation)
+        if converter:
+            try:
+                value = converter(value)
+            except ValueError:
+                raise click.UsageError(f"--{key} must be a {converter.__name__}, got "
+                                       f"{value!r}.") from None
+        out[key] = value
+        i += 2
+    return out
+
+
+@click.group()
+@click.version_option(package_name="mctl")
+def cli() -> None:
+    """mctl: serverless Python functions on your own machines (Modal's API, local or Nomad)."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("app_ref")
+@click.pass_context
+def run(ctx: click.Context, app_ref: str) -> None:
+    """Run APP_REF (path.py or path.py::entrypoint) on an ephemeral app.
+
+    Arguments after APP_REF go to the local entrypoint as --name value.
+    """
+    from mctl.sdk.function import Function
+
+    try:
+        _, app, name = import_app_file(app_ref)
+        entrypoints = app.registered_entrypoints
+        if name is None:
+            if len(entrypoints) == 1:
+                name = next(iter(entrypoints))
+            elif not entrypoints and len(app.registered_functions) == 1:
+                name = next(iter(app.registered_functions))
+            else:
+                choices = ", ".join([*entrypoints, *app.registered_functions]) or "none"
+                raise click.UsageError(f"Say what to run: {app_ref}::NAME, one of {choices}.")
+        if name in entrypoints:
+            target = entrypoints[name]
+            kwargs = _parse_entrypoint_args(target, ctx.args)
+        elif isinstance(app.registered_functions.get(name), Function):
+            handle = app.registered_functions[name]
+            kwargs = _parse_entrypoint_args(handle.raw_f, ctx.args)
+            target = lambda **kw: print(handle.remote(**kw))  # noqa: E731
+        else:
+            raise click.UsageError(f"{name!r} is not a local entrypoint or function of the app.")
+        with app.run():
+            result = target(**kwargs)
+            if inspect.iscoroutine(result):
+                asyncio.run(result)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.argument("app_ref")
+@click.option("--name", help="Deploy under this name instead of the App's own.")
+def deploy(app_ref: str, name: str | None) -> None:
+    """Deploy APP_REF to the control plane; it keeps running (schedules fire there)."""
+    from mctl.core.runner import deploy_app
+
+    try:
+        _, app, _ = import_app_file(app_ref)
+        result = deploy_app(app, name=name)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Deployed app {result['name']} ({result['app_id']}) version "
+               f"{result['version']} on {result['url']}")
+    for tag, fid in result["functions"].items():
+        click.echo(f"  {tag}  {fid}")
+
+
+# --- app -----------------------------------------------------------------------------------------
+@cli.group()
+def app() -> None:
+    """Manage deployed apps: list, stop, history, rollback, logs."""
+
+
+def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    from mctl.core.client import client_for, run_sync
+    from mctl.core.config import configured_server_url
+
+    url = configured_server_url()
+    if url is None:
+        raise click.ClickException("No mctl server is running; deploy an app with `mctl deploy` "
+                                   "or set MCTL_SERVER_URL.")
+    try:
+        return run_sync(client_for(url).http(method, path, body, params))
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+@app.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Include stopped ephemeral apps.")
+def app_list(as_json: bool, show_all: bool) -> None:
+    """List apps."""
+    apps = _admin("GET", "/api/apps", params={"all": "1" if show_all else "0"})
+    if as_json:
+        click.echo(json.dumps(apps, indent=2))
+        return
+    click.echo(f"{'APP ID':<26} {'NAME':<20} {'MODE':<10} {'STATE':<8} {'VERSION':<7} CREATED")
+    for a in apps:
+        click.echo(f"{a['app_id']:<26} {a['name']:<20} {a['mode']:<10} {a['state']:<8} "
+                   f"{a['version']:<7} {_when(a['created'])}")
+
+
+@app.command("stop")
+@click.argument("name")
+def app_stop(name: str) -> None:
+    """Stop an app: its workers exit and its schedules stop firing."""
+    result = _admin("POST", f"/api/apps/{name}/stop")
+    click.echo(f"Stopped {name} ({result['app_id']})")
+
+
+@app.command("history")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def app_history(name: str, as_json: bool) -> None:
+    """Show the versions of a deployed app."""
+    result = _admin("GET", f"/api/apps/{name}/history")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    current = result["app"]["version"]
+    click.echo(f"{'VERSION':<8} {'DEPLOYMENT':<26} {'CREATED':<20} NOTE")
+    for v in reversed(result["versions"]):
+        mark = "*" if v["version"] == current else " "
+        click.echo(f"{mark}v{v['version']:<6} {v['deployment_id']:<26} {_when(v['created']):<20} "
+                   f"{v['note']}")
+
+
+@app.command("rollback")
+@click.argument("name")
+@click.argument("version", required=False, type=str)
+def app_rollback(name: str, version: str | None) -> None:
+    """Roll NAME back to VERSION (default: the previous one), as a new version."""
+    body = {}
+    if version is not None:
+        try:
+            body["version"] = int(version.lstrip("v"))
+        except ValueError:
+            raise click.UsageError(f"VERSION must be a number such as 2 or v2, not "
+                                   f"{version!r}.") from None
+    result = _admin("POST", f"/api/apps/{name}/rollback", body)
+    click.echo(f"Rolled {name} back to v{result['from']}; now at v{result['version']}")
+
+
+@app.command("logs")
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+def app_logs(name: str, follow: bool) -> None:
+    """Print an app's logs."""
+    after = 0
+    while True:
+        rows = _admin("GET", f"/api/apps/{name}/logs",
+                      params={"after": after, "wait": 25 if follow else 0})
+        for row in rows:
+            click.echo(f"{_when(row['ts'])} {row['function']} {row['task_id']}  {row['line']}")
+            after = row["id"]
+        if not follow and len(rows) < 1000:
+            return
+
+
+# --- secrets -------------------------------------------------------------------------------------
+@cli.group()
+def secret() -> None:
+    """Manage secrets of the local secret store."""
+
+
+@secret.command("create")
+@click.argument("name")
+@click.argument("pairs", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Replace an existing secret.")
+def secret_create(name: str, pairs: tuple[str, ...], force: bool) -> None:
+    """Create secret NAME from KEY=VALUE pairs."""
+    from mctl.plugins import secrets_local
+
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"{pair!r} is not KEY=VALUE.")
+        values[key] = value
+    try:
+        if secrets_local.resolve(name) is not None and not force:
+            raise click.ClickException(f"Secret {name!r} exists; pass --force to replace it.")
+        secrets_local.save(name, values)
+    except InvalidError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Created secret {name} with keys {', '.join(values)}")
+
+
+@secret.command("list")
+def secret_list() -> None:
+    """List secret names."""
+    from mctl.plugins import secrets_local
+
+    for name in secrets_local.names():
+        click.echo(name)
+
+
+# --- plugins & server ----------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def plugins(as_json: bool) -> None:
+    """List plugins with their versions and hooks."""
+    from mctl.core.plugins import describe
+
+    rows = describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        kind = "builtin" if row["builtin"] else (row["version"] or "")
+        click.echo(f"{row['name']}  {kind}")
+        for hook in row["hooks"]:
+            click.echo(f"    {hook}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, type=int, help="0 picks a free port.")
+@click.option("--state-dir", type=click.Path(), help="Default: $MCTL_HOME/server.")
+@click.option("--scheduler", help="Scheduler plugin (default: $MCTL_SCHEDULER or local).")
+@click.option("--advertise-url", help="URL workers use to reach this server.")
+def server(host: str, port: int, state_dir: str | None, scheduler: str | None,
+           advertise_url: str | None) -> None:
+    """Run the control plane in the foreground."""
+    import logging
+    import signal
+    from pathlib import Path
+
+    from mctl.core.config import home
+    from mctl.core.runner import write_server_file
+    from mctl.core.server.http import start_server
+
+    logging.basicConfig(level=os.environ.get("MCTL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        srv = await start_server(Path(state_dir) if state_dir else home() / "server", host, port,
+                                 scheduler, advertise_url=advertise_url)
+        write_server_file(srv.url)
+        click.echo(f"mctl control plane listening on {srv.url}", err=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await srv.close()
+
+    try:
+        asyncio.run(main())
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _register_plugin_commands() -> None:
+    from mctl.core.plugins import get_plugin_manager
+
+    get_plugin_manager().hook.mctl_register_commands(cli=cli)
+
+
+def main() -> None:
+    _register_plugin_commands()
+    cli()

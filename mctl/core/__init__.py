@@ -1,0 +1,1 @@
+"""The engine: spec models, plugin core, control plane, worker runtime and client."""

@@ -1,0 +1,142 @@
+"""SDK objects -> AppSpec: validate once, bundle the source, pickle `serialized=True` functions."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import os
+import sys
+import zipfile
+from typing import TYPE_CHECKING, Any
+
+from mctl.core.spec import (AppSpec, AutoscalingSpec, FunctionSpec, ImageSpec, MethodSpec,
+                            ResourcesSpec, RetryPolicy, ScheduleSpec, function_id)
+from mctl.exception import InvalidError
+from mctl.sdk.image import Image
+from mctl.sdk.partial import METHOD
+from mctl.sdk.schedule import Cron, Period
+
+if TYPE_CHECKING:
+    from mctl.sdk.app import App
+
+DEFAULT_IMAGE = Image()
+
+
+def _source_file(obj: Any) -> str | None:
+    try:
+        return os.path.abspath(inspect.getfile(obj))
+    except (TypeError, OSError):
+        return None
+
+
+def _module_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def make_bundle(app: App) -> tuple[str, bytes]:
+    """Zip the source files that define the app's functions; return (main module, zip bytes).
+
+    The zip is written deterministically, so the same source gives the same blob id.
+    """
+    files: list[str] = []
+    for handle in app.registered_functions.values():
+        path = _source_file(handle.raw_object) if handle.raw_object is not None else None
+        if path and path not in files:
+            files.append(path)
+    if not files:
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not main:
+            raise InvalidError("Cannot find the source file of this app; define its functions in "
+                               "a .py file.")
+        files.append(os.path.abspath(main))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in files:
+            info = zipfile.ZipInfo(os.path.basename(path), date_time=(1980, 1, 1, 0, 0, 0))
+            with open(path, "rb") as fh:
+                zf.writestr(info, fh.read())
+    return _module_name(files[0]), buffer.getvalue()
+
+
+def blob_id(data: bytes) -> str:
+    return "bl-" + hashlib.sha256(data).hexdigest()[:40]
+
+
+def _schedule(value: Any) -> ScheduleSpec | None:
+    if value is None:
+        return None
+    if isinstance(value, Cron):
+        return ScheduleSpec(kind="cron", cron=value.cron_string, timezone=value.timezone)
+    if isinstance(value, Period):
+        return ScheduleSpec(kind="period", seconds=value.seconds)
+    raise InvalidError(f"Unknown schedule {value!r}.")
+
+
+def compile_app(app: App, app_id: str, name: str | None = None
+                ) -> tuple[AppSpec, dict[str, bytes]]:
+    """Return the validated spec and the blobs (bundle, pickled functions) it refers to."""
+    from mctl.core.serialization import dumps
+    from mctl.sdk.cls import Cls, partials_of
+
+    app_name = name or app.name
+    if not app_name:
+        main = getattr(sys.modules.get("__main__"), "__file__", None) or "app"
+        app_name = _module_name(main)
+    module, bundle = make_bundle(app)
+    blobs = {blob_id(bundle): bundle}
+    images: dict[str, ImageSpec] = {}
+    functions: dict[str, FunctionSpec] = {}
+    for tag, handle in app.registered_functions.items():
+        opts = handle.options
+        image = opts.get("image") or app.image or DEFAULT_IMAGE
+        images[image.object_id] = ImageSpec(image_id=image.object_id, recipe=image.recipe())
+        retries = opts.get("retries")
+        secrets = [s.ref() for s in [*app.secrets, *opts.get("secrets", [])]]
+        volumes = dict(opts.get("volumes") or {})
+        if app.volumes:
+            from mctl.sdk.volume import validate_mounts
+
+            volumes = {**validate_mounts(app.volumes), **volumes}
+        raw = handle.raw_object
+        pickled = None
+        if opts.get("serialized"):
+            data = dumps(raw)
+            pickled = blob_id(data)
+            blobs[pickled] = data
+        common = dict(
+            tag=tag, function_id=function_id(app_id, tag), module=module,
+            qualname=getattr(raw, "__qualname__", tag), serialized=bool(opts.get("serialized")),
+            pickled_blob=pickled, timeout=opts["timeout"],
+            retries=RetryPolicy(**vars(retries)) if retries else None,
+            autoscaling=AutoscalingSpec(
+                min_containers=opts["min_containers"], max_containers=opts["max_containers"],
+                buffer_containers=opts["buffer_containers"],
+                scaledown_window=opts["scaledown_window"]),
+            resources=ResourcesSpec(cpu=opts.get("cpu"), memory_mb=opts.get("memory"),
+                                    gpu=opts.get("gpu")),
+            image_id=image.object_id, secrets=secrets, volumes=volumes, env=opts.get("env") or {},
+            max_inputs=opts.get("max_inputs", 1), target_inputs=opts.get("target_inputs"),
+            batch_max_size=opts.get("max_batch_size"), batch_wait_ms=opts.get("wait_ms"),
+        )
+        try:
+            if isinstance(handle, Cls):
+                methods = {}
+                for mname, pf in partials_of(raw, METHOD).items():
+                    fn = pf.raw_f
+                    methods[mname] = MethodSpec(
+                        is_generator=bool(pf.params.get("is_generator")),
+                        is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
+                functions[tag] = FunctionSpec(kind="class", methods=methods, **common)
+            else:
+                functions[tag] = FunctionSpec(
+                    kind="function", is_generator=handle._is_generator, is_async=handle.is_async,
+                    schedule=_schedule(opts.get("schedule")), **common)
+        except ValueError as exc:
+            raise InvalidError(f"Function {tag}: {exc}") from None
+    try:
+        spec = AppSpec(name=app_name, module=module, bundle_blob=blob_id(bundle),
+                       functions=functions, images=images)
+    except ValueError as exc:
+        raise InvalidError(f"App {app_name}: {exc}") from None
+    return spec, blobs

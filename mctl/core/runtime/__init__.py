@@ -1,0 +1,1 @@
+"""The worker runtime: the loop inside every container, subprocess or Nomad allocation."""

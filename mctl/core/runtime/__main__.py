@@ -1,0 +1,3 @@
+from mctl.core.runtime.worker import main
+
+main()

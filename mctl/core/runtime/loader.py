@@ -1,0 +1,71 @@
+"""Load a function's user code inside a worker: the app bundle or a pickled function."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mctl.core.spec import AppSpec, FunctionSpec
+
+
+def fetch_blob(http_url: str, blob_id: str) -> bytes:
+    with urllib.request.urlopen(f"{http_url}/blobs/{blob_id}", timeout=300) as resp:
+        return resp.read()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MCTL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mctl")
+    return Path(base)
+
+
+def import_bundle(http_url: str, app: AppSpec) -> Any:
+    """Fetch the app's source bundle (content-addressed, cached) and import its module."""
+    import io
+    import zipfile
+
+    assert app.bundle_blob is not None
+    target = cache_dir() / "bundles" / app.bundle_blob
+    if not target.exists():
+        data = fetch_blob(http_url, app.bundle_blob)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        zipfile.ZipFile(io.BytesIO(data)).extractall(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another worker won the race
+            pass
+    sys.path.insert(0, str(target))
+    if app.module in sys.modules:
+        return sys.modules[app.module]
+    spec = importlib.util.spec_from_file_location(app.module, target / f"{app.module}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[app.module] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def find_user_object(module: Any, app: AppSpec, fspec: FunctionSpec) -> tuple[Any, Any]:
+    """Return (the App object, the raw function or class) for `fspec` in an imported module."""
+    from mctl.sdk.app import App
+
+    for value in vars(module).values():
+        if isinstance(value, App) and fspec.tag in value.registered_functions:
+            handle = value.registered_functions[fspec.tag]
+            return value, handle.raw_object
+    raise LookupError(f"{fspec.tag} not found in module {module.__name__}; was it renamed?")
+
+
+def load_function(http_url: str, app: AppSpec, fspec: FunctionSpec) -> tuple[Any, Any]:
+    module = import_bundle(http_url, app) if app.bundle_blob else None
+    if fspec.serialized:
+        import pickle
+
+        assert fspec.pickled_blob is not None
+        # The bundle is on sys.path first, so functions pickled by reference resolve too.
+        return None, pickle.loads(fetch_blob(http_url, fspec.pickled_blob))
+    return find_user_object(module, app, fspec)

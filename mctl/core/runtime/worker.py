@@ -1,0 +1,370 @@
+"""The worker loop: receive inputs from the control plane, run the user's code, send outputs.
+
+Sync user code runs on `max_inputs` runner threads pulling from one local queue; async user code runs
+as tasks on the worker's event loop. Outputs are gathered and sent in batches. An input that runs past
+`timeout` is reported as timed out and the whole process exits, as a container would be killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from mctl.core import protocol
+from mctl.core.protocol import BLOB_THRESHOLD
+from mctl.core.runtime import loader
+from mctl.core.serialization import dumps, loads, serialize_exception
+from mctl.core.spec import AppSpec, FunctionSpec
+from mctl.exception import FunctionTimeoutError
+
+log = logging.getLogger("mctl.worker")
+
+_STOP = object()
+
+
+class Worker:
+    def __init__(self, server_url: str, app_id: str, function_id: str, task_id: str) -> None:
+        self.http_url = server_url.rstrip("/")
+        self.ws_url = self.http_url.replace("http", "ws", 1) + "/ws"
+        self.app_id, self.function_id, self.task_id = app_id, function_id, task_id
+        self.local: queue.Queue[Any] = queue.Queue()
+        self.outbox: list[tuple[dict[str, Any], bytes]] = []
+        self.out_lock = threading.Lock()
+        self.deadlines: dict[str, float] = {}
+        self.cancelled: set[str] = set()
+        self.instances: dict[bytes, Any] = {}
+        self.instance_lock = threading.Lock()
+        self.stopping = False
+        self.ws: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.async_sem: asyncio.Semaphore | None = None
+        self.wake = asyncio.Event()
+
+    # --- setup ---------------------------------------------------------------------------------
+    async def load(self, session: Any) -> None:
+        async with session.get(f"{self.http_url}/api/apps/{self.app_id}") as resp:
+            resp.raise_for_status()
+            record = await resp.json()
+        self.app = AppSpec.model_validate(record["spec"])
+        self.fspec: FunctionSpec = next(f for f in self.app.functions.values()
+                                        if f.function_id == self.function_id)
+        user_app, self.raw = await asyncio.to_thread(loader.load_function, self.http_url, self.app,
+                                                     self.fspec)
+        if user_app is not None:
+            user_app._hydrate_in_worker(self.app_id)
+        self.is_class = self.fspec.kind == "class"
+        self.is_async = self.fspec.is_async
+        if not self.is_class and self.fspec.batch_max_size is None and self.is_async:
+            self.async_sem = asyncio.Semaphore(self.fspec.max_inputs)
+
+    # --- main loop -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        import aiohttp
+
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            await self.load(session)
+            self._start_threads()
+            while not self.stopping:
+                try:
+                    async with session.ws_connect(self.ws_url, max_msg_size=protocol.MAX_FRAME,
+                                                  heartbeat=30) as ws:
+                        self.ws = ws
+                        await ws.send_bytes(protocol.encode({
+                            "type": "hello", "role": "worker", "task_id": self.task_id,
+                            "function_id": self.function_id}))
+                        self._flush_outputs()
+                        await self._receive(ws)
+                except (aiohttp.ClientError, OSError) as exc:
+                    log.warning("control plane unreachable (%s); reconnecting", exc)
+                self.ws = None
+                if not self.stopping:
+                    await asyncio.sleep(0.5)
+        self._shutdown()
+
+    async def _receive(self, ws: Any) -> None:
+        import aiohttp
+
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue
+            header, payloads = protocol.decode(msg.data)
+            kind = header["type"]
+            if kind == "inputs":
+                for item, payload in zip(header["items"], payloads):
+                    self._accept(item, payload)
+            elif kind == "cancel":
+                self.cancelled.update(header["input_ids"])
+            elif kind == "stop":
+                self.stopping = True
+                await self._drain_and_close(ws)
+                return
+
+    async def _drain_and_close(self, ws: Any) -> None:
+        for _ in range(self.runner_count):
+            self.local.put(_STOP)
+        await asyncio.to_thread(self._join_runners)
+        while self.async_tasks:
+            await asyncio.gather(*self.async_tasks, return_exceptions=True)
+        self._flush_outputs()
+        await asyncio.sleep(0)
+        await ws.close()
+
+    def _accept(self, item: dict[str, Any], payload: bytes) -> None:
+        if self.async_sem is not None:
+            task = self.loop.create_task(self._run_async(item, payload))  # type: ignore[union-attr]
+            self.async_tasks.add(task)
+            task.add_done_callback(self.async_tasks.discard)
+        else:
+            self.local.put((item, payload))
+
+    # --- runners -------------------------------------------------------------------------------
+    def _start_threads(self) -> None:
+        self.async_tasks: set[asyncio.Task[Any]] = set()
+        spec = self.fspec
+        self.runner_count = 0 if self.async_sem is not None else spec.max_inputs
+        target = self._batch_runner if spec.batch_max_size else self._runner
+        self.runners = [threading.Thread(target=target, name=f"mctl-runner-{i}", daemon=True)
+                        for i in range(self.runner_count)]
+        for thread in self.runners:
+            thread.start()
+        threading.Thread(target=self._watchdog, name="mctl-watchdog", daemon=True).start()
+
+    def _join_runners(self) -> None:
+        for thread in self.runners:
+            thread.join()
+
+    def _runner(self) -> None:
+        # One event loop per runner thread runs async methods of classes.
+        while True:
+            job = self.local.get()
+            if job is _STOP:
+                return
+            item, payload = job
+            if item["id"] in self.cancelled:
+                continue
+            self._run_one(item, payload)
+
+    def _run_one(self, item: dict[str, Any], payload: bytes) -> None:
+        input_id = item["id"]
+        start = time.monotonic()
+        self.deadlines[input_id] = start + self.fspec.timeout
+        seq = 0
+        try:
+            fn, args, kwargs, is_gen = self._resolve(item, payload)
+            if is_gen:
+                result = fn(*args, **kwargs)
+                if inspect.isasyncgen(result):
+                    result = _iterate_async_gen(result)
+                for value in result:
+                    self._emit(input_id, "item", dumps(value), seq, final=False)
+                    seq += 1
+                self._emit(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
+            else:
+                result = fn(*args, **kwargs)
+                if inspect.iscoroutine(result):
+                    result = asyncio.run(result)
+                self._emit(input_id, "success", dumps(result), dur=time.monotonic() - start)
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            self._emit(input_id, "failure", serialize_exception(exc), seq,
+                       dur=time.monotonic() - start)
+        finally:
+            self.deadlines.pop(input_id, None)
+
+    def _batch_runner(self) -> None:
+        spec = self.fspec
+        assert spec.batch_max_size is not None and spec.batch_wait_ms is not None
+        while True:
+            job = self.local.get()
+            if job is _STOP:
+                return
+            jobs = [job]
+            deadline = time.monotonic() + spec.batch_wait_ms / 1000
+            stop = False
+            while len(jobs) < spec.batch_max_size:
+                try:
+                    nxt = self.local.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                jobs.append(nxt)
+            self._run_batch(jobs)
+            if stop:
+                return
+
+    def _run_batch(self, jobs: list[tuple[dict[str, Any], bytes]]) -> None:
+        start = time.monotonic()
+        ids = [item["id"] for item, _ in jobs]
+        for input_id in ids:
+            self.deadlines[input_id] = start + self.fspec.timeout
+        try:
+            calls = [self._resolve(item, payload) for item, payload in jobs]
+            fn = calls[0][0]
+            # Each input is one call's single argument; the function gets them as a list.
+            columns = list(zip(*[args for _, args, _, _ in calls])) if calls[0][1] else []
+            kw_names = list(calls[0][2])
+            kw_columns = {k: [kwargs[k] for _, _, kwargs, _ in calls] for k in kw_names}
+            results = fn(*[list(col) for col in columns], **kw_columns)
+            if inspect.iscoroutine(results):
+                results = asyncio.run(results)
+            results = list(results)
+            if len(results) != len(jobs):
+                raise ValueError(f"@batched function returned {len(results)} results for "
+                                 f"{len(jobs)} inputs; return one result per input.")
+            dur = (time.monotonic() - start) / len(jobs)
+            for input_id, value in zip(ids, results):
+                self._emit(input_id, "success", dumps(value), dur=dur)
+        except BaseException as exc:  # noqa: BLE001
+            err = serialize_exception(exc)
+            for input_id in ids:
+                self._emit(input_id, "failure", err)
+        finally:
+            for input_id in ids:
+                self.deadlines.pop(input_id, None)
+
+    async def _run_async(self, item: dict[str, Any], payload: bytes) -> None:
+        assert self.async_sem is not None
+        async with self.async_sem:
+            input_id = item["id"]
+            start = time.monotonic()
+            seq = 0
+            try:
+                fn, args, kwargs, is_gen = await asyncio.to_thread(self._resolve, item, payload)
+                if is_gen:
+                    async def consume() -> int:
+                        n = 0
+                        async for value in fn(*args, **kwargs):
+                            self._emit(input_id, "item", dumps(value), n, final=False)
+                            n += 1
+                        return n
+
+                    seq = await asyncio.wait_for(consume(), self.fspec.timeout)
+                    self._emit(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
+                else:
+                    result = await asyncio.wait_for(fn(*args, **kwargs), self.fspec.timeout)
+                    self._emit(input_id, "success", dumps(result), dur=time.monotonic() - start)
+            except asyncio.TimeoutError:
+                self._emit(input_id, "timeout", serialize_exception(FunctionTimeoutError(
+                    f"Input {input_id} timed out after {self.fspec.timeout:g}s.")), seq)
+            except BaseException as exc:  # noqa: BLE001
+                self._emit(input_id, "failure", serialize_exception(exc), seq)
+
+    def _resolve(self, item: dict[str, Any], payload: bytes) -> tuple[Any, tuple, dict, bool]:
+        """Decode an input into (callable, args, kwargs, is_generator)."""
+        if item.get("blob"):
+            payload = loader.fetch_blob(self.http_url, payload.decode())
+        data = loads(payload)
+        if not self.is_class:
+            args, kwargs = data
+            return self.raw, args, kwargs, self.fspec.is_generator
+        method, params, args, kwargs = data
+        obj = self._instance(params)
+        return getattr(obj, method), args, kwargs, self.fspec.methods[method].is_generator
+
+    def _instance(self, params: dict[str, Any]) -> Any:
+        """One instance of the user class per parameter set, entered once."""
+        key = dumps(sorted(params.items()))
+        obj = self.instances.get(key)
+        if obj is not None:
+            return obj
+        with self.instance_lock:
+            obj = self.instances.get(key)
+            if obj is None:
+                from mctl.sdk.cls import construct_instance, run_lifecycle
+
+                obj = construct_instance(self.raw, params)
+                run_lifecycle(obj, "enter")
+                self.instances[key] = obj
+        return obj
+
+    # --- outputs -------------------------------------------------------------------------------
+    def _emit(self, input_id: str, status: str, data: bytes, seq: int = 0, final: bool = True,
+              dur: float | None = None) -> None:
+        item: dict[str, Any] = {"id": input_id, "status": status, "seq": seq, "final": final}
+        if dur is not None:
+            item["dur"] = dur
+        if len(data) > BLOB_THRESHOLD:
+            from mctl.core.client import upload_blob_sync
+
+            data = upload_blob_sync(self.http_url, data).encode()
+            item["blob"] = True
+        with self.out_lock:
+            first = not self.outbox
+            self.outbox.append((item, data))
+        if first and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._flush_outputs)
+
+    def _flush_outputs(self) -> None:
+        ws = self.ws
+        if ws is None or ws.closed:
+            return
+        with self.out_lock:
+            batch, self.outbox = self.outbox, []
+        if batch:
+            frame = protocol.encode({"type": "outputs", "items": [i for i, _ in batch]},
+                                    [d for _, d in batch])
+            self.loop.create_task(ws.send_bytes(frame))  # type: ignore[union-attr]
+
+    # --- watchdog ------------------------------------------------------------------------------
+    def _watchdog(self) -> None:
+        parent = int(os.environ.get("MCTL_PARENT_PID", "0") or 0)
+        while True:
+            time.sleep(0.1)
+            if parent and os.getppid() != parent:
+                os._exit(0)  # the local control plane died; its successor starts new workers
+            now = time.monotonic()
+            for input_id, deadline in list(self.deadlines.items()):
+                if now > deadline:
+                    self._timeout(input_id)
+
+    def _timeout(self, input_id: str) -> None:
+        print(f"mctl: input {input_id} timed out after {self.fspec.timeout:g}s; stopping this "
+              "container", file=sys.stderr, flush=True)
+        self._emit(input_id, "timeout", serialize_exception(FunctionTimeoutError(
+            f"Input {input_id} timed out after {self.fspec.timeout:g}s.")))
+        # Give the loop a moment to send the output, then die as a killed container would.
+        time.sleep(0.3)
+        os._exit(3)
+
+    def _shutdown(self) -> None:
+        from mctl.sdk.cls import run_lifecycle
+
+        for obj in self.instances.values():
+            try:
+                run_lifecycle(obj, "exit")
+            except Exception:
+                traceback.print_exc()
+
+
+def _iterate_async_gen(agen: Any) -> Any:
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("MCTL_LOG_LEVEL", "WARNING"))
+    env = os.environ
+    worker = Worker(env["MCTL_SERVER_URL"], env["MCTL_APP_ID"], env["MCTL_FUNCTION_ID"],
+                    env["MCTL_TASK_ID"])
+    try:
+        asyncio.run(worker.run())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,491 @@
+"""The control plane's engine: per-function input queues, dispatch to workers, outputs to callers.
+
+Everything runs on one asyncio loop. Each turn's state changes are committed to the store in one
+transaction (`_flush`), and only then are callers acknowledged or sent outputs: an input is
+acknowledged once stored, and an output is delivered once stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from mctl.core import ids
+from mctl.core.protocol import CHUNK_BYTES, encode
+from mctl.core.spec import AppSpec, FunctionSpec, function_id
+from mctl.core.server.store import Store
+
+if TYPE_CHECKING:
+    from mctl.core.plugin_types import SchedulerBackend
+
+log = logging.getLogger("mctl.server")
+
+FINAL_FAILURES = ("failure", "timeout", "crashed")
+
+
+class InputRec:
+    __slots__ = ("input_id", "function_id", "call_id", "idx", "payload", "is_blob", "attempts",
+                 "created", "worker", "done", "started")
+
+    def __init__(self, input_id: str, function_id: str, call_id: str, idx: int, payload: bytes,
+                 is_blob: bool, created: float) -> None:
+        self.input_id, self.function_id, self.call_id, self.idx = input_id, function_id, call_id, idx
+        self.payload, self.is_blob, self.created = payload, is_blob, created
+        self.attempts = 0
+        self.worker: Conn | None = None
+        self.done = False
+        self.started = 0.0
+
+
+class Conn:
+    """One WebSocket session, a caller's or a worker's. Sends keep their order."""
+
+    def __init__(self, send_bytes: Callable[[bytes], Any], peer: str = "") -> None:
+        self._send_bytes = send_bytes
+        self.peer = peer
+        self.role = "client"
+        self.task_id = ""
+        self.function_id = ""
+        self.app_id = ""
+        self.running: dict[str, InputRec] = {}
+        self.subscriptions: set[str] = set()
+        self.draining = False
+        self.closed = False
+        self._outbox: deque[bytes] = deque()
+        self._writer: asyncio.Task[None] | None = None
+
+    def send(self, header: dict[str, Any], payloads: list[bytes] = ()) -> None:  # type: ignore[assignment]
+        if self.closed:
+            return
+        self._outbox.append(encode(header, list(payloads)))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._outbox:
+                await self._send_bytes(self._outbox.popleft())
+        except Exception:  # connection gone; the reader side cleans up
+            self._outbox.clear()
+
+
+class FunctionState:
+    def __init__(self, app_id: str, spec: FunctionSpec) -> None:
+        self.app_id = app_id
+        self.spec = spec
+        self.pending: deque[InputRec] = deque()
+        self.n_pending = 0          # pending minus those already done (lazy deletion)
+        self.running = 0
+        self.workers: list[Conn] = []
+        self.last_active = time.monotonic()
+        self.exec_ewma: float | None = None  # seconds per input, reported by workers
+        self.stopped = False
+
+    @property
+    def prefetch(self) -> int:
+        """Inputs handed to one worker at once: more than it can run only when inputs are short,
+        so that long inputs spread across containers instead of queueing on one."""
+        spec = self.spec
+        base = spec.max_inputs * (spec.batch_max_size or 1)
+        if self.exec_ewma is None or self.exec_ewma > 0.005:
+            return base
+        return max(base, min(512, int(0.02 / max(self.exec_ewma, 1e-6))))
+
+
+class ControlPlane:
+    def __init__(self, store: Store, scheduler: SchedulerBackend | None = None,
+                 log_sink: Callable[[str, str, str, str], None] | None = None) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.log_sink = log_sink
+        self.functions: dict[str, FunctionState] = {}
+        self.apps: dict[str, AppSpec] = {}
+        self.live: dict[str, InputRec] = {}
+        self.subscribers: dict[str, set[Conn]] = {}
+        self.log_events: dict[str, asyncio.Event] = {}
+        self._acks: list[tuple[Conn, dict[str, Any]]] = []
+        self._pushes: dict[Conn, tuple[list[dict[str, Any]], list[bytes]]] = {}
+        self._flush_scheduled = False
+        self.metrics: Any = None  # set by metrics.attach
+        self.started = time.time()
+
+    # --- startup -------------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """After a restart: bring back running apps and every input that has no output yet."""
+        for app in self.store.apps():
+            if app["state"] != "running" or not app["version"]:
+                continue
+            spec = AppSpec.model_validate(self.store.version_spec(app["app_id"], app["version"]))
+            await self.activate_app(app["app_id"], spec, app["version"], app["mode"])
+        now = time.time()
+        count = 0
+        for input_id, fid, call_id, idx, payload, is_blob in self.store.pending_inputs():
+            fs = self.functions.get(fid)
+            if fs is None:
+                continue
+            rec = InputRec(input_id, fid, call_id, idx, payload, bool(is_blob), now)
+            self.live[input_id] = rec
+            fs.pending.append(rec)
+            fs.n_pending += 1
+            count += 1
+        if count:
+            log.info("recovered %d pending inputs", count)
+            for fs in self.functions.values():
+                self._on_pending(fs)
+
+    # --- apps ----------------------------------------------------------------------------------
+    async def activate_app(self, app_id: str, spec: AppSpec, version: int, mode: str) -> None:
+        self.apps[app_id] = spec
+        for fspec in spec.functions.values():
+            fs = self.functions.get(fspec.function_id)
+            if fs is None:
+                self.functions[fspec.function_id] = FunctionState(app_id, fspec)
+            else:
+                fs.spec, fs.stopped = fspec, False
+        if self.scheduler is not None:
+            await self.scheduler.apply_app(app_id, spec, version, mode)
+
+    async def create_app(self, spec: AppSpec, mode: str, app_id: str | None = None,
+                         note: str = "") -> tuple[str, int]:
+        app_id = app_id or (deployed_app_id(spec.name) if mode == "deployed" else ids.new_id("app"))
+        self.store.upsert_app(app_id, spec.name, mode)
+        version = self.store.add_version(app_id, ids.new_id("deployment"),
+                                         spec.model_dump(mode="json"), note)
+        await self.activate_app(app_id, spec, version, mode)
+        return app_id, version
+
+    async def stop_app(self, app_id: str) -> None:
+        spec = self.apps.pop(app_id, None)
+        self.store.set_app_state(app_id, "stopped")
+        if self.scheduler is not None:
+            await self.scheduler.stop_app(app_id)
+        if spec is None:
+            return
+        from mctl.core.serialization import serialize_exception
+        from mctl.exception import ExecutionError
+
+        error = serialize_exception(ExecutionError(f"App {spec.name} ({app_id}) was stopped "
+                                                   "before this input ran."))
+        for fspec in spec.functions.values():
+            fs = self.functions.pop(fspec.function_id, None)
+            if fs is None:
+                continue
+            fs.stopped = True
+            for rec in list(fs.pending):
+                if not rec.done:
+                    self._store_output(rec, 0, "failure", error, False, final=True)
+            for conn in fs.workers:
+                conn.send({"type": "stop"})
+        self._schedule_flush()
+
+    def function_for(self, app_id: str, tag: str) -> FunctionState | None:
+        return self.functions.get(function_id(app_id, tag))
+
+    # --- messages ------------------------------------------------------------------------------
+    def handle(self, conn: Conn, header: dict[str, Any], payloads: list[bytes]) -> None:
+        kind = header["type"]
+        if kind == "outputs":
+            self._on_outputs(conn, header, payloads)
+        elif kind == "put_inputs":
+            self._on_put_inputs(conn, header, payloads)
+        elif kind == "subscribe":
+            self._on_subscribe(conn, header)
+        elif kind == "unsubscribe":
+            subs = self.subscribers.get(header["call_id"])
+            if subs:
+                subs.discard(conn)
+            conn.subscriptions.discard(header["call_id"])
+        elif kind == "cancel":
+            self.cancel_call(header["call_id"])
+        elif kind == "hello":
+            self._on_hello(conn, header)
+        else:
+            conn.send({"type": "error", "rid": header.get("rid"),
+                       "message": f"unknown message type {kind!r}"})
+
+    def _on_hello(self, conn: Conn, header: dict[str, Any]) -> None:
+        conn.role = header.get("role", "client")
+        if conn.role != "worker":
+            return
+        conn.task_id = header["task_id"]
+        conn.function_id = header["function_id"]
+        fs = self.functions.get(conn.function_id)
+        if fs is None:
+            conn.send({"type": "stop", "reason": "function not active"})
+            return
+        fs.workers.append(conn)
+        self._dispatch(fs)
+
+    def disconnected(self, conn: Conn) -> None:
+        conn.closed = True
+        for call_id in conn.subscriptions:
+            subs = self.subscribers.get(call_id)
+            if subs:
+                subs.discard(conn)
+                if not subs:
+                    del self.subscribers[call_id]
+        if conn.role != "worker":
+            return
+        fs = self.functions.get(conn.function_id)
+        if fs is not None and conn in fs.workers:
+            fs.workers.remove(conn)
+        if conn.running:
+            from mctl.core.serialization import serialize_exception
+            from mctl.exception import ContainerCrashedError
+
+            for rec in list(conn.running.values()):
+                err = serialize_exception(ContainerCrashedError(
+                    f"The container ({conn.task_id}) running input {rec.input_id} crashed or was "
+                    "killed before it finished."))
+                self._finish_attempt(conn, rec, "crashed", err, fs)
+            conn.running.clear()
+            self._schedule_flush()
+        if fs is not None:
+            self._dispatch(fs)
+
+    def _on_put_inputs(self, conn: Conn, header: dict[str, Any], payloads: list[bytes]) -> None:
+        fid = header["function_id"]
+        fs = self.functions.get(fid)
+        if fs is None or fs.stopped:
+            conn.send({"type": "error", "rid": header.get("rid"), "code": "not_found",
+                       "message": f"Function {fid} is not running; deploy or run its app first."})
+            return
+        call_id = header["call_id"]
+        start = header.get("start", 0)
+        blob_flags = header.get("blobs") or ()
+        now = time.time()
+        store = self.store
+        if start == 0:
+            store.new_calls.append((call_id, fid, now))
+        for i, payload in enumerate(payloads):
+            idx = start + i
+            input_id = ids.input_id(call_id, idx)
+            if input_id in self.live:
+                continue  # a chunk resent after a reconnect
+            is_blob = i in blob_flags
+            rec = InputRec(input_id, fid, call_id, idx, payload, is_blob, now)
+            self.live[input_id] = rec
+            store.new_inputs.append((input_id, fid, call_id, idx, payload, int(is_blob), now))
+            fs.pending.append(rec)
+            fs.n_pending += 1
+        if header.get("subscribe"):  # .remote and .map skip a separate subscribe round trip
+            self.subscribers.setdefault(call_id, set()).add(conn)
+            conn.subscriptions.add(call_id)
+        self._acks.append((conn, {"type": "ack", "rid": header.get("rid")}))
+        if self.metrics is not None:
+            self.metrics.inputs_received(fs, len(payloads))
+        self._on_pending(fs)
+        self._dispatch(fs)
+        self._schedule_flush()
+
+    def enqueue_internal(self, fs: FunctionState, payload: bytes) -> str:
+        """Create a one-input call from inside the control plane (schedules)."""
+        call_id = ids.new_id("call")
+        now = time.time()
+        rec = InputRec(ids.input_id(call_id, 0), fs.spec.function_id, call_id, 0, payload, False, now)
+        self.live[rec.input_id] = rec
+        self.store.new_calls.append((call_id, fs.spec.function_id, now))
+        self.store.new_inputs.append((rec.input_id, rec.function_id, call_id, 0, payload, 0, now))
+        fs.pending.append(rec)
+        fs.n_pending += 1
+        self._on_pending(fs)
+        self._dispatch(fs)
+        self._schedule_flush()
+        return call_id
+
+    def _on_pending(self, fs: FunctionState) -> None:
+        fs.last_active = time.monotonic()
+        if self.scheduler is not None and fs.n_pending:
+            self.scheduler.on_demand(fs.spec.function_id)
+
+    def _on_subscribe(self, conn: Conn, header: dict[str, Any]) -> None:
+        call_id = header["call_id"]
+        row = self.store.call(call_id)
+        if row is None:
+            conn.send({"type": "error", "rid": header.get("rid"), "code": "not_found",
+                       "message": f"No function call {call_id}; it may have expired."})
+            return
+        self.subscribers.setdefault(call_id, set()).add(conn)
+        conn.subscriptions.add(call_id)
+        # Replay what is stored; later outputs are pushed as they are committed.
+        items: list[dict[str, Any]] = []
+        payloads: list[bytes] = []
+        size = 0
+        for idx, seq, status, payload, is_blob in self.store.outputs_of(call_id):
+            items.append({"call_id": call_id, "idx": idx, "seq": seq, "status": status,
+                          "blob": bool(is_blob)})
+            payloads.append(payload)
+            size += len(payload)
+            if size > CHUNK_BYTES:
+                conn.send({"type": "outputs", "items": items}, payloads)
+                items, payloads, size = [], [], 0
+        if items:
+            conn.send({"type": "outputs", "items": items}, payloads)
+        conn.send({"type": "ack", "rid": header.get("rid"), "cancelled": bool(row[1])})
+
+    def cancel_call(self, call_id: str) -> None:
+        self.store.cancel_call(call_id)
+        for rec in list(self.live.values()):
+            if rec.call_id == call_id and not rec.done:
+                rec.done = True
+                del self.live[rec.input_id]
+                fs = self.functions.get(rec.function_id)
+                if rec.worker is not None:
+                    rec.worker.running.pop(rec.input_id, None)
+                    rec.worker.send({"type": "cancel", "input_ids": [rec.input_id]})
+                    if fs:
+                        fs.running -= 1
+                elif fs:
+                    fs.n_pending -= 1
+        for conn in self.subscribers.get(call_id, ()):
+            conn.send({"type": "cancelled", "call_id": call_id})
+
+    # --- dispatch ------------------------------------------------------------------------------
+    def _dispatch(self, fs: FunctionState) -> None:
+        if not fs.n_pending or not fs.workers:
+            return
+        limit = fs.prefetch
+        room = [(w, limit - len(w.running)) for w in fs.workers if not w.draining]
+        room = [(w, r) for w, r in room if r > 0]
+        if not room:
+            return
+        share = math.ceil(fs.n_pending / len(room))
+        now = time.time()
+        for worker, free in room:
+            take = min(free, share)
+            items: list[dict[str, Any]] = []
+            payloads: list[bytes] = []
+            size = 0
+            while take and fs.pending:
+                rec = fs.pending.popleft()
+                if rec.done:
+                    continue
+                fs.n_pending -= 1
+                take -= 1
+                rec.worker, rec.started = worker, now
+                rec.attempts += 1
+                worker.running[rec.input_id] = rec
+                fs.running += 1
+                items.append({"id": rec.input_id, "call_id": rec.call_id, "idx": rec.idx,
+                              "blob": rec.is_blob, "attempt": rec.attempts})
+                payloads.append(rec.payload)
+                size += len(rec.payload)
+                if size > CHUNK_BYTES:
+                    worker.send({"type": "inputs", "items": items}, payloads)
+                    items, payloads, size = [], [], 0
+            if items:
+                worker.send({"type": "inputs", "items": items}, payloads)
+            if not fs.n_pending:
+                break
+
+    def _on_outputs(self, conn: Conn, header: dict[str, Any], payloads: list[bytes]) -> None:
+        fs = self.functions.get(conn.function_id)
+        durations = []
+        for item, payload in zip(header["items"], payloads):
+            rec = self.live.get(item["id"])
+            if rec is None or rec.done:
+                continue  # already finished elsewhere: the first result stays
+            status = item["status"]
+            final = item.get("final", True)
+            if "dur" in item:
+                durations.append(item["dur"])
+            if not final:
+                self._store_output(rec, item.get("seq", 0), status, payload, item.get("blob", False),
+                                   final=False)
+                continue
+            conn.running.pop(rec.input_id, None)
+            self._finish_attempt(conn, rec, status, payload, fs, item.get("seq", 0),
+                                 item.get("blob", False))
+        if fs is not None:
+            if durations:
+                avg = sum(durations) / len(durations)
+                fs.exec_ewma = avg if fs.exec_ewma is None else 0.7 * fs.exec_ewma + 0.3 * avg
+            fs.last_active = time.monotonic()
+            self._dispatch(fs)
+        self._schedule_flush()
+
+    def _finish_attempt(self, conn: Conn | None, rec: InputRec, status: str, payload: bytes,
+                        fs: FunctionState | None, seq: int = 0, is_blob: bool = False) -> None:
+        if fs is not None and rec.worker is not None:
+            fs.running -= 1
+        rec.worker = None
+        if status in FINAL_FAILURES and fs is not None and not fs.stopped:
+            policy = fs.spec.retries
+            if policy is not None and rec.attempts <= policy.max_retries:
+                delay = policy.delay(rec.attempts)
+                log.info("retrying %s (attempt %d) in %.1fs after %s", rec.input_id,
+                         rec.attempts + 1, delay, status)
+                asyncio.get_running_loop().call_later(delay, self._requeue, fs, rec)
+                return
+        self._store_output(rec, seq, status, payload, is_blob, final=True)
+        if self.metrics is not None and fs is not None:
+            self.metrics.input_finished(fs, status, time.time() - rec.created)
+
+    def _requeue(self, fs: FunctionState, rec: InputRec) -> None:
+        if rec.done or fs.stopped:
+            return
+        fs.pending.appendleft(rec)
+        fs.n_pending += 1
+        self._on_pending(fs)
+        self._dispatch(fs)
+
+    def _store_output(self, rec: InputRec, seq: int, status: str, payload: bytes, is_blob: bool,
+                      final: bool) -> None:
+        now = time.time()
+        self.store.new_outputs.append((rec.call_id, rec.idx, seq, status, payload, int(is_blob), now))
+        if final:
+            rec.done = True
+            self.live.pop(rec.input_id, None)
+            self.store.done_inputs.append((rec.input_id,))
+        for conn in self.subscribers.get(rec.call_id, ()):
+            batch = self._pushes.get(conn)
+            if batch is None:
+                batch = self._pushes[conn] = ([], [])
+            batch[0].append({"call_id": rec.call_id, "idx": rec.idx, "seq": seq, "status": status,
+                             "blob": is_blob})
+            batch[1].append(payload)
+        self._schedule_flush()
+
+    # --- group commit --------------------------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.store.dirty:
+            self.store.commit()
+        acks, self._acks = self._acks, []
+        for conn, msg in acks:
+            conn.send(msg)
+        pushes, self._pushes = self._pushes, {}
+        for conn, (items, payloads) in pushes.items():
+            conn.send({"type": "outputs", "items": items}, payloads)
+
+    # --- logs ----------------------------------------------------------------------------------
+    def append_log(self, app_id: str, task_id: str, function: str, line: str) -> None:
+        self.store.new_logs.append((app_id, time.time(), task_id, function, line))
+        if self.log_sink is not None:
+            self.log_sink(app_id, task_id, function, line)
+        event = self.log_events.pop(app_id, None)
+        if event is not None:
+            asyncio.get_running_loop().call_soon(event.set)
+        self._schedule_flush()
+
+    async def wait_logs(self, app_id: str, timeout: float) -> None:
+        event = self.log_events.setdefault(app_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+def deployed_app_id(name: str) -> str:
+    import hashlib
+
+    return "ap-" + hashlib.sha256(f"deployed/{name}".encode()).hexdigest()[:22]

@@ -1,0 +1,175 @@
+"""Durable state of the control plane in SQLite (WAL).
+
+Writes are grouped: the control plane collects the changes of one event-loop turn and commits them in
+one transaction (`Store.commit`). Claims on inputs are not stored: after a restart every input without
+an output is pending again, which gives at-least-once execution; outputs keep their first result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    app_id TEXT PRIMARY KEY, name TEXT NOT NULL, mode TEXT NOT NULL, state TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, stopped REAL);
+CREATE INDEX IF NOT EXISTS apps_name ON apps(name);
+CREATE TABLE IF NOT EXISTS app_versions (
+    app_id TEXT NOT NULL, version INTEGER NOT NULL, deployment_id TEXT NOT NULL,
+    spec TEXT NOT NULL, created REAL NOT NULL, note TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (app_id, version));
+CREATE TABLE IF NOT EXISTS inputs (
+    input_id TEXT PRIMARY KEY, function_id TEXT NOT NULL, call_id TEXT NOT NULL,
+    idx INTEGER NOT NULL, payload BLOB NOT NULL, is_blob INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS calls (
+    call_id TEXT PRIMARY KEY, function_id TEXT NOT NULL, created REAL NOT NULL,
+    cancelled INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS outputs (
+    call_id TEXT NOT NULL, idx INTEGER NOT NULL, seq INTEGER NOT NULL, status TEXT NOT NULL,
+    payload BLOB NOT NULL, is_blob INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (call_id, idx, seq));
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, app_id TEXT NOT NULL, ts REAL NOT NULL,
+    task_id TEXT NOT NULL, function TEXT NOT NULL, line TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS logs_app ON logs(app_id, id);
+"""
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.blob_dir = self.state_dir / "blobs"
+        self.blob_dir.mkdir(exist_ok=True)
+        self.db = sqlite3.connect(self.state_dir / "state.db", isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only power loss may lose the last.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        # Pending writes of this loop turn.
+        self.new_inputs: list[tuple[Any, ...]] = []
+        self.new_calls: list[tuple[Any, ...]] = []
+        self.new_outputs: list[tuple[Any, ...]] = []
+        self.done_inputs: list[tuple[str]] = []
+        self.new_logs: list[tuple[Any, ...]] = []
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.new_inputs or self.new_outputs or self.done_inputs or self.new_logs
+                    or self.new_calls)
+
+    def commit(self) -> None:
+        """Write everything gathered since the last commit in one transaction."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            if self.new_calls:
+                db.executemany("INSERT OR IGNORE INTO calls VALUES (?,?,?,0)", self.new_calls)
+            if self.new_inputs:
+                db.executemany("INSERT OR IGNORE INTO inputs VALUES (?,?,?,?,?,?,?)", self.new_inputs)
+            if self.new_outputs:
+                db.executemany("INSERT OR IGNORE INTO outputs VALUES (?,?,?,?,?,?,?)",
+                               self.new_outputs)
+            if self.done_inputs:
+                db.executemany("DELETE FROM inputs WHERE input_id = ?", self.done_inputs)
+            if self.new_logs:
+                db.executemany("INSERT INTO logs (app_id, ts, task_id, function, line) "
+                               "VALUES (?,?,?,?,?)", self.new_logs)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            self.new_calls, self.new_inputs, self.new_outputs = [], [], []
+            self.done_inputs, self.new_logs = [], []
+
+    # --- reads ---------------------------------------------------------------------------------
+    def pending_inputs(self) -> Iterable[tuple[Any, ...]]:
+        return self.db.execute(
+            "SELECT input_id, function_id, call_id, idx, payload, is_blob FROM inputs "
+            "WHERE call_id NOT IN (SELECT call_id FROM calls WHERE cancelled = 1) ORDER BY rowid")
+
+    def outputs_of(self, call_id: str) -> list[tuple[Any, ...]]:
+        return self.db.execute(
+            "SELECT idx, seq, status, payload, is_blob FROM outputs WHERE call_id = ? "
+            "ORDER BY idx, seq", (call_id,)).fetchall()
+
+    def call(self, call_id: str) -> tuple[Any, ...] | None:
+        return self.db.execute("SELECT function_id, cancelled FROM calls WHERE call_id = ?",
+                               (call_id,)).fetchone()
+
+    def cancel_call(self, call_id: str) -> None:
+        self.db.execute("UPDATE calls SET cancelled = 1 WHERE call_id = ?", (call_id,))
+        self.db.execute("DELETE FROM inputs WHERE call_id = ?", (call_id,))
+
+    # --- apps ----------------------------------------------------------------------------------
+    def upsert_app(self, app_id: str, name: str, mode: str) -> None:
+        self.db.execute(
+            "INSERT INTO apps (app_id, name, mode, state, version, created) "
+            "VALUES (?,?,?,'running',0,?) ON CONFLICT(app_id) DO UPDATE SET state='running', "
+            "stopped=NULL", (app_id, name, mode, time.time()))
+
+    def add_version(self, app_id: str, deployment_id: str, spec: dict[str, Any],
+                    note: str = "") -> int:
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            (version,) = db.execute("SELECT version + 1 FROM apps WHERE app_id = ?",
+                                    (app_id,)).fetchone()
+            db.execute("INSERT INTO app_versions VALUES (?,?,?,?,?,?)",
+                       (app_id, version, deployment_id, json.dumps(spec), time.time(), note))
+            db.execute("UPDATE apps SET version = ? WHERE app_id = ?", (version, app_id))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return version
+
+    def set_app_state(self, app_id: str, state: str) -> None:
+        self.db.execute("UPDATE apps SET state = ?, stopped = ? WHERE app_id = ?",
+                        (state, time.time() if state == "stopped" else None, app_id))
+
+    def apps(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT app_id, name, mode, state, version, created, stopped "
+                              "FROM apps ORDER BY created")
+        return [dict(zip([c[0] for c in cur.description], row)) for row in cur.fetchall()]
+
+    def find_app(self, name_or_id: str) -> dict[str, Any] | None:
+        for app in reversed(self.apps()):
+            if app["app_id"] == name_or_id or (app["name"] == name_or_id
+                                                 and app["mode"] == "deployed"):
+                return app
+        return None
+
+    def versions(self, app_id: str) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT version, deployment_id, created, note FROM app_versions "
+                              "WHERE app_id = ? ORDER BY version", (app_id,))
+        return [dict(zip([c[0] for c in cur.description], row)) for row in cur.fetchall()]
+
+    def version_spec(self, app_id: str, version: int) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT spec FROM app_versions WHERE app_id = ? AND version = ?",
+                              (app_id, version)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def logs(self, app_id: str, after: int = 0, limit: int = 1000) -> list[tuple[Any, ...]]:
+        return self.db.execute(
+            "SELECT id, ts, task_id, function, line FROM logs WHERE app_id = ? AND id > ? "
+            "ORDER BY id LIMIT ?", (app_id, after, limit)).fetchall()
+
+    # --- blobs ---------------------------------------------------------------------------------
+    def blob_path(self, blob_id: str) -> Path:
+        if not blob_id.startswith("bl-") or not blob_id[3:].isalnum():
+            raise ValueError(f"invalid blob id {blob_id!r}")
+        return self.blob_dir / blob_id
+
+    def put_blob_file(self, blob_id: str, tmp: Path) -> None:
+        os.replace(tmp, self.blob_path(blob_id))
+
+    def close(self) -> None:
+        self.db.close()

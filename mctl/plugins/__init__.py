@@ -1,0 +1,1 @@
+"""Built-in plugins: ordinary modules of `@hookimpl` functions, registered before entry points."""

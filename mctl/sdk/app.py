@@ -1,0 +1,314 @@
+"""`App`: collects functions and classes; `app.run()` runs them, `mctl deploy` keeps them running."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+from typing import Any, Callable, Iterator
+
+from mctl.exception import DeprecationError, InvalidError
+from mctl.sdk.cls import Cls
+from mctl.sdk.function import Function
+from mctl.sdk.image import Image
+from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, PartialFunction
+from mctl.sdk.retries import Retries
+from mctl.sdk.schedule import Schedule
+from mctl.sdk.secret import Secret
+from mctl.sdk.volume import Volume, validate_mounts
+
+# Modal keywords that were removed or renamed, with what to write instead.
+REMOVED_KEYWORDS = {
+    "concurrency_limit": "max_containers",
+    "keep_warm": "min_containers",
+    "container_idle_timeout": "scaledown_window",
+    "allow_concurrent_inputs": "the @mctl.concurrent(max_inputs=...) decorator",
+    "mounts": "Image.add_local_dir / Image.add_local_python_source",
+    "_experimental_buffer_containers": "buffer_containers",
+}
+
+# Modal keywords accepted and recorded, without effect on the local backend.
+ACCEPTED_FOR_COMPAT = {
+    "region", "cloud", "ephemeral_disk", "enable_memory_snapshot", "block_network",
+    "restrict_modal_access", "i6pn", "proxy", "nonpreemptible", "include_source", "network_file_systems",
+    "single_use_containers", "max_inputs", "experimental_options", "cloud_bucket_mounts",
+    "_experimental_scheduler_placement", "rdma",
+}
+
+FUNCTION_KEYWORDS = {
+    "image", "schedule", "secrets", "gpu", "cpu", "memory", "volumes", "timeout", "retries",
+    "min_containers", "max_containers", "buffer_containers", "scaledown_window", "serialized",
+    "name", "env",
+}
+
+
+def _check_keywords(decorator: str, kwargs: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in REMOVED_KEYWORDS:
+            raise DeprecationError(f"{decorator}({key}=...) was removed from Modal's API; use "
+                                   f"{REMOVED_KEYWORDS[key]} instead.")
+        if key in ACCEPTED_FOR_COMPAT:
+            extra[key] = value
+            continue
+        close = difflib.get_close_matches(key, sorted(allowed | ACCEPTED_FOR_COMPAT), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InvalidError(f"{decorator}() got an unknown keyword {key!r}.{hint}")
+    return extra
+
+
+def _validate_common(where: str, *, timeout: Any, min_containers: int,
+                     max_containers: int | None, buffer_containers: int | None,
+                     scaledown_window: Any, schedule: Any, secrets: Any, volumes: Any,
+                     image: Any, gpu: Any, cpu: Any, memory: Any, retries: Any,
+                     env: Any) -> dict[str, Any]:
+    from mctl.core.spec import MAX_TIMEOUT, MIN_TIMEOUT, GpuRequest
+
+    if not isinstance(timeout, (int, float)) or not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
+        raise InvalidError(f"{where}: timeout={timeout!r} must be between {MIN_TIMEOUT} second and "
+                           f"{MAX_TIMEOUT} seconds (24 hours).")
+    for key, value in (("min_containers", min_containers), ("buffer_containers", buffer_containers)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise InvalidError(f"{where}: {key}={value!r} must be a non-negative int.")
+    if max_containers is not None and (not isinstance(max_containers, int) or max_containers < 1):
+        raise InvalidError(f"{where}: max_containers={max_containers!r} must be a positive int.")
+    if max_containers is not None and min_containers > max_containers:
+        raise InvalidError(f"{where}: min_containers={min_containers} is greater than "
+                           f"max_containers={max_containers}; raise max_containers or lower "
+                           "min_containers.")
+    if not isinstance(scaledown_window, (int, float)) or not 1 <= scaledown_window <= 86400:
+        raise InvalidError(f"{where}: scaledown_window={scaledown_window!r} must be between 1 and "
+                           "86400 seconds.")
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise InvalidError(f"{where}: schedule must be mctl.Period(...) or mctl.Cron(...).")
+    if isinstance(secrets, Secret) or not all(isinstance(s, Secret) for s in secrets):
+        raise InvalidError(f"{where}: secrets must be a list of mctl.Secret objects.")
+    mounts = validate_mounts(volumes or {})
+    if image is not None and not isinstance(image, Image):
+        raise InvalidError(f"{where}: image must be an mctl.Image, got {type(image).__name__}.")
+    try:
+        gpu_req = GpuRequest.parse(gpu)
+    except ValueError as exc:
+        raise InvalidError(f"{where}: {exc}.") from None
+    if cpu is not None and (not isinstance(cpu, (int, float)) or cpu <= 0):
+        raise InvalidError(f"{where}: cpu={cpu!r} must be a positive number of cores.")
+    if memory is not None and (not isinstance(memory, int) or memory <= 0):
+        raise InvalidError(f"{where}: memory={memory!r} must be a positive number of MiB.")
+    if env is not None and not (isinstance(env, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        raise InvalidError(f"{where}: env must be a dict of str to str.")
+    return {"timeout": timeout, "min_containers": min_containers, "max_containers": max_containers,
+            "buffer_containers": buffer_containers or 0, "scaledown_window": scaledown_window,
+            "schedule": schedule, "secrets": list(secrets), "volumes": mounts, "image": image,
+            "gpu": gpu_req, "cpu": cpu, "memory": memory, "retries": Retries.coerce(retries),
+            "env": dict(env or {})}
+
+
+class App:
+    """A group of functions and classes deployed and run together.
+
+    `app = mctl.App("my-app", image=..., secrets=[...], volumes={...})`.
+    """
+
+    def __init__(self, name: str | None = None, *, image: Image | None = None,
+                 secrets: list[Secret] | tuple[Secret, ...] = (),
+                 volumes: dict[str, Volume] | None = None, include_source: bool | None = None,
+                 tags: dict[str, str] | None = None, **kwargs: Any) -> None:
+        if kwargs:
+            _check_keywords("App", kwargs, {"image", "secrets", "volumes", "tags"})
+        if name is not None and not isinstance(name, str):
+            raise InvalidError(f"App name must be a string, got {type(name).__name__}.")
+        self.name = name
+        self.image = image
+        self.secrets = list(secrets)
+        self.volumes = volumes or {}
+        self.tags = dict(tags or {})
+        self.registered_functions: dict[str, Function | Cls] = {}
+        self.registered_entrypoints: dict[str, Callable[..., Any]] = {}
+        self._app_id: str | None = None
+        self._server_url: str | None = None
+        self._running = False
+
+    @property
+    def app_id(self) -> str | None:
+        return self._app_id
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    # --- decorators ----------------------------------------------------------------------------
+    def function(self, _warn_parentheses_missing: Any = None, *, image: Image | None = None,
+                 schedule: Schedule | None = None, secrets: Any = (), gpu: str | None = None,
+                 cpu: float | None = None, memory: int | None = None,
+                 volumes: dict[str, Volume] | None = None, timeout: float = 300,
+                 retries: int | Retries | None = None, min_containers: int = 0,
+                 max_containers: int | None = None, buffer_containers: int | None = None,
+                 scaledown_window: float = 60, serialized: bool = False,
+                 name: str | None = None, env: dict[str, str] | None = None,
+                 **kwargs: Any) -> Callable[[Any], Function]:
+        """Register a function: `@app.function(gpu="A100", timeout=600)`."""
+        if _warn_parentheses_missing is not None:
+            raise InvalidError("Use @app.function() with parentheses, not @app.function.")
+        extra = _check_keywords("@app.function", kwargs, FUNCTION_KEYWORDS)
+        options = _validate_common(
+            "@app.function", timeout=timeout, min_containers=min_containers,
+            max_containers=max_containers, buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window, schedule=schedule, secrets=secrets,
+            volumes=volumes, image=image, gpu=gpu, cpu=cpu, memory=memory, retries=retries,
+            env=env)
+        options.update(serialized=serialized, extra=extra)
+
+        def wrapper(f: Any) -> Function:
+            params: dict[str, Any] = {}
+            if isinstance(f, PartialFunction):
+                bad = f.flags & {METHOD, ENTER, EXIT}
+                if bad:
+                    raise InvalidError(f"@{sorted(bad)[0]} is for methods of an @app.cls class, "
+                                       f"not for the function {f.name}.")
+                params = dict(f.params)
+                params["flags"] = set(f.flags)
+                f = f.raw_f
+            if isinstance(f, type):
+                raise InvalidError(f"@app.function cannot decorate the class {f.__name__}; use "
+                                   "@app.cls() for classes.")
+            if isinstance(f, Function):
+                raise InvalidError(f"{f.tag} is decorated with @app.function twice.")
+            if not callable(f):
+                raise InvalidError(f"@app.function must decorate a function, got "
+                                   f"{type(f).__name__}.")
+            if "<locals>" in getattr(f, "__qualname__", "") and not serialized:
+                raise InvalidError(
+                    f"Function {f.__qualname__} is not defined at module level (global scope); "
+                    "move it there, or pass serialized=True to ship it with cloudpickle.")
+            is_gen = inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f)
+            is_async = inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+            if BATCHED in params.get("flags", ()) and is_gen:
+                raise InvalidError(f"@batched cannot be used on the generator {f.__qualname__}.")
+            if schedule is not None and _required_params(f):
+                raise InvalidError(f"Scheduled function {f.__qualname__} must take no required "
+                                   "arguments: a schedule calls it without any.")
+            tag = name or f.__qualname__
+            self._register(tag, Function(self, tag, f, {**options, **params},
+                                         is_generator=is_gen, is_async=is_async))
+            return self.registered_functions[tag]  # type: ignore[return-value]
+
+        return wrapper
+
+    def cls(self, _warn_parentheses_missing: Any = None, *, image: Image | None = None,
+            secrets: Any = (), gpu: str | None = None, cpu: float | None = None,
+            memory: int | None = None, volumes: dict[str, Volume] | None = None,
+            timeout: float = 300, retries: int | Retries | None = None, min_containers: int = 0,
+            max_containers: int | None = None, buffer_containers: int | None = None,
+            scaledown_window: float = 60, serialized: bool = False, name: str | None = None,
+            env: dict[str, str] | None = None, **kwargs: Any) -> Callable[[type], Cls]:
+        """Register a class whose `@mctl.method()`s run remotely: `@app.cls(gpu="A10G")`."""
+        if _warn_parentheses_missing is not None:
+            raise InvalidError("Use @app.cls() with parentheses, not @app.cls.")
+        extra = _check_keywords("@app.cls", kwargs, FUNCTION_KEYWORDS - {"schedule"})
+        options = _validate_common(
+            "@app.cls", timeout=timeout, min_containers=min_containers,
+            max_containers=max_containers, buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window, schedule=None, secrets=secrets, volumes=volumes,
+            image=image, gpu=gpu, cpu=cpu, memory=memory, retries=retries, env=env)
+        options.update(serialized=serialized, extra=extra)
+
+        def wrapper(user_cls: Any) -> Cls:
+            from mctl.sdk.cls import partials_of
+
+            if not isinstance(user_cls, type):
+                raise InvalidError("@app.cls() decorates a class; use @app.function() for "
+                                   "functions.")
+            if "<locals>" in user_cls.__qualname__ and not serialized:
+                raise InvalidError(f"Class {user_cls.__qualname__} is not defined at module level; "
+                                   "move it there, or pass serialized=True.")
+            methods = partials_of(user_cls, METHOD)
+            if not methods:
+                raise InvalidError(f"Class {user_cls.__name__} has no @mctl.method(); mark the "
+                                   "methods to call remotely.")
+            batched = [pf.params for pf in methods.values() if BATCHED in pf.flags]
+            cls_options = dict(options)
+            if batched:
+                cls_options.update(max_batch_size=batched[0]["max_batch_size"],
+                                   wait_ms=batched[0]["wait_ms"])
+            conc = getattr(user_cls, "_mctl_concurrent", None)
+            if conc:
+                cls_options.update(conc)
+            tag = name or user_cls.__name__
+            self._register(tag, Cls(self, tag, user_cls, cls_options))
+            return self.registered_functions[tag]  # type: ignore[return-value]
+
+        return wrapper
+
+    def local_entrypoint(self, _warn_parentheses_missing: Any = None, *,
+                         name: str | None = None) -> Callable[[Callable[..., Any]], Any]:
+        """The function `mctl run app.py` calls locally, inside a running app."""
+        if _warn_parentheses_missing is not None:
+            raise InvalidError("Use @app.local_entrypoint() with parentheses.")
+
+        def wrapper(f: Callable[..., Any]) -> Callable[..., Any]:
+            self.registered_entrypoints[name or f.__name__] = f
+            return f
+
+        return wrapper
+
+    def _register(self, tag: str, handle: Function | Cls) -> None:
+        if tag in self.registered_functions:
+            raise InvalidError(f"App {self.name or '(unnamed)'} already has a function named "
+                               f"{tag!r}; pass name=... to register another.")
+        if self._running:
+            raise InvalidError(f"{tag} was added to app {self.name} while it is running; declare "
+                               "functions before app.run().")
+        self.registered_functions[tag] = handle
+
+    def include(self, other: App) -> App:
+        for tag, handle in other.registered_functions.items():
+            self._register(tag, handle)
+            handle.app = self
+        return self
+
+    # --- running -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def run(self, *, show_progress: bool | None = None, detach: bool = False,
+            interactive: bool = False, environment_name: str | None = None) -> Iterator[App]:
+        """Run the app for the duration of the block: `with app.run(): f.remote(1)`."""
+        from mctl.core.runner import run_app
+
+        with run_app(self):
+            yield self
+
+    def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
+        from mctl.core.runner import deploy_app
+
+        deploy_app(self, name=name)
+        return self
+
+    def _hydrate(self, app_id: str, server_url: str) -> None:
+        from mctl.core.spec import function_id
+
+        self._app_id, self._server_url = app_id, server_url
+        for tag, handle in self.registered_functions.items():
+            handle._hydrate(function_id(app_id, tag), server_url)
+
+    def _hydrate_in_worker(self, app_id: str) -> None:
+        import os
+
+        self._hydrate(app_id, os.environ["MCTL_SERVER_URL"])
+        self._running = True
+
+    def __getitem__(self, tag: str) -> Function | Cls:
+        return self.registered_functions[tag]
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r})"
+
+
+def _required_params(f: Callable[..., Any]) -> list[str]:
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in sig.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                   p.KEYWORD_ONLY)]
+

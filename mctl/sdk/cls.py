@@ -1,0 +1,195 @@
+"""`@app.cls` classes: `Model(size=2).predict.remote(x)`, lifecycle hooks, `Cls.from_name`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from mctl.core.serialization import serialize_args
+from mctl.exception import InvalidError
+from mctl.sdk import invoke
+from mctl.sdk.function import Function, Invocable
+from mctl.sdk.partial import ENTER, METHOD, Parameter, PartialFunction
+
+if TYPE_CHECKING:
+    from mctl.sdk.app import App
+
+
+def parameters_of(user_cls: type) -> dict[str, Parameter]:
+    out: dict[str, Parameter] = {}
+    for klass in reversed(user_cls.__mro__):
+        for name, value in vars(klass).items():
+            if isinstance(value, Parameter):
+                out[name] = value
+    return out
+
+
+def partials_of(user_cls: type, flag: str) -> dict[str, PartialFunction]:
+    out: dict[str, PartialFunction] = {}
+    for klass in reversed(user_cls.__mro__):
+        for name, value in vars(klass).items():
+            if isinstance(value, PartialFunction) and flag in value.flags:
+                out[name] = value
+    return out
+
+
+def bind_params(user_cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Check constructor arguments against the class's `parameter()`s."""
+    params = parameters_of(user_cls)
+    if args:
+        raise InvalidError(f"{user_cls.__name__}(...) takes parameters by keyword only, e.g. "
+                           f"{user_cls.__name__}({next(iter(params), 'name')}=...).")
+    unknown = set(kwargs) - set(params)
+    if unknown:
+        raise InvalidError(f"{user_cls.__name__} has no parameter {', '.join(sorted(unknown))}; "
+                           f"its parameters are {', '.join(params) or 'none'}.")
+    values = {}
+    for name, param in params.items():
+        if name in kwargs:
+            values[name] = kwargs[name]
+        elif param.has_default:
+            values[name] = param.default
+        else:
+            raise InvalidError(f"{user_cls.__name__} needs parameter {name!r}.")
+    return values
+
+
+def construct_instance(user_cls: type, params: dict[str, Any]) -> Any:
+    """Create the user's object with its parameters set, without a user __init__ signature."""
+    obj = user_cls.__new__(user_cls)
+    for name, value in params.items():
+        obj.__dict__[name] = value
+    init = user_cls.__init__
+    if init is not object.__init__:
+        init(obj)
+    return obj
+
+
+def run_lifecycle(obj: Any, flag: str) -> None:
+    import asyncio
+
+    for name in partials_of(type(obj), flag):
+        result = getattr(obj, name)()
+        if inspect.iscoroutine(result):
+            asyncio.run(result)
+
+
+class Cls:
+    """The handle `@app.cls` returns; calling it gives an instance handle with remote methods."""
+
+    def __init__(self, app: App | None, tag: str, user_cls: type | None,
+                 options: dict[str, Any]) -> None:
+        self.app = app
+        self.tag = tag
+        self.user_cls = user_cls
+        self.options = options
+        self._service = Function(app, tag, None, options)  # the function the methods run on
+        self._methods: dict[str, bool] = {}  # name -> is_generator
+        if user_cls is not None:
+            for name, pf in partials_of(user_cls, METHOD).items():
+                self._methods[name] = bool(pf.params.get("is_generator"))
+            self.__doc__ = user_cls.__doc__
+            self.__name__ = user_cls.__name__
+            self.__qualname__ = user_cls.__qualname__
+        self._lookup: tuple[str, str] | None = None
+
+    @property
+    def raw_object(self) -> Any:
+        return self.user_cls
+
+    def _hydrate(self, function_id: str, server_url: str) -> None:
+        self._service._hydrate(function_id, server_url)
+
+    def _resolve(self) -> None:
+        if self._service._function_id is not None:
+            return
+        if self._lookup is None:
+            self._service._resolve()  # raises the "not running" error
+        from mctl.core.client import run_sync
+        from mctl.sdk.function import lookup
+
+        assert self._lookup is not None
+        url, record = run_sync(lookup(*self._lookup))
+        fspec = record["function"]
+        if fspec["kind"] != "class":
+            raise InvalidError(f"{self._lookup[1]} in app {self._lookup[0]} is a function; use "
+                               "mctl.Function.from_name.")
+        self._methods = {name: m["is_generator"] for name, m in fspec["methods"].items()}
+        self._service._hydrate(fspec["function_id"], url)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Obj:
+        params = bind_params(self.user_cls, args, kwargs) if self.user_cls is not None else kwargs
+        return Obj(self, params)
+
+    @staticmethod
+    def from_name(app_name: str, name: str, *, environment_name: str | None = None) -> Cls:
+        cls = Cls(None, name, None, {})
+        cls._lookup = (app_name, name)
+        return cls
+
+    def hydrate(self) -> Cls:
+        self._resolve()
+        return self
+
+    def with_options(self, **options: Any) -> Cls:
+        raise InvalidError("Cls.with_options is not supported yet; set options in @app.cls(...).")
+
+
+class Obj:
+    """An instance handle: `Model(size=2)`. Methods are looked up as attributes."""
+
+    def __init__(self, cls: Cls, params: dict[str, Any]) -> None:
+        self._cls = cls
+        self._params = params
+        self._local: Any = None
+
+    def __getattr__(self, name: str) -> Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        cls = self._cls
+        if cls.user_cls is None:
+            cls._resolve()
+        if name not in cls._methods:
+            raise AttributeError(f"{cls.tag} has no @mctl.method() named {name!r}; its methods "
+                                 f"are {', '.join(cls._methods) or 'none'}.")
+        return Method(self, name, cls._methods[name])
+
+    def _local_instance(self) -> Any:
+        if self._local is None:
+            assert self._cls.user_cls is not None
+            self._local = construct_instance(self._cls.user_cls, self._params)
+            run_lifecycle(self._local, ENTER)
+        return self._local
+
+
+class Method(Invocable):
+    def __init__(self, obj: Obj, name: str, is_generator: bool) -> None:
+        super().__init__()
+        self._obj = obj
+        self._name = name
+        self._is_generator = is_generator
+
+    def _describe(self) -> str:
+        return f"{self._obj._cls.tag}.{self._name}"
+
+    def _target(self) -> invoke.Target:
+        cls = self._obj._cls
+        cls._resolve()
+        target = cls._service._target()
+        name, params = self._name, self._obj._params
+
+        def payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+            from mctl.core.serialization import dumps
+
+            try:
+                return dumps((name, params, args, kwargs))
+            except Exception:
+                serialize_args(args, kwargs, self._describe())  # names the bad argument
+                raise
+
+        target.payload = payload
+        return target
+
+    def local(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._obj._local_instance(), self._name)(*args, **kwargs)
+

@@ -1,0 +1,61 @@
+"""`Period` and `Cron` schedules, validated when the app is declared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mctl.exception import InvalidError
+
+
+class Schedule:
+    """Base of schedules accepted by `@app.function(schedule=...)`."""
+
+
+@dataclass(frozen=True, init=False)
+class Period(Schedule):
+    """Run every fixed interval, counted from deployment: `Period(hours=1, minutes=30)`."""
+
+    seconds: float
+
+    def __init__(self, *, years: int = 0, months: int = 0, weeks: float = 0, days: float = 0,
+                 hours: float = 0, minutes: float = 0, seconds: float = 0) -> None:
+        total = ((((years * 365 + months * 30 + weeks * 7 + days) * 24 + hours) * 60 + minutes) * 60
+                 + seconds)
+        if total <= 0:
+            raise InvalidError(f"Period must be positive, got {total} seconds; "
+                               "pass e.g. Period(minutes=5).")
+        object.__setattr__(self, "seconds", float(total))
+        object.__setattr__(self, "_parts", dict(years=years, months=months, weeks=weeks,
+                                                  days=days, hours=hours, minutes=minutes,
+                                                  seconds=seconds))
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={v}" for k, v in self._parts.items() if v)  # type: ignore[attr-defined]
+        return f"Period({parts})"
+
+
+@dataclass(frozen=True)
+class Cron(Schedule):
+    """Run on a cron expression, in UTC unless `timezone` names an IANA zone.
+
+    `Cron("0 9 * * 1-5", timezone="Europe/Berlin")`.
+    """
+
+    cron_string: str
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        from croniter import croniter  # heavy-ish; only when a Cron is declared
+
+        if not isinstance(self.cron_string, str) or not croniter.is_valid(self.cron_string):
+            raise InvalidError(
+                f"Invalid cron string {self.cron_string!r}; use five fields "
+                "'minute hour day-of-month month day-of-week', e.g. '0 9 * * 1-5'.")
+        try:
+            import zoneinfo
+
+            zoneinfo.ZoneInfo(self.timezone)
+        except Exception:
+            raise InvalidError(
+                f"Unknown time zone {self.timezone!r} in Cron; use an IANA name such as "
+                "'UTC' or 'America/New_York'.") from None

@@ -1,0 +1,63 @@
+"""`Secret`: environment variables injected into a function's containers.
+
+Values are resolved by a secret backend plugin when the app is deployed, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mctl.exception import InvalidError
+
+
+class Secret:
+    def __init__(self, *, name: str | None = None, values: dict[str, str] | None = None,
+                 required_keys: tuple[str, ...] = (), environment_name: str | None = None) -> None:
+        self.name = name
+        self.values = values
+        self.required_keys = tuple(required_keys)
+        self.environment_name = environment_name
+
+    @staticmethod
+    def from_dict(env_dict: dict[str, str | None]) -> Secret:
+        if not isinstance(env_dict, dict) or not all(isinstance(k, str) for k in env_dict):
+            raise InvalidError("Secret.from_dict takes a dict of str to str.")
+        return Secret(values={k: v for k, v in env_dict.items() if v is not None})
+
+    @staticmethod
+    def from_name(name: str, *, environment_name: str | None = None,
+                  required_keys: list[str] | tuple[str, ...] = ()) -> Secret:
+        if not isinstance(name, str) or not name:
+            raise InvalidError("Secret.from_name needs the secret's name.")
+        return Secret(name=name, required_keys=tuple(required_keys),
+                      environment_name=environment_name)
+
+    @staticmethod
+    def from_local_environ(env_keys: list[str]) -> Secret:
+        missing = [k for k in env_keys if k not in os.environ]
+        if missing:
+            raise InvalidError(f"Secret.from_local_environ: {', '.join(missing)} not set in the "
+                               "local environment; export them first.")
+        return Secret(values={k: os.environ[k] for k in env_keys})
+
+    @staticmethod
+    def from_dotenv(path: str | None = None, *, filename: str = ".env") -> Secret:
+        file = os.path.join(path or os.getcwd(), filename)
+        values: dict[str, str] = {}
+        with open(file) as fh:
+            for line in fh:
+                line = line.strip()
+                if line and not line.startswith("#") and "=" in line:
+                    key, _, value = line.removeprefix("export ").partition("=")
+                    values[key.strip()] = value.strip().strip("'\"")
+        return Secret(values=values)
+
+    def ref(self) -> dict[str, Any]:
+        """What the spec records: a name to resolve later, or literal values."""
+        if self.name is not None:
+            return {"name": self.name, "required_keys": list(self.required_keys)}
+        return {"values": dict(self.values or {})}
+
+    def __repr__(self) -> str:
+        return f"Secret.from_name({self.name!r})" if self.name else "Secret(<values>)"
