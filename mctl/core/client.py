@@ -111,10 +111,8 @@ class Client:
     # --- connection ----------------------------------------------------------------------------
     async def _ensure(self) -> None:
         if self._reader is None:
-            import aiohttp
-
             self._connected = asyncio.Event()
-            self._session = aiohttp.ClientSession()
+            await self._ensure_session()
             self._reader = asyncio.get_running_loop().create_task(self._run())
         if not self._connected.is_set():  # type: ignore[union-attr]
             reader = self._reader
@@ -337,6 +335,12 @@ def client_for(url: str) -> Client:
     if client is None:
         client = _clients[url] = Client(url)
     return client
+
+
+async def close_client(url: str) -> None:
+    client = _clients.pop(url, None)
+    if client is not None:
+        await client.close()
 
 
 def new_call_id() -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from mctl.core import config, ids
-from mctl.core.client import client_for, run_sync
+from mctl.core.client import client_for, close_client, run_sync
 from mctl.exception import ConnectionError
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ def embedded_server() -> Iterator[str]:
         try:
             yield server.url
         finally:
+            run_sync(close_client(server.url))
             run_sync(server.close())
 
 

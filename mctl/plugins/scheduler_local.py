@@ -3,6 +3,7 @@
 Each function has a pool of `mctl.core.runtime` subprocesses kept between `min_containers` and
 `max_containers`: enough to give every waiting or running input a slot (`target_inputs` per
 container), plus `buffer_containers` while busy. A worker idle for `scaledown_window` is stopped.
+Without `max_containers`, a pool grows to at most one worker per CPU core.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class LocalScheduler:
         self.server_url = ""
         self._task: asyncio.Task[None] | None = None
         self._notices: set[str] = set()
+        self.default_max = int(options.get("default_max_containers") or os.cpu_count() or 2)
 
     async def start(self, control: Any, server_url: str) -> None:
         self.control = control
@@ -117,10 +119,9 @@ class LocalScheduler:
         want = math.ceil(busy / pool.spec.target_per_container)
         if busy:
             want += auto.buffer_containers
-        want = max(want, auto.min_containers)
-        if auto.max_containers is not None:
-            want = min(want, auto.max_containers)
-        return want
+        # Without max_containers, one machine runs at most one worker per core per function.
+        cap = auto.max_containers if auto.max_containers is not None else self.default_max
+        return max(min(want, cap), auto.min_containers)
 
     def _reconcile(self, pool: Pool) -> None:
         now = time.monotonic()

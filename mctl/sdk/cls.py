@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from mctl.core.serialization import serialize_args
 from mctl.exception import InvalidError
-from mctl.sdk import invoke
+from mctl.sdk.lazy import invoke
 from mctl.sdk.function import Function, Invocable
 from mctl.sdk.partial import ENTER, METHOD, Parameter, PartialFunction
 

@@ -6,16 +6,21 @@ A handle is created by `@app.function` (hydrated when its app runs or is deploye
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator
 
 from mctl.core.serialization import serialize_args
 from mctl.exception import InvalidError
-from mctl.sdk import invoke
+from mctl.sdk.lazy import invoke
 
 if TYPE_CHECKING:
     from mctl.core.client import Client
     from mctl.sdk.app import App
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
 
 
 class Dual:
@@ -75,7 +80,7 @@ class Invocable:
 
     async def _remote_aio(self, *args: Any, **kwargs: Any) -> Any:
         self._check_not_generator("remote")
-        target = await asyncio.to_thread(self._target)
+        target = await _in_thread(self._target)
         return await invoke.call_aio(target, args, kwargs)
 
     def _remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -86,7 +91,7 @@ class Invocable:
     async def _remote_gen_aio(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         if not self._is_generator:
             raise InvalidError(f"{self._describe()} is not a generator; use .remote.aio().")
-        target = await asyncio.to_thread(self._target)
+        target = await _in_thread(self._target)
         async for value in invoke.call_gen_aio(target, args, kwargs):
             yield value
 
@@ -95,7 +100,7 @@ class Invocable:
         return FunctionCall(invoke.spawn(target, [(args, kwargs)]), target.client.url, 1)
 
     async def _spawn_aio(self, *args: Any, **kwargs: Any) -> FunctionCall:
-        target = await asyncio.to_thread(self._target)
+        target = await _in_thread(self._target)
         call_id = await invoke.spawn_aio(target, [(args, kwargs)])
         return FunctionCall(call_id, target.client.url, 1)
 
@@ -111,7 +116,7 @@ class Invocable:
                        order_outputs: bool = True, return_exceptions: bool = False
                        ) -> AsyncIterator[Any]:
         self._check_not_generator("map")
-        target = await asyncio.to_thread(self._target)
+        target = await _in_thread(self._target)
         async for value in invoke.map_aio(target, _arg_sets_aio(iters, kwargs or {}),
                                           order_outputs, return_exceptions):
             yield value
@@ -126,7 +131,7 @@ class Invocable:
     async def _starmap_aio(self, input_iterator: Any, *, kwargs: dict[str, Any] | None = None,
                            order_outputs: bool = True, return_exceptions: bool = False
                            ) -> AsyncIterator[Any]:
-        target = await asyncio.to_thread(self._target)
+        target = await _in_thread(self._target)
 
         async def sets() -> AsyncIterator[Any]:
             async for args in invoke._aiter(input_iterator):
@@ -155,7 +160,7 @@ class Invocable:
 
     async def _spawn_map_aio(self, *iters: Any, kwargs: dict[str, Any] | None = None
                              ) -> FunctionCall:
-        target = await asyncio.to_thread(self._target)
+        target = await _in_thread(self._target)
         sets = [s async for s in _arg_sets_aio(iters, kwargs or {})]
         return FunctionCall(await invoke.spawn_aio(target, sets), target.client.url, len(sets))
 

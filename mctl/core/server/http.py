@@ -261,7 +261,7 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     scheduler = plugins.find("mctl_register_schedulers", name).factory({})
     control = ControlPlane(store, scheduler, log_sink)
     Metrics(control)
-    runner = web.AppRunner(make_app(control), access_log=None)
+    runner = web.AppRunner(make_app(control), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
