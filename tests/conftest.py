@@ -1,0 +1,83 @@
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own MCTL_HOME and bundle cache, and no inherited server URL."""
+    monkeypatch.setenv("MCTL_HOME", str(tmp_path / "mctl-home"))
+    monkeypatch.setenv("MCTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MCTL_SERVER_URL", raising=False)
+    yield tmp_path / "mctl-home"
+
+
+def load_app(name):
+    """Import tests/apps/<name>.py the way `mctl run` does."""
+    from mctl.cli.main import import_app_file
+
+    module, app, _ = import_app_file(str(APPS / f"{name}.py"))
+    return module, app
+
+
+class ServerProcess:
+    """A real `mctl server` subprocess on a fixed port, restartable on the same state."""
+
+    def __init__(self, state_dir, port, env):
+        self.state_dir, self.port, self.env = state_dir, port, env
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mctl", "server", "--port", str(self.port), "--state-dir",
+             str(self.state_dir)], env=self.env, stdout=subprocess.DEVNULL,
+            stderr=open(Path(self.state_dir).parent / "server.log", "ab"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mctl server did not start")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server_process(tmp_path, isolated_home, monkeypatch):
+    env = dict(os.environ)
+    srv = ServerProcess(tmp_path / "server-state", free_port(), env)
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        yield srv
+    finally:
+        srv.stop()
