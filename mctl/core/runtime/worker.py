@@ -46,7 +46,6 @@ class Worker:
         self.ws: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.async_sem: asyncio.Semaphore | None = None
-        self.wake = asyncio.Event()
 
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
@@ -69,8 +68,11 @@ class Worker:
     async def run(self) -> None:
         import aiohttp
 
+        import signal
+
         self.loop = asyncio.get_running_loop()
-        self.wake = asyncio.Event()
+        # SIGTERM (scale-down, app stop, Nomad's kill) drains: running inputs finish, @exit runs.
+        self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         async with aiohttp.ClientSession() as session:
             await self.load(session)
             self._start_threads()
@@ -108,6 +110,13 @@ class Worker:
                 self.stopping = True
                 await self._drain_and_close(ws)
                 return
+
+    def _on_sigterm(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.ws is not None:
+            self.loop.create_task(self._drain_and_close(self.ws))  # type: ignore[union-attr]
 
     async def _drain_and_close(self, ws: Any) -> None:
         for _ in range(self.runner_count):
