@@ -63,6 +63,16 @@ class ServerProcess:
                 self.proc.kill()
 
 
+def wait_until(check, timeout=30):
+    """Poll `check` until it is true; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def free_port():
     import socket
 

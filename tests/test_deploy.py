@@ -4,12 +4,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 import mctl
-from conftest import APPS
+from conftest import APPS, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +34,10 @@ def test_deploy_lifecycle(tmp_path, server_process, monkeypatch):
     assert Greeter(name="ops").greet.remote() == "hello ops from v1"
 
     # the Period(seconds=1) schedule fires inside the server
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (tick_file.exists() and
-                                               tick_file.read_text().count("tick") >= 2):
-        time.sleep(0.2)
-    assert tick_file.read_text().count("tick") >= 2
+    assert wait_until(lambda: tick_file.exists() and tick_file.read_text().count("tick") >= 2)
 
     mctl_cli("deploy", str(APPS / "scheduled.py"), env=dict(env, APP_VERSION="v2"))
-    assert _eventually(lambda: version.remote() == "v2")
+    assert wait_until(lambda: version.remote() == "v2")
 
     apps = json.loads(mctl_cli("app", "list", "--json").stdout)
     assert [(a["name"], a["state"], a["version"]) for a in apps] == [("scheduled", "running", 2)]
@@ -51,7 +46,7 @@ def test_deploy_lifecycle(tmp_path, server_process, monkeypatch):
 
     out = mctl_cli("app", "rollback", "scheduled")
     assert "back to v1; now at v3" in out.stdout
-    assert _eventually(lambda: version.remote() == "v1")
+    assert wait_until(lambda: version.remote() == "v1")
 
     logs = mctl_cli("app", "logs", "scheduled").stdout
     assert "ticked" in logs
@@ -61,15 +56,6 @@ def test_deploy_lifecycle(tmp_path, server_process, monkeypatch):
     assert apps[0]["state"] == "stopped"
     with pytest.raises(mctl.exception.NotFoundError, match="No running app"):
         mctl.Function.from_name("scheduled", "version").remote()
-
-
-def _eventually(check, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_rollback_errors_keep_state(server_process):

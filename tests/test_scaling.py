@@ -1,12 +1,11 @@
 """The local scheduler: min_containers, max_containers, scaledown_window, @exit on scale-down."""
 
 import re
-import time
 import urllib.request
 
 import pytest
 
-from conftest import load_app
+from conftest import load_app, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -15,15 +14,6 @@ def containers(url, function):
     body = urllib.request.urlopen(f"{url}/metrics").read().decode()
     match = re.search(r'mctl_containers\{[^}]*function="%s"[^}]*\} (\S+)' % function, body)
     return int(float(match.group(1))) if match else 0
-
-
-def wait_until(check, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_pools_scale_between_bounds_and_down_when_idle(tmp_path, monkeypatch):

@@ -66,13 +66,11 @@ async def create_app(request: web.Request) -> web.Response:
     body = await request.json()
     try:
         spec = AppSpec.model_validate(body["spec"])
-        check_app(spec)
-        app_id, version = await control.create_app(spec, body.get("mode", "ephemeral"),
-                                                   body.get("app_id"))
-    except Error as exc:
-        return _json_error(400, str(exc))
     except ValueError as exc:
         return _json_error(400, f"Invalid app spec: {exc}")
+    check_app(spec)
+    app_id, version = await control.create_app(spec, body.get("mode", "ephemeral"),
+                                               body.get("app_id"))
     return web.json_response({"app_id": app_id, "version": version})
 
 
@@ -96,29 +94,20 @@ async def get_app(request: web.Request) -> web.Response:
 
 async def stop_app(request: web.Request) -> web.Response:
     control = _control(request)
-    try:
-        app = _find_app(control, request.match_info["name"])
-    except NotFoundError as exc:
-        return _json_error(404, str(exc))
+    app = _find_app(control, request.match_info["name"])
     await control.stop_app(app["app_id"])
     return web.json_response({"app_id": app["app_id"], "state": "stopped"})
 
 
 async def app_history(request: web.Request) -> web.Response:
     control = _control(request)
-    try:
-        app = _find_app(control, request.match_info["name"])
-    except NotFoundError as exc:
-        return _json_error(404, str(exc))
+    app = _find_app(control, request.match_info["name"])
     return web.json_response({"app": app, "versions": control.store.versions(app["app_id"])})
 
 
 async def rollback_app(request: web.Request) -> web.Response:
     control = _control(request)
-    try:
-        app = _find_app(control, request.match_info["name"])
-    except NotFoundError as exc:
-        return _json_error(404, str(exc))
+    app = _find_app(control, request.match_info["name"])
     body = await request.json() if request.can_read_body else {}
     target = body.get("version")
     current = app["version"]
@@ -138,10 +127,7 @@ async def rollback_app(request: web.Request) -> web.Response:
 
 async def app_logs(request: web.Request) -> web.Response:
     control = _control(request)
-    try:
-        app = _find_app(control, request.match_info["name"])
-    except NotFoundError as exc:
-        return _json_error(404, str(exc))
+    app = _find_app(control, request.match_info["name"])
     after = int(request.query.get("after", 0))
     wait = min(float(request.query.get("wait", 0)), 60.0)
     rows = control.store.logs(app["app_id"], after)
@@ -209,8 +195,19 @@ def blob_id_for(digest: Any) -> str:
     return "bl-" + digest.hexdigest()[:40]
 
 
+@web.middleware
+async def user_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """mctl errors become JSON: 404 for what does not exist, 400 for the rest."""
+    try:
+        return await handler(request)
+    except NotFoundError as exc:
+        return _json_error(404, str(exc))
+    except Error as exc:
+        return _json_error(400, str(exc))
+
+
 def make_app(control: ControlPlane) -> web.Application:
-    app = web.Application(client_max_size=protocol.MAX_FRAME)
+    app = web.Application(client_max_size=protocol.MAX_FRAME, middlewares=[user_errors])
     app[CONTROL] = control
     app.add_routes([
         web.get("/ws", ws_handler),
