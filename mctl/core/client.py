@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import itertools
 import logging
 import os
@@ -301,7 +300,7 @@ class Client:
 
     async def upload_blob(self, data: bytes) -> str:
         await self._ensure_session()
-        blob_id = blob_id_of(data)
+        blob_id = protocol.blob_id(data)
         async with self._session.put(f"{self.url}/blobs/{blob_id}", data=data) as resp:
             resp.raise_for_status()
         return blob_id
@@ -313,13 +312,9 @@ class Client:
             return await resp.read()
 
 
-def blob_id_of(data: bytes) -> str:
-    return "bl-" + hashlib.sha256(data).hexdigest()[:40]
-
-
 def upload_blob_sync(url: str, data: bytes) -> str:
     """For worker threads: upload a large result without an event loop."""
-    blob_id = blob_id_of(data)
+    blob_id = protocol.blob_id(data)
     req = urllib.request.Request(f"{url}/blobs/{blob_id}", data=data, method="PUT")
     with urllib.request.urlopen(req, timeout=300):
         pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
 import os
@@ -10,6 +9,7 @@ import sys
 import zipfile
 from typing import TYPE_CHECKING, Any
 
+from mctl.core.protocol import blob_id
 from mctl.core.spec import (AppSpec, AutoscalingSpec, FunctionSpec, ImageSpec, MethodSpec,
                             ResourcesSpec, RetryPolicy, ScheduleSpec, function_id)
 from mctl.exception import InvalidError
@@ -57,10 +57,6 @@ def make_bundle(app: App) -> tuple[str, bytes]:
             with open(path, "rb") as fh:
                 zf.writestr(info, fh.read())
     return _module_name(files[0]), buffer.getvalue()
-
-
-def blob_id(data: bytes) -> str:
-    return "bl-" + hashlib.sha256(data).hexdigest()[:40]
 
 
 def _schedule(value: Any) -> ScheduleSpec | None:

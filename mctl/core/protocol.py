@@ -8,6 +8,7 @@ arguments and results). The control plane never unpickles payloads; it only move
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from typing import Any
@@ -20,6 +21,15 @@ BLOB_THRESHOLD = 256 * 1024
 MAX_FRAME = 64 * 1024 * 1024
 # Target size of one chunk of inputs or outputs.
 CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def blob_id_from_hex(hexdigest: str) -> str:
+    """Blobs are content-addressed: `bl-` and the first 40 hex digits of their SHA-256."""
+    return "bl-" + hexdigest[:40]
+
+
+def blob_id(data: bytes) -> str:
+    return blob_id_from_hex(hashlib.sha256(data).hexdigest())
 
 
 def encode(header: dict[str, Any], payloads: list[bytes] = ()) -> bytes:  # type: ignore[assignment]

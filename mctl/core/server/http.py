@@ -165,7 +165,7 @@ async def put_blob(request: web.Request) -> web.Response:
             async for chunk in request.content.iter_chunked(1 << 20):
                 digest.update(chunk)
                 fh.write(chunk)
-        if blob_id != blob_id_for(digest):
+        if blob_id != protocol.blob_id_from_hex(digest.hexdigest()):
             return _json_error(400, f"Blob content does not match its id {blob_id}.")
         store.put_blob_file(blob_id, Path(tmp))
     finally:
@@ -189,10 +189,6 @@ async def metrics(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     control = _control(request)
     return web.json_response({"ok": True, "started": control.started, "pid": os.getpid()})
-
-
-def blob_id_for(digest: Any) -> str:
-    return "bl-" + digest.hexdigest()[:40]
 
 
 @web.middleware
