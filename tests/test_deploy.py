@@ -112,3 +112,24 @@ def test_metrics_endpoint(server_process):
     body = urllib.request.urlopen(f"{server_process.url}/metrics").read().decode()
     assert 'mctl_inputs_finished_total{app="' in body
     assert "mctl_queue_depth" in body and "mctl_containers" in body
+
+
+def test_local_modules_travel_with_the_app(tmp_path):
+    """Helper modules and packages beside the app file are bundled for the workers."""
+    out = mctl_cli("run", str(APPS / "multifile" / "multi.py::compute"), "--x", "3")
+    assert "(6, 9)" in out.stdout
+
+
+def test_bundle_is_deterministic_and_holds_local_modules():
+    import io
+    import zipfile
+
+    from mctl.cli.main import import_app_file
+    from mctl.core.compile import make_bundle
+
+    _, app, _ = import_app_file(str(APPS / "multifile" / "multi.py"))
+    module, data = make_bundle(app)
+    assert module == "multi"
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    assert names == ["helpers.py", "multi.py", "shapes/__init__.py", "shapes/area.py"]
+    assert make_bundle(app)[1] == data

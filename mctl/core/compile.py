@@ -34,29 +34,51 @@ def _module_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _local_module_files(root: str) -> list[str]:
+    """Files of imported modules under `root`: the app's own helper modules and packages."""
+    files = []
+    prefix = root.rstrip(os.sep) + os.sep
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or name.split(".")[0] == "mctl":
+            continue
+        path = os.path.abspath(path)
+        if (path.startswith(prefix) and path.endswith(".py")
+                and "site-packages" not in path and "dist-packages" not in path):
+            files.append(path)
+    return files
+
+
 def make_bundle(app: App) -> tuple[str, bytes]:
-    """Zip the source files that define the app's functions; return (main module, zip bytes).
+    """Zip the app's source: the file defining its functions and the local modules and packages
+    it imported from that file's directory. Returns (main module, zip bytes).
 
     The zip is written deterministically, so the same source gives the same blob id.
     """
-    files: list[str] = []
+    defining: list[str] = []
     for handle in app.registered_functions.values():
         path = _source_file(handle.raw_object) if handle.raw_object is not None else None
-        if path and path not in files:
-            files.append(path)
-    if not files:
+        if path and path not in defining:
+            defining.append(path)
+    if not defining:
         main = getattr(sys.modules.get("__main__"), "__file__", None)
         if not main:
             raise InvalidError("Cannot find the source file of this app; define its functions in "
                                "a .py file.")
-        files.append(os.path.abspath(main))
+        defining.append(os.path.abspath(main))
+    root = os.path.dirname(defining[0])
+    members = {os.path.basename(defining[0]): defining[0]}
+    for path in _local_module_files(root):
+        members[os.path.relpath(path, root)] = path
+    for path in defining[1:]:  # functions included from files elsewhere
+        members.setdefault(os.path.basename(path), path)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in files:
-            info = zipfile.ZipInfo(os.path.basename(path), date_time=(1980, 1, 1, 0, 0, 0))
-            with open(path, "rb") as fh:
+        for arcname in sorted(members):
+            info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
+            with open(members[arcname], "rb") as fh:
                 zf.writestr(info, fh.read())
-    return _module_name(files[0]), buffer.getvalue()
+    return _module_name(defining[0]), buffer.getvalue()
 
 
 def _schedule(value: Any) -> ScheduleSpec | None:
