@@ -95,3 +95,40 @@ def test_control_plane_restart_mid_map(faults, tmp_path, monkeypatch):
     assert not errors, errors
     assert 0 < done_at_kill < n, "the kill did not land in the middle of the map"
     assert results == [x + 1 for x in range(n)]
+
+
+def test_ephemeral_app_stops_when_its_caller_dies(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import APPS, wait_until
+
+    monkeypatch.setenv("MCTL_EPHEMERAL_GRACE", "1")
+    srv = ServerProcess(tmp_path / "state", free_port(), dict(os.environ)).start()
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(APPS)!r})\n"
+        "from basic import app, square\n"
+        "with app.run():\n"
+        "    print(square.remote(3), flush=True)\n"
+        "    time.sleep(600)\n")
+
+    def apps():
+        with urllib.request.urlopen(f"{srv.url}/api/apps?all=1") as resp:
+            return json.load(resp)
+
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, MCTL_SERVER_URL=srv.url))
+    try:
+        assert caller.stdout.readline().strip() == "9"
+        time.sleep(2)  # longer than the grace: a connected caller keeps its app
+        assert [a["state"] for a in apps()] == ["running"]
+        caller.kill()
+        caller.wait()
+        assert wait_until(lambda: [a["state"] for a in apps()] == ["stopped"], timeout=20)
+    finally:
+        caller.kill()
+        srv.stop()

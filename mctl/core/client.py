@@ -101,6 +101,7 @@ class Client:
         self._rids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], bytes]] = {}
         self.streams: dict[str, CallStream] = {}
+        self.owned_apps: set[str] = set()
         self._ws: Any = None
         self._session: Any = None
         self._connected: asyncio.Event | None = None
@@ -147,7 +148,10 @@ class Client:
                 continue
             first, lost_at = False, None
             self._ws = ws
-            # Resubscribe and resend everything unacknowledged, in order.
+            # Reclaim our ephemeral apps, resubscribe and resend everything unacknowledged.
+            if self.owned_apps:
+                await ws.send_bytes(protocol.encode({"type": "hello", "role": "client",
+                                                     "apps": sorted(self.owned_apps)}))
             for call_id in self.streams:
                 await ws.send_bytes(protocol.encode({"type": "subscribe", "call_id": call_id}))
             for _, frame in list(self._pending.values()):
@@ -262,6 +266,11 @@ class Client:
             stream.cancelled = True
             stream.fail(InputCancellation(f"Function call {call_id} was cancelled."))
         return stream
+
+    async def claim_app(self, app_id: str) -> None:
+        """Keep ephemeral app `app_id` alive while this client is connected."""
+        self.owned_apps.add(app_id)
+        await self.request({"type": "hello", "role": "client", "apps": [app_id]})
 
     async def cancel(self, call_id: str) -> None:
         await self.send({"type": "cancel", "call_id": call_id})

@@ -61,14 +61,17 @@ def run_app(app: App) -> Iterator[None]:
         if not url:
             url = stack.enter_context(embedded_server())
         run_sync(_publish(url, spec, blobs, "ephemeral", app_id))
+        run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
         app._running = True
         try:
             yield
         finally:
             app._running = False
+            client = client_for(url)
+            client.owned_apps.discard(app_id)
             with contextlib.suppress(Exception):
-                run_sync(client_for(url).http("POST", f"/api/apps/{app_id}/stop"))
+                run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
 
 
 def deploy_app(app: App, name: str | None = None) -> dict[str, Any]:

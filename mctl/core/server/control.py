@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
@@ -53,6 +54,7 @@ class Conn:
         self.app_id = ""
         self.running: dict[str, InputRec] = {}
         self.subscriptions: set[str] = set()
+        self.owned_apps: set[str] = set()
         self.draining = False
         self.closed = False
         self._outbox: deque[bytes] = deque()
@@ -107,6 +109,9 @@ class ControlPlane:
         self.live: dict[str, InputRec] = {}
         self.subscribers: dict[str, set[Conn]] = {}
         self.log_events: dict[str, asyncio.Event] = {}
+        self.app_owners: dict[str, set[Conn]] = {}
+        self.app_modes: dict[str, str] = {}
+        self.ephemeral_grace = float(os.environ.get("MCTL_EPHEMERAL_GRACE", "60"))
         self._acks: list[tuple[Conn, dict[str, Any]]] = []
         self._pushes: dict[Conn, tuple[list[dict[str, Any]], list[bytes]]] = {}
         self._flush_scheduled = False
@@ -140,6 +145,9 @@ class ControlPlane:
     # --- apps ----------------------------------------------------------------------------------
     async def activate_app(self, app_id: str, spec: AppSpec, version: int, mode: str) -> None:
         self.apps[app_id] = spec
+        self.app_modes[app_id] = mode
+        if mode == "ephemeral" and not self.app_owners.get(app_id):
+            self._reap_later(app_id)  # its caller has this long to connect (or reconnect)
         for fspec in spec.functions.values():
             fs = self.functions.get(fspec.function_id)
             if fs is None:
@@ -182,6 +190,16 @@ class ControlPlane:
                 conn.send({"type": "stop"})
         self._schedule_flush()
 
+    def _reap_later(self, app_id: str) -> None:
+        """Stop an ephemeral app whose caller stays away for `ephemeral_grace` seconds."""
+        def reap() -> None:
+            if (app_id in self.apps and self.app_modes.get(app_id) == "ephemeral"
+                    and not self.app_owners.get(app_id)):
+                log.info("stopping ephemeral app %s: its caller disconnected", app_id)
+                asyncio.get_running_loop().create_task(self.stop_app(app_id))
+
+        asyncio.get_running_loop().call_later(self.ephemeral_grace, reap)
+
     def function_for(self, app_id: str, tag: str) -> FunctionState | None:
         return self.functions.get(function_id(app_id, tag))
 
@@ -210,6 +228,12 @@ class ControlPlane:
     def _on_hello(self, conn: Conn, header: dict[str, Any]) -> None:
         conn.role = header.get("role", "client")
         if conn.role != "worker":
+            # A caller that runs ephemeral apps names them; they live while it is connected.
+            for app_id in header.get("apps", ()):
+                self.app_owners.setdefault(app_id, set()).add(conn)
+                conn.owned_apps.add(app_id)
+            if header.get("rid") is not None:
+                conn.send({"type": "ack", "rid": header["rid"]})
             return
         conn.task_id = header["task_id"]
         conn.function_id = header["function_id"]
@@ -228,6 +252,12 @@ class ControlPlane:
                 subs.discard(conn)
                 if not subs:
                     del self.subscribers[call_id]
+        for app_id in conn.owned_apps:
+            owners = self.app_owners.get(app_id)
+            if owners is not None:
+                owners.discard(conn)
+                if not owners:
+                    self._reap_later(app_id)
         if conn.role != "worker":
             return
         fs = self.functions.get(conn.function_id)
