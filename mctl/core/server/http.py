@@ -228,7 +228,7 @@ class RunningServer:
     url: str
     control: ControlPlane
     runner: web.AppRunner
-    stop_schedules: Callable[[], None]
+    stop_schedules: Callable[[], Any]
 
     async def close(self) -> None:
         self.stop_schedules()
@@ -263,5 +263,20 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     await scheduler.start(control, url)
     await control.recover()
     schedules = ScheduleRunner(control)
-    task = asyncio.get_running_loop().create_task(schedules.run())
-    return RunningServer(url, control, runner, task.cancel)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(schedules.run()), loop.create_task(retention(store))]
+    return RunningServer(url, control, runner, lambda: [t.cancel() for t in tasks])
+
+
+async def retention(store: Store) -> None:
+    """Keep results, logs and blobs for MCTL_RETENTION_DAYS (default 7), as Modal keeps results."""
+    import time
+
+    days = float(os.environ.get("MCTL_RETENTION_DAYS", "7"))
+    while True:
+        await asyncio.sleep(3600)
+        try:
+            removed = store.gc(time.time() - days * 86400)
+            log.info("retention: removed %s", removed)
+        except Exception:
+            log.exception("retention failed")

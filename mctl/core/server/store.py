@@ -162,6 +162,35 @@ class Store:
             "SELECT id, ts, task_id, function, line FROM logs WHERE app_id = ? AND id > ? "
             "ORDER BY id LIMIT ?", (app_id, after, limit)).fetchall()
 
+    # --- retention -----------------------------------------------------------------------------
+    def gc(self, cutoff: float) -> dict[str, int]:
+        """Forget outputs and finished calls created before `cutoff`, and blobs last written
+        before it that no app version or waiting input refers to."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            outputs = db.execute("DELETE FROM outputs WHERE created < ?", (cutoff,)).rowcount
+            calls = db.execute("DELETE FROM calls WHERE created < ? AND call_id NOT IN "
+                               "(SELECT call_id FROM inputs)", (cutoff,)).rowcount
+            logs = db.execute("DELETE FROM logs WHERE ts < ?", (cutoff,)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        keep: set[str] = set()
+        for (spec,) in db.execute("SELECT spec FROM app_versions"):
+            data = json.loads(spec)
+            keep.add(data.get("bundle_blob") or "")
+            keep.update(f.get("pickled_blob") or "" for f in data.get("functions", {}).values())
+        keep.update(row[0].decode() for row in db.execute(
+            "SELECT payload FROM inputs WHERE is_blob = 1"))
+        blobs = 0
+        for path in self.blob_dir.glob("bl-*"):
+            if path.name not in keep and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                blobs += 1
+        return {"outputs": outputs, "calls": calls, "logs": logs, "blobs": blobs}
+
     # --- blobs ---------------------------------------------------------------------------------
     def blob_path(self, blob_id: str) -> Path:
         if not blob_id.startswith("bl-") or not blob_id[3:].isalnum():
