@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import urllib.request
-from typing import Any, AsyncIterator, Awaitable, Coroutine, TypeVar
+from typing import Any, Awaitable, Coroutine, TypeVar
 
 from mctl.core import ids, protocol
 from mctl.exception import ConnectionError, InputCancellation, NotFoundError
@@ -350,7 +350,3 @@ async def close_client(url: str) -> None:
 def new_call_id() -> str:
     return ids.new_id("call")
 
-
-async def iter_stream(stream: CallStream) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
-    while True:
-        yield await stream.next()

@@ -191,10 +191,6 @@ class Function(Invocable):
     def raw_object(self) -> Any:
         return self.raw_f
 
-    @property
-    def info(self) -> Any:
-        return self.raw_f
-
     def get_raw_f(self) -> Callable[..., Any]:
         assert self.raw_f is not None
         return self.raw_f
