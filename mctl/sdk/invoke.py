@@ -38,10 +38,6 @@ def decode(item: dict[str, Any], data: bytes) -> Any:
     raise_remote(data)
 
 
-async def _fetch(client: Client, item: dict[str, Any], data: bytes) -> bytes:
-    return await client.output_payload(item, data) if item.get("blob") else data
-
-
 # --- single call ------------------------------------------------------------------------------
 async def _one(target: Target, payload: bytes) -> tuple[dict[str, Any], bytes]:
     client = target.client
@@ -50,7 +46,7 @@ async def _one(target: Target, payload: bytes) -> tuple[dict[str, Any], bytes]:
     try:
         await client.put_inputs(target.function_id, call_id, 0, [payload])
         item, data = await stream.next()
-        return item, await _fetch(client, item, data)
+        return item, await client.output_payload(item, data)
     finally:
         client.close_stream(call_id)
 
@@ -90,7 +86,7 @@ async def wait_output(client: Client, call_id: str, index: int,
             while True:
                 item, data = await stream.next()
                 if item["idx"] == index and item["status"] != "item":
-                    return item, await _fetch(client, item, data)
+                    return item, await client.output_payload(item, data)
 
         try:
             return await asyncio.wait_for(first(), timeout)
@@ -110,7 +106,7 @@ async def _gen_batches(target: Target, payload: bytes, out: asyncio.Queue[Any]) 
         await client.put_inputs(target.function_id, call_id, 0, [payload])
         while True:
             item, data = await stream.next()
-            await out.put((item, await _fetch(client, item, data)))
+            await out.put((item, await client.output_payload(item, data)))
             if item["status"] != "item":
                 return
     finally:
@@ -194,7 +190,6 @@ class MapRun:
         self.call_id = new_call_id()
         self.stream: CallStream | None = None
         self.window: asyncio.Semaphore | None = None
-        self.errors: list[BaseException] = []
 
     async def open(self) -> None:
         self.stream = self.target.client.open_stream(self.call_id)
@@ -229,7 +224,7 @@ class MapRun:
                 raise got
             out.append(got)
         client = self.target.client
-        return [(item, await _fetch(client, item, data)) for item, data in out]
+        return [(item, await client.output_payload(item, data)) for item, data in out]
 
     async def close(self, cancel: bool) -> None:
         if cancel:
@@ -301,7 +296,7 @@ def map_sync(target: Target, arg_sets: Iterable[tuple[tuple[Any, ...], dict[str,
                 n = start + len(payloads)
         except BaseException as exc:  # noqa: BLE001 - reported to the consumer
             producer_error.append(exc)
-            run.target.client.streams.get(run.call_id) and run_sync(_fail(run, exc))
+            run_sync(_fail(run, exc))  # wakes the consumer waiting for outputs
         total.append(n)
 
     producer = threading.Thread(target=produce, name="mctl-map-producer", daemon=True)

@@ -66,9 +66,9 @@ class Worker:
 
     # --- main loop -----------------------------------------------------------------------------
     async def run(self) -> None:
-        import aiohttp
-
         import signal
+
+        import aiohttp
 
         self.loop = asyncio.get_running_loop()
         # SIGTERM (scale-down, app stop, Nomad's kill) drains: running inputs finish, @exit runs.
@@ -153,7 +153,6 @@ class Worker:
             thread.join()
 
     def _runner(self) -> None:
-        # One event loop per runner thread runs async methods of classes.
         while True:
             job = self.local.get()
             if job is _STOP:

@@ -168,6 +168,8 @@ class ControlPlane:
 
     async def stop_app(self, app_id: str) -> None:
         spec = self.apps.pop(app_id, None)
+        self.app_modes.pop(app_id, None)
+        self.app_owners.pop(app_id, None)
         self.store.set_app_state(app_id, "stopped")
         if self.scheduler is not None:
             await self.scheduler.stop_app(app_id)

@@ -228,10 +228,10 @@ class RunningServer:
     url: str
     control: ControlPlane
     runner: web.AppRunner
-    stop_schedules: Callable[[], Any]
+    stop_background: Callable[[], Any]  # cancels schedules and retention
 
     async def close(self) -> None:
-        self.stop_schedules()
+        self.stop_background()
         if self.control.scheduler is not None:
             await self.control.scheduler.shutdown()
         await self.runner.cleanup()
