@@ -239,8 +239,17 @@ class Client:
 
     def close_stream(self, call_id: str) -> None:
         if self.streams.pop(call_id, None) is not None and self._ws is not None:
-            asyncio.get_running_loop().create_task(
-                self.send({"type": "unsubscribe", "call_id": call_id}))
+            asyncio.get_running_loop().create_task(self._unsubscribe(call_id))
+
+    async def _unsubscribe(self, call_id: str) -> None:
+        await self._ensure()
+        # A new wait on the same call may have opened a stream since: keep its subscription.
+        if call_id not in self.streams and self._ws is not None:
+            try:
+                await self._ws.send_bytes(protocol.encode({"type": "unsubscribe",
+                                                           "call_id": call_id}))
+            except Exception:  # the connection is gone; the server forgets its subscriptions
+                pass
 
     async def put_inputs(self, function_id: str, call_id: str, start: int,
                          payloads: list[bytes], subscribe: bool = True) -> dict[str, Any]:

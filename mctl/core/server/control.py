@@ -343,6 +343,10 @@ class ControlPlane:
             return
         self.subscribers.setdefault(call_id, set()).add(conn)
         conn.subscriptions.add(call_id)
+        # Outputs gathered this turn are not in the database yet and were pushed only to earlier
+        # subscribers: commit them now so the replay below sees them (else a lost wake-up).
+        if self.store.dirty:
+            self.store.commit()
         # Replay what is stored; later outputs are pushed as they are committed.
         items: list[dict[str, Any]] = []
         payloads: list[bytes] = []
