@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
-    from mctl.core.server.control import ControlPlane
-    from mctl.core.spec import AppSpec, ImageSpec
+    from mctl.core.launch import LaunchSpec
+    from mctl.core.spec import ImageSpec
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
@@ -29,23 +29,64 @@ class _Registration:
         object.__setattr__(self, "name", name)
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker a backend started: its task id, where it runs, and its state there."""
+
+    worker_id: str              # the task id (`ta-...`) the worker says hello with
+    host: str = ""              # node name, Slurm node or Nomad client
+    state: str = "starting"     # starting | running | stopping | exited
+    detail: str = ""            # backend's own id or reason (Slurm job id, alloc id, exit code)
+
+
+class PoolEvents(Protocol):
+    """What a backend tells core. Core decides; the backend only reports."""
+
+    def worker_exited(self, pool_id: str, worker_id: str, exit_code: int | None,
+                      detail: str) -> None:
+        """A worker ended (any reason). `detail`: the last lines of its output, or the reason."""
+
+    def placement_failed(self, pool_id: str, message: str) -> None:
+        """The backend can never place this pool (e.g. "no node offers 3 GPUs of type A100")."""
+
+    def notice(self, pool_id: str, message: str) -> None:
+        """A line for the app's logs (shown once by the backend, e.g. a resource it ignores)."""
+
+
 class SchedulerBackend(Protocol):
-    """Places workers for the functions of running apps."""
+    """Places workers; core decides how many (see `mctl.core.server.autoscaler`).
+
+    A backend never reads the control plane's state and never speaks the worker protocol: it gets a
+    `LaunchSpec` per function version and counts, and reports exits and placement failures.
+    """
 
     #: True when the backend fires `schedule=` itself (Nomad periodic jobs); else the control
     #: plane fires schedules.
     handles_schedules: bool
 
-    async def start(self, control: ControlPlane, server_url: str) -> None: ...
-    async def apply_app(self, app_id: str, spec: AppSpec, version: int, mode: str) -> None: ...
-    async def stop_app(self, app_id: str) -> None: ...
-    def on_demand(self, function_id: str) -> None: ...
+    async def start(self, events: PoolEvents) -> None: ...
+    async def ensure_pool(self, launch: LaunchSpec) -> None:
+        """Make sure a pool exists for this launch description (idempotent). May raise
+        `PlacementError` when no node can ever run it."""
+    async def scale(self, pool_id: str, count: int) -> None:
+        """Bring the pool to `count` workers that are not being stopped (start new ones with fresh
+        task ids; when above `count`, stop the newest not yet running)."""
+    async def stop_worker(self, pool_id: str, worker_id: str, grace_s: float) -> None:
+        """Stop one worker: SIGTERM-like first (it drains), killed after `grace_s`."""
+    async def remove_pool(self, pool_id: str, grace_s: float) -> None:
+        """Stop every worker of the pool and forget it."""
+    async def list_workers(self, pool_id: str) -> list[WorkerInfo]: ...
     async def shutdown(self) -> None: ...
+
+
+class PlacementError(Exception):
+    """Raised by a backend for a pool that no node can ever run; the message says why."""
 
 
 @dataclass(frozen=True)
 class Scheduler(_Registration):
-    """`factory(options: dict) -> SchedulerBackend`."""
+    """`factory(options: dict[str, str]) -> SchedulerBackend`; options come from `mctl server
+    --scheduler-option KEY=VALUE` or the server config file."""
 
     factory: Callable[[dict[str, Any]], SchedulerBackend]
 

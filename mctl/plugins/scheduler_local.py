@@ -1,227 +1,199 @@
-"""The embedded default scheduler: worker subprocesses on this machine, scaled by queue depth.
+"""The embedded default backend: each worker is a subprocess on this machine.
 
-Each function has a pool of `mctl.core.runtime` subprocesses kept between `min_containers` and
-`max_containers`: enough to give every waiting or running input a slot (`target_inputs` per
-container), plus `buffer_containers` while busy. A worker idle for `scaledown_window` is stopped.
-Without `max_containers`, a pool grows to at most one worker per CPU core.
+Core decides how many workers a pool needs (`mctl.core.server.autoscaler`); this backend starts
+and stops processes. Options (`mctl server --scheduler-option KEY=VALUE`):
+
+- `max_containers_per_function` (default: the number of CPU cores): the cap for functions without
+  `max_containers`.
+- `strict_resources` (default false): refuse (instead of only noting) a `cpu`, `memory` or `gpu`
+  request this machine can never offer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import math
 import os
 import signal
-import sys
-import time
+import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mctl
 from mctl.core import ids
-from mctl.core.plugin_types import Scheduler
+from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo
+
+if TYPE_CHECKING:
+    from mctl.core.launch import LaunchSpec
+    from mctl.core.plugin_types import PoolEvents
 
 log = logging.getLogger("mctl.scheduler.local")
-
-TICK = 0.2
 
 
 @dataclass
 class Proc:
     task_id: str
-    process: asyncio.subprocess.Process
-    version: int
-    started: float
-    idle_since: float
+    process: asyncio.subprocess.Process | None = None
     stopping: bool = False
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
 
 
 @dataclass
-class Pool:
-    app_id: str
-    function_id: str
-    version: int
-    spec: Any
-    app: Any
+class LocalPool:
+    launch: LaunchSpec
     procs: dict[str, Proc] = field(default_factory=dict)
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 class LocalScheduler:
     handles_schedules = False
+    provider = "local"
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
-        self.pools: dict[str, Pool] = {}
-        self.control: Any = None
-        self.server_url = ""
-        self._task: asyncio.Task[None] | None = None
-        self._notices: set[str] = set()
-        self.default_max = int(options.get("default_max_containers") or os.cpu_count() or 2)
+        self.default_max_containers = int(options.get("max_containers_per_function")
+                                          or os.cpu_count() or 2)
+        self.strict = _flag(options.get("strict_resources", "false"))
+        self.pools: dict[str, LocalPool] = {}
+        self.events: PoolEvents | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def start(self, control: Any, server_url: str) -> None:
-        self.control = control
-        self.server_url = server_url
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+    async def start(self, events: PoolEvents) -> None:
+        self.events = events
 
-    async def apply_app(self, app_id: str, spec: Any, version: int, mode: str) -> None:
-        for fspec in spec.functions.values():
-            pool = self.pools.get(fspec.function_id)
-            if pool is None:
-                pool = self.pools[fspec.function_id] = Pool(app_id, fspec.function_id, version,
-                                                            fspec, spec)
-            elif pool.version != version:
-                # A new version: old workers finish what they run and exit; new ones start.
-                pool.version, pool.spec, pool.app = version, fspec, spec
-                for proc in pool.procs.values():
-                    self._stop(proc)
-            self._reconcile(pool)
+    async def ensure_pool(self, launch: LaunchSpec) -> None:
+        if launch.pool_id in self.pools:
+            return
+        problem = _unavailable(launch)
+        if problem and self.strict:
+            raise PlacementError(f"this machine ({socket.gethostname()}) {problem}")
+        if problem and self.events is not None:
+            self.events.notice(launch.pool_id, f"{launch.function} requests what this machine "
+                                               f"{problem}; running it here anyway.")
+        self.pools[launch.pool_id] = LocalPool(launch)
 
-    async def stop_app(self, app_id: str) -> None:
-        for fid, pool in list(self.pools.items()):
-            if pool.app_id == app_id:
-                del self.pools[fid]
-                for proc in pool.procs.values():
-                    self._stop(proc, force_after=5.0)
+    async def scale(self, pool_id: str, count: int) -> None:
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            return
+        live = [p for p in pool.procs.values() if not p.stopping]
+        for _ in range(count - len(live)):
+            self._spawn(pool)
+        for proc in reversed(live[count:]):  # newest first
+            self._stop(proc, grace_s=pool.launch.timeout_s + 5)
 
-    def on_demand(self, function_id: str) -> None:
-        pool = self.pools.get(function_id)
-        if pool is not None:
-            self._reconcile(pool)
+    async def stop_worker(self, pool_id: str, worker_id: str, grace_s: float) -> None:
+        pool = self.pools.get(pool_id)
+        proc = pool.procs.get(worker_id) if pool else None
+        if proc is not None:
+            self._stop(proc, grace_s)
+
+    async def remove_pool(self, pool_id: str, grace_s: float) -> None:
+        pool = self.pools.pop(pool_id, None)
+        for proc in pool.procs.values() if pool else ():
+            self._stop(proc, grace_s)
+
+    async def list_workers(self, pool_id: str) -> list[WorkerInfo]:
+        pool = self.pools.get(pool_id)
+        host = socket.gethostname()
+        return [WorkerInfo(p.task_id, host, "stopping" if p.stopping else "running",
+                           f"pid {p.process.pid}" if p.process else "")
+                for p in (pool.procs.values() if pool else ())]
 
     async def shutdown(self) -> None:
-        if self._task:
-            self._task.cancel()
         procs = [p for pool in self.pools.values() for p in pool.procs.values()]
         for proc in procs:
-            if proc.process.returncode is None:
+            if proc.process is not None and proc.process.returncode is None:
                 proc.process.terminate()
         for proc in procs:
+            if proc.process is None:
+                continue
             try:
                 await asyncio.wait_for(proc.process.wait(), 5)
             except asyncio.TimeoutError:
                 proc.process.kill()
+        for task in list(self._tasks):
+            task.cancel()
 
-    # --- scaling -------------------------------------------------------------------------------
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            for pool in list(self.pools.values()):
-                try:
-                    self._reconcile(pool)
-                except Exception:
-                    log.exception("autoscaling %s failed", pool.function_id)
+    # --- processes -----------------------------------------------------------------------------
+    def _spawn(self, pool: LocalPool) -> None:
+        proc = Proc(ids.new_id("task"))
+        pool.procs[proc.task_id] = proc
+        self._background(self._run(pool, proc))
 
-    def desired(self, pool: Pool) -> int:
-        fs = self.control.functions.get(pool.function_id)
-        auto = pool.spec.autoscaling
-        busy = (fs.n_pending + fs.running) if fs is not None else 0
-        want = math.ceil(busy / pool.spec.target_per_container)
-        if busy:
-            want += auto.buffer_containers
-        # Without max_containers, one machine runs at most one worker per core per function.
-        cap = auto.max_containers if auto.max_containers is not None else self.default_max
-        return max(min(want, cap), auto.min_containers)
-
-    def _reconcile(self, pool: Pool) -> None:
-        now = time.monotonic()
-        live = [p for p in pool.procs.values() if not p.stopping and p.version == pool.version]
-        want = self.desired(pool)
-        for _ in range(want - len(live)):
-            self._spawn(pool)
-        if len(live) <= want:
-            return
-        busy = self._busy_tasks(pool)
-        for proc in live:
-            if proc.task_id in busy:
-                proc.idle_since = now
-        idle = sorted((p for p in live if p.task_id not in busy), key=lambda p: p.idle_since)
-        surplus = len(live) - want
-        for proc in idle[:surplus]:
-            if now - proc.idle_since >= pool.spec.autoscaling.scaledown_window:
-                self._stop(proc)
-
-    def _busy_tasks(self, pool: Pool) -> set[str]:
-        fs = self.control.functions.get(pool.function_id)
-        if fs is None:
-            return set()
-        return {w.task_id for w in fs.workers if w.running}
-
-    def _spawn(self, pool: Pool) -> None:
-        task_id = ids.new_id("task")
-        proc_placeholder = Proc(task_id, None, pool.version, time.monotonic(),  # type: ignore[arg-type]
-                                time.monotonic())
-        pool.procs[task_id] = proc_placeholder
-        asyncio.get_running_loop().create_task(self._run_process(pool, proc_placeholder))
-
-    async def _run_process(self, pool: Pool, proc: Proc) -> None:
-        from mctl.core import plugins
-        from mctl.core.config import environment_name
-        from mctl.core.environment import worker_env
-        from mctl.core.spec import ImageSpec
-
-        fspec, app = pool.spec, pool.app
+    async def _run(self, pool: LocalPool, proc: Proc) -> None:
+        launch = pool.launch
+        env = dict(os.environ)
+        env.update(launch.worker_env(proc.task_id))
+        env["MCTL_PARENT_PID"] = str(os.getpid())  # workers exit when this server dies
+        code: int | None = None
         try:
-            image = app.images.get(fspec.image_id) or ImageSpec(image_id=fspec.image_id, recipe={})
-            builder = next(b for b in plugins.registrations("mctl_register_image_builders")
-                           if b.handles(image))
-            built = builder.build(image)
-            env = dict(os.environ)
-            env.update(worker_env(app, fspec, app_id=pool.app_id, task_id=proc.task_id,
-                                  server_url=self.server_url, environment=environment_name(),
-                                  region=self.options.get("region", "local"), provider="local",
-                                  image_env=built.get("env")))
-            env["MCTL_PARENT_PID"] = str(os.getpid())
-            if built.get("notice") and fspec.image_id not in self._notices:
-                self._notices.add(fspec.image_id)
-                self.control.append_log(pool.app_id, proc.task_id, fspec.tag, built["notice"])
             proc.process = await asyncio.create_subprocess_exec(
-                built.get("python", sys.executable), "-m", "mctl.core.runtime", env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT)
-        except Exception as exc:
-            pool.procs.pop(proc.task_id, None)
-            self.control.append_log(pool.app_id, proc.task_id, fspec.tag,
-                                    f"mctl: could not start a worker for {fspec.tag}: {exc}")
-            await asyncio.sleep(1)  # do not spin on a broken environment
-            return
-        if proc.stopping:
-            proc.process.terminate()
-        assert proc.process.stdout is not None
-        async for raw in proc.process.stdout:
-            self.control.append_log(pool.app_id, proc.task_id, fspec.tag,
-                                    raw.decode(errors="replace").rstrip("\n"))
-        code = await proc.process.wait()
+                *launch.command, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            proc.tail.append(f"could not run {launch.command[0]}: {exc}")
+        else:
+            if proc.stopping:
+                proc.process.terminate()
+            assert proc.process.stdout is not None
+            # The worker sends its logs over its connection; keep a tail for an early death.
+            async for raw in proc.process.stdout:
+                proc.tail.append(raw.decode(errors="replace").rstrip("\n"))
+            code = await proc.process.wait()
         pool.procs.pop(proc.task_id, None)
-        if code not in (0, -signal.SIGTERM) and not proc.stopping:
-            self.control.append_log(pool.app_id, proc.task_id, fspec.tag,
-                                    f"mctl: worker {proc.task_id} exited with code {code}")
+        if self.events is not None:
+            clean = proc.stopping or code in (0, -signal.SIGTERM)
+            self.events.worker_exited(launch.pool_id, proc.task_id, code,
+                                      "" if clean else "\n".join(proc.tail))
 
-    def _stop(self, proc: Proc, force_after: float = 30.0) -> None:
+    def _stop(self, proc: Proc, grace_s: float) -> None:
         if proc.stopping:
             return
         proc.stopping = True
-        fs = None
-        for pool in self.pools.values():
-            if proc.task_id in pool.procs:
-                fs = self.control.functions.get(pool.function_id)
-        conn = next((w for w in fs.workers if w.task_id == proc.task_id), None) if fs else None
-        if conn is not None:
-            conn.draining = True
-            conn.send({"type": "stop"})
-        elif proc.process is not None and proc.process.returncode is None:
-            proc.process.terminate()
+        if proc.process is not None and proc.process.returncode is None:
+            proc.process.terminate()  # the worker drains on SIGTERM: running inputs finish
 
-        async def force() -> None:
-            await asyncio.sleep(force_after)
+        async def kill_later() -> None:
+            await asyncio.sleep(grace_s)
             if proc.process is not None and proc.process.returncode is None:
                 proc.process.kill()
 
-        asyncio.get_running_loop().create_task(force())
+        self._background(kill_later())
 
-    def containers(self, function_id: str) -> int:
-        pool = self.pools.get(function_id)
-        return sum(1 for p in pool.procs.values() if not p.stopping) if pool else 0
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _unavailable(launch: LaunchSpec) -> str:
+    """What of the launch's request this machine can never offer ('' when it can)."""
+    cores = os.cpu_count() or 1
+    if launch.cpu and launch.cpu > cores:
+        return f"has {cores} CPU cores, fewer than cpu={launch.cpu:g}"
+    if launch.memory_mb:
+        try:
+            total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+        except (ValueError, OSError):
+            total_mb = 0
+        if total_mb and launch.memory_mb > total_mb:
+            return f"has {total_mb} MiB of memory, less than memory={launch.memory_mb}"
+    if launch.gpu is not None:
+        from mctl.core import plugins
+
+        gpus = [g for dev in plugins.registrations("mctl_register_gpu_devices")
+                for g in dev.detect()]
+        wanted = launch.gpu.type
+        matching = [g for g in gpus if wanted is None or wanted.lower() in g.model.lower()]
+        if len(matching) < launch.gpu.count:
+            what = f"{launch.gpu.count} GPU(s)" + (f" of type {wanted}" if wanted else "")
+            return f"has {len(matching)} matching GPU(s), not {what}"
+    return ""
 
 
 @mctl.hookimpl

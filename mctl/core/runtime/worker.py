@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 from mctl.core import protocol
@@ -31,10 +32,19 @@ _STOP = object()
 
 
 class Worker:
-    def __init__(self, server_url: str, app_id: str, function_id: str, task_id: str) -> None:
+    def __init__(self, server_url: str, app_id: str, function_id: str, task_id: str,
+                 version: int = 0) -> None:
         self.http_url = server_url.rstrip("/")
         self.ws_url = self.http_url.replace("http", "ws", 1) + "/ws"
         self.app_id, self.function_id, self.task_id = app_id, function_id, task_id
+        self.version = version
+        # Inputs received whose final output the control plane has not yet acknowledged: named in
+        # the hello after a reconnect, so it keeps them with this worker instead of re-running.
+        self.held: set[str] = set()
+        self.out_seq = 0
+        self.unacked: deque[tuple[int, bytes, list[str]]] = deque()
+        self.logs: Any = None
+        self._logs_scheduled = False
         self.local: queue.Queue[Any] = queue.Queue()
         self.outbox: list[tuple[dict[str, Any], bytes]] = []
         self.out_lock = threading.Lock()
@@ -49,9 +59,15 @@ class Worker:
 
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
-        async with session.get(f"{self.http_url}/api/apps/{self.app_id}") as resp:
+        params = {"version": str(self.version)} if self.version else None
+        async with session.get(f"{self.http_url}/api/apps/{self.app_id}", params=params) as resp:
             resp.raise_for_status()
             record = await resp.json()
+        # Secret values come from the control plane, with this task's token, never in the env
+        # the scheduler saw.
+        async with session.get(f"{self.http_url}/api/functions/{self.function_id}/secrets") as resp:
+            resp.raise_for_status()
+            os.environ.update((await resp.json())["env"])
         self.app = AppSpec.model_validate(record["spec"])
         self.fspec: FunctionSpec = next(f for f in self.app.functions.values()
                                         if f.function_id == self.function_id)
@@ -70,20 +86,31 @@ class Worker:
 
         import aiohttp
 
+        from mctl.core.runtime.logcapture import LogCapture
+
         self.loop = asyncio.get_running_loop()
         # SIGTERM (scale-down, app stop, Nomad's kill) drains: running inputs finish, @exit runs.
         self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        self.logs = LogCapture(self._logs_arrived)
         async with aiohttp.ClientSession() as session:
-            await self.load(session)
+            try:
+                await self.load(session)
+            except Exception as exc:  # noqa: BLE001 - the user's import may raise anything
+                traceback.print_exc()
+                await self._report_start_failure(session, exc)
+                raise SystemExit(1) from None
             self._start_threads()
             while not self.stopping:
                 try:
                     async with session.ws_connect(self.ws_url, max_msg_size=protocol.MAX_FRAME,
                                                   heartbeat=30) as ws:
-                        self.ws = ws
                         await ws.send_bytes(protocol.encode({
                             "type": "hello", "role": "worker", "task_id": self.task_id,
-                            "function_id": self.function_id}))
+                            "function_id": self.function_id, "version": self.version,
+                            "held": sorted(self.held)}))
+                        for _, frame, _ in list(self.unacked):  # may not have been stored
+                            await ws.send_bytes(frame)
+                        self.ws = ws
                         self._flush_outputs()
                         await self._receive(ws)
                 except (aiohttp.ClientError, OSError) as exc:
@@ -92,6 +119,25 @@ class Worker:
                 if not self.stopping:
                     await asyncio.sleep(0.5)
         self._shutdown()
+        self.logs.drain()
+
+    async def _report_start_failure(self, session: Any, exc: BaseException) -> None:
+        """Tell the control plane why the user's code could not load, so callers see it."""
+        import aiohttp
+
+        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        try:
+            async with session.ws_connect(self.ws_url, max_msg_size=protocol.MAX_FRAME) as ws:
+                await ws.send_bytes(protocol.encode({
+                    "type": "hello", "role": "worker", "task_id": self.task_id,
+                    "function_id": self.function_id, "version": self.version,
+                    "start_error": summary}, [serialize_exception(exc)]))
+                self.logs.drain()
+                lines = self.logs.take()
+                if lines:
+                    await ws.send_bytes(protocol.encode({"type": "log", "lines": lines}))
+        except (aiohttp.ClientError, OSError):
+            pass  # the backend reports the exit with the output's tail
 
     async def _receive(self, ws: Any) -> None:
         import aiohttp
@@ -104,8 +150,13 @@ class Worker:
             if kind == "inputs":
                 for item, payload in zip(header["items"], payloads):
                     self._accept(item, payload)
+            elif kind == "outputs_ack":
+                unacked = self.unacked
+                while unacked and unacked[0][0] <= header["upto"]:
+                    self.held.difference_update(unacked.popleft()[2])
             elif kind == "cancel":
                 self.cancelled.update(header["input_ids"])
+                self.held.difference_update(header["input_ids"])
             elif kind == "stop":
                 self.stopping = True
                 await self._drain_and_close(ws)
@@ -129,6 +180,9 @@ class Worker:
         await ws.close()
 
     def _accept(self, item: dict[str, Any], payload: bytes) -> None:
+        if item["id"] in self.held:
+            return  # sent again after a reconnect; it is already queued or running here
+        self.held.add(item["id"])
         if self.async_sem is not None:
             task = self.loop.create_task(self._run_async(item, payload))  # type: ignore[union-attr]
             self.async_tasks.add(task)
@@ -317,11 +371,36 @@ class Worker:
         ws = self.ws
         if ws is None or ws.closed:
             return
+        self._send_logs()  # what the user printed before a result arrives before it
         with self.out_lock:
             batch, self.outbox = self.outbox, []
         if batch:
-            frame = protocol.encode({"type": "outputs", "items": [i for i, _ in batch]},
+            self.out_seq += 1
+            items = [i for i, _ in batch]
+            frame = protocol.encode({"type": "outputs", "seq": self.out_seq, "items": items},
                                     [d for _, d in batch])
+            self.unacked.append((self.out_seq, frame, [i["id"] for i in items if i["final"]]))
+            self.loop.create_task(ws.send_bytes(frame))  # type: ignore[union-attr]
+
+    # --- logs ----------------------------------------------------------------------------------
+    def _logs_arrived(self) -> None:
+        """Called from the capture thread; the lines go out from the loop."""
+        if not self._logs_scheduled and self.loop is not None:
+            self._logs_scheduled = True
+            self.loop.call_soon_threadsafe(self._send_logs_soon)
+
+    def _send_logs_soon(self) -> None:
+        self._logs_scheduled = False
+        self._send_logs()
+
+    def _send_logs(self) -> None:
+        ws = self.ws
+        if ws is None or ws.closed or self.logs is None:
+            return
+        self.logs.drain()
+        lines = self.logs.take()
+        if lines:
+            frame = protocol.encode({"type": "log", "lines": lines})
             self.loop.create_task(ws.send_bytes(frame))  # type: ignore[union-attr]
 
     # --- watchdog ------------------------------------------------------------------------------
@@ -370,8 +449,12 @@ def _iterate_async_gen(agen: Any) -> Any:
 def main() -> None:
     logging.basicConfig(level=os.environ.get("MCTL_LOG_LEVEL", "WARNING"))
     env = os.environ
-    worker = Worker(env["MCTL_SERVER_URL"], env["MCTL_APP_ID"], env["MCTL_FUNCTION_ID"],
-                    env["MCTL_TASK_ID"])
+    from mctl.core import ids
+
+    task_id = env.get("MCTL_TASK_ID") or ids.new_id("task")
+    os.environ["MCTL_TASK_ID"] = os.environ["MODAL_TASK_ID"] = task_id
+    worker = Worker(env["MCTL_SERVER_URL"], env["MCTL_APP_ID"], env["MCTL_FUNCTION_ID"], task_id,
+                    int(env.get("MCTL_APP_VERSION") or 0))
     try:
         asyncio.run(worker.run())
     except KeyboardInterrupt:

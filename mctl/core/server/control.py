@@ -22,15 +22,19 @@ from mctl.core.server.store import Store
 
 if TYPE_CHECKING:
     from mctl.core.plugin_types import SchedulerBackend
+    from mctl.core.server.autoscaler import Autoscaler
 
 log = logging.getLogger("mctl.server")
+
+# A worker whose connection drops keeps its inputs this long, to resume them when it reconnects.
+RECONNECT_GRACE = float(os.environ.get("MCTL_WORKER_RECONNECT_GRACE", "10"))
 
 FINAL_FAILURES = ("failure", "timeout", "crashed")
 
 
 class InputRec:
     __slots__ = ("input_id", "function_id", "call_id", "idx", "payload", "is_blob", "attempts",
-                 "created", "worker", "done", "started")
+                 "created", "worker", "done", "started", "queued")
 
     def __init__(self, input_id: str, function_id: str, call_id: str, idx: int, payload: bytes,
                  is_blob: bool, created: float) -> None:
@@ -40,6 +44,7 @@ class InputRec:
         self.worker: Conn | None = None
         self.done = False
         self.started = 0.0
+        self.queued = False     # in its function's pending queue
 
 
 class Conn:
@@ -51,8 +56,11 @@ class Conn:
         self.role = "client"
         self.task_id = ""
         self.function_id = ""
+        self.pool_id = ""
         self.app_id = ""
         self.running: dict[str, InputRec] = {}
+        self.idle_since = time.monotonic()   # since its last finished input
+        self.outputs_seq: int | None = None  # newest outputs frame to acknowledge once stored
         self.subscriptions: set[str] = set()
         self.owned_apps: set[str] = set()
         self.draining = False
@@ -86,6 +94,10 @@ class FunctionState:
         self.last_active = time.monotonic()
         self.exec_ewma: float | None = None  # seconds per input, reported by workers
         self.stopped = False
+        self.version = 0
+        # Set when the function cannot start or be placed: every input fails with this error.
+        self.failure: bytes | None = None
+        self.failure_text = ""
 
     @property
     def prefetch(self) -> int:
@@ -102,7 +114,9 @@ class ControlPlane:
     def __init__(self, store: Store, scheduler: SchedulerBackend | None = None,
                  log_sink: Callable[[str, str, str, str], None] | None = None) -> None:
         self.store = store
-        self.scheduler = scheduler
+        self.scheduler = scheduler                  # the backend; core talks to it via autoscaler
+        self.autoscaler: Autoscaler | None = None   # set by start_server
+        self.orphans: dict[str, Conn] = {}          # task id -> dropped worker connection
         self.log_sink = log_sink
         self.functions: dict[str, FunctionState] = {}
         self.apps: dict[str, AppSpec] = {}
@@ -113,6 +127,7 @@ class ControlPlane:
         self.app_modes: dict[str, str] = {}
         self.ephemeral_grace = float(os.environ.get("MCTL_EPHEMERAL_GRACE", "60"))
         self._acks: list[tuple[Conn, dict[str, Any]]] = []
+        self._output_acks: set[Conn] = set()
         self._pushes: dict[Conn, tuple[list[dict[str, Any]], list[bytes]]] = {}
         self._flush_scheduled = False
         self.metrics: Any = None  # set by metrics.attach
@@ -134,8 +149,7 @@ class ControlPlane:
                 continue
             rec = InputRec(input_id, fid, call_id, idx, payload, bool(is_blob), now)
             self.live[input_id] = rec
-            fs.pending.append(rec)
-            fs.n_pending += 1
+            self._queue(fs, rec)
             count += 1
         if count:
             log.info("recovered %d pending inputs", count)
@@ -151,11 +165,16 @@ class ControlPlane:
         for fspec in spec.functions.values():
             fs = self.functions.get(fspec.function_id)
             if fs is None:
-                self.functions[fspec.function_id] = FunctionState(app_id, fspec)
+                fs = self.functions[fspec.function_id] = FunctionState(app_id, fspec)
             else:
                 fs.spec, fs.stopped = fspec, False
-        if self.scheduler is not None:
-            await self.scheduler.apply_app(app_id, spec, version, mode)
+            if fs.version != version:
+                fs.version, fs.failure, fs.failure_text = version, None, ""
+                for conn in list(fs.workers):  # the old version's workers finish and exit
+                    if conn.pool_id != _pool_id(fspec.function_id, version):
+                        self.drain(conn)
+        if self.autoscaler is not None:
+            await self.autoscaler.apply_app(app_id, spec, version)
 
     async def create_app(self, spec: AppSpec, mode: str, app_id: str | None = None,
                          note: str = "") -> tuple[str, int]:
@@ -171,8 +190,8 @@ class ControlPlane:
         self.app_modes.pop(app_id, None)
         self.app_owners.pop(app_id, None)
         self.store.set_app_state(app_id, "stopped")
-        if self.scheduler is not None:
-            await self.scheduler.stop_app(app_id)
+        if self.autoscaler is not None:
+            await self.autoscaler.stop_app(app_id)
         if spec is None:
             return
         from mctl.core.serialization import serialize_exception
@@ -188,8 +207,8 @@ class ControlPlane:
             for rec in list(fs.pending):
                 if not rec.done:
                     self._store_output(rec, 0, "failure", error, False, final=True)
-            for conn in fs.workers:
-                conn.send({"type": "stop"})
+            for conn in list(fs.workers):
+                self.drain(conn)
         self._schedule_flush()
 
     def _reap_later(self, app_id: str) -> None:
@@ -222,12 +241,18 @@ class ControlPlane:
         elif kind == "cancel":
             self.cancel_call(header["call_id"])
         elif kind == "hello":
-            self._on_hello(conn, header)
+            self._on_hello(conn, header, payloads)
+        elif kind == "log":
+            if conn.role == "worker":
+                fs = self.functions.get(conn.function_id)
+                tag = fs.spec.tag if fs is not None else conn.function_id
+                for line in header["lines"]:
+                    self.append_log(conn.app_id, conn.task_id, tag, line)
         else:
             conn.send({"type": "error", "rid": header.get("rid"),
                        "message": f"unknown message type {kind!r}"})
 
-    def _on_hello(self, conn: Conn, header: dict[str, Any]) -> None:
+    def _on_hello(self, conn: Conn, header: dict[str, Any], payloads: list[bytes]) -> None:
         conn.role = header.get("role", "client")
         if conn.role != "worker":
             # A caller that runs ephemeral apps names them; they live while it is connected.
@@ -239,12 +264,57 @@ class ControlPlane:
             return
         conn.task_id = header["task_id"]
         conn.function_id = header["function_id"]
+        version = int(header.get("version") or 0)
+        conn.pool_id = _pool_id(conn.function_id, version)
         fs = self.functions.get(conn.function_id)
+        conn.app_id = fs.app_id if fs is not None else ""
+        if header.get("start_error") and self.autoscaler is not None:
+            # The worker could not import the user's code; it exits after this message.
+            self.autoscaler.start_failed(conn.pool_id, conn.task_id, payloads[0],
+                                         header["start_error"])
+            return
+        self._resume(conn, set(header.get("held", ())), fs)
         if fs is None:
             conn.send({"type": "stop", "reason": "function not active"})
             return
+        current = not fs.stopped and version == fs.version
+        if current and self.autoscaler is not None:
+            current = self.autoscaler.worker_ready(conn)
         fs.workers.append(conn)
+        if not current:
+            self.drain(conn)  # an older version's worker: it finishes what it holds and exits
+            return
         self._dispatch(fs)
+
+    def _resume(self, conn: Conn, held: set[str], fs: FunctionState | None) -> None:
+        """A worker reconnected: it keeps the inputs it still holds; the rest are queued again."""
+        old = self.orphans.pop(conn.task_id, None)
+        if old is None:
+            return
+        for rec in old.running.values():
+            if rec.done or rec.worker is not old:
+                continue
+            if rec.input_id in held:
+                rec.worker = conn
+                conn.running[rec.input_id] = rec
+            elif fs is not None:  # never reached the worker: it did not run
+                fs.running -= 1
+                rec.worker = None
+                rec.attempts -= 1
+                self._queue(fs, rec, front=True)
+        old.running.clear()
+
+    def drain(self, conn: Conn) -> None:
+        """Ask a worker to finish what it holds and exit; it gets no new inputs."""
+        if not conn.draining:
+            conn.draining = True
+            conn.send({"type": "stop"})
+
+    def worker_gone(self, task_id: str) -> None:
+        """The backend saw the worker's process end: its held inputs will not come back."""
+        old = self.orphans.pop(task_id, None)
+        if old is not None:
+            self._crash_inputs(old)
 
     def disconnected(self, conn: Conn) -> None:
         conn.closed = True
@@ -266,16 +336,32 @@ class ControlPlane:
         if fs is not None and conn in fs.workers:
             fs.workers.remove(conn)
         if conn.running:
-            from mctl.core.serialization import serialize_exception
-            from mctl.exception import ContainerCrashedError
+            # It may come back (a dropped connection, not a dead process): hold its inputs.
+            self.orphans[conn.task_id] = conn
+            asyncio.get_running_loop().call_later(RECONNECT_GRACE, self._orphan_expired, conn)
+        if fs is not None:
+            self._dispatch(fs)
 
-            for rec in list(conn.running.values()):
-                err = serialize_exception(ContainerCrashedError(
-                    f"The container ({conn.task_id}) running input {rec.input_id} crashed or was "
-                    "killed before it finished."))
-                self._finish_attempt(conn, rec, "crashed", err, fs)
-            conn.running.clear()
-            self._schedule_flush()
+    def _orphan_expired(self, conn: Conn) -> None:
+        if self.orphans.get(conn.task_id) is conn:
+            del self.orphans[conn.task_id]
+            self._crash_inputs(conn)
+
+    def _crash_inputs(self, conn: Conn) -> None:
+        """The worker is gone for good: each input it held is a crashed attempt."""
+        from mctl.core.serialization import serialize_exception
+        from mctl.exception import ContainerCrashedError
+
+        fs = self.functions.get(conn.function_id)
+        for rec in list(conn.running.values()):
+            if rec.done or rec.worker is not conn:
+                continue
+            err = serialize_exception(ContainerCrashedError(
+                f"The container ({conn.task_id}) running input {rec.input_id} crashed or was "
+                "killed before it finished."))
+            self._finish_attempt(rec, "crashed", err, fs)
+        conn.running.clear()
+        self._schedule_flush()
         if fs is not None:
             self._dispatch(fs)
 
@@ -302,8 +388,10 @@ class ControlPlane:
             rec = InputRec(input_id, fid, call_id, idx, payload, is_blob, now)
             self.live[input_id] = rec
             store.new_inputs.append((input_id, fid, call_id, idx, payload, int(is_blob), now))
-            fs.pending.append(rec)
-            fs.n_pending += 1
+            if fs.failure is not None:  # it cannot start: the input fails at once
+                self._store_output(rec, 0, "failure", fs.failure, False, final=True)
+            else:
+                self._queue(fs, rec)
         if header.get("subscribe"):  # .remote and .map skip a separate subscribe round trip
             self.subscribers.setdefault(call_id, set()).add(conn)
             conn.subscriptions.add(call_id)
@@ -322,17 +410,44 @@ class ControlPlane:
         self.live[rec.input_id] = rec
         self.store.new_calls.append((call_id, fs.spec.function_id, now))
         self.store.new_inputs.append((rec.input_id, rec.function_id, call_id, 0, payload, 0, now))
-        fs.pending.append(rec)
-        fs.n_pending += 1
+        if fs.failure is not None:
+            self._store_output(rec, 0, "failure", fs.failure, False, final=True)
+        else:
+            self._queue(fs, rec)
         self._on_pending(fs)
         self._dispatch(fs)
         self._schedule_flush()
         return call_id
 
+    def _queue(self, fs: FunctionState, rec: InputRec, front: bool = False) -> None:
+        if front:
+            fs.pending.appendleft(rec)
+        else:
+            fs.pending.append(rec)
+        rec.queued = True
+        fs.n_pending += 1
+
     def _on_pending(self, fs: FunctionState) -> None:
         fs.last_active = time.monotonic()
-        if self.scheduler is not None and fs.n_pending:
-            self.scheduler.on_demand(fs.spec.function_id)
+        if self.autoscaler is not None and fs.n_pending:
+            self.autoscaler.poke(fs.spec.function_id)
+
+    def fail_function(self, function_id: str, error: bytes, text: str) -> None:
+        """The function cannot start or be placed: fail what waits, and all new inputs, with
+        `error` until a new version is deployed. Logged once."""
+        fs = self.functions.get(function_id)
+        if fs is None or fs.failure is not None:
+            return
+        fs.failure, fs.failure_text = error, text
+        self.append_log(fs.app_id, "start", fs.spec.tag, f"mctl: {text}")
+        while fs.pending:
+            rec = fs.pending.popleft()
+            if rec.done:
+                continue
+            rec.queued = False
+            fs.n_pending -= 1
+            self._store_output(rec, 0, "failure", error, False, final=True)
+        self._schedule_flush()
 
     def _on_subscribe(self, conn: Conn, header: dict[str, Any]) -> None:
         call_id = header["call_id"]
@@ -375,7 +490,7 @@ class ControlPlane:
                     rec.worker.send({"type": "cancel", "input_ids": [rec.input_id]})
                     if fs:
                         fs.running -= 1
-                elif fs:
+                elif fs and rec.queued:
                     fs.n_pending -= 1
         for conn in self.subscribers.get(call_id, ()):
             conn.send({"type": "cancelled", "call_id": call_id})
@@ -400,6 +515,7 @@ class ControlPlane:
                 rec = fs.pending.popleft()
                 if rec.done:
                     continue
+                rec.queued = False
                 fs.n_pending -= 1
                 take -= 1
                 rec.worker, rec.started = worker, now
@@ -424,6 +540,7 @@ class ControlPlane:
         for item, payload in zip(header["items"], payloads):
             rec = self.live.get(item["id"])
             if rec is None or rec.done:
+                conn.running.pop(item["id"], None)
                 continue  # already finished elsewhere: the first result stays
             status = item["status"]
             final = item.get("final", True)
@@ -433,9 +550,13 @@ class ControlPlane:
                 self._store_output(rec, item.get("seq", 0), status, payload, item.get("blob", False),
                                    final=False)
                 continue
-            conn.running.pop(rec.input_id, None)
-            self._finish_attempt(conn, rec, status, payload, fs, item.get("seq", 0),
+            self._finish_attempt(rec, status, payload, fs, item.get("seq", 0),
                                  item.get("blob", False))
+        if "seq" in header:  # acknowledged once this turn's commit has stored them
+            conn.outputs_seq = header["seq"]
+            self._output_acks.add(conn)
+        if not conn.running:
+            conn.idle_since = time.monotonic()
         if fs is not None:
             if durations:
                 avg = sum(durations) / len(durations)
@@ -444,10 +565,18 @@ class ControlPlane:
             self._dispatch(fs)
         self._schedule_flush()
 
-    def _finish_attempt(self, conn: Conn | None, rec: InputRec, status: str, payload: bytes,
+    def _finish_attempt(self, rec: InputRec, status: str, payload: bytes,
                         fs: FunctionState | None, seq: int = 0, is_blob: bool = False) -> None:
-        if fs is not None and rec.worker is not None:
-            fs.running -= 1
+        """Record the end of an attempt, wherever the input is now (a worker, the queue, or
+        waiting for a retry): retry a failure under the function's policy, else store it."""
+        if rec.worker is not None:
+            rec.worker.running.pop(rec.input_id, None)
+            if fs is not None:
+                fs.running -= 1
+        elif rec.queued and fs is not None:  # requeued meanwhile (its worker came back late)
+            fs.pending.remove(rec)
+            fs.n_pending -= 1
+            rec.queued = False
         rec.worker = None
         if status in FINAL_FAILURES and fs is not None and not fs.stopped:
             policy = fs.spec.retries
@@ -462,10 +591,12 @@ class ControlPlane:
             self.metrics.input_finished(fs, status, time.time() - rec.created)
 
     def _requeue(self, fs: FunctionState, rec: InputRec) -> None:
-        if rec.done or fs.stopped:
+        if rec.done or fs.stopped or rec.worker is not None or rec.queued:
             return
-        fs.pending.appendleft(rec)
-        fs.n_pending += 1
+        if fs.failure is not None:
+            self._store_output(rec, 0, "failure", fs.failure, False, final=True)
+            return
+        self._queue(fs, rec, front=True)
         self._on_pending(fs)
         self._dispatch(fs)
 
@@ -499,6 +630,9 @@ class ControlPlane:
         acks, self._acks = self._acks, []
         for conn, msg in acks:
             conn.send(msg)
+        workers, self._output_acks = self._output_acks, set()
+        for conn in workers:  # outputs are stored: the worker may forget them
+            conn.send({"type": "outputs_ack", "upto": conn.outputs_seq})
         pushes, self._pushes = self._pushes, {}
         for conn, (items, payloads) in pushes.items():
             conn.send({"type": "outputs", "items": items}, payloads)
@@ -519,6 +653,12 @@ class ControlPlane:
             await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+
+
+def _pool_id(function_id: str, version: int) -> str:
+    from mctl.core.launch import pool_id
+
+    return pool_id(function_id, version)
 
 
 def deployed_app_id(name: str) -> str:

@@ -79,6 +79,12 @@ async def list_apps(request: web.Request) -> web.Response:
     apps = control.store.apps()
     if request.query.get("all") != "1":
         apps = [a for a in apps if a["mode"] == "deployed" or a["state"] == "running"]
+    failing: dict[str, dict[str, str]] = {}
+    for fs in control.functions.values():
+        if fs.failure is not None:
+            failing.setdefault(fs.app_id, {})[fs.spec.tag] = fs.failure_text
+    for app in apps:
+        app["failing"] = failing.get(app["app_id"], {})
     return web.json_response(apps)
 
 
@@ -152,6 +158,18 @@ async def lookup_function(request: web.Request) -> web.Response:
     return web.json_response({"app_id": app["app_id"], "function": fspec})
 
 
+async def function_secrets(request: web.Request) -> web.Response:
+    """A worker's secret values, fetched at its start: they never travel in a launch
+    description, a job spec or the database."""
+    from mctl.core.environment import resolve_secrets
+
+    control = _control(request)
+    fs = control.functions.get(request.match_info["function_id"])
+    if fs is None:
+        return _json_error(404, "No such running function.")
+    return web.json_response({"env": await asyncio.to_thread(resolve_secrets, fs.spec)})
+
+
 async def put_blob(request: web.Request) -> web.Response:
     store = _control(request).store
     blob_id = request.match_info["blob_id"]
@@ -217,6 +235,7 @@ def make_app(control: ControlPlane) -> web.Application:
         web.post("/api/apps/{name}/rollback", rollback_app),
         web.get("/api/apps/{name}/logs", app_logs),
         web.get("/api/functions/lookup", lookup_function),
+        web.get("/api/functions/{function_id}/secrets", function_secrets),
         web.put("/blobs/{blob_id}", put_blob),
         web.get("/blobs/{blob_id}", get_blob),
     ])
@@ -232,8 +251,8 @@ class RunningServer:
 
     async def close(self) -> None:
         self.stop_background()
-        if self.control.scheduler is not None:
-            await self.control.scheduler.shutdown()
+        if self.control.autoscaler is not None:
+            await self.control.autoscaler.shutdown()
         await self.runner.cleanup()
         if self.control.store.dirty:
             self.control.store.commit()
@@ -243,16 +262,19 @@ class RunningServer:
 async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
                        scheduler_name: str | None = None,
                        log_sink: Callable[[str, str, str, str], None] | None = None,
-                       advertise_url: str | None = None) -> RunningServer:
+                       advertise_url: str | None = None,
+                       scheduler_options: dict[str, str] | None = None) -> RunningServer:
     """Open the store, start the HTTP server and the scheduler, and recover running apps."""
     from mctl.core import plugins
+    from mctl.core.server.autoscaler import Autoscaler
     from mctl.core.server.metrics import Metrics
     from mctl.core.server.schedules import ScheduleRunner
 
-    store = Store(state_dir)
     name = scheduler_name or os.environ.get("MCTL_SCHEDULER", "local")
-    scheduler = plugins.find("mctl_register_schedulers", name).factory({})
-    control = ControlPlane(store, scheduler, log_sink)
+    options = dict(scheduler_options or {})
+    backend = plugins.find("mctl_register_schedulers", name).factory(options)
+    store = Store(state_dir)
+    control = ControlPlane(store, backend, log_sink)
     Metrics(control)
     runner = web.AppRunner(make_app(control), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
@@ -260,7 +282,8 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     await site.start()
     bound = runner.addresses[0][1]
     url = advertise_url or f"http://{host}:{bound}"
-    await scheduler.start(control, url)
+    control.autoscaler = Autoscaler(control, backend, url, options)
+    await control.autoscaler.start()
     await control.recover()
     schedules = ScheduleRunner(control)
     loop = asyncio.get_running_loop()
