@@ -170,8 +170,11 @@ def app_list(as_json: bool, show_all: bool) -> None:
         return
     click.echo(f"{'APP ID':<26} {'NAME':<20} {'MODE':<10} {'STATE':<8} {'VERSION':<7} CREATED")
     for a in apps:
-        click.echo(f"{a['app_id']:<26} {a['name']:<20} {a['mode']:<10} {a['state']:<8} "
+        state = "failing" if a.get("failing") and a["state"] == "running" else a["state"]
+        click.echo(f"{a['app_id']:<26} {a['name']:<20} {a['mode']:<10} {state:<8} "
                    f"{a['version']:<7} {_when(a['created'])}")
+        for tag, reason in (a.get("failing") or {}).items():
+            click.echo(f"    {tag}: {reason}")
 
 
 @app.command("stop")
@@ -288,28 +291,48 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=0, type=int, help="0 picks a free port.")
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, help="0 (the default) picks a free port.")
 @click.option("--state-dir", type=click.Path(), help="Default: $MCTL_HOME/server.")
 @click.option("--scheduler", help="Scheduler plugin (default: $MCTL_SCHEDULER or local).")
+@click.option("--scheduler-option", "scheduler_options", multiple=True, metavar="KEY=VALUE",
+              help="An option for the scheduler plugin; repeat for several.")
 @click.option("--advertise-url", help="URL workers use to reach this server.")
-def server(host: str, port: int, state_dir: str | None, scheduler: str | None,
-           advertise_url: str | None) -> None:
-    """Run the control plane in the foreground."""
+@click.option("--config", "config_path", type=click.Path(),
+              help="Settings file (TOML); default $MCTL_HOME/server.toml when it exists.")
+def server(host: str | None, port: int | None, state_dir: str | None, scheduler: str | None,
+           scheduler_options: tuple[str, ...], advertise_url: str | None,
+           config_path: str | None) -> None:
+    """Run the control plane in the foreground.
+
+    Options on the command line override the settings file.
+    """
     import logging
     import signal
     from pathlib import Path
 
-    from mctl.core.config import home
+    from mctl.core.config import home, load_server_config, parse_options
     from mctl.core.runner import write_server_file
     from mctl.core.server.http import start_server
 
     logging.basicConfig(level=os.environ.get("MCTL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings = load_server_config(config_path)
+        sched = settings.get("scheduler", {})
+        options = {k: str(v) for k, v in sched.get("options", {}).items()}
+        options.update(parse_options(scheduler_options))
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    state = state_dir or settings.get("state_dir")
 
     async def main() -> None:
-        srv = await start_server(Path(state_dir) if state_dir else home() / "server", host, port,
-                                 scheduler, advertise_url=advertise_url)
+        srv = await start_server(
+            Path(state) if state else home() / "server", host or settings.get("host", "127.0.0.1"),
+            port if port is not None else int(settings.get("port", 0)),
+            scheduler or sched.get("name"),
+            advertise_url=advertise_url or settings.get("advertise_url"),
+            scheduler_options=options)
         write_server_file(srv.url)
         click.echo(f"mctl control plane listening on {srv.url}", err=True)
         stop = asyncio.Event()

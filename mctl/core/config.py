@@ -29,3 +29,53 @@ def configured_server_url() -> str | None:
         return json.loads(server_file().read_text())["url"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def server_config_file() -> Path:
+    """`MCTL_SERVER_CONFIG`, default `$MCTL_HOME/server.toml` (used when it exists)."""
+    return Path(os.environ.get("MCTL_SERVER_CONFIG") or home() / "server.toml")
+
+
+def load_server_config(path: str | None = None) -> dict:
+    """The server's settings file (TOML): host, port, state_dir, advertise_url, and a
+    `[scheduler]` table with `name` and an `options` table. `{}` when there is none."""
+    from mctl.exception import InvalidError
+
+    file = Path(path) if path else server_config_file()
+    if not file.exists():
+        if path:
+            raise InvalidError(f"No server config file {file}; check the path given to --config.")
+        return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidError(f"Cannot read server config {file}: {exc}. Fix the TOML and retry.") \
+            from None
+    known = {"host", "port", "state_dir", "advertise_url", "scheduler"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidError(f"Server config {file} has unknown keys {', '.join(unknown)}; known "
+                           f"keys are {', '.join(sorted(known))}.")
+    sched = data.get("scheduler", {})
+    if not isinstance(sched, dict) or not isinstance(sched.get("options", {}), dict):
+        raise InvalidError(f"Server config {file}: [scheduler] must be a table with `name` and an "
+                           "`options` table.")
+    return data
+
+
+def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """`("partition=gpu", "account=lab")` -> `{"partition": "gpu", "account": "lab"}`."""
+    from mctl.exception import InvalidError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidError(f"Scheduler option {pair!r} is not KEY=VALUE, e.g. "
+                               "--scheduler-option partition=gpu.")
+        options[key.strip()] = value
+    return options

@@ -95,7 +95,7 @@ class Worker:
         async with aiohttp.ClientSession() as session:
             try:
                 await self.load(session)
-            except Exception as exc:  # noqa: BLE001 - the user's import may raise anything
+            except BaseException as exc:  # noqa: BLE001 - the user's import may even sys.exit()
                 traceback.print_exc()
                 await self._report_start_failure(session, exc)
                 raise SystemExit(1) from None

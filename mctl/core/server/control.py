@@ -379,6 +379,10 @@ class ControlPlane:
         store = self.store
         if start == 0:
             store.new_calls.append((call_id, fid, now))
+        if header.get("subscribe"):  # .remote and .map skip a separate subscribe round trip
+            # Before the inputs: an input of a failing function gets its output right away.
+            self.subscribers.setdefault(call_id, set()).add(conn)
+            conn.subscriptions.add(call_id)
         for i, payload in enumerate(payloads):
             idx = start + i
             input_id = ids.input_id(call_id, idx)
@@ -392,9 +396,6 @@ class ControlPlane:
                 self._store_output(rec, 0, "failure", fs.failure, False, final=True)
             else:
                 self._queue(fs, rec)
-        if header.get("subscribe"):  # .remote and .map skip a separate subscribe round trip
-            self.subscribers.setdefault(call_id, set()).add(conn)
-            conn.subscriptions.add(call_id)
         self._acks.append((conn, {"type": "ack", "rid": header.get("rid")}))
         if self.metrics is not None:
             self.metrics.inputs_received(fs, len(payloads))
