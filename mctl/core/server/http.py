@@ -181,8 +181,7 @@ async def function_secrets(request: web.Request) -> web.Response:
 async def put_blob(request: web.Request) -> web.Response:
     store = _control(request).store
     blob_id = request.match_info["blob_id"]
-    path = store.blob_path(blob_id)
-    if path.exists():
+    if store.refresh_blob(blob_id):  # already here: the upload counts as a fresh use
         return web.json_response({"blob_id": blob_id})
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=store.blob_dir, prefix=".upload-")
