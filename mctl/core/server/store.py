@@ -51,8 +51,21 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _statements(script: str) -> Iterable[str]:
+    buffer = ""
+    for part in script.split(";"):
+        buffer += part + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                yield buffer
+            buffer = ""
+
+
 def migrate(db: sqlite3.Connection) -> int:
-    """Bring the database to SCHEMA_VERSION, one transaction per step; returns the version."""
+    """Bring the database to SCHEMA_VERSION, one transaction per step; returns the version.
+
+    Each step re-reads the version under a write lock, so two processes opening the same
+    database at once apply every step once."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         from mctl.exception import InvalidError
@@ -60,12 +73,16 @@ def migrate(db: sqlite3.Connection) -> int:
         raise InvalidError(f"The state database has schema version {version}, newer than this "
                            f"mctl's {SCHEMA_VERSION}; upgrade mctl.")
     for target in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.executescript(f"BEGIN;\n{MIGRATIONS[target - 1]}\nPRAGMA user_version = {target};\n"
-                             "COMMIT;")
+            (current,) = db.execute("PRAGMA user_version").fetchone()
+            if current < target:
+                for statement in _statements(MIGRATIONS[target - 1]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+            db.execute("COMMIT")
         except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
     return SCHEMA_VERSION
 
