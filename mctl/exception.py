@@ -19,6 +19,10 @@ class NotFoundError(Error):
     """An app, function, call or object name that the control plane does not know."""
 
 
+class AlreadyExistsError(Error):
+    """An object of that name exists already (e.g. a secret created without --force)."""
+
+
 class ExecutionError(Error):
     """The platform failed to run an input (not the user's code)."""
 

@@ -237,39 +237,101 @@ def app_logs(name: str, follow: bool) -> None:
 # --- secrets -------------------------------------------------------------------------------------
 @cli.group()
 def secret() -> None:
-    """Manage secrets of the local secret store."""
+    """Manage secrets in the secret backend ($MCTL_SECRET_BACKEND, default local)."""
 
 
-@secret.command("create")
-@click.argument("name")
-@click.argument("pairs", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Replace an existing secret.")
-def secret_create(name: str, pairs: tuple[str, ...], force: bool) -> None:
-    """Create secret NAME from KEY=VALUE pairs."""
-    from mctl.plugins import secrets_local
+def _secret_values(pairs: tuple[str, ...], dotenv: str | None, from_json: str | None
+                   ) -> dict[str, str]:
+    """Values from --from-dotenv, then --from-json, then KEY=VALUE pairs (later ones win)."""
+    values: dict[str, str] = {}
+    if dotenv:
+        from mctl.sdk.secret import Secret
 
-    values = {}
+        try:
+            values.update(Secret.from_dotenv(os.path.dirname(os.path.abspath(dotenv)),
+                                             filename=os.path.basename(dotenv)).values or {})
+        except OSError as exc:
+            raise click.UsageError(f"Cannot read {dotenv}: {exc.strerror}.") from None
+    if from_json:
+        try:
+            with open(from_json) as fh:
+                data = json.load(fh)
+        except OSError as exc:
+            raise click.UsageError(f"Cannot read {from_json}: {exc.strerror}.") from None
+        except ValueError:
+            raise click.UsageError(f"{from_json} is not JSON; give an object of names to "
+                                   "strings.") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise click.UsageError(f"{from_json} must hold a JSON object of names to strings.")
+        values.update(data)
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise click.UsageError(f"{pair!r} is not KEY=VALUE.")
         values[key] = value
+    if not values:
+        raise click.UsageError("Give the secret's values as KEY=VALUE, --from-dotenv FILE or "
+                               "--from-json FILE.")
+    return values
+
+
+@secret.command("create")
+@click.argument("name")
+@click.argument("pairs", nargs=-1)
+@click.option("--from-dotenv", "dotenv", type=click.Path(dir_okay=False),
+              help="Read KEY=VALUE lines from a .env file.")
+@click.option("--from-json", "from_json", type=click.Path(dir_okay=False),
+              help="Read a JSON object of names to strings.")
+@click.option("--force", is_flag=True, help="Replace an existing secret.")
+def secret_create(name: str, pairs: tuple[str, ...], dotenv: str | None, from_json: str | None,
+                  force: bool) -> None:
+    """Create secret NAME from KEY=VALUE pairs or a file."""
+    from mctl.core import secret_store
+
+    values = _secret_values(pairs, dotenv, from_json)
     try:
-        if secrets_local.resolve(name) is not None and not force:
-            raise click.ClickException(f"Secret {name!r} exists; pass --force to replace it.")
-        secrets_local.save(name, values)
-    except InvalidError as exc:
+        secret_store.create(name, values, overwrite=force)
+    except Error as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"Created secret {name} with keys {', '.join(values)}")
+    click.echo(f"Created secret {name} with keys {', '.join(sorted(values))}")
 
 
 @secret.command("list")
-def secret_list() -> None:
-    """List secret names."""
-    from mctl.plugins import secrets_local
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Include apps' inline secrets (values "
+              "given in code).")
+def secret_list(as_json: bool, show_all: bool) -> None:
+    """List secrets: names, keys and dates, never values."""
+    from mctl.core import secret_store
 
-    for name in secrets_local.names():
-        click.echo(name)
+    try:
+        infos = secret_store.list_secrets(include_inline=show_all)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    rows = [{"name": i.name, "keys": list(i.keys), "created": i.created, "updated": i.updated,
+             "inline": secret_store.is_inline(i.name)} for i in infos]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        mark = " (inline)" if row["inline"] else ""
+        click.echo(f"{row['name']:<24} {_when(row['updated']):<20} {', '.join(row['keys'])}{mark}")
+
+
+@secret.command("delete")
+@click.argument("name")
+@click.option("--allow-missing", is_flag=True, help="Succeed when there is no such secret.")
+def secret_delete(name: str, allow_missing: bool) -> None:
+    """Delete secret NAME."""
+    from mctl.core import secret_store
+
+    try:
+        found = secret_store.delete(name)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    if not found and not allow_missing:
+        raise click.ClickException(f"No secret named {name!r}; `mctl secret list` shows them.")
+    click.echo(f"Deleted secret {name}" if found else f"No secret named {name}")
 
 
 # --- plugins & server ----------------------------------------------------------------------------

@@ -91,6 +91,17 @@ def _schedule(value: Any) -> ScheduleSpec | None:
     raise InvalidError(f"Unknown schedule {value!r}.")
 
 
+def inline_secret_values(app: App, app_id: str) -> dict[str, dict[str, str]]:
+    """Values of the secrets given in code, by the reserved names their spec refs carry: the
+    client sends them beside the spec, for the control plane to put in the secret backend."""
+    out = {}
+    for handle in app.registered_functions.values():
+        for secret in [*app.secrets, *handle.options.get("secrets", [])]:
+            if secret.name is None:
+                out[secret.ref(app_id)["name"]] = dict(secret.values or {})
+    return out
+
+
 def compile_app(app: App, app_id: str, name: str | None = None
                 ) -> tuple[AppSpec, dict[str, bytes]]:
     """Return the validated spec and the blobs (bundle, pickled functions) it refers to."""
@@ -110,7 +121,7 @@ def compile_app(app: App, app_id: str, name: str | None = None
         image = opts.get("image") or app.image or DEFAULT_IMAGE
         images[image.object_id] = ImageSpec(image_id=image.object_id, recipe=image.recipe())
         retries = opts.get("retries")
-        secrets = [s.ref() for s in [*app.secrets, *opts.get("secrets", [])]]
+        secrets = [s.ref(app_id) for s in [*app.secrets, *opts.get("secrets", [])]]
         volumes = dict(opts.get("volumes") or {})
         if app.volumes:
             from mctl.sdk.volume import validate_mounts

@@ -15,7 +15,7 @@ def resolve_secrets(fspec: FunctionSpec) -> dict[str, str]:
     backends = plugins.registrations("mctl_register_secret_backends")
     env: dict[str, str] = {}
     for ref in fspec.secrets:
-        if "values" in ref:
+        if "values" in ref:  # a spec stored by the previous release, which kept values inline
             env.update(ref["values"])
             continue
         name = ref["name"]
@@ -24,10 +24,15 @@ def resolve_secrets(fspec: FunctionSpec) -> dict[str, str]:
             if values is not None:
                 break
         else:
+            if ref.get("inline"):
+                raise NotFoundError(f"The secret values given in code for {fspec.tag} (keys "
+                                    f"{', '.join(ref.get('keys', []))}) are no longer in the "
+                                    "secret store; run or deploy the app again.")
             raise NotFoundError(f"Secret {name!r} (used by {fspec.tag}) was not found in "
                                 f"{', '.join(b.name for b in backends)}; create it with "
                                 f"`mctl secret create {name} KEY=VALUE`.")
-        missing = [k for k in ref.get("required_keys", []) if k not in values]
+        missing = [k for k in [*ref.get("required_keys", []), *ref.get("keys", [])]
+                   if k not in values]
         if missing:
             raise InvalidError(f"Secret {name!r} lacks required keys {', '.join(missing)}; "
                                "add them to the secret.")

@@ -64,21 +64,58 @@ def mctl_register_image_builders() -> Iterable[ImageBuilder]:
 
 @hookspec
 def mctl_register_secret_backends() -> Iterable[SecretBackend]:
-    """Register secret stores; `Secret.from_name(n)` asks each in order until one knows `n`.
+    """Register secret stores. `Secret.from_name(n)` asks each in order until one knows `n`;
+    `MCTL_SECRET_BACKEND=<name>` (default `local`) picks the one that `mctl secret create/list/
+    delete` and the values given in code (`Secret.from_dict`, ...) are written to.
+
+    Only `resolve` is required; leave out `list`, `create` and `delete` for a read-only store.
+    `list` must never return values. `create` raises `mctl.exception.AlreadyExistsError` when
+    the name exists and `overwrite` is false; `delete` returns False when there was nothing.
 
     Example::
 
-        import mctl, json
-        from mctl.core.plugin_types import SecretBackend
+        import json, os, time
+        import mctl
+        from mctl.core.plugin_types import SecretBackend, SecretInfo
+        from mctl.exception import AlreadyExistsError
+
+        ROOT = "/etc/mysecrets"
+
+        def resolve(name):
+            try:
+                with open(f"{ROOT}/{name}.json") as fh:
+                    return json.load(fh)
+            except FileNotFoundError:
+                return None
+
+        def list_secrets():
+            out = []
+            for file in sorted(os.listdir(ROOT)):
+                name, stat = file.removesuffix(".json"), os.stat(f"{ROOT}/{file}")
+                out.append(SecretInfo(name=name, keys=tuple(sorted(resolve(name))),
+                                      created=stat.st_ctime, updated=stat.st_mtime))
+            return out
+
+        def create(name, values, overwrite):
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+            try:
+                fd = os.open(f"{ROOT}/{name}.json", flags, 0o600)
+            except FileExistsError:
+                raise AlreadyExistsError(f"Secret {name!r} exists; pass --force to replace it.")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(values, fh)
+
+        def delete(name):
+            try:
+                os.unlink(f"{ROOT}/{name}.json")
+                return True
+            except FileNotFoundError:
+                return False
 
         @mctl.hookimpl
         def mctl_register_secret_backends():
-            def resolve(name):
-                try:
-                    return json.load(open(f"/etc/mysecrets/{name}.json"))
-                except FileNotFoundError:
-                    return None
-            yield SecretBackend(name="etc-json", resolve=resolve)
+            yield SecretBackend(name="etc-json", resolve=resolve, list=list_secrets,
+                                create=create, delete=delete)
     """
 
 

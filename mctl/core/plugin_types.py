@@ -103,10 +103,31 @@ class ImageBuilder(_Registration):
 
 
 @dataclass(frozen=True)
+class SecretInfo:
+    """What a listing shows of a secret: never its values."""
+
+    name: str
+    keys: tuple[str, ...]
+    created: float  # epoch seconds
+    updated: float
+
+
+@dataclass(frozen=True)
 class SecretBackend(_Registration):
-    """`resolve(name: str) -> dict[str, str] | None`: a named secret's values, None if unknown."""
+    """A secret store. Only `resolve` is required; a backend without `create`, `list` or `delete`
+    is read-only (its secrets are managed with its own tools).
+
+    - `resolve(name) -> dict[str, str] | None`: a named secret's values, None if unknown.
+    - `list() -> list[SecretInfo]`: every secret, without values.
+    - `create(name, values, overwrite) -> None`: store `values` under `name`; raise
+      `mctl.exception.AlreadyExistsError` if it exists and `overwrite` is false.
+    - `delete(name) -> bool`: remove the secret; False if there was none.
+    """
 
     resolve: Callable[[str], dict[str, str] | None]
+    list: Callable[[], list[SecretInfo]] | None = None
+    create: Callable[[str, dict[str, str], bool], None] | None = None
+    delete: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -41,26 +41,30 @@ def embedded_server() -> Iterator[str]:
 
 
 async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
-                   app_id: str | None) -> dict[str, Any]:
+                   app_id: str | None, secrets: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Upload the blobs, then create the app. Inline secret values travel beside the spec, never
+    in it: the server puts them in its secret backend."""
     client = client_for(url)
     for data in blobs.values():
         await client.upload_blob(data)
     return await client.http("POST", "/api/apps", {"spec": spec.model_dump(mode="json"),
-                                                   "mode": mode, "app_id": app_id})
+                                                   "mode": mode, "app_id": app_id,
+                                                   "secrets": secrets})
 
 
 @contextlib.contextmanager
 def run_app(app: App) -> Iterator[None]:
     """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server."""
-    from mctl.core.compile import compile_app
+    from mctl.core.compile import compile_app, inline_secret_values
 
     app_id = ids.new_id("app")
     spec, blobs = compile_app(app, app_id)  # fails on bad input before anything starts
+    secrets = inline_secret_values(app, app_id)
     url = os.environ.get("MCTL_SERVER_URL")
     with contextlib.ExitStack() as stack:
         if not url:
             url = stack.enter_context(embedded_server())
-        run_sync(_publish(url, spec, blobs, "ephemeral", app_id))
+        run_sync(_publish(url, spec, blobs, "ephemeral", app_id, secrets))
         run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
         app._running = True
@@ -76,7 +80,7 @@ def run_app(app: App) -> Iterator[None]:
 
 def deploy_app(app: App, name: str | None = None) -> dict[str, Any]:
     """Deploy to the configured control plane, starting the background server if none runs."""
-    from mctl.core.compile import compile_app
+    from mctl.core.compile import compile_app, inline_secret_values
     from mctl.core.server.control import deployed_app_id
 
     app_name = name or app.name
@@ -88,7 +92,8 @@ def deploy_app(app: App, name: str | None = None) -> dict[str, Any]:
     app_id = deployed_app_id(app_name)
     spec, blobs = compile_app(app, app_id, app_name)
     url = ensure_background_server()
-    result = run_sync(_publish(url, spec, blobs, "deployed", app_id))
+    result = run_sync(_publish(url, spec, blobs, "deployed", app_id,
+                               inline_secret_values(app, app_id)))
     app._hydrate(app_id, url)
     return {**result, "name": app_name, "url": url,
             "functions": {tag: f.function_id for tag, f in spec.functions.items()}}

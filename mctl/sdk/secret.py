@@ -1,6 +1,7 @@
 """`Secret`: environment variables injected into a function's containers.
 
 Values are resolved by a secret backend plugin when the app is deployed, never at import time.
+Values given in code travel beside the app's spec to the secret backend, never inside it.
 """
 
 from __future__ import annotations
@@ -53,11 +54,15 @@ class Secret:
                     values[key.strip()] = value.strip().strip("'\"")
         return Secret(values=values)
 
-    def ref(self) -> dict[str, Any]:
-        """What the spec records: a name to resolve later, or literal values."""
+    def ref(self, app_id: str) -> dict[str, Any]:
+        """What the spec records: a name to resolve later. Values given in code become an inline
+        secret of the app, stored apart from the spec (see `mctl.core.secret_store`)."""
         if self.name is not None:
             return {"name": self.name, "required_keys": list(self.required_keys)}
-        return {"values": dict(self.values or {})}
+        from mctl.core.secret_store import inline_name
+
+        values = dict(self.values or {})
+        return {"name": inline_name(app_id, values), "inline": True, "keys": sorted(values)}
 
     def __repr__(self) -> str:
         return f"Secret.from_name({self.name!r})" if self.name else "Secret(<values>)"

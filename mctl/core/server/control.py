@@ -187,11 +187,15 @@ class ControlPlane:
 
     async def stop_app(self, app_id: str) -> None:
         spec = self.apps.pop(app_id, None)
-        self.app_modes.pop(app_id, None)
+        mode = self.app_modes.pop(app_id, None)
         self.app_owners.pop(app_id, None)
         self.store.set_app_state(app_id, "stopped")
         if self.autoscaler is not None:
             await self.autoscaler.stop_app(app_id)
+        if mode == "ephemeral":  # nothing can run its versions again: drop their inline secrets
+            from mctl.core import secret_store
+
+            secret_store.forget_app(self.store, app_id)
         if spec is None:
             return
         from mctl.core.serialization import serialize_exception

@@ -60,6 +60,7 @@ def _find_app(control: ControlPlane, name: str) -> dict[str, Any]:
 
 
 async def create_app(request: web.Request) -> web.Response:
+    from mctl.core import secret_store
     from mctl.core.environment import check_app
 
     control = _control(request)
@@ -68,9 +69,16 @@ async def create_app(request: web.Request) -> web.Response:
         spec = AppSpec.model_validate(body["spec"])
     except ValueError as exc:
         return _json_error(400, f"Invalid app spec: {exc}")
-    check_app(spec)
-    app_id, version = await control.create_app(spec, body.get("mode", "ephemeral"),
-                                               body.get("app_id"))
+    secret_store.refuse_values_in_spec(spec)
+    # Inline secret values go to the secret backend first; only references reach the database.
+    created = secret_store.store_inline(spec, body.get("secrets") or {})
+    try:
+        check_app(spec)
+        app_id, version = await control.create_app(spec, body.get("mode", "ephemeral"),
+                                                   body.get("app_id"))
+    except BaseException:
+        secret_store.forget(created)
+        raise
     return web.json_response({"app_id": app_id, "version": version})
 
 
@@ -173,8 +181,7 @@ async def function_secrets(request: web.Request) -> web.Response:
 async def put_blob(request: web.Request) -> web.Response:
     store = _control(request).store
     blob_id = request.match_info["blob_id"]
-    path = store.blob_path(blob_id)
-    if path.exists():
+    if store.refresh_blob(blob_id):  # already here: the upload counts as a fresh use
         return web.json_response({"blob_id": blob_id})
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=store.blob_dir, prefix=".upload-")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+# Version 1: the schema of the first release (which left PRAGMA user_version at 0).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
     app_id TEXT PRIMARY KEY, name TEXT NOT NULL, mode TEXT NOT NULL, state TEXT NOT NULL,
@@ -39,6 +40,52 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_app ON logs(app_id, id);
 """
 
+# Ordered schema steps: MIGRATIONS[i] takes a database from version i to i + 1
+# (`PRAGMA user_version`). Never edit a released step; append a new one.
+MIGRATIONS: list[str] = [
+    SCHEMA,
+    # 2: a schedule's next fire time, so a restart neither skips nor repeats a firing.
+    "CREATE TABLE schedule_fires (function_id TEXT NOT NULL, schedule TEXT NOT NULL, "
+    "next REAL NOT NULL, PRIMARY KEY (function_id, schedule));",
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> Iterable[str]:
+    buffer = ""
+    for part in script.split(";"):
+        buffer += part + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                yield buffer
+            buffer = ""
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the database to SCHEMA_VERSION, one transaction per step; returns the version.
+
+    Each step re-reads the version under a write lock, so two processes opening the same
+    database at once apply every step once."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        from mctl.exception import InvalidError
+
+        raise InvalidError(f"The state database has schema version {version}, newer than this "
+                           f"mctl's {SCHEMA_VERSION}; upgrade mctl.")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (current,) = db.execute("PRAGMA user_version").fetchone()
+            if current < target:
+                for statement in _statements(MIGRATIONS[target - 1]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
 
 class Store:
     def __init__(self, state_dir: Path) -> None:
@@ -51,18 +98,20 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash; only power loss may lose the last.
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        migrate(self.db)
         # Pending writes of this loop turn.
         self.new_inputs: list[tuple[Any, ...]] = []
         self.new_calls: list[tuple[Any, ...]] = []
         self.new_outputs: list[tuple[Any, ...]] = []
         self.done_inputs: list[tuple[str]] = []
         self.new_logs: list[tuple[Any, ...]] = []
+        # (function_id, schedule, next): committed with the input a firing enqueues.
+        self.new_fire_times: list[tuple[str, str, float]] = []
 
     @property
     def dirty(self) -> bool:
         return bool(self.new_inputs or self.new_outputs or self.done_inputs or self.new_logs
-                    or self.new_calls)
+                    or self.new_calls or self.new_fire_times)
 
     def commit(self) -> None:
         """Write everything gathered since the last commit in one transaction."""
@@ -81,13 +130,16 @@ class Store:
             if self.new_logs:
                 db.executemany("INSERT INTO logs (app_id, ts, task_id, function, line) "
                                "VALUES (?,?,?,?,?)", self.new_logs)
+            if self.new_fire_times:
+                db.executemany("INSERT OR REPLACE INTO schedule_fires VALUES (?,?,?)",
+                               self.new_fire_times)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         finally:
             self.new_calls, self.new_inputs, self.new_outputs = [], [], []
-            self.done_inputs, self.new_logs = [], []
+            self.done_inputs, self.new_logs, self.new_fire_times = [], [], []
 
     # --- reads ---------------------------------------------------------------------------------
     def pending_inputs(self) -> Iterable[tuple[Any, ...]]:
@@ -162,10 +214,25 @@ class Store:
             "SELECT id, ts, task_id, function, line FROM logs WHERE app_id = ? AND id > ? "
             "ORDER BY id LIMIT ?", (app_id, after, limit)).fetchall()
 
+    # --- schedules -----------------------------------------------------------------------------
+    def fire_times(self) -> dict[tuple[str, str], float]:
+        """Stored next fire times by (function_id, schedule as JSON)."""
+        return {(fid, sched): when for fid, sched, when in
+                self.db.execute("SELECT function_id, schedule, next FROM schedule_fires")}
+
+    def set_fire_time(self, function_id: str, schedule: str, when: float) -> None:
+        """Store a first fire time now (no firing goes with it)."""
+        self.db.execute("INSERT OR REPLACE INTO schedule_fires VALUES (?,?,?)",
+                        (function_id, schedule, when))
+
+    def forget_fire_time(self, function_id: str, schedule: str) -> None:
+        self.db.execute("DELETE FROM schedule_fires WHERE function_id = ? AND schedule = ?",
+                        (function_id, schedule))
+
     # --- retention -----------------------------------------------------------------------------
     def gc(self, cutoff: float) -> dict[str, int]:
         """Forget outputs and finished calls created before `cutoff`, and blobs last written
-        before it that no app version or waiting input refers to."""
+        before it that no app version, waiting input or kept output refers to."""
         db = self.db
         db.execute("BEGIN")
         try:
@@ -182,8 +249,9 @@ class Store:
             data = json.loads(spec)
             keep.add(data.get("bundle_blob") or "")
             keep.update(f.get("pickled_blob") or "" for f in data.get("functions", {}).values())
-        keep.update(row[0].decode() for row in db.execute(
-            "SELECT payload FROM inputs WHERE is_blob = 1"))
+        for table in ("inputs", "outputs"):
+            keep.update(row[0].decode() for row in db.execute(
+                f"SELECT payload FROM {table} WHERE is_blob = 1"))
         blobs = 0
         for path in self.blob_dir.glob("bl-*"):
             if path.name not in keep and path.stat().st_mtime < cutoff:
@@ -199,6 +267,14 @@ class Store:
 
     def put_blob_file(self, blob_id: str, tmp: Path) -> None:
         os.replace(tmp, self.blob_path(blob_id))
+
+    def refresh_blob(self, blob_id: str) -> bool:
+        """True if the blob is stored; its age restarts, so retention keeps a blob just re-used."""
+        try:
+            os.utime(self.blob_path(blob_id))
+            return True
+        except FileNotFoundError:
+            return False
 
     def close(self) -> None:
         self.db.close()
