@@ -19,7 +19,7 @@ from mctl.core.client import client_for, close_client, run_sync
 from mctl.exception import ConnectionError
 
 if TYPE_CHECKING:
-    from mctl.sdk.app import App
+    from mctl.core.declared import DeclaredApp
 
 
 def _print_log(app_id: str, task_id: str, function: str, line: str) -> None:
@@ -50,7 +50,7 @@ async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
 
 
 @contextlib.contextmanager
-def run_app(app: App) -> Iterator[None]:
+def run_app(app: DeclaredApp) -> Iterator[None]:
     """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server."""
     from mctl.core.compile import compile_app
 
@@ -63,18 +63,16 @@ def run_app(app: App) -> Iterator[None]:
         run_sync(_publish(url, spec, blobs, "ephemeral", app_id))
         run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
-        app._running = True
         try:
             yield
         finally:
-            app._running = False
             client = client_for(url)
             client.owned_apps.discard(app_id)
             with contextlib.suppress(Exception):
                 run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
 
 
-def deploy_app(app: App, name: str | None = None) -> dict[str, Any]:
+def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
     """Deploy to the configured control plane, starting the background server if none runs."""
     from mctl.core.compile import compile_app
     from mctl.core.server.control import deployed_app_id

@@ -191,6 +191,14 @@ class Function(Invocable):
     def raw_object(self) -> Any:
         return self.raw_f
 
+    def spec_fields(self) -> dict[str, Any]:
+        schedule = self.options.get("schedule")
+        return {"kind": "function", "is_generator": self._is_generator, "is_async": self.is_async,
+                "schedule": schedule.spec_fields() if schedule is not None else None}
+
+    def remote_object(self) -> Any:
+        return self.raw_f
+
     def get_raw_f(self) -> Callable[..., Any]:
         assert self.raw_f is not None
         return self.raw_f

@@ -1,0 +1,48 @@
+"""The package's layering: the SDK depends on core, never the other way round."""
+
+import ast
+from pathlib import Path
+
+import mctl
+
+PACKAGE = Path(mctl.__file__).parent
+CORE = PACKAGE / "core"
+
+
+def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every module or name an import statement takes from, at any depth (inside functions and
+    `if TYPE_CHECKING:` blocks too): `from mctl import App` gives `mctl.App`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def uses_sdk(module: str) -> bool:
+    """`mctl.sdk...`, or the SDK's names through the package (`import mctl`, `from mctl import
+    App`); the package's other modules (`mctl.exception`, `mctl.core...`) are fine."""
+    if module == "mctl" or module.startswith("mctl.sdk"):
+        return True
+    parts = module.split(".")
+    if parts[0] != "mctl" or len(parts) != 2:
+        return False
+    return not ((PACKAGE / f"{parts[1]}.py").exists() or (PACKAGE / parts[1]).is_dir())
+
+
+def test_core_does_not_import_the_sdk():
+    offenders = []
+    for path in sorted(CORE.rglob("*.py")):
+        for line, module in imported_modules(ast.parse(path.read_text(), str(path))):
+            if uses_sdk(module):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{line} imports {module}")
+    assert offenders == []
+
+
+def test_the_check_sees_every_kind_of_import():
+    source = ("import mctl\nfrom mctl import App, exception\n"
+              "def f():\n    if True:\n        from mctl.sdk.cls import Cls\n")
+    flagged = [m for _, m in imported_modules(ast.parse(source)) if uses_sdk(m)]
+    assert flagged == ["mctl", "mctl.App", "mctl.sdk.cls.Cls"]
