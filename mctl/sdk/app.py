@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from mctl.exception import DeprecationError, InvalidError
 from mctl.sdk.cls import Cls
-from mctl.sdk.function import Function
+from mctl.sdk.function import Function, StopRunBlock
 from mctl.sdk.image import Image
 from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, PartialFunction
 from mctl.sdk.retries import Retries
@@ -120,6 +120,7 @@ class App:
         self._app_id: str | None = None
         self._server_url: str | None = None
         self._running = False
+        self._stop_run_block = False
 
     @property
     def name(self) -> str | None:
@@ -267,7 +268,14 @@ class App:
     @contextlib.contextmanager
     def run(self, *, show_progress: bool | None = None, detach: bool = False,
             interactive: bool = False, environment_name: str | None = None) -> Iterator[App]:
-        """Run the app for the duration of the block: `with app.run(): f.remote(1)`."""
+        """Run the app for the duration of the block: `with app.run(): f.remote(1)`.
+
+        Inside a worker this starts nothing: a worker imports the user's file to find its
+        functions, and a module-level `with app.run():` there belongs to the caller's script.
+        """
+        if _in_worker():
+            yield from self._run_in_worker()
+            return
         from mctl.core.runner import run_app
 
         with run_app(self):
@@ -276,6 +284,20 @@ class App:
                 yield self
             finally:
                 self._running = False
+
+    def _run_in_worker(self) -> Iterator[App]:
+        if self._app_id is not None:  # already hydrated: the block runs as written
+            yield self
+            return
+        # Still importing: the block's first remote call ends it (StopRunBlock), and the import
+        # goes on after it, instead of failing and restarting the worker forever.
+        self._stop_run_block = True
+        try:
+            yield self
+        except StopRunBlock:
+            pass
+        finally:
+            self._stop_run_block = False
 
     def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
         from mctl.core.runner import deploy_app
@@ -317,3 +339,7 @@ def _name_of_file(path: str | None) -> str | None:
         return None
     stem = os.path.splitext(os.path.basename(path))[0]
     return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:64] or None
+
+
+def _in_worker() -> bool:
+    return os.environ.get("MCTL_IS_REMOTE") == "1" or "MCTL_TASK_ID" in os.environ
