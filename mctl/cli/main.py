@@ -144,6 +144,8 @@ def run(ctx: click.Context, app_ref: str) -> None:
                 asyncio.run(result)
     except Error as exc:
         raise click.ClickException(str(exc)) from None
+    except click.ClickException:
+        raise
     except Exception as exc:  # the user's code failed, here or in a function it called
         click.echo(user_traceback(exc), err=True)
         sys.exit(1)

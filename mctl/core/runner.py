@@ -145,7 +145,7 @@ def read_server_file() -> dict[str, Any] | None:
         return None
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -161,7 +161,7 @@ def _process_alive(pid: int) -> bool:
 def background_server() -> dict[str, Any] | None:
     """The server recorded in server.json ({url, pid, started}) if it is running, else None."""
     record = read_server_file()
-    if not record or not isinstance(record.get("pid"), int) or not _process_alive(record["pid"]):
+    if not record or not isinstance(record.get("pid"), int) or not process_alive(record["pid"]):
         return None
     return record if server_alive(record["url"]) else None
 
@@ -175,7 +175,7 @@ def stop_background_server(timeout: float = 15.0) -> dict[str, Any] | None:
         return None
     os.kill(record["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _process_alive(record["pid"]):
+    while process_alive(record["pid"]):
         if time.monotonic() > deadline:
             raise ConnectionError(f"The mctl server (pid {record['pid']}) did not stop within "
                                   f"{timeout:g}s; stop it with `kill -9 {record['pid']}`.")
