@@ -40,36 +40,38 @@ def test_unnamed_app_with_module_level_run():
     assert_no_unclosed_warnings(out)
 
 
+def broken_app(tmp_path, name, source, command="run"):
+    """Write `source` to `name` and run `mctl COMMAND` on it: it must fail; returns its stderr."""
+    path = tmp_path / name
+    path.write_text(source)
+    out = mctl_cli(command, str(path), check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    return out.stderr
+
+
 def test_syntax_error_shows_file_line_and_message(tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("import mctl\napp = mctl.App('bad')\n\n@app.function()\ndef f(:\n    pass\n")
+    source = "import mctl\napp = mctl.App('bad')\n\n@app.function()\ndef f(:\n    pass\n"
     for command in ("run", "deploy"):
-        out = mctl_cli(command, str(bad), check=False)
-        assert out.returncode == 1
-        assert f'File "{bad}", line 5' in out.stderr and "SyntaxError" in out.stderr
-        assert "Traceback" not in out.stderr and "click" not in out.stderr
-        assert len(out.stderr.splitlines()) <= 6, out.stderr
+        err = broken_app(tmp_path, "bad.py", source, command)
+        assert f'File "{tmp_path / "bad.py"}", line 5' in err and "SyntaxError" in err
+        assert "Traceback" not in err and "click" not in err
+        assert len(err.splitlines()) <= 6, err
 
 
 def test_name_error_at_import_shows_the_users_frames_only(tmp_path):
-    bad = tmp_path / "typo.py"
-    bad.write_text("import mctl\napp = mctl.App('typo')\n\ndef setup():\n    return cofnig\n\n"
-                   "setup()\n")
-    out = mctl_cli("run", str(bad), check=False)
-    assert out.returncode == 1
-    assert "NameError: name 'cofnig' is not defined" in out.stderr
-    frames = [line for line in out.stderr.splitlines() if line.strip().startswith("File ")]
-    assert frames == [f'  File "{bad}", line 7, in <module>',
-                      f'  File "{bad}", line 5, in setup'], out.stderr
+    err = broken_app(tmp_path, "typo.py", "import mctl\napp = mctl.App('typo')\n\n"
+                     "def setup():\n    return cofnig\n\nsetup()\n")
+    assert "NameError: name 'cofnig' is not defined" in err
+    frames = [line for line in err.splitlines() if line.strip().startswith("File ")]
+    path = tmp_path / "typo.py"
+    assert frames == [f'  File "{path}", line 7, in <module>',
+                      f'  File "{path}", line 5, in setup'], err
 
 
 def test_refused_declaration_names_the_line(tmp_path):
-    bad = tmp_path / "limits.py"
-    bad.write_text("import mctl\napp = mctl.App('limits')\n\n@app.function(timeout=0)\n"
-                   "def f():\n    pass\n")
-    out = mctl_cli("run", str(bad), check=False)
-    assert out.returncode == 1
-    assert f"{bad}:4: @app.function: timeout=0 must be between 1 second" in out.stderr
+    err = broken_app(tmp_path, "limits.py", "import mctl\napp = mctl.App('limits')\n\n"
+                     "@app.function(timeout=0)\ndef f():\n    pass\n")
+    assert f"{tmp_path / 'limits.py'}:4: @app.function: timeout=0 must be between 1 second" in err
 
 
 def test_remote_exception_shows_the_users_frames():
