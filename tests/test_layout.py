@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 import mctl
 
 PACKAGE = Path(mctl.__file__).parent
@@ -46,3 +48,25 @@ def test_the_check_sees_every_kind_of_import():
               "def f():\n    if True:\n        from mctl.sdk.cls import Cls\n")
     flagged = [m for _, m in imported_modules(ast.parse(source)) if uses_sdk(m)]
     assert flagged == ["mctl", "mctl.App", "mctl.sdk.cls.Cls"]
+
+
+@pytest.mark.integration
+def test_serialized_class_runs_its_lifecycle_in_the_worker():
+    """Core reaches a class's @enter through the object its handle ships (a ClassRunner), also
+    for a class defined inside a function and pickled by value."""
+    app = mctl.App("layout-serialized")
+
+    @app.cls(serialized=True)
+    class Greeter:
+        greeting: str = mctl.parameter(default="hello")
+
+        @mctl.enter()
+        def load(self):
+            self.suffix = "!"
+
+        @mctl.method()
+        def greet(self, name):
+            return f"{self.greeting} {name}{self.suffix}"
+
+    with app.run():
+        assert Greeter(greeting="hi").greet.remote("ops") == "hi ops!"
