@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 import click
@@ -16,8 +17,31 @@ import click
 from mctl.exception import Error, InvalidError
 
 
+def user_traceback(exc: BaseException) -> str:
+    """The traceback of an error in the user's code, without mctl's or click's frames."""
+    from mctl.core.tracebacks import format_user_traceback
+
+    return format_user_traceback(exc, hide_dirs=[os.path.dirname(click.__file__)]).rstrip()
+
+
+def _user_location(exc: BaseException) -> str:
+    """`path:line: ` of the user's innermost frame in `exc`'s traceback, or ''."""
+    from mctl.core.tracebacks import MCTL_DIR
+
+    where = ""
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        filename = frame.f_code.co_filename
+        if not filename.startswith(("<", MCTL_DIR + os.sep)):
+            where = f"{filename}:{line}: "
+    return where
+
+
 def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
-    """`path/app.py[::name]` -> (module, App, object name)."""
+    """`path/app.py[::name]` -> (module, App, object name).
+
+    An error while importing the file is shown as the user's own: a syntax error as file, line
+    and message; any other exception with the user's frames only.
+    """
     from mctl.sdk.app import App
 
     path, _, obj_name = ref.partition("::")
@@ -30,7 +54,12 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Error as exc:  # a declaration mctl refused: its message says what to do
+        raise click.ClickException(f"{_user_location(exc)}{exc}") from None
+    except Exception as exc:  # a syntax error, a failed import, a NameError, ...
+        raise click.ClickException(f"Could not import {path}:\n{user_traceback(exc)}") from None
     apps = [v for v in vars(module).values() if isinstance(v, App)]
     if not apps:
         raise click.UsageError(f"{path} defines no mctl.App; create one with app = mctl.App(...).")
@@ -115,6 +144,11 @@ def run(ctx: click.Context, app_ref: str) -> None:
                 asyncio.run(result)
     except Error as exc:
         raise click.ClickException(str(exc)) from None
+    except click.ClickException:
+        raise
+    except Exception as exc:  # the user's code failed, here or in a function it called
+        click.echo(user_traceback(exc), err=True)
+        sys.exit(1)
 
 
 @cli.command()
@@ -352,7 +386,7 @@ def plugins(as_json: bool) -> None:
             click.echo(f"    {hook}")
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, help="0 (the default) picks a free port.")
 @click.option("--state-dir", type=click.Path(), help="Default: $MCTL_HOME/server.")
@@ -362,19 +396,23 @@ def plugins(as_json: bool) -> None:
 @click.option("--advertise-url", help="URL workers use to reach this server.")
 @click.option("--config", "config_path", type=click.Path(),
               help="Settings file (TOML); default $MCTL_HOME/server.toml when it exists.")
-def server(host: str | None, port: int | None, state_dir: str | None, scheduler: str | None,
-           scheduler_options: tuple[str, ...], advertise_url: str | None,
+@click.pass_context
+def server(ctx: click.Context, host: str | None, port: int | None, state_dir: str | None,
+           scheduler: str | None, scheduler_options: tuple[str, ...], advertise_url: str | None,
            config_path: str | None) -> None:
-    """Run the control plane in the foreground.
+    """Run the control plane in the foreground; `status`, `start` and `stop` manage the
+    background server that `mctl deploy` starts.
 
     Options on the command line override the settings file.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     import logging
     import signal
     from pathlib import Path
 
     from mctl.core.config import home, load_server_config, parse_options
-    from mctl.core.runner import write_server_file
+    from mctl.core.runner import forget_server_file, write_server_file
     from mctl.core.server.http import start_server
 
     logging.basicConfig(level=os.environ.get("MCTL_LOG_LEVEL", "INFO"),
@@ -408,6 +446,57 @@ def server(host: str | None, port: int | None, state_dir: str | None, scheduler:
         asyncio.run(main())
     except Error as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        forget_server_file(os.getpid())
+
+
+def _uptime(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+@server.command("status")
+def server_status() -> None:
+    """Say whether the background server runs: its URL, pid and uptime."""
+    from mctl.core.runner import background_server
+
+    record = background_server()
+    if record is None:
+        click.echo("No mctl server is running; `mctl deploy` or `mctl server start` starts one.")
+        sys.exit(1)
+    started = record.get("started")
+    uptime = _uptime(time.time() - started) if started else "unknown"
+    click.echo(f"mctl server running at {record['url']} (pid {record['pid']}, up {uptime})")
+
+
+@server.command("start")
+def server_start() -> None:
+    """Start the background server if none runs (as `mctl deploy` does)."""
+    from mctl.core.runner import background_server, ensure_background_server
+
+    try:
+        running = background_server()
+        url = running["url"] if running else ensure_background_server()
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"mctl server {'already ' if running else ''}running at {url}")
+
+
+@server.command("stop")
+def server_stop() -> None:
+    """Stop the background server: SIGTERM, then wait until it has exited."""
+    from mctl.core.runner import stop_background_server
+
+    try:
+        record = stop_background_server()
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    if record is None:
+        click.echo("No mctl server is running; nothing to stop.")
+        return
+    click.echo(f"Stopped the mctl server at {record['url']} (pid {record['pid']})")
 
 
 def _register_plugin_commands() -> None:

@@ -9,6 +9,7 @@ resubscribes to its calls (outputs are deduplicated by index).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -354,6 +355,24 @@ async def close_client(url: str) -> None:
     client = _clients.pop(url, None)
     if client is not None:
         await client.close()
+
+
+@atexit.register
+def _close_clients_at_exit() -> None:
+    """Close every client on the background loop before the interpreter goes, so that aiohttp
+    has no open session to warn about ("Unclosed client session") in any command or script."""
+    loop = _LoopThread._loop
+    if not _clients or loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def close_all() -> None:
+        for url in list(_clients):
+            await close_client(url)
+
+    try:
+        asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=5)
+    except Exception:  # noqa: BLE001 - exiting anyway; a warning is the worst outcome
+        log.debug("closing clients at exit failed", exc_info=True)
 
 
 def new_call_id() -> str:

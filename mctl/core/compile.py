@@ -10,17 +10,12 @@ import zipfile
 from typing import TYPE_CHECKING, Any
 
 from mctl.core.protocol import blob_id
-from mctl.core.spec import (AppSpec, AutoscalingSpec, FunctionSpec, ImageSpec, MethodSpec,
-                            ResourcesSpec, RetryPolicy, ScheduleSpec, function_id)
+from mctl.core.spec import (AppSpec, AutoscalingSpec, FunctionSpec, ImageSpec, ResourcesSpec,
+                            function_id)
 from mctl.exception import InvalidError
-from mctl.sdk.image import Image
-from mctl.sdk.partial import METHOD
-from mctl.sdk.schedule import Cron, Period
 
 if TYPE_CHECKING:
-    from mctl.sdk.app import App
-
-DEFAULT_IMAGE = Image()
+    from mctl.core.declared import DeclaredApp
 
 
 def _source_file(obj: Any) -> str | None:
@@ -49,7 +44,7 @@ def _local_module_files(root: str) -> list[str]:
     return files
 
 
-def make_bundle(app: App) -> tuple[str, bytes]:
+def make_bundle(app: DeclaredApp) -> tuple[str, bytes]:
     """Zip the app's source: the file defining its functions and the local modules and packages
     it imported from that file's directory. Returns (main module, zip bytes).
 
@@ -81,17 +76,7 @@ def make_bundle(app: App) -> tuple[str, bytes]:
     return _module_name(defining[0]), buffer.getvalue()
 
 
-def _schedule(value: Any) -> ScheduleSpec | None:
-    if value is None:
-        return None
-    if isinstance(value, Cron):
-        return ScheduleSpec(kind="cron", cron=value.cron_string, timezone=value.timezone)
-    if isinstance(value, Period):
-        return ScheduleSpec(kind="period", seconds=value.seconds)
-    raise InvalidError(f"Unknown schedule {value!r}.")
-
-
-def inline_secret_values(app: App, app_id: str) -> dict[str, dict[str, str]]:
+def inline_secret_values(app: DeclaredApp, app_id: str) -> dict[str, dict[str, str]]:
     """Values of the secrets given in code, by the reserved names their spec refs carry: the
     client sends them beside the spec, for the control plane to put in the secret backend."""
     out = {}
@@ -102,42 +87,34 @@ def inline_secret_values(app: App, app_id: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def compile_app(app: App, app_id: str, name: str | None = None
+def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
                 ) -> tuple[AppSpec, dict[str, bytes]]:
     """Return the validated spec and the blobs (bundle, pickled functions) it refers to."""
     from mctl.core.serialization import dumps
-    from mctl.sdk.cls import Cls, partials_of
 
-    app_name = name or app.name
-    if not app_name:
-        main = getattr(sys.modules.get("__main__"), "__file__", None) or "app"
-        app_name = _module_name(main)
     module, bundle = make_bundle(app)
+    app_name = name or app.name or module
     blobs = {blob_id(bundle): bundle}
     images: dict[str, ImageSpec] = {}
     functions: dict[str, FunctionSpec] = {}
     for tag, handle in app.registered_functions.items():
         opts = handle.options
-        image = opts.get("image") or app.image or DEFAULT_IMAGE
+        image = opts.get("image") or app.image
         images[image.object_id] = ImageSpec(image_id=image.object_id, recipe=image.recipe())
         retries = opts.get("retries")
         secrets = [s.ref(app_id) for s in [*app.secrets, *opts.get("secrets", [])]]
-        volumes = dict(opts.get("volumes") or {})
-        if app.volumes:
-            from mctl.sdk.volume import validate_mounts
-
-            volumes = {**validate_mounts(app.volumes), **volumes}
+        volumes = {**app.volume_mounts, **(opts.get("volumes") or {})}
         raw = handle.raw_object
         pickled = None
         if opts.get("serialized"):
-            data = dumps(raw)
+            data = dumps(handle.remote_object())
             pickled = blob_id(data)
             blobs[pickled] = data
         common = dict(
             tag=tag, function_id=function_id(app_id, tag), module=module,
             qualname=getattr(raw, "__qualname__", tag), serialized=bool(opts.get("serialized")),
             pickled_blob=pickled, timeout=opts["timeout"],
-            retries=RetryPolicy(**vars(retries)) if retries else None,
+            retries=retries.policy() if retries else None,
             autoscaling=AutoscalingSpec(
                 min_containers=opts["min_containers"], max_containers=opts["max_containers"],
                 buffer_containers=opts["buffer_containers"],
@@ -149,18 +126,7 @@ def compile_app(app: App, app_id: str, name: str | None = None
             batch_max_size=opts.get("max_batch_size"), batch_wait_ms=opts.get("wait_ms"),
         )
         try:
-            if isinstance(handle, Cls):
-                methods = {}
-                for mname, pf in partials_of(raw, METHOD).items():
-                    fn = pf.raw_f
-                    methods[mname] = MethodSpec(
-                        is_generator=bool(pf.params.get("is_generator")),
-                        is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
-                functions[tag] = FunctionSpec(kind="class", methods=methods, **common)
-            else:
-                functions[tag] = FunctionSpec(
-                    kind="function", is_generator=handle._is_generator, is_async=handle.is_async,
-                    schedule=_schedule(opts.get("schedule")), **common)
+            functions[tag] = FunctionSpec(**handle.spec_fields(), **common)
         except ValueError as exc:
             raise InvalidError(f"Function {tag}: {exc}") from None
     try:

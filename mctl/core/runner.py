@@ -19,7 +19,7 @@ from mctl.core.client import client_for, close_client, run_sync
 from mctl.exception import ConnectionError
 
 if TYPE_CHECKING:
-    from mctl.sdk.app import App
+    from mctl.core.declared import DeclaredApp
 
 
 def _print_log(app_id: str, task_id: str, function: str, line: str) -> None:
@@ -53,7 +53,7 @@ async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
 
 
 @contextlib.contextmanager
-def run_app(app: App) -> Iterator[None]:
+def run_app(app: DeclaredApp) -> Iterator[None]:
     """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server."""
     from mctl.core.compile import compile_app, inline_secret_values
 
@@ -67,18 +67,16 @@ def run_app(app: App) -> Iterator[None]:
         run_sync(_publish(url, spec, blobs, "ephemeral", app_id, secrets))
         run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
-        app._running = True
         try:
             yield
         finally:
-            app._running = False
             client = client_for(url)
             client.owned_apps.discard(app_id)
             with contextlib.suppress(Exception):
                 run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
 
 
-def deploy_app(app: App, name: str | None = None) -> dict[str, Any]:
+def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
     """Deploy to the configured control plane, starting the background server if none runs."""
     from mctl.core.compile import compile_app, inline_secret_values
     from mctl.core.server.control import deployed_app_id
@@ -135,4 +133,57 @@ def ensure_background_server(timeout: float = 30.0) -> str:
 def write_server_file(url: str) -> None:
     path = config.server_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    path.write_text(json.dumps({"url": url, "pid": os.getpid(), "started": time.time()}))
+
+
+def forget_server_file(pid: int) -> None:
+    """Remove server.json if it still names the server `pid` (one that is exiting)."""
+    if (read_server_file() or {}).get("pid") == pid:
+        with contextlib.suppress(FileNotFoundError):
+            config.server_file().unlink()
+
+
+def read_server_file() -> dict[str, Any] | None:
+    try:
+        return json.loads(config.server_file().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited child nobody reaped yet still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def background_server() -> dict[str, Any] | None:
+    """The server recorded in server.json ({url, pid, started}) if it is running, else None."""
+    record = read_server_file()
+    if not record or not isinstance(record.get("pid"), int) or not process_alive(record["pid"]):
+        return None
+    return record if server_alive(record["url"]) else None
+
+
+def stop_background_server(timeout: float = 15.0) -> dict[str, Any] | None:
+    """SIGTERM the recorded server and wait for it to exit; returns its record, None if none ran."""
+    import signal
+
+    record = background_server()
+    if record is None:
+        return None
+    os.kill(record["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while process_alive(record["pid"]):
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"The mctl server (pid {record['pid']}) did not stop within "
+                                  f"{timeout:g}s; stop it with `kill -9 {record['pid']}`.")
+        time.sleep(0.1)
+    forget_server_file(record["pid"])
+    return record

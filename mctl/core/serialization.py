@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 from mctl.exception import RemoteError, SerializationError
@@ -42,8 +41,11 @@ def _check_one(value: Any, label: str, where: str, original: Exception) -> None:
 
 
 def serialize_exception(exc: BaseException) -> bytes:
-    """Pickle an exception with its formatted traceback; fall back to a RemoteError."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """Pickle an exception with its traceback text (the user's frames, not mctl's); fall back to
+    a RemoteError when the exception cannot be pickled."""
+    from mctl.core.tracebacks import format_user_traceback
+
+    tb = format_user_traceback(exc)
     try:
         return dumps((exc, tb))
     except Exception:
@@ -58,7 +60,7 @@ class RemoteTraceback(Exception):
         self.tb = tb
 
     def __str__(self) -> str:
-        return f"\n\nRemote traceback:\n{self.tb}"
+        return f"the remote function failed:\n\n{self.tb}"
 
 
 def raise_remote(payload: bytes) -> None:

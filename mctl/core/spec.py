@@ -4,25 +4,89 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 24 * 3600
+
+# The bounds of what a user declares, each with the rule a user reads when breaking it. The spec
+# models below use them, and the SDK checks decorator arguments against `DeclaredOptions` and
+# `RetryPolicy` (see `validate_declared`), so each bound is written once.
+Timeout = Annotated[float, Field(ge=MIN_TIMEOUT, le=MAX_TIMEOUT, description=(
+    f"must be between {MIN_TIMEOUT} second and {MAX_TIMEOUT} seconds (24 hours)"))]
+ContainerCount = Annotated[int, Field(ge=0, description="must be a non-negative int")]
+MaxContainers = Annotated[Optional[int], Field(ge=1, description="must be a positive int")]
+ScaledownWindow = Annotated[float, Field(ge=1, le=MAX_TIMEOUT, description=(
+    f"must be between 1 and {MAX_TIMEOUT} seconds"))]
+Cpu = Annotated[Optional[float], Field(gt=0, le=512, description=(
+    "must be a positive number of cores, at most 512"))]
+MemoryMb = Annotated[Optional[int], Field(ge=1, description="must be a positive number of MiB")]
+Env = Annotated[dict[str, str], Field(description="must be a dict of str to str")]
+
+
+def _check_container_bounds(min_containers: int, max_containers: int | None) -> None:
+    if max_containers is not None and min_containers > max_containers:
+        raise ValueError(f"min_containers={min_containers} is greater than "
+                         f"max_containers={max_containers}; raise max_containers or lower "
+                         "min_containers")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_declared(model: type[M], values: dict[str, Any]) -> M:
+    """Build `model` from a user's own arguments, strictly (no "10" for 10); a broken bound
+    raises ValueError with one sentence naming the argument: `timeout=0 must be between ...`."""
+    try:
+        return model.model_validate(values, strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "value_error":  # a model validator's own sentence
+            raise ValueError(str(error["ctx"]["error"])) from None
+        name = str(error["loc"][0])
+        field = model.model_fields.get(name)
+        rule = field.description if field is not None and field.description else error["msg"]
+        if name in values and len(error["loc"]) == 1:
+            raise ValueError(f"{name}={values[name]!r} {rule}") from None
+        raise ValueError(f"{name} {rule}") from None
+
+
 class RetryPolicy(_Model):
-    max_retries: int = Field(0, ge=0, le=10)
-    backoff_coefficient: float = Field(2.0, ge=1.0, le=10.0)
-    initial_delay: float = Field(1.0, ge=0, le=60)
-    max_delay: float = Field(60.0, ge=1, le=60)
+    max_retries: Annotated[int, Field(ge=0, le=10, description="must be an int from 0 to 10")] = 0
+    backoff_coefficient: Annotated[float, Field(ge=1.0, le=10.0, description=(
+        "must be between 1.0 and 10.0"))] = 2.0
+    initial_delay: Annotated[float, Field(ge=0, le=60, description=(
+        "must be between 0 and 60 seconds"))] = 1.0
+    max_delay: Annotated[float, Field(ge=1, le=60, description=(
+        "must be between 1 and 60 seconds"))] = 60.0
 
     def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
         return min(self.initial_delay * self.backoff_coefficient ** (attempt - 1), self.max_delay)
+
+
+class DeclaredOptions(_Model):
+    """The numeric options of `@app.function(...)` and `@app.cls(...)`, as the user wrote them."""
+
+    timeout: Timeout
+    min_containers: ContainerCount
+    max_containers: MaxContainers = None
+    buffer_containers: ContainerCount = 0
+    scaledown_window: ScaledownWindow
+    cpu: Cpu = None
+    memory: MemoryMb = None
+    env: Env = {}
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DeclaredOptions:
+        _check_container_bounds(self.min_containers, self.max_containers)
+        return self
 
 
 class ScheduleSpec(_Model):
@@ -41,16 +105,14 @@ class ScheduleSpec(_Model):
 
 
 class AutoscalingSpec(_Model):
-    min_containers: int = Field(0, ge=0)
-    max_containers: Optional[int] = Field(None, ge=1)
-    buffer_containers: int = Field(0, ge=0)
-    scaledown_window: float = Field(60.0, ge=1, le=24 * 3600)
+    min_containers: ContainerCount = 0
+    max_containers: MaxContainers = None
+    buffer_containers: ContainerCount = 0
+    scaledown_window: ScaledownWindow = 60.0
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
-        if self.max_containers is not None and self.min_containers > self.max_containers:
-            raise ValueError(f"min_containers={self.min_containers} is above "
-                             f"max_containers={self.max_containers}")
+        _check_container_bounds(self.min_containers, self.max_containers)
         return self
 
 
@@ -78,8 +140,8 @@ class GpuRequest(_Model):
 
 
 class ResourcesSpec(_Model):
-    cpu: Optional[float] = Field(None, gt=0, le=512)
-    memory_mb: Optional[int] = Field(None, ge=1)
+    cpu: Cpu = None
+    memory_mb: MemoryMb = None
     gpu: Optional[GpuRequest] = None
 
 
@@ -99,7 +161,7 @@ class FunctionSpec(_Model):
     is_generator: bool = False
     is_async: bool = False
     methods: dict[str, MethodSpec] = {}
-    timeout: float = Field(300, ge=MIN_TIMEOUT, le=MAX_TIMEOUT)
+    timeout: Timeout = 300
     retries: Optional[RetryPolicy] = None
     schedule: Optional[ScheduleSpec] = None
     autoscaling: AutoscalingSpec = AutoscalingSpec()
@@ -107,7 +169,7 @@ class FunctionSpec(_Model):
     image_id: str
     secrets: list[dict[str, Any]] = []
     volumes: dict[str, str] = {}   # mount path -> volume name
-    env: dict[str, str] = {}
+    env: Env = {}
     max_inputs: int = Field(1, ge=1, le=1000)
     target_inputs: Optional[int] = None
     batch_max_size: Optional[int] = None

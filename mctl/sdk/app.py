@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import os
+import re
+import sys
 from typing import Any, Callable, Iterator
 
 from mctl.exception import DeprecationError, InvalidError
 from mctl.sdk.cls import Cls
-from mctl.sdk.function import Function
+from mctl.sdk.function import Function, StopRunBlock
 from mctl.sdk.image import Image
 from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, PartialFunction
 from mctl.sdk.retries import Retries
@@ -62,53 +65,40 @@ def _validate_common(where: str, *, timeout: Any, min_containers: int,
                      scaledown_window: Any, schedule: Any, secrets: Any, volumes: Any,
                      image: Any, gpu: Any, cpu: Any, memory: Any, retries: Any,
                      env: Any) -> dict[str, Any]:
-    from mctl.core.spec import MAX_TIMEOUT, MIN_TIMEOUT, GpuRequest
+    """Check a decorator's options; numeric bounds come from core's spec (`DeclaredOptions`)."""
+    from mctl.core.spec import DeclaredOptions, GpuRequest, validate_declared
 
-    if not isinstance(timeout, (int, float)) or not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
-        raise InvalidError(f"{where}: timeout={timeout!r} must be between {MIN_TIMEOUT} second and "
-                           f"{MAX_TIMEOUT} seconds (24 hours).")
-    for key, value in (("min_containers", min_containers), ("buffer_containers", buffer_containers)):
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise InvalidError(f"{where}: {key}={value!r} must be a non-negative int.")
-    if max_containers is not None and (not isinstance(max_containers, int) or max_containers < 1):
-        raise InvalidError(f"{where}: max_containers={max_containers!r} must be a positive int.")
-    if max_containers is not None and min_containers > max_containers:
-        raise InvalidError(f"{where}: min_containers={min_containers} is greater than "
-                           f"max_containers={max_containers}; raise max_containers or lower "
-                           "min_containers.")
-    if not isinstance(scaledown_window, (int, float)) or not 1 <= scaledown_window <= 86400:
-        raise InvalidError(f"{where}: scaledown_window={scaledown_window!r} must be between 1 and "
-                           "86400 seconds.")
+    try:
+        declared = validate_declared(DeclaredOptions, dict(
+            timeout=timeout, min_containers=min_containers, max_containers=max_containers,
+            buffer_containers=buffer_containers or 0, scaledown_window=scaledown_window, cpu=cpu,
+            memory=memory, env=env or {}))
+        gpu_req = GpuRequest.parse(gpu)
+    except ValueError as exc:
+        raise InvalidError(f"{where}: {exc}.") from None
     if schedule is not None and not isinstance(schedule, Schedule):
         raise InvalidError(f"{where}: schedule must be mctl.Period(...) or mctl.Cron(...).")
     if isinstance(secrets, Secret) or not all(isinstance(s, Secret) for s in secrets):
         raise InvalidError(f"{where}: secrets must be a list of mctl.Secret objects.")
-    mounts = validate_mounts(volumes or {})
     if image is not None and not isinstance(image, Image):
         raise InvalidError(f"{where}: image must be an mctl.Image, got {type(image).__name__}.")
-    try:
-        gpu_req = GpuRequest.parse(gpu)
-    except ValueError as exc:
-        raise InvalidError(f"{where}: {exc}.") from None
-    if cpu is not None and (not isinstance(cpu, (int, float)) or cpu <= 0):
-        raise InvalidError(f"{where}: cpu={cpu!r} must be a positive number of cores.")
-    if memory is not None and (not isinstance(memory, int) or memory <= 0):
-        raise InvalidError(f"{where}: memory={memory!r} must be a positive number of MiB.")
-    if env is not None and not (isinstance(env, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
-        raise InvalidError(f"{where}: env must be a dict of str to str.")
+    # The user's own values (an int timeout stays an int), now known to be in bounds.
     return {"timeout": timeout, "min_containers": min_containers, "max_containers": max_containers,
-            "buffer_containers": buffer_containers or 0, "scaledown_window": scaledown_window,
-            "schedule": schedule, "secrets": list(secrets), "volumes": mounts, "image": image,
+            "buffer_containers": declared.buffer_containers,
+            "scaledown_window": scaledown_window, "schedule": schedule,
+            "secrets": list(secrets), "volumes": validate_mounts(volumes or {}), "image": image,
             "gpu": gpu_req, "cpu": cpu, "memory": memory, "retries": Retries.coerce(retries),
-            "env": dict(env or {})}
+            "env": dict(declared.env)}
 
 
 class App:
     """A group of functions and classes deployed and run together.
 
-    `app = mctl.App("my-app", image=..., secrets=[...], volumes={...})`.
+    `app = mctl.App("my-app", image=..., secrets=[...], volumes={...})`. An unnamed
+    `mctl.App()` takes the name of the file that creates it, as in Modal.
     """
+
+    __mctl_app__ = True  # core's APP_MARKER: how core recognises an App without importing this
 
     def __init__(self, name: str | None = None, *, image: Image | None = None,
                  secrets: list[Secret] | tuple[Secret, ...] = (),
@@ -118,16 +108,23 @@ class App:
             _check_keywords("App", kwargs, {"image", "secrets", "volumes", "tags"})
         if name is not None and not isinstance(name, str):
             raise InvalidError(f"App name must be a string, got {type(name).__name__}.")
-        self.name = name
-        self.image = image
+        self._name = name
+        self._file_name = _name_of_file(sys._getframe(1).f_globals.get("__file__"))
+        self.image = image if image is not None else Image()
         self.secrets = list(secrets)
         self.volumes = volumes or {}
+        self.volume_mounts = validate_mounts(self.volumes)  # for every function of the app
         self.tags = dict(tags or {})
         self.registered_functions: dict[str, Function | Cls] = {}
         self.registered_entrypoints: dict[str, Callable[..., Any]] = {}
         self._app_id: str | None = None
         self._server_url: str | None = None
         self._running = False
+        self._stop_run_block = False
+
+    @property
+    def name(self) -> str | None:
+        return self._name or self._file_name
 
     @property
     def app_id(self) -> str | None:
@@ -271,11 +268,36 @@ class App:
     @contextlib.contextmanager
     def run(self, *, show_progress: bool | None = None, detach: bool = False,
             interactive: bool = False, environment_name: str | None = None) -> Iterator[App]:
-        """Run the app for the duration of the block: `with app.run(): f.remote(1)`."""
+        """Run the app for the duration of the block: `with app.run(): f.remote(1)`.
+
+        Inside a worker this starts nothing: a worker imports the user's file to find its
+        functions, and a module-level `with app.run():` there belongs to the caller's script.
+        """
+        if _in_worker():
+            yield from self._run_in_worker()
+            return
         from mctl.core.runner import run_app
 
         with run_app(self):
+            self._running = True
+            try:
+                yield self
+            finally:
+                self._running = False
+
+    def _run_in_worker(self) -> Iterator[App]:
+        if self._app_id is not None:  # already hydrated: the block runs as written
             yield self
+            return
+        # Still importing: the block's first remote call ends it (StopRunBlock), and the import
+        # goes on after it, instead of failing and restarting the worker forever.
+        self._stop_run_block = True
+        try:
+            yield self
+        except StopRunBlock:
+            pass
+        finally:
+            self._stop_run_block = False
 
     def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
         from mctl.core.runner import deploy_app
@@ -291,8 +313,6 @@ class App:
             handle._hydrate(function_id(app_id, tag), server_url)
 
     def _hydrate_in_worker(self, app_id: str) -> None:
-        import os
-
         self._hydrate(app_id, os.environ["MCTL_SERVER_URL"])
         self._running = True
 
@@ -312,3 +332,14 @@ def _required_params(f: Callable[..., Any]) -> list[str]:
             if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
                                                    p.KEYWORD_ONLY)]
 
+
+def _name_of_file(path: str | None) -> str | None:
+    """`scripts/hello world.py` -> `hello-world`: a valid app name from a file's name."""
+    if not path:
+        return None
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:64] or None
+
+
+def _in_worker() -> bool:
+    return os.environ.get("MCTL_IS_REMOTE") == "1" or "MCTL_TASK_ID" in os.environ

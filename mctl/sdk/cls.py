@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mctl.core.serialization import serialize_args
 from mctl.exception import InvalidError
 from mctl.sdk.lazy import invoke
 from mctl.sdk.function import Function, Invocable
-from mctl.sdk.partial import ENTER, METHOD, Parameter, PartialFunction
+from mctl.sdk.partial import ENTER, EXIT, METHOD, Parameter, PartialFunction
 
 if TYPE_CHECKING:
     from mctl.sdk.app import App
@@ -74,6 +75,22 @@ def run_lifecycle(obj: Any, flag: str) -> None:
             asyncio.run(result)
 
 
+@dataclass(frozen=True)
+class ClassRunner:
+    """A class's lifecycle in a container (core's `ClassRunner` protocol); pickled as is for
+    `serialized=True` classes."""
+
+    user_cls: type
+
+    def new_instance(self, params: dict[str, Any]) -> Any:
+        obj = construct_instance(self.user_cls, params)
+        run_lifecycle(obj, ENTER)
+        return obj
+
+    def close_instance(self, obj: Any) -> None:
+        run_lifecycle(obj, EXIT)
+
+
 class Cls:
     """The handle `@app.cls` returns; calling it gives an instance handle with remote methods."""
 
@@ -96,6 +113,20 @@ class Cls:
     @property
     def raw_object(self) -> Any:
         return self.user_cls
+
+    def spec_fields(self) -> dict[str, Any]:
+        assert self.user_cls is not None
+        methods = {}
+        for name, pf in partials_of(self.user_cls, METHOD).items():
+            fn = pf.raw_f
+            methods[name] = {
+                "is_generator": bool(pf.params.get("is_generator")),
+                "is_async": inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)}
+        return {"kind": "class", "methods": methods}
+
+    def remote_object(self) -> ClassRunner:
+        assert self.user_cls is not None
+        return ClassRunner(self.user_cls)
 
     def _hydrate(self, function_id: str, server_url: str) -> None:
         self._service._hydrate(function_id, server_url)
@@ -157,8 +188,7 @@ class Obj:
     def _local_instance(self) -> Any:
         if self._local is None:
             assert self._cls.user_cls is not None
-            self._local = construct_instance(self._cls.user_cls, self._params)
-            run_lifecycle(self._local, ENTER)
+            self._local = ClassRunner(self._cls.user_cls).new_instance(self._params)
         return self._local
 
 

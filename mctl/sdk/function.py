@@ -23,6 +23,11 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
+class StopRunBlock(BaseException):
+    """Ends a `with app.run():` block that a worker meets while importing the user's file (see
+    `App.run`). A BaseException, so that the user's `except Exception` does not catch it."""
+
+
 class Dual:
     """A callable with an `.aio` twin, as in Modal: `f.remote(x)` and `await f.remote.aio(x)`."""
 
@@ -31,7 +36,20 @@ class Dual:
         self.aio = aio
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._sync(*args, **kwargs)
+        try:
+            return self._sync(*args, **kwargs)
+        except Exception as exc:
+            if not _is_remote(exc):
+                raise
+            # The remote traceback is attached as the cause; the local frames below this call
+            # are mctl's client, not the user's: start the local traceback at the user's call.
+            raise exc.with_traceback(None)  # noqa: B904 - the same exception, re-raised
+
+
+def _is_remote(exc: BaseException) -> bool:
+    from mctl.core.serialization import RemoteTraceback
+
+    return isinstance(exc.__cause__, RemoteTraceback)
 
 
 def _arg_sets(iters: tuple[Iterable[Any], ...], kwargs: dict[str, Any]) -> Iterator[Any]:
@@ -191,6 +209,14 @@ class Function(Invocable):
     def raw_object(self) -> Any:
         return self.raw_f
 
+    def spec_fields(self) -> dict[str, Any]:
+        schedule = self.options.get("schedule")
+        return {"kind": "function", "is_generator": self._is_generator, "is_async": self.is_async,
+                "schedule": schedule.spec_fields() if schedule is not None else None}
+
+    def remote_object(self) -> Any:
+        return self.raw_f
+
     def get_raw_f(self) -> Callable[..., Any]:
         assert self.raw_f is not None
         return self.raw_f
@@ -231,6 +257,8 @@ class Function(Invocable):
 
     def _resolve(self) -> None:
         if self._lookup is None:
+            if self.app is not None and self.app._stop_run_block:
+                raise StopRunBlock()
             raise InvalidError(
                 f"Function {self.tag} is not running: call it inside `with app.run():`, from "
                 "`mctl run`, or look up a deployed one with mctl.Function.from_name(app, name).")

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mctl.exception import InvalidError
+
+if TYPE_CHECKING:
+    from mctl.core.spec import RetryPolicy
 
 
 @dataclass(frozen=True)
 class Retries:
     """Retry a failed input up to `max_retries` times, waiting
-    `initial_delay * backoff_coefficient ** (attempt - 1)` seconds, at most `max_delay`."""
+    `initial_delay * backoff_coefficient ** (attempt - 1)` seconds, at most `max_delay`.
+
+    The bounds and the back-off formula are those of `mctl.core.spec.RetryPolicy`, what the
+    control plane applies.
+    """
 
     max_retries: int
     backoff_coefficient: float = 2.0
@@ -18,14 +26,15 @@ class Retries:
     max_delay: float = 60.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 10:
-            raise InvalidError(f"Retries(max_retries={self.max_retries!r}) must be an int from 0 to 10.")
-        if not 1.0 <= self.backoff_coefficient <= 10.0:
-            raise InvalidError("Retries backoff_coefficient must be between 1.0 and 10.0.")
-        if not 0 <= self.initial_delay <= 60:
-            raise InvalidError("Retries initial_delay must be between 0 and 60 seconds.")
-        if not 1 <= self.max_delay <= 60:
-            raise InvalidError("Retries max_delay must be between 1 and 60 seconds.")
+        self.policy()
+
+    def policy(self) -> RetryPolicy:
+        from mctl.core.spec import RetryPolicy, validate_declared
+
+        try:
+            return validate_declared(RetryPolicy, vars(self))
+        except ValueError as exc:
+            raise InvalidError(f"Retries: {exc}.") from None
 
     @classmethod
     def coerce(cls, value: int | Retries | None) -> Retries | None:
@@ -38,4 +47,4 @@ class Retries:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based)."""
-        return min(self.initial_delay * self.backoff_coefficient ** (attempt - 1), self.max_delay)
+        return self.policy().delay(attempt)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mctl.exception import InvalidError
 
 
 class Schedule:
     """Base of schedules accepted by `@app.function(schedule=...)`."""
+
+    def spec_fields(self) -> dict[str, Any]:
+        """The fields of core's `ScheduleSpec` for this schedule."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True, init=False)
@@ -28,6 +33,9 @@ class Period(Schedule):
         object.__setattr__(self, "_parts", dict(years=years, months=months, weeks=weeks,
                                                   days=days, hours=hours, minutes=minutes,
                                                   seconds=seconds))
+
+    def spec_fields(self) -> dict[str, Any]:
+        return {"kind": "period", "seconds": self.seconds}
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={v}" for k, v in self._parts.items() if v)  # type: ignore[attr-defined]
@@ -59,3 +67,6 @@ class Cron(Schedule):
             raise InvalidError(
                 f"Unknown time zone {self.timezone!r} in Cron; use an IANA name such as "
                 "'UTC' or 'America/New_York'.") from None
+
+    def spec_fields(self) -> dict[str, Any]:
+        return {"kind": "cron", "cron": self.cron_string, "timezone": self.timezone}

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from mctl.core.declared import is_app
 from mctl.core.spec import AppSpec, FunctionSpec
 
 
@@ -50,13 +51,11 @@ def import_bundle(http_url: str, app: AppSpec) -> Any:
 
 
 def find_user_object(module: Any, app: AppSpec, fspec: FunctionSpec) -> tuple[Any, Any]:
-    """Return (the App object, the raw function or class) for `fspec` in an imported module."""
-    from mctl.sdk.app import App
-
+    """Return (the App object, what the container runs) for `fspec` in an imported module: the
+    function, or for a class its `ClassRunner` (see `mctl.core.declared`)."""
     for value in vars(module).values():
-        if isinstance(value, App) and fspec.tag in value.registered_functions:
-            handle = value.registered_functions[fspec.tag]
-            return value, handle.raw_object
+        if is_app(value) and fspec.tag in value.registered_functions:
+            return value, value.registered_functions[fspec.tag].remote_object()
     raise LookupError(f"{fspec.tag} not found in module {module.__name__}; was it renamed?")
 
 

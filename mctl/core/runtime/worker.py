@@ -343,10 +343,7 @@ class Worker:
         with self.instance_lock:
             obj = self.instances.get(key)
             if obj is None:
-                from mctl.sdk.cls import construct_instance, run_lifecycle
-
-                obj = construct_instance(self.raw, params)
-                run_lifecycle(obj, "enter")
+                obj = self.raw.new_instance(params)  # a ClassRunner: constructs, runs @enter
                 self.instances[key] = obj
         return obj
 
@@ -425,11 +422,9 @@ class Worker:
         os._exit(3)
 
     def _shutdown(self) -> None:
-        from mctl.sdk.cls import run_lifecycle
-
         for obj in self.instances.values():
             try:
-                run_lifecycle(obj, "exit")
+                self.raw.close_instance(obj)
             except Exception:
                 traceback.print_exc()
 
