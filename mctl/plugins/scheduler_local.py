@@ -172,6 +172,9 @@ class LocalScheduler:
                                   region=self.options.get("region", "local"), provider="local",
                                   image_env=built.get("env")))
             env["MCTL_PARENT_PID"] = str(os.getpid())
+            env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
+            env["MCTL_TASK_TOKEN"] = self.control.tokens.task_token(pool.app_id, fspec.function_id,
+                                                                    pool.version)
             if built.get("notice") and fspec.image_id not in self._notices:
                 self._notices.add(fspec.image_id)
                 self.control.append_log(pool.app_id, proc.task_id, fspec.tag, built["notice"])

@@ -48,6 +48,7 @@ class Conn:
     def __init__(self, send_bytes: Callable[[bytes], Any], peer: str = "") -> None:
         self._send_bytes = send_bytes
         self.peer = peer
+        self.principal: Any = None  # the auth.Principal of the connection's token
         self.role = "client"
         self.task_id = ""
         self.function_id = ""
@@ -116,6 +117,8 @@ class ControlPlane:
         self._pushes: dict[Conn, tuple[list[dict[str, Any]], list[bytes]]] = {}
         self._flush_scheduled = False
         self.metrics: Any = None  # set by metrics.attach
+        self.tokens: Any = None  # auth.TokenStore and audit.Audit, set by start_server
+        self.audit: Any = lambda *args, **details: None
         self.started = time.time()
 
     # --- startup -------------------------------------------------------------------------------
@@ -144,6 +147,8 @@ class ControlPlane:
 
     # --- apps ----------------------------------------------------------------------------------
     async def activate_app(self, app_id: str, spec: AppSpec, version: int, mode: str) -> None:
+        if self.tokens is not None:  # older versions' workers may not register again
+            self.tokens.revoke_task_tokens(app_id, keep_version=version)
         self.apps[app_id] = spec
         self.app_modes[app_id] = mode
         if mode == "ephemeral" and not self.app_owners.get(app_id):
@@ -171,6 +176,8 @@ class ControlPlane:
         self.app_modes.pop(app_id, None)
         self.app_owners.pop(app_id, None)
         self.store.set_app_state(app_id, "stopped")
+        if self.tokens is not None:
+            self.tokens.revoke_task_tokens(app_id)
         if self.scheduler is not None:
             await self.scheduler.stop_app(app_id)
         if spec is None:

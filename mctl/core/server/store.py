@@ -37,6 +37,11 @@ CREATE TABLE IF NOT EXISTS logs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, app_id TEXT NOT NULL, ts REAL NOT NULL,
     task_id TEXT NOT NULL, function TEXT NOT NULL, line TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS logs_app ON logs(app_id, id);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL, last_used REAL, revoked REAL,
+    app_id TEXT, function_id TEXT, version INTEGER);
+CREATE INDEX IF NOT EXISTS tokens_task ON tokens(app_id, function_id, version);
 """
 
 
