@@ -444,7 +444,6 @@ def server(host: str, port: int, state_dir: str | None, scheduler: str | None,
 
     from mctl.core.config import home, local_token_file
     from mctl.core.runner import write_server_file
-    from mctl.core.server.auth import bootstrap_local_token
     from mctl.core.server.http import start_server
 
     logging.basicConfig(level=os.environ.get("MCTL_LOG_LEVEL", "INFO"),
@@ -453,11 +452,9 @@ def server(host: str, port: int, state_dir: str | None, scheduler: str | None,
 
     async def main() -> None:
         srv = await start_server(Path(state_dir) if state_dir else home() / "server", host, port,
-                                 scheduler, advertise_url=advertise_url, ssl_context=ssl_context)
-        done = bootstrap_local_token(srv.control.tokens,
-                                     None if no_local_token else local_token_file())
-        if done:
-            logging.getLogger("mctl.server").info("tokens: %s", done)
+                                 scheduler, advertise_url=advertise_url, ssl_context=ssl_context,
+                                 bootstrap_tokens=True,
+                                 local_token_file=None if no_local_token else local_token_file())
         write_server_file(srv.url)
         click.echo(f"mctl control plane listening on {srv.url}", err=True)
         stop = asyncio.Event()

@@ -69,25 +69,35 @@ def aiohttp_ssl(url: str) -> Any:
     return ssl_context(url) or True
 
 
-def tls_error(url: str, exc: BaseException) -> ConnectionError | None:
-    """A clear error when `exc` is a failed certificate check, else None."""
+def _cert_failure(exc: BaseException | None) -> BaseException | None:
+    """The ssl verification error inside `exc` (aiohttp wraps it in `certificate_error`,
+    urllib in `URLError.reason`), or None."""
     import ssl
 
-    reason: Any = exc
-    for _ in range(4):  # urllib wraps the ssl error in URLError.reason; aiohttp in certificate_error
-        if isinstance(reason, ssl.SSLCertVerificationError):
-            break
-        reason = getattr(reason, "reason", None) or getattr(reason, "certificate_error", None)
-    else:
+    for _ in range(5):
+        if exc is None:
+            return None
+        inner = getattr(exc, "certificate_error", None)
+        if inner is None and not isinstance(exc, ssl.SSLError):
+            inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            return exc if isinstance(exc, ssl.SSLCertVerificationError) else None
+        exc = inner
+    return None
+
+
+def tls_error(url: str, exc: BaseException) -> ConnectionError | None:
+    """A clear error when `exc` is a failed certificate check, else None."""
+    failure = _cert_failure(exc)
+    if failure is None:
         return None
-    if not isinstance(reason, ssl.SSLCertVerificationError):
-        return None
-    hint = ("Set MCTL_CA_FILE to the CA certificate that signed the server's certificate"
-            if not os.environ.get("MCTL_CA_FILE") else
-            f"MCTL_CA_FILE={os.environ['MCTL_CA_FILE']} does not hold the CA that signed it; "
-            "point it at the right CA certificate")
+    reason = getattr(failure, "verify_message", None) or failure
+    cafile = os.environ.get("MCTL_CA_FILE")
+    hint = (f"MCTL_CA_FILE={cafile} does not hold the CA that signed it; point it at the right "
+            "CA certificate" if cafile else
+            "Set MCTL_CA_FILE to the CA certificate that signed the server's certificate")
     return ConnectionError(f"Could not verify the TLS certificate of the mctl control plane at "
-                           f"{url} ({reason.verify_message or reason}). {hint}.")
+                           f"{url} ({reason}). {hint}.")
 
 
 def refused(status: int, message: str | None) -> AuthError:

@@ -352,8 +352,13 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
                        scheduler_name: str | None = None,
                        log_sink: Callable[[str, str, str, str], None] | None = None,
                        advertise_url: str | None = None,
-                       ssl_context: ssl.SSLContext | None = None) -> RunningServer:
-    """Open the store, start the HTTP(S) server and the scheduler, and recover running apps."""
+                       ssl_context: ssl.SSLContext | None = None,
+                       bootstrap_tokens: bool = False,
+                       local_token_file: Path | None = None) -> RunningServer:
+    """Open the store, start the HTTP(S) server and the scheduler, and recover running apps.
+
+    `bootstrap_tokens`: on first start make an admin token (`auth.bootstrap_local_token`) before
+    the first request can arrive."""
     from mctl.core import plugins
     from mctl.core.server.metrics import Metrics
     from mctl.core.server.schedules import ScheduleRunner
@@ -364,6 +369,10 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     control = ControlPlane(store, scheduler, log_sink)
     control.tokens = auth.TokenStore(store.db)
     control.audit = Audit(Path(state_dir) / "audit.log")
+    if bootstrap_tokens:
+        done = auth.bootstrap_local_token(control.tokens, local_token_file)
+        if done:
+            log.info("tokens: %s", done)
     Metrics(control)
     runner = web.AppRunner(make_app(control), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
