@@ -143,7 +143,7 @@ def app() -> None:
 
 
 def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
-    from mctl.core.client import client_for, run_sync
+    from mctl.core.client import client_for, close_client, run_sync
     from mctl.core.config import configured_server_url
 
     url = configured_server_url()
@@ -154,6 +154,8 @@ def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | No
         return run_sync(client_for(url).http(method, path, body, params))
     except Error as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        run_sync(close_client(url))  # one request per command: no session left for the GC
 
 
 def _when(ts: float | None) -> str:
