@@ -318,3 +318,21 @@ def test_token_set_profile_and_local_bootstrap(server_process, tmp_path):
     assert http(f"{server_process.url}/api/tokens", token=ops)[0] == 200
     db = sqlite3.connect(server_process.state_dir / "state.db")
     assert db.execute("SELECT COUNT(*) FROM tokens WHERE name = 'ops'").fetchone() == (1,)
+
+
+def test_revoking_a_token_closes_its_connections(server_process):
+    import aiohttp
+
+    url, admin = server_process.url, server_process.token
+    doomed = create_token("invoke", "doomed")
+
+    async def run():
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {doomed}"}) as s:
+            ws = await s.ws_connect(url.replace("http", "ws", 1) + "/ws")
+            await asyncio.to_thread(http, f"{url}/api/tokens/doomed/revoke", "POST", admin, {})
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            return msg.type, msg.data
+
+    kind, code = asyncio.run(run())
+    assert kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 4001
+    assert ws_session(url, doomed, [])[0] == 401
