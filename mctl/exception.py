@@ -53,3 +53,7 @@ class SerializationError(InvalidError):
 
 class ContainerCrashedError(ExecutionError):
     """The worker running an input died (killed, out of memory) and no retry was left."""
+
+
+class AuthError(Error):
+    """The control plane refused the token: missing, invalid, revoked, or without the scope."""

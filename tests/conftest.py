@@ -29,22 +29,35 @@ def load_app(name):
 
 
 class ServerProcess:
-    """A real `mctl server` subprocess on a fixed port, restartable on the same state."""
+    """A real `mctl server` subprocess on a fixed port, restartable on the same state.
 
-    def __init__(self, state_dir, port, env):
-        self.state_dir, self.port, self.env = state_dir, port, env
-        self.url = f"http://127.0.0.1:{port}"
+    On first start it writes an admin token to $MCTL_HOME/token, which clients in the tests pick
+    up on their own (`token` reads it); `tls=(cert, key)` serves https."""
+
+    def __init__(self, state_dir, port, env, tls=None):
+        self.state_dir, self.port, self.env, self.tls = state_dir, port, env, tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.proc = None
 
+    @property
+    def token(self):
+        return (Path(self.env["MCTL_HOME"]) / "token").read_text().strip()
+
     def start(self):
+        tls_args = ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mctl", "server", "--port", str(self.port), "--state-dir",
-             str(self.state_dir)], env=self.env, stdout=subprocess.DEVNULL,
+             str(self.state_dir), *tls_args], env=self.env, stdout=subprocess.DEVNULL,
             stderr=open(Path(self.state_dir).parent / "server.log", "ab"))
+        context = None
+        if self.tls:
+            import ssl
+
+            context = ssl.create_default_context(cafile=str(self.tls[0]))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1, context=context).read()
                 return self
             except OSError:
                 time.sleep(0.05)

@@ -105,11 +105,11 @@ def test_mctl_run_entrypoint_args_and_errors(tmp_path):
 
 
 def test_metrics_endpoint(server_process):
-    import urllib.request
+    from mctl.core.transport import urlopen
 
     mctl_cli("deploy", str(APPS / "scheduled.py"), env=dict(os.environ, TICK_FILE="/dev/null"))
     assert mctl.Function.from_name("scheduled", "version").remote() == "v1"
-    body = urllib.request.urlopen(f"{server_process.url}/metrics").read().decode()
+    body = urlopen(f"{server_process.url}/metrics").read().decode()
     assert 'mctl_inputs_finished_total{app="' in body
     assert "mctl_queue_depth" in body and "mctl_containers" in body
 

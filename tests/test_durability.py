@@ -4,9 +4,10 @@ import json
 import os
 import sqlite3
 import time
-import urllib.request
 
 import pytest
+
+from mctl.core import transport
 
 from conftest import wait_until
 
@@ -37,7 +38,7 @@ def fire_times_in(state_dir):
 
 
 def fire_times(url):
-    with urllib.request.urlopen(f"{url}/api/apps/ticker/logs") as resp:
+    with transport.urlopen(f"{url}/api/apps/ticker/logs") as resp:
         return [r["ts"] for r in json.load(resp) if r["line"].startswith("mctl: schedule fired")]
 
 
@@ -76,8 +77,8 @@ def test_reupload_refreshes_a_blob_for_retention(server_process):
     bid = blob_id(data)
 
     def put():
-        req = urllib.request.Request(f"{server_process.url}/blobs/{bid}", data=data, method="PUT")
-        with urllib.request.urlopen(req) as resp:
+        with transport.urlopen(f"{server_process.url}/blobs/{bid}", data=data,
+                               method="PUT") as resp:
             assert json.load(resp) == {"blob_id": bid}
 
     put()

@@ -101,9 +101,9 @@ def test_ephemeral_app_stops_when_its_caller_dies(tmp_path, monkeypatch):
     import json
     import subprocess
     import sys
-    import urllib.request
 
     from conftest import APPS, wait_until
+    from mctl.core.transport import urlopen
 
     monkeypatch.setenv("MCTL_EPHEMERAL_GRACE", "1")
     srv = ServerProcess(tmp_path / "state", free_port(), dict(os.environ)).start()
@@ -117,7 +117,7 @@ def test_ephemeral_app_stops_when_its_caller_dies(tmp_path, monkeypatch):
         "    time.sleep(600)\n")
 
     def apps():
-        with urllib.request.urlopen(f"{srv.url}/api/apps?all=1") as resp:
+        with urlopen(f"{srv.url}/api/apps?all=1") as resp:
             return json.load(resp)
 
     caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,

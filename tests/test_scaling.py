@@ -1,17 +1,17 @@
 """The local scheduler: min_containers, max_containers, scaledown_window, @exit on scale-down."""
 
 import re
-import urllib.request
 
 import pytest
 
 from conftest import load_app, wait_until
+from mctl.core.transport import urlopen
 
 pytestmark = pytest.mark.integration
 
 
 def containers(url, function):
-    body = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    body = urlopen(f"{url}/metrics").read().decode()
     match = re.search(r'mctl_containers\{[^}]*function="%s"[^}]*\} (\S+)' % function, body)
     return int(float(match.group(1))) if match else 0
 

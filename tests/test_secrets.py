@@ -5,10 +5,11 @@ import json
 import os
 import stat
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from mctl.core import transport
 from click.testing import CliRunner
 
 import mctl
@@ -36,7 +37,7 @@ def all_bytes(root):
 
 
 def get(url):
-    with urllib.request.urlopen(url) as resp:
+    with transport.urlopen(url) as resp:
         return resp.read().decode()
 
 

@@ -1,4 +1,5 @@
-"""`mctl`: run, deploy, app, secret, plugins, server. Plugins add commands through a hook."""
+"""`mctl`: run, deploy, app, secret, token, audit, plugins, server. Plugins add commands through a
+hook."""
 
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def app() -> None:
 
 
 def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
-    from mctl.core.client import client_for, run_sync
+    from mctl.core.client import client_for, close_client, run_sync
     from mctl.core.config import configured_server_url
 
     url = configured_server_url()
@@ -187,6 +188,8 @@ def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | No
         return run_sync(client_for(url).http(method, path, body, params))
     except Error as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        run_sync(close_client(url))  # one request per command: no session left for the GC
 
 
 def _when(ts: float | None) -> str:
@@ -368,6 +371,140 @@ def secret_delete(name: str, allow_missing: bool) -> None:
     click.echo(f"Deleted secret {name}" if found else f"No secret named {name}")
 
 
+# --- tokens and audit ----------------------------------------------------------------------------
+@cli.group()
+def token() -> None:
+    """Manage access tokens: create, list, revoke; `set` saves yours for this machine."""
+
+
+def _local_state(state_dir: str | None) -> Any:
+    """The server state to change directly (no token needed, only access to its files): the one
+    named, else the local background server's when this user has no token yet."""
+    from pathlib import Path
+
+    from mctl.core.config import configured_token, home
+
+    if state_dir:
+        path = Path(state_dir)
+        if not (path / "state.db").exists():
+            raise click.UsageError(f"{path} holds no mctl server state (no state.db); pass the "
+                                   "--state-dir the server runs with.")
+        return path
+    default = home() / "server"
+    if configured_token() is None and (default / "state.db").exists():
+        return default
+    return None
+
+
+def _with_local_tokens(state_dir: Any, action: Any) -> Any:
+    from mctl.core.server.audit import Audit
+    from mctl.core.server.auth import LOCAL, TokenStore
+    from mctl.core.server.store import Store
+
+    store = Store(state_dir)
+    try:
+        return action(TokenStore(store.db), lambda *a, **kw: Audit(state_dir / "audit.log")(
+            LOCAL, *a, **kw))
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+
+
+STATE_DIR_HELP = ("Change the tokens of the server state in DIR directly (on the server's machine, "
+                  "no token needed).")
+
+
+@token.command("create")
+@click.option("--name", help="A name to recognise it by (default: its id).")
+@click.option("--scope", type=click.Choice(["admin", "deploy", "invoke"]), default="invoke",
+              show_default=True, help="admin ⊇ deploy ⊇ invoke.")
+@click.option("--state-dir", type=click.Path(file_okay=False), help=STATE_DIR_HELP)
+def token_create(name: str | None, scope: str, state_dir: str | None) -> None:
+    """Create a token; it is printed once, on stdout."""
+    local = _local_state(state_dir)
+    if local is not None:
+        def create(tokens: Any, audit: Any) -> dict[str, Any]:
+            record, secret = tokens.issue(name, scope)
+            audit("token.create", record["token_id"], name=record["name"], scope=scope)
+            return {**record, "token": secret}
+
+        result = _with_local_tokens(local, create)
+    else:
+        result = _admin("POST", "/api/tokens", {"name": name, "scope": scope})
+    click.echo(f"Created token {result['token_id']} ({result['name']}, scope {result['scope']}); "
+               "it is shown only now:", err=True)
+    click.echo(result["token"])
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Include workers' task tokens.")
+@click.option("--state-dir", type=click.Path(file_okay=False), help=STATE_DIR_HELP)
+def token_list(as_json: bool, show_all: bool, state_dir: str | None) -> None:
+    """List tokens (never their secrets)."""
+    local = _local_state(state_dir)
+    if local is not None:
+        rows = _with_local_tokens(local, lambda tokens, _: tokens.list(show_all))
+    else:
+        rows = _admin("GET", "/api/tokens", params={"all": "1" if show_all else "0"})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'ID':<16} {'NAME':<24} {'SCOPE':<7} {'CREATED':<20} {'LAST USED':<20} REVOKED")
+    for r in rows:
+        click.echo(f"{r['token_id']:<16} {r['name']:<24} {r['scope']:<7} {_when(r['created']):<20} "
+                   f"{_when(r['last_used']):<20} {_when(r['revoked'])}")
+
+
+@token.command("revoke")
+@click.argument("id_or_name")
+@click.option("--state-dir", type=click.Path(file_okay=False), help=STATE_DIR_HELP)
+def token_revoke(id_or_name: str, state_dir: str | None) -> None:
+    """Revoke a token by id or name; its connections are closed."""
+    local = _local_state(state_dir)
+    if local is not None:
+        def revoke(tokens: Any, audit: Any) -> dict[str, Any]:
+            record = tokens.revoke(id_or_name)
+            audit("token.revoke", record["token_id"], name=record["name"], scope=record["scope"])
+            return record
+
+        result = _with_local_tokens(local, revoke)
+    else:
+        result = _admin("POST", f"/api/tokens/{id_or_name}/revoke")
+    click.echo(f"Revoked token {result['token_id']} ({result['name']})")
+
+
+@token.command("set")
+@click.argument("token_value", metavar="TOKEN")
+@click.option("--server", help="The control plane's URL, e.g. https://mctl.example.org:8600.")
+def token_set(token_value: str, server: str | None) -> None:
+    """Use TOKEN (and --server) from now on: saved in $MCTL_HOME/profile.json, mode 0600."""
+    from mctl.core.config import save_profile
+
+    if not token_value.startswith("mctl_"):
+        raise click.UsageError("That is not an mctl token (they start with mctl_); copy the "
+                               "whole line `mctl token create` printed.")
+    path = save_profile(token_value.strip(), server)
+    click.echo(f"Saved the token{' and server' if server else ''} to {path}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines' objects as a list.")
+@click.option("--limit", default=50, show_default=True, help="The last N entries.")
+def audit(as_json: bool, limit: int) -> None:
+    """Show the audit log: deploys, stops, rollbacks, token changes; who and from where."""
+    rows = _admin("GET", "/api/audit", params={"limit": limit})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'TIME':<20} {'WHO':<36} {'FROM':<16} {'ACTION':<14} {'TARGET':<26} DETAILS")
+    for r in rows:
+        details = " ".join(f"{k}={v}" for k, v in r.get("details", {}).items())
+        click.echo(f"{_when(r['ts']):<20} {r['who']:<36} {r['from']:<16} {r['action']:<14} "
+                   f"{r['target']:<26} {details}")
+
+
 # --- plugins & server ----------------------------------------------------------------------------
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
@@ -396,10 +533,17 @@ def plugins(as_json: bool) -> None:
 @click.option("--advertise-url", help="URL workers use to reach this server.")
 @click.option("--config", "config_path", type=click.Path(),
               help="Settings file (TOML); default $MCTL_HOME/server.toml when it exists.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="PEM certificate (chain) to serve HTTPS and WSS with; needs --tls-key.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="PEM private key of --tls-cert.")
+@click.option("--no-local-token", is_flag=True,
+              help="On first start, do not write an admin token to $MCTL_HOME/token.")
 @click.pass_context
 def server(ctx: click.Context, host: str | None, port: int | None, state_dir: str | None,
            scheduler: str | None, scheduler_options: tuple[str, ...], advertise_url: str | None,
-           config_path: str | None) -> None:
+           config_path: str | None, tls_cert: str | None, tls_key: str | None,
+           no_local_token: bool) -> None:
     """Run the control plane in the foreground; `status`, `start` and `stop` manage the
     background server that `mctl deploy` starts.
 
@@ -411,7 +555,7 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
     import signal
     from pathlib import Path
 
-    from mctl.core.config import home, load_server_config, parse_options
+    from mctl.core.config import home, load_server_config, local_token_file, parse_options
     from mctl.core.runner import forget_server_file, write_server_file
     from mctl.core.server.http import start_server
 
@@ -425,14 +569,17 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
     except Error as exc:
         raise click.ClickException(str(exc)) from None
     state = state_dir or settings.get("state_dir")
+    advertise_url = advertise_url or settings.get("advertise_url")
+    ssl_context = _server_tls(tls_cert, tls_key, advertise_url)
 
     async def main() -> None:
         srv = await start_server(
             Path(state) if state else home() / "server", host or settings.get("host", "127.0.0.1"),
             port if port is not None else int(settings.get("port", 0)),
             scheduler or sched.get("name"),
-            advertise_url=advertise_url or settings.get("advertise_url"),
-            scheduler_options=options)
+            advertise_url=advertise_url, scheduler_options=options, ssl_context=ssl_context,
+            bootstrap_tokens=True,
+            local_token_file=None if no_local_token else local_token_file())
         write_server_file(srv.url)
         click.echo(f"mctl control plane listening on {srv.url}", err=True)
         stop = asyncio.Event()
@@ -497,6 +644,27 @@ def server_stop() -> None:
         click.echo("No mctl server is running; nothing to stop.")
         return
     click.echo(f"Stopped the mctl server at {record['url']} (pid {record['pid']})")
+
+
+def _server_tls(cert: str | None, key: str | None, advertise_url: str | None) -> Any:
+    """The server's TLS context for --tls-cert/--tls-key, or None for plain HTTP."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise click.UsageError("TLS needs both --tls-cert and --tls-key; pass the certificate and "
+                               "its private key.")
+    if advertise_url and not advertise_url.startswith("https://"):
+        raise click.UsageError(f"--advertise-url {advertise_url} is not https while TLS is on; "
+                               "advertise the https:// URL clients and workers should use.")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.UsageError(f"Could not load the TLS certificate {cert} with key {key} ({exc}); "
+                               "check that they are PEM files and belong together.") from None
+    return context
 
 
 def _register_plugin_commands() -> None:

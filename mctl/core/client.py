@@ -15,11 +15,10 @@ import itertools
 import logging
 import os
 import threading
-import urllib.request
 from typing import Any, Awaitable, Coroutine, TypeVar
 
-from mctl.core import ids, protocol
-from mctl.exception import ConnectionError, InputCancellation, NotFoundError
+from mctl.core import ids, protocol, transport
+from mctl.exception import AuthError, ConnectionError, InputCancellation, NotFoundError
 
 log = logging.getLogger("mctl.client")
 T = TypeVar("T")
@@ -135,6 +134,12 @@ class Client:
                 ws = await self._session.ws_connect(self.ws_url, max_msg_size=protocol.MAX_FRAME,
                                                     heartbeat=30)
             except (aiohttp.ClientError, OSError) as exc:
+                refusal = self._refusal(exc)
+                if refusal is not None:  # retrying cannot help: fail now, with what to do
+                    self._fail_all(refusal)
+                    if first:
+                        raise refusal from None
+                    return
                 now = loop.time()
                 lost_at = lost_at if lost_at is not None else now
                 if first or now - lost_at > RECONNECT_TIMEOUT:
@@ -169,6 +174,14 @@ class Client:
             if not self._closed:
                 log.warning("lost the control plane at %s; reconnecting", self.url)
 
+    def _refusal(self, exc: BaseException) -> Exception | None:
+        """An error for a refused token or an unverifiable certificate, else None."""
+        import aiohttp
+
+        if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status in (401, 403):
+            return transport.refused(exc.status, None)
+        return transport.tls_error(self.url, exc)
+
     def _fail_all(self, exc: BaseException) -> None:
         for fut, _ in self._pending.values():
             if not fut.done():
@@ -188,7 +201,8 @@ class Client:
             entry = self._pending.pop(header.get("rid"), None)
             if entry is not None and not entry[0].done():
                 if kind == "error":
-                    exc_type = NotFoundError if header.get("code") == "not_found" else ConnectionError
+                    exc_type = {"not_found": NotFoundError, "forbidden": AuthError}.get(
+                        header.get("code"), ConnectionError)
                     entry[0].set_exception(exc_type(header["message"]))
                 else:
                     entry[0].set_result(header)
@@ -300,6 +314,8 @@ class Client:
             async with self._session.request(method, self.url + path, json=body,
                                              params=params) as resp:
                 data = await resp.json()
+                if resp.status in (401, 403):
+                    raise transport.refused(resp.status, data.get("error"))
                 if resp.status == 404:
                     raise NotFoundError(data.get("error", "not found"))
                 if resp.status >= 400:
@@ -308,6 +324,9 @@ class Client:
                     raise InvalidError(data.get("error", f"HTTP {resp.status}"))
                 return data
         except aiohttp.ClientConnectionError as exc:
+            tls = transport.tls_error(self.url, exc)
+            if tls is not None:
+                raise tls from None
             raise ConnectionError(f"Could not reach the mctl control plane at {self.url} ({exc}). "
                                   "Start one with `mctl server`, or set MCTL_SERVER_URL.") from None
 
@@ -315,27 +334,39 @@ class Client:
         if self._session is None:
             import aiohttp
 
-            self._session = aiohttp.ClientSession()
+            # The token and the TLS context go with every request and the WebSocket upgrade.
+            self._session = aiohttp.ClientSession(
+                headers=transport.auth_headers(self.url),
+                connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.url)))
 
     async def upload_blob(self, data: bytes) -> str:
         await self._ensure_session()
         blob_id = protocol.blob_id(data)
         async with self._session.put(f"{self.url}/blobs/{blob_id}", data=data) as resp:
-            resp.raise_for_status()
+            await _check(resp)
         return blob_id
 
     async def download_blob(self, blob_id: str) -> bytes:
         await self._ensure_session()
         async with self._session.get(f"{self.url}/blobs/{blob_id}") as resp:
-            resp.raise_for_status()
+            await _check(resp)
             return await resp.read()
+
+
+async def _check(resp: Any) -> None:
+    if resp.status in (401, 403):
+        try:
+            message = (await resp.json()).get("error")
+        except Exception:
+            message = None
+        raise transport.refused(resp.status, message)
+    resp.raise_for_status()
 
 
 def upload_blob_sync(url: str, data: bytes) -> str:
     """For worker threads: upload a large result without an event loop."""
     blob_id = protocol.blob_id(data)
-    req = urllib.request.Request(f"{url}/blobs/{blob_id}", data=data, method="PUT")
-    with urllib.request.urlopen(req, timeout=300):
+    with transport.urlopen(f"{url}/blobs/{blob_id}", data=data, method="PUT"):
         pass
     return blob_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from mctl.core import plugins
@@ -76,4 +77,6 @@ def worker_env(app: AppSpec, fspec: FunctionSpec, *, app_id: str, task_id: str, 
                 "MCTL_FUNCTION_ID": fspec.function_id, "PYTHONUNBUFFERED": "1"})
     if fspec.volumes:
         env["MCTL_VOLUMES"] = json.dumps(volume_paths(fspec))
+    if os.environ.get("MCTL_CA_FILE"):  # workers verify an https control plane as clients do
+        env["MCTL_CA_FILE"] = os.environ["MCTL_CA_FILE"]
     return env

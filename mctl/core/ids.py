@@ -18,6 +18,7 @@ PREFIXES = {
     "sandbox": "sb",
     "deployment": "de",
     "blob": "bl",
+    "token": "tk",
 }
 
 

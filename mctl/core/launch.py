@@ -86,6 +86,10 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
                 "PYTHONUNBUFFERED": "1"})
     if task_token:
         env["MCTL_TASK_TOKEN"] = task_token
+    import os
+
+    if os.environ.get("MCTL_CA_FILE"):  # workers verify the server's certificate with it
+        env["MCTL_CA_FILE"] = os.environ["MCTL_CA_FILE"]
     if mounts and all(m.host_path for m in mounts):
         import json
 

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from mctl.core import config, ids
+from mctl.core import config, ids, transport
 from mctl.core.client import client_for, close_client, run_sync
 from mctl.exception import ConnectionError
 
@@ -26,18 +25,27 @@ def _print_log(app_id: str, task_id: str, function: str, line: str) -> None:
     print(line, flush=True)
 
 
-@contextlib.contextmanager
-def embedded_server() -> Iterator[str]:
-    """A control plane in this process (on the client's background loop), state in a temp dir."""
+async def _start_embedded(state_dir: Path) -> tuple[Any, str]:
     from mctl.core.server.http import start_server
 
+    server = await start_server(state_dir, log_sink=_print_log)
+    _, token = server.control.tokens.issue("embedded", "admin")
+    return server, token
+
+
+@contextlib.contextmanager
+def embedded_server() -> Iterator[str]:
+    """A control plane in this process (on the client's background loop), state in a temp dir.
+    It gets a fresh admin token that only this process holds, in memory."""
     with tempfile.TemporaryDirectory(prefix="mctl-run-") as state_dir:
-        server = run_sync(start_server(Path(state_dir), log_sink=_print_log))
+        server, token = run_sync(_start_embedded(Path(state_dir)))
+        transport.use_token(server.url, token)
         try:
             yield server.url
         finally:
             run_sync(close_client(server.url))
             run_sync(server.close())
+            transport.forget_token(server.url)
 
 
 async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
@@ -98,8 +106,9 @@ def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
 
 
 def server_alive(url: str) -> bool:
+    """True if a control plane answers at `url`; an unverifiable certificate raises."""
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as resp:
+        with transport.urlopen(f"{url}/healthz", timeout=2) as resp:
             return resp.status == 200
     except OSError:
         return False

@@ -128,6 +128,7 @@ class LocalScheduler:
     async def _run(self, pool: LocalPool, proc: Proc) -> None:
         launch = pool.launch
         env = dict(os.environ)
+        env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
         env.update(launch.worker_env(proc.task_id))
         env["MCTL_PARENT_PID"] = str(os.getpid())  # workers exit when this server dies
         code: int | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,9 @@ from mctl.core.spec import AppSpec, FunctionSpec
 
 
 def fetch_blob(http_url: str, blob_id: str) -> bytes:
-    with urllib.request.urlopen(f"{http_url}/blobs/{blob_id}", timeout=300) as resp:
+    from mctl.core.transport import urlopen
+
+    with urlopen(f"{http_url}/blobs/{blob_id}") as resp:
         return resp.read()
 
 

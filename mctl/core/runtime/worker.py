@@ -92,7 +92,12 @@ class Worker:
         # SIGTERM (scale-down, app stop, Nomad's kill) drains: running inputs finish, @exit runs.
         self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.logs = LogCapture(self._logs_arrived)
-        async with aiohttp.ClientSession() as session:
+        from mctl.core import transport
+
+        # MCTL_TASK_TOKEN (see config.configured_token) and the CA go with every request.
+        async with aiohttp.ClientSession(
+                headers=transport.auth_headers(self.http_url),
+                connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.http_url))) as session:
             try:
                 await self.load(session)
             except BaseException as exc:  # noqa: BLE001 - the user's import may even sys.exit()
@@ -114,7 +119,13 @@ class Worker:
                         self._flush_outputs()
                         await self._receive(ws)
                 except (aiohttp.ClientError, OSError) as exc:
-                    log.warning("control plane unreachable (%s); reconnecting", exc)
+                    if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status in (401, 403):
+                        # Revoked (a newer version is active, or the app stopped): do not retry.
+                        print(f"mctl: the control plane refused this worker's task token "
+                              f"({exc.status}); exiting", file=sys.stderr, flush=True)
+                        self.stopping = True
+                    else:
+                        log.warning("control plane unreachable (%s); reconnecting", exc)
                 self.ws = None
                 if not self.stopping:
                     await asyncio.sleep(0.5)
@@ -160,6 +171,10 @@ class Worker:
             elif kind == "stop":
                 self.stopping = True
                 await self._drain_and_close(ws)
+                return
+            elif kind == "error" and header.get("code") == "forbidden":
+                print(f"mctl: {header['message']}", file=sys.stderr, flush=True)
+                self.stopping = True
                 return
 
     def _on_sigterm(self) -> None:

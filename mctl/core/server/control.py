@@ -53,6 +53,7 @@ class Conn:
     def __init__(self, send_bytes: Callable[[bytes], Any], peer: str = "") -> None:
         self._send_bytes = send_bytes
         self.peer = peer
+        self.principal: Any = None  # the auth.Principal of the connection's token
         self.role = "client"
         self.task_id = ""
         self.function_id = ""
@@ -131,6 +132,8 @@ class ControlPlane:
         self._pushes: dict[Conn, tuple[list[dict[str, Any]], list[bytes]]] = {}
         self._flush_scheduled = False
         self.metrics: Any = None  # set by metrics.attach
+        self.tokens: Any = None  # auth.TokenStore and audit.Audit, set by start_server
+        self.audit: Any = lambda *args, **details: None
         self.started = time.time()
 
     # --- startup -------------------------------------------------------------------------------
@@ -158,6 +161,8 @@ class ControlPlane:
 
     # --- apps ----------------------------------------------------------------------------------
     async def activate_app(self, app_id: str, spec: AppSpec, version: int, mode: str) -> None:
+        if self.tokens is not None:
+            self._revoke_old_task_tokens_later(app_id, spec)
         self.apps[app_id] = spec
         self.app_modes[app_id] = mode
         if mode == "ephemeral" and not self.app_owners.get(app_id):
@@ -176,6 +181,18 @@ class ControlPlane:
         if self.autoscaler is not None:
             await self.autoscaler.apply_app(app_id, spec, version)
 
+    def _revoke_old_task_tokens_later(self, app_id: str, spec: AppSpec) -> None:
+        """Older versions' workers drain first (they may still upload results and reconnect);
+        once their longest input could have finished, their task tokens stop working."""
+        delay = max((f.timeout for f in spec.functions.values()), default=0) + 10
+
+        def revoke() -> None:
+            app = self.store.find_app(app_id)
+            if app is not None and app["state"] == "running":
+                self.tokens.revoke_task_tokens(app_id, keep_version=app["version"])
+
+        asyncio.get_running_loop().call_later(delay, revoke)
+
     async def create_app(self, spec: AppSpec, mode: str, app_id: str | None = None,
                          note: str = "") -> tuple[str, int]:
         app_id = app_id or (deployed_app_id(spec.name) if mode == "deployed" else ids.new_id("app"))
@@ -190,6 +207,8 @@ class ControlPlane:
         mode = self.app_modes.pop(app_id, None)
         self.app_owners.pop(app_id, None)
         self.store.set_app_state(app_id, "stopped")
+        if self.tokens is not None:
+            self.tokens.revoke_task_tokens(app_id)
         if self.autoscaler is not None:
             await self.autoscaler.stop_app(app_id)
         if mode == "ephemeral":  # nothing can run its versions again: drop their inline secrets

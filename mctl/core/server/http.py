@@ -1,5 +1,6 @@
 """The control plane's HTTP face (aiohttp): the WebSocket data plane, a JSON admin API, blobs,
-/metrics. `start_server` wires store, control plane, scheduler and schedules together."""
+/metrics. Every route but /healthz needs a token (see `auth`). `start_server` wires store, tokens,
+audit log, control plane, scheduler and schedules together."""
 
 from __future__ import annotations
 
@@ -10,19 +11,29 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
+from mctl.core.server import auth
+from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
 from mctl.core.spec import AppSpec
 from mctl.exception import Error, NotFoundError
 
+if TYPE_CHECKING:
+    import ssl
+
 log = logging.getLogger("mctl.server")
 
 CONTROL = web.AppKey("control", ControlPlane)
+# Each handler's rule: (user scope needed or None for open, what a task token may do there).
+RULES = web.AppKey("rules", dict)
+# Open WebSockets by token id, closed when their token is revoked.
+SOCKETS = web.AppKey("sockets", dict)
+TASK_NO, TASK_ANY, TASK_OWN_APP, TASK_OWN_FUNCTION = "no", "any", "own_app", "own_function"
 
 
 def _control(request: web.Request) -> ControlPlane:
@@ -35,20 +46,37 @@ def _json_error(status: int, message: str) -> web.Response:
 
 async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     control = _control(request)
+    principal: auth.Principal = request[PRINCIPAL_KEY]
     ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME, heartbeat=30)
     await ws.prepare(request)
     conn = Conn(ws.send_bytes, request.remote or "")
+    conn.principal = principal
+    sockets = request.app[SOCKETS].setdefault(principal.token_id, set())
+    sockets.add(ws)
     try:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
                 header, payloads = protocol.decode(msg.data)
+                denial = auth.ws_denial(principal, conn, header, control)
+                if denial is not None:
+                    log.warning("refused %s from %s (%s): %s", header.get("type"), request.remote,
+                                principal.who(), denial)
+                    conn.send({"type": "error", "rid": header.get("rid"), "code": "forbidden",
+                               "message": denial})
+                    if header.get("type") == "hello":
+                        break  # a refused registration ends the session
+                    continue
                 try:
                     control.handle(conn, header, payloads)
                 except Exception as exc:  # a bad message must not take the connection down
                     log.exception("error handling %s", header.get("type"))
                     conn.send({"type": "error", "rid": header.get("rid"), "message": str(exc)})
     finally:
+        sockets.discard(ws)
         control.disconnected(conn)
+        if not ws.closed:
+            await asyncio.sleep(0)  # let the refusal go out before closing
+            await ws.close()
     return ws
 
 
@@ -74,11 +102,12 @@ async def create_app(request: web.Request) -> web.Response:
     created = secret_store.store_inline(spec, body.get("secrets") or {})
     try:
         check_app(spec)
-        app_id, version = await control.create_app(spec, body.get("mode", "ephemeral"),
-                                                   body.get("app_id"))
+        mode = body.get("mode", "ephemeral")
+        app_id, version = await control.create_app(spec, mode, body.get("app_id"))
     except BaseException:
         secret_store.forget(created)
         raise
+    control.audit(request, "app.deploy", app_id, name=spec.name, mode=mode, version=version)
     return web.json_response({"app_id": app_id, "version": version})
 
 
@@ -110,6 +139,7 @@ async def stop_app(request: web.Request) -> web.Response:
     control = _control(request)
     app = _find_app(control, request.match_info["name"])
     await control.stop_app(app["app_id"])
+    control.audit(request, "app.stop", app["app_id"], name=app["name"])
     return web.json_response({"app_id": app["app_id"], "state": "stopped"})
 
 
@@ -136,6 +166,8 @@ async def rollback_app(request: web.Request) -> web.Response:
         return _json_error(404, f"App {app['name']} has no version {target}.")
     _, version = await control.create_app(AppSpec.model_validate(spec), app["mode"],
                                           app["app_id"], note=f"rollback to v{target}")
+    control.audit(request, "app.rollback", app["app_id"], name=app["name"], to_version=target,
+                  version=version)
     return web.json_response({"app_id": app["app_id"], "version": version, "from": target})
 
 
@@ -206,6 +238,35 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
+async def create_token(request: web.Request) -> web.Response:
+    control = _control(request)
+    body = await request.json() if request.can_read_body else {}
+    record, token = control.tokens.issue(body.get("name"), body.get("scope") or "invoke")
+    control.audit(request, "token.create", record["token_id"], name=record["name"],
+                  scope=record["scope"])
+    return web.json_response({**record, "token": token})  # the only time the secret is shown
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    tokens = _control(request).tokens.list(include_tasks=request.query.get("all") == "1")
+    return web.json_response(tokens)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    control = _control(request)
+    record = control.tokens.revoke(request.match_info["ref"])
+    control.audit(request, "token.revoke", record["token_id"], name=record["name"],
+                  scope=record["scope"])
+    for ws in list(request.app[SOCKETS].pop(record["token_id"], ())):
+        await ws.close(code=4001, message=b"token revoked")
+    return web.json_response({**record, "revoked": True})
+
+
+async def read_audit(request: web.Request) -> web.Response:
+    limit = int(request.query.get("limit", 100))
+    return web.json_response(_control(request).audit.read(limit))
+
+
 async def metrics(request: web.Request) -> web.Response:
     body, content_type = _control(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -214,6 +275,45 @@ async def metrics(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     control = _control(request)
     return web.json_response({"ok": True, "started": control.started, "pid": os.getpid()})
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+    """401 without a valid token, 403 without the scope; the principal goes on the request."""
+    from mctl.core.transport import UNAUTHORIZED
+
+    rule = request.app[RULES].get(request.match_info.handler)
+    if rule is not None and rule[0] is None:
+        return await handler(request)  # open: /healthz
+    control = _control(request)
+    principal = control.tokens.verify(_bearer(request))
+    if principal is None:
+        return web.json_response({"error": UNAUTHORIZED}, status=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
+    request[PRINCIPAL_KEY] = principal
+    if rule is None:
+        return await handler(request)  # no such route: let aiohttp answer 404/405
+    scope, task_rule = rule
+    if principal.is_task:
+        if task_rule == TASK_NO:
+            return _json_error(403, auth.scope_denial(principal, scope))
+        if task_rule == TASK_OWN_APP:
+            name = request.match_info.get("name") or request.query.get("app", "")
+            app = control.store.find_app(name)
+            if app is None or app["app_id"] != principal.app_id:
+                return _json_error(403, "A task token may only read its own app; this request "
+                                        f"names {name!r}.")
+        if task_rule == TASK_OWN_FUNCTION:
+            if request.match_info.get("function_id") != principal.function_id:
+                return _json_error(403, "A task token may only read its own function's secrets.")
+    elif not principal.has(scope):
+        return _json_error(403, auth.scope_denial(principal, scope))
+    return await handler(request)
 
 
 @web.middleware
@@ -227,25 +327,37 @@ async def user_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _json_error(400, str(exc))
 
 
+# method, path, handler, user scope needed (None: open), what a task token may do
+ROUTES = [
+    ("GET", "/healthz", health, None, TASK_ANY),
+    ("GET", "/ws", ws_handler, "invoke", TASK_ANY),  # each message is checked in ws_handler
+    ("GET", "/metrics", metrics, "invoke", TASK_NO),
+    ("POST", "/api/apps", create_app, "deploy", TASK_NO),
+    ("GET", "/api/apps", list_apps, "invoke", TASK_NO),
+    ("GET", "/api/apps/{name}", get_app, "invoke", TASK_OWN_APP),
+    ("POST", "/api/apps/{name}/stop", stop_app, "deploy", TASK_NO),
+    ("GET", "/api/apps/{name}/history", app_history, "invoke", TASK_NO),
+    ("POST", "/api/apps/{name}/rollback", rollback_app, "deploy", TASK_NO),
+    ("GET", "/api/apps/{name}/logs", app_logs, "deploy", TASK_NO),
+    ("GET", "/api/functions/lookup", lookup_function, "invoke", TASK_OWN_APP),
+    # Secret values, for workers at start: their own function's task token (or an admin).
+    ("GET", "/api/functions/{function_id}/secrets", function_secrets, "admin", TASK_OWN_FUNCTION),
+    ("PUT", "/blobs/{blob_id}", put_blob, "invoke", TASK_ANY),
+    ("GET", "/blobs/{blob_id}", get_blob, "invoke", TASK_ANY),
+    ("POST", "/api/tokens", create_token, "admin", TASK_NO),
+    ("GET", "/api/tokens", list_tokens, "admin", TASK_NO),
+    ("POST", "/api/tokens/{ref}/revoke", revoke_token, "admin", TASK_NO),
+    ("GET", "/api/audit", read_audit, "admin", TASK_NO),
+]
+
+
 def make_app(control: ControlPlane) -> web.Application:
-    app = web.Application(client_max_size=protocol.MAX_FRAME, middlewares=[user_errors])
+    app = web.Application(client_max_size=protocol.MAX_FRAME,
+                          middlewares=[authenticate, user_errors])
     app[CONTROL] = control
-    app.add_routes([
-        web.get("/ws", ws_handler),
-        web.get("/healthz", health),
-        web.get("/metrics", metrics),
-        web.post("/api/apps", create_app),
-        web.get("/api/apps", list_apps),
-        web.get("/api/apps/{name}", get_app),
-        web.post("/api/apps/{name}/stop", stop_app),
-        web.get("/api/apps/{name}/history", app_history),
-        web.post("/api/apps/{name}/rollback", rollback_app),
-        web.get("/api/apps/{name}/logs", app_logs),
-        web.get("/api/functions/lookup", lookup_function),
-        web.get("/api/functions/{function_id}/secrets", function_secrets),
-        web.put("/blobs/{blob_id}", put_blob),
-        web.get("/blobs/{blob_id}", get_blob),
-    ])
+    app[RULES] = {handler: (scope, task) for _, _, handler, scope, task in ROUTES}
+    app[SOCKETS] = {}
+    app.add_routes([web.route(method, path, handler) for method, path, handler, _, _ in ROUTES])
     return app
 
 
@@ -270,8 +382,14 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
                        scheduler_name: str | None = None,
                        log_sink: Callable[[str, str, str, str], None] | None = None,
                        advertise_url: str | None = None,
-                       scheduler_options: dict[str, str] | None = None) -> RunningServer:
-    """Open the store, start the HTTP server and the scheduler, and recover running apps."""
+                       scheduler_options: dict[str, str] | None = None,
+                       ssl_context: ssl.SSLContext | None = None,
+                       bootstrap_tokens: bool = False,
+                       local_token_file: Path | None = None) -> RunningServer:
+    """Open the store, start the HTTP(S) server and the scheduler, and recover running apps.
+
+    `bootstrap_tokens`: on first start make an admin token (`auth.bootstrap_local_token`) before
+    the first request can arrive."""
     from mctl.core import plugins
     from mctl.core.server.autoscaler import Autoscaler
     from mctl.core.server.metrics import Metrics
@@ -282,13 +400,19 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     backend = plugins.find("mctl_register_schedulers", name).factory(options)
     store = Store(state_dir)
     control = ControlPlane(store, backend, log_sink)
+    control.tokens = auth.TokenStore(store.db)
+    control.audit = Audit(Path(state_dir) / "audit.log")
+    if bootstrap_tokens:
+        done = auth.bootstrap_local_token(control.tokens, local_token_file)
+        if done:
+            log.info("tokens: %s", done)
     Metrics(control)
     runner = web.AppRunner(make_app(control), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0][1]
-    url = advertise_url or f"http://{host}:{bound}"
+    url = advertise_url or f"{'https' if ssl_context else 'http'}://{host}:{bound}"
     control.autoscaler = Autoscaler(control, backend, url, options)
     await control.autoscaler.start()
     await control.recover()

@@ -47,6 +47,11 @@ MIGRATIONS: list[str] = [
     # 2: a schedule's next fire time, so a restart neither skips nor repeats a firing.
     "CREATE TABLE schedule_fires (function_id TEXT NOT NULL, schedule TEXT NOT NULL, "
     "next REAL NOT NULL, PRIMARY KEY (function_id, schedule));",
+    # 3: API tokens (only their hashes) and task tokens' bindings.
+    "CREATE TABLE tokens (token_id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL, "
+    "hash TEXT NOT NULL UNIQUE, created REAL NOT NULL, last_used REAL, revoked REAL, "
+    "app_id TEXT, function_id TEXT, version INTEGER);"
+    "CREATE INDEX tokens_task ON tokens(app_id, function_id, version);",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
