@@ -34,8 +34,9 @@ class ServerProcess:
     On first start it writes an admin token to $MCTL_HOME/token, which clients in the tests pick
     up on their own (`token` reads it); `tls=(cert, key)` serves https."""
 
-    def __init__(self, state_dir, port, env, tls=None):
+    def __init__(self, state_dir, port, env, tls=None, args=()):
         self.state_dir, self.port, self.env, self.tls = state_dir, port, env, tls
+        self.args = list(args)  # more `mctl server` options
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.proc = None
 
@@ -47,7 +48,7 @@ class ServerProcess:
         tls_args = ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mctl", "server", "--port", str(self.port), "--state-dir",
-             str(self.state_dir), *tls_args], env=self.env, stdout=subprocess.DEVNULL,
+             str(self.state_dir), *tls_args, *self.args], env=self.env, stdout=subprocess.DEVNULL,
             stderr=open(Path(self.state_dir).parent / "server.log", "ab"))
         context = None
         if self.tls:
@@ -74,6 +75,75 @@ class ServerProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class TcpProxy:
+    """A TCP relay on loopback whose connections the test can cut, to break a worker's
+    connection without killing the worker (a network blip, not a crash)."""
+
+    def __init__(self, target_port):
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        import socket
+
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        """Reset every open connection (both sides see it drop); new ones are still accepted."""
+        import socket
+        import struct
+
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:  # RST (linger 0); shutdown first wakes the relay threads blocked on it
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+        self.cut()
 
 
 def wait_until(check, timeout=30):

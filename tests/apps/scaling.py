@@ -31,3 +31,8 @@ class WithExit:
     def stop(self):
         with open(self.path, "w") as fh:
             fh.write("exited")
+
+
+@app.function(scaledown_window=2)
+def steady(x):
+    return os.environ["MCTL_TASK_ID"]

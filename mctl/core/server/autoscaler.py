@@ -266,6 +266,7 @@ class Autoscaler:
     def worker_exited(self, pool_id: str, worker_id: str, exit_code: int | None,
                       detail: str) -> None:
         """PoolEvents: a backend saw a worker end."""
+        log.info("worker %s of %s exited (code %s)", worker_id, pool_id, exit_code)
         self.control.worker_gone(worker_id)
         pool = self.pools.get(pool_id)
         if pool is None:

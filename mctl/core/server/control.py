@@ -314,6 +314,8 @@ class ControlPlane:
         old = self.orphans.pop(conn.task_id, None)
         if old is None:
             return
+        log.info("worker %s reconnected; it still holds %d of its %d inputs", conn.task_id,
+                 len(held & set(old.running)), len(old.running))
         for rec in old.running.values():
             if rec.done or rec.worker is not old:
                 continue
@@ -337,6 +339,7 @@ class ControlPlane:
         """The backend saw the worker's process end: its held inputs will not come back."""
         old = self.orphans.pop(task_id, None)
         if old is not None:
+            log.warning("worker %s exited while disconnected", task_id)
             self._crash_inputs(old)
 
     def disconnected(self, conn: Conn) -> None:
@@ -360,6 +363,8 @@ class ControlPlane:
             fs.workers.remove(conn)
         if conn.running:
             # It may come back (a dropped connection, not a dead process): hold its inputs.
+            log.info("worker %s disconnected holding %d inputs; keeping them for %gs",
+                     conn.task_id, len(conn.running), RECONNECT_GRACE)
             self.orphans[conn.task_id] = conn
             asyncio.get_running_loop().call_later(RECONNECT_GRACE, self._orphan_expired, conn)
         if fs is not None:
@@ -368,6 +373,7 @@ class ControlPlane:
     def _orphan_expired(self, conn: Conn) -> None:
         if self.orphans.get(conn.task_id) is conn:
             del self.orphans[conn.task_id]
+            log.warning("worker %s did not reconnect within %gs", conn.task_id, RECONNECT_GRACE)
             self._crash_inputs(conn)
 
     def _crash_inputs(self, conn: Conn) -> None:
