@@ -2,7 +2,6 @@
 given in code kept out of specs, the database and API responses."""
 
 import json
-import os
 import stat
 import time
 from pathlib import Path

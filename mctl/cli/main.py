@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from mctl.exception import Error, InvalidError
+from mctl.exception import Error
 
 
 def user_traceback(exc: BaseException) -> str:

@@ -21,25 +21,85 @@ hookimpl = pluggy.HookimplMarker("mctl")
 
 @hookspec
 def mctl_register_schedulers() -> Iterable[Scheduler]:
-    """Register schedulers that place workers: `MCTL_SCHEDULER=<name>` picks one.
+    """Register scheduler backends that place workers: `mctl server --scheduler NAME` (or
+    `MCTL_SCHEDULER=NAME`) picks one; `--scheduler-option KEY=VALUE` fills `options`.
+
+    Core decides how many workers each function version needs and hands the backend one
+    `LaunchSpec` per version (`mctl.core.launch`): the command, environment (no secret values),
+    image, cpu, memory, GPU request, mounts and labels. The backend starts and stops workers and
+    reports exits (`events.worker_exited`) and what it can never place (raise
+    `PlacementError` from `ensure_pool`, or call `events.placement_failed`). It never reads the
+    control plane's state nor speaks the worker protocol. See `plugin_types.SchedulerBackend`.
+
+    The example is a complete backend that runs each worker as a local process.
 
     Example::
 
+        import asyncio, os
         import mctl
-        from mctl.core.plugin_types import Scheduler
+        from mctl.core import ids
+        from mctl.core.plugin_types import Scheduler, WorkerInfo
 
-        class SlurmScheduler:
-            handles_schedules = False
-            def __init__(self, options): self.options = options
-            async def start(self, control, server_url): ...
-            async def apply_app(self, app_id, spec, version, mode): ...
-            async def stop_app(self, app_id): ...
-            def on_demand(self, function_id): ...
-            async def shutdown(self): ...
+        class ProcessBackend:
+            handles_schedules = False  # core fires `schedule=` for us
+
+            def __init__(self, options):
+                self.options = options
+                self.launches = {}  # pool id -> LaunchSpec
+                self.procs = {}     # pool id -> {task id: asyncio.subprocess.Process}
+                self.stopping = set()
+
+            async def start(self, events):
+                self.events = events
+
+            async def ensure_pool(self, launch):
+                self.launches[launch.pool_id] = launch
+                self.procs.setdefault(launch.pool_id, {})
+
+            def _live(self, pool_id):
+                return [t for t in self.procs.get(pool_id, {}) if t not in self.stopping]
+
+            async def scale(self, pool_id, count):
+                launch, live = self.launches[pool_id], self._live(pool_id)
+                for _ in range(count - len(live)):
+                    task_id = ids.new_id("task")
+                    env = {**os.environ, **launch.worker_env(task_id)}
+                    proc = await asyncio.create_subprocess_exec(*launch.command, env=env)
+                    self.procs[pool_id][task_id] = proc
+                    asyncio.get_running_loop().create_task(self._watch(pool_id, task_id, proc))
+                for task_id in live[count:]:
+                    await self.stop_worker(pool_id, task_id, 30)
+
+            async def _watch(self, pool_id, task_id, proc):
+                code = await proc.wait()
+                self.procs.get(pool_id, {}).pop(task_id, None)
+                self.stopping.discard(task_id)
+                self.events.worker_exited(pool_id, task_id, code, "")
+
+            async def stop_worker(self, pool_id, worker_id, grace_s):
+                proc = self.procs.get(pool_id, {}).get(worker_id)
+                if proc is not None and proc.returncode is None:
+                    self.stopping.add(worker_id)
+                    proc.terminate()  # the worker finishes its inputs, runs @exit, exits
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(grace_s, lambda: proc.returncode is None and proc.kill())
+
+            async def remove_pool(self, pool_id, grace_s):
+                for task_id in list(self.procs.get(pool_id, {})):
+                    await self.stop_worker(pool_id, task_id, grace_s)
+                self.launches.pop(pool_id, None)
+
+            async def list_workers(self, pool_id):
+                return [WorkerInfo(t, "localhost", "stopping" if t in self.stopping else "running")
+                        for t in self.procs.get(pool_id, {})]
+
+            async def shutdown(self):
+                for pool_id in list(self.procs):
+                    await self.remove_pool(pool_id, 5)
 
         @mctl.hookimpl
         def mctl_register_schedulers():
-            yield Scheduler(name="slurm", factory=SlurmScheduler)
+            yield Scheduler(name="processes", factory=ProcessBackend)
     """
 
 
