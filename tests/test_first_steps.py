@@ -31,12 +31,18 @@ def assert_no_unclosed_warnings(out):
     assert "Unclosed" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
 
 
-def test_unnamed_app_with_module_level_run():
+def test_unnamed_app_with_module_level_run(tmp_path, monkeypatch):
     """`app = mctl.App()` and `with app.run():` at module level, run with `python file.py`: the
-    worker imports the same file without starting an app, and the caller gets the result."""
+    worker imports the same file without starting an app or running the script after the
+    block, and the caller gets the results."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv("MARK_DIR", str(marks))
     out = python("-X", "dev", str(APPS / "unnamed_script.py"))
     assert "square: 49" in out.stdout
     assert "app name: unnamed_script" in out.stdout
+    assert out.stdout.count("after the block: 40") == 1
+    assert sorted(os.listdir(marks)) == ["local"]  # the worker stopped at `app.run()`
     assert_no_unclosed_warnings(out)
 
 

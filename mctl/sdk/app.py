@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from mctl.exception import DeprecationError, InvalidError
 from mctl.sdk.cls import Cls
-from mctl.sdk.function import Function, StopRunBlock
+from mctl.sdk.function import Function
 from mctl.sdk.image import Image
 from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, PartialFunction
 from mctl.sdk.retries import Retries
@@ -120,7 +120,6 @@ class App:
         self._app_id: str | None = None
         self._server_url: str | None = None
         self._running = False
-        self._stop_run_block = False
 
     @property
     def name(self) -> str | None:
@@ -289,15 +288,12 @@ class App:
         if self._app_id is not None:  # already hydrated: the block runs as written
             yield self
             return
-        # Still importing: the block's first remote call ends it (StopRunBlock), and the import
-        # goes on after it, instead of failing and restarting the worker forever.
-        self._stop_run_block = True
-        try:
-            yield self
-        except StopRunBlock:
-            pass
-        finally:
-            self._stop_run_block = False
+        # Still importing the user's file: what follows is the caller's script. The loader keeps
+        # what the file defined up to here (its functions) and runs none of the rest.
+        from mctl.core.declared import ImportStopped
+
+        raise ImportStopped()
+        yield self  # unreachable; keeps this a generator
 
     def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
         from mctl.core.runner import deploy_app

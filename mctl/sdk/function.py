@@ -23,11 +23,6 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
-class StopRunBlock(BaseException):
-    """Ends a `with app.run():` block that a worker meets while importing the user's file (see
-    `App.run`). A BaseException, so that the user's `except Exception` does not catch it."""
-
-
 class Dual:
     """A callable with an `.aio` twin, as in Modal: `f.remote(x)` and `await f.remote.aio(x)`."""
 
@@ -257,8 +252,6 @@ class Function(Invocable):
 
     def _resolve(self) -> None:
         if self._lookup is None:
-            if self.app is not None and self.app._stop_run_block:
-                raise StopRunBlock()
             raise InvalidError(
                 f"Function {self.tag} is not running: call it inside `with app.run():`, from "
                 "`mctl run`, or look up a deployed one with mctl.Function.from_name(app, name).")

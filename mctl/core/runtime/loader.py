@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mctl.core.declared import is_app
+from mctl.core.declared import ImportStopped
 from mctl.core.spec import AppSpec, FunctionSpec
 
 
@@ -47,7 +48,10 @@ def import_bundle(http_url: str, app: AppSpec) -> Any:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[app.module] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportStopped:
+        pass  # a module-level `with app.run():`: the functions are defined above it
     return module
 
 
