@@ -25,21 +25,21 @@ __version__ = "0.1.0"
 __all__ = [
     "App", "Cls", "Cron", "Error", "Function", "FunctionCall", "Image", "Period", "Retries",
     "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
-    "is_local", "method", "parameter",
+    "enable_output", "is_local", "method", "parameter",
 ]
 
 # Names Modal removed, with the spelling to use now.
 _REMOVED = {
     "Stub": "mctl.App",
-    "web_endpoint": "mctl.fastapi_endpoint (web endpoints are not supported yet)",
     "Mount": "Image.add_local_dir / Image.add_local_file / Image.add_local_python_source",
     "build": "@mctl.enter() (images are built from Image methods)",
-    "asgi_app": "a web server inside a function (web endpoints are not supported yet)",
-    "wsgi_app": "a web server inside a function (web endpoints are not supported yet)",
     "SharedVolume": "mctl.Volume",
     "NetworkFileSystem": "mctl.Volume",
     "lookup": "mctl.Function.from_name / mctl.Cls.from_name",
 }
+# Current Modal names that mctl does not implement yet.
+_NOT_YET = {"asgi_app", "wsgi_app", "fastapi_endpoint", "web_endpoint", "web_server", "Dict",
+            "Queue", "Sandbox"}
 _REMOVED_KEYWORD_STYLE = {
     "concurrency_limit": "@app.function(max_containers=...)",
     "keep_warm": "@app.function(min_containers=...)",
@@ -55,7 +55,18 @@ def __getattr__(name: str) -> Any:
     if name in _REMOVED_KEYWORD_STYLE:
         raise DeprecationError(f"{name} is no longer a Modal name; use "
                                f"{_REMOVED_KEYWORD_STYLE[name]}.")
+    if name in _NOT_YET:
+        raise AttributeError(f"mctl.{name} (modal.{name}) is not implemented in mctl yet; see the "
+                             "list of differences from Modal in docs/guide.md.")
     raise AttributeError(f"module 'mctl' has no attribute {name!r}")
+
+
+def enable_output(show_progress: bool = True) -> Any:
+    """Modal's `with modal.enable_output():` shows build and run output; mctl always shows a
+    run's output, so this is a context manager that does nothing."""
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def is_local() -> bool:

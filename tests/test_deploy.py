@@ -133,3 +133,10 @@ def test_bundle_is_deterministic_and_holds_local_modules():
     names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     assert names == ["helpers.py", "multi.py", "shapes/__init__.py", "shapes/area.py"]
     assert make_bundle(app)[1] == data
+
+
+def test_deployed_generator_looked_up_by_name(server_process):
+    mctl_cli("deploy", str(APPS / "basic.py"))
+    assert list(mctl.Function.from_name("basic", "gen").remote_gen(3)) == [0, 10, 20]
+    with pytest.raises(mctl.exception.InvalidError, match="is a generator"):
+        mctl.Function.from_name("basic", "gen").remote(3)  # not silently its first value

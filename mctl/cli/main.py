@@ -96,7 +96,8 @@ def _parse_entrypoint_args(func: Any, args: list[str]) -> dict[str, Any]:
             try:
                 value = converter(value)
             except ValueError:
-                raise click.UsageError(f"--{key} must be a {converter.__name__}, got "
+                article = "an" if converter is int else "a"
+                raise click.UsageError(f"--{key} must be {article} {converter.__name__}, got "
                                        f"{value!r}.") from None
         out[key] = value
         i += 2
@@ -138,7 +139,9 @@ def run(ctx: click.Context, app_ref: str) -> None:
             kwargs = _parse_entrypoint_args(handle.raw_f, ctx.args)
             target = lambda **kw: print(handle.remote(**kw))  # noqa: E731
         else:
-            raise click.UsageError(f"{name!r} is not a local entrypoint or function of the app.")
+            choices = ", ".join([*entrypoints, *app.registered_functions]) or "none"
+            raise click.UsageError(f"{name!r} is not a local entrypoint or function of the app; "
+                                   f"it has {choices}.")
         with app.run():
             result = target(**kwargs)
             if inspect.iscoroutine(result):
@@ -671,4 +674,16 @@ def _register_plugin_commands() -> None:
 
 def main() -> None:
     _register_plugin_commands()
-    cli()
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Error as exc:  # an mctl error that no command turned into a message: still one line
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except SystemExit:
+        raise

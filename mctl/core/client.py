@@ -340,17 +340,32 @@ class Client:
                 connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.url)))
 
     async def upload_blob(self, data: bytes) -> str:
+        import aiohttp
+
         await self._ensure_session()
         blob_id = protocol.blob_id(data)
-        async with self._session.put(f"{self.url}/blobs/{blob_id}", data=data) as resp:
-            await _check(resp)
+        try:
+            async with self._session.put(f"{self.url}/blobs/{blob_id}", data=data) as resp:
+                await _check(resp)
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unreachable(exc) from None
         return blob_id
 
     async def download_blob(self, blob_id: str) -> bytes:
+        import aiohttp
+
         await self._ensure_session()
-        async with self._session.get(f"{self.url}/blobs/{blob_id}") as resp:
-            await _check(resp)
-            return await resp.read()
+        try:
+            async with self._session.get(f"{self.url}/blobs/{blob_id}") as resp:
+                await _check(resp)
+                return await resp.read()
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> ConnectionError:
+        return ConnectionError(f"Could not reach the mctl control plane at {self.url} ({exc}). "
+                               "Start one with `mctl server`, or set MCTL_SERVER_URL to a running "
+                               "one.")
 
 
 async def _check(resp: Any) -> None:

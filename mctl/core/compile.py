@@ -44,12 +44,8 @@ def _local_module_files(root: str) -> list[str]:
     return files
 
 
-def make_bundle(app: DeclaredApp) -> tuple[str, bytes]:
-    """Zip the app's source: the file defining its functions and the local modules and packages
-    it imported from that file's directory. Returns (main module, zip bytes).
-
-    The zip is written deterministically, so the same source gives the same blob id.
-    """
+def _defining_files(app: DeclaredApp) -> list[str]:
+    """The files that define the app's functions, the first one being the app's main module."""
     defining: list[str] = []
     for handle in app.registered_functions.values():
         path = _source_file(handle.raw_object) if handle.raw_object is not None else None
@@ -61,6 +57,16 @@ def make_bundle(app: DeclaredApp) -> tuple[str, bytes]:
             raise InvalidError("Cannot find the source file of this app; define its functions in "
                                "a .py file.")
         defining.append(os.path.abspath(main))
+    return defining
+
+
+def make_bundle(app: DeclaredApp) -> tuple[str, bytes]:
+    """Zip the app's source: the file defining its functions and the local modules and packages
+    it imported from that file's directory. Returns (main module, zip bytes).
+
+    The zip is written deterministically, so the same source gives the same blob id.
+    """
+    defining = _defining_files(app)
     root = os.path.dirname(defining[0])
     members = {os.path.basename(defining[0]): defining[0]}
     for path in _local_module_files(root):
@@ -93,6 +99,7 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
     from mctl.core.serialization import dumps
 
     module, bundle = make_bundle(app)
+    source_root = os.path.dirname(_defining_files(app)[0])
     app_name = name or app.name or module
     blobs = {blob_id(bundle): bundle}
     images: dict[str, ImageSpec] = {}
@@ -131,6 +138,7 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
             raise InvalidError(f"Function {tag}: {exc}") from None
     try:
         spec = AppSpec(name=app_name, module=module, bundle_blob=blob_id(bundle),
+                       source_root=source_root,
                        functions=functions, images=images)
     except ValueError as exc:
         raise InvalidError(f"App {app_name}: {exc}") from None

@@ -43,6 +43,12 @@ def configured_server_url() -> str | None:
     `server.json`, else None."""
     url = os.environ.get("MCTL_SERVER_URL") or _profile().get("server")
     if url:
+        if not url.startswith(("http://", "https://")):
+            from mctl.exception import InvalidError
+
+            where = "MCTL_SERVER_URL" if os.environ.get("MCTL_SERVER_URL") else str(profile_file())
+            raise InvalidError(f"The server URL {url!r} (from {where}) must start with http:// or "
+                               "https://, e.g. http://127.0.0.1:8600.")
         return url.rstrip("/")
     try:
         return json.loads(server_file().read_text())["url"]

@@ -25,8 +25,9 @@ def resolve_secrets(fspec: FunctionSpec) -> dict[str, str]:
                 raise NotFoundError(f"The secret values given in code for {fspec.tag} (keys "
                                     f"{', '.join(ref.get('keys', []))}) are no longer in the "
                                     "secret store; run or deploy the app again.")
-            raise NotFoundError(f"Secret {name!r} (used by {fspec.tag}) was not found in "
-                                f"{', '.join(b.name for b in backends)}; create it with "
+            raise NotFoundError(f"Secret {name!r} (used by {fspec.tag}) was not found in the "
+                                f"secret backends ({', '.join(b.name for b in backends)}); "
+                                "create it with "
                                 f"`mctl secret create {name} KEY=VALUE`.")
         missing = [k for k in [*ref.get("required_keys", []), *ref.get("keys", [])]
                    if k not in values]

@@ -68,7 +68,7 @@ def run_app(app: DeclaredApp) -> Iterator[None]:
     app_id = ids.new_id("app")
     spec, blobs = compile_app(app, app_id)  # fails on bad input before anything starts
     secrets = inline_secret_values(app, app_id)
-    url = os.environ.get("MCTL_SERVER_URL")
+    url = config.configured_server_url() if os.environ.get("MCTL_SERVER_URL") else None
     with contextlib.ExitStack() as stack:
         if not url:
             url = stack.enter_context(embedded_server())
@@ -133,6 +133,8 @@ def ensure_background_server(timeout: float = 30.0) -> str:
     while time.monotonic() < deadline:
         url = config.configured_server_url()
         if url and server_alive(url):
+            print(f"mctl: started a background control plane at {url} (state and server.log in "
+                  f"{home}); `mctl server stop` stops it.", file=sys.stderr)
             return url
         time.sleep(0.1)
     raise ConnectionError(f"The background mctl server did not start within {timeout:g}s; see "

@@ -189,6 +189,8 @@ class AppSpec(_Model):
     name: str
     module: str
     bundle_blob: Optional[str] = None   # content-addressed source bundle
+    source_root: Optional[str] = None   # the bundle's directory on the deployer's machine, for
+                                        # tracebacks that name the user's own files
     functions: dict[str, FunctionSpec]
     images: dict[str, ImageSpec] = {}
 

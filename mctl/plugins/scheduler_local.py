@@ -53,7 +53,15 @@ class LocalScheduler:
     handles_schedules = False
     provider = "local"
 
+    OPTIONS = ("max_containers_per_function", "strict_resources", "region")
+
     def __init__(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            from mctl.exception import InvalidError
+
+            raise InvalidError(f"The local scheduler has no option {', '.join(unknown)}; its "
+                               f"options are {', '.join(self.OPTIONS)}.")
         self.options = options
         self.default_max_containers = int(options.get("max_containers_per_function")
                                           or os.cpu_count() or 2)

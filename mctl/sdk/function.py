@@ -87,24 +87,27 @@ class Invocable:
             raise InvalidError(f"{self._describe()} is a generator; call it with .remote_gen(), "
                                f"not .{what}().")
 
+    # The target comes first: a handle from `from_name` learns whether it is a generator there.
     def _remote(self, *args: Any, **kwargs: Any) -> Any:
+        target = self._target()
         self._check_not_generator("remote")
-        return invoke.call(self._target(), args, kwargs)
+        return invoke.call(target, args, kwargs)
 
     async def _remote_aio(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_not_generator("remote")
         target = await _in_thread(self._target)
+        self._check_not_generator("remote")
         return await invoke.call_aio(target, args, kwargs)
 
     def _remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        target = self._target()
         if not self._is_generator:
             raise InvalidError(f"{self._describe()} is not a generator; use .remote().")
-        return invoke.call_gen(self._target(), args, kwargs)
+        return invoke.call_gen(target, args, kwargs)
 
     async def _remote_gen_aio(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        target = await _in_thread(self._target)
         if not self._is_generator:
             raise InvalidError(f"{self._describe()} is not a generator; use .remote.aio().")
-        target = await _in_thread(self._target)
         async for value in invoke.call_gen_aio(target, args, kwargs):
             yield value
 
@@ -119,17 +122,18 @@ class Invocable:
 
     def _map(self, *iters: Iterable[Any], kwargs: dict[str, Any] | None = None,
              order_outputs: bool = True, return_exceptions: bool = False) -> Iterator[Any]:
-        self._check_not_generator("map")
         if not iters:
             raise InvalidError(f"{self._describe()}.map() needs at least one iterable of inputs.")
-        return invoke.map_sync(self._target(), _arg_sets(iters, kwargs or {}), order_outputs,
+        target = self._target()
+        self._check_not_generator("map")
+        return invoke.map_sync(target, _arg_sets(iters, kwargs or {}), order_outputs,
                                return_exceptions)
 
     async def _map_aio(self, *iters: Any, kwargs: dict[str, Any] | None = None,
                        order_outputs: bool = True, return_exceptions: bool = False
                        ) -> AsyncIterator[Any]:
-        self._check_not_generator("map")
         target = await _in_thread(self._target)
+        self._check_not_generator("map")
         async for value in invoke.map_aio(target, _arg_sets_aio(iters, kwargs or {}),
                                           order_outputs, return_exceptions):
             yield value
@@ -137,9 +141,10 @@ class Invocable:
     def _starmap(self, input_iterator: Iterable[tuple[Any, ...]], *,
                  kwargs: dict[str, Any] | None = None, order_outputs: bool = True,
                  return_exceptions: bool = False) -> Iterator[Any]:
+        target = self._target()
         self._check_not_generator("starmap")
         sets = ((tuple(args), kwargs or {}) for args in input_iterator)
-        return invoke.map_sync(self._target(), sets, order_outputs, return_exceptions)
+        return invoke.map_sync(target, sets, order_outputs, return_exceptions)
 
     async def _starmap_aio(self, input_iterator: Any, *, kwargs: dict[str, Any] | None = None,
                            order_outputs: bool = True, return_exceptions: bool = False

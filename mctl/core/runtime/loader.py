@@ -42,6 +42,10 @@ def import_bundle(http_url: str, app: AppSpec) -> Any:
         except OSError:  # another worker won the race
             pass
     sys.path.insert(0, str(target))
+    if app.source_root:  # tracebacks name the user's files, not this cache
+        from mctl.core import tracebacks
+
+        tracebacks.PATH_MAP[str(target)] = app.source_root
     if app.module in sys.modules:
         return sys.modules[app.module]
     spec = importlib.util.spec_from_file_location(app.module, target / f"{app.module}.py")

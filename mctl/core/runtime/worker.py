@@ -101,8 +101,10 @@ class Worker:
             try:
                 await self.load(session)
             except BaseException as exc:  # noqa: BLE001 - the user's import may even sys.exit()
-                traceback.print_exc()
-                await self._report_start_failure(session, exc)
+                if not await self._report_start_failure(session, exc):
+                    from mctl.core.tracebacks import format_user_traceback
+
+                    print(format_user_traceback(exc), end="", file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
             self._start_threads()
             while not self.stopping:
@@ -132,8 +134,9 @@ class Worker:
         self._shutdown()
         self.logs.drain()
 
-    async def _report_start_failure(self, session: Any, exc: BaseException) -> None:
-        """Tell the control plane why the user's code could not load, so callers see it."""
+    async def _report_start_failure(self, session: Any, exc: BaseException) -> bool:
+        """Tell the control plane why the user's code could not load, so callers see it (the
+        exception carries the traceback). False when the control plane cannot be told."""
         import aiohttp
 
         summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -147,8 +150,9 @@ class Worker:
                 lines = self.logs.take()
                 if lines:
                     await ws.send_bytes(protocol.encode({"type": "log", "lines": lines}))
+            return True
         except (aiohttp.ClientError, OSError):
-            pass  # the backend reports the exit with the output's tail
+            return False  # the backend reports the exit with the output's tail
 
     async def _receive(self, ws: Any) -> None:
         import aiohttp

@@ -86,6 +86,7 @@ class Autoscaler:
         self.default_max = getattr(backend, "default_max_containers", None)
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._noticed: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         await self.backend.start(self)
@@ -150,7 +151,8 @@ class Autoscaler:
             builder = next(b for b in plugins.registrations("mctl_register_image_builders")
                            if b.handles(image))
             built = await asyncio.to_thread(builder.build, image)
-            if built.get("notice"):
+            if built.get("notice") and (pool.app_id, fspec.image_id) not in self._noticed:
+                self._noticed.add((pool.app_id, fspec.image_id))  # once per image, not per pool
                 self.control.append_log(pool.app_id, "build", fspec.tag, built["notice"])
             mounts = await asyncio.to_thread(_mounts, fspec)
             tokens = getattr(self.control, "tokens", None)
@@ -310,13 +312,14 @@ class Autoscaler:
     def _count_failure(self, pool: Pool, error: bytes, summary: str) -> None:
         pool.failures += 1
         pool.retry_at = time.monotonic() + backoff(pool.failures)
-        if pool.failures == 1 or pool.failures >= START_FAILURES:
+        if pool.failures == 1:  # said once; retries go quietly until it is failing
             self.control.append_log(pool.app_id, "start", pool.spec.tag,
-                                    f"mctl: {pool.spec.tag} failed to start "
-                                    f"({pool.failures} in a row): {summary}")
+                                    f"mctl: {pool.spec.tag} failed to start, retrying: {summary}")
         if pool.failures >= START_FAILURES:
-            text = (f"Function {pool.spec.tag} failed to start {pool.failures} times in a row; "
-                    "its calls fail until the app is deployed again.")
+            again = "deployed" if self.control.app_modes.get(pool.app_id) == "deployed" else "run"
+            text = (f"Function {pool.spec.tag} failed to start {pool.failures} times in a row "
+                    f"({summary.splitlines()[0] if summary else 'no reason given'}); its calls "
+                    f"fail until the app is {again} again.")
             self.control.fail_function(pool.function_id, error, text)
         self._reconcile_soon(pool)
 
