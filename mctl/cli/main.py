@@ -155,7 +155,7 @@ def run(ctx: click.Context, app_ref: str) -> None:
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(short_help="Deploy an app; it keeps running on the control plane.")
 @click.argument("app_ref")
 @click.option("--name", help="Deploy under this name instead of the App's own.")
 def deploy(app_ref: str, name: str | None) -> None:
@@ -284,7 +284,7 @@ def app_logs(name: str, follow: bool) -> None:
 
 
 # --- secrets -------------------------------------------------------------------------------------
-@cli.group()
+@cli.group(short_help="Manage secrets: create, list, delete.")
 def secret() -> None:
     """Manage the control plane's secrets (its backend: $MCTL_SECRET_BACKEND, default local).
 
@@ -371,7 +371,7 @@ def secret_delete(name: str, allow_missing: bool) -> None:
 
 
 # --- tokens and audit ----------------------------------------------------------------------------
-@cli.group()
+@cli.group(short_help="Manage access tokens: create, list, revoke, set.")
 def token() -> None:
     """Manage access tokens: create, list, revoke; `set` saves yours for this machine."""
 
@@ -488,7 +488,7 @@ def token_set(token_value: str, server: str | None) -> None:
     click.echo(f"Saved the token{' and server' if server else ''} to {path}")
 
 
-@cli.command()
+@cli.command(short_help="Show the audit log: who changed what, when, from where.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines' objects as a list.")
 @click.option("--limit", default=50, show_default=True, help="The last N entries.")
 def audit(as_json: bool, limit: int) -> None:
@@ -522,7 +522,7 @@ def plugins(as_json: bool) -> None:
             click.echo(f"    {hook}")
 
 
-@cli.group(invoke_without_command=True)
+@cli.group(invoke_without_command=True, short_help="Run the control plane; status, start, stop.")
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, help="0 (the default) picks a free port.")
 @click.option("--state-dir", type=click.Path(), help="Default: $MCTL_HOME/server.")

@@ -40,7 +40,8 @@ class Worker:
         self.version = version
         # Inputs received whose final output the control plane has not yet acknowledged: named in
         # the hello after a reconnect, so it keeps them with this worker instead of re-running.
-        self.held: set[str] = set()
+        self.held: dict[str, int] = {}  # input id -> the attempt this worker holds
+        self.attempts: dict[str, int] = {}  # input id -> attempt, while it runs here
         self.out_seq = 0
         self.unacked: deque[tuple[int, bytes, list[str]]] = deque()
         self.logs: Any = None
@@ -168,10 +169,13 @@ class Worker:
             elif kind == "outputs_ack":
                 unacked = self.unacked
                 while unacked and unacked[0][0] <= header["upto"]:
-                    self.held.difference_update(unacked.popleft()[2])
+                    for input_id, attempt in unacked.popleft()[2]:
+                        if self.held.get(input_id) == attempt:  # not a newer retry of it
+                            del self.held[input_id]
             elif kind == "cancel":
                 self.cancelled.update(header["input_ids"])
-                self.held.difference_update(header["input_ids"])
+                for input_id in header["input_ids"]:
+                    self.held.pop(input_id, None)
             elif kind == "stop":
                 self.stopping = True
                 await self._drain_and_close(ws)
@@ -199,9 +203,11 @@ class Worker:
         await ws.close()
 
     def _accept(self, item: dict[str, Any], payload: bytes) -> None:
-        if item["id"] in self.held:
+        attempt = item.get("attempt", 1)
+        if self.held.get(item["id"]) == attempt:
             return  # sent again after a reconnect; it is already queued or running here
-        self.held.add(item["id"])
+        self.held[item["id"]] = attempt
+        self.attempts[item["id"]] = attempt
         if self.async_sem is not None:
             task = self.loop.create_task(self._run_async(item, payload))  # type: ignore[union-attr]
             self.async_tasks.add(task)
@@ -395,7 +401,8 @@ class Worker:
             items = [i for i, _ in batch]
             frame = protocol.encode({"type": "outputs", "seq": self.out_seq, "items": items},
                                     [d for _, d in batch])
-            self.unacked.append((self.out_seq, frame, [i["id"] for i in items if i["final"]]))
+            finals = [(i["id"], self.attempts.pop(i["id"], 1)) for i in items if i["final"]]
+            self.unacked.append((self.out_seq, frame, finals))
             self.loop.create_task(ws.send_bytes(frame))  # type: ignore[union-attr]
 
     # --- logs ----------------------------------------------------------------------------------

@@ -102,6 +102,12 @@ class Autoscaler:
     # --- apps ----------------------------------------------------------------------------------
     async def apply_app(self, app_id: str, app: AppSpec, version: int) -> None:
         """Activate `version`: new pools for its functions; older versions' pools drain."""
+        current = {f.function_id for f in app.functions.values()}
+        for pid, pool in list(self.pools.items()):
+            if pool.app_id == app_id and pool.function_id not in current:  # function removed
+                if self.current.get(pool.function_id) == pid:
+                    del self.current[pool.function_id]
+                self._spawn(self.remove_pool(pid))
         for fspec in app.functions.values():
             pid = pool_id(fspec.function_id, version)
             old = self.current.get(fspec.function_id)

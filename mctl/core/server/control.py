@@ -118,6 +118,7 @@ class ControlPlane:
         self.scheduler = scheduler                  # the backend; core talks to it via autoscaler
         self.autoscaler: Autoscaler | None = None   # set by start_server
         self.orphans: dict[str, Conn] = {}          # task id -> dropped worker connection
+        self.exited: deque[str] = deque(maxlen=1000)  # task ids the backend saw end
         self.log_sink = log_sink
         self.functions: dict[str, FunctionState] = {}
         self.apps: dict[str, AppSpec] = {}
@@ -178,8 +179,28 @@ class ControlPlane:
                 for conn in list(fs.workers):  # the old version's workers finish and exit
                     if conn.pool_id != _pool_id(fspec.function_id, version):
                         self.drain(conn)
+        current = {f.function_id for f in spec.functions.values()}
+        for fid, fs in list(self.functions.items()):
+            if fs.app_id == app_id and fid not in current:  # removed in this version
+                self._retire(fs, f"Function {fs.spec.tag} is not in version {version} of app "
+                                 f"{spec.name}; it was removed before this input ran.")
         if self.autoscaler is not None:
             await self.autoscaler.apply_app(app_id, spec, version)
+
+    def _retire(self, fs: FunctionState, reason: str) -> None:
+        """The function is gone: its waiting inputs fail with `reason`, its workers drain."""
+        from mctl.core.serialization import serialize_exception
+        from mctl.exception import ExecutionError
+
+        error = serialize_exception(ExecutionError(reason))
+        self.functions.pop(fs.spec.function_id, None)
+        fs.stopped = True
+        for rec in list(fs.pending):
+            if not rec.done:
+                self._store_output(rec, 0, "failure", error, False, final=True)
+        for conn in list(fs.workers):
+            self.drain(conn)
+        self._schedule_flush()
 
     def _revoke_old_task_tokens_later(self, app_id: str, spec: AppSpec) -> None:
         """Older versions' workers drain first (they may still upload results and reconnect);
@@ -217,22 +238,10 @@ class ControlPlane:
             secret_store.forget_app(self.store, app_id)
         if spec is None:
             return
-        from mctl.core.serialization import serialize_exception
-        from mctl.exception import ExecutionError
-
-        error = serialize_exception(ExecutionError(f"App {spec.name} ({app_id}) was stopped "
-                                                   "before this input ran."))
         for fspec in spec.functions.values():
-            fs = self.functions.pop(fspec.function_id, None)
-            if fs is None:
-                continue
-            fs.stopped = True
-            for rec in list(fs.pending):
-                if not rec.done:
-                    self._store_output(rec, 0, "failure", error, False, final=True)
-            for conn in list(fs.workers):
-                self.drain(conn)
-        self._schedule_flush()
+            fs = self.functions.get(fspec.function_id)
+            if fs is not None:
+                self._retire(fs, f"App {spec.name} ({app_id}) was stopped before this input ran.")
 
     def _reap_later(self, app_id: str) -> None:
         """Stop an ephemeral app whose caller stays away for `ephemeral_grace` seconds."""
@@ -341,6 +350,8 @@ class ControlPlane:
         if old is not None:
             log.warning("worker %s exited while disconnected", task_id)
             self._crash_inputs(old)
+        else:  # its connection may close after this report: then there is nothing to wait for
+            self.exited.append(task_id)
 
     def disconnected(self, conn: Conn) -> None:
         conn.closed = True
@@ -361,7 +372,9 @@ class ControlPlane:
         fs = self.functions.get(conn.function_id)
         if fs is not None and conn in fs.workers:
             fs.workers.remove(conn)
-        if conn.running:
+        if conn.running and conn.task_id in self.exited:  # its process is known to be dead
+            self._crash_inputs(conn)
+        elif conn.running:
             # It may come back (a dropped connection, not a dead process): hold its inputs.
             log.info("worker %s disconnected holding %d inputs; keeping them for %gs",
                      conn.task_id, len(conn.running), RECONNECT_GRACE)
