@@ -262,3 +262,15 @@ def test_missing_required_key_refuses_the_deploy(server_process, tmp_path):
     assert out.returncode != 0
     assert "Secret 'db' lacks required keys PASSWORD" in out.stderr
     assert json.loads(mctl_cli("app", "list", "--json").stdout) == []
+
+
+def test_first_release_specs_answer_with_keys_not_values():
+    """Specs stored before inline secrets moved to the store still hold values: the API redacts."""
+    from mctl.core.server.http import _redacted
+
+    spec = {"functions": {"f": {"secrets": [{"values": {"API_KEY": VALUE}},
+                                            {"name": "db", "required_keys": []}]}}}
+    out = _redacted(spec)
+    assert VALUE not in json.dumps(out)
+    assert out["functions"]["f"]["secrets"] == [{"keys": ["API_KEY"], "inline": True},
+                                                {"name": "db", "required_keys": []}]

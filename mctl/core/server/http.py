@@ -132,7 +132,17 @@ async def get_app(request: web.Request) -> web.Response:
     if app is None:
         return _json_error(404, f"No app named {name!r}.")
     version = int(request.query.get("version", app["version"]))
-    return web.json_response({**app, "spec": control.store.version_spec(app["app_id"], version)})
+    spec = _redacted(control.store.version_spec(app["app_id"], version))
+    return web.json_response({**app, "spec": spec})
+
+
+def _redacted(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A spec stored by the first release kept `Secret.from_dict` values inline: answer with
+    their keys only (workers get values from the secrets route, never from here)."""
+    for fspec in (spec or {}).get("functions", {}).values():
+        fspec["secrets"] = [{"keys": sorted(ref["values"]), "inline": True}
+                            if "values" in ref else ref for ref in fspec.get("secrets", [])]
+    return spec
 
 
 async def stop_app(request: web.Request) -> web.Response:
@@ -190,7 +200,7 @@ async def lookup_function(request: web.Request) -> web.Response:
     app = control.store.find_app(app_name)
     if app is None or app["state"] != "running":
         return _json_error(404, f"No running app named {app_name!r}; deploy it with `mctl deploy`.")
-    spec = control.store.version_spec(app["app_id"], app["version"]) or {}
+    spec = _redacted(control.store.version_spec(app["app_id"], app["version"])) or {}
     fspec = spec.get("functions", {}).get(tag)
     if fspec is None:
         return _json_error(404, f"App {app_name!r} has no function or class {tag!r}; it has "
