@@ -22,6 +22,7 @@ log = logging.getLogger("mctl.plugins")
 
 BUILTIN_PLUGINS = (
     "mctl.plugins.scheduler_local",
+    "mctl.plugins.scheduler_slurm",
     "mctl.plugins.image_local",
     "mctl.plugins.secrets_local",
     "mctl.plugins.volumes_local",

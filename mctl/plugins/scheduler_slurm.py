@@ -1,0 +1,335 @@
+"""Slurm backend: each worker is one Slurm batch job running mctl's worker runtime.
+
+Core decides how many workers a pool needs; this backend submits (`sbatch --parsable`), watches
+(`squeue`, `scontrol show job`) and cancels (`scancel`) jobs. A job is named `mctl-<app>-<function>`
+and carries a comment naming app, version, function and task, so `squeue` reads well to a Slurm
+admin. GPUs become GRES requests (`gpu="A100:2"` -> `--gres=gpu:a100:2`), with a configurable map
+from Modal's GPU names to the cluster's GRES types.
+
+Options (`mctl server --scheduler slurm --scheduler-option KEY=VALUE`):
+  partition, account, qos, time_limit (sbatch --time, e.g. 1-00:00:00), gpu_map (e.g.
+  "A100=a100,H100=h100"), output_dir (job output files; default <state>/slurm-jobs),
+  command_timeout (seconds for each Slurm command, default 20), poll_interval (default 1).
+The Slurm client commands use the environment's SLURM_CONF like any Slurm user's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mctl
+from mctl.core import ids
+from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo
+from mctl.exception import InvalidError
+
+if TYPE_CHECKING:
+    from mctl.core.launch import LaunchSpec
+    from mctl.core.plugin_types import PoolEvents
+
+log = logging.getLogger("mctl.scheduler.slurm")
+
+# Slurm job states after which the job no longer runs.
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+            "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+class SlurmError(InvalidError):
+    """A Slurm command failed; the message has Slurm's own words."""
+
+
+@dataclass
+class Job:
+    task_id: str
+    job_id: str
+    stopping: bool = False
+    node: str = ""
+    state: str = "PENDING"
+
+
+@dataclass
+class SlurmPool:
+    launch: LaunchSpec
+    jobs: dict[str, Job] = field(default_factory=dict)  # task id -> job
+
+
+class SlurmScheduler:
+    handles_schedules = False
+    provider = "slurm"
+    OPTIONS = ("partition", "account", "qos", "time_limit", "gpu_map", "output_dir",
+               "command_timeout", "poll_interval", "region")
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise InvalidError(f"The slurm scheduler has no option {', '.join(unknown)}; its "
+                               f"options are {', '.join(self.OPTIONS)}.")
+        self.options = options
+        self.timeout = float(options.get("command_timeout", 20))
+        self.poll_interval = float(options.get("poll_interval", 1))
+        self.gpu_map = _parse_gpu_map(options.get("gpu_map", ""))
+        self.output_dir = Path(options.get("output_dir") or
+                               Path(tempfile.gettempdir()) / "mctl-slurm-jobs")
+        self.pools: dict[str, SlurmPool] = {}
+        self.events: PoolEvents | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._nodes: list[dict[str, Any]] | None = None
+
+    # --- Slurm commands ------------------------------------------------------------------------
+    async def _run(self, *cmd: str, env: dict[str, str] | None = None) -> str:
+        """Run a Slurm client command with a timeout (a client facing a dead controller retries
+        for minutes); Slurm's own error text on failure."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env)
+        except FileNotFoundError:
+            raise SlurmError(f"`{cmd[0]}` is not installed here; install Slurm's client commands "
+                             "(Debian: slurm-client) on the control plane's machine.") from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise SlurmError(f"Slurm is unreachable: `{' '.join(cmd[:2])}` did not answer within "
+                             f"{self.timeout:g}s. Check that slurmctld runs and SLURM_CONF "
+                             f"({os.environ.get('SLURM_CONF', 'default /etc/slurm/slurm.conf')}) "
+                             "points at it.") from None
+        if proc.returncode != 0:
+            raise SlurmError(f"`{' '.join(cmd[:2])}` failed: "
+                             f"{err.decode(errors='replace').strip() or out.decode().strip()}")
+        return out.decode(errors="replace")
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Each node's name, CPUs, memory (MiB) and GPUs as {type: count}."""
+        if self._nodes is None:
+            text = await self._run("scontrol", "show", "nodes", "--oneliner")
+            self._nodes = [_parse_node(line) for line in text.splitlines() if line.strip()]
+        return self._nodes
+
+    # --- the backend ---------------------------------------------------------------------------
+    async def start(self, events: PoolEvents) -> None:
+        self.events = events
+        await self.nodes()  # fails the server's start with Slurm's reason when unreachable
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def ensure_pool(self, launch: LaunchSpec) -> None:
+        if launch.pool_id in self.pools:
+            return
+        problem = _unplaceable(launch, await self.nodes(), self.gres_type(launch))
+        if problem:
+            raise PlacementError(problem)
+        self.pools[launch.pool_id] = SlurmPool(launch)
+
+    async def scale(self, pool_id: str, count: int) -> None:
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            return
+        live = [j for j in pool.jobs.values() if not j.stopping]
+        for _ in range(count - len(live)):
+            await self._submit(pool)
+        for job in reversed(live[count:]):  # newest first
+            await self._cancel(job, grace_s=pool.launch.timeout_s + 5)
+
+    async def stop_worker(self, pool_id: str, worker_id: str, grace_s: float) -> None:
+        pool = self.pools.get(pool_id)
+        job = pool.jobs.get(worker_id) if pool else None
+        if job is not None:
+            await self._cancel(job, grace_s)
+
+    async def remove_pool(self, pool_id: str, grace_s: float) -> None:
+        pool = self.pools.pop(pool_id, None)
+        for job in list(pool.jobs.values()) if pool else ():
+            await self._cancel(job, grace_s)
+
+    async def list_workers(self, pool_id: str) -> list[WorkerInfo]:
+        pool = self.pools.get(pool_id)
+        return [WorkerInfo(j.task_id, j.node, "stopping" if j.stopping else j.state.lower(),
+                           f"job {j.job_id}") for j in (pool.jobs.values() if pool else ())]
+
+    async def shutdown(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        ids_ = [j.job_id for p in self.pools.values() for j in p.jobs.values()]
+        if ids_:  # workers of a stopped control plane would wait for it in vain
+            try:
+                await self._run("scancel", *ids_)
+            except SlurmError as exc:
+                log.warning("could not cancel jobs at shutdown: %s", exc)
+
+    # --- jobs ----------------------------------------------------------------------------------
+    def gres_type(self, launch: LaunchSpec) -> str | None:
+        if launch.gpu is None or launch.gpu.type is None:
+            return None
+        return self.gpu_map.get(launch.gpu.type.upper(), launch.gpu.type.lower())
+
+    def job_script(self, launch: LaunchSpec, task_id: str) -> str:
+        """The batch script a worker runs as; `mctl slurm render` prints it (no secrets in it)."""
+        opts = self.options
+        lines = ["#!/bin/sh", f"#SBATCH --job-name={launch.job_name}",
+                 f"#SBATCH --comment=mctl app={launch.app_name} version={launch.version} "
+                 f"function={launch.function} task={task_id}",
+                 f"#SBATCH --output={self.output_dir}/%j.out", "#SBATCH --ntasks=1",
+                 f"#SBATCH --cpus-per-task={max(1, round(launch.cpu or 1))}"]
+        if launch.memory_mb:
+            lines.append(f"#SBATCH --mem={launch.memory_mb}M")
+        if launch.gpu is not None:
+            gres = self.gres_type(launch)
+            lines.append(f"#SBATCH --gres=gpu:{gres + ':' if gres else ''}{launch.gpu.count}")
+        for key, flag in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
+                          ("time_limit", "time")):
+            if opts.get(key):
+                lines.append(f"#SBATCH --{flag}={opts[key]}")
+        lines.append("exec " + " ".join(shlex.quote(part) for part in launch.command))
+        return "\n".join(lines) + "\n"
+
+    async def _submit(self, pool: SlurmPool) -> None:
+        launch = pool.launch
+        task_id = ids.new_id("task")
+        env = dict(os.environ)
+        env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
+        env.update(launch.worker_env(task_id))
+        job_id = (await self._run("sbatch", "--parsable", "--export=ALL",
+                                  input_script(self.output_dir, task_id,
+                                               self.job_script(launch, task_id)),
+                                  env=env)).strip().split(";")[0]
+        pool.jobs[task_id] = Job(task_id, job_id)
+        log.info("submitted job %s for %s (%s)", job_id, launch.pool_id, task_id)
+
+    async def _cancel(self, job: Job, grace_s: float) -> None:
+        if job.stopping:
+            return
+        job.stopping = True
+        try:  # TERM to the worker: it drains (running inputs finish, @exit runs) and exits
+            await self._run("scancel", "--batch", "--signal=TERM", job.job_id)
+        except SlurmError:
+            pass  # pending jobs have no batch step to signal: cancelled below
+
+        async def later() -> None:
+            await asyncio.sleep(0 if job.state == "PENDING" else grace_s)
+            if job.state not in FINISHED:
+                try:
+                    await self._run("scancel", job.job_id)
+                except SlurmError as exc:
+                    log.warning("scancel %s: %s", job.job_id, exc)
+
+        asyncio.get_running_loop().create_task(later())
+
+    async def _poll(self) -> None:
+        """Watch our jobs: where they run, and when they end (reported to core)."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            jobs = {j.job_id: (pid, j) for pid, p in self.pools.items() for j in p.jobs.values()}
+            if not jobs:
+                continue
+            try:
+                text = await self._run("squeue", "-h", "-o", "%i %T %N", "-j", ",".join(jobs))
+            except SlurmError as exc:
+                if "Invalid job id" not in str(exc):
+                    log.warning("squeue failed: %s", exc)
+                    continue
+                text = ""
+            seen = set()
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] in jobs:
+                    job = jobs[parts[0]][1]
+                    job.state, job.node = parts[1], parts[2] if len(parts) > 2 else ""
+                    if job.state not in FINISHED:
+                        seen.add(parts[0])
+            for job_id, (pid, job) in jobs.items():
+                if job_id not in seen:
+                    await self._finished(pid, job)
+
+    async def _finished(self, pool_id: str, job: Job) -> None:
+        code: int | None = None
+        try:
+            info = await self._run("scontrol", "show", "job", job.job_id, "--oneliner")
+            match = re.search(r"ExitCode=(\d+):(\d+)", info)
+            state = re.search(r"JobState=(\S+)", info)
+            if match:
+                code = int(match.group(1)) or (-int(match.group(2)) if int(match.group(2)) else 0)
+            job.state = state.group(1) if state else "COMPLETED"
+        except SlurmError:
+            job.state = "COMPLETED"  # aged out of slurmctld's memory
+        pool = self.pools.get(pool_id)
+        if pool is not None:
+            pool.jobs.pop(job.task_id, None)
+        if self.events is not None:
+            clean = job.stopping or (code == 0 and job.state == "COMPLETED")
+            detail = "" if clean else f"Slurm job {job.job_id} ended {job.state}." + _tail(
+                self.output_dir / f"{job.job_id}.out")
+            self.events.worker_exited(pool_id, job.task_id, code, detail)
+
+
+def input_script(directory: Path, task_id: str, text: str) -> str:
+    """Write the batch script to a file sbatch reads (kept beside the job's output)."""
+    path = directory / f"{task_id}.sbatch"
+    path.write_text(text)
+    return str(path)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _parse_gpu_map(text: str) -> dict[str, str]:
+    out = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, gres = pair.partition("=")
+        if not sep:
+            raise InvalidError(f"gpu_map entry {pair!r} is not NAME=GRES_TYPE, e.g. A100=a100.")
+        out[name.strip().upper()] = gres.strip()
+    return out
+
+
+def _parse_node(line: str) -> dict[str, Any]:
+    fields = dict(re.findall(r"(\w+)=(\S*)", line))
+    gpus: dict[str, int] = {}
+    for item in filter(None, fields.get("Gres", "").split(",")):
+        parts = item.split("(")[0].split(":")  # gpu:a100:2 or gpu:2
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            gpus[parts[1] if len(parts) == 3 else ""] = int(parts[-1])
+    return {"name": fields.get("NodeName", "?"), "cpus": int(fields.get("CPUTot", 0) or 0),
+            "memory_mb": int(fields.get("RealMemory", 0) or 0), "gpus": gpus}
+
+
+def _unplaceable(launch: LaunchSpec, nodes: list[dict[str, Any]], gres: str | None) -> str:
+    """Why no node can ever run this launch ('' when some node can)."""
+    cpus = max(1, round(launch.cpu or 1))
+    fits = [n for n in nodes if n["cpus"] >= cpus]
+    if not fits:
+        return f"no node offers {cpus} CPUs (the largest has {max(n['cpus'] for n in nodes)})"
+    if launch.memory_mb:
+        fits = [n for n in fits if n["memory_mb"] >= launch.memory_mb]
+        if not fits:
+            return f"no node offers memory={launch.memory_mb} MiB"
+    if launch.gpu is not None:
+        want = launch.gpu.count
+
+        def offered(node: dict[str, Any]) -> int:
+            return sum(c for t, c in node["gpus"].items() if gres is None or t == gres)
+
+        if not any(offered(n) >= want for n in fits):
+            what = f"{want} GPU(s)" + (f" of type {gres}" if gres else "")
+            have = ", ".join(f"{n['name']}: " + (", ".join(f"{c} {t or 'gpu'}" for t, c in
+                                                          n["gpus"].items()) or "none")
+                             for n in nodes)
+            return f"no node offers {what} (nodes offer {have})"
+    return ""
+
+
+@mctl.hookimpl
+def mctl_register_schedulers():
+    yield Scheduler(name="slurm", factory=SlurmScheduler)
