@@ -592,6 +592,11 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
         asyncio.run(main())
     except Error as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # the address: not this machine's, or the port is taken
+        raise click.ClickException(
+            f"Cannot listen on {host or settings.get('host', '127.0.0.1')}:"
+            f"{port if port is not None else settings.get('port', 0)}: {exc.strerror}. Use an "
+            "address of this machine (--host) and a free port (--port, 0 picks one).") from None
     finally:
         forget_server_file(os.getpid())
 

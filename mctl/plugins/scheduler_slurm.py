@@ -175,8 +175,8 @@ class SlurmScheduler:
         """The batch script a worker runs as; `mctl slurm render` prints it (no secrets in it)."""
         opts = self.options
         lines = ["#!/bin/sh", f"#SBATCH --job-name={launch.job_name}",
-                 f"#SBATCH --comment=mctl app={launch.app_name} version={launch.version} "
-                 f"function={launch.function} task={task_id}",
+                 f'#SBATCH --comment="mctl app={launch.app_name} version={launch.version} '
+                 f'function={launch.function} task={task_id}"',
                  f"#SBATCH --output={self.output_dir}/%j.out", "#SBATCH --ntasks=1",
                  f"#SBATCH --cpus-per-task={max(1, round(launch.cpu or 1))}"]
         if launch.memory_mb:

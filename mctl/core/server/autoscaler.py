@@ -228,8 +228,16 @@ class Autoscaler:
         if want > pool.asked:
             if now < pool.retry_at:
                 return  # backing off after start failures; the tick retries
-            pool.asked = want
-            await self.backend.scale(pid, want)
+            before, pool.asked = pool.asked, want
+            try:
+                await self.backend.scale(pid, want)
+            except Exception as exc:  # e.g. the cluster rejected the job: its reason, to callers
+                from mctl.core.serialization import serialize_exception
+                from mctl.exception import ExecutionError
+
+                pool.asked = before
+                text = f"Function {pool.spec.tag} could not get a worker: {exc}"
+                self._count_failure(pool, serialize_exception(ExecutionError(text)), text)
             return
         if want == pool.asked:
             return
