@@ -174,3 +174,61 @@ def server_process(tmp_path, isolated_home, monkeypatch):
         yield srv
     finally:
         srv.stop()
+
+
+class SlurmCluster:
+    """The development Slurm cluster that `scripts/slurm-dev up` starts (docs/slurm-dev.md).
+
+    `env` holds only the cluster's variables (SLURM_CONF, MCTL_SLURM_HOST_ADDR,
+    MCTL_SLURM_NODES, SLURMRESTD_URL, ...); `client_env()` is the whole environment for a
+    Slurm client subprocess. Jobs reach this machine at `host_addr`, never at 127.0.0.1."""
+
+    def __init__(self, env):
+        self.env = env
+        self.conf = env["SLURM_CONF"]
+        self.host_addr = env["MCTL_SLURM_HOST_ADDR"]
+        self.nodes = env["MCTL_SLURM_NODES"].split(",")
+        self.restd_url = env.get("SLURMRESTD_URL")
+
+    def client_env(self):
+        return {**os.environ, **self.env}
+
+    def run(self, *args, timeout=30):
+        """Run a Slurm client command (sbatch, squeue, ...) against the cluster; a client facing
+        a dead controller retries for minutes, hence the timeout."""
+        return subprocess.run(list(args), env=self.client_env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+
+def _slurm_dev_env():
+    """The `export K=V` lines of `scripts/slurm-dev env`, as a dict."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "slurm-dev"), "env"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    return dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines()
+                if line.startswith("export "))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The running development Slurm cluster; skips the test when none is up, and fails it
+    instead under MCTL_REQUIRE_SERVERS=1 (as CI runs)."""
+    cluster = SlurmCluster(_slurm_dev_env())
+    problem = None
+    if not Path(cluster.conf).is_file():
+        problem = f"no Slurm configuration at {cluster.conf}"
+    else:
+        try:
+            result = cluster.run("sinfo", "-h", "-N", "-o", "%N", timeout=15)
+            if result.returncode != 0:
+                problem = f"sinfo failed: {result.stderr.strip()}"
+        except FileNotFoundError:
+            problem = "the Slurm client commands are not installed"
+        except subprocess.TimeoutExpired:
+            problem = "the Slurm controller did not answer within 15 s"
+    if problem:
+        message = (f"The development Slurm cluster is not up ({problem}). "
+                   "Start it with `sudo scripts/slurm-dev up` (docs/slurm-dev.md).")
+        if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return cluster
