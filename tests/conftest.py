@@ -193,11 +193,16 @@ class SlurmCluster:
     def client_env(self):
         return {**os.environ, **self.env}
 
-    def run(self, *args, timeout=30):
+    def run(self, *args, timeout=30, check=False):
         """Run a Slurm client command (sbatch, squeue, ...) against the cluster; a client facing
         a dead controller retries for minutes, hence the timeout."""
         return subprocess.run(list(args), env=self.client_env(), capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, check=check)
+
+    def run_script(self, *args, timeout=60):
+        """`scripts/slurm-dev ARGS`, e.g. ("cut", "node1") to take a node's link down."""
+        return subprocess.run(["bash", str(ROOT / "scripts" / "slurm-dev"), *args],
+                              capture_output=True, text=True, timeout=timeout, check=True)
 
 
 def _slurm_dev_env():

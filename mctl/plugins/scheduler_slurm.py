@@ -178,6 +178,7 @@ class SlurmScheduler:
                  f'#SBATCH --comment="mctl app={launch.app_name} version={launch.version} '
                  f'function={launch.function} task={task_id}"',
                  f"#SBATCH --output={self.output_dir}/%j.out", "#SBATCH --ntasks=1",
+                 "#SBATCH --no-requeue",  # core replaces lost workers; Slurm must not rerun one
                  f"#SBATCH --cpus-per-task={max(1, round(launch.cpu or 1))}"]
         if launch.memory_mb:
             lines.append(f"#SBATCH --mem={launch.memory_mb}M")

@@ -350,8 +350,17 @@ class ControlPlane:
         if old is not None:
             log.warning("worker %s exited while disconnected", task_id)
             self._crash_inputs(old)
-        else:  # its connection may close after this report: then there is nothing to wait for
-            self.exited.append(task_id)
+            return
+        self.exited.append(task_id)  # its connection may close after this report
+        for fs in list(self.functions.values()):
+            for conn in list(fs.workers):
+                if conn.task_id == task_id:
+                    # Still connected as far as we know (a node that died takes no TCP reset
+                    # with it): the backend's word is final; do not wait for a heartbeat.
+                    log.warning("worker %s ended but its connection is still open", task_id)
+                    fs.workers.remove(conn)
+                    conn.closed = True
+                    self._crash_inputs(conn)
 
     def disconnected(self, conn: Conn) -> None:
         conn.closed = True

@@ -1,0 +1,29 @@
+import os
+import socket
+import time
+
+import mctl
+
+app = mctl.App("onslurm")
+
+
+@app.function(cpu=3, max_containers=2)  # 3 of a node's 4 CPUs: two workers need two nodes
+def where(x):
+    time.sleep(0.3)
+    return socket.gethostname()
+
+
+@app.function(gpu="A100:2")
+def gpus():
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@app.function(gpu="A100:3")
+def too_many_gpus():
+    return "placed"
+
+
+@app.function(max_containers=2, retries=mctl.Retries(max_retries=3, initial_delay=0.5))
+def quick(x):
+    time.sleep(0.002)
+    return x * 2
