@@ -49,8 +49,8 @@ def test_functions_run_as_slurm_jobs_on_the_nodes(slurm_server, slurm_cluster):
     cold = time.monotonic() - start
     hosts = set(where.map(range(12)))
     assert hosts == set(slurm_cluster.nodes[:2]), hosts  # both nodes under load
-    jobs = our_jobs(slurm_cluster)
-    assert jobs and all("mctl-onslurm-where" in j and "function=where" in j for j in jobs), jobs
+    jobs = [j for j in our_jobs(slurm_cluster) if "function=where" in j]
+    assert len(jobs) == 2 and all("mctl-onslurm-where" in j for j in jobs), jobs
     assert cold < 60
 
     assert mctl.Function.from_name("onslurm", "gpus").remote() == "0,1"
@@ -92,3 +92,25 @@ def test_node_failure_mid_map_completes_every_input_once(slurm_server, slurm_clu
         slurm_cluster.run_script("heal", victim)
         slurm_cluster.run("scontrol", "update", f"nodename={victim}", "state=resume",
                           check=False)
+
+
+def test_scale_to_zero_cold_start_and_schedules_on_the_cluster(slurm_server, slurm_cluster,
+                                                              isolated_home):
+    """A pool idle past scaledown_window has no job left; the next call starts one. A schedule
+    fires in the control plane and runs on a node."""
+    from mctl.core.runner import deploy_app
+
+    ticks = isolated_home / "ticks"  # written by the scheduled function on a node
+    _, app = load_app("onslurm")
+    deploy_app(app)
+    brief = mctl.Function.from_name("onslurm", "brief")
+    assert brief.remote(1) in slurm_cluster.nodes
+
+    def brief_jobs():
+        return [j for j in our_jobs(slurm_cluster) if "function=brief" in j]
+
+    assert brief_jobs()
+    assert wait_until(lambda: not brief_jobs(), 60), brief_jobs()  # scaled to zero
+    assert brief.remote(2) in slurm_cluster.nodes  # a cold start from zero
+    assert wait_until(lambda: ticks.exists() and len(ticks.read_text().split()) >= 2, 60)
+    assert set(ticks.read_text().split()) <= set(slurm_cluster.nodes)

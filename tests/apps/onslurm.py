@@ -27,3 +27,15 @@ def too_many_gpus():
 def quick(x):
     time.sleep(0.002)
     return x * 2
+
+
+@app.function(scaledown_window=1)
+def brief(x):
+    return socket.gethostname()
+
+
+@app.function(schedule=mctl.Period(seconds=2))
+def tick():
+    # MCTL_HOME is the server's (and so its workers'), on a file system the nodes share
+    with open(os.path.join(os.environ["MCTL_HOME"], "ticks"), "a") as fh:
+        fh.write(socket.gethostname() + "\n")
