@@ -14,17 +14,10 @@ import pytest
 
 import mctl
 from conftest import APPS, ServerProcess, free_port
+from test_deploy import mctl_cli
 from mctl.core import protocol
 
 pytestmark = pytest.mark.integration
-
-
-def mctl_cli(*args, env=None, check=True):
-    out = subprocess.run([sys.executable, "-m", "mctl", *args], capture_output=True, text=True,
-                         env=env or os.environ, timeout=120)
-    if check and out.returncode != 0:
-        raise AssertionError(f"mctl {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return out
 
 
 def http(url, method="GET", token=None, body=None, data=None):

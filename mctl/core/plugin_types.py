@@ -79,6 +79,16 @@ class SchedulerBackend(Protocol):
     async def shutdown(self) -> None: ...
 
 
+def check_options(scheduler: str, options: dict[str, Any], known: tuple[str, ...]) -> None:
+    """Refuse options a backend does not know (a typo must not pass silently)."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        from mctl.exception import InvalidError
+
+        raise InvalidError(f"The {scheduler} scheduler has no option {', '.join(unknown)}; its "
+                           f"options are {', '.join(known)}.")
+
+
 class PlacementError(Exception):
     """Raised by a backend for a pool that no node can ever run; the message says why."""
 

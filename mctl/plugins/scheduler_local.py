@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import mctl
 from mctl.core import ids
-from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo
+from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo, check_options
 
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
@@ -56,12 +56,7 @@ class LocalScheduler:
     OPTIONS = ("max_containers_per_function", "strict_resources", "region")
 
     def __init__(self, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            from mctl.exception import InvalidError
-
-            raise InvalidError(f"The local scheduler has no option {', '.join(unknown)}; its "
-                               f"options are {', '.join(self.OPTIONS)}.")
+        check_options("local", options, self.OPTIONS)
         self.options = options
         self.default_max_containers = int(options.get("max_containers_per_function")
                                           or os.cpu_count() or 2)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import mctl
 from mctl.core import ids
-from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo
+from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo, check_options
 from mctl.exception import InvalidError
 
 if TYPE_CHECKING:
@@ -67,10 +67,7 @@ class SlurmScheduler:
                "command_timeout", "poll_interval", "region")
 
     def __init__(self, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise InvalidError(f"The slurm scheduler has no option {', '.join(unknown)}; its "
-                               f"options are {', '.join(self.OPTIONS)}.")
+        check_options("slurm", options, self.OPTIONS)
         self.options = options
         self.timeout = float(options.get("command_timeout", 20))
         self.poll_interval = float(options.get("poll_interval", 1))
