@@ -114,3 +114,23 @@ def test_scale_to_zero_cold_start_and_schedules_on_the_cluster(slurm_server, slu
     assert brief.remote(2) in slurm_cluster.nodes  # a cold start from zero
     assert wait_until(lambda: ticks.exists() and len(ticks.read_text().split()) >= 2, 60)
     assert set(ticks.read_text().split()) <= set(slurm_cluster.nodes)
+
+
+def test_a_third_two_gpu_worker_waits_for_a_free_node(slurm_server, slurm_cluster):
+    """Each node has 2 GPUs: two 2-GPU workers run, the third job waits in Slurm's queue (core
+    asked for 3), and every input still finishes on the two that run."""
+    from mctl.core.runner import deploy_app
+
+    _, app = load_app("onslurm")
+    deploy_app(app)
+    gpu_work = mctl.Function.from_name("onslurm", "gpu_work")
+    calls = [gpu_work.spawn(i) for i in range(6)]
+
+    def states():
+        out = slurm_cluster.run("squeue", "-h", "-o", "%T %k").stdout
+        return sorted(line.split()[0] for line in out.splitlines() if "function=gpu_work" in line)
+
+    assert wait_until(lambda: states() == ["PENDING", "RUNNING", "RUNNING"], 60), states()
+    results = [call.get(timeout=120) for call in calls]
+    assert {gpus for gpus, _ in results} == {"0,1"}
+    assert {host for _, host in results} == set(slurm_cluster.nodes[:2])

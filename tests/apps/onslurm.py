@@ -39,3 +39,9 @@ def tick():
     # MCTL_HOME is the server's (and so its workers'), on a file system the nodes share
     with open(os.path.join(os.environ["MCTL_HOME"], "ticks"), "a") as fh:
         fh.write(socket.gethostname() + "\n")
+
+
+@app.function(gpu="A100:2", max_containers=3, scaledown_window=2)
+def gpu_work(x):
+    time.sleep(3)
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), socket.gethostname()
