@@ -13,14 +13,19 @@ from conftest import ServerProcess, free_port, load_app, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
 
-@pytest.fixture
-def slurm_server(slurm_cluster, tmp_path, isolated_home, monkeypatch):
-    """A control plane on the bridge address the nodes reach, placing workers as Slurm jobs."""
+@pytest.fixture(params=["cli"])
+def slurm_server(request, slurm_cluster, tmp_path, isolated_home, monkeypatch):
+    """A control plane on the bridge address the nodes reach, placing workers as Slurm jobs
+    through Slurm's commands (api=cli) or slurmrestd (api=rest)."""
     for key, value in slurm_cluster.env.items():
         monkeypatch.setenv(key, value)
+    if request.param == "rest":
+        token = slurm_cluster.run_script("token").stdout
+        monkeypatch.setenv("SLURM_JWT", token.strip().split("SLURM_JWT=", 1)[1].split()[0])
     port = free_port()
     srv = ServerProcess(tmp_path / "state", port, dict(os.environ), args=[
         "--host", slurm_cluster.host_addr, "--scheduler", "slurm",
+        "--scheduler-option", f"api={request.param}",
         "--scheduler-option", f"output_dir={tmp_path / 'jobs'}",
         "--scheduler-option", "gpu_map=A100=a100"])
     srv.url = f"http://{slurm_cluster.host_addr}:{port}"
@@ -38,6 +43,7 @@ def our_jobs(cluster):
     return [line for line in out.splitlines() if "mctl app=onslurm" in line]
 
 
+@pytest.mark.parametrize("slurm_server", ["cli", "rest"], indirect=True)
 def test_functions_run_as_slurm_jobs_on_the_nodes(slurm_server, slurm_cluster):
     from mctl.core.runner import deploy_app
 
@@ -134,3 +140,22 @@ def test_a_third_two_gpu_worker_waits_for_a_free_node(slurm_server, slurm_cluste
     results = [call.get(timeout=120) for call in calls]
     assert {gpus for gpus, _ in results} == {"0,1"}
     assert {host for _, host in results} == set(slurm_cluster.nodes[:2])
+
+
+def test_rest_settings_that_are_missing_or_wrong_say_which(slurm_cluster, tmp_path):
+    """A missing or bad JWT, or Slurm unreachable: `mctl server` stops with one line naming the
+    setting."""
+    from test_deploy import mctl_cli
+
+    base = ["server", "--host", slurm_cluster.host_addr, "--port", "0", "--state-dir",
+            str(tmp_path / "state"), "--scheduler", "slurm", "--scheduler-option", "api=rest"]
+    env = {k: v for k, v in slurm_cluster.client_env().items() if k != "SLURM_JWT"}
+    out = mctl_cli(*base, env=env, check=False)
+    assert out.returncode == 1 and "SLURM_JWT is not set" in out.stderr
+    out = mctl_cli(*base, env={**env, "SLURM_JWT": "not-a-token"}, check=False)
+    assert out.returncode == 1 and "Check that SLURM_JWT is a valid" in out.stderr, out.stderr
+    assert "Unclosed" not in out.stderr
+    out = mctl_cli(*base[:-1], "api=cli", "--scheduler-option", "command_timeout=3",
+                   env={**env, "SLURM_CONF": str(tmp_path / "none.conf")}, check=False)
+    assert out.returncode == 1 and "`scontrol show`" in out.stderr, out.stderr
+    assert "SLURM_CONF" in out.stderr and len(out.stderr.strip().splitlines()) <= 2

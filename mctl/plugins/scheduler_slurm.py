@@ -9,8 +9,9 @@ from Modal's GPU names to the cluster's GRES types.
 Options (`mctl server --scheduler slurm --scheduler-option KEY=VALUE`):
   partition, account, qos, time_limit (sbatch --time, e.g. 1-00:00:00), gpu_map (e.g.
   "A100=a100,H100=h100"), output_dir (job output files; default <state>/slurm-jobs),
-  command_timeout (seconds for each Slurm command, default 20), poll_interval (default 1).
-The Slurm client commands use the environment's SLURM_CONF like any Slurm user's.
+  command_timeout (seconds for each Slurm command, default 20), poll_interval (default 1),
+  api (cli, the default: sbatch/squeue/scancel with the environment's SLURM_CONF; or rest:
+  slurmrestd, see `slurm_rest`), restd_url, restd_user.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class SlurmScheduler:
     handles_schedules = False
     provider = "slurm"
     OPTIONS = ("partition", "account", "qos", "time_limit", "gpu_map", "output_dir",
-               "command_timeout", "poll_interval", "region")
+               "command_timeout", "poll_interval", "region", "api", "restd_url", "restd_user")
 
     def __init__(self, options: dict[str, Any]) -> None:
         check_options("slurm", options, self.OPTIONS)
@@ -76,6 +77,15 @@ class SlurmScheduler:
                                Path(tempfile.gettempdir()) / "mctl-slurm-jobs")
         self.pools: dict[str, SlurmPool] = {}
         self.events: PoolEvents | None = None
+        api = options.get("api", "cli")
+        if api not in ("cli", "rest"):
+            raise InvalidError(f"api={api!r}: choose cli (sbatch, squeue, scancel) or rest "
+                               "(slurmrestd).")
+        self.rest = None
+        if api == "rest":
+            from mctl.plugins.slurm_rest import SlurmRest
+
+            self.rest = SlurmRest(options, self.timeout)
         self._poller: asyncio.Task[None] | None = None
         self._nodes: list[dict[str, Any]] | None = None
 
@@ -106,7 +116,9 @@ class SlurmScheduler:
 
     async def nodes(self) -> list[dict[str, Any]]:
         """Each node's name, CPUs, memory (MiB) and GPUs as {type: count}."""
-        if self._nodes is None:
+        if self._nodes is None and self.rest is not None:
+            self._nodes = await self.rest.nodes()
+        elif self._nodes is None:
             text = await self._run("scontrol", "show", "nodes", "--oneliner")
             self._nodes = [_parse_node(line) for line in text.splitlines() if line.strip()]
         return self._nodes
@@ -114,7 +126,16 @@ class SlurmScheduler:
     # --- the backend ---------------------------------------------------------------------------
     async def start(self, events: PoolEvents) -> None:
         self.events = events
-        await self.nodes()  # fails the server's start with Slurm's reason when unreachable
+        try:
+            await self.nodes()  # fails the server's start with Slurm's reason when unreachable
+        except InvalidError as exc:
+            if self.rest is None:
+                raise
+            await self.rest.close()
+            if "SLURM_JWT" in str(exc) or "unreachable" in str(exc):
+                raise
+            raise InvalidError(f"{exc}. Check that SLURM_JWT is a valid, unexpired token for "
+                               f"{self.rest.user} (`scontrol token` makes one).") from None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._poller = asyncio.get_running_loop().create_task(self._poll())
 
@@ -158,9 +179,15 @@ class SlurmScheduler:
         ids_ = [j.job_id for p in self.pools.values() for j in p.jobs.values()]
         if ids_:  # workers of a stopped control plane would wait for it in vain
             try:
-                await self._run("scancel", *ids_)
-            except SlurmError as exc:
+                if self.rest is not None:
+                    for job_id in ids_:
+                        await self.rest.signal(job_id)
+                else:
+                    await self._run("scancel", *ids_)
+            except InvalidError as exc:
                 log.warning("could not cancel jobs at shutdown: %s", exc)
+        if self.rest is not None:
+            await self.rest.close()
 
     # --- jobs ----------------------------------------------------------------------------------
     def gres_type(self, launch: LaunchSpec) -> str | None:
@@ -194,7 +221,15 @@ class SlurmScheduler:
         task_id = ids.new_id("task")
         env = dict(os.environ)
         env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
+        env.pop("SLURM_JWT", None)   # nor with the server's Slurm credentials
         env.update(launch.worker_env(task_id))
+        if self.rest is not None:
+            job_id = await self.rest.submit(self.rest_job(launch, task_id, env),
+                                            self.job_script(launch, task_id))
+            pool.jobs[task_id] = Job(task_id, job_id)
+            log.info("submitted job %s for %s (%s) through slurmrestd", job_id, launch.pool_id,
+                     task_id)
+            return
         job_id = (await self._run("sbatch", "--parsable", "--export=ALL",
                                   input_script(self.output_dir, task_id,
                                                self.job_script(launch, task_id)),
@@ -207,16 +242,22 @@ class SlurmScheduler:
             return
         job.stopping = True
         try:  # TERM to the worker: it drains (running inputs finish, @exit runs) and exits
-            await self._run("scancel", "--batch", "--signal=TERM", job.job_id)
-        except SlurmError:
+            if self.rest is not None:
+                await self.rest.signal(job.job_id, "SIGTERM")
+            else:
+                await self._run("scancel", "--batch", "--signal=TERM", job.job_id)
+        except InvalidError:
             pass  # pending jobs have no batch step to signal: cancelled below
 
         async def later() -> None:
             await asyncio.sleep(0 if job.state == "PENDING" else grace_s)
             if job.state not in FINISHED:
                 try:
-                    await self._run("scancel", job.job_id)
-                except SlurmError as exc:
+                    if self.rest is not None:
+                        await self.rest.signal(job.job_id)
+                    else:
+                        await self._run("scancel", job.job_id)
+                except InvalidError as exc:
                     log.warning("scancel %s: %s", job.job_id, exc)
 
         asyncio.get_running_loop().create_task(later())
@@ -227,6 +268,9 @@ class SlurmScheduler:
             await asyncio.sleep(self.poll_interval)
             jobs = {j.job_id: (pid, j) for pid, p in self.pools.items() for j in p.jobs.values()}
             if not jobs:
+                continue
+            if self.rest is not None:
+                await self._poll_rest(jobs)
                 continue
             try:
                 text = await self._run("squeue", "-h", "-o", "%i %T %N", "-j", ",".join(jobs))
@@ -247,7 +291,56 @@ class SlurmScheduler:
                 if job_id not in seen:
                     await self._finished(pid, job)
 
-    async def _finished(self, pool_id: str, job: Job) -> None:
+    async def _poll_rest(self, jobs: dict[str, tuple[str, Job]]) -> None:
+        assert self.rest is not None
+        try:
+            states = await self.rest.states(list(jobs))
+        except InvalidError as exc:
+            log.warning("slurmrestd jobs: %s", exc)
+            return
+        for job_id, (pid, job) in jobs.items():
+            state, node, code = states.get(job_id, ("COMPLETED", "", None))
+            job.state, job.node = state, node or job.node
+            if state in FINISHED:
+                await self._finished(pid, job, known=(state, code))
+
+    def rest_job(self, launch: LaunchSpec, task_id: str, env: dict[str, str]) -> dict[str, Any]:
+        """The job properties of `job_script`, as slurmrestd takes them."""
+        job: dict[str, Any] = {
+            "name": launch.job_name, "requeue": False, "tasks": 1,
+            "comment": f"mctl app={launch.app_name} version={launch.version} "
+                       f"function={launch.function} task={task_id}",
+            "standard_output": f"{self.output_dir}/%j.out",
+            "current_working_directory": str(self.output_dir),
+            "cpus_per_task": max(1, round(launch.cpu or 1)), "environment": env}
+        if launch.memory_mb:
+            job["memory_per_node"] = launch.memory_mb
+        if launch.gpu is not None:
+            gres = self.gres_type(launch)
+            job["gres"] = f"gpu:{gres + ':' if gres else ''}{launch.gpu.count}"
+        for key in ("partition", "account", "qos"):
+            if self.options.get(key):
+                job[key] = self.options[key]
+        return job
+
+    async def _finished(self, pool_id: str, job: Job,
+                        known: tuple[str, int | None] | None = None) -> None:
+        code: int | None = None
+        if known is not None:
+            job.state, code = known[0], known[1]
+        else:
+            code = await self._exit_code(job)
+        pool = self.pools.get(pool_id)
+        if pool is not None:
+            pool.jobs.pop(job.task_id, None)
+        if self.events is not None:
+            clean = job.stopping or (code == 0 and job.state == "COMPLETED")
+            detail = "" if clean else f"Slurm job {job.job_id} ended {job.state}." + _tail(
+                self.output_dir / f"{job.job_id}.out")
+            self.events.worker_exited(pool_id, job.task_id, code, detail)
+
+    async def _exit_code(self, job: Job) -> int | None:
+        """The job's exit code from `scontrol show job` (sets its final state too)."""
         code: int | None = None
         try:
             info = await self._run("scontrol", "show", "job", job.job_id, "--oneliner")
@@ -258,14 +351,7 @@ class SlurmScheduler:
             job.state = state.group(1) if state else "COMPLETED"
         except SlurmError:
             job.state = "COMPLETED"  # aged out of slurmctld's memory
-        pool = self.pools.get(pool_id)
-        if pool is not None:
-            pool.jobs.pop(job.task_id, None)
-        if self.events is not None:
-            clean = job.stopping or (code == 0 and job.state == "COMPLETED")
-            detail = "" if clean else f"Slurm job {job.job_id} ended {job.state}." + _tail(
-                self.output_dir / f"{job.job_id}.out")
-            self.events.worker_exited(pool_id, job.task_id, code, detail)
+        return code
 
 
 def input_script(directory: Path, task_id: str, text: str) -> str:
