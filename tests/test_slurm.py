@@ -159,3 +159,19 @@ def test_rest_settings_that_are_missing_or_wrong_say_which(slurm_cluster, tmp_pa
                    env={**env, "SLURM_CONF": str(tmp_path / "none.conf")}, check=False)
     assert out.returncode == 1 and "`scontrol show`" in out.stderr, out.stderr
     assert "SLURM_CONF" in out.stderr and len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_secrets_and_logs_reach_slurm_workers(slurm_server, slurm_cluster, tmp_path):
+    """A Secret.from_dict value reaches the job (fetched with its task token, not in the job's
+    environment or script), and what the function prints is in `mctl app logs`."""
+    from mctl.core.runner import deploy_app
+    from test_deploy import mctl_cli
+
+    _, app = load_app("onslurm")
+    deploy_app(app)
+    assert mctl.Function.from_name("onslurm", "talk").remote() == "hello from a secret"[::-1]
+    assert wait_until(lambda: "printed on node" in mctl_cli("app", "logs", "onslurm").stdout, 30)
+    scripts = list((tmp_path / "jobs").glob("*.sbatch"))
+    assert scripts and not any("hello from a secret" in p.read_text() for p in scripts)
+    env_dump = slurm_cluster.run("scontrol", "show", "job", "-d").stdout
+    assert "hello from a secret" not in env_dump

@@ -23,7 +23,7 @@ def _background_traffic(square, stop):
         list(square.map(range(20)))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 def test_every_way_of_waiting_is_woken(isolated_home):
     _, app = load_app("basic")
     module = __import__("basic")

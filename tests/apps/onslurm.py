@@ -45,3 +45,9 @@ def tick():
 def gpu_work(x):
     time.sleep(3)
     return os.environ.get("CUDA_VISIBLE_DEVICES"), socket.gethostname()
+
+
+@app.function(secrets=[mctl.Secret.from_dict({"GREETING": "hello from a secret"})])
+def talk():
+    print("printed on", socket.gethostname(), flush=True)
+    return os.environ["GREETING"][::-1]  # reversed: the result must not carry the value itself

@@ -36,13 +36,16 @@ class LogCapture:
     def _reader(self) -> None:
         while True:
             select.select([self._rfd], [], [])
-            if not self.drain():
+            # No flush here: a thread blocked printing into a full pipe holds the stream's lock,
+            # and only this thread's reading can free it.
+            if not self.drain(flush=False):
                 return
 
-    def drain(self) -> bool:
+    def drain(self, flush: bool = True) -> bool:
         """Read what is in the pipe now; False at end of file."""
-        sys.stdout.flush()
-        sys.stderr.flush()
+        if flush:
+            sys.stdout.flush()
+            sys.stderr.flush()
         got = False
         with self.lock:
             while True:

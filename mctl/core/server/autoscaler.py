@@ -225,6 +225,13 @@ class Autoscaler:
         pid = self._pid(pool)
         want = 0 if fs.failure is not None else desired(fs, self.default_max)
         now = time.monotonic()
+        # Trust the backend's own count: an exit report that never came must not leave a pool
+        # believed full while it has no worker.
+        actual = sum(1 for w in await self.backend.list_workers(pid) if w.state != "stopping")
+        if actual < pool.asked:
+            log.warning("%s: %d workers believed running, %d seen; starting more", pid,
+                        pool.asked, actual)
+            pool.asked = actual
         if want > pool.asked:
             if now < pool.retry_at:
                 return  # backing off after start failures; the tick retries
