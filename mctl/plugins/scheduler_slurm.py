@@ -30,6 +30,7 @@ import mctl
 from mctl.core import ids
 from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo, check_options
 from mctl.exception import InvalidError
+from mctl.plugins.slurm_rest import parse_gres
 
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
@@ -380,13 +381,9 @@ def _parse_gpu_map(text: str) -> dict[str, str]:
 
 def _parse_node(line: str) -> dict[str, Any]:
     fields = dict(re.findall(r"(\w+)=(\S*)", line))
-    gpus: dict[str, int] = {}
-    for item in filter(None, fields.get("Gres", "").split(",")):
-        parts = item.split("(")[0].split(":")  # gpu:a100:2 or gpu:2
-        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-            gpus[parts[1] if len(parts) == 3 else ""] = int(parts[-1])
     return {"name": fields.get("NodeName", "?"), "cpus": int(fields.get("CPUTot", 0) or 0),
-            "memory_mb": int(fields.get("RealMemory", 0) or 0), "gpus": gpus}
+            "memory_mb": int(fields.get("RealMemory", 0) or 0),
+            "gpus": parse_gres(fields.get("Gres", ""))}
 
 
 def _unplaceable(launch: LaunchSpec, nodes: list[dict[str, Any]], gres: str | None) -> str:

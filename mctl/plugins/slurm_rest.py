@@ -16,6 +16,16 @@ from mctl.exception import InvalidError
 API = "/slurm/v0.0.38"
 
 
+def parse_gres(text: str) -> dict[str, int]:
+    """A node's GRES as Slurm prints it ("gpu:a100:2,gpu:2(S:0)") -> GPUs by type ("" untyped)."""
+    gpus: dict[str, int] = {}
+    for item in filter(None, text.split(",")):
+        parts = item.split("(")[0].split(":")  # gpu:a100:2 or gpu:2
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            gpus[parts[1] if len(parts) == 3 else ""] = int(parts[-1])
+    return gpus
+
+
 class RestError(InvalidError):
     """slurmrestd refused or failed; the message has its own words."""
 
@@ -72,13 +82,9 @@ class SlurmRest:
         data = await self._call("GET", "/nodes")
         out = []
         for node in data.get("nodes", []):
-            gpus: dict[str, int] = {}
-            for item in filter(None, (node.get("gres") or "").split(",")):
-                parts = item.split("(")[0].split(":")
-                if parts[0] == "gpu" and parts[-1].isdigit():
-                    gpus[parts[1] if len(parts) == 3 else ""] = int(parts[-1])
             out.append({"name": node["name"], "cpus": int(node.get("cpus") or 0),
-                        "memory_mb": int(node.get("real_memory") or 0), "gpus": gpus})
+                        "memory_mb": int(node.get("real_memory") or 0),
+                        "gpus": parse_gres(node.get("gres") or "")})
         return out
 
     async def submit(self, job: dict[str, Any], script: str) -> str:
