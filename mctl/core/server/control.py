@@ -348,7 +348,7 @@ class ControlPlane:
         """The backend saw the worker's process end: its held inputs will not come back."""
         old = self.orphans.pop(task_id, None)
         if old is not None:
-            log.warning("worker %s exited while disconnected", task_id)
+            log.info("worker %s exited while disconnected", task_id)
             self._crash_inputs(old)
             return
         self.exited.append(task_id)  # its connection may close after this report
@@ -357,7 +357,7 @@ class ControlPlane:
                 if conn.task_id == task_id:
                     # Still connected as far as we know (a node that died takes no TCP reset
                     # with it): the backend's word is final; do not wait for a heartbeat.
-                    log.warning("worker %s ended but its connection is still open", task_id)
+                    log.info("worker %s ended but its connection is still open", task_id)
                     fs.workers.remove(conn)
                     conn.closed = True
                     self._crash_inputs(conn)
