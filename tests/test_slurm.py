@@ -100,6 +100,45 @@ def test_node_failure_mid_map_completes_every_input_once(slurm_server, slurm_clu
                           check=False)
 
 
+@pytest.mark.parametrize("slurm_server", ["cli", "rest"], indirect=True)
+def test_a_control_plane_killed_mid_map_adopts_its_jobs_and_runs_each_input_once(
+        slurm_server, slurm_cluster, isolated_home, tmp_path):
+    """The control plane is SIGKILLed during a map and restarted: it adopts the Slurm jobs that
+    still run (no new submissions), their workers keep the inputs they hold, and every input
+    runs once and returns once."""
+    import threading
+
+    from mctl.core.runner import deploy_app
+
+    _, app = load_app("onslurm")
+    deploy_app(app)
+    counted = mctl.Function.from_name("onslurm", "counted")
+    assert counted.remote(-1) == -1
+
+    def job_ids():
+        return {j.split()[0] for j in our_jobs(slurm_cluster) if "function=counted" in j}
+
+    n = 400  # 0.05 s each on two workers: about 10 s of work
+    results = {}
+    caller = threading.Thread(target=lambda: results.update(out=list(counted.map(range(n)))))
+    caller.start()
+    ran = isolated_home / "counted"
+    assert wait_until(lambda: len(ran.read_text().splitlines()) > 40, 60)
+    before = job_ids()
+    assert len(before) == 2, before
+    slurm_server.kill()
+    time.sleep(1.0)
+    slurm_server.start()
+    caller.join(180)
+    assert not caller.is_alive(), "the map did not finish after the restart"
+    assert results["out"] == list(range(n))
+    assert job_ids() <= before, "the restarted control plane submitted new jobs"
+    runs = [line.split()[0] for line in ran.read_text().splitlines()]
+    twice = sorted({x for x in runs if runs.count(x) > 1})
+    assert not twice, f"inputs run more than once: {twice[:10]}"
+    assert "adopted job" in (tmp_path / "server.log").read_text()
+
+
 def test_scale_to_zero_cold_start_and_schedules_on_the_cluster(slurm_server, slurm_cluster,
                                                               isolated_home):
     """A pool idle past scaledown_window has no job left; the next call starts one. A schedule

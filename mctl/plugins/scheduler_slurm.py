@@ -3,7 +3,9 @@
 Core decides how many workers a pool needs; this backend submits (`sbatch --parsable`), watches
 (`squeue`, `scontrol show job`) and cancels (`scancel`) jobs. A job is named `mctl-<app>-<function>`
 and carries a comment naming app, version, function and task, so `squeue` reads well to a Slurm
-admin. GPUs become GRES requests (`gpu="A100:2"` -> `--gres=gpu:a100:2`), with a configurable map
+admin. The comment also names the pool and the control plane (a hash of the address workers call
+back to): a control plane restarted after a crash adopts its jobs that still run instead of
+submitting new ones (a graceful stop cancels them). GPUs become GRES requests (`gpu="A100:2"` -> `--gres=gpu:a100:2`), with a configurable map
 from Modal's GPU names to the cluster's GRES types.
 
 Options (`mctl server --scheduler slurm --scheduler-option KEY=VALUE`):
@@ -88,6 +90,8 @@ class SlurmScheduler:
 
             self.rest = SlurmRest(options, self.timeout)
         self._poller: asyncio.Task[None] | None = None
+        # pool id -> jobs found running at start (a crashed control plane's), until adopted
+        self.found: dict[str, list[tuple[Job, str]]] = {}
         self._nodes: list[dict[str, Any]] | None = None
 
     # --- Slurm commands ------------------------------------------------------------------------
@@ -138,6 +142,10 @@ class SlurmScheduler:
             raise InvalidError(f"{exc}. Check that SLURM_JWT is a valid, unexpired token for "
                                f"{self.rest.user} (`scontrol token` makes one).") from None
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.found = await self._jobs_still_running()
+        except InvalidError as exc:
+            log.warning("could not list running jobs to adopt: %s", exc)
         self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def ensure_pool(self, launch: LaunchSpec) -> None:
@@ -146,7 +154,30 @@ class SlurmScheduler:
         problem = _unplaceable(launch, await self.nodes(), self.gres_type(launch))
         if problem:
             raise PlacementError(problem)
-        self.pools[launch.pool_id] = SlurmPool(launch)
+        pool = self.pools[launch.pool_id] = SlurmPool(launch)
+        mark = control_plane_mark(launch)
+        for job, cp in self.found.pop(launch.pool_id, ()):
+            if cp == mark:  # its worker calls back to this control plane: it is ours
+                pool.jobs[job.task_id] = job
+                log.info("adopted job %s (%s, %s) of %s, still %s", job.job_id, job.task_id,
+                         job.node or "no node yet", launch.pool_id, job.state.lower())
+
+    async def _jobs_still_running(self) -> dict[str, list[tuple[Job, str]]]:
+        """mctl's jobs that have not ended, by pool, with the control-plane mark they carry."""
+        if self.rest is not None:
+            rows = await self.rest.running_jobs()
+        else:
+            text = await self._run("squeue", "-h", "-o", "%i|%T|%N|%k")
+            rows = [tuple(line.split("|", 3)) for line in text.splitlines() if line.count("|") >= 3]
+        found: dict[str, list[tuple[Job, str]]] = {}
+        for job_id, state, node, comment in rows:
+            fields = dict(part.split("=", 1) for part in comment.split() if "=" in part)
+            if (not comment.startswith("mctl ") or state in FINISHED
+                    or not {"task", "pool", "cp"} <= fields.keys()):
+                continue
+            job = Job(fields["task"], job_id, node=node, state=state)
+            found.setdefault(fields["pool"], []).append((job, fields["cp"]))
+        return found
 
     async def scale(self, pool_id: str, count: int) -> None:
         pool = self.pools.get(pool_id)
@@ -200,8 +231,7 @@ class SlurmScheduler:
         """The batch script a worker runs as; `mctl slurm render` prints it (no secrets in it)."""
         opts = self.options
         lines = ["#!/bin/sh", f"#SBATCH --job-name={launch.job_name}",
-                 f'#SBATCH --comment="mctl app={launch.app_name} version={launch.version} '
-                 f'function={launch.function} task={task_id}"',
+                 f'#SBATCH --comment="{job_comment(launch, task_id)}"',
                  f"#SBATCH --output={self.output_dir}/%j.out", "#SBATCH --ntasks=1",
                  "#SBATCH --no-requeue",  # core replaces lost workers; Slurm must not rerun one
                  f"#SBATCH --cpus-per-task={max(1, round(launch.cpu or 1))}"]
@@ -309,8 +339,7 @@ class SlurmScheduler:
         """The job properties of `job_script`, as slurmrestd takes them."""
         job: dict[str, Any] = {
             "name": launch.job_name, "requeue": False, "tasks": 1,
-            "comment": f"mctl app={launch.app_name} version={launch.version} "
-                       f"function={launch.function} task={task_id}",
+            "comment": job_comment(launch, task_id),
             "standard_output": f"{self.output_dir}/%j.out",
             "current_working_directory": str(self.output_dir),
             "cpus_per_task": max(1, round(launch.cpu or 1)), "environment": env}
@@ -353,6 +382,21 @@ class SlurmScheduler:
         except SlurmError:
             job.state = "COMPLETED"  # aged out of slurmctld's memory
         return code
+
+
+def control_plane_mark(launch: LaunchSpec) -> str:
+    """Which control plane a job's worker calls back to (a hash of that address)."""
+    import hashlib
+
+    url = launch.env.get("MCTL_SERVER_URL", "")
+    return hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
+def job_comment(launch: LaunchSpec, task_id: str) -> str:
+    """What `squeue -o %k` shows: app, version, function and task for an admin; pool and
+    control-plane mark so a restarted control plane finds its jobs."""
+    return (f"mctl app={launch.app_name} version={launch.version} function={launch.function} "
+            f"task={task_id} pool={launch.pool_id} cp={control_plane_mark(launch)}")
 
 
 def input_script(directory: Path, task_id: str, text: str) -> str:

@@ -102,5 +102,11 @@ class SlurmRest:
                                job.get("exit_code"))
         return out
 
+    async def running_jobs(self) -> list[tuple[str, str, str, str]]:
+        """(job id, state, node, comment) of every job slurmctld still knows."""
+        data = await self._call("GET", "/jobs")
+        return [(str(j.get("job_id")), j.get("job_state", ""), j.get("nodes") or "",
+                 j.get("comment") or "") for j in data.get("jobs", [])]
+
     async def signal(self, job_id: str, signal: str | None = None) -> None:
         await self._call("DELETE", f"/job/{job_id}", params={"signal": signal} if signal else None)

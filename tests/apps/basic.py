@@ -83,8 +83,9 @@ def read_secret():
 @app.function(max_containers=1)
 @mctl.concurrent(max_inputs=4)
 def concurrent_sleep(x):
+    start = time.time()
     time.sleep(0.5)
-    return x
+    return x, os.getpid(), start, time.time()
 
 
 @app.function()

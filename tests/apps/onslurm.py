@@ -51,3 +51,12 @@ def gpu_work(x):
 def talk():
     print("printed on", socket.gethostname(), flush=True)
     return os.environ["GREETING"][::-1]  # reversed: the result must not carry the value itself
+
+
+@app.function(max_containers=2)
+def counted(x):
+    # one line per execution, on the file system the nodes share: an input run twice shows
+    with open(os.path.join(os.environ["MCTL_HOME"], "counted"), "a") as fh:
+        fh.write(f"{x} {os.environ['MCTL_TASK_ID']} {time.time():.3f}\n")
+    time.sleep(0.05)
+    return x

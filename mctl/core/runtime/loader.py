@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,27 @@ from mctl.core.declared import ImportStopped
 from mctl.core.spec import AppSpec, FunctionSpec
 
 
+# A worker starting while its control plane restarts waits this long for it, as a running worker
+# does when its connection drops, instead of dying with a connection error.
+CONTROL_PLANE_PATIENCE_S = 120.0
+
+
 def fetch_blob(http_url: str, blob_id: str) -> bytes:
+    import urllib.error
+
     from mctl.core.transport import urlopen
 
-    with urlopen(f"{http_url}/blobs/{blob_id}") as resp:
-        return resp.read()
+    deadline = time.monotonic() + CONTROL_PLANE_PATIENCE_S
+    while True:
+        try:
+            with urlopen(f"{http_url}/blobs/{blob_id}") as resp:
+                return resp.read()
+        except urllib.error.HTTPError:
+            raise
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def cache_dir() -> Path:

@@ -61,14 +61,11 @@ class Worker:
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
         params = {"version": str(self.version)} if self.version else None
-        async with session.get(f"{self.http_url}/api/apps/{self.app_id}", params=params) as resp:
-            resp.raise_for_status()
-            record = await resp.json()
+        record = await self._get_json(session, f"/api/apps/{self.app_id}", params)
         # Secret values come from the control plane, with this task's token, never in the env
         # the scheduler saw.
-        async with session.get(f"{self.http_url}/api/functions/{self.function_id}/secrets") as resp:
-            resp.raise_for_status()
-            os.environ.update((await resp.json())["env"])
+        os.environ.update((await self._get_json(
+            session, f"/api/functions/{self.function_id}/secrets"))["env"])
         self.app = AppSpec.model_validate(record["spec"])
         self.fspec: FunctionSpec = next(f for f in self.app.functions.values()
                                         if f.function_id == self.function_id)
@@ -80,6 +77,21 @@ class Worker:
         self.is_async = self.fspec.is_async
         if not self.is_class and self.fspec.batch_max_size is None and self.is_async:
             self.async_sem = asyncio.Semaphore(self.fspec.max_inputs)
+
+    async def _get_json(self, session: Any, path: str, params: Any = None) -> Any:
+        """GET from the control plane, waiting out a restart of it (see loader's patience)."""
+        import aiohttp
+
+        deadline = time.monotonic() + loader.CONTROL_PLANE_PATIENCE_S
+        while True:
+            try:
+                async with session.get(f"{self.http_url}{path}", params=params) as resp:
+                    resp.raise_for_status()
+                    return await resp.json()
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     # --- main loop -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -99,6 +111,9 @@ class Worker:
         async with aiohttp.ClientSession(
                 headers=transport.auth_headers(self.http_url),
                 connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.http_url))) as session:
+            # From the start: a local worker still loading when its control plane dies must not
+            # load from the successor (which does not know it) and take inputs there.
+            threading.Thread(target=self._watchdog, name="mctl-watchdog", daemon=True).start()
             try:
                 await self.load(session)
             except BaseException as exc:  # noqa: BLE001 - the user's import may even sys.exit()
@@ -132,6 +147,8 @@ class Worker:
                 self.ws = None
                 if not self.stopping:
                     await asyncio.sleep(0.5)
+                if self._orphaned():
+                    os._exit(0)  # see _watchdog: not to reconnect to the successor
         self._shutdown()
         self.logs.drain()
 
@@ -225,7 +242,6 @@ class Worker:
                         for i in range(self.runner_count)]
         for thread in self.runners:
             thread.start()
-        threading.Thread(target=self._watchdog, name="mctl-watchdog", daemon=True).start()
 
     def _join_runners(self) -> None:
         for thread in self.runners:
@@ -427,12 +443,18 @@ class Worker:
             self.loop.create_task(ws.send_bytes(frame))  # type: ignore[union-attr]
 
     # --- watchdog ------------------------------------------------------------------------------
-    def _watchdog(self) -> None:
+    @staticmethod
+    def _orphaned() -> bool:
+        """A local backend's worker whose control plane died: its successor starts new workers
+        (cluster workers have no parent to lose: a restarted control plane adopts them)."""
         parent = int(os.environ.get("MCTL_PARENT_PID", "0") or 0)
+        return bool(parent) and os.getppid() != parent
+
+    def _watchdog(self) -> None:
         while True:
             time.sleep(0.1)
-            if parent and os.getppid() != parent:
-                os._exit(0)  # the local control plane died; its successor starts new workers
+            if self._orphaned():
+                os._exit(0)
             now = time.monotonic()
             for input_id, deadline in list(self.deadlines.items()):
                 if now > deadline:

@@ -177,6 +177,13 @@ class Autoscaler:
             self.placement_failed(pid, f"could not prepare its workers: {exc}")
             return
         pool.launch = launch
+        try:  # after a restart: workers the backend adopted reclaim their inputs first
+            running = {w.worker_id for w in await self.backend.list_workers(pid)
+                       if w.state == "running"}
+        except Exception:
+            log.exception("listing the workers of %s failed", pid)
+            running = set()
+        self.control.expect_workers(fspec.function_id, running)
         self.poke(fspec.function_id)
 
     # --- scaling -------------------------------------------------------------------------------

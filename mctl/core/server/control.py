@@ -99,6 +99,11 @@ class FunctionState:
         # Set when the function cannot start or be placed: every input fails with this error.
         self.failure: bytes | None = None
         self.failure_text = ""
+        # After a restart nothing is dispatched until the backend has said which workers of the
+        # previous process still run (`restoring`) and those have reconnected and reclaimed the
+        # inputs they hold (`awaited`), or the reconnect grace has passed.
+        self.restoring = False
+        self.awaited: set[str] = set()
 
     @property
     def prefetch(self) -> int:
@@ -118,6 +123,9 @@ class ControlPlane:
         self.scheduler = scheduler                  # the backend; core talks to it via autoscaler
         self.autoscaler: Autoscaler | None = None   # set by start_server
         self.orphans: dict[str, Conn] = {}          # task id -> dropped worker connection
+        # Set once `recover` has run: a worker that outlived a previous control-plane process may
+        # call back before then, and must find its inputs and function already in place.
+        self.recovered = asyncio.Event()
         self.exited: deque[str] = deque(maxlen=1000)  # task ids the backend saw end
         self.log_sink = log_sink
         self.functions: dict[str, FunctionState] = {}
@@ -144,7 +152,11 @@ class ControlPlane:
             if app["state"] != "running" or not app["version"]:
                 continue
             spec = AppSpec.model_validate(self.store.version_spec(app["app_id"], app["version"]))
+            for fspec in spec.functions.values():
+                self.functions.setdefault(fspec.function_id,
+                                          FunctionState(app["app_id"], fspec)).restoring = True
             await self.activate_app(app["app_id"], spec, app["version"], app["mode"])
+        asyncio.get_running_loop().call_later(RECONNECT_GRACE, self._restored)
         now = time.time()
         count = 0
         for input_id, fid, call_id, idx, payload, is_blob in self.store.pending_inputs():
@@ -159,6 +171,7 @@ class ControlPlane:
             log.info("recovered %d pending inputs", count)
             for fs in self.functions.values():
                 self._on_pending(fs)
+        self.recovered.set()
 
     # --- apps ----------------------------------------------------------------------------------
     async def activate_app(self, app_id: str, spec: AppSpec, version: int, mode: str) -> None:
@@ -306,6 +319,10 @@ class ControlPlane:
                                          header["start_error"])
             return
         self._resume(conn, set(header.get("held", ())), fs)
+        if fs is not None and conn.task_id in fs.awaited:
+            fs.awaited.discard(conn.task_id)
+            if not fs.awaited:
+                log.info("the running workers of %s are back", fs.spec.tag)
         if fs is None:
             conn.send({"type": "stop", "reason": "function not active"})
             return
@@ -322,6 +339,8 @@ class ControlPlane:
         """A worker reconnected: it keeps the inputs it still holds; the rest are queued again."""
         old = self.orphans.pop(conn.task_id, None)
         if old is None:
+            if held and fs is not None:
+                self._claim_held(conn, held, fs)
             return
         log.info("worker %s reconnected; it still holds %d of its %d inputs", conn.task_id,
                  len(held & set(old.running)), len(old.running))
@@ -337,6 +356,50 @@ class ControlPlane:
                 rec.attempts -= 1
                 self._queue(fs, rec, front=True)
         old.running.clear()
+
+    def _claim_held(self, conn: Conn, held: set[str], fs: FunctionState) -> None:
+        """A worker of a previous control-plane process reconnected (this one restarted): the
+        inputs it still holds were queued again at recovery; leave them with it, not run twice."""
+        claimed = 0
+        for input_id in held:
+            rec = self.live.get(input_id)
+            if rec is None or rec.done or not rec.queued or rec.function_id != fs.spec.function_id:
+                continue
+            fs.pending.remove(rec)
+            fs.n_pending -= 1
+            rec.queued = False
+            rec.worker, rec.started = conn, time.time()
+            rec.attempts += 1
+            conn.running[input_id] = rec
+            fs.running += 1
+            claimed += 1
+        if claimed:
+            log.info("worker %s came back after a restart holding %d inputs; they stay with it",
+                     conn.task_id, claimed)
+
+    def expect_workers(self, function_id: str, task_ids: set[str]) -> None:
+        """The backend has the pool; `task_ids` are its running workers. After a restart, those
+        of the previous process (adopted by the backend) must say hello and reclaim the inputs
+        they hold before anything is dispatched, so no input they hold goes to another worker
+        too; the reconnect grace bounds the wait (`_restored`)."""
+        fs = self.functions.get(function_id)
+        if fs is None or not fs.restoring:
+            return
+        fs.restoring = False
+        fs.awaited = set(task_ids) - {c.task_id for c in fs.workers}
+        if fs.awaited:
+            log.info("waiting up to %gs for %d running workers of %s to reconnect",
+                     RECONNECT_GRACE, len(fs.awaited), fs.spec.tag)
+        self._dispatch(fs)
+
+    def _restored(self) -> None:
+        for fs in self.functions.values():
+            if fs.restoring or fs.awaited:
+                if fs.awaited:
+                    log.info("%d workers of %s did not reconnect", len(fs.awaited), fs.spec.tag)
+                fs.restoring = False
+                fs.awaited.clear()
+                self._dispatch(fs)
 
     def drain(self, conn: Conn) -> None:
         """Ask a worker to finish what it holds and exit; it gets no new inputs."""
@@ -549,7 +612,7 @@ class ControlPlane:
 
     # --- dispatch ------------------------------------------------------------------------------
     def _dispatch(self, fs: FunctionState) -> None:
-        if not fs.n_pending or not fs.workers:
+        if not fs.n_pending or not fs.workers or fs.restoring or fs.awaited:
             return
         limit = fs.prefetch
         room = [(w, limit - len(w.running)) for w in fs.workers if not w.draining]

@@ -49,6 +49,7 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     principal: auth.Principal = request[PRINCIPAL_KEY]
     ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME, heartbeat=30)
     await ws.prepare(request)
+    await control.recovered.wait()
     conn = Conn(ws.send_bytes, request.remote or "")
     conn.principal = principal
     sockets = request.app[SOCKETS].setdefault(principal.token_id, set())
