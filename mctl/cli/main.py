@@ -68,19 +68,22 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
     return module, app, obj_name or None
 
 
-def _parse_entrypoint_args(func: Any, args: list[str]) -> dict[str, Any]:
-    """`--name value` pairs converted by the entrypoint's annotations (int, float, bool, str)."""
-    sig = inspect.signature(func)
+def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) -> dict[str, Any]:
+    """`--name value` pairs converted by the parameters' annotations (int, float, bool, str).
+    A required parameter left out is refused here, before anything runs remotely."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise click.UsageError(f"Unexpected argument {arg!r}; pass entrypoint arguments as "
-                                   "--name value.")
+            raise click.UsageError(f"Unexpected argument {arg!r}; pass arguments as --name value.")
         key = arg[2:].replace("-", "_")
+        if key.startswith("no_") and key[3:] in sig.parameters:
+            out[key[3:]] = False
+            i += 1
+            continue
         if key not in sig.parameters:
-            raise click.UsageError(f"{func.__name__} has no parameter {key!r}; it takes "
+            raise click.UsageError(f"{label} has no parameter {key!r}; it takes "
                                    f"{', '.join(sig.parameters) or 'none'}.")
         param = sig.parameters[key]
         annotation = param.annotation
@@ -101,7 +104,43 @@ def _parse_entrypoint_args(func: Any, args: list[str]) -> dict[str, Any]:
                                        f"{value!r}.") from None
         out[key] = value
         i += 2
+    missing = [name for name, p in sig.parameters.items()
+               if p.default is inspect.Parameter.empty and name not in out
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:
+        raise click.UsageError(f"Missing {', '.join('--' + m.replace('_', '-') for m in missing)}"
+                               f" for {label}; `--help` after the app lists its parameters.")
     return out
+
+
+def import_app_module(ref: str) -> tuple[Any, Any, str | None]:
+    """`package.module[::name]` (mctl run -m) -> (module, App, object name)."""
+    import importlib
+
+    from mctl.sdk.app import App
+
+    module_name, _, obj_name = ref.partition("::")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise click.UsageError(f"No module named {module_name!r} importable from "
+                                   f"{os.getcwd()}; run from the directory that holds it, or "
+                                   "pass a file path instead of -m.") from None
+        raise click.ClickException(f"Could not import {module_name}:\n{user_traceback(exc)}"
+                                   ) from None
+    except Error as exc:
+        raise click.ClickException(f"{_user_location(exc)}{exc}") from None
+    except Exception as exc:
+        raise click.ClickException(f"Could not import {module_name}:\n{user_traceback(exc)}"
+                                   ) from None
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if not apps:
+        raise click.UsageError(f"{module_name} defines no mctl.App; create one with "
+                               "app = mctl.App(...).")
+    app = vars(module).get("app") if isinstance(vars(module).get("app"), App) else apps[0]
+    return module, app, obj_name or None
 
 
 @click.group()
@@ -110,39 +149,55 @@ def cli() -> None:
     """mctl: serverless Python functions on your own machines (Modal's API, local or Nomad)."""
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("app_ref")
+RUN_HELP = """Run APP_REF (path.py, path.py::NAME or path.py::Cls.method) on an ephemeral app.
+
+Arguments after APP_REF go to what runs, as --name value; `mctl run APP_REF --help` lists them.
+NAME is a local entrypoint or a function; without one, the app's only entrypoint (or function).
+"""
+
+
+@cli.command(help=RUN_HELP, add_help_option=False, context_settings={
+    "ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False})
+@click.argument("app_ref", required=False)
+@click.option("-m", "module", metavar="PACKAGE.MODULE[::NAME]",
+              help="Run an app from an importable module instead of a file.")
+@click.option("--detach", is_flag=True, help="Keep the app running after this command exits (on "
+              "the background server); stop it with `mctl app stop APP_ID`.")
+@click.option("-e", "--env", "env_name", help="The environment to run in (MCTL_ENVIRONMENT).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only what the app prints.")
+@click.option("-h", "--help", "show_help", is_flag=True, help="Show this message and exit.")
 @click.pass_context
-def run(ctx: click.Context, app_ref: str) -> None:
-    """Run APP_REF (path.py or path.py::entrypoint) on an ephemeral app.
+def run(ctx: click.Context, app_ref: str | None, module: str | None, detach: bool,
+        env_name: str | None, quiet: bool, show_help: bool) -> None:
+    if show_help or not (app_ref or module):
+        click.echo(ctx.get_help())
+        if not show_help:
+            raise click.UsageError("Say what to run: mctl run app.py[::NAME] or mctl run -m "
+                                   "package.module[::NAME].")
+        return
+    if app_ref and module:
+        raise click.UsageError("Pass either APP_REF or -m PACKAGE.MODULE, not both.")
+    if module and app_ref is None and ctx.args and not ctx.args[0].startswith("-"):
+        raise click.UsageError(f"Unexpected argument {ctx.args[0]!r} after -m {module}.")
+    if env_name:
+        os.environ["MCTL_ENVIRONMENT"] = env_name
+    if quiet:
+        import logging
 
-    Arguments after APP_REF go to the local entrypoint as --name value.
-    """
-    from mctl.sdk.function import Function
-
+        logging.getLogger("mctl").setLevel(logging.ERROR)
+    ref = app_ref or module
+    assert ref is not None
     try:
-        _, app, name = import_app_file(app_ref)
-        entrypoints = app.registered_entrypoints
-        if name is None:
-            if len(entrypoints) == 1:
-                name = next(iter(entrypoints))
-            elif not entrypoints and len(app.registered_functions) == 1:
-                name = next(iter(app.registered_functions))
-            else:
-                choices = ", ".join([*entrypoints, *app.registered_functions]) or "none"
-                raise click.UsageError(f"Say what to run: {app_ref}::NAME, one of {choices}.")
-        if name in entrypoints:
-            target = entrypoints[name]
-            kwargs = _parse_entrypoint_args(target, ctx.args)
-        elif isinstance(app.registered_functions.get(name), Function):
-            handle = app.registered_functions[name]
-            kwargs = _parse_entrypoint_args(handle.raw_f, ctx.args)
-            target = lambda **kw: print(handle.remote(**kw))  # noqa: E731
-        else:
-            choices = ", ".join([*entrypoints, *app.registered_functions]) or "none"
-            raise click.UsageError(f"{name!r} is not a local entrypoint or function of the app; "
-                                   f"it has {choices}.")
-        with app.run():
+        _, app, name = import_app_module(ref) if module else import_app_file(ref)
+        label, params, target = _run_target(app, ref, name)
+        if "--help" in ctx.args or "-h" in ctx.args:
+            click.echo(_target_help(ref, label, params))
+            return
+        kwargs = _parse_entrypoint_args(label, params, ctx.args)
+        with app.run(detach=detach):
+            if detach and not quiet:
+                click.echo(f"mctl: detached: app {app.app_id} keeps running after this command; "
+                           f"stop it with `mctl app stop {app.app_id}`.", err=True)
             result = target(**kwargs)
             if inspect.iscoroutine(result):
                 asyncio.run(result)
@@ -153,6 +208,79 @@ def run(ctx: click.Context, app_ref: str) -> None:
     except Exception as exc:  # the user's code failed, here or in a function it called
         click.echo(user_traceback(exc), err=True)
         sys.exit(1)
+
+
+def _run_target(app: Any, ref: str, name: str | None
+                ) -> tuple[str, inspect.Signature, Any]:
+    """What `mctl run` calls: (its name, the parameters it takes, a callable)."""
+    from mctl.sdk.cls import Cls
+    from mctl.sdk.function import Function
+
+    entrypoints = app.registered_entrypoints
+    functions = app.registered_functions
+    if name is None:
+        if len(entrypoints) == 1:
+            name = next(iter(entrypoints))
+        elif not entrypoints and len(functions) == 1 and isinstance(
+                next(iter(functions.values())), Function):
+            name = next(iter(functions))
+        else:
+            choices = ", ".join([*entrypoints, *functions]) or "none"
+            raise click.UsageError(f"Say what to run: {ref}::NAME, one of {choices}.")
+    if name in entrypoints:
+        target = entrypoints[name]
+        return name, inspect.signature(target), target
+    cls_name, _, method = name.partition(".")
+    handle = functions.get(cls_name)
+    if isinstance(handle, Function) and not method:
+        def call_function(**kw: Any) -> None:
+            print(handle.remote(**kw))
+
+        return name, inspect.signature(handle.raw_f), call_function
+    if isinstance(handle, Cls) and method:
+        if method not in handle._methods:
+            raise click.UsageError(f"{cls_name} has no method {method!r}; it has "
+                                   f"{', '.join(handle._methods) or 'none'}.")
+        raw = getattr(handle.user_cls, method)
+        sig = inspect.signature(getattr(raw, "raw_f", raw))  # @method wraps the function
+        sig = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
+
+        def call_method(**kw: Any) -> None:
+            bound = getattr(handle(), method)
+            if handle._methods[method]:
+                for item in bound.remote_gen(**kw):
+                    print(item)
+            else:
+                print(bound.remote(**kw))
+
+        return name, sig, call_method
+    if isinstance(handle, Cls):
+        raise click.UsageError(f"{cls_name} is a class; run one of its methods: {ref.split('::')[0]}"
+                               f"::{cls_name}.METHOD ({', '.join(handle._methods) or 'none'}).")
+    choices = ", ".join([*entrypoints, *functions]) or "none"
+    raise click.UsageError(f"{name!r} is not a local entrypoint or function of the app; it has "
+                           f"{choices}.")
+
+
+def _target_help(ref: str, label: str, params: inspect.Signature) -> str:
+    lines = [f"Usage: mctl run {ref.split('::')[0]}::{label} [--name value]...", ""]
+    if not params.parameters:
+        lines.append(f"{label} takes no arguments.")
+    for param in params.parameters.values():
+        kind = param.annotation if isinstance(param.annotation, str) else getattr(
+            param.annotation, "__name__", "")
+        if param.annotation is inspect.Parameter.empty:
+            kind = "str"
+        flag = f"--{param.name.replace('_', '-')}"
+        if kind == "bool":
+            detail = "flag"
+        else:
+            detail = kind.upper()
+        default = ("required" if param.default is inspect.Parameter.empty
+                   else f"default: {param.default!r}")
+        lines.append(f"  {flag} {detail if detail != 'flag' else ''}".rstrip().ljust(30)
+                     + f"[{default}]")
+    return "\n".join(lines)
 
 
 @cli.command(short_help="Deploy an app; it keeps running on the control plane.")

@@ -61,8 +61,12 @@ async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
 
 
 @contextlib.contextmanager
-def run_app(app: DeclaredApp) -> Iterator[None]:
-    """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server."""
+def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
+    """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server.
+
+    `detach`: the app outlives this process (Modal's `run --detach`): it runs on the configured
+    or background server, is not stopped when the block ends nor when its caller disconnects,
+    and stops with `mctl app stop APP_ID`."""
     from mctl.core.compile import compile_app, inline_secret_values
 
     app_id = ids.new_id("app")
@@ -70,11 +74,18 @@ def run_app(app: DeclaredApp) -> Iterator[None]:
     secrets = inline_secret_values(app, app_id)
     url = config.configured_server_url() if os.environ.get("MCTL_SERVER_URL") else None
     with contextlib.ExitStack() as stack:
-        if not url:
+        if detach:
+            url = url or ensure_background_server()
+        elif not url:
             url = stack.enter_context(embedded_server())
-        run_sync(_publish(url, spec, blobs, "ephemeral", app_id, secrets))
-        run_sync(client_for(url).claim_app(app_id))
+        run_sync(_publish(url, spec, blobs, "detached" if detach else "ephemeral", app_id,
+                          secrets))
+        if not detach:
+            run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
+        if detach:
+            yield
+            return
         try:
             yield
         finally:

@@ -277,7 +277,7 @@ class App:
             return
         from mctl.core.runner import run_app
 
-        with run_app(self):
+        with run_app(self, detach=detach):
             self._running = True
             try:
                 yield self

@@ -245,7 +245,7 @@ class ControlPlane:
             self.tokens.revoke_task_tokens(app_id)
         if self.autoscaler is not None:
             await self.autoscaler.stop_app(app_id)
-        if mode == "ephemeral":  # nothing can run its versions again: drop their inline secrets
+        if mode != "deployed":  # nothing can run its versions again: drop their inline secrets
             from mctl.core import secret_store
 
             secret_store.forget_app(self.store, app_id)

@@ -99,11 +99,13 @@ async def create_app(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _json_error(400, f"Invalid app spec: {exc}")
     secret_store.refuse_values_in_spec(spec)
+    mode = body.get("mode", "ephemeral")
+    if mode not in ("ephemeral", "detached", "deployed"):
+        return _json_error(400, f"Unknown app mode {mode!r}; use ephemeral, detached or deployed.")
     # Inline secret values go to the secret backend first; only references reach the database.
     created = secret_store.store_inline(spec, body.get("secrets") or {})
     try:
         check_app(spec)
-        mode = body.get("mode", "ephemeral")
         app_id, version = await control.create_app(spec, mode, body.get("app_id"))
     except BaseException:
         secret_store.forget(created)
