@@ -805,6 +805,12 @@ def _register_plugin_commands() -> None:
     get_plugin_manager().hook.mctl_register_commands(cli=cli)
 
 
+from mctl.cli.containers import config, container  # noqa: E402 - commands in their own module
+
+cli.add_command(container)
+cli.add_command(config)
+
+
 def main() -> None:
     _register_plugin_commands()
     try:

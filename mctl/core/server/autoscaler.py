@@ -275,6 +275,18 @@ class Autoscaler:
             pool.asked = max(pool.asked - not_connected, 0)
             await self.backend.scale(pid, pool.asked)
 
+    async def stop_worker(self, conn: Conn) -> None:
+        """`mctl container stop`: drain this worker and stop it; reconcile replaces it if the
+        function still needs one."""
+        pool = self.pools.get(conn.pool_id)
+        self.control.drain(conn)
+        if pool is None or conn.task_id in pool.stopping:
+            return
+        pool.stopping.add(conn.task_id)
+        pool.asked = max(pool.asked - 1, 0)
+        await self.backend.stop_worker(conn.pool_id, conn.task_id, pool.spec.timeout + 5)
+        self._reconcile_soon(pool)
+
     # --- what workers and backends report -------------------------------------------------------
     def worker_ready(self, conn: Conn) -> bool:
         """A worker said hello for its pool. False when that pool is gone (the worker should stop)."""

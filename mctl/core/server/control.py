@@ -56,6 +56,7 @@ class Conn:
         self.principal: Any = None  # the auth.Principal of the connection's token
         self.role = "client"
         self.task_id = ""
+        self.hello_at: float | None = None
         self.function_id = ""
         self.pool_id = ""
         self.app_id = ""
@@ -308,6 +309,7 @@ class ControlPlane:
                 conn.send({"type": "ack", "rid": header["rid"]})
             return
         conn.task_id = header["task_id"]
+        conn.hello_at = time.time()
         conn.function_id = header["function_id"]
         version = int(header.get("version") or 0)
         conn.pool_id = _pool_id(conn.function_id, version)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth
+from mctl.core.server import auth, containers
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -400,6 +400,9 @@ ROUTES = [
     ("GET", "/api/tokens", list_tokens, "admin", TASK_NO),
     ("POST", "/api/tokens/{ref}/revoke", revoke_token, "admin", TASK_NO),
     ("GET", "/api/audit", read_audit, "admin", TASK_NO),
+    ("GET", "/api/containers", containers.list_route, "invoke", TASK_NO),
+    ("GET", "/api/containers/{task_id}/logs", containers.logs_route, "deploy", TASK_NO),
+    ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
 ]
 
 

@@ -1,0 +1,100 @@
+"""`mctl container list|logs|stop` and `mctl config show`, as Modal's CLI has them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+
+@click.group(short_help="List running containers (workers), read their logs, stop one.")
+def container() -> None:
+    """The workers of running apps: Modal calls them containers."""
+
+
+@container.command("list", short_help="The running containers: app, function, host, state.")
+@click.option("--app", "app_name", help="Only this app's (name or id).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def container_list(app_name: str | None, as_json: bool) -> None:
+    from mctl.cli.main import _admin, _when
+
+    rows = _admin("GET", "/api/containers", params={"app": app_name} if app_name else None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No containers are running.")
+        return
+    click.echo(f"{'CONTAINER':<27} {'APP':<16} {'FUNCTION':<20} {'HOST':<14} {'STATE':<9} "
+               f"{'INPUTS':>6}  SINCE")
+    for r in rows:
+        click.echo(f"{r['container_id']:<27} {r['app']:<16} {r['function']:<20} "
+                   f"{(r['host'] or '-'):<14} {r['state']:<9} {r['inputs']:>6}  "
+                   f"{_when(r['connected_at'])}")
+
+
+@container.command("logs")
+@click.argument("container_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+def container_logs(container_id: str, follow: bool) -> None:
+    """Print what one container's function printed."""
+    from mctl.cli.main import _admin, _when
+
+    after = 0
+    while True:
+        rows = _admin("GET", f"/api/containers/{container_id}/logs",
+                      params={"after": after, "wait": 25 if follow else 0})
+        for row in rows:
+            click.echo(f"{_when(row['ts'])} {row['function']}  {row['line']}")
+            after = row["id"]
+        if not follow and len(rows) < 1000:
+            return
+
+
+@container.command("stop")
+@click.argument("container_id")
+def container_stop(container_id: str) -> None:
+    """Stop a container: it finishes the inputs it holds, then exits; its function gets a new
+    one if it still needs one."""
+    from mctl.cli.main import _admin
+
+    result = _admin("POST", f"/api/containers/{container_id}/stop")
+    click.echo(f"Stopping {container_id}: it finishes its {result['inputs']} running input(s) "
+               "and exits.")
+
+
+@click.group(short_help="Show mctl's configuration.")
+def config() -> None:
+    """Where this client looks for its control plane, token and state."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def config_show(as_json: bool) -> None:
+    """The settings in effect and where each comes from (token values are never shown)."""
+    from mctl.core import config as cfg
+
+    try:
+        server = cfg.configured_server_url()
+    except Exception as exc:  # noqa: BLE001 - a malformed URL: show what is wrong
+        server = f"invalid: {exc}"
+    token = cfg.configured_token()
+    source = ("MCTL_TASK_TOKEN" if os.environ.get("MCTL_TASK_TOKEN") else
+              "MCTL_TOKEN" if os.environ.get("MCTL_TOKEN") else
+              str(cfg.profile_file()) if cfg._profile().get("token") else
+              str(cfg.local_token_file()) if token else None)
+    data = {
+        "server": server,
+        "server_from": ("MCTL_SERVER_URL" if os.environ.get("MCTL_SERVER_URL") else
+                        str(cfg.profile_file()) if cfg._profile().get("server") else
+                        str(cfg.server_file()) if server else None),
+        "token": "set" if token else None, "token_from": source,
+        "home": str(cfg.home()), "environment": cfg.environment_name(),
+        "server_config": str(cfg.server_config_file()),
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        click.echo(f"{key:<14} {value if value is not None else '-'}")
