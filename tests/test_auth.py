@@ -304,6 +304,21 @@ def test_token_set_profile_and_local_bootstrap(server_process, tmp_path):
     assert stat.S_IMODE(profile.stat().st_mode) == 0o600
     assert json.loads(mctl_cli("app", "list", "--json", env=env).stdout) == []
 
+    # a second profile (another server) saved without switching; activate and MCTL_PROFILE pick
+    mctl_cli("token", "set", deploy, "--server", "http://127.0.0.1:9", "--profile", "other",
+             env=env)
+    listed = json.loads(mctl_cli("profile", "list", "--json", env=env).stdout)
+    assert [(p["name"], p["active"]) for p in listed] == [("default", True), ("other", False)]
+    assert deploy not in mctl_cli("profile", "list", env=env).stdout
+    mctl_cli("profile", "activate", "other", env=env)
+    out = mctl_cli("app", "list", env=env, check=False)
+    assert out.returncode != 0 and "127.0.0.1:9" in out.stderr
+    assert json.loads(mctl_cli("app", "list", "--json",
+                               env=dict(env, MCTL_PROFILE="default")).stdout) == []
+    out = mctl_cli("profile", "activate", "nope", env=env, check=False)
+    assert out.returncode == 1 and "No profile named 'nope'" in out.stderr
+    mctl_cli("profile", "activate", "default", env=env)
+
     # an operator on the server's machine, without any token, creates one from the state dir
     out = mctl_cli("token", "create", "--scope", "admin", "--name", "ops", "--state-dir",
                    str(server_process.state_dir), env=dict(env, MCTL_HOME=str(tmp_path / "none")))

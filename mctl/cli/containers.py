@@ -1,4 +1,4 @@
-"""`mctl container list|logs|stop` and `mctl config show`, as Modal's CLI has them."""
+"""`mctl container list|logs|stop`, `mctl config show` and `mctl profile`, as in Modal's CLI."""
 
 from __future__ import annotations
 
@@ -98,3 +98,49 @@ def config_show(as_json: bool) -> None:
         return
     for key, value in data.items():
         click.echo(f"{key:<14} {value if value is not None else '-'}")
+
+
+@click.group(short_help="Switch between saved tokens and servers (profiles).")
+def profile() -> None:
+    """Profiles: a token and a server each, saved by `mctl token set TOKEN --profile NAME`;
+    `MCTL_PROFILE` picks one for a single command."""
+
+
+@profile.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def profile_list(as_json: bool) -> None:
+    from mctl.core.config import list_profiles
+
+    rows = _or_exit(list_profiles)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No profiles yet; `mctl token set TOKEN --server URL --profile NAME` saves one.")
+    for r in rows:
+        click.echo(f"{'*' if r['active'] else ' '} {r['name']:<16} {r['server'] or '-'}")
+
+
+@profile.command("activate")
+@click.argument("name")
+def profile_activate(name: str) -> None:
+    from mctl.core.config import activate_profile
+
+    _or_exit(activate_profile, name)
+    click.echo(f"Profile {name} is active.")
+
+
+@profile.command("current")
+def profile_current() -> None:
+    from mctl.core.config import active_profile_name
+
+    click.echo(_or_exit(active_profile_name) or "none")
+
+
+def _or_exit(fn, *args):  # type: ignore[no-untyped-def]
+    from mctl.exception import Error
+
+    try:
+        return fn(*args)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None

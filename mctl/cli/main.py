@@ -605,15 +605,22 @@ def token_revoke(id_or_name: str, state_dir: str | None) -> None:
 @token.command("set")
 @click.argument("token_value", metavar="TOKEN")
 @click.option("--server", help="The control plane's URL, e.g. https://mctl.example.org:8600.")
-def token_set(token_value: str, server: str | None) -> None:
+@click.option("--profile", "profile", help="Save under this profile name (default: the active "
+              "one, or `default`); `mctl profile activate` switches between them.")
+@click.option("--activate/--no-activate", default=None,
+              help="Make the profile the active one (a new first profile always is).")
+def token_set(token_value: str, server: str | None, profile: str | None,
+              activate: bool | None) -> None:
     """Use TOKEN (and --server) from now on: saved in $MCTL_HOME/profile.json, mode 0600."""
-    from mctl.core.config import save_profile
+    from mctl.core.config import active_profile_name, save_profile
 
     if not token_value.startswith("mctl_"):
         raise click.UsageError("That is not an mctl token (they start with mctl_); copy the "
                                "whole line `mctl token create` printed.")
-    path = save_profile(token_value.strip(), server)
-    click.echo(f"Saved the token{' and server' if server else ''} to {path}")
+    path = save_profile(token_value.strip(), server, profile, activate)
+    name = profile or active_profile_name()
+    click.echo(f"Saved the token{' and server' if server else ''} to {path} (profile {name}"
+               f"{', active' if name == active_profile_name() else ''})")
 
 
 @cli.command(short_help="Show the audit log: who changed what, when, from where.")
@@ -805,10 +812,11 @@ def _register_plugin_commands() -> None:
     get_plugin_manager().hook.mctl_register_commands(cli=cli)
 
 
-from mctl.cli.containers import config, container  # noqa: E402 - commands in their own module
+from mctl.cli.containers import config, container, profile  # noqa: E402 - their own module
 
 cli.add_command(container)
 cli.add_command(config)
+cli.add_command(profile)
 
 
 def main() -> None:

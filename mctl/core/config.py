@@ -30,12 +30,40 @@ def environment_name() -> str:
     return os.environ.get("MCTL_ENVIRONMENT", "main")
 
 
-def _profile() -> dict[str, str]:
+def _profiles() -> tuple[dict[str, dict[str, str]], str | None]:
+    """(profiles by name, the active one's name) from profile.json. A file of the first
+    release's shape ({"token", "server"}) is one profile named "default"."""
     try:
         data = json.loads(profile_file().read_text())
     except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return {}, None
+    if not isinstance(data, dict):
+        return {}, None
+    if "profiles" not in data:
+        flat = {k: v for k, v in data.items() if k in ("token", "server")}
+        return ({"default": flat}, "default") if flat else ({}, None)
+    profiles = {k: v for k, v in data["profiles"].items() if isinstance(v, dict)}
+    return profiles, data.get("active") if data.get("active") in profiles else None
+
+
+def active_profile_name() -> str | None:
+    """`MCTL_PROFILE` when set (it must exist), else the one `mctl profile activate` chose."""
+    profiles, active = _profiles()
+    wanted = os.environ.get("MCTL_PROFILE")
+    if wanted:
+        if wanted not in profiles:
+            from mctl.exception import InvalidError
+
+            raise InvalidError(f"MCTL_PROFILE={wanted!r} names no profile; `mctl profile list` "
+                               f"shows them ({', '.join(profiles) or 'none yet'}).")
+        return wanted
+    return active
+
+
+def _profile() -> dict[str, str]:
+    profiles, _ = _profiles()
+    name = active_profile_name()
+    return profiles.get(name, {}) if name else {}
 
 
 def configured_server_url() -> str | None:
@@ -130,12 +158,42 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_profile(token: str, server: str | None) -> Path:
-    """`mctl token set`: remember the token (and the server) for this user, mode 0600."""
-    data = _profile()
-    data["token"] = token
+def save_profile(token: str, server: str | None, name: str | None = None,
+                 activate: bool | None = None) -> Path:
+    """`mctl token set [--profile NAME]`: remember the token (and the server) under a profile,
+    mode 0600. The first profile, or one saved with `activate`, becomes the active one."""
+    profiles, active = _profiles()
+    name = name or active or "default"
+    entry = dict(profiles.get(name, {}))
+    entry["token"] = token
     if server:
-        data["server"] = server.rstrip("/")
+        entry["server"] = server.rstrip("/")
+    profiles[name] = entry
+    if activate or active is None or (activate is None and name == active):
+        active = name
+    return _write_profiles(profiles, active)
+
+
+def activate_profile(name: str) -> Path:
+    profiles, _ = _profiles()
+    if name not in profiles:
+        from mctl.exception import NotFoundError
+
+        raise NotFoundError(f"No profile named {name!r}; `mctl profile list` shows them "
+                            f"({', '.join(profiles) or 'none yet'}); `mctl token set TOKEN "
+                            f"--profile {name}` creates it.")
+    return _write_profiles(profiles, name)
+
+
+def list_profiles() -> list[dict[str, object]]:
+    """Names, servers and which is active; never the tokens."""
+    profiles, _ = _profiles()
+    active = active_profile_name()
+    return [{"name": n, "server": p.get("server"), "active": n == active,
+             "token": "set" if p.get("token") else None} for n, p in profiles.items()]
+
+
+def _write_profiles(profiles: dict[str, dict[str, str]], active: str | None) -> Path:
     path = profile_file()
-    write_private(path, json.dumps(data, indent=2) + "\n")
+    write_private(path, json.dumps({"active": active, "profiles": profiles}, indent=2) + "\n")
     return path
