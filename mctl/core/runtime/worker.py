@@ -65,10 +65,16 @@ class Worker:
             resp.raise_for_status()
             record = await resp.json()
         # Secret values come from the control plane, with this task's token, never in the env
-        # the scheduler saw.
+        # the scheduler saw; a backend like Vault is read here directly, with a one-time token.
         async with session.get(f"{self.http_url}/api/functions/{self.function_id}/secrets") as resp:
             resp.raise_for_status()
-            os.environ.update((await resp.json())["env"])
+            answer = await resp.json()
+        if answer.get("delegated"):
+            from mctl.core.environment import read_delegated
+
+            os.environ.update(await asyncio.to_thread(read_delegated, answer))
+        else:
+            os.environ.update(answer["env"])
         self.app = AppSpec.model_validate(record["spec"])
         self.fspec: FunctionSpec = next(f for f in self.app.functions.values()
                                         if f.function_id == self.function_id)
