@@ -57,11 +57,13 @@ def vault_env(vault_server, monkeypatch):
 
 @pytest.fixture
 def vault_control_plane(tmp_path, isolated_home, vault_env, monkeypatch):
-    """A real `mctl server --secret-backend vault`."""
+    """A real `mctl server` whose server.toml chooses the vault secret backend."""
     from conftest import ServerProcess, free_port
 
+    config = tmp_path / "server.toml"
+    config.write_text('[secrets]\nbackend = "vault"\n')
     srv = ServerProcess(tmp_path / "server-state", free_port(), dict(os.environ),
-                        args=["--secret-backend", "vault"])
+                        args=["--config", str(config)])
     srv.start()
     monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
     try:
@@ -228,3 +230,15 @@ def test_vault_unreachable_at_deploy_names_vault_addr(tmp_path, isolated_home, m
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"VAULT_ADDR={dead}" in lines[0], out.stderr
+
+
+def test_bad_secret_backend_settings_say_what_to_write(tmp_path):
+    from test_deploy import mctl_cli
+
+    out = mctl_cli("server", "--secret-backend", "nosuch", "--port", "0", check=False)
+    assert out.returncode != 0
+    assert "No secret_backend plugin named 'nosuch'; available: local, vault" in out.stderr
+    bad = tmp_path / "server.toml"
+    bad.write_text('[secrets]\nname = "vault"\n')
+    out = mctl_cli("server", "--config", str(bad), check=False)
+    assert out.returncode != 0 and "[secrets] must be a table with `backend`" in out.stderr
