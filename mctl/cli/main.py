@@ -675,6 +675,10 @@ def _server_tls(cert: str | None, key: str | None, advertise_url: str | None) ->
     return context
 
 
+from mctl.cli.volume import volume  # noqa: E402 - the command modules need `cli` defined first
+cli.add_command(volume)
+
+
 def _register_plugin_commands() -> None:
     from mctl.core.plugins import get_plugin_manager
 

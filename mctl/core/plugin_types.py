@@ -158,9 +158,16 @@ class SecretBackend(_Registration):
 
 @dataclass(frozen=True)
 class VolumeDriver(_Registration):
-    """`mount(volume_name: str, create: bool) -> str`: a host path holding the volume's files."""
+    """`mount(volume_name: str, create: bool) -> str`: a host path holding the volume's files
+    (`NotFoundError` when it does not exist and `create` is false).
+
+    Optional, for `mctl volume list|delete`: `list() -> list[str]`, the volumes' names;
+    `delete(name) -> bool`, remove a volume and its files (False if there was none).
+    """
 
     mount: Callable[[str, bool], str]
+    list: Callable[[], list[str]] | None = None
+    delete: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -408,6 +408,8 @@ def make_app(control: ControlPlane) -> web.Application:
     app[RULES] = {handler: (scope, task) for _, _, handler, scope, task in ROUTES}
     app[SOCKETS] = {}
     app.add_routes([web.route(method, path, handler) for method, path, handler, _, _ in ROUTES])
+    from mctl.core.server.volumes import add_volume_routes
+    add_volume_routes(app, app[RULES], TASK_NO)
     return app
 
 
