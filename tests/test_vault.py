@@ -242,3 +242,39 @@ def test_bad_secret_backend_settings_say_what_to_write(tmp_path):
     bad.write_text('[secrets]\nname = "vault"\n')
     out = mctl_cli("server", "--config", str(bad), check=False)
     assert out.returncode != 0 and "[secrets] must be a table with `backend`" in out.stderr
+
+
+CONTROL_POLICY = """
+path "secret/data/{prefix}*"     {{ capabilities = ["create", "read", "update"] }}
+path "secret/metadata/{prefix}*" {{ capabilities = ["read", "list", "update", "delete"] }}
+path "sys/policies/acl/mctl-app-*" {{ capabilities = ["create", "update", "delete"] }}
+path "auth/token/create"      {{ capabilities = ["create", "update", "sudo"] }}
+"""
+
+
+def test_approle_login_with_the_documented_policy(vault_server, vault_env, monkeypatch):
+    """The control plane logs in with AppRole and needs no more than the policy in the guide."""
+    from mctl.plugins import secrets_vault as vault
+
+    root = vault_server.client()
+    if "approle/" not in root.sys.list_auth_methods()["data"]:
+        root.sys.enable_auth_method("approle")
+    prefix = vault_env["MCTL_VAULT_PREFIX"]
+    root.sys.create_or_update_acl_policy(name="mctl-control-test",
+                                         policy=CONTROL_POLICY.format(prefix=prefix))
+    root.auth.approle.create_or_update_approle("mctl-test", token_policies=["mctl-control-test"])
+    role_id = root.auth.approle.read_role_id("mctl-test")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("mctl-test")["data"]["secret_id"]
+    monkeypatch.delenv("VAULT_TOKEN")
+    monkeypatch.setenv("VAULT_ROLE_ID", role_id)
+    monkeypatch.setenv("VAULT_SECRET_ID", secret_id)
+
+    vault.create("api", {"TOKEN": VALUE}, False)
+    assert vault.keys("api") == ["TOKEN"] and [i.name for i in vault.list_secrets()] == ["api"]
+    vault.grant("ap-approle", ["api"])
+    assert vault.worker_read(vault.worker_access("ap-approle", ["api"])) == {"TOKEN": VALUE}
+    vault.revoke("ap-approle")
+    assert vault.delete("api") is True
+    monkeypatch.setenv("VAULT_SECRET_ID", "wrong")
+    with pytest.raises(InvalidError, match="refused the AppRole login"):
+        vault.keys("api")

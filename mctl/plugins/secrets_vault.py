@@ -76,9 +76,17 @@ def _client() -> Any:
         client = hvac.Client(url=addr, namespace=os.environ.get("VAULT_NAMESPACE") or None,
                              verify=cacert if cacert else True, timeout=10)
         if os.environ.get("VAULT_ROLE_ID"):
-            _call(lambda: client.auth.approle.login(
-                role_id=os.environ["VAULT_ROLE_ID"], secret_id=os.environ.get("VAULT_SECRET_ID"),
-                mount_point=os.environ.get("VAULT_APPROLE_MOUNT", "approle")))
+            import hvac.exceptions
+
+            try:
+                _call(lambda: client.auth.approle.login(
+                    role_id=os.environ["VAULT_ROLE_ID"],
+                    secret_id=os.environ.get("VAULT_SECRET_ID"),
+                    mount_point=os.environ.get("VAULT_APPROLE_MOUNT", "approle")))
+            except hvac.exceptions.VaultError as exc:
+                raise InvalidError(f"Vault at VAULT_ADDR={addr} refused the AppRole login "
+                                   f"({str(exc).splitlines()[0]}); check VAULT_ROLE_ID, "
+                                   "VAULT_SECRET_ID and VAULT_APPROLE_MOUNT.") from None
         elif os.environ.get("VAULT_TOKEN"):
             client.token = os.environ["VAULT_TOKEN"]
         else:
