@@ -278,3 +278,51 @@ def test_approle_login_with_the_documented_policy(vault_server, vault_env, monke
     monkeypatch.setenv("VAULT_SECRET_ID", "wrong")
     with pytest.raises(InvalidError, match="refused the AppRole login"):
         vault.keys("api")
+
+
+SLURM_APP = """
+import hashlib, os, socket
+import mctl
+
+app = mctl.App("vault-on-slurm")
+
+@app.function(secrets=[mctl.Secret.from_name("db", required_keys=["PASSWORD"])])
+def where():
+    return socket.gethostname(), hashlib.sha256(os.environ["PASSWORD"].encode()).hexdigest()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.slurm
+def test_a_slurm_worker_reads_its_vault_secret(slurm_cluster, vault_server, vault_env, tmp_path,
+                                               isolated_home, monkeypatch):
+    """A worker on a Slurm node reads its value from Vault (at the bridge address): not in the
+    job's script or environment, and the node never sees the control plane's Vault token."""
+    from conftest import ServerProcess, free_port
+    from test_deploy import mctl_cli
+
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    worker_vault = f"http://{slurm_cluster.host_addr}:{vault_server.addr.rsplit(':', 1)[1]}"
+    srv = ServerProcess(tmp_path / "state", port,
+                        dict(os.environ, MCTL_VAULT_WORKER_ADDR=worker_vault), args=[
+                            "--host", slurm_cluster.host_addr, "--scheduler", "slurm",
+                            "--scheduler-option", f"output_dir={tmp_path / 'jobs'}",
+                            "--secret-backend", "vault"])
+    srv.url = f"http://{slurm_cluster.host_addr}:{port}"
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        mctl_cli("secret", "create", "db", f"PASSWORD={VALUE}")
+        (tmp_path / "vault_on_slurm.py").write_text(SLURM_APP)
+        mctl_cli("deploy", str(tmp_path / "vault_on_slurm.py"))
+        host, digest = mctl.Function.from_name("vault-on-slurm", "where").remote()
+        assert host in slurm_cluster.nodes and digest == sha(VALUE)
+        scripts = list((tmp_path / "jobs").glob("*.sbatch"))
+        jobs = slurm_cluster.run("scontrol", "show", "job", "-d").stdout
+        for text in [jobs, *(p.read_text() for p in scripts)]:
+            assert VALUE not in text and vault_server.token not in text
+        mctl_cli("app", "stop", "vault-on-slurm")
+    finally:
+        srv.stop()
