@@ -237,3 +237,40 @@ def slurm_cluster():
             pytest.fail(message)
         pytest.skip(message)
     return cluster
+
+
+class VaultServer:
+    """The OpenBao dev server that `scripts/vault-dev up` starts (Vault's API on loopback).
+
+    `env(prefix)` is what a control plane needs to use it, with its own KV prefix so that tests
+    do not see each other's secrets; `client()` is an hvac client with the root token."""
+
+    def __init__(self, env):
+        self.addr, self.token = env["VAULT_ADDR"], env["VAULT_TOKEN"]
+
+    def env(self, prefix):
+        return {"VAULT_ADDR": self.addr, "VAULT_TOKEN": self.token, "MCTL_VAULT_PREFIX": prefix}
+
+    def client(self):
+        import hvac
+
+        return hvac.Client(url=self.addr, token=self.token)
+
+
+@pytest.fixture(scope="session")
+def vault_server():
+    """The running OpenBao dev server; skips the test when none is up, and fails it instead
+    under MCTL_REQUIRE_SERVERS=1 (as CI runs)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "vault-dev"), "env"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    server = VaultServer(dict(line.removeprefix("export ").split("=", 1)
+                              for line in out.splitlines() if line.startswith("export ")))
+    try:
+        urllib.request.urlopen(f"{server.addr}/v1/sys/health", timeout=3).read()
+    except OSError as exc:
+        message = (f"The OpenBao dev server is not up at {server.addr} ({exc}). Start it with "
+                   "`sudo scripts/vault-dev up`.")
+        if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return server

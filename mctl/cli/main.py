@@ -414,7 +414,8 @@ def app_logs(name: str, follow: bool) -> None:
 # --- secrets -------------------------------------------------------------------------------------
 @cli.group(short_help="Manage secrets: create, list, delete.")
 def secret() -> None:
-    """Manage the control plane's secrets (its backend: $MCTL_SECRET_BACKEND, default local).
+    """Manage the control plane's secrets (its backend: `mctl server --secret-backend`, default
+    local).
 
     The commands go through the control plane (started in the background if none runs), so a
     shared server's workers see the secret and the change is in `mctl audit`."""
@@ -665,6 +666,8 @@ def plugins(as_json: bool) -> None:
 @click.option("--scheduler-option", "scheduler_options", multiple=True, metavar="KEY=VALUE",
               help="An option for the scheduler plugin; repeat for several.")
 @click.option("--advertise-url", help="URL workers use to reach this server.")
+@click.option("--secret-backend", help="Where `mctl secret` and values given in code are kept: "
+              "local (the default) or vault.")
 @click.option("--config", "config_path", type=click.Path(),
               help="Settings file (TOML); default $MCTL_HOME/server.toml when it exists.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
@@ -676,7 +679,7 @@ def plugins(as_json: bool) -> None:
 @click.pass_context
 def server(ctx: click.Context, host: str | None, port: int | None, state_dir: str | None,
            scheduler: str | None, scheduler_options: tuple[str, ...], advertise_url: str | None,
-           config_path: str | None, tls_cert: str | None, tls_key: str | None,
+           secret_backend: str | None, config_path: str | None, tls_cert: str | None, tls_key: str | None,
            no_local_token: bool) -> None:
     """Run the control plane in the foreground; `status`, `start` and `stop` manage the
     background server that `mctl deploy` starts.
@@ -712,6 +715,7 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
             port if port is not None else int(settings.get("port", 0)),
             scheduler or sched.get("name"),
             advertise_url=advertise_url, scheduler_options=options, ssl_context=ssl_context,
+            secret_backend=secret_backend or settings.get("secrets", {}).get("backend"),
             bootstrap_tokens=True,
             local_token_file=None if no_local_token else local_token_file())
         write_server_file(srv.url)
@@ -804,6 +808,10 @@ def _server_tls(cert: str | None, key: str | None, advertise_url: str | None) ->
         raise click.UsageError(f"Could not load the TLS certificate {cert} with key {key} ({exc}); "
                                "check that they are PEM files and belong together.") from None
     return context
+
+
+from mctl.cli.volume import volume  # noqa: E402 - the command modules need `cli` defined first
+cli.add_command(volume)
 
 
 def _register_plugin_commands() -> None:

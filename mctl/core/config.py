@@ -90,8 +90,9 @@ def server_config_file() -> Path:
 
 
 def load_server_config(path: str | None = None) -> dict:
-    """The server's settings file (TOML): host, port, state_dir, advertise_url, and a
-    `[scheduler]` table with `name` and an `options` table. `{}` when there is none."""
+    """The server's settings file (TOML): host, port, state_dir, advertise_url, a
+    `[scheduler]` table with `name` and an `options` table, and a `[secrets]` table with
+    `backend`. `{}` when there is none."""
     from mctl.exception import InvalidError
 
     file = Path(path) if path else server_config_file()
@@ -108,7 +109,7 @@ def load_server_config(path: str | None = None) -> dict:
     except (OSError, ValueError) as exc:
         raise InvalidError(f"Cannot read server config {file}: {exc}. Fix the TOML and retry.") \
             from None
-    known = {"host", "port", "state_dir", "advertise_url", "scheduler"}
+    known = {"host", "port", "state_dir", "advertise_url", "scheduler", "secrets"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidError(f"Server config {file} has unknown keys {', '.join(unknown)}; known "
@@ -117,6 +118,11 @@ def load_server_config(path: str | None = None) -> dict:
     if not isinstance(sched, dict) or not isinstance(sched.get("options", {}), dict):
         raise InvalidError(f"Server config {file}: [scheduler] must be a table with `name` and an "
                            "`options` table.")
+    secrets = data.get("secrets", {})
+    if not isinstance(secrets, dict) or set(secrets) - {"backend"} \
+            or not isinstance(secrets.get("backend", ""), str):
+        raise InvalidError(f"Server config {file}: [secrets] must be a table with `backend`, the "
+                           "secret backend plugin's name, e.g. backend = \"vault\".")
     return data
 
 

@@ -132,19 +132,42 @@ class SecretBackend(_Registration):
     - `create(name, values, overwrite) -> None`: store `values` under `name`; raise
       `mctl.exception.AlreadyExistsError` if it exists and `overwrite` is false.
     - `delete(name) -> bool`: remove the secret; False if there was none.
+
+    A backend whose workers read values themselves, so that they never pass through the control
+    plane (Vault), also gives:
+
+    - `keys(name) -> list[str] | None`: a secret's key names (for the deploy-time check), None if
+      unknown; when given, the control plane asks this instead of `resolve`.
+    - `grant(app_id, names) -> None`: at deploy, let that app's workers read exactly these
+      secrets (and no others); `revoke(app_id) -> None` when the app stops.
+    - `worker_access(app_id, names) -> dict`: JSON-able, short-lived means for one worker to read
+      these secrets (e.g. a response-wrapped token), sent to it with its task token.
+    - `worker_read(access) -> dict[str, str]`: run in the worker, the values read with `access`.
     """
 
     resolve: Callable[[str], dict[str, str] | None]
     list: Callable[[], list[SecretInfo]] | None = None
     create: Callable[[str, dict[str, str], bool], None] | None = None
     delete: Callable[[str], bool] | None = None
+    keys: Callable[[str], list[str] | None] | None = None
+    grant: Callable[[str, list[str]], None] | None = None
+    revoke: Callable[[str], None] | None = None
+    worker_access: Callable[[str, list[str]], dict[str, Any]] | None = None
+    worker_read: Callable[[dict[str, Any]], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
 class VolumeDriver(_Registration):
-    """`mount(volume_name: str, create: bool) -> str`: a host path holding the volume's files."""
+    """`mount(volume_name: str, create: bool) -> str`: a host path holding the volume's files
+    (`NotFoundError` when it does not exist and `create` is false).
+
+    Optional, for `mctl volume list|delete`: `list() -> list[str]`, the volumes' names;
+    `delete(name) -> bool`, remove a volume and its files (False if there was none).
+    """
 
     mount: Callable[[str, bool], str]
+    list: Callable[[], list[str]] | None = None
+    delete: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)

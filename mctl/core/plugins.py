@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = (
     "mctl.plugins.scheduler_slurm",
     "mctl.plugins.image_local",
     "mctl.plugins.secrets_local",
+    "mctl.plugins.secrets_vault",
     "mctl.plugins.volumes_local",
     "mctl.plugins.gpu_nvidia",
 )

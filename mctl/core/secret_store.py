@@ -33,12 +33,25 @@ _INLINE = re.compile(r"^inline\.(ap-[A-Za-z0-9]+)\.[0-9a-f]{16}$")
 _KDF_ROUNDS = 100_000
 
 
+_configured: str | None = None  # the server's setting (`mctl server --secret-backend`)
+
+
+def use_backend(name: str | None) -> None:
+    """The server's secret backend setting; an unknown name is an error naming the plugins."""
+    global _configured
+    if name:
+        backend(name)
+    _configured = name or None
+
+
 def backend(name: str | None = None) -> SecretBackend:
-    """The backend `mctl secret` and inline secrets write to: `MCTL_SECRET_BACKEND` (default local)."""
+    """The backend `mctl secret` and inline secrets write to: the server's setting
+    (`--secret-backend`, `[secrets] backend` in server.toml), else `MCTL_SECRET_BACKEND`, else
+    local."""
     from mctl.core import plugins
 
     return plugins.find("mctl_register_secret_backends",
-                        name or os.environ.get("MCTL_SECRET_BACKEND", "local"))
+                        name or _configured or os.environ.get("MCTL_SECRET_BACKEND", "local"))
 
 
 def _capable(b: SecretBackend, operation: str) -> Any:
@@ -46,7 +59,7 @@ def _capable(b: SecretBackend, operation: str) -> Any:
     if fn is None:
         raise InvalidError(f"Secret backend {b.name!r} cannot {operation} secrets; manage them "
                            "with that backend's own tools, or choose another with "
-                           "MCTL_SECRET_BACKEND.")
+                           "`mctl server --secret-backend`.")
     return fn
 
 
@@ -121,8 +134,9 @@ def store_inline(spec: Any, values_by_name: dict[str, dict[str, str]]) -> list[s
     b = backend()
     create_fn = _capable(b, "create")
     created = []
+    exists = b.keys or b.resolve  # key names suffice: no need to read values back
     for name, values in values_by_name.items():
-        if b.resolve(name) is None:
+        if exists(name) is None:
             create_fn(name, values, True)
             created.append(name)
     return created

@@ -132,6 +132,8 @@ class LocalScheduler:
         launch = pool.launch
         env = dict(os.environ)
         env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
+        for key in ("VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):  # nor with its Vault rights
+            env.pop(key, None)
         env.update(launch.worker_env(proc.task_id))
         env["MCTL_PARENT_PID"] = str(os.getpid())  # workers exit when this server dies
         code: int | None = None

@@ -253,6 +253,8 @@ class SlurmScheduler:
         env = dict(os.environ)
         env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
         env.pop("SLURM_JWT", None)   # nor with the server's Slurm credentials
+        for key in ("VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):  # nor its Vault rights
+            env.pop(key, None)
         env.update(launch.worker_env(task_id))
         if self.rest is not None:
             job_id = await self.rest.submit(self.rest_job(launch, task_id, env),

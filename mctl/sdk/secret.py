@@ -12,6 +12,12 @@ from typing import Any
 from mctl.exception import InvalidError
 
 
+def _in_worker() -> bool:
+    """Inside a container the app's module is imported again, but its secrets were resolved at
+    deploy and arrive as environment variables: the local file or variables need not exist."""
+    return "MCTL_TASK_ID" in os.environ
+
+
 class Secret:
     def __init__(self, *, name: str | None = None, values: dict[str, str] | None = None,
                  required_keys: tuple[str, ...] = (), environment_name: str | None = None) -> None:
@@ -37,6 +43,8 @@ class Secret:
     @staticmethod
     def from_local_environ(env_keys: list[str]) -> Secret:
         missing = [k for k in env_keys if k not in os.environ]
+        if missing and _in_worker():  # the deployer's values already reached this container
+            return Secret(values={})
         if missing:
             raise InvalidError(f"Secret.from_local_environ: {', '.join(missing)} not set in the "
                                "local environment; export them first.")
@@ -46,6 +54,8 @@ class Secret:
     def from_dotenv(path: str | None = None, *, filename: str = ".env") -> Secret:
         file = os.path.join(path or os.getcwd(), filename)
         values: dict[str, str] = {}
+        if _in_worker() and not os.path.exists(file):
+            return Secret(values={})  # the file stayed on the deployer's machine; its values came
         with open(file) as fh:
             for line in fh:
                 line = line.strip()

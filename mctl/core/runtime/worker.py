@@ -63,9 +63,14 @@ class Worker:
         params = {"version": str(self.version)} if self.version else None
         record = await self._get_json(session, f"/api/apps/{self.app_id}", params)
         # Secret values come from the control plane, with this task's token, never in the env
-        # the scheduler saw.
-        os.environ.update((await self._get_json(
-            session, f"/api/functions/{self.function_id}/secrets"))["env"])
+        # the scheduler saw; a backend like Vault is read here directly, with a one-time token.
+        answer = await self._get_json(session, f"/api/functions/{self.function_id}/secrets")
+        if answer.get("delegated"):
+            from mctl.core.environment import read_delegated
+
+            os.environ.update(await asyncio.to_thread(read_delegated, answer))
+        else:
+            os.environ.update(answer["env"])
         self.app = AppSpec.model_validate(record["spec"])
         self.fspec: FunctionSpec = next(f for f in self.app.functions.values()
                                         if f.function_id == self.function_id)

@@ -230,7 +230,11 @@ class ControlPlane:
 
     async def create_app(self, spec: AppSpec, mode: str, app_id: str | None = None,
                          note: str = "") -> tuple[str, int]:
+        from mctl.core.environment import grant_app
+
         app_id = app_id or (deployed_app_id(spec.name) if mode == "deployed" else ids.new_id("app"))
+        # Before any worker starts: its secret backend (Vault) lets this app read its secrets.
+        await asyncio.to_thread(grant_app, app_id, spec)
         self.store.upsert_app(app_id, spec.name, mode)
         version = self.store.add_version(app_id, ids.new_id("deployment"),
                                          spec.model_dump(mode="json"), note)
@@ -252,6 +256,10 @@ class ControlPlane:
             secret_store.forget_app(self.store, app_id)
         if spec is None:
             return
+        if any(f.secrets for f in spec.functions.values()):
+            from mctl.core.environment import revoke_app
+
+            await asyncio.to_thread(revoke_app, app_id)
         for fspec in spec.functions.values():
             fs = self.functions.get(fspec.function_id)
             if fs is not None:

@@ -250,13 +250,14 @@ async def delete_secret(request: web.Request) -> web.Response:
 async def function_secrets(request: web.Request) -> web.Response:
     """A worker's secret values, fetched at its start: they never travel in a launch
     description, a job spec or the database."""
-    from mctl.core.environment import resolve_secrets
+    from mctl.core.environment import worker_secrets
 
     control = _control(request)
     fs = control.functions.get(request.match_info["function_id"])
     if fs is None:
         return _json_error(404, "No such running function.")
-    return web.json_response({"env": await asyncio.to_thread(resolve_secrets, fs.spec)})
+    # `delegated`: a backend like Vault gives the worker a means to read the values itself.
+    return web.json_response(await asyncio.to_thread(worker_secrets, fs.app_id, fs.spec))
 
 
 async def put_blob(request: web.Request) -> web.Response:
@@ -413,6 +414,8 @@ def make_app(control: ControlPlane) -> web.Application:
     app[RULES] = {handler: (scope, task) for _, _, handler, scope, task in ROUTES}
     app[SOCKETS] = {}
     app.add_routes([web.route(method, path, handler) for method, path, handler, _, _ in ROUTES])
+    from mctl.core.server.volumes import add_volume_routes
+    add_volume_routes(app, app[RULES], TASK_NO)
     return app
 
 
@@ -439,6 +442,7 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
                        advertise_url: str | None = None,
                        scheduler_options: dict[str, str] | None = None,
                        ssl_context: ssl.SSLContext | None = None,
+                       secret_backend: str | None = None,
                        bootstrap_tokens: bool = False,
                        local_token_file: Path | None = None) -> RunningServer:
     """Open the store, start the HTTP(S) server and the scheduler, and recover running apps.
@@ -450,6 +454,9 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     from mctl.core.server.metrics import Metrics
     from mctl.core.server.schedules import ScheduleRunner
 
+    from mctl.core import secret_store
+
+    secret_store.use_backend(secret_backend)  # None keeps $MCTL_SECRET_BACKEND or local
     name = scheduler_name or os.environ.get("MCTL_SCHEDULER", "local")
     options = dict(scheduler_options or {})
     backend = plugins.find("mctl_register_schedulers", name).factory(options)
