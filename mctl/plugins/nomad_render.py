@@ -30,7 +30,7 @@ OPERATORS = ("=", "!=", ">", ">=", "<", "<=", "regexp", "version", "semver", "se
              "set_contains_any", "is_set", "is_not_set", "distinct_hosts", "distinct_property")
 # Options a function may override: `function.<tag>.<option>=value`.
 PER_FUNCTION = ("namespace", "datacenters", "node_pool", "constraints", "driver", "gpu_fallback",
-                "default_max_containers")
+                "default_max_containers", "default_image")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class NomadOptions:
     driver: str | None = None           # None: docker for an image reference, else raw_exec
     python: str = "python3"             # the interpreter an exec/raw_exec task runs
     image_registry: str | None = None   # where built images live: <registry>/mctl:<image id>
+    default_image: str | None = None    # the image of functions with mctl's default image
     autoscaler: str = "mctl"            # who scales: mctl (core, through /scale) or nomad
     evaluation_interval_s: float = 10.0
     prometheus_job: str = ""            # an extra label matcher, e.g. job="mctl"
@@ -61,7 +62,7 @@ class NomadOptions:
     functions: dict[str, dict[str, str]] = field(default_factory=dict)
 
     KEYS = ("namespace", "region", "datacenters", "node_pool", "constraints", "driver", "python",
-            "image_registry", "autoscaler", "evaluation_interval", "prometheus_job",
+            "image_registry", "default_image", "autoscaler", "evaluation_interval", "prometheus_job",
             "secrets_from", "vault_role", "vault_kv_path", "volume_type", "cpu_mhz_per_core",
             "default_cpu", "default_memory_mb", "default_max_containers", "gpu_fallback",
             "server_url")
@@ -103,7 +104,7 @@ class NomadOptions:
                 changes["evaluation_interval_s"] = _number(key, value, float)
             elif key in self.KEYS:
                 changes[key] = value or None if key in ("node_pool", "driver", "vault_role",
-                                                        "image_registry") else value
+                                                        "image_registry", "default_image") else value
         if functions is not None:
             changes["functions"] = functions
         opts = replace(self, **changes)
@@ -155,7 +156,7 @@ def job_id(app_name: str, tag: str) -> str:
     """`mctl-<app>-<function>`, lowercased, in the characters Nomad accepts in an ID. A name that
     had to change beyond case and '_' gets a short hash, so two odd names cannot collide."""
     natural = f"mctl-{app_name}-{tag}".replace("_", "-").lower()
-    clean = re.sub(r"[^a-z0-9.-]+|-{2,}", "-", natural).strip("-.")
+    clean = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9.-]+", "-", natural)).strip("-.")
     if clean != natural or len(clean) > 90:
         clean = f"{clean[:80].rstrip('-.')}-{hashlib.sha256(natural.encode()).hexdigest()[:6]}"
     return clean
@@ -393,7 +394,7 @@ def image_ref_for(recipe: dict[str, Any], image_id: str, opts: NomadOptions) -> 
         return base[len("registry:"):]
     if (base or steps) and opts.image_registry:
         return f"{opts.image_registry.rstrip('/')}/mctl:{image_id}"
-    return None
+    return None if base or steps else opts.default_image
 
 
 def render_app(app: Any, app_id: str, options: NomadOptions) -> list[dict[str, Any]]:
