@@ -194,3 +194,38 @@ def test_job_ids():
 def test_a_driver_needing_an_image_without_one_says_what_to_do():
     with pytest.raises(InvalidError, match="Function plain: driver=docker needs a container"):
         render(driver="docker")
+
+
+def _documents(text):
+    decoder, docs, i = json.JSONDecoder(), [], 0
+    while i < len(text.strip()):
+        doc, end = decoder.raw_decode(text, i)
+        docs.append(doc)
+        i = end + 1
+    return docs
+
+
+def test_cli_render_and_deploy_dry_run_print_checked_jobs():
+    from click.testing import CliRunner
+
+    from conftest import APPS
+    from mctl.cli.main import cli
+
+    app_file = str(APPS / "nomad_features.py")
+    runner = CliRunner()
+    rendered = runner.invoke(cli, ["nomad", "render", app_file, "-o", "datacenters=dc7"])
+    assert rendered.exit_code == 0, rendered.output
+    docs = _documents(rendered.output)
+    assert len(docs) == 18 and all(d["Job"]["Datacenters"] == ["dc7"] for d in docs)
+    assert check(docs).returncode == 0
+    dry = runner.invoke(cli, ["deploy", app_file, "--scheduler", "nomad", "--dry-run",
+                              "--name", "shop"])
+    assert dry.exit_code == 0, dry.output
+    assert all(d["Job"]["ID"].startswith("mctl-shop-") for d in _documents(dry.output))
+    hcl = runner.invoke(cli, ["nomad", "render", app_file, "--hcl"])
+    assert 'job "mctl-nomad-features-everything" {' in hcl.output
+    assert 'strategy "target-value" {' in hcl.output and 'crons = ["30 9 * * 1-5"]' in hcl.output
+    refused = runner.invoke(cli, ["deploy", app_file, "--dry-run"])
+    assert refused.exit_code != 0 and "--scheduler nomad --dry-run" in refused.output
+    bad = runner.invoke(cli, ["nomad", "render", app_file, "-o", "datacenter=dc1"])
+    assert bad.exit_code != 0 and "has no option datacenter" in bad.output
