@@ -24,17 +24,26 @@ NAMES = {
     "HealthyDeadline": "healthy_deadline", "ProgressDeadline": "progress_deadline",
     "AutoRevert": "auto_revert", "Specs": "crons", "TimeZone": "time_zone",
     "ProhibitOverlap": "prohibit_overlap", "Env": "env", "Meta": "meta", "Config": "config",
-    "Policy": "policy",
+    "Policy": "policy", "Name": "name", "PortLabel": "port", "Provider": "provider",
+    "Path": "path", "Timeout": "timeout", "Value": "static", "To": "to", "Tags": "tags",
+    "Mode@network": "mode", "Args": "args", "Command": "command",
 }
 BLOCKS = {"Constraints": "constraint", "Affinities": "affinity", "Templates": "template",
           "VolumeMounts": "volume_mount", "Devices": "device", "Tasks": "task",
-          "TaskGroups": "group"}
+          "TaskGroups": "group", "Networks": "network", "DynamicPorts": "port",
+          "ReservedPorts": "reserved_ports", "Services": "service", "Checks": "check"}
+# Blocks whose label is one of their fields.
+LABELS = {"group": "Name", "task": "Name", "device": "Name", "port": "Label",
+          "reserved_ports": "Label"}
 SINGLE = {"Update": "update", "Periodic": "periodic", "Scaling": "scaling",
           "RestartPolicy": "restart", "ReschedulePolicy": "reschedule", "Resources": "resources",
-          "Vault": "vault"}
+          "Vault": "vault", "EphemeralDisk": "ephemeral_disk"}
 DURATIONS = {"Interval", "Delay", "MaxDelay", "KillTimeout", "Stagger", "MinHealthyTime",
-             "HealthyDeadline", "ProgressDeadline"}
-SKIP = {"ID", "Name", "SpecType", "Type@scaling"}
+             "HealthyDeadline", "ProgressDeadline", "Timeout"}
+SKIP = {"ID@job", "Name@job", "SpecType@periodic", "Type@scaling"}
+NAMES.update({"SizeMB": "size", "Sticky": "sticky", "Migrate": "migrate", "Protocol": "protocol",
+              "TLSSkipVerify": "tls_skip_verify", "Perms": "perms",
+              "ChangeSignal": "change_signal"})
 
 
 def _value(value: Any) -> str:
@@ -52,14 +61,15 @@ def _value(value: Any) -> str:
 def _body(obj: dict[str, Any], indent: str, where: str = "") -> list[str]:
     lines: list[str] = []
     for key, value in obj.items():
-        if key in SKIP or f"{key}@{where}" in SKIP or value is None:
+        if f"{key}@{where}" in SKIP or value is None or key == LABELS.get(where):
             continue
         if key in BLOCKS:
+            block = BLOCKS[key]
             for item in value:
-                label = item.get("Name")
+                label = item.get(LABELS[block]) if block in LABELS else None
                 label_text = f" {json.dumps(label)}" if label is not None else ""
-                lines.append(f"{indent}{BLOCKS[key]}{label_text} {{")
-                lines += _body(item, indent + "  ", BLOCKS[key])
+                lines.append(f"{indent}{block}{label_text} {{")
+                lines += _body(item, indent + "  ", block)
                 lines.append(f"{indent}}}")
         elif key in SINGLE:
             lines.append(f"{indent}{SINGLE[key]} {{")
@@ -84,7 +94,10 @@ def _body(obj: dict[str, Any], indent: str, where: str = "") -> list[str]:
         else:
             if key in DURATIONS and isinstance(value, int):
                 value = f"{value / NS:g}s"
-            lines.append(f"{indent}{NAMES.get(key, key.lower())} = {_value(value)}")
+            name = NAMES.get(f"{key}@{where}") or NAMES.get(key)
+            if name is None:
+                raise ValueError(f"nomad_hcl has no HCL name for field {key} in {where}")
+            lines.append(f"{indent}{name} = {_value(value)}")
     return lines
 
 
@@ -106,4 +119,4 @@ def _policy(policy: dict[str, Any], indent: str) -> list[str]:
 
 def to_hcl(request: dict[str, Any]) -> str:
     job = request["Job"]
-    return "\n".join([f"job {json.dumps(job['ID'])} {{", *_body(job, "  "), "}"]) + "\n"
+    return "\n".join([f"job {json.dumps(job['ID'])} {{", *_body(job, "  ", "job"), "}"]) + "\n"
