@@ -22,11 +22,13 @@ def run_check(directory=None):
     return subprocess.run([str(CHECK)], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_vagrantfile_and_provisioning_are_valid():
     done = run_check()
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.integration
 def test_a_broken_vagrantfile_fails_the_check(tmp_path):
     copy = tmp_path / "vagrant"
     shutil.copytree(ROOT / "vagrant", copy, ignore=shutil.ignore_patterns(".vagrant", "bin"))
