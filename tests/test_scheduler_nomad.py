@@ -104,3 +104,33 @@ def test_server_with_unreachable_nomad_stops_with_one_line(tmp_path):
     assert f"Nomad is unreachable at http://127.0.0.1:{port}" in errors[0]
     assert "Set NOMAD_ADDR" in errors[0]
     assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
+
+
+@pytest.mark.integration
+def test_periodic_jobs_command_spawns_one_call_on_a_real_control_plane(tmp_path, server_process,
+                                                                      monkeypatch):
+    """What Nomad would run at each cron time, run here as a process: one call of the function
+    reaches the deployed app and runs on its (local) workers."""
+    from conftest import APPS
+    from mctl.plugins.nomad_render import NomadOptions, render_app
+
+    tick_file = tmp_path / "ticks"
+    monkeypatch.setenv("TICK_FILE", str(tick_file))
+    deployed = subprocess.run([sys.executable, "-m", "mctl", "deploy",
+                               str(APPS / "nomad_trigger.py")],
+                              capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stderr
+    _, app = load_app("nomad_trigger")
+    app_id = deployed_app_id(app.name)
+    spec, _ = compile_app(app, app_id, app.name)
+    jobs = render_app(spec, app_id, NomadOptions.parse({"server_url": server_process.url}))
+    periodic = [d["Job"] for d in jobs if "Periodic" in d["Job"]]
+    assert [j["ID"] for j in periodic] == ["mctl-nomad-trigger-nightly-schedule"]
+    task = periodic[0]["TaskGroups"][0]["Tasks"][0]
+    env = {**os.environ, **task["Env"]}  # MCTL_HOME's token stands in for the task token
+    done = subprocess.run([sys.executable, *task["Config"]["args"]], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    from conftest import wait_until
+
+    assert wait_until(lambda: tick_file.exists() and tick_file.read_text() == "fired\n")
