@@ -103,8 +103,9 @@ class NomadOptions:
             elif key == "evaluation_interval":
                 changes["evaluation_interval_s"] = _number(key, value, float)
             elif key in self.KEYS:
-                changes[key] = value or None if key in ("node_pool", "driver", "vault_role",
-                                                        "image_registry", "default_image") else value
+                optional = key in ("node_pool", "driver", "vault_role", "image_registry",
+                                   "default_image")
+                changes[key] = (value or None) if optional else value
         if functions is not None:
             changes["functions"] = functions
         opts = replace(self, **changes)

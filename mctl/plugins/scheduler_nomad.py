@@ -200,7 +200,11 @@ class NomadScheduler:
                 await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
                                    variable_body(job_id, token, self.conn))
         for doc in jobs:
-            await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
+            try:
+                await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
+            except NomadError as exc:  # Nomad's own reason, with the function it concerns
+                raise NomadError(f"Function {launch.function} (job {doc['Job']['ID']}): "
+                                 f"{exc}") from None
         info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
         self.pools[launch.pool_id] = NomadPool(launch, ids, launch.spec.autoscaling.min_containers,
                                                int(info.get("Version") or 0))
