@@ -49,6 +49,10 @@ def test_every_feature_passes_nomads_types(options):
     done = check(jobs)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "checked 18, rejected 0" in done.stdout
+    from mctl.plugins.nomad_hcl import to_hcl
+
+    hcl = "".join(to_hcl(job) for job in jobs)  # every field has its HCL name
+    assert hcl.count("\njob ") + hcl.startswith("job ") == 18
 
 
 @pytest.mark.parametrize("app_name", ["x", "My.App_2", "a" * 64, "0-starts-with-digit",
