@@ -47,17 +47,17 @@ def test_every_hook_is_documented_with_an_example():
 
 
 def test_builtins_register_backends(fresh_pm):
-    assert {s.name for s in plugins.registrations("mctl_register_schedulers")} == {"local",
-                                                                                   "slurm"}
+    assert {s.name for s in plugins.registrations("mctl_register_schedulers")} == {
+        "local", "slurm", "nomad"}
     assert "local" in {s.name for s in plugins.registrations("mctl_register_secret_backends")}
     assert plugins.find("mctl_register_volume_drivers", "local")
     assert isinstance(plugins.find("mctl_register_gpu_devices", "nvidia").detect(), list)
 
 
 def test_unknown_backend_names_the_choices(fresh_pm):
-    with pytest.raises(mctl.exception.InvalidError, match="No scheduler plugin named 'nomad'; "
-                                                          "available: local, slurm"):
-        plugins.find("mctl_register_schedulers", "nomad")
+    with pytest.raises(mctl.exception.InvalidError, match="No scheduler plugin named 'kubernetes'; "
+                                                          "available: local, nomad, slurm"):
+        plugins.find("mctl_register_schedulers", "kubernetes")
 
 
 def test_conflicting_plugins_are_named(inline_plugin):

@@ -286,9 +286,24 @@ def _target_help(ref: str, label: str, params: inspect.Signature) -> str:
 @cli.command(short_help="Deploy an app; it keeps running on the control plane.")
 @click.argument("app_ref")
 @click.option("--name", help="Deploy under this name instead of the App's own.")
-def deploy(app_ref: str, name: str | None) -> None:
+@click.option("--scheduler", help="With --dry-run: the scheduler whose jobs to print (nomad).")
+@click.option("--scheduler-option", "scheduler_options", multiple=True, metavar="KEY=VALUE",
+              help="With --dry-run: an option of that scheduler; repeat for several.")
+@click.option("--dry-run", is_flag=True, help="Print what would be submitted; contact nothing.")
+def deploy(app_ref: str, name: str | None, scheduler: str | None,
+           scheduler_options: tuple[str, ...], dry_run: bool) -> None:
     """Deploy APP_REF to the control plane; it keeps running (schedules fire there)."""
     from mctl.core.runner import deploy_app
+
+    if dry_run or scheduler:
+        if not (dry_run and scheduler == "nomad"):
+            raise click.UsageError("--scheduler and --dry-run go together, and only "
+                                   "`--scheduler nomad --dry-run` is supported; the control "
+                                   "plane's own scheduler places a real deploy.")
+        from mctl.cli.nomad import print_jobs, render_jobs
+
+        print_jobs(render_jobs(app_ref, name, scheduler_options), hcl=False)
+        return
 
     try:
         _, app, _ = import_app_file(app_ref)
@@ -812,6 +827,9 @@ def _server_tls(cert: str | None, key: str | None, advertise_url: str | None) ->
 
 from mctl.cli.volume import volume  # noqa: E402 - the command modules need `cli` defined first
 cli.add_command(volume)
+from mctl.cli.nomad import nomad  # noqa: E402 - the nomad group lives in its own module
+
+cli.add_command(nomad)
 
 
 def _register_plugin_commands() -> None:

@@ -54,6 +54,9 @@ class LaunchSpec:
     timeout_s: float = 300.0       # one input's limit; the worker enforces it
     restart: RestartPolicy = RestartPolicy()
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The function's own spec (schedule, retries, scaling bounds), for backends that render the
+    # whole function into their own job format (Nomad); never holds secret values.
+    spec: FunctionSpec | None = None
 
     def worker_env(self, task_id: str) -> dict[str, str]:
         """The environment of one worker: the shared one plus its own task id."""
@@ -105,4 +108,4 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
         image=built_image.get("image") or python, image_id=fspec.image_id, cpu=res.cpu,
         memory_mb=res.memory_mb, gpu=res.gpu, mounts=mounts,
         secret_refs=tuple(ref.get("name", "<inline>") for ref in fspec.secrets),
-        timeout_s=fspec.timeout, labels=MappingProxyType(labels))
+        timeout_s=fspec.timeout, labels=MappingProxyType(labels), spec=fspec)

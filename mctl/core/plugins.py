@@ -23,6 +23,7 @@ log = logging.getLogger("mctl.plugins")
 BUILTIN_PLUGINS = (
     "mctl.plugins.scheduler_local",
     "mctl.plugins.scheduler_slurm",
+    "mctl.plugins.scheduler_nomad",
     "mctl.plugins.image_local",
     "mctl.plugins.secrets_local",
     "mctl.plugins.secrets_vault",

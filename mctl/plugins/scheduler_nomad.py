@@ -1,0 +1,296 @@
+"""Nomad backend: each function is a Nomad service job whose task group `workers` runs mctl's
+worker runtime; core's autoscaler sets its count through Nomad's scale API.
+
+The jobs are those `mctl nomad render` prints (`nomad_render`): one service job
+`mctl-<app>-<function>` per function, re-registered for each new version (Nomad keeps the job's
+versions and rolls allocations over with the `update` block), and a periodic batch job per
+schedule, so Nomad fires schedules (`handles_schedules`). A worker's task id is
+`ta-<allocation id>`. Its task token is written to the job's Nomad Variable
+(`nomad/jobs/<job id>`), which only that job's tasks can read, never into the job itself.
+
+This backend has been checked by contract only: every body it sends is checked against Nomad's
+own API types by tools/nomad-jobcheck in the tests; it has not run against a live Nomad agent.
+
+Connection settings, as Nomad's own CLI reads them: NOMAD_ADDR (default http://127.0.0.1:4646),
+NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION, NOMAD_CACERT (and NOMAD_CLIENT_CERT/NOMAD_CLIENT_KEY),
+or the options address, token_file, cacert. Other options: see `NomadOptions`, plus
+request_timeout (seconds, default 15) and poll_interval (default 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mctl
+from mctl.core.plugin_types import Scheduler, WorkerInfo
+from mctl.exception import InvalidError
+from mctl.plugins.nomad_render import GROUP, NomadOptions, render_function
+
+if TYPE_CHECKING:
+    from mctl.core.launch import LaunchSpec
+    from mctl.core.plugin_types import PoolEvents
+
+log = logging.getLogger("mctl.scheduler.nomad")
+CONNECTION = ("address", "token_file", "cacert", "request_timeout", "poll_interval")
+LIVE = {"pending", "running"}
+
+
+class NomadError(InvalidError):
+    """Nomad refused a request or could not be reached; the message says what to set."""
+
+
+@dataclass
+class NomadPool:
+    launch: LaunchSpec
+    job_ids: tuple[str, ...]      # the service job, then the periodic job if any
+    count: int = 0
+    job_version: int = 0          # the Nomad job version this pool registered
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # task id -> last seen
+
+
+@dataclass(frozen=True)
+class Connection:
+    address: str
+    token: str | None
+    namespace: str
+    region: str
+    cacert: str | None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    @classmethod
+    def from_settings(cls, options: dict[str, Any], render: NomadOptions,
+                      explicit: set[str]) -> Connection:
+        token = os.environ.get("NOMAD_TOKEN") or None
+        if options.get("token_file"):
+            with open(options["token_file"]) as fh:
+                token = fh.read().strip()
+        return cls(
+            address=(options.get("address") or os.environ.get("NOMAD_ADDR")
+                     or "http://127.0.0.1:4646").rstrip("/"),
+            token=token,
+            namespace=render.namespace if "namespace" in explicit
+            else os.environ.get("NOMAD_NAMESPACE") or render.namespace,
+            region=render.region if "region" in explicit
+            else os.environ.get("NOMAD_REGION") or render.region,
+            cacert=options.get("cacert") or os.environ.get("NOMAD_CACERT") or None,
+            client_cert=os.environ.get("NOMAD_CLIENT_CERT") or None,
+            client_key=os.environ.get("NOMAD_CLIENT_KEY") or None)
+
+
+# --- request bodies (the tests pass each through tools/nomad-jobcheck) --------------------------
+def register_body(job: dict[str, Any], conn: Connection) -> dict[str, Any]:
+    """`PUT /v1/jobs`: an `api.JobRegisterRequest`."""
+    return {**job, "Namespace": conn.namespace, "Region": conn.region}
+
+
+def scale_body(job_id: str, count: int, launch: LaunchSpec) -> dict[str, Any]:
+    """`POST /v1/job/:id/scale`: an `api.ScalingRequest`."""
+    return {"Count": count, "Target": {"Job": job_id, "Group": GROUP},
+            "Message": f"mctl autoscaler: {launch.function} v{launch.version} to {count}",
+            "Meta": {"mctl.pool": launch.pool_id}}
+
+
+def variable_body(job_id: str, task_token: str, conn: Connection) -> dict[str, Any]:
+    """`PUT /v1/var/nomad/jobs/:id`: an `api.Variable` the job's own tasks may read."""
+    return {"Namespace": conn.namespace, "Path": f"nomad/jobs/{job_id}",
+            "Items": {"task_token": task_token}}
+
+
+def image_ref(launch: LaunchSpec) -> str | None:
+    """The container image the builder produced, or None when workers run in a Python env."""
+    return None if launch.image == launch.command[0] else launch.image
+
+
+class NomadScheduler:
+    handles_schedules = True  # each schedule is a periodic job that Nomad fires
+    provider = "nomad"
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        render_options = {k: v for k, v in options.items() if k not in CONNECTION}
+        self.render = NomadOptions.parse(render_options, extra=())
+        self.conn = Connection.from_settings(options, self.render, set(render_options))
+        self.render = self.render._with({"namespace": self.conn.namespace,
+                                         "region": self.conn.region})
+        self.timeout = float(options.get("request_timeout", 15))
+        self.poll_interval = float(options.get("poll_interval", 2))
+        self.pools: dict[str, NomadPool] = {}
+        self.current: dict[str, str] = {}  # job id -> the pool (function version) it runs
+        self.events: PoolEvents | None = None
+        self._session: Any = None
+        self._poller: asyncio.Task[None] | None = None
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    async def _http(self) -> Any:
+        if self._session is None:
+            import aiohttp
+
+            ssl_context: Any = None
+            if self.conn.cacert or self.conn.client_cert:
+                import ssl
+
+                ssl_context = ssl.create_default_context(cafile=self.conn.cacert)
+                if self.conn.client_cert:
+                    ssl_context.load_cert_chain(self.conn.client_cert, self.conn.client_key)
+            headers = {"X-Nomad-Token": self.conn.token} if self.conn.token else {}
+            self._session = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else None)
+        return self._session
+
+    async def request(self, method: str, path: str, body: Any = None,
+                      params: dict[str, str] | None = None) -> Any:
+        """One call to Nomad's HTTP API; its JSON answer, or a NomadError that says what to do."""
+        import aiohttp
+
+        session = await self._http()
+        query = {"namespace": self.conn.namespace, "region": self.conn.region, **(params or {})}
+        url = f"{self.conn.address}{path}"
+        try:
+            async with session.request(method, url, json=body, params=query) as resp:
+                text = await resp.text()
+                if resp.status == 403:
+                    raise NomadError(self._denied(method, path, text))
+                if resp.status >= 400:
+                    raise NomadError(f"Nomad answered {resp.status} to {method} {path}: "
+                                     f"{text.strip()[:500]}")
+                return await resp.json(content_type=None) if text.strip() else None
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+            reason = (getattr(exc, "strerror", None) or str(exc) or "no answer within "
+                      f"{self.timeout:g}s").lower()
+            raise NomadError(
+                f"Nomad is unreachable at {self.conn.address} ({reason}). Set NOMAD_ADDR (or "
+                "--scheduler-option address=...) to a Nomad agent's HTTP address, e.g. "
+                "http://nomad.service.consul:4646.") from None
+
+    def _denied(self, method: str, path: str, text: str) -> str:
+        if not self.conn.token:
+            return (f"Nomad refused {method} {path}: permission denied, and no ACL token was "
+                    "sent. Set NOMAD_TOKEN (or --scheduler-option token_file=PATH) to a token "
+                    f"allowed to submit, scale and read jobs in namespace {self.conn.namespace}.")
+        return (f"Nomad refused {method} {path}: permission denied ({text.strip()[:200]}). The "
+                f"token in NOMAD_TOKEN needs the submit-job, scale-job, read-job and "
+                f"variables write capabilities in namespace {self.conn.namespace}.")
+
+    # --- the backend ---------------------------------------------------------------------------
+    async def start(self, events: PoolEvents) -> None:
+        self.events = events
+        try:  # fails the server's start, with what to set, when Nomad cannot be reached
+            await self.request("GET", "/v1/status/leader")
+        except NomadError:
+            await self.shutdown()
+            raise
+        self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def ensure_pool(self, launch: LaunchSpec) -> None:
+        if launch.pool_id in self.pools:
+            return
+        if launch.spec is None:
+            raise InvalidError("The nomad scheduler needs the function's spec in its launch "
+                               "description; this mctl server is older than the backend.")
+        jobs = render_function(launch, launch.spec, self.render, image_ref(launch))
+        ids = tuple(doc["Job"]["ID"] for doc in jobs)
+        token = launch.env.get("MCTL_TASK_TOKEN")
+        for job_id in ids:
+            if token:
+                await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
+                                   variable_body(job_id, token, self.conn))
+        for doc in jobs:
+            try:
+                await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
+            except NomadError as exc:  # Nomad's own reason, with the function it concerns
+                raise NomadError(f"Function {launch.function} (job {doc['Job']['ID']}): "
+                                 f"{exc}") from None
+        info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
+        self.pools[launch.pool_id] = NomadPool(launch, ids, launch.spec.autoscaling.min_containers,
+                                               int(info.get("Version") or 0))
+        self.current[ids[0]] = launch.pool_id
+        log.info("registered Nomad job(s) %s for %s", ", ".join(ids), launch.pool_id)
+
+    async def scale(self, pool_id: str, count: int) -> None:
+        pool = self.pools.get(pool_id)
+        if pool is None or self.current.get(pool.job_ids[0]) != pool_id or count == pool.count:
+            return
+        await self.request("POST", f"/v1/job/{pool.job_ids[0]}/scale",
+                           scale_body(pool.job_ids[0], count, pool.launch))
+        pool.count = count
+
+    async def stop_worker(self, pool_id: str, worker_id: str, grace_s: float) -> None:
+        """Nomad chooses which allocation a lower count stops (the highest index); a worker that
+        is stopped while busy drains on SIGTERM within the job's kill_timeout."""
+        pool = self.pools.get(pool_id)
+        if pool is not None and pool.count > 0:
+            await self.scale(pool_id, pool.count - 1)
+
+    async def remove_pool(self, pool_id: str, grace_s: float) -> None:
+        pool = self.pools.pop(pool_id, None)
+        if pool is None or self.current.get(pool.job_ids[0]) != pool_id:
+            return  # a newer version re-registered the same job: nothing to remove
+        del self.current[pool.job_ids[0]]
+        for job_id in pool.job_ids:
+            await self.request("DELETE", f"/v1/job/{job_id}")
+            await self.request("DELETE", f"/v1/var/nomad/jobs/{job_id}")
+
+    async def list_workers(self, pool_id: str) -> list[WorkerInfo]:
+        pool = self.pools.get(pool_id)
+        return list(pool.workers.values()) if pool else []
+
+    async def shutdown(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- allocations ---------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            for pool_id, pool in list(self.pools.items()):
+                if self.current.get(pool.job_ids[0]) != pool_id:
+                    continue  # core drains an old version's workers itself
+                try:
+                    allocs = await self.request("GET", f"/v1/job/{pool.job_ids[0]}/allocations")
+                except NomadError as exc:
+                    log.warning("listing allocations of %s: %s", pool.job_ids[0], exc)
+                    continue
+                self._update(pool_id, pool, allocs or [])
+
+    def _update(self, pool_id: str, pool: NomadPool, allocs: list[dict[str, Any]]) -> None:
+        """Record this version's live allocations; report those that ended."""
+        seen: dict[str, WorkerInfo] = {}
+        for alloc in allocs:
+            if alloc.get("JobVersion", pool.job_version) < pool.job_version:
+                continue  # an older version's allocation, on its way out
+            worker_id = f"ta-{alloc['ID']}"
+            status = alloc.get("ClientStatus", "pending")
+            if status in LIVE:
+                state = "stopping" if alloc.get("DesiredStatus") == "stop" else (
+                    "running" if status == "running" else "starting")
+                seen[worker_id] = WorkerInfo(worker_id, alloc.get("NodeName", ""), state,
+                                             f"allocation {alloc['ID']}")
+            elif worker_id in pool.workers and self.events is not None:
+                code, detail = _exit(alloc)
+                self.events.worker_exited(pool_id, worker_id, code, detail)
+        pool.workers = seen
+
+
+def _exit(alloc: dict[str, Any]) -> tuple[int | None, str]:
+    """The worker task's exit code and the reason Nomad gives, from the allocation's events."""
+    state = (alloc.get("TaskStates") or {}).get("worker") or {}
+    code, reason = None, ""
+    for event in state.get("Events") or []:
+        if event.get("ExitCode") is not None and event.get("Type") == "Terminated":
+            code = event["ExitCode"]
+        reason = event.get("DisplayMessage") or reason
+    status = alloc.get("ClientStatus")
+    return code, "" if status == "complete" and code == 0 else (
+        f"Nomad allocation {alloc.get('ID')} ended {status}: {reason}".strip())
+
+
+@mctl.hookimpl
+def mctl_register_schedulers():
+    yield Scheduler(name="nomad", factory=NomadScheduler)
