@@ -24,6 +24,8 @@ BUILTIN_PLUGINS = (
     "mctl.plugins.scheduler_local",
     "mctl.plugins.scheduler_slurm",
     "mctl.plugins.image_local",
+    "mctl.plugins.image_venv",
+    "mctl.plugins.image_oci",
     "mctl.plugins.secrets_local",
     "mctl.plugins.volumes_local",
     "mctl.plugins.gpu_nvidia",

@@ -60,6 +60,13 @@ async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
                                                    "secrets": secrets})
 
 
+def print_build_log(result: dict[str, Any]) -> None:
+    """The control plane's build output for this deploy (the whole log: `mctl app logs`)."""
+    for image in result.get("images") or []:
+        for line in image.get("log") or []:
+            print(line, flush=True)
+
+
 @contextlib.contextmanager
 def run_app(app: DeclaredApp) -> Iterator[None]:
     """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server."""
@@ -72,7 +79,9 @@ def run_app(app: DeclaredApp) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if not url:
             url = stack.enter_context(embedded_server())
-        run_sync(_publish(url, spec, blobs, "ephemeral", app_id, secrets))
+        result = run_sync(_publish(url, spec, blobs, "ephemeral", app_id, secrets))
+        if os.environ.get("MCTL_SERVER_URL"):  # an embedded server printed it as it came
+            print_build_log(result)
         run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
         try:
@@ -100,6 +109,7 @@ def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
     url = ensure_background_server()
     result = run_sync(_publish(url, spec, blobs, "deployed", app_id,
                                inline_secret_values(app, app_id)))
+    print_build_log(result)
     app._hydrate(app_id, url)
     return {**result, "name": app_name, "url": url,
             "functions": {tag: f.function_id for tag, f in spec.functions.items()}}
