@@ -100,9 +100,14 @@ def build_image(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
     force = _forced(image.recipe)
     with _lock(image.image_id):
         if image.image_id in _built and not force:
-            return _built[image.image_id]
+            done = _built[image.image_id]
+            if done["builder"] != "local":  # the host environment itself: nothing to say
+                ctx.say(f"image {image.image_id}: built earlier ({done['builder']} builder), "
+                        "nothing to build")
+            return done
         builder = builder_for(image)
-        ctx.say(f"image {image.image_id}: {builder.name} builder")
+        if builder.name != "local":
+            ctx.say(f"image {image.image_id}: {builder.name} builder")
         built = builder.build(image, ctx)
         built.setdefault("builder", builder.name)
         _built[image.image_id] = built
