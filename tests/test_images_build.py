@@ -112,7 +112,7 @@ def test_apt_commands_mounts_and_dockerfiles_take_effect_in_containers(oci_serve
     assert podman_containers("mctl.pool")  # the workers are containers
 
     again = mctl_cli("deploy", str(APPS / "image_oci.py"))
-    assert again.stdout.count("exists, nothing to build") == 3
+    assert again.stdout.count("nothing to build") == 3
     assert "STEP" not in again.stdout
 
 

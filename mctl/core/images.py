@@ -97,7 +97,8 @@ def builder_for(image: ImageSpec) -> Any:
 
 def build_image(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
     """Build (or find in the cache) one image; returns how to run it (see `ImageBuilder`)."""
-    force = _forced(image.recipe)
+    # A registry base is resolved again on each deploy (its tag may move): no memory of it here.
+    force = _forced(image.recipe) or (image.recipe.get("base") or {}).get("kind") == "registry"
     with _lock(image.image_id):
         if image.image_id in _built and not force:
             done = _built[image.image_id]

@@ -50,8 +50,8 @@ def run_tool() -> str | None:
     return None
 
 
-def local_tag(image_id: str) -> str:
-    return f"localhost/mctl/{image_id}:latest"
+def local_tag(image_id: str, version: str = "latest") -> str:
+    return f"localhost/mctl/{image_id}:{version}"
 
 
 def handles(image: ImageSpec) -> bool:
@@ -81,8 +81,18 @@ def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
             "podman runc, or `scripts/images-dev up`), or keep the image to pip_install, env and "
             "add_local_python_source steps.")
     registry = os.environ.get("MCTL_IMAGE_REGISTRY", "").rstrip("/")
-    tag = local_tag(image.image_id)
-    ref = f"{registry}/mctl/{image.image_id}:latest" if registry else tag
+    # A registry base is resolved on every deploy: its tag may have moved (the digest names the
+    # build), and credentials that stopped working should say so now, not when a node pulls.
+    version = "latest"
+    base = image.recipe.get("base") or {}
+    if base.get("kind") == "registry":
+        from mctl.plugins import registry_v2
+
+        pinned = registry_v2.resolve(base["tag"], _registry_creds(base, ctx))
+        ctx.say(f"image {image.image_id}: {base['tag']} is {pinned.digest}")
+        version = (pinned.digest or "").split(":")[-1][:16] or "latest"
+    tag = local_tag(image.image_id, version)
+    ref = f"{registry}/mctl/{image.image_id}:{version}" if registry else tag
     files, env = _start_files(image, ctx, cache_dir() / "files", extract_blob)
     result = {"python": "python3", "runtime": "oci", "image": ref, "env": env, "files": files}
     forced = bool((image.recipe.get("base") or {}).get("force_build")) or any(
@@ -184,7 +194,6 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
 
         creds = _registry_creds(base, ctx)
         pinned = registry_v2.resolve(base["tag"], creds)
-        ctx.say(f"image {image.image_id}: {base['tag']} is {pinned.digest}")
         if creds:
             flags += ["--creds", f"{creds[0]}:{creds[1]}"]
         if registry_v2.insecure(pinned.registry):

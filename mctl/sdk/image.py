@@ -74,6 +74,8 @@ class Image:
         """Build from a Dockerfile; `context_dir` (default: the Dockerfile's directory) is sent
         with it, so `COPY` works as with `docker build`."""
         dockerfile = Path(path)
+        if _in_worker():  # the worker imports the app's module; the image is already built
+            return Image({"kind": "dockerfile", "path": str(dockerfile)})
         if not dockerfile.is_file():
             raise InvalidError(f"Image.from_dockerfile: no Dockerfile at {dockerfile}; give the "
                                "path of an existing file.")
@@ -112,6 +114,8 @@ class Image:
     def pip_install_from_requirements(self, requirements_txt: str, *, find_links: str | None = None,
                                       **options: Any) -> Image:
         path = Path(requirements_txt)
+        if _in_worker():
+            return self
         if not path.is_file():
             raise InvalidError(f"Image.pip_install_from_requirements: no file {path}.")
         lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
@@ -124,6 +128,8 @@ class Image:
         import tomllib
 
         path = Path(pyproject_toml)
+        if _in_worker():
+            return self
         if not path.is_file():
             raise InvalidError(f"Image.pip_install_from_pyproject: no file {path}.")
         project = tomllib.loads(path.read_text()).get("project", {})
@@ -169,7 +175,7 @@ class Image:
                        copy: bool = False) -> Image:
         """`copy=False` adds the file when the container starts; `copy=True` bakes a layer."""
         src = Path(local_path)
-        if not src.is_file():
+        if not src.is_file() and not _in_worker():
             raise InvalidError(f"Image.add_local_file: no file {src}.")
         if not remote_path.startswith("/"):
             raise InvalidError(f"Image.add_local_file: remote_path must be absolute, got "
@@ -183,7 +189,7 @@ class Image:
                       copy: bool = False, ignore: Sequence[str] | Callable[[Path], bool] = ()
                       ) -> Image:
         src = Path(local_path)
-        if not src.is_dir():
+        if not src.is_dir() and not _in_worker():
             raise InvalidError(f"Image.add_local_dir: no directory {src}.")
         if not remote_path.startswith("/"):
             raise InvalidError(f"Image.add_local_dir: remote_path must be absolute, got "
@@ -197,7 +203,7 @@ class Image:
         import importlib.util
 
         members: list[tuple[str, Path]] = []
-        for name in modules:
+        for name in modules if not _in_worker() else ():
             spec = importlib.util.find_spec(name)
             if spec is None or spec.origin in (None, "built-in", "frozen"):
                 raise InvalidError(f"Image.add_local_python_source: no local module {name!r}; "
@@ -345,6 +351,12 @@ def _walk(root: Path, ignore: Sequence[str] | Callable[[Path], bool]) -> list[Pa
         dirnames[:] = sorted(d for d in dirnames if not ignored(Path(dirpath) / d))
         out += [Path(dirpath) / f for f in sorted(filenames) if not ignored(Path(dirpath) / f)]
     return out
+
+
+def _in_worker() -> bool:
+    """Inside a worker the app's module is imported again, where the deployer's files are not:
+    recipes are not checked or read there (the image was built from them at deploy)."""
+    return "MCTL_TASK_ID" in os.environ
 
 
 def _force(force_build: bool) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import mctl
 
 app = mctl.App("image-registry")
 secret = os.environ.get("IMAGE_REGISTRY_SECRET")
-image = mctl.Image.from_registry(os.environ["IMAGE_REGISTRY_TAG"],
+# (inside a worker the variables are unset; the image is already built)
+image = mctl.Image.from_registry(os.environ.get("IMAGE_REGISTRY_TAG", "localhost/unset:0"),
                                  secret=mctl.Secret.from_name(secret) if secret else None)
 
 
