@@ -128,7 +128,8 @@ def test_a_broken_dockerfile_fails_the_deploy_with_the_build_log_tail(oci_server
 # --- registries ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def pushed(images_dev):
-    """A marked image pushed to the anonymous and to the password-protected registry."""
+    """A marked image pushed to the anonymous registry, the one with basic auth and the one with
+    bearer tokens."""
     tag = "localhost/mctl-test/registry-marked:1"
     dockerfile = (f"FROM {images_dev['MCTL_IMAGE_BASE_DEBIAN_SLIM']}\n"
                   "RUN echo from-registry > /etc/mctl-registry-marker\n")
@@ -136,9 +137,9 @@ def pushed(images_dev):
                     "-", "."], input=dockerfile, text=True, check=True, capture_output=True,
                    cwd=str(APPS))
     refs = {}
-    for name, creds in (("MCTL_TEST_REGISTRY", None), ("MCTL_TEST_AUTH_REGISTRY",
-                        f"{images_dev['MCTL_TEST_REGISTRY_USER']}:"
-                        f"{images_dev['MCTL_TEST_REGISTRY_PASSWORD']}")):
+    login = f"{images_dev['MCTL_TEST_REGISTRY_USER']}:{images_dev['MCTL_TEST_REGISTRY_PASSWORD']}"
+    for name, creds in (("MCTL_TEST_REGISTRY", None), ("MCTL_TEST_AUTH_REGISTRY", login),
+                        ("MCTL_TEST_TOKEN_REGISTRY", login)):
         ref = f"{images_dev[name]}/mctl-test/marked:1"
         subprocess.run(["podman", "push", "--tls-verify=false", *(["--creds", creds] if creds else []),
                         tag, f"docker://{ref}"], check=True, capture_output=True)
@@ -155,14 +156,17 @@ def test_from_registry_anonymous_and_with_credentials(oci_server, pushed, images
     mctl_cli("secret", "create", "regcred",
              f"REGISTRY_USERNAME={images_dev['MCTL_TEST_REGISTRY_USER']}",
              f"REGISTRY_PASSWORD={images_dev['MCTL_TEST_REGISTRY_PASSWORD']}")
-    env = dict(os.environ, IMAGE_REGISTRY_TAG=pushed["MCTL_TEST_AUTH_REGISTRY"],
-               IMAGE_REGISTRY_SECRET="regcred")
-    mctl_cli("deploy", str(APPS / "image_registry.py"), env=env)
-    assert mctl.Function.from_name("image-registry", "where").remote() == "from-registry registry"
+    for registry in ("MCTL_TEST_AUTH_REGISTRY", "MCTL_TEST_TOKEN_REGISTRY"):  # basic, bearer
+        env = dict(os.environ, IMAGE_REGISTRY_TAG=pushed[registry], IMAGE_REGISTRY_SECRET="regcred")
+        out = mctl_cli("deploy", str(APPS / "image_registry.py"), env=env)
+        assert f"{pushed[registry]} is sha256:" in out.stdout
+        assert mctl.Function.from_name("image-registry", "where").remote() == \
+            "from-registry registry"
 
 
-def test_registry_credentials_missing_or_wrong_say_so(oci_server, pushed, images_dev):
-    env = dict(os.environ, IMAGE_REGISTRY_TAG=pushed["MCTL_TEST_AUTH_REGISTRY"])
+@pytest.mark.parametrize("registry", ["MCTL_TEST_AUTH_REGISTRY", "MCTL_TEST_TOKEN_REGISTRY"])
+def test_registry_credentials_missing_or_wrong_say_so(oci_server, pushed, registry):
+    env = dict(os.environ, IMAGE_REGISTRY_TAG=pushed[registry])
     out = mctl_cli("deploy", str(APPS / "image_registry.py"), env=env, check=False)
     assert out.returncode != 0 and "requires authentication" in out.stderr
 
@@ -173,3 +177,4 @@ def test_registry_credentials_missing_or_wrong_say_so(oci_server, pushed, images
     assert out.returncode != 0
     assert "refused the credentials for user 'mctl' (invalid username or password)" in out.stderr
     assert "not-the-password" not in out.stderr + out.stdout
+    assert apps_listed() == []
