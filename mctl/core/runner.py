@@ -57,7 +57,7 @@ async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
         await client.upload_blob(data)
     return await client.http("POST", "/api/apps", {"spec": spec.model_dump(mode="json"),
                                                    "mode": mode, "app_id": app_id,
-                                                   "secrets": secrets})
+                                                   "secrets": secrets}, timeout_s=None)
 
 
 def print_build_log(result: dict[str, Any]) -> None:
