@@ -9,6 +9,7 @@ MCTL_REQUIRE_SERVERS=1 (as CI runs).
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -178,3 +179,23 @@ def test_registry_credentials_missing_or_wrong_say_so(oci_server, pushed, regist
     assert "refused the credentials for user 'mctl' (invalid username or password)" in out.stderr
     assert "not-the-password" not in out.stderr + out.stdout
     assert apps_listed() == []
+
+
+def test_without_container_tools_the_deploy_names_the_steps_and_what_to_install(tmp_path,
+                                                                               monkeypatch):
+    """A control plane on a machine without podman or buildah (PATH without them)."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    srv = ServerProcess(tmp_path / "server-state", free_port(), dict(os.environ, PATH=str(empty_bin)))
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        out = mctl_cli("deploy", str(APPS / "image_oci.py"), check=False)
+        assert out.returncode != 0
+        # whichever of the app's three images is built first is named with its steps
+        assert re.search(r"needs a container build for (apt_install, run_commands|apt_install|"
+                         r"Image\.from_dockerfile),", out.stderr), out.stderr
+        assert "neither buildah nor podman is installed. Install them" in out.stderr
+        assert apps_listed() == []
+    finally:
+        srv.stop()
