@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,27 @@ def test_without_container_tools_the_deploy_names_the_steps_and_what_to_install(
         assert apps_listed() == []
     finally:
         srv.stop()
+
+
+def write_marker(path):
+    import sys
+
+    with open(path, "w") as fh:
+        fh.write(sys.prefix)
+
+
+def test_run_function_runs_at_build_time_in_the_image_environment(tmp_path):
+    from mctl.core.images import BuildContext, build_image
+    from mctl.core.spec import ImageSpec
+
+    marker = tmp_path / "marker"
+    image = mctl.Image.debian_slim().run_function(write_marker, args=(str(marker),))
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for blob, data in image.blobs().items():
+        (blobs / blob).write_bytes(data)
+    lines = []
+    built = build_image(ImageSpec(image_id=image.object_id, recipe=image.recipe()),
+                        BuildContext(log=lines.append, blob_path=lambda b: blobs / b))
+    assert built["builder"] == "venv"
+    assert marker.read_text() == str(Path(built["python"]).parent.parent)  # ran in the venv
