@@ -14,6 +14,7 @@ from mctl.sdk.app import App
 from mctl.sdk.cls import Cls
 from mctl.sdk.function import Function, FunctionCall, gather
 from mctl.sdk.image import Image
+from mctl.sdk.mount import Mount
 from mctl.sdk.partial import batched, concurrent, enter, exit, method, parameter
 from mctl.sdk.retries import Retries
 from mctl.sdk.schedule import Cron, Period
@@ -23,7 +24,7 @@ from mctl.sdk.volume import Volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Cls", "Cron", "Error", "Function", "FunctionCall", "Image", "Period", "Retries",
+    "App", "Cls", "Cron", "Error", "Function", "FunctionCall", "Image", "Mount", "Period", "Retries",
     "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
     "enable_output", "is_local", "method", "parameter",
 ]
@@ -31,7 +32,6 @@ __all__ = [
 # Names Modal removed, with the spelling to use now.
 _REMOVED = {
     "Stub": "mctl.App",
-    "Mount": "Image.add_local_dir / Image.add_local_file / Image.add_local_python_source",
     "build": "@mctl.enter() (images are built from Image methods)",
     "SharedVolume": "mctl.Volume",
     "NetworkFileSystem": "mctl.Volume",

@@ -31,7 +31,7 @@ def test_removed_keywords_name_new_spelling(app, kw, new):
         app.function(**{kw: 1})
 
 
-@pytest.mark.parametrize("name", ["Stub", "Mount"])
+@pytest.mark.parametrize("name", ["Stub", "SharedVolume"])
 def test_removed_names(name):
     with pytest.raises(DeprecationError, match="removed"):
         getattr(mctl, name)

@@ -306,13 +306,15 @@ class Client:
 
     # --- HTTP ----------------------------------------------------------------------------------
     async def http(self, method: str, path: str, body: Any = None,
-                   params: dict[str, Any] | None = None) -> Any:
+                   params: dict[str, Any] | None = None, timeout_s: float | None = 300) -> Any:
+        """`timeout_s=None` waits as long as it takes (a deploy builds its images first)."""
         import aiohttp
 
         await self._ensure_session()
         try:
-            async with self._session.request(method, self.url + path, json=body,
-                                             params=params) as resp:
+            async with self._session.request(method, self.url + path, json=body, params=params,
+                                             timeout=aiohttp.ClientTimeout(total=timeout_s)
+                                             ) as resp:
                 data = await resp.json()
                 if resp.status in (401, 403):
                     raise transport.refused(resp.status, data.get("error"))

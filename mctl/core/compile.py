@@ -107,7 +107,9 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
     for tag, handle in app.registered_functions.items():
         opts = handle.options
         image = opts.get("image") or app.image
-        images[image.object_id] = ImageSpec(image_id=image.object_id, recipe=image.recipe())
+        if image.object_id not in images:
+            blobs.update(image.blobs())  # the files the image adds, zipped
+            images[image.object_id] = ImageSpec(image_id=image.object_id, recipe=image.recipe())
         retries = opts.get("retries")
         secrets = [s.ref(app_id) for s in [*app.secrets, *opts.get("secrets", [])]]
         volumes = {**app.volume_mounts, **(opts.get("volumes") or {})}

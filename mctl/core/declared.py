@@ -30,6 +30,8 @@ class DeclaredImage(Protocol):
 
     def recipe(self) -> dict[str, Any]: ...
 
+    def blobs(self) -> dict[str, bytes]: ...  # zipped files the recipe adds, by blob id
+
 
 class DeclaredSecret(Protocol):
     name: Optional[str]

@@ -105,7 +105,16 @@ def mctl_register_schedulers() -> Iterable[Scheduler]:
 
 @hookspec
 def mctl_register_image_builders() -> Iterable[ImageBuilder]:
-    """Register image builders; the first whose `handles(image)` is true builds the image.
+    """Register image builders; the first whose `handles(image)` is true builds the image (the
+    built-in `oci` builder, which handles every recipe, is asked last).
+
+    `build(image, ctx)` runs in the control plane at deploy, in a thread; it logs with
+    `ctx.say(line)` or runs commands with `ctx.run(argv, what=...)` (output streamed to the build
+    log, a failure raises `mctl.core.images.ImageBuildError` with the log's tail), reads the
+    recipe's files with `ctx.blob_path(blob_id)`, and returns how to run the image: `python`, and
+    optionally `env`, `runtime` ("process", "venv" or "oci"), `image` (an OCI reference),
+    `workdir` and `files` (host path, container path) to bind at start. It should skip the work
+    when its cache already holds `image.image_id`.
 
     Example::
 
@@ -116,8 +125,8 @@ def mctl_register_image_builders() -> Iterable[ImageBuilder]:
         def mctl_register_image_builders():
             yield ImageBuilder(
                 name="conda",
-                handles=lambda image: image.recipe["base"] == "micromamba",
-                build=lambda image: {"python": "/opt/envs/" + image.image_id + "/bin/python"},
+                handles=lambda image: (image.recipe["base"] or {}).get("kind") == "micromamba",
+                build=lambda image, ctx: {"python": f"/opt/envs/{image.image_id}/bin/python"},
             )
     """
 

@@ -46,6 +46,8 @@ class LaunchSpec:
     env: Mapping[str, str]         # no secret values; add `MCTL_TASK_ID` per worker (`worker_env`)
     image: str                     # what the image builder produced: a python path or an image ref
     image_id: str
+    runtime: str = "process"       # "process"/"venv": run `command` as is; "oci": run it in `image`
+    files: tuple[tuple[str, str], ...] = ()  # (host path, path inside): added when a worker starts
     cpu: float | None = None
     memory_mb: int | None = None
     gpu: GpuRequest | None = None
@@ -105,7 +107,9 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
         pool_id=pool_id(fspec.function_id, version), app_id=app_id, app_name=app.name,
         version=version, function_id=fspec.function_id, function=fspec.tag,
         command=(python, "-m", "mctl.core.runtime"), env=MappingProxyType(env),
-        image=built_image.get("image") or python, image_id=fspec.image_id, cpu=res.cpu,
+        image=built_image.get("image") or python, image_id=fspec.image_id,
+        runtime=built_image.get("runtime") or "process",
+        files=tuple((host, inside) for host, inside in built_image.get("files") or ()), cpu=res.cpu,
         memory_mb=res.memory_mb, gpu=res.gpu, mounts=mounts,
         secret_refs=tuple(ref.get("name", "<inline>") for ref in fspec.secrets),
         timeout_s=fspec.timeout, labels=MappingProxyType(labels), spec=fspec)

@@ -103,12 +103,13 @@ class Scheduler(_Registration):
 
 @dataclass(frozen=True)
 class ImageBuilder(_Registration):
-    """`build(image: ImageSpec) -> dict` returns how to run it, e.g. {"python": "/path/bin/python"}.
+    """`build(image: ImageSpec, ctx: BuildContext) -> dict` returns how to run it, e.g.
+    {"python": "/path/bin/python"} (see `hookspecs.mctl_register_image_builders`).
 
     `handles(image) -> bool` says whether this builder can build the recipe.
     """
 
-    build: Callable[[ImageSpec], dict[str, Any]]
+    build: Callable[[ImageSpec, Any], dict[str, Any]]
     handles: Callable[[ImageSpec], bool]
 
 

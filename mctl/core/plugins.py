@@ -25,6 +25,8 @@ BUILTIN_PLUGINS = (
     "mctl.plugins.scheduler_slurm",
     "mctl.plugins.scheduler_nomad",
     "mctl.plugins.image_local",
+    "mctl.plugins.image_venv",
+    "mctl.plugins.image_oci",
     "mctl.plugins.secrets_local",
     "mctl.plugins.secrets_vault",
     "mctl.plugins.volumes_local",

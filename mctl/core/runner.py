@@ -57,7 +57,14 @@ async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
         await client.upload_blob(data)
     return await client.http("POST", "/api/apps", {"spec": spec.model_dump(mode="json"),
                                                    "mode": mode, "app_id": app_id,
-                                                   "secrets": secrets})
+                                                   "secrets": secrets}, timeout_s=None)
+
+
+def print_build_log(result: dict[str, Any]) -> None:
+    """The control plane's build output for this deploy (the whole log: `mctl app logs`)."""
+    for image in result.get("images") or []:
+        for line in image.get("log") or []:
+            print(line, flush=True)
 
 
 @contextlib.contextmanager
@@ -78,8 +85,10 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
             url = url or ensure_background_server()
         elif not url:
             url = stack.enter_context(embedded_server())
-        run_sync(_publish(url, spec, blobs, "detached" if detach else "ephemeral", app_id,
-                          secrets))
+        result = run_sync(_publish(url, spec, blobs, "detached" if detach else "ephemeral",
+                                   app_id, secrets))
+        if os.environ.get("MCTL_SERVER_URL") or detach:  # an embedded server printed it live
+            print_build_log(result)
         if not detach:
             run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
@@ -111,6 +120,7 @@ def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
     url = ensure_background_server()
     result = run_sync(_publish(url, spec, blobs, "deployed", app_id,
                                inline_secret_values(app, app_id)))
+    print_build_log(result)
     app._hydrate(app_id, url)
     return {**result, "name": app_name, "url": url,
             "functions": {tag: f.function_id for tag, f in spec.functions.items()}}

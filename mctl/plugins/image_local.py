@@ -1,34 +1,34 @@
 """The default image: the Python environment mctl runs in.
 
-Recipes with build steps are recorded in the app spec for container builders; run locally they use
-this environment too, with the recipe's `env` steps applied, and the worker logs a notice.
+It builds the default image and recipes of `Image.env` steps only; every other recipe goes to the
+`venv` or `oci` builder, so no step is ever silently ignored.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mctl
 from mctl.core.plugin_types import ImageBuilder
 
+if TYPE_CHECKING:
+    from mctl.core.images import BuildContext
+    from mctl.core.spec import ImageSpec
 
-def build(image: Any) -> dict[str, Any]:
+
+def handles(image: ImageSpec) -> bool:
+    return image.recipe.get("base") is None and image.recipe.get("python_version") is None and \
+        all(step["kind"] == "env" for step in image.recipe.get("steps", []))
+
+
+def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
     env: dict[str, str] = {}
-    ignored = []
     for step in image.recipe.get("steps", []):
-        if step["kind"] == "env":
-            env.update(step["vars"])
-        else:
-            ignored.append(step["kind"])
-    notice = None
-    if ignored or image.recipe.get("base"):
-        notice = (f"image {image.image_id} ({image.recipe.get('base') or 'default'}: "
-                  f"{', '.join(ignored) or 'no steps'}) runs in the local Python environment; "
-                  "its build steps apply on container backends.")
-    return {"python": sys.executable, "env": env, "notice": notice}
+        env.update(step["vars"])
+    return {"python": sys.executable, "env": env, "runtime": "process"}
 
 
 @mctl.hookimpl
 def mctl_register_image_builders():
-    yield ImageBuilder(name="local", build=build, handles=lambda image: True)
+    yield ImageBuilder(name="local", build=build, handles=handles)

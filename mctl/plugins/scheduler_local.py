@@ -134,15 +134,24 @@ class LocalScheduler:
         env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
         for key in ("VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):  # nor with its Vault rights
             env.pop(key, None)
-        env.update(launch.worker_env(proc.task_id))
-        env["MCTL_PARENT_PID"] = str(os.getpid())  # workers exit when this server dies
+        argv = list(launch.command)
+        extra: dict[str, Any] = {}
+        if launch.runtime == "oci":  # in its image, with podman
+            from mctl.plugins.containers import run_argv
+
+            argv, worker_env = run_argv(launch, proc.task_id)
+            env.update(worker_env)
+            extra["preexec_fn"] = _die_with_parent  # podman stops the container on SIGTERM
+        else:
+            env.update(launch.worker_env(proc.task_id))
+            env["MCTL_PARENT_PID"] = str(os.getpid())  # workers exit when this server dies
         code: int | None = None
         try:
             proc.process = await asyncio.create_subprocess_exec(
-                *launch.command, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **extra)
         except OSError as exc:
-            proc.tail.append(f"could not run {launch.command[0]}: {exc}")
+            proc.tail.append(f"could not run {argv[0]}: {exc}")
         else:
             if proc.stopping:
                 proc.process.terminate()
@@ -175,6 +184,16 @@ class LocalScheduler:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when this server dies (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
 
 
 def _unavailable(launch: LaunchSpec) -> str:

@@ -26,7 +26,6 @@ REMOVED_KEYWORDS = {
     "keep_warm": "min_containers",
     "container_idle_timeout": "scaledown_window",
     "allow_concurrent_inputs": "the @mctl.concurrent(max_inputs=...) decorator",
-    "mounts": "Image.add_local_dir / Image.add_local_python_source",
     "_experimental_buffer_containers": "buffer_containers",
 }
 
@@ -146,6 +145,10 @@ class App:
         """Register a function: `@app.function(gpu="A100", timeout=600)`."""
         if _warn_parentheses_missing is not None:
             raise InvalidError("Use @app.function() with parentheses, not @app.function.")
+        if "mounts" in kwargs:
+            from mctl.sdk.mount import apply_mounts
+
+            image = apply_mounts(image or self.image, kwargs.pop("mounts"), "@app.function")
         extra = _check_keywords("@app.function", kwargs, FUNCTION_KEYWORDS)
         options = _validate_common(
             "@app.function", timeout=timeout, min_containers=min_containers,
@@ -201,6 +204,10 @@ class App:
         """Register a class whose `@mctl.method()`s run remotely: `@app.cls(gpu="A10G")`."""
         if _warn_parentheses_missing is not None:
             raise InvalidError("Use @app.cls() with parentheses, not @app.cls.")
+        if "mounts" in kwargs:
+            from mctl.sdk.mount import apply_mounts
+
+            image = apply_mounts(image or self.image, kwargs.pop("mounts"), "@app.cls")
         extra = _check_keywords("@app.cls", kwargs, FUNCTION_KEYWORDS - {"schedule"})
         options = _validate_common(
             "@app.cls", timeout=timeout, min_containers=min_containers,

@@ -86,7 +86,6 @@ class Autoscaler:
         self.default_max = getattr(backend, "default_max_containers", None)
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._noticed: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         await self.backend.start(self)
@@ -145,8 +144,8 @@ class Autoscaler:
 
     async def _prepare(self, pool: Pool, app: AppSpec) -> None:
         """Build the image, the launch description, and make sure the backend has the pool."""
-        from mctl.core import plugins
         from mctl.core.config import environment_name
+        from mctl.core.server.image_builds import built_image
         from mctl.core.plugin_types import PlacementError
         from mctl.core.spec import ImageSpec
 
@@ -154,12 +153,7 @@ class Autoscaler:
         pid = pool_id(fspec.function_id, pool.version)
         try:
             image = app.images.get(fspec.image_id) or ImageSpec(image_id=fspec.image_id, recipe={})
-            builder = next(b for b in plugins.registrations("mctl_register_image_builders")
-                           if b.handles(image))
-            built = await asyncio.to_thread(builder.build, image)
-            if built.get("notice") and (pool.app_id, fspec.image_id) not in self._noticed:
-                self._noticed.add((pool.app_id, fspec.image_id))  # once per image, not per pool
-                self.control.append_log(pool.app_id, "build", fspec.tag, built["notice"])
+            built = await built_image(self.control, pool.app_id, image)
             mounts = await asyncio.to_thread(_mounts, fspec)
             tokens = getattr(self.control, "tokens", None)
             token = tokens.task_token(pool.app_id, fspec.function_id, pool.version) if tokens else None

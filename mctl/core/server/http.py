@@ -90,7 +90,10 @@ def _find_app(control: ControlPlane, name: str) -> dict[str, Any]:
 
 async def create_app(request: web.Request) -> web.Response:
     from mctl.core import secret_store
+    from mctl.core import ids
     from mctl.core.environment import check_app
+    from mctl.core.server.control import deployed_app_id
+    from mctl.core.server.image_builds import build_app_images
 
     control = _control(request)
     body = await request.json()
@@ -106,12 +109,15 @@ async def create_app(request: web.Request) -> web.Response:
     created = secret_store.store_inline(spec, body.get("secrets") or {})
     try:
         check_app(spec)
-        app_id, version = await control.create_app(spec, mode, body.get("app_id"))
+        app_id = body.get("app_id") or (deployed_app_id(spec.name) if mode == "deployed"
+                                        else ids.new_id("app"))
+        images = await build_app_images(control, spec, app_id)  # a failed build refuses it
+        app_id, version = await control.create_app(spec, mode, app_id)
     except BaseException:
         secret_store.forget(created)
         raise
     control.audit(request, "app.deploy", app_id, name=spec.name, mode=mode, version=version)
-    return web.json_response({"app_id": app_id, "version": version})
+    return web.json_response({"app_id": app_id, "version": version, "images": images})
 
 
 async def list_apps(request: web.Request) -> web.Response:

@@ -254,6 +254,10 @@ class Store:
             data = json.loads(spec)
             keep.add(data.get("bundle_blob") or "")
             keep.update(f.get("pickled_blob") or "" for f in data.get("functions", {}).values())
+            for image in data.get("images", {}).values():  # files an image adds: a rebuild needs them
+                recipe = image.get("recipe") or {}
+                keep.update(s.get("blob") or "" for s in recipe.get("steps", []))
+                keep.add((recipe.get("base") or {}).get("context_blob") or "")
         for table in ("inputs", "outputs"):
             keep.update(row[0].decode() for row in db.execute(
                 f"SELECT payload FROM {table} WHERE is_blob = 1"))

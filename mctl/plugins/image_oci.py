@@ -1,0 +1,345 @@
+"""The `oci` image builder: a Dockerfile rendered from the recipe, built with buildah (or podman, or
+docker), tagged by image id, pushed to `MCTL_IMAGE_REGISTRY` when one is configured.
+
+It builds every recipe the `venv` builder cannot: apt_install, run_commands, a registry or
+Dockerfile base, files at absolute paths, entrypoint. A build is skipped when the image (or the
+registry's tag) already exists. Builds reach package indexes the way the host does: the host's pip
+settings become build arguments, its CA bundle and find-links directories are mounted read-only.
+
+Settings (environment of the control plane):
+- `MCTL_IMAGE_REGISTRY`: host:port[/prefix] to push images to, for backends whose nodes pull.
+- `MCTL_IMAGE_BASE_DEBIAN_SLIM`: the image `debian_slim` starts from (default
+  `localhost/mctl/debian-slim:bookworm`, made by `scripts/images-dev up` with debootstrap).
+- `MCTL_INSECURE_REGISTRIES`: registries spoken to over plain HTTP (loopback ones always are).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mctl
+from mctl.core.plugin_types import ImageBuilder
+
+if TYPE_CHECKING:
+    from mctl.core.images import BuildContext
+    from mctl.core.spec import ImageSpec
+
+DEFAULT_DEBIAN_SLIM = "localhost/mctl/debian-slim:bookworm"
+DEBIAN_SLIM_PYTHON = "3.11"
+HOST_CA_IN_BUILD = "/etc/ssl/host-ca.crt"
+PYTHON_SOURCE_ROOT = "/root"
+MOUNTED_SOURCE_ROOT = "/opt/mctl/src"
+
+
+def build_tool() -> str | None:
+    for tool in ("buildah", "podman", "docker"):
+        if shutil.which(tool):
+            return tool
+    return None
+
+
+def run_tool() -> str | None:
+    for tool in ("podman", "docker"):
+        if shutil.which(tool):
+            return tool
+    return None
+
+
+def local_tag(image_id: str, version: str = "latest") -> str:
+    return f"localhost/mctl/{image_id}:{version}"
+
+
+def handles(image: ImageSpec) -> bool:
+    return True  # the fallback builder: asked after the others
+
+
+def _container_steps(image: ImageSpec) -> list[str]:
+    """What in the recipe needs a container build, for the error when no tool is installed."""
+    from mctl.plugins.image_venv import VENV_STEPS
+
+    base = image.recipe.get("base")
+    out = []
+    if base is not None and base.get("kind") != "debian_slim":
+        out.append(f"Image.{'from_' + base['kind'] if base['kind'] != 'micromamba' else 'micromamba'}")
+    out += sorted({s["kind"] for s in image.recipe.get("steps", []) if s["kind"] not in VENV_STEPS})
+    return out or ["the image's base"]
+
+
+def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
+    from mctl.core.images import ImageBuildError, cache_dir, extract_blob
+
+    tool = build_tool()
+    if tool is None:
+        raise ImageBuildError(
+            f"Image {image.image_id} needs a container build for {', '.join(_container_steps(image))}"
+            ", but neither buildah nor podman is installed. Install them (apt-get install buildah "
+            "podman runc, or `scripts/images-dev up`), or keep the image to pip_install, env and "
+            "add_local_python_source steps.")
+    registry = os.environ.get("MCTL_IMAGE_REGISTRY", "").rstrip("/")
+    # A registry base is resolved on every deploy: its tag may have moved (the digest names the
+    # build), and credentials that stopped working should say so now, not when a node pulls.
+    version = "latest"
+    base = image.recipe.get("base") or {}
+    if base.get("kind") == "registry":
+        from mctl.plugins import registry_v2
+
+        pinned = registry_v2.resolve(base["tag"], _registry_creds(base, ctx))
+        ctx.say(f"image {image.image_id}: {base['tag']} is {pinned.digest}")
+        version = (pinned.digest or "").split(":")[-1][:16] or "latest"
+    tag = local_tag(image.image_id, version)
+    ref = f"{registry}/mctl/{image.image_id}:{version}" if registry else tag
+    files, env = _start_files(image, ctx, cache_dir() / "files", extract_blob)
+    result = {"python": "python3", "runtime": "oci", "image": ref, "env": env, "files": files}
+    forced = bool((image.recipe.get("base") or {}).get("force_build")) or any(
+        s.get("force_build") for s in image.recipe.get("steps", []))
+    if not forced and _exists(tool, tag, ref, registry):
+        ctx.say(f"image {image.image_id}: {ref} exists, nothing to build")
+        return result
+    context = cache_dir() / "oci" / image.image_id
+    shutil.rmtree(context, ignore_errors=True)
+    context.mkdir(parents=True)
+    try:
+        dockerfile, build_flags = render(image, ctx, context)
+        (context / "Dockerfile.mctl").write_text(dockerfile)
+        ctx.say(f"image {image.image_id}: building with {tool}; Dockerfile:")
+        for line in dockerfile.splitlines():
+            ctx.say(f"  {line}")
+        argv = _build_argv(tool, tag, context, build_flags)
+        ctx.run(argv, what=f"building image {image.image_id} with {tool}")
+        if registry:
+            push = [tool, "push"] + (["--tls-verify=false"] if tool != "docker" and _insecure(registry)
+                                     else []) + [tag, ("docker://" if tool != "docker" else "") + ref]
+            if tool == "docker":
+                ctx.run(["docker", "tag", tag, ref], what="tagging for the registry")
+                push = ["docker", "push", ref]
+            ctx.run(push, what=f"pushing {ref}")
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
+    ctx.say(f"image {image.image_id}: built {ref}")
+    return result
+
+
+def _insecure(registry: str) -> bool:
+    from mctl.plugins.registry_v2 import insecure
+
+    return insecure(registry.split("/", 1)[0])
+
+
+def _exists(tool: str, tag: str, ref: str, registry: str) -> bool:
+    import subprocess
+
+    if registry:
+        from mctl.plugins.registry_v2 import manifest_digest, parse
+
+        try:
+            return manifest_digest(parse(ref)) is not None
+        except Exception:
+            return False
+    argv = ([tool, "inspect", "--type", "image", tag] if tool == "buildah"
+            else [tool, "image", "inspect", tag])
+    return subprocess.run(argv, capture_output=True).returncode == 0
+
+
+def _build_argv(tool: str, tag: str, context: Path, flags: list[str]) -> list[str]:
+    if tool == "docker":
+        return ["docker", "build", "--network", "host", "-t", tag, "-f",
+                str(context / "Dockerfile.mctl"), *[f for f in flags if not f.startswith("-v")
+                                                    and not f.startswith("/")], str(context)]
+    argv = [tool, "bud" if tool == "buildah" else "build", "--network", "host", "--layers",
+            "-t", tag, "-f", str(context / "Dockerfile.mctl"), *flags]
+    if shutil.which("runc"):  # crun fails on hosts with hybrid cgroups
+        argv[2:2] = ["--runtime", "runc"]
+    return argv + [str(context)]
+
+
+def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, list[str]]:
+    """The Dockerfile of a recipe, and the build flags it needs (build args, read-only mounts,
+    registry credentials)."""
+    from mctl.core.images import ImageBuildError, extract_blob, host_ca_bundle, host_pip_settings
+
+    recipe = image.recipe
+    base = recipe.get("base") or {"kind": "debian_slim"}
+    flags: list[str] = []
+    # The host's pip settings, with its CA bundle and find-links directories mounted read-only.
+    args = host_pip_settings()
+    ca = host_ca_bundle()
+    if ca:
+        flags += ["-v", f"{ca}:{HOST_CA_IN_BUILD}:ro"]
+        args["PIP_CERT"] = HOST_CA_IN_BUILD
+        args["SSL_CERT_FILE"] = HOST_CA_IN_BUILD
+    for links in args.get("PIP_FIND_LINKS", "").split():
+        if os.path.isdir(links):
+            flags += ["-v", f"{links}:{links}:ro"]
+    args.pop("PIP_REQUIRE_VIRTUALENV", None)
+    for key, value in sorted(args.items()):
+        flags += ["--build-arg", f"{key}={value}"]
+    arg_lines = [f"ARG {key}" for key in sorted(args)]
+
+    lines: list[str] = []
+    kind = base["kind"]
+    if kind == "debian_slim":
+        version = recipe.get("python_version")
+        if version and version != DEBIAN_SLIM_PYTHON:
+            raise ImageBuildError(f"Image.debian_slim(python_version={version!r}): the debian_slim "
+                                  f"base here has Python {DEBIAN_SLIM_PYTHON}; use that version, or "
+                                  "an image with yours (Image.from_registry).")
+        lines.append(f"FROM {_debian_slim_base(ctx)}")
+    elif kind == "registry":
+        from mctl.plugins import registry_v2
+
+        creds = _registry_creds(base, ctx)
+        pinned = registry_v2.resolve(base["tag"], creds)
+        if creds:
+            flags += ["--creds", f"{creds[0]}:{creds[1]}"]
+        if registry_v2.insecure(pinned.registry):
+            flags.append("--tls-verify=false")
+        lines.append(f"FROM {pinned.pinned}")
+        lines += list(base.get("setup") or [])
+        if recipe.get("python_version"):
+            lines.append("RUN command -v python3 >/dev/null || (apt-get update && "
+                         "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+                         "python3 python3-pip && rm -rf /var/lib/apt/lists/*)")
+    elif kind == "dockerfile":
+        extract_blob(ctx, base["context_blob"], context)
+        for key, value in sorted((base.get("build_args") or {}).items()):
+            flags += ["--build-arg", f"{key}={value}"]
+        lines += base["dockerfile"].splitlines()
+    else:
+        raise ImageBuildError(f"Image base {kind!r} cannot be built here; use Image.debian_slim, "
+                              "Image.from_registry or Image.from_dockerfile.")
+    # The host's pip settings reach every stage's RUN lines (ARG values are not kept in the image).
+    lines = _after_each_from(lines, arg_lines)
+    lines.append("ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore")
+    python_path = False
+    for n, step in enumerate(recipe.get("steps", []), 1):
+        kind = step["kind"]
+        if kind == "pip_install":
+            from mctl.core.images import pip_args
+
+            lines.append("RUN python3 -m pip install --no-input --no-cache-dir "
+                         + " ".join(shlex.quote(a) for a in pip_args(step)))
+        elif kind == "apt_install":
+            lines.append("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
+                         "--no-install-recommends " + " ".join(map(shlex.quote, step["packages"]))
+                         + " && rm -rf /var/lib/apt/lists/*")
+        elif kind in ("run_commands", "dockerfile_commands"):
+            prefix = "RUN " if kind == "run_commands" else ""
+            lines += [prefix + cmd for cmd in step["commands"]]
+        elif kind == "env":
+            lines.append("ENV " + " ".join(f"{k}={json.dumps(v)}" for k, v in
+                                           sorted(step["vars"].items())))
+        elif kind == "workdir":
+            lines.append(f"WORKDIR {step['path']}")
+        elif kind == "entrypoint":
+            lines.append(f"ENTRYPOINT {json.dumps(step['command'])}")
+        elif kind in ("add_local_file", "add_local_dir", "add_local_python_source"):
+            if not step.get("copy"):
+                continue  # bound when the container starts (`_start_files`)
+            src = f"mctl-files/{n}"
+            extract_blob(ctx, step["blob"], context / src)
+            if kind == "add_local_file":
+                name = Path(step["remote_path"]).name
+                lines.append(f"COPY {src}/{name} {step['remote_path']}")
+            else:
+                lines.append(f"COPY {src}/ {step['remote_path']}/")
+            if kind == "add_local_python_source":
+                python_path = True
+        elif kind == "run_function":
+            src = f"mctl-files/{n}"
+            extract_blob(ctx, step["blob"], context / src)
+            lines.append(f"COPY {src}/function.pkl /tmp/mctl-function-{n}.pkl")
+            lines.append("RUN python3 -c 'import cloudpickle' 2>/dev/null || python3 -m pip install "
+                         "--no-input -q cloudpickle")
+            lines.append(f"RUN python3 -c \"import cloudpickle; f, a, k = cloudpickle.loads("
+                         f"open('/tmp/mctl-function-{n}.pkl', 'rb').read()); f(*a, **k)\" "
+                         f"&& rm /tmp/mctl-function-{n}.pkl")
+        else:
+            raise ImageBuildError(f"Image step {kind!r} (step {n}) is unknown to the oci "
+                                  "builder; upgrade mctl on the control plane.")
+        if python_path:
+            lines.append(f"ENV PYTHONPATH={PYTHON_SOURCE_ROOT}")
+            python_path = False
+    return "\n".join(lines) + "\n", flags
+
+
+def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
+    out: list[str] = []
+    for line in lines:
+        out.append(line)
+        if line.strip().upper().startswith("FROM "):
+            out += extra
+    return out
+
+
+def _debian_slim_base(ctx: BuildContext) -> str:
+    import subprocess
+
+    from mctl.core.images import ImageBuildError
+
+    base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+    tool = run_tool() or build_tool() or "podman"
+    argv = [tool, "image", "inspect", base] if tool != "buildah" else [
+        tool, "inspect", "--type", "image", base]
+    if base.startswith("localhost/") and subprocess.run(argv, capture_output=True).returncode:
+        raise ImageBuildError(f"The debian_slim base image {base} is not on this machine. Build it "
+                              "with `scripts/images-dev up` (debootstrap from Debian's packages), "
+                              "or set MCTL_IMAGE_BASE_DEBIAN_SLIM to an image you have.")
+    return base
+
+
+def _registry_creds(base: dict[str, Any], ctx: BuildContext) -> tuple[str, str] | None:
+    from mctl.exception import InvalidError
+
+    name = base.get("secret")
+    if not name:
+        return None
+    values = ctx.resolve_secret(name)
+    if values is None:
+        raise InvalidError(f"Secret {name!r} (the credentials of {base['tag']}) does not exist; "
+                           f"create it with `mctl secret create {name} REGISTRY_USERNAME=... "
+                           "REGISTRY_PASSWORD=...`.")
+    user, password = values.get("REGISTRY_USERNAME"), values.get("REGISTRY_PASSWORD")
+    if not user or not password:
+        raise InvalidError(f"Secret {name!r} needs the keys REGISTRY_USERNAME and "
+                           "REGISTRY_PASSWORD for registry credentials.")
+    return user, password
+
+
+def _start_files(image: ImageSpec, ctx: BuildContext, root: Path, extract: Any
+                 ) -> tuple[list[list[str]], dict[str, str]]:
+    """copy=False files: extracted once on this host, bound read-only when a container starts."""
+    files: list[list[str]] = []
+    env: dict[str, str] = {}
+    sources: list[str] = []
+    for step in image.recipe.get("steps", []):
+        if step["kind"] not in ("add_local_file", "add_local_dir", "add_local_python_source") \
+                or step.get("copy"):
+            continue
+        where = root / step["blob"]
+        if not where.exists():
+            tmp = root / (step["blob"] + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            extract(ctx, step["blob"], tmp)
+            os.replace(tmp, where)
+        if step["kind"] == "add_local_file":
+            name = Path(step["remote_path"]).name
+            files.append([str(where / name), step["remote_path"]])
+        elif step["kind"] == "add_local_dir":
+            files.append([str(where), step["remote_path"]])
+        else:
+            inside = f"{MOUNTED_SOURCE_ROOT}/{step['blob']}"
+            files.append([str(where), inside])
+            sources.append(inside)
+    if sources:
+        env["PYTHONPATH"] = ":".join([*sources, PYTHON_SOURCE_ROOT])
+    return files, env
+
+
+@mctl.hookimpl
+def mctl_register_image_builders():
+    yield ImageBuilder(name="oci", build=build, handles=handles)

@@ -1,0 +1,137 @@
+"""The Image recipe (Modal's spellings), its content-hash id, Mount's old spelling, and which
+builder takes a recipe. Fast: nothing here builds."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+import mctl
+from mctl.core.images import ImageBuildError, builder_for
+from mctl.core.spec import ImageSpec
+from mctl.exception import InvalidError
+
+
+def spec(image):
+    return ImageSpec(image_id=image.object_id, recipe=image.recipe())
+
+
+def test_every_method_returns_a_new_image_and_leaves_its_base_alone():
+    base = mctl.Image.debian_slim()
+    grown = base.pip_install("six").apt_install("jq").env({"A": "1"}).workdir("/srv")
+    assert base.steps == () and len(grown.steps) == 4
+    assert base.object_id != grown.object_id
+    assert [s["kind"] for s in grown.recipe()["steps"]] == ["pip_install", "apt_install", "env",
+                                                            "workdir"]
+
+
+def test_id_is_a_content_hash_of_recipe_and_files(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("one")
+    first = mctl.Image.debian_slim().add_local_dir(data, "/root/data", copy=True)
+    again = mctl.Image.debian_slim().add_local_dir(data, "/root/data", copy=True)
+    assert first.object_id == again.object_id
+    (data / "a.txt").write_text("two")
+    changed = mctl.Image.debian_slim().add_local_dir(data, "/root/data", copy=True)
+    assert changed.object_id != first.object_id
+    assert set(changed.blobs()) == {changed.recipe()["steps"][0]["blob"]}
+
+
+def test_force_build_rebuilds_the_same_id():
+    plain = mctl.Image.debian_slim().pip_install("six")
+    forced = mctl.Image.debian_slim().pip_install("six", force_build=True)
+    assert plain.object_id == forced.object_id
+    assert forced.recipe()["steps"][0]["force_build"] is True
+
+
+def test_requirements_and_pyproject_become_pip_steps(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("six==1.16.0  # pinned\n\ntomli-w\n")
+    assert mctl.Image.debian_slim().pip_install_from_requirements(req).steps[0]["packages"] == [
+        "six==1.16.0", "tomli-w"]
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["six"]\n'
+                         '[project.optional-dependencies]\ndev = ["tomli-w"]\n')
+    image = mctl.Image.debian_slim().pip_install_from_pyproject(pyproject,
+                                                                 optional_dependencies=["dev"])
+    assert image.steps[0]["packages"] == ["six", "tomli-w"]
+
+
+def test_bad_arguments_say_what_to_write():
+    with pytest.raises(InvalidError, match="absolute"):
+        mctl.Image.debian_slim().workdir("srv")
+    with pytest.raises(InvalidError, match="no file"):
+        mctl.Image.debian_slim().add_local_file("/nonexistent/file", "/root/file")
+    with pytest.raises(InvalidError, match="named secret"):
+        mctl.Image.from_registry("127.0.0.1:5000/x:1", secret=mctl.Secret.from_dict({"a": "b"}))
+    with pytest.raises(InvalidError, match="must return an Image"):
+        mctl.Image.debian_slim().pipe(lambda image: None)
+
+
+def test_pipe_composes_user_recipes():
+    def with_tools(image):
+        return image.apt_install("jq").env({"TOOLS": "1"})
+
+    assert [s["kind"] for s in mctl.Image.debian_slim().pipe(with_tools).steps] == [
+        "apt_install", "env"]
+
+
+def test_mount_works_with_a_warning_naming_the_new_spelling(tmp_path):
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.warns(DeprecationWarning, match=r"image\.add_local_dir"):
+        mount = mctl.Mount.from_local_dir(tmp_path, remote_path="/root/data")
+    app = mctl.App("mounts")
+    with pytest.warns(DeprecationWarning, match="mounts=.*deprecated"):
+        @app.function(mounts=[mount], serialized=True)
+        def f():
+            pass
+    step = f.options["image"].steps[-1]
+    assert (step["kind"], step["remote_path"], step["copy"]) == ("add_local_dir", "/root/data",
+                                                                  False)
+    with pytest.warns(DeprecationWarning, match="add_local_python_source"):
+        mctl.Mount.from_local_python_packages("mctl")
+
+
+def test_each_recipe_goes_to_a_builder_that_honours_every_step():
+    assert builder_for(spec(mctl.Image())).name == "local"
+    assert builder_for(spec(mctl.Image().env({"A": "1"}))).name == "local"
+    assert builder_for(spec(mctl.Image.debian_slim().pip_install("six"))).name == "venv"
+    assert builder_for(spec(mctl.Image.debian_slim().add_local_python_source("mctl"))).name == "venv"
+    for image in (mctl.Image.debian_slim().apt_install("jq"),
+                  mctl.Image.debian_slim().run_commands("true"),
+                  mctl.Image.debian_slim(python_version="3.9").pip_install("six"),
+                  mctl.Image.from_registry("127.0.0.1:5000/x:1"),
+                  mctl.Image.debian_slim().add_local_file(__file__, "/root/t.py")):
+        assert builder_for(spec(image)).name == "oci", image.recipe()
+
+
+def test_without_podman_or_buildah_the_build_names_the_step_and_the_fix(monkeypatch, tmp_path):
+    from mctl.core.images import BuildContext, build_image
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no container tool on it
+    image = mctl.Image.debian_slim().apt_install("jq").run_commands("true")
+    ctx = BuildContext(log=lambda line: None, blob_path=lambda blob: Path("/nonexistent"))
+    with pytest.raises(ImageBuildError, match="apt_install, run_commands.*neither buildah nor "
+                                               "podman.*Install"):
+        build_image(spec(image), ctx)
+
+
+def test_registry_references_need_a_registry_host():
+    from mctl.plugins.registry_v2 import parse
+
+    ref = parse("127.0.0.1:5000/team/tools:1.2")
+    assert (ref.registry, ref.repository, ref.tag) == ("127.0.0.1:5000", "team/tools", "1.2")
+    assert parse("registry.local/tools").tag == "latest"
+    with pytest.raises(InvalidError, match="names no registry"):
+        parse("python:3.11")
+
+
+def test_mctl_import_stays_free_of_image_builders():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import mctl, sys; print(sorted(m for m in "
+                          "sys.modules if m.startswith('mctl.plugins') or m == 'mctl.core.images'))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
