@@ -8,7 +8,8 @@ import time
 import pytest
 
 import mctl
-from conftest import ServerProcess, free_port, load_app, wait_until
+from conftest import APPS, ServerProcess, free_port, load_app, wait_until
+from test_images_build import images_dev  # noqa: F401 - a fixture: podman, buildah, the base
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -214,3 +215,34 @@ def test_secrets_and_logs_reach_slurm_workers(slurm_server, slurm_cluster, tmp_p
     assert scripts and not any("hello from a secret" in p.read_text() for p in scripts)
     env_dump = slurm_cluster.run("scontrol", "show", "job", "-d").stdout
     assert "hello from a secret" not in env_dump
+
+
+@pytest.fixture
+def image_tools(images_dev, monkeypatch):  # noqa: F811 - the imported fixture
+    for key, value in images_dev.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_function_runs_in_its_container_image_on_a_node(image_tools, slurm_server,
+                                                          slurm_cluster):
+    """apt_install and run_commands build an OCI image on the control plane; the Slurm job runs
+    the worker in it with podman on the node, and `app stop` leaves no job or container."""
+    out = subprocess.run([sys.executable, "-m", "mctl", "deploy", str(APPS / "image_oci.py")],
+                         capture_output=True, text=True, timeout=600, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    tools = mctl.Function.from_name("image-oci", "tools").remote()
+    assert tools["jq"].startswith("jq-") and tools["built"] == "built"
+    assert (tools["cwd"], tools["flavour"]) == ("/srv", "oci")
+    jobs = [line for line in subprocess.run(
+        ["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True,
+        env=slurm_cluster.client_env(), timeout=20).stdout.splitlines() if "function=tools" in line]
+    assert len(jobs) == 1, jobs
+
+    def containers():
+        return subprocess.run(["podman", "ps", "-q", "--filter", "label=mctl.pool"],
+                              capture_output=True, text=True, timeout=60).stdout.split()
+
+    assert containers()
+    subprocess.run([sys.executable, "-m", "mctl", "app", "stop", "image-oci"], check=True,
+                   env=os.environ, timeout=60)
+    assert wait_until(lambda: not containers(), 60), containers()

@@ -244,18 +244,43 @@ class SlurmScheduler:
                           ("time_limit", "time")):
             if opts.get(key):
                 lines.append(f"#SBATCH --{flag}={opts[key]}")
-        lines.append("exec " + " ".join(shlex.quote(part) for part in launch.command))
+        if launch.runtime != "oci":
+            lines.append("exec " + " ".join(shlex.quote(part) for part in launch.command))
+            return "\n".join(lines) + "\n"
+        # In its image, with podman on the node. Slurm signals this shell; podman's container
+        # lives under conmon, which Slurm's linuxproc tracking does not follow, so the shell
+        # stops the container itself (TERM drains the worker) and removes it on the way out.
+        from mctl.plugins.containers import container_name, run_argv
+
+        name = container_name(task_id)
+        argv, _ = run_argv(launch, task_id)
+        lines += [f"trap 'podman stop --time {int(launch.timeout_s) + 5} {name} >/dev/null' TERM",
+                  f"trap 'podman rm --force --ignore {name} >/dev/null 2>&1' EXIT",
+                  " ".join(shlex.quote(part) for part in argv) + " &",
+                  "pid=$!", "wait $pid; code=$?",
+                  # interrupted by the TERM trap: wait again for the worker's own exit code
+                  'if kill -0 $pid 2>/dev/null; then wait $pid; code=$?; fi', "exit $code"]
         return "\n".join(lines) + "\n"
 
-    async def _submit(self, pool: SlurmPool) -> None:
-        launch = pool.launch
-        task_id = ids.new_id("task")
+    def worker_env(self, launch: LaunchSpec, task_id: str) -> dict[str, str]:
+        """The job's environment: the server's, without its credentials, plus the worker's."""
         env = dict(os.environ)
         env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
         env.pop("SLURM_JWT", None)   # nor with the server's Slurm credentials
         for key in ("VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):  # nor its Vault rights
             env.pop(key, None)
-        env.update(launch.worker_env(task_id))
+        if launch.runtime == "oci":
+            from mctl.plugins.containers import run_argv
+
+            env.update(run_argv(launch, task_id)[1])  # podman passes these into the container
+        else:
+            env.update(launch.worker_env(task_id))
+        return env
+
+    async def _submit(self, pool: SlurmPool) -> None:
+        launch = pool.launch
+        task_id = ids.new_id("task")
+        env = self.worker_env(launch, task_id)
         if self.rest is not None:
             job_id = await self.rest.submit(self.rest_job(launch, task_id, env),
                                             self.job_script(launch, task_id))
