@@ -560,8 +560,10 @@ STATE_DIR_HELP = ("Change the tokens of the server state in DIR directly (on the
 
 @token.command("create")
 @click.option("--name", help="A name to recognise it by (default: its id).")
-@click.option("--scope", type=click.Choice(["admin", "deploy", "invoke"]), default="invoke",
-              show_default=True, help="admin ⊇ deploy ⊇ invoke.")
+@click.option("--scope", type=click.Choice(["admin", "deploy", "invoke", "proxy"]),
+              default="invoke", show_default=True,
+              help="admin ⊇ deploy ⊇ invoke; proxy only calls web endpoints that require proxy "
+                   "auth (Modal-Key: the token id, Modal-Secret: the token).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help=STATE_DIR_HELP)
 def token_create(name: str | None, scope: str, state_dir: str | None) -> None:
     """Create a token; it is printed once, on stdout."""
