@@ -314,6 +314,9 @@ def deploy(app_ref: str, name: str | None, scheduler: str | None,
                f"{result['version']} on {result['url']}")
     for tag, fid in result["functions"].items():
         click.echo(f"  {tag}  {fid}")
+    for endpoint in result.get("web_urls", ()):
+        where = endpoint["tag"] + (f".{endpoint['method']}" if endpoint["method"] else "")
+        click.echo(f"  web endpoint {where} => {endpoint['url']}")
 
 
 # --- app -----------------------------------------------------------------------------------------
@@ -724,6 +727,8 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
         raise click.ClickException(str(exc)) from None
     state = state_dir or settings.get("state_dir")
     advertise_url = advertise_url or settings.get("advertise_url")
+    if settings.get("web_domain"):  # web endpoints by host name: <app>--<endpoint>.<domain>
+        os.environ.setdefault("MCTL_WEB_DOMAIN", str(settings["web_domain"]))
     ssl_context = _server_tls(tls_cert, tls_key, advertise_url)
 
     async def main() -> None:
@@ -832,6 +837,10 @@ cli.add_command(volume)
 from mctl.cli.nomad import nomad  # noqa: E402 - the nomad group lives in its own module
 
 cli.add_command(nomad)
+
+from mctl.cli.serve import serve  # noqa: E402 - the command modules import main's helpers
+
+cli.add_command(serve)
 
 
 def _register_plugin_commands() -> None:
