@@ -110,6 +110,35 @@ def test_web_server_proxies_to_the_users_port(web_app):
     assert status == 200 and b"def static_files" in body
 
 
+def test_request_timeout_is_the_function_timeout(web_app):
+    start = time.monotonic()
+    status, _, _ = http(web_app.slow.get_web_url() + "?seconds=10")
+    assert status == 504 and time.monotonic() - start < 9
+    status, body, _ = http(web_app.slow.get_web_url() + "?seconds=0")
+    assert (status, body) == (200, b'"finished"')
+
+
+def test_routing_by_host_name_with_a_wildcard_domain(web_app, monkeypatch):
+    monkeypatch.setenv("MCTL_WEB_DOMAIN", "*.apps.test")  # the server reads it per request
+    url = web_app.total.get_web_url()
+    assert url == "http://webapp-dev--total.apps.test"
+    server = web_app.app._server_url
+    status, body, _ = http(server + "/?scale=2", {"values": [5]},
+                           headers={"Host": "webapp-dev--total.apps.test"})
+    assert status == 200 and json.loads(body)["total"] == 10, body
+
+
+def test_deploy_without_fastapi_says_how_to_install_it(tmp_path):
+    script = ("import sys; sys.modules['fastapi'] = None\n"  # as if it were not installed
+              "from mctl.cli.main import main\n"
+              f"sys.argv = ['mctl', 'deploy', {str(APPS / 'web_seed.py')!r}]\n"
+              "main()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert "needs FastAPI" in out.stderr and "pip install 'mctl[web]'" in out.stderr
+
+
 def test_unknown_endpoint_is_404(web_app):
     base = web_app.total.get_web_url().rsplit("/", 1)[0]
     status, body, _ = http(base + "/nope")

@@ -20,6 +20,15 @@ def guarded(name: str = "world"):
     return {"hello": name, "pid": os.getpid()}
 
 
+@app.function(timeout=2)
+@mctl.fastapi_endpoint()
+def slow(seconds: float = 10):
+    import time
+
+    time.sleep(seconds)
+    return "finished"
+
+
 @app.function()
 @mctl.asgi_app()
 def site():
