@@ -47,7 +47,7 @@ def test_web_decorator_goes_below_app_function():
     app = mctl.App("order")
     with pytest.raises(InvalidError, match=r"below @app.function\(\)"):
         @mctl.fastapi_endpoint()
-        @app.function()
+        @app.function(serialized=True)
         def f():
             pass
     with pytest.raises(InvalidError, match="method='FETCH'"):
