@@ -98,7 +98,12 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
 
 def web_urls(url: str, app_id: str) -> list[dict[str, Any]]:
     """The app's web endpoints with their URLs (`GET /api/web`), [] when it has none."""
-    return run_sync(client_for(url).http("GET", "/api/web", params={"app": app_id}))
+    from mctl.exception import NotFoundError
+
+    try:
+        return run_sync(client_for(url).http("GET", "/api/web", params={"app": app_id}))
+    except NotFoundError:  # a control plane older than web endpoints
+        return []
 
 
 def print_web_urls(url: str, app_id: str) -> None:

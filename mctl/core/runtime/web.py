@@ -63,6 +63,7 @@ class WebRunner:
 
     def cancel(self, input_ids: list[str]) -> None:
         for input_id in input_ids:  # the HTTP client went away
+            self.worker.attempts.pop(input_id, None)
             task = self.tasks.get(input_id)
             if task is not None:
                 task.cancel()

@@ -255,8 +255,6 @@ async def _http(request: web.Request, replies: asyncio.Queue[tuple[str, bytes, b
         if kind == "start":
             response = web.StreamResponse(status=header["status"],
                                           headers=_headers(header["headers"]))
-            if header.get("length") is not None:
-                response.content_length = header["length"]
             await response.prepare(request)
         elif kind == "body" and response is not None:
             await response.write(parts[0])
@@ -293,6 +291,7 @@ async def _websocket(request: web.Request, control: ControlPlane, rec: InputRec,
                 control.send_to_input(rec, {"k": "ws_bytes"}, [msg.data])
         code = ws.close_code or code
         control.send_to_input(rec, {"k": "ws_disconnect", "code": code}, [])
+        replies.put_nowait(("client_closed", b"", True))  # stop waiting for the app
 
     pump = asyncio.create_task(upstream())
     try:
@@ -301,6 +300,8 @@ async def _websocket(request: web.Request, control: ControlPlane, rec: InputRec,
             if reply is None:
                 break
             status, payload, final = reply
+            if status == "client_closed":
+                break
             if status not in ("item", "success"):
                 await ws.close(code=1011)
                 break
