@@ -1,7 +1,7 @@
 """HTTP through mctl's gateway to a warm `@fastapi_endpoint` vs the same FastAPI app served
 directly by uvicorn, in one run: requests/s and p50 latency.
 
-    cd benchmarks && python web.py            # --seconds 10 --concurrency 32
+    cd benchmarks && python web.py      # --seconds 10 --concurrency 32 --rounds 5
 
 The gateway side is a real `mctl server` subprocess with one warm worker (min_containers=1,
 @concurrent(max_inputs=64)); the direct side is `uvicorn web:direct_app` in a subprocess. The
@@ -62,7 +62,7 @@ def _wait(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:g}s")
 
 
-async def _load(url: str, seconds: float, concurrency: int) -> tuple[float, float, float]:
+async def _load(url: str, seconds: float, concurrency: int) -> tuple[float, list[float]]:
     import aiohttp
 
     latencies: list[float] = []
@@ -78,13 +78,19 @@ async def _load(url: str, seconds: float, concurrency: int) -> tuple[float, floa
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(200):  # warm-up
+        for _ in range(50):  # warm-up
             async with session.get(url) as resp:
                 await resp.read()
         begin = time.monotonic()
         await asyncio.gather(*(one(session) for _ in range(concurrency)))
         elapsed = time.monotonic() - begin
-    latencies.sort()
+    return elapsed, latencies
+
+
+def _summary(runs: list[tuple[float, list[float]]]) -> tuple[float, float, float]:
+    """requests/s, p50 ms, p99 ms over several rounds."""
+    elapsed = sum(e for e, _ in runs)
+    latencies = sorted(x for _, lat in runs for x in lat)
     return (len(latencies) / elapsed, statistics.median(latencies) * 1000,
             latencies[int(len(latencies) * 0.99)] * 1000)
 
@@ -93,6 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternate the two sides this many times (a busy machine drifts)")
     args = parser.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory(prefix="mctl-bench-web-") as tmp:
@@ -114,10 +122,16 @@ def main() -> None:
             with app.run():
                 url = endpoint.get_web_url()
                 _wait(url, 60)
-                rows = [("mctl gateway -> worker", asyncio.run(_load(url, args.seconds,
-                                                                     args.concurrency))),
-                        ("uvicorn direct", asyncio.run(_load(direct, args.seconds,
-                                                             args.concurrency)))]
+                gateway_runs, direct_runs = [], []
+                share = args.seconds / args.rounds
+                for _ in range(args.rounds):
+                    gateway_runs.append(asyncio.run(_load(url, share, args.concurrency)))
+                    direct_runs.append(asyncio.run(_load(direct, share, args.concurrency)))
+                rows = [("mctl gateway -> worker", _summary(gateway_runs)),
+                        ("uvicorn direct", _summary(direct_runs))]
+            from mctl.core.client import close_client, run_sync
+
+            run_sync(close_client(server))  # before the server goes: no reconnect notice
         finally:
             for proc in procs:
                 proc.terminate()
@@ -126,8 +140,8 @@ def main() -> None:
     for name, (rps, p50, p99) in rows:
         print(f"{name:<24}{rps:>12,.0f}{p50:>10.2f}{p99:>10.2f}")
     ratio = rows[0][1][0] / rows[1][1][0]
-    print(f"\n{args.concurrency} concurrent clients, {args.seconds:g} s each; gateway throughput "
-          f"is {ratio:.0%} of direct.")
+    print(f"\n{args.concurrency} concurrent clients, {args.seconds:g} s each in {args.rounds} "
+          f"alternating rounds; gateway throughput is {ratio:.0%} of direct.")
 
 
 if __name__ == "__main__":
