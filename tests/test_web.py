@@ -201,3 +201,28 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     return True
+
+
+def test_mctl_serve_reloads_on_change(tmp_path):
+    app_file = tmp_path / "served.py"
+    source = ("import mctl\n\napp = mctl.App('served')\n\n\n@app.function()\n"
+              "@mctl.fastapi_endpoint()\ndef greet():\n    return 'first'\n")
+    app_file.write_text(source)
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mctl", "serve", str(app_file), "--timeout",
+                             "90"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        def url():
+            text = (tmp_path / "serve.log").read_text()
+            return text.split("Web endpoint greet => ")[1].split()[0] if "greet =>" in text else None
+
+        assert wait_until(lambda: url() is not None, timeout=60), (tmp_path / "serve.log").read_text()
+        assert url().endswith("/web/served-dev/greet")
+        assert http(url())[1] == b'"first"'
+        time.sleep(1.1)  # a new mtime, even on coarse clocks
+        app_file.write_text(source.replace("'first'", "'second'"))
+        assert wait_until(lambda: http(url())[1] == b'"second"', timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
