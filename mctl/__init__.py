@@ -20,6 +20,7 @@ from mctl.sdk.retries import Retries
 from mctl.sdk.schedule import Cron, Period
 from mctl.sdk.secret import Secret
 from mctl.sdk.volume import Volume
+from mctl.sdk.web import asgi_app, fastapi_endpoint, web_endpoint, web_server, wsgi_app
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "App", "Cls", "Cron", "Error", "Function", "FunctionCall", "Image", "Mount", "Period", "Retries",
     "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
     "enable_output", "is_local", "method", "parameter",
+    "asgi_app", "fastapi_endpoint", "web_endpoint", "web_server", "wsgi_app",
 ]
 
 # Names Modal removed, with the spelling to use now.
@@ -38,8 +40,7 @@ _REMOVED = {
     "lookup": "mctl.Function.from_name / mctl.Cls.from_name",
 }
 # Current Modal names that mctl does not implement yet.
-_NOT_YET = {"asgi_app", "wsgi_app", "fastapi_endpoint", "web_endpoint", "web_server", "Dict",
-            "Queue", "Sandbox"}
+_NOT_YET = {"Dict", "Queue", "Sandbox"}
 _REMOVED_KEYWORD_STYLE = {
     "concurrency_limit": "@app.function(max_containers=...)",
     "keep_warm": "@app.function(min_containers=...)",

@@ -37,10 +37,21 @@ def test_removed_names(name):
         getattr(mctl, name)
 
 
-@pytest.mark.parametrize("name", ["asgi_app", "fastapi_endpoint", "web_endpoint", "Dict"])
+@pytest.mark.parametrize("name", ["Dict"])
 def test_current_modal_names_not_implemented_yet_say_so(name):
     with pytest.raises(AttributeError, match="is not implemented in mctl yet"):
         getattr(mctl, name)
+
+
+def test_web_decorator_goes_below_app_function():
+    app = mctl.App("order")
+    with pytest.raises(InvalidError, match=r"below @app.function\(\)"):
+        @mctl.fastapi_endpoint()
+        @app.function(serialized=True)
+        def f():
+            pass
+    with pytest.raises(InvalidError, match="method='FETCH'"):
+        mctl.fastapi_endpoint(method="FETCH")
 
 
 def test_enable_output_is_accepted():

@@ -314,6 +314,9 @@ def deploy(app_ref: str, name: str | None, scheduler: str | None,
                f"{result['version']} on {result['url']}")
     for tag, fid in result["functions"].items():
         click.echo(f"  {tag}  {fid}")
+    for endpoint in result.get("web_urls", ()):
+        where = endpoint["tag"] + (f".{endpoint['method']}" if endpoint["method"] else "")
+        click.echo(f"  web endpoint {where} => {endpoint['url']}")
 
 
 # --- app -----------------------------------------------------------------------------------------
@@ -560,8 +563,10 @@ STATE_DIR_HELP = ("Change the tokens of the server state in DIR directly (on the
 
 @token.command("create")
 @click.option("--name", help="A name to recognise it by (default: its id).")
-@click.option("--scope", type=click.Choice(["admin", "deploy", "invoke"]), default="invoke",
-              show_default=True, help="admin ⊇ deploy ⊇ invoke.")
+@click.option("--scope", type=click.Choice(["admin", "deploy", "invoke", "proxy"]),
+              default="invoke", show_default=True,
+              help="admin ⊇ deploy ⊇ invoke; proxy only calls web endpoints that require proxy "
+                   "auth (Modal-Key: the token id, Modal-Secret: the token).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help=STATE_DIR_HELP)
 def token_create(name: str | None, scope: str, state_dir: str | None) -> None:
     """Create a token; it is printed once, on stdout."""
@@ -722,6 +727,8 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
         raise click.ClickException(str(exc)) from None
     state = state_dir or settings.get("state_dir")
     advertise_url = advertise_url or settings.get("advertise_url")
+    if settings.get("web_domain"):  # web endpoints by host name: <app>--<endpoint>.<domain>
+        os.environ.setdefault("MCTL_WEB_DOMAIN", str(settings["web_domain"]))
     ssl_context = _server_tls(tls_cert, tls_key, advertise_url)
 
     async def main() -> None:
@@ -830,6 +837,10 @@ cli.add_command(volume)
 from mctl.cli.nomad import nomad  # noqa: E402 - the nomad group lives in its own module
 
 cli.add_command(nomad)
+
+from mctl.cli.serve import serve  # noqa: E402 - the command modules import main's helpers
+
+cli.add_command(serve)
 
 
 def _register_plugin_commands() -> None:

@@ -138,6 +138,7 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
             functions[tag] = FunctionSpec(**handle.spec_fields(), **common)
         except ValueError as exc:
             raise InvalidError(f"Function {tag}: {exc}") from None
+    _check_web_dependencies(functions)
     try:
         spec = AppSpec(name=app_name, module=module, bundle_blob=blob_id(bundle),
                        source_root=source_root,
@@ -145,3 +146,17 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
     except ValueError as exc:
         raise InvalidError(f"App {app_name}: {exc}") from None
     return spec, blobs
+
+
+def _check_web_dependencies(functions: dict[str, FunctionSpec]) -> None:
+    """A `@fastapi_endpoint` is served by a FastAPI app the worker builds: refuse to deploy one
+    where FastAPI is missing (workers run this machine's interpreter or an image made from it)."""
+    import importlib.util
+
+    for tag, fspec in functions.items():
+        webs = [fspec.web, *(m.web for m in fspec.methods.values())]
+        if any(w is not None and w.kind == "fastapi" for w in webs):
+            if importlib.util.find_spec("fastapi") is None:
+                raise InvalidError(f"Function {tag} is a @fastapi_endpoint, which needs FastAPI, "
+                                   "and FastAPI is not installed; install it with "
+                                   "`pip install 'mctl[web]'`.")

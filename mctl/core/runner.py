@@ -92,6 +92,7 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
         if not detach:
             run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
+        print_web_urls(url, app_id)
         if detach:
             yield
             return
@@ -102,6 +103,23 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
             client.owned_apps.discard(app_id)
             with contextlib.suppress(Exception):
                 run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
+
+
+def web_urls(url: str, app_id: str) -> list[dict[str, Any]]:
+    """The app's web endpoints with their URLs (`GET /api/web`), [] when it has none."""
+    from mctl.exception import NotFoundError
+
+    try:
+        return run_sync(client_for(url).http("GET", "/api/web", params={"app": app_id}))
+    except NotFoundError:  # a control plane older than web endpoints
+        return []
+
+
+def print_web_urls(url: str, app_id: str) -> None:
+    for endpoint in web_urls(url, app_id):
+        where = endpoint["tag"] + (f".{endpoint['method']}" if endpoint["method"] else "")
+        auth = " (requires proxy auth)" if endpoint["requires_proxy_auth"] else ""
+        print(f"Web endpoint {where} => {endpoint['url']}{auth}", file=sys.stderr, flush=True)
 
 
 def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
@@ -123,7 +141,8 @@ def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
     print_build_log(result)
     app._hydrate(app_id, url)
     return {**result, "name": app_name, "url": url,
-            "functions": {tag: f.function_id for tag, f in spec.functions.items()}}
+            "functions": {tag: f.function_id for tag, f in spec.functions.items()},
+            "web_urls": web_urls(url, app_id)}
 
 
 def server_alive(url: str) -> bool:

@@ -145,9 +145,29 @@ class ResourcesSpec(_Model):
     gpu: Optional[GpuRequest] = None
 
 
+class WebSpec(_Model):
+    """How a web function is served: `@fastapi_endpoint`, `@asgi_app`, `@wsgi_app`, `@web_server`."""
+
+    kind: Literal["fastapi", "asgi", "wsgi", "server"]
+    method: str = "GET"              # fastapi_endpoint's HTTP method
+    label: Optional[str] = None      # the endpoint's name in its URL instead of the function's
+    docs: bool = False               # fastapi_endpoint: serve /docs
+    requires_proxy_auth: bool = False
+    port: Optional[int] = None       # web_server: the port the user's server listens on
+    startup_timeout: float = 5.0     # web_server: seconds to wait for that port
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", value):
+            raise ValueError(f"invalid web label {value!r}: use letters, digits, '_' and '-'")
+        return value
+
+
 class MethodSpec(_Model):
     is_generator: bool = False
     is_async: bool = False
+    web: Optional[WebSpec] = None
 
 
 class FunctionSpec(_Model):
@@ -161,6 +181,7 @@ class FunctionSpec(_Model):
     is_generator: bool = False
     is_async: bool = False
     methods: dict[str, MethodSpec] = {}
+    web: Optional[WebSpec] = None  # a web function; for a class, each method says its own
     timeout: Timeout = 300
     retries: Optional[RetryPolicy] = None
     schedule: Optional[ScheduleSpec] = None

@@ -14,7 +14,7 @@ from mctl.exception import DeprecationError, InvalidError
 from mctl.sdk.cls import Cls
 from mctl.sdk.function import Function
 from mctl.sdk.image import Image
-from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, PartialFunction
+from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, WEB, PartialFunction
 from mctl.sdk.retries import Retries
 from mctl.sdk.schedule import Schedule
 from mctl.sdk.secret import Secret
@@ -182,6 +182,9 @@ class App:
                     "move it there, or pass serialized=True to ship it with cloudpickle.")
             is_gen = inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f)
             is_async = inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+            if WEB in params.get("flags", ()) and is_gen:
+                raise InvalidError(f"Web function {f.__qualname__} is a generator; return a "
+                                   "StreamingResponse from it to stream a response.")
             if BATCHED in params.get("flags", ()) and is_gen:
                 raise InvalidError(f"@batched cannot be used on the generator {f.__qualname__}.")
             if schedule is not None and _required_params(f):
@@ -217,7 +220,7 @@ class App:
         options.update(serialized=serialized, extra=extra)
 
         def wrapper(user_cls: Any) -> Cls:
-            from mctl.sdk.cls import partials_of
+            from mctl.sdk.cls import remote_methods
 
             if not isinstance(user_cls, type):
                 raise InvalidError("@app.cls() decorates a class; use @app.function() for "
@@ -225,7 +228,7 @@ class App:
             if "<locals>" in user_cls.__qualname__ and not serialized:
                 raise InvalidError(f"Class {user_cls.__qualname__} is not defined at module level; "
                                    "move it there, or pass serialized=True.")
-            methods = partials_of(user_cls, METHOD)
+            methods = remote_methods(user_cls)
             if not methods:
                 raise InvalidError(f"Class {user_cls.__name__} has no @mctl.method(); mark the "
                                    "methods to call remotely.")

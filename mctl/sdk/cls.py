@@ -10,7 +10,7 @@ from mctl.core.serialization import serialize_args
 from mctl.exception import InvalidError
 from mctl.sdk.lazy import invoke
 from mctl.sdk.function import Function, Invocable
-from mctl.sdk.partial import ENTER, EXIT, METHOD, Parameter, PartialFunction
+from mctl.sdk.partial import ENTER, EXIT, METHOD, WEB, Parameter, PartialFunction
 
 if TYPE_CHECKING:
     from mctl.sdk.app import App
@@ -31,6 +31,13 @@ def partials_of(user_cls: type, flag: str) -> dict[str, PartialFunction]:
         for name, value in vars(klass).items():
             if isinstance(value, PartialFunction) and flag in value.flags:
                 out[name] = value
+    return out
+
+
+def remote_methods(user_cls: type) -> dict[str, PartialFunction]:
+    """Methods callable from outside: `@method()`s and web endpoints (which need no `@method`)."""
+    out = partials_of(user_cls, METHOD)
+    out.update(partials_of(user_cls, WEB))
     return out
 
 
@@ -103,7 +110,7 @@ class Cls:
         self._service = Function(app, tag, None, options)  # the function the methods run on
         self._methods: dict[str, bool] = {}  # name -> is_generator
         if user_cls is not None:
-            for name, pf in partials_of(user_cls, METHOD).items():
+            for name, pf in remote_methods(user_cls).items():
                 self._methods[name] = bool(pf.params.get("is_generator"))
             self.__doc__ = user_cls.__doc__
             self.__name__ = user_cls.__name__
@@ -117,11 +124,12 @@ class Cls:
     def spec_fields(self) -> dict[str, Any]:
         assert self.user_cls is not None
         methods = {}
-        for name, pf in partials_of(self.user_cls, METHOD).items():
+        for name, pf in remote_methods(self.user_cls).items():
             fn = pf.raw_f
             methods[name] = {
                 "is_generator": bool(pf.params.get("is_generator")),
-                "is_async": inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)}
+                "is_async": inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
+                "web": pf.params.get("web")}
         return {"kind": "class", "methods": methods}
 
     def remote_object(self) -> ClassRunner:
@@ -222,4 +230,17 @@ class Method(Invocable):
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self._obj._local_instance(), self._name)(*args, **kwargs)
+
+    def get_web_url(self) -> str | None:
+        """The URL of this method's web endpoint; None if it is not one."""
+        from mctl.sdk.function import web_url_of
+
+        cls = self._obj._cls
+        cls._resolve()
+        service = cls._service
+        return web_url_of(service._server_url, service._function_id, self._name)
+
+    @property
+    def web_url(self) -> str | None:
+        return self.get_web_url()
 

@@ -212,7 +212,8 @@ class Function(Invocable):
     def spec_fields(self) -> dict[str, Any]:
         schedule = self.options.get("schedule")
         return {"kind": "function", "is_generator": self._is_generator, "is_async": self.is_async,
-                "schedule": schedule.spec_fields() if schedule is not None else None}
+                "schedule": schedule.spec_fields() if schedule is not None else None,
+                "web": self.options.get("web")}
 
     def remote_object(self) -> Any:
         return self.raw_f
@@ -270,6 +271,16 @@ class Function(Invocable):
         self._is_generator = fspec["is_generator"]
         self._hydrate(fspec["function_id"], server_url)
 
+    def get_web_url(self) -> str | None:
+        """The URL of this function's web endpoint (`@fastapi_endpoint`, `@asgi_app`, ...);
+        None if it is not a web function."""
+        self._target()
+        return web_url_of(self._server_url, self._function_id)
+
+    @property
+    def web_url(self) -> str | None:
+        return self.get_web_url()
+
     @staticmethod
     def from_name(app_name: str, name: str, *, environment_name: str | None = None) -> Function:
         """A deployed function, looked up lazily on first call."""
@@ -280,6 +291,17 @@ class Function(Invocable):
     def hydrate(self) -> Function:
         self._target()
         return self
+
+
+def web_url_of(server_url: str | None, function_id: str | None,
+               method: str | None = None) -> str | None:
+    """Ask the control plane for a web endpoint's URL (it knows the routing: path or host)."""
+    from mctl.core.client import client_for, run_sync
+
+    assert server_url is not None and function_id is not None
+    params = {"function_id": function_id, **({"method": method} if method else {})}
+    endpoints = run_sync(client_for(server_url).http("GET", "/api/web", params=params))
+    return endpoints[0]["url"] if endpoints else None
 
 
 async def lookup(app_name: str, tag: str) -> tuple[str, dict[str, Any]]:

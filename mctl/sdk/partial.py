@@ -14,6 +14,7 @@ from mctl.exception import InvalidError
 
 # Flags a PartialFunction may carry.
 METHOD, ENTER, EXIT, CONCURRENT, BATCHED = "method", "enter", "exit", "concurrent", "batched"
+WEB = "web"  # set by the decorators in sdk/web.py
 
 
 @dataclass

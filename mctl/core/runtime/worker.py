@@ -57,6 +57,7 @@ class Worker:
         self.ws: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.async_sem: asyncio.Semaphore | None = None
+        self.web: Any = None  # runtime/web.WebRunner for a web function
 
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
@@ -82,6 +83,10 @@ class Worker:
         self.is_async = self.fspec.is_async
         if not self.is_class and self.fspec.batch_max_size is None and self.is_async:
             self.async_sem = asyncio.Semaphore(self.fspec.max_inputs)
+        if self.fspec.web is not None or any(m.web for m in self.fspec.methods.values()):
+            from mctl.core.runtime.web import WebRunner
+
+            self.web = WebRunner(self)
 
     async def _get_json(self, session: Any, path: str, params: Any = None) -> Any:
         """GET from the control plane, waiting out a restart of it (see loader's patience)."""
@@ -194,8 +199,13 @@ class Worker:
                     for input_id, attempt in unacked.popleft()[2]:
                         if self.held.get(input_id) == attempt:  # not a newer retry of it
                             del self.held[input_id]
+            elif kind == "input_data":  # more of a web request
+                if self.web is not None:
+                    self.web.deliver(header, payloads)
             elif kind == "cancel":
                 self.cancelled.update(header["input_ids"])
+                if self.web is not None:
+                    self.web.cancel(header["input_ids"])
                 for input_id in header["input_ids"]:
                     self.held.pop(input_id, None)
             elif kind == "stop":
@@ -220,6 +230,8 @@ class Worker:
         await asyncio.to_thread(self._join_runners)
         while self.async_tasks:
             await asyncio.gather(*self.async_tasks, return_exceptions=True)
+        while self.web is not None and self.web.tasks:
+            await asyncio.gather(*self.web.tasks.values(), return_exceptions=True)
         self._flush_outputs()
         await asyncio.sleep(0)
         await ws.close()
@@ -230,7 +242,9 @@ class Worker:
             return  # sent again after a reconnect; it is already queued or running here
         self.held[item["id"]] = attempt
         self.attempts[item["id"]] = attempt
-        if self.async_sem is not None:
+        if item.get("http") and self.web is not None:
+            self.web.accept(item, payload)
+        elif self.async_sem is not None:
             task = self.loop.create_task(self._run_async(item, payload))  # type: ignore[union-attr]
             self.async_tasks.add(task)
             task.add_done_callback(self.async_tasks.discard)

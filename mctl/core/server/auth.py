@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 SCOPES = ("invoke", "deploy", "admin")
 _RANK = {scope: rank for rank, scope in enumerate(SCOPES, 1)}
+# A proxy token only calls web endpoints declared with requires_proxy_auth=True (Modal-Key: its
+# id, Modal-Secret: the token); it includes no API scope.
+PROXY = "proxy"
+_RANK[PROXY] = 0
 TASK = "task"
 PREFIX = "mctl_"
 LAST_USED_EVERY = 60.0  # seconds between writes of a token's last use
@@ -82,7 +86,8 @@ class TokenStore:
     def register(self, token: str, name: str | None, scope: str) -> dict[str, Any]:
         """Store a token whose secret the caller chose (MCTL_TOKEN at bootstrap, or `issue`)."""
         if scope not in _RANK:
-            raise InvalidError(f"Unknown token scope {scope!r}; use one of {', '.join(SCOPES)}.")
+            raise InvalidError(f"Unknown token scope {scope!r}; use one of "
+                               f"{', '.join((*SCOPES, PROXY))}.")
         token_id = ids.new_id("token", 12)
         name = name or token_id
         if self.db.execute("SELECT 1 FROM tokens WHERE name = ? AND revoked IS NULL AND "

@@ -34,7 +34,7 @@ FINAL_FAILURES = ("failure", "timeout", "crashed")
 
 class InputRec:
     __slots__ = ("input_id", "function_id", "call_id", "idx", "payload", "is_blob", "attempts",
-                 "created", "worker", "done", "started", "queued")
+                 "created", "worker", "done", "started", "queued", "sink", "backlog")
 
     def __init__(self, input_id: str, function_id: str, call_id: str, idx: int, payload: bytes,
                  is_blob: bool, created: float) -> None:
@@ -45,6 +45,10 @@ class InputRec:
         self.done = False
         self.started = 0.0
         self.queued = False     # in its function's pending queue
+        # A web request (see enqueue_request): outputs go to `sink`, not to the store; `backlog`
+        # holds more of the request (body chunks, WebSocket messages) until a worker has it.
+        self.sink: Callable[[str, bytes, bool], None] | None = None
+        self.backlog: list[tuple[dict[str, Any], list[bytes]]] = []
 
 
 class Conn:
@@ -544,6 +548,51 @@ class ControlPlane:
         self._schedule_flush()
         return call_id
 
+    # --- web requests (server/gateway.py) ------------------------------------------------------
+    def enqueue_request(self, fs: FunctionState, payload: bytes,
+                        sink: Callable[[str, bytes, bool], None]) -> InputRec:
+        """An HTTP request or WebSocket for a web function: queued and dispatched like any input,
+        so the autoscaler sees it (and starts a worker for the first one), but not stored: the
+        connection that waits for it does not outlive this process. Its outputs go to
+        `sink(status, payload, final)` as they arrive, and it is never retried."""
+        call_id = ids.new_id("call")
+        rec = InputRec(ids.input_id(call_id, 0), fs.spec.function_id, call_id, 0, payload, False,
+                       time.time())
+        rec.sink = sink
+        self.live[rec.input_id] = rec
+        if self.metrics is not None:
+            self.metrics.inputs_received(fs, 1)
+        self._queue(fs, rec)
+        self._on_pending(fs)
+        self._dispatch(fs)
+        return rec
+
+    def send_to_input(self, rec: InputRec, header: dict[str, Any], payloads: list[bytes]) -> None:
+        """More of a web request (a body chunk, a WebSocket message) for the worker running it."""
+        if rec.done:
+            return
+        header = {"type": "input_data", "id": rec.input_id, **header}
+        if rec.worker is not None:
+            rec.worker.send(header, payloads)
+        else:
+            rec.backlog.append((header, payloads))
+
+    def cancel_request(self, rec: InputRec) -> None:
+        """The HTTP client went away: forget the request and tell its worker to stop it."""
+        if rec.done:
+            return
+        rec.done = True
+        self.live.pop(rec.input_id, None)
+        fs = self.functions.get(rec.function_id)
+        if rec.worker is not None:
+            rec.worker.running.pop(rec.input_id, None)
+            rec.worker.send({"type": "cancel", "input_ids": [rec.input_id]})
+            rec.worker = None
+            if fs is not None:
+                fs.running -= 1
+        elif rec.queued and fs is not None:
+            fs.n_pending -= 1  # its queue entry is skipped as done
+
     def _queue(self, fs: FunctionState, rec: InputRec, front: bool = False) -> None:
         if front:
             fs.pending.appendleft(rec)
@@ -636,6 +685,7 @@ class ControlPlane:
             items: list[dict[str, Any]] = []
             payloads: list[bytes] = []
             size = 0
+            backlogged: list[InputRec] = []
             while take and fs.pending:
                 rec = fs.pending.popleft()
                 if rec.done:
@@ -647,8 +697,13 @@ class ControlPlane:
                 rec.attempts += 1
                 worker.running[rec.input_id] = rec
                 fs.running += 1
-                items.append({"id": rec.input_id, "call_id": rec.call_id, "idx": rec.idx,
-                              "blob": rec.is_blob, "attempt": rec.attempts})
+                item = {"id": rec.input_id, "call_id": rec.call_id, "idx": rec.idx,
+                        "blob": rec.is_blob, "attempt": rec.attempts}
+                if rec.sink is not None:
+                    item["http"] = True
+                    if rec.backlog:
+                        backlogged.append(rec)
+                items.append(item)
                 payloads.append(rec.payload)
                 size += len(rec.payload)
                 if size > CHUNK_BYTES:
@@ -656,6 +711,10 @@ class ControlPlane:
                     items, payloads, size = [], [], 0
             if items:
                 worker.send({"type": "inputs", "items": items}, payloads)
+            for rec in backlogged:  # after the input itself, in order
+                for header, data in rec.backlog:
+                    worker.send(header, data)
+                rec.backlog = []
             if not fs.n_pending:
                 break
 
@@ -703,7 +762,7 @@ class ControlPlane:
             fs.n_pending -= 1
             rec.queued = False
         rec.worker = None
-        if status in FINAL_FAILURES and fs is not None and not fs.stopped:
+        if status in FINAL_FAILURES and fs is not None and not fs.stopped and rec.sink is None:
             policy = fs.spec.retries
             if policy is not None and rec.attempts <= policy.max_retries:
                 delay = policy.delay(rec.attempts)
@@ -727,6 +786,12 @@ class ControlPlane:
 
     def _store_output(self, rec: InputRec, seq: int, status: str, payload: bytes, is_blob: bool,
                       final: bool) -> None:
+        if rec.sink is not None:  # a web request: straight to its waiting HTTP handler
+            if final:
+                rec.done = True
+                self.live.pop(rec.input_id, None)
+            rec.sink(status, payload, final)
+            return
         now = time.time()
         self.store.new_outputs.append((rec.call_id, rec.idx, seq, status, payload, int(is_blob), now))
         if final:

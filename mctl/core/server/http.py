@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers
+from mctl.core.server import auth, containers, gateway
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -422,6 +422,7 @@ def make_app(control: ControlPlane) -> web.Application:
     app.add_routes([web.route(method, path, handler) for method, path, handler, _, _ in ROUTES])
     from mctl.core.server.volumes import add_volume_routes
     add_volume_routes(app, app[RULES], TASK_NO)
+    gateway.attach(app)
     return app
 
 
