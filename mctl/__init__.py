@@ -12,9 +12,11 @@ from mctl.core.hookspecs import hookimpl
 from mctl.exception import Error
 from mctl.sdk.app import App
 from mctl.sdk.cls import Cls
+from mctl.sdk.dict import Dict
 from mctl.sdk.function import Function, FunctionCall, gather
 from mctl.sdk.image import Image
 from mctl.sdk.partial import batched, concurrent, enter, exit, method, parameter
+from mctl.sdk.queue import Queue
 from mctl.sdk.retries import Retries
 from mctl.sdk.schedule import Cron, Period
 from mctl.sdk.secret import Secret
@@ -23,8 +25,8 @@ from mctl.sdk.volume import Volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Cls", "Cron", "Error", "Function", "FunctionCall", "Image", "Period", "Retries",
-    "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
+    "App", "Cls", "Cron", "Dict", "Error", "Function", "FunctionCall", "Image", "Period", "Queue",
+    "Retries", "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
     "enable_output", "is_local", "method", "parameter",
 ]
 
@@ -38,8 +40,7 @@ _REMOVED = {
     "lookup": "mctl.Function.from_name / mctl.Cls.from_name",
 }
 # Current Modal names that mctl does not implement yet.
-_NOT_YET = {"asgi_app", "wsgi_app", "fastapi_endpoint", "web_endpoint", "web_server", "Dict",
-            "Queue", "Sandbox"}
+_NOT_YET = {"asgi_app", "wsgi_app", "fastapi_endpoint", "web_endpoint", "web_server", "Sandbox"}
 _REMOVED_KEYWORD_STYLE = {
     "concurrency_limit": "@app.function(max_containers=...)",
     "keep_warm": "@app.function(min_containers=...)",
