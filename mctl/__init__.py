@@ -10,6 +10,7 @@ from typing import Any
 from mctl import exception
 from mctl.core.hookspecs import hookimpl
 from mctl.exception import Error
+from mctl.runner import deploy_app
 from mctl.sdk.app import App
 from mctl.sdk.cls import Cls
 from mctl.sdk.dict import Dict
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "App", "Cls", "Cron", "Dict", "Error", "Function", "FunctionCall", "Image", "Period", "Queue",
     "Retries", "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
-    "enable_output", "is_local", "method", "parameter",
+    "deploy_app", "enable_output", "is_local", "method", "parameter",
 ]
 
 # Names Modal removed, with the spelling to use now.

@@ -831,6 +831,11 @@ from mctl.cli.nomad import nomad  # noqa: E402 - the nomad group lives in its ow
 
 cli.add_command(nomad)
 
+from mctl.cli.dicts import dict_group, queue_group  # noqa: E402
+
+cli.add_command(dict_group)
+cli.add_command(queue_group)
+
 
 def _register_plugin_commands() -> None:
     from mctl.core.plugins import get_plugin_manager

@@ -20,12 +20,16 @@ from mctl.sdk.schedule import Schedule
 from mctl.sdk.secret import Secret
 from mctl.sdk.volume import Volume, validate_mounts
 
-# Modal keywords that were removed or renamed, with what to write instead.
-REMOVED_KEYWORDS = {
+# Modal's older keywords, still accepted with a warning: the keyword of today they set.
+RENAMED_KEYWORDS = {
     "concurrency_limit": "max_containers",
     "keep_warm": "min_containers",
     "container_idle_timeout": "scaledown_window",
-    "allow_concurrent_inputs": "the @mctl.concurrent(max_inputs=...) decorator",
+    "allow_concurrent_inputs": "max_inputs",  # what @mctl.concurrent(max_inputs=...) sets
+}
+
+# Modal keywords that were removed, with what to write instead.
+REMOVED_KEYWORDS = {
     "mounts": "Image.add_local_dir / Image.add_local_python_source",
     "_experimental_buffer_containers": "buffer_containers",
 }
@@ -43,6 +47,28 @@ FUNCTION_KEYWORDS = {
     "min_containers", "max_containers", "buffer_containers", "scaledown_window", "serialized",
     "name", "env",
 }
+
+
+def _renamed_keywords(decorator: str, kwargs: dict[str, Any], given: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """Pop the older spellings from `kwargs` (warning once each); their values under today's
+    names. `given` holds today's keywords as passed, to refuse both spellings at once."""
+    from mctl.sdk.deprecated import warn_once
+
+    out: dict[str, Any] = {}
+    for old, new in RENAMED_KEYWORDS.items():
+        if old not in kwargs:
+            continue
+        value = kwargs.pop(old)
+        today = ("@mctl.concurrent(max_inputs=...)" if old == "allow_concurrent_inputs"
+                 else f"{decorator}({new}=...)")
+        if given.get(new) is not None:
+            raise InvalidError(f"{decorator}() got both {old}= and {new}=; keep only "
+                               f"{today}.")
+        warn_once(old, f"{decorator}({old}=...) is an older Modal spelling; use {today}.",
+                  stacklevel=4)
+        out[new] = value
+    return out
 
 
 def _check_keywords(decorator: str, kwargs: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
@@ -146,6 +172,12 @@ class App:
         """Register a function: `@app.function(gpu="A100", timeout=600)`."""
         if _warn_parentheses_missing is not None:
             raise InvalidError("Use @app.function() with parentheses, not @app.function.")
+        renamed = _renamed_keywords("@app.function", kwargs, {
+            "max_containers": max_containers, "min_containers": min_containers or None,
+            "scaledown_window": None if scaledown_window == 60 else scaledown_window})
+        max_containers = renamed.get("max_containers", max_containers)
+        min_containers = renamed.get("min_containers", min_containers)
+        scaledown_window = renamed.get("scaledown_window", scaledown_window)
         extra = _check_keywords("@app.function", kwargs, FUNCTION_KEYWORDS)
         options = _validate_common(
             "@app.function", timeout=timeout, min_containers=min_containers,
@@ -165,6 +197,11 @@ class App:
                 params = dict(f.params)
                 params["flags"] = set(f.flags)
                 f = f.raw_f
+            if "max_inputs" in renamed:
+                if "max_inputs" in params:
+                    raise InvalidError("allow_concurrent_inputs= and @mctl.concurrent are both "
+                                       "set; keep only @mctl.concurrent(max_inputs=...).")
+                params.update(max_inputs=renamed["max_inputs"], target_inputs=None)
             if isinstance(f, type):
                 raise InvalidError(f"@app.function cannot decorate the class {f.__name__}; use "
                                    "@app.cls() for classes.")
@@ -201,6 +238,12 @@ class App:
         """Register a class whose `@mctl.method()`s run remotely: `@app.cls(gpu="A10G")`."""
         if _warn_parentheses_missing is not None:
             raise InvalidError("Use @app.cls() with parentheses, not @app.cls.")
+        renamed = _renamed_keywords("@app.cls", kwargs, {
+            "max_containers": max_containers, "min_containers": min_containers or None,
+            "scaledown_window": None if scaledown_window == 60 else scaledown_window})
+        max_containers = renamed.get("max_containers", max_containers)
+        min_containers = renamed.get("min_containers", min_containers)
+        scaledown_window = renamed.get("scaledown_window", scaledown_window)
         extra = _check_keywords("@app.cls", kwargs, FUNCTION_KEYWORDS - {"schedule"})
         options = _validate_common(
             "@app.cls", timeout=timeout, min_containers=min_containers,
@@ -228,6 +271,11 @@ class App:
                 cls_options.update(max_batch_size=batched[0]["max_batch_size"],
                                    wait_ms=batched[0]["wait_ms"])
             conc = getattr(user_cls, "_mctl_concurrent", None)
+            if conc and "max_inputs" in renamed:
+                raise InvalidError("allow_concurrent_inputs= and @mctl.concurrent are both set "
+                                   f"on {user_cls.__name__}; keep only @mctl.concurrent.")
+            if "max_inputs" in renamed:
+                conc = {"max_inputs": renamed["max_inputs"], "target_inputs": None}
             if conc:
                 cls_options.update(conc)
             tag = name or user_cls.__name__
