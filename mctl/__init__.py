@@ -28,7 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "App", "Cls", "Cron", "Dict", "Error", "Function", "FunctionCall", "Image", "Period", "Queue",
     "Retries", "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
-    "deploy_app", "enable_output", "is_local", "method", "parameter",
+    "current_function_call_id", "current_input_id", "deploy_app", "enable_output", "interact",
+    "is_local", "method", "parameter",
 ]
 
 # Names Modal removed, with the spelling to use now.
@@ -76,3 +77,27 @@ def is_local() -> bool:
     import os
 
     return "MCTL_TASK_ID" not in os.environ
+
+
+def current_input_id() -> str | None:
+    """The id of the input this container is running (None outside one), as Modal's."""
+    from mctl.core.runtime import current
+
+    return current.input_id()
+
+
+def current_function_call_id() -> str | None:
+    """The id of the function call (`FunctionCall.object_id`) whose input is running here."""
+    from mctl.core.runtime import current
+
+    return current.function_call_id()
+
+
+def interact() -> None:
+    """Modal's `modal.interact()` opens a terminal in a container under `modal run -i`; mctl
+    has no interactive mode, so outside a terminal (every worker) this does nothing."""
+    import sys
+
+    if sys.stdin is not None and sys.stdin.isatty() and not is_local():
+        print("mctl: interact() has no effect: mctl workers have no interactive terminal.",
+              file=sys.stderr)

@@ -58,8 +58,18 @@ def _delete(kind: str, name: str, yes: bool, allow_missing: bool) -> None:
 
     if not yes:
         click.confirm(f"Delete {kind} {name!r} and everything in it?", abort=True)
+    from mctl.exception import NotFoundError
+
     cls = Dict if kind == "dict" else Queue
-    _with_server(lambda url: cls.delete(name, allow_missing=allow_missing))
+
+    def delete(url: str) -> None:
+        try:
+            cls.delete(name, allow_missing=allow_missing)
+        except NotFoundError:
+            raise click.ClickException(f"No {kind} named {name!r}; `mctl {kind} list` shows "
+                                       "them (--allow-missing succeeds anyway).") from None
+
+    _with_server(delete)
     click.echo(f"Deleted {kind} {name}.")
 
 

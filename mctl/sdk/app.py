@@ -261,6 +261,10 @@ class App:
             if "<locals>" in user_cls.__qualname__ and not serialized:
                 raise InvalidError(f"Class {user_cls.__qualname__} is not defined at module level; "
                                    "move it there, or pass serialized=True.")
+            for pf in partials_of(user_cls, BATCHED).values():
+                if METHOD not in pf.flags:  # Modal: @batched alone makes a method
+                    pf.flags.add(METHOD)
+                    pf.params.setdefault("is_generator", False)
             methods = partials_of(user_cls, METHOD)
             if not methods:
                 raise InvalidError(f"Class {user_cls.__name__} has no @mctl.method(); mark the "
@@ -342,6 +346,33 @@ class App:
 
         raise ImportStopped()
         yield self  # unreachable; keeps this a generator
+
+    @staticmethod
+    def lookup(name: str, *, client: Any = None, environment_name: str | None = None,
+               create_if_missing: bool = False) -> App:
+        """The deployed app `name` (its functions are reached with Function.from_name); with
+        create_if_missing, an empty app of that name is deployed if none exists."""
+        from mctl.core.client import client_for, run_sync
+        from mctl.exception import NotFoundError
+        from mctl.sdk.stored import server_url
+
+        url = server_url()
+        try:
+            record = run_sync(client_for(url).http("GET", f"/api/apps/{name}"))
+        except NotFoundError:
+            record = None
+        if record is None or record.get("state") != "running":
+            if not create_if_missing:
+                raise NotFoundError(f"No deployed app named {name!r}; deploy it with `mctl "
+                                    "deploy`, or pass create_if_missing=True.")
+            from mctl.core.runner import deploy_app
+
+            app = App(name)
+            deploy_app(app, name=name)
+            return app
+        app = App(name)
+        app._app_id, app._server_url = record["app_id"], url
+        return app
 
     def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
         from mctl.core.runner import deploy_app
