@@ -66,7 +66,7 @@ def _renamed_keywords(decorator: str, kwargs: dict[str, Any], given: dict[str, A
             raise InvalidError(f"{decorator}() got both {old}= and {new}=; keep only "
                                f"{today}.")
         warn_once(old, f"{decorator}({old}=...) is an older Modal spelling; use {today}.",
-                  stacklevel=4)
+                  stacklevel=3)
         out[new] = value
     return out
 
