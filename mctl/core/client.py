@@ -333,31 +333,19 @@ class Client:
     async def post_frame(self, path: str, header: dict[str, Any], payloads: list[bytes] = ()
                          ) -> tuple[dict[str, Any], list[bytes]]:  # type: ignore[assignment]
         """POST a protocol frame, read one back (Dict and Queue operations). An error answer
-        raises the mctl exception the server named, with its message."""
+        raises the mctl exception the server named (`framehttp.error_for`)."""
         import aiohttp
 
-        from mctl import exception
+        from mctl.core.framehttp import error_for
 
         await self._ensure_session()
         try:
             async with self._session.post(self.url + path,
                                           data=protocol.encode(header, list(payloads))) as resp:
+                data = await resp.read()
                 if resp.status >= 400:
-                    try:
-                        data = await resp.json()
-                    except Exception:
-                        data = {}
-                    if resp.status in (401, 403):
-                        raise transport.refused(resp.status, data.get("error"))
-                    if resp.status == 413:
-                        raise exception.RequestSizeError(
-                            f"The request to {path} is over the control plane's "
-                            f"{protocol.MAX_FRAME // (1024 * 1024)} MiB limit; send less at once.")
-                    exc_type = getattr(exception, str(data.get("type")), None)
-                    if not (isinstance(exc_type, type) and issubclass(exc_type, exception.Error)):
-                        exc_type = NotFoundError if resp.status == 404 else exception.InvalidError
-                    raise exc_type(data.get("error", f"HTTP {resp.status}"))
-                return protocol.decode(await resp.read())
+                    raise error_for(resp.status, data, path)
+                return protocol.decode(data)
         except aiohttp.ClientConnectionError as exc:
             tls = transport.tls_error(self.url, exc)
             if tls is not None:

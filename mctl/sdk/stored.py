@@ -10,6 +10,7 @@ queue in the caller and in every worker of the app.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from mctl.exception import InvalidError, NotFoundError
@@ -27,6 +28,28 @@ def server_url() -> str:
     if os.environ.get("MCTL_SERVER_URL"):
         return config.configured_server_url()  # type: ignore[return-value]
     return runner.ensure_background_server()
+
+
+# True while a blocking call drives an operation in the caller's thread (see `_drive`).
+_blocking: contextvars.ContextVar[bool] = contextvars.ContextVar("mctl_blocking", default=False)
+
+
+def _drive(awaitable: Any) -> Any:
+    """Run an operation's coroutine to its end in this thread, without an event loop.
+
+    Operations are written once, as coroutines that await only `StoredObject._call`/`_resolve`;
+    in blocking mode those do their request with blocking I/O and never suspend, so the
+    coroutine finishes on its first step. (`StopAsyncIteration` from an async generator's
+    `__anext__` passes through as the end of iteration.)"""
+    token = _blocking.set(True)
+    try:
+        awaitable.send(None)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        _blocking.reset(token)
+    awaitable.close()
+    raise RuntimeError("mctl: a blocking Dict/Queue operation tried to suspend.")
 
 
 class StoredObject:
@@ -55,10 +78,8 @@ class StoredObject:
 
     def hydrate(self, client: Any = None) -> StoredObject:
         """Look the object up now (Modal does it on first use too); NotFoundError if missing."""
-        from mctl.core.client import run_sync
-
         self._ensure_url()
-        run_sync(self._resolve())
+        _drive(self._resolve())
         return self
 
     def _ensure_url(self) -> str:
@@ -73,9 +94,15 @@ class StoredObject:
             if self._name is None:
                 raise InvalidError(f"This {self.label} has no name and no id; make one with "
                                    f"mctl.{self.label}.from_name(...) or .ephemeral().")
-            reply = await client_for(self._url).http(  # type: ignore[arg-type]
-                "POST", "/api/objects/lookup", {"kind": self.kind, "name": self._name,
-                                                "create_if_missing": self._create_if_missing})
+            body = {"kind": self.kind, "name": self._name,
+                    "create_if_missing": self._create_if_missing}
+            if _blocking.get():
+                from mctl.core import framehttp
+
+                reply = framehttp.post_json(self._url, "/api/objects/lookup", body)  # type: ignore[arg-type]
+            else:
+                reply = await client_for(self._url).http(  # type: ignore[arg-type]
+                    "POST", "/api/objects/lookup", body)
             self._object_id = reply["object_id"]
         return self._object_id
 
@@ -84,17 +111,23 @@ class StoredObject:
         from mctl.core.client import client_for
 
         object_id = await self._resolve()
+        path = f"/api/objects/{object_id}/{op}"
+        if _blocking.get():
+            from mctl.core import framehttp
+
+            return framehttp.post_frame(self._url, path, header or {}, list(payloads))  # type: ignore[arg-type]
         return await client_for(self._url).post_frame(  # type: ignore[arg-type]
-            f"/api/objects/{object_id}/{op}", header or {}, list(payloads))
+            path, header or {}, list(payloads))
 
     # --- sync and .aio twins -------------------------------------------------------------------
     def _twin(self, coro_fn: Callable[..., Any]) -> Dual:
-        """`obj.op(...)` blocks; `await obj.op.aio(...)` does not."""
-        from mctl.core.client import run_async, run_sync
+        """`obj.op(...)` blocks (in this thread); `await obj.op.aio(...)` runs on mctl's
+        background loop."""
+        from mctl.core.client import run_async
 
         def sync(*args: Any, **kwargs: Any) -> Any:
             self._ensure_url()
-            return run_sync(coro_fn(*args, **kwargs))
+            return _drive(coro_fn(*args, **kwargs))
 
         async def aio(*args: Any, **kwargs: Any) -> Any:
             await self._ensure_url_aio()
@@ -104,7 +137,7 @@ class StoredObject:
 
     def _twin_iter(self, agen_fn: Callable[..., AsyncIterator[Any]]) -> Dual:
         """A generator: `for x in obj.op()` and `async for x in obj.op.aio()`."""
-        from mctl.core.client import run_async, run_sync
+        from mctl.core.client import run_async
 
         def sync(*args: Any, **kwargs: Any) -> Iterator[Any]:
             self._ensure_url()
@@ -112,11 +145,11 @@ class StoredObject:
             try:
                 while True:
                     try:
-                        yield run_sync(agen.__anext__())
+                        yield _drive(agen.__anext__())
                     except StopAsyncIteration:
                         return
             finally:
-                run_sync(agen.aclose())
+                _drive(agen.aclose())
 
         async def aio(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
             await self._ensure_url_aio()
@@ -175,20 +208,17 @@ class _Ephemeral:
         self.obj: StoredObject | None = None
 
     def _create(self) -> StoredObject:
-        from mctl.core.client import client_for, run_sync
+        from mctl.core import framehttp
 
         url = server_url()
-        reply = run_sync(client_for(url).http("POST", "/api/objects/ephemeral",
-                                              {"kind": self.cls.kind}))
+        reply = framehttp.post_json(url, "/api/objects/ephemeral", {"kind": self.cls.kind})
         self.obj = self.cls(object_id=reply["object_id"], server=url)
         return self.obj
 
     def _drop(self) -> None:
-        from mctl.core.client import run_sync
-
         if self.obj is not None:
             with contextlib.suppress(Exception):  # the server may be gone already
-                run_sync(self.obj._call("delete"))
+                _drive(self.obj._call("delete"))
 
     def __enter__(self) -> Any:
         return self._create()
