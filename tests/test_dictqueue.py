@@ -212,3 +212,35 @@ def test_cli(server_process):
     assert "cli-d" not in cli("dict", "list").output
     result = cli("dict", "delete", "cli-d", "--yes")
     assert result.exit_code == 1 and "--allow-missing" in result.output
+
+
+def test_tokens_and_scopes(server_process, monkeypatch):
+    from mctl.exception import AuthError
+    from test_auth import create_token
+
+    mctl.Dict.from_name("scoped", create_if_missing=True)["k"] = 1
+    invoke = create_token("invoke", "dq-invoke")
+    monkeypatch.setenv("MCTL_TOKEN", invoke)
+    d = mctl.Dict.from_name("scoped")  # a new handle: a new connection with this token
+    import threading
+
+    result = {}
+
+    def use():  # a fresh thread: its own kept-alive connection, with the invoke token
+        result["value"] = d["k"]
+        try:
+            mctl.Dict.delete("scoped")
+        except AuthError as exc:
+            result["error"] = str(exc)
+
+    thread = threading.Thread(target=use)
+    thread.start()
+    thread.join(30)
+    assert result["value"] == 1 and "needs scope deploy" in result["error"]
+
+    monkeypatch.setenv("MCTL_TOKEN", "mctl_wrong")
+    thread = threading.Thread(target=lambda: result.update(
+        bad=pytest.raises(AuthError, mctl.Dict.from_name("scoped").get, "k")))
+    thread.start()
+    thread.join(30)
+    assert "invalid token" in str(result["bad"].value).lower()

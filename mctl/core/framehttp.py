@@ -74,9 +74,13 @@ def post_json(url: str, path: str, body: Any) -> Any:
 def _post(url: str, path: str, body: bytes, content_type: str) -> bytes:
     from mctl.exception import ConnectionError
 
-    headers = {"Content-Type": content_type, **transport.auth_headers(url)}
     for attempt in (0, 1):
         conn = _connection(url, fresh=attempt == 1)
+        # The token is read (env, profile, token file) once per connection, not per request.
+        auth = getattr(conn, "mctl_auth", None)
+        if auth is None:
+            auth = conn.mctl_auth = transport.auth_headers(url)  # type: ignore[attr-defined]
+        headers = {"Content-Type": content_type, **auth}
         reused = conn.sock is not None
         try:
             conn.request("POST", path, body=body, headers=headers)
