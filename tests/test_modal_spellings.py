@@ -109,7 +109,9 @@ def test_deploy_app_old_spellings_warn_once(server_process, tmp_path):
     messages = spelling_warnings(record)
     assert len(messages) == 1 and "app.deploy(name=...)" in messages[0]
     assert result.app_id.startswith("ap-")
-    assert modal.Function.from_name("my-app", "hello").remote("World") == "Hello, World!"
+    hello_handle = modal.Function.from_name("my-app", "hello").hydrate()
+    assert hello_handle.object_id.startswith("fu-")
+    assert hello_handle.remote("World") == "Hello, World!"
 
 
 @pytest.mark.integration

@@ -100,10 +100,21 @@ class DictQueueStore:
 
     def create_ephemeral(self, kind: str) -> str:
         _check_kind(kind)
+        self._forget_old_ephemeral()
         object_id = ids.new_id(kind)
         self.db.execute("INSERT INTO kv_objects VALUES (?,?,NULL,?)", (object_id, kind,
                                                                       time.time()))
         return object_id
+
+    def _forget_old_ephemeral(self) -> None:
+        """Ephemeral objects whose creator never deleted them (it died inside the `with`) go
+        after MCTL_RETENTION_DAYS (default 7), as old outputs do."""
+        import os
+
+        cutoff = time.time() - float(os.environ.get("MCTL_RETENTION_DAYS", "7")) * 86400
+        for (object_id,) in self.db.execute("SELECT object_id FROM kv_objects WHERE name IS "
+                                            "NULL AND created < ?", (cutoff,)).fetchall():
+            self.delete("dict" if object_id.startswith("di-") else "queue", object_id)
 
     def list(self, kind: str) -> list[dict[str, Any]]:
         _check_kind(kind)
