@@ -10,12 +10,15 @@ from typing import Any
 from mctl import exception
 from mctl.core.hookspecs import hookimpl
 from mctl.exception import Error
+from mctl.runner import deploy_app
 from mctl.sdk.app import App
 from mctl.sdk.cls import Cls
+from mctl.sdk.dict import Dict
 from mctl.sdk.function import Function, FunctionCall, gather
 from mctl.sdk.image import Image
 from mctl.sdk.mount import Mount
 from mctl.sdk.partial import batched, concurrent, enter, exit, method, parameter
+from mctl.sdk.queue import Queue
 from mctl.sdk.retries import Retries
 from mctl.sdk.schedule import Cron, Period
 from mctl.sdk.secret import Secret
@@ -25,9 +28,10 @@ from mctl.sdk.web import asgi_app, fastapi_endpoint, web_endpoint, web_server, w
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Cls", "Cron", "Error", "Function", "FunctionCall", "Image", "Mount", "Period", "Retries",
-    "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit", "gather", "hookimpl",
-    "enable_output", "is_local", "method", "parameter",
+    "App", "Cls", "Cron", "Dict", "Error", "Function", "FunctionCall", "Image", "Mount", "Period",
+    "Queue", "Retries", "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit",
+    "gather", "hookimpl", "current_function_call_id", "current_input_id", "deploy_app",
+    "enable_output", "interact", "is_local", "method", "parameter",
     "asgi_app", "fastapi_endpoint", "web_endpoint", "web_server", "wsgi_app",
 ]
 
@@ -40,7 +44,7 @@ _REMOVED = {
     "lookup": "mctl.Function.from_name / mctl.Cls.from_name",
 }
 # Current Modal names that mctl does not implement yet.
-_NOT_YET = {"Dict", "Queue", "Sandbox"}
+_NOT_YET = {"Sandbox"}
 _REMOVED_KEYWORD_STYLE = {
     "concurrency_limit": "@app.function(max_containers=...)",
     "keep_warm": "@app.function(min_containers=...)",
@@ -75,3 +79,27 @@ def is_local() -> bool:
     import os
 
     return "MCTL_TASK_ID" not in os.environ
+
+
+def current_input_id() -> str | None:
+    """The id of the input this container is running (None outside one), as Modal's."""
+    from mctl.core.runtime import current
+
+    return current.input_id()
+
+
+def current_function_call_id() -> str | None:
+    """The id of the function call (`FunctionCall.object_id`) whose input is running here."""
+    from mctl.core.runtime import current
+
+    return current.function_call_id()
+
+
+def interact() -> None:
+    """Modal's `modal.interact()` opens a terminal in a container under `modal run -i`; mctl
+    has no interactive mode, so outside a terminal (every worker) this does nothing."""
+    import sys
+
+    if sys.stdin is not None and sys.stdin.isatty() and not is_local():
+        print("mctl: interact() has no effect: mctl workers have no interactive terminal.",
+              file=sys.stderr)

@@ -57,3 +57,7 @@ class ContainerCrashedError(ExecutionError):
 
 class AuthError(Error):
     """The control plane refused the token: missing, invalid, revoked, or without the scope."""
+
+
+class RequestSizeError(Error):
+    """A request was too large, e.g. a Queue item over 1 MiB (as modal.exception.RequestSizeError)."""

@@ -23,12 +23,9 @@ def test_unknown_keyword_suggests(app):
         app.function(timout=5)
 
 
-@pytest.mark.parametrize("kw,new", [("concurrency_limit", "max_containers"),
-                                    ("keep_warm", "min_containers"),
-                                    ("container_idle_timeout", "scaledown_window")])
-def test_removed_keywords_name_new_spelling(app, kw, new):
-    with pytest.raises(DeprecationError, match=new):
-        app.function(**{kw: 1})
+def test_removed_keywords_name_new_spelling(app):
+    with pytest.raises(DeprecationError, match="buffer_containers"):
+        app.function(_experimental_buffer_containers=1)
 
 
 @pytest.mark.parametrize("name", ["Stub", "SharedVolume"])
@@ -37,7 +34,7 @@ def test_removed_names(name):
         getattr(mctl, name)
 
 
-@pytest.mark.parametrize("name", ["Dict"])
+@pytest.mark.parametrize("name", ["Sandbox"])
 def test_current_modal_names_not_implemented_yet_say_so(name):
     with pytest.raises(AttributeError, match="is not implemented in mctl yet"):
         getattr(mctl, name)

@@ -842,6 +842,11 @@ from mctl.cli.serve import serve  # noqa: E402 - the command modules import main
 
 cli.add_command(serve)
 
+from mctl.cli.dicts import dict_group, queue_group  # noqa: E402
+
+cli.add_command(dict_group)
+cli.add_command(queue_group)
+
 
 def _register_plugin_commands() -> None:
     from mctl.core.plugins import get_plugin_manager

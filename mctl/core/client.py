@@ -332,6 +332,28 @@ class Client:
             raise ConnectionError(f"Could not reach the mctl control plane at {self.url} ({exc}). "
                                   "Start one with `mctl server`, or set MCTL_SERVER_URL.") from None
 
+    async def post_frame(self, path: str, header: dict[str, Any], payloads: list[bytes] = ()
+                         ) -> tuple[dict[str, Any], list[bytes]]:  # type: ignore[assignment]
+        """POST a protocol frame, read one back (Dict and Queue operations). An error answer
+        raises the mctl exception the server named (`framehttp.error_for`)."""
+        import aiohttp
+
+        from mctl.core.framehttp import error_for
+
+        await self._ensure_session()
+        try:
+            async with self._session.post(self.url + path,
+                                          data=protocol.encode(header, list(payloads))) as resp:
+                data = await resp.read()
+                if resp.status >= 400:
+                    raise error_for(resp.status, data, path)
+                return protocol.decode(data)
+        except aiohttp.ClientConnectionError as exc:
+            tls = transport.tls_error(self.url, exc)
+            if tls is not None:
+                raise tls from None
+            raise self._unreachable(exc) from None
+
     async def _ensure_session(self) -> None:
         if self._session is None:
             import aiohttp

@@ -19,6 +19,8 @@ PREFIXES = {
     "deployment": "de",
     "blob": "bl",
     "token": "tk",
+    "dict": "di",
+    "queue": "qu",
 }
 
 

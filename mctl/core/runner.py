@@ -67,6 +67,15 @@ def print_build_log(result: dict[str, Any]) -> None:
             print(line, flush=True)
 
 
+# Control planes that apps run on in this process, innermost last (Dict/Queue handles use it).
+_running_urls: list[str] = []
+
+
+def running_server_url() -> str | None:
+    """The control plane of the app `app.run()` runs in this process, if one does."""
+    return _running_urls[-1] if _running_urls else None
+
+
 @contextlib.contextmanager
 def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
     """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server.
@@ -93,16 +102,20 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
             run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
         print_web_urls(url, app_id)
-        if detach:
-            yield
-            return
+        _running_urls.append(url)
         try:
-            yield
+            if detach:
+                yield
+                return
+            try:
+                yield
+            finally:
+                client = client_for(url)
+                client.owned_apps.discard(app_id)
+                with contextlib.suppress(Exception):
+                    run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
         finally:
-            client = client_for(url)
-            client.owned_apps.discard(app_id)
-            with contextlib.suppress(Exception):
-                run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
+            _running_urls.remove(url)
 
 
 def web_urls(url: str, app_id: str) -> list[dict[str, Any]]:

@@ -20,12 +20,16 @@ from mctl.sdk.schedule import Schedule
 from mctl.sdk.secret import Secret
 from mctl.sdk.volume import Volume, validate_mounts
 
-# Modal keywords that were removed or renamed, with what to write instead.
-REMOVED_KEYWORDS = {
+# Modal's older keywords, still accepted with a warning: the keyword of today they set.
+RENAMED_KEYWORDS = {
     "concurrency_limit": "max_containers",
     "keep_warm": "min_containers",
     "container_idle_timeout": "scaledown_window",
-    "allow_concurrent_inputs": "the @mctl.concurrent(max_inputs=...) decorator",
+    "allow_concurrent_inputs": "max_inputs",  # what @mctl.concurrent(max_inputs=...) sets
+}
+
+# Modal keywords that were removed, with what to write instead.
+REMOVED_KEYWORDS = {
     "_experimental_buffer_containers": "buffer_containers",
 }
 
@@ -42,6 +46,28 @@ FUNCTION_KEYWORDS = {
     "min_containers", "max_containers", "buffer_containers", "scaledown_window", "serialized",
     "name", "env",
 }
+
+
+def _renamed_keywords(decorator: str, kwargs: dict[str, Any], given: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """Pop the older spellings from `kwargs` (warning once each); their values under today's
+    names. `given` holds today's keywords as passed, to refuse both spellings at once."""
+    from mctl.sdk.deprecated import warn_once
+
+    out: dict[str, Any] = {}
+    for old, new in RENAMED_KEYWORDS.items():
+        if old not in kwargs:
+            continue
+        value = kwargs.pop(old)
+        today = ("@mctl.concurrent(max_inputs=...)" if old == "allow_concurrent_inputs"
+                 else f"{decorator}({new}=...)")
+        if given.get(new) is not None:
+            raise InvalidError(f"{decorator}() got both {old}= and {new}=; keep only "
+                               f"{today}.")
+        warn_once(old, f"{decorator}({old}=...) is an older Modal spelling; use {today}.",
+                  stacklevel=3)
+        out[new] = value
+    return out
 
 
 def _check_keywords(decorator: str, kwargs: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
@@ -149,6 +175,12 @@ class App:
             from mctl.sdk.mount import apply_mounts
 
             image = apply_mounts(image or self.image, kwargs.pop("mounts"), "@app.function")
+        renamed = _renamed_keywords("@app.function", kwargs, {
+            "max_containers": max_containers, "min_containers": min_containers or None,
+            "scaledown_window": None if scaledown_window == 60 else scaledown_window})
+        max_containers = renamed.get("max_containers", max_containers)
+        min_containers = renamed.get("min_containers", min_containers)
+        scaledown_window = renamed.get("scaledown_window", scaledown_window)
         extra = _check_keywords("@app.function", kwargs, FUNCTION_KEYWORDS)
         options = _validate_common(
             "@app.function", timeout=timeout, min_containers=min_containers,
@@ -168,6 +200,11 @@ class App:
                 params = dict(f.params)
                 params["flags"] = set(f.flags)
                 f = f.raw_f
+            if "max_inputs" in renamed:
+                if "max_inputs" in params:
+                    raise InvalidError("allow_concurrent_inputs= and @mctl.concurrent are both "
+                                       "set; keep only @mctl.concurrent(max_inputs=...).")
+                params.update(max_inputs=renamed["max_inputs"], target_inputs=None)
             if isinstance(f, type):
                 raise InvalidError(f"@app.function cannot decorate the class {f.__name__}; use "
                                    "@app.cls() for classes.")
@@ -211,6 +248,12 @@ class App:
             from mctl.sdk.mount import apply_mounts
 
             image = apply_mounts(image or self.image, kwargs.pop("mounts"), "@app.cls")
+        renamed = _renamed_keywords("@app.cls", kwargs, {
+            "max_containers": max_containers, "min_containers": min_containers or None,
+            "scaledown_window": None if scaledown_window == 60 else scaledown_window})
+        max_containers = renamed.get("max_containers", max_containers)
+        min_containers = renamed.get("min_containers", min_containers)
+        scaledown_window = renamed.get("scaledown_window", scaledown_window)
         extra = _check_keywords("@app.cls", kwargs, FUNCTION_KEYWORDS - {"schedule"})
         options = _validate_common(
             "@app.cls", timeout=timeout, min_containers=min_containers,
@@ -228,6 +271,10 @@ class App:
             if "<locals>" in user_cls.__qualname__ and not serialized:
                 raise InvalidError(f"Class {user_cls.__qualname__} is not defined at module level; "
                                    "move it there, or pass serialized=True.")
+            for pf in partials_of(user_cls, BATCHED).values():
+                if METHOD not in pf.flags:  # Modal: @batched alone makes a method
+                    pf.flags.add(METHOD)
+                    pf.params.setdefault("is_generator", False)
             methods = remote_methods(user_cls)
             if not methods:
                 raise InvalidError(f"Class {user_cls.__name__} has no @mctl.method(); mark the "
@@ -238,6 +285,11 @@ class App:
                 cls_options.update(max_batch_size=batched[0]["max_batch_size"],
                                    wait_ms=batched[0]["wait_ms"])
             conc = getattr(user_cls, "_mctl_concurrent", None)
+            if conc and "max_inputs" in renamed:
+                raise InvalidError("allow_concurrent_inputs= and @mctl.concurrent are both set "
+                                   f"on {user_cls.__name__}; keep only @mctl.concurrent.")
+            if "max_inputs" in renamed:
+                conc = {"max_inputs": renamed["max_inputs"], "target_inputs": None}
             if conc:
                 cls_options.update(conc)
             tag = name or user_cls.__name__
@@ -304,6 +356,33 @@ class App:
 
         raise ImportStopped()
         yield self  # unreachable; keeps this a generator
+
+    @staticmethod
+    def lookup(name: str, *, client: Any = None, environment_name: str | None = None,
+               create_if_missing: bool = False) -> App:
+        """The deployed app `name` (its functions are reached with Function.from_name); with
+        create_if_missing, an empty app of that name is deployed if none exists."""
+        from mctl.core.client import client_for, run_sync
+        from mctl.exception import NotFoundError
+        from mctl.sdk.stored import server_url
+
+        url = server_url()
+        try:
+            record = run_sync(client_for(url).http("GET", f"/api/apps/{name}"))
+        except NotFoundError:
+            record = None
+        if record is None or record.get("state") != "running":
+            if not create_if_missing:
+                raise NotFoundError(f"No deployed app named {name!r}; deploy it with `mctl "
+                                    "deploy`, or pass create_if_missing=True.")
+            from mctl.core.runner import deploy_app
+
+            app = App(name)
+            deploy_app(app, name=name)
+            return app
+        app = App(name)
+        app._app_id, app._server_url = record["app_id"], url
+        return app
 
     def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
         from mctl.core.runner import deploy_app

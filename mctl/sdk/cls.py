@@ -170,8 +170,43 @@ class Cls:
         self._resolve()
         return self
 
+    # Modal creates a variant of the class's containers for these; mctl runs every call on the
+    # containers the class was deployed with, and says so once.
+    _WITH_OPTIONS = {"cpu", "memory", "gpu", "env", "secrets", "volumes", "retries",
+                     "max_containers", "buffer_containers", "scaledown_window", "timeout",
+                     "region", "cloud", "min_containers"}
+
+    def _variant(self, what: str, options: dict[str, Any]) -> Cls:
+        from mctl.sdk.deprecated import warn_once
+
+        given = {k: v for k, v in options.items() if v is not None}
+        if given:
+            warn_once(f"Cls.{what}", f"{self.tag}.{what}({', '.join(sorted(given))}=...) is not "
+                      "applied by mctl: calls run on the class's containers as declared; set "
+                      "these in @app.cls(...) instead.", stacklevel=3)
+        variant = Cls(self.app, self.tag, self.user_cls, {**self.options, **given})
+        variant._service = self._service  # the same function, the same containers
+        variant._methods = self._methods
+        variant._lookup = self._lookup
+        return variant
+
     def with_options(self, **options: Any) -> Cls:
-        raise InvalidError("Cls.with_options is not supported yet; set options in @app.cls(...).")
+        """Modal's per-call-site options (`Model.with_options(gpu="A100")()`)."""
+        unknown = sorted(set(options) - self._WITH_OPTIONS)
+        if unknown:
+            raise InvalidError(f"Cls.with_options() got unknown options {', '.join(unknown)}; "
+                               f"it takes {', '.join(sorted(self._WITH_OPTIONS))}.")
+        return self._variant("with_options", options)
+
+    def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:
+        """Modal's `Model.with_concurrency(max_inputs=...)`."""
+        return self._variant("with_concurrency", {"max_inputs": max_inputs,
+                                                  "target_inputs": target_inputs})
+
+    def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
+        """Modal's `Model.with_batching(max_batch_size=..., wait_ms=...)`."""
+        return self._variant("with_batching", {"max_batch_size": max_batch_size,
+                                               "wait_ms": wait_ms})
 
 
 class Obj:

@@ -121,7 +121,8 @@ class Invocable:
         return FunctionCall(call_id, target.client.url, 1)
 
     def _map(self, *iters: Iterable[Any], kwargs: dict[str, Any] | None = None,
-             order_outputs: bool = True, return_exceptions: bool = False) -> Iterator[Any]:
+             order_outputs: bool = True, return_exceptions: bool = False,
+             wrap_returned_exceptions: bool = True) -> Iterator[Any]:
         if not iters:
             raise InvalidError(f"{self._describe()}.map() needs at least one iterable of inputs.")
         target = self._target()
@@ -130,8 +131,8 @@ class Invocable:
                                return_exceptions)
 
     async def _map_aio(self, *iters: Any, kwargs: dict[str, Any] | None = None,
-                       order_outputs: bool = True, return_exceptions: bool = False
-                       ) -> AsyncIterator[Any]:
+                       order_outputs: bool = True, return_exceptions: bool = False,
+                       wrap_returned_exceptions: bool = True) -> AsyncIterator[Any]:
         target = await _in_thread(self._target)
         self._check_not_generator("map")
         async for value in invoke.map_aio(target, _arg_sets_aio(iters, kwargs or {}),
@@ -140,15 +141,16 @@ class Invocable:
 
     def _starmap(self, input_iterator: Iterable[tuple[Any, ...]], *,
                  kwargs: dict[str, Any] | None = None, order_outputs: bool = True,
-                 return_exceptions: bool = False) -> Iterator[Any]:
+                 return_exceptions: bool = False, wrap_returned_exceptions: bool = True
+                 ) -> Iterator[Any]:
         target = self._target()
         self._check_not_generator("starmap")
         sets = ((tuple(args), kwargs or {}) for args in input_iterator)
         return invoke.map_sync(target, sets, order_outputs, return_exceptions)
 
     async def _starmap_aio(self, input_iterator: Any, *, kwargs: dict[str, Any] | None = None,
-                           order_outputs: bool = True, return_exceptions: bool = False
-                           ) -> AsyncIterator[Any]:
+                           order_outputs: bool = True, return_exceptions: bool = False,
+                           wrap_returned_exceptions: bool = True) -> AsyncIterator[Any]:
         target = await _in_thread(self._target)
 
         async def sets() -> AsyncIterator[Any]:
@@ -362,6 +364,11 @@ class FunctionCall:
         from mctl.core.client import run_async
 
         await run_async(self._client().cancel(self.object_id))
+
+    @staticmethod
+    def gather(*function_calls: FunctionCall) -> list[Any]:
+        """Wait for several spawned calls; results in the same order (modal.FunctionCall.gather)."""
+        return gather(*function_calls)
 
     @staticmethod
     def from_id(function_call_id: str) -> FunctionCall:

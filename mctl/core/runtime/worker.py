@@ -21,7 +21,7 @@ from typing import Any
 
 from mctl.core import protocol
 from mctl.core.protocol import BLOB_THRESHOLD
-from mctl.core.runtime import loader
+from mctl.core.runtime import current, loader
 from mctl.core.serialization import dumps, loads, serialize_exception
 from mctl.core.spec import AppSpec, FunctionSpec
 from mctl.exception import FunctionTimeoutError
@@ -278,6 +278,7 @@ class Worker:
 
     def _run_one(self, item: dict[str, Any], payload: bytes) -> None:
         input_id = item["id"]
+        current.set_input(item)
         start = time.monotonic()
         self.deadlines[input_id] = start + self.fspec.timeout
         seq = 0
@@ -328,6 +329,7 @@ class Worker:
     def _run_batch(self, jobs: list[tuple[dict[str, Any], bytes]]) -> None:
         start = time.monotonic()
         ids = [item["id"] for item, _ in jobs]
+        current.set_input(jobs[0][0])
         for input_id in ids:
             self.deadlines[input_id] = start + self.fspec.timeout
         try:
@@ -359,6 +361,7 @@ class Worker:
         assert self.async_sem is not None
         async with self.async_sem:
             input_id = item["id"]
+            current.set_input(item)
             start = time.monotonic()
             seq = 0
             try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers, gateway
+from mctl.core.server import auth, containers, dictqueue_http, gateway
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -411,6 +411,7 @@ ROUTES = [
     ("GET", "/api/containers/{task_id}/logs", containers.logs_route, "deploy", TASK_NO),
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
 ]
+ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
 
 
 def make_app(control: ControlPlane) -> web.Application:

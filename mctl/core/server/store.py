@@ -52,6 +52,15 @@ MIGRATIONS: list[str] = [
     "hash TEXT NOT NULL UNIQUE, created REAL NOT NULL, last_used REAL, revoked REAL, "
     "app_id TEXT, function_id TEXT, version INTEGER);"
     "CREATE INDEX tokens_task ON tokens(app_id, function_id, version);",
+    # 4: Dicts and Queues (mctl.Dict, mctl.Queue): named or ephemeral objects, their entries
+    # (pickled key -> pickled value) and their items (FIFO by id within a partition).
+    "CREATE TABLE kv_objects (object_id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, "
+    "created REAL NOT NULL, UNIQUE (kind, name));"
+    "CREATE TABLE dict_entries (object_id TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL, "
+    "updated REAL NOT NULL, PRIMARY KEY (object_id, key));"
+    "CREATE TABLE queue_items (id INTEGER PRIMARY KEY AUTOINCREMENT, object_id TEXT NOT NULL, "
+    "partition TEXT NOT NULL, value BLOB NOT NULL, created REAL NOT NULL);"
+    "CREATE INDEX queue_items_partition ON queue_items(object_id, partition, id);",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,7 @@
+"""`from modal.queue import Queue` works as `from mctl.queue import Queue`."""
+
+from __future__ import annotations
+
+from mctl.sdk.queue import Queue
+
+__all__ = ["Queue"]
