@@ -48,11 +48,37 @@ def embedded_server() -> Iterator[str]:
             transport.forget_token(server.url)
 
 
+def volumes_to_create(app: Any) -> set[str]:
+    """The names of the app's volumes declared with `create_if_missing=True`."""
+    declared = list(getattr(app, "volumes", {}).values())
+    for handle in getattr(app, "registered_functions", {}).values():
+        declared += getattr(handle, "options", {}).get("volume_objects") or []
+    return {v.name for v in declared if getattr(v, "create_if_missing", False)}
+
+
+async def _ensure_volumes(client: Any, spec: Any, create: set[str]) -> None:
+    """Fail before anything starts when a mounted volume does not exist (making the
+    `create_if_missing=True` ones): a worker must never write into a volume nobody made."""
+    from mctl.exception import NotFoundError
+
+    needed = {name for f in spec.functions.values() for name in f.volumes.values()}
+    if not needed:
+        return
+    existing = {row["name"] for row in await client.http("GET", "/api/volumes")}
+    for name in sorted(needed - existing):
+        if name not in create:
+            raise NotFoundError(f"Volume {name!r} does not exist; create it with `mctl volume "
+                                f"create {name}` or declare it with create_if_missing=True.")
+        await client.http("POST", "/api/volumes", {"name": name, "exist_ok": True})
+
+
 async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
-                   app_id: str | None, secrets: dict[str, dict[str, str]]) -> dict[str, Any]:
+                   app_id: str | None, secrets: dict[str, dict[str, str]],
+                   create_volumes: set[str]) -> dict[str, Any]:
     """Upload the blobs, then create the app. Inline secret values travel beside the spec, never
     in it: the server puts them in its secret backend."""
     client = client_for(url)
+    await _ensure_volumes(client, spec, create_volumes)
     for data in blobs.values():
         await client.upload_blob(data)
     return await client.http("POST", "/api/apps", {"spec": spec.model_dump(mode="json"),
@@ -95,7 +121,7 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
         elif not url:
             url = stack.enter_context(embedded_server())
         result = run_sync(_publish(url, spec, blobs, "detached" if detach else "ephemeral",
-                                   app_id, secrets))
+                                   app_id, secrets, volumes_to_create(app)))
         if os.environ.get("MCTL_SERVER_URL") or detach:  # an embedded server printed it live
             print_build_log(result)
         if not detach:
@@ -150,7 +176,7 @@ def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
     spec, blobs = compile_app(app, app_id, app_name)
     url = ensure_background_server()
     result = run_sync(_publish(url, spec, blobs, "deployed", app_id,
-                               inline_secret_values(app, app_id)))
+                               inline_secret_values(app, app_id), volumes_to_create(app)))
     print_build_log(result)
     app._hydrate(app_id, url)
     return {**result, "name": app_name, "url": url,

@@ -71,6 +71,12 @@ class LocalScheduler:
     async def ensure_pool(self, launch: LaunchSpec) -> None:
         if launch.pool_id in self.pools:
             return
+        if launch.mounts and launch.runtime != "oci":  # containers bind volumes themselves
+            from mctl.core import mount_namespace
+
+            if mount_namespace.problem():
+                raise PlacementError(f"{launch.function} mounts volumes, but this machine "
+                                     f"({socket.gethostname()}) {mount_namespace.problem()}")
         problem = _unavailable(launch)
         if problem and self.strict:
             raise PlacementError(f"this machine ({socket.gethostname()}) {problem}")
@@ -143,8 +149,16 @@ class LocalScheduler:
             env.update(worker_env)
             extra["preexec_fn"] = _die_with_parent  # podman stops the container on SIGTERM
         else:
+            parent = os.getpid()
+            if launch.mounts:  # each volume at its mount path, seen by this worker only
+                from mctl.core import mount_namespace
+
+                argv = mount_namespace.wrap(argv, launch.mounts)
+                if mount_namespace.method() == "bwrap":  # bwrap stays the worker's parent
+                    parent, extra["preexec_fn"] = 0, _die_with_parent
             env.update(launch.worker_env(proc.task_id))
-            env["MCTL_PARENT_PID"] = str(os.getpid())  # workers exit when this server dies
+            if parent:
+                env["MCTL_PARENT_PID"] = str(parent)  # workers exit when this server dies
         code: int | None = None
         try:
             proc.process = await asyncio.create_subprocess_exec(

@@ -112,6 +112,7 @@ def _validate_common(where: str, *, timeout: Any, min_containers: int,
             "buffer_containers": declared.buffer_containers,
             "scaledown_window": scaledown_window, "schedule": schedule,
             "secrets": list(secrets), "volumes": validate_mounts(volumes or {}), "image": image,
+            "volume_objects": list((volumes or {}).values()),  # create_if_missing, at deploy
             "gpu": gpu_req, "cpu": cpu, "memory": memory, "retries": Retries.coerce(retries),
             "env": dict(declared.env)}
 

@@ -78,10 +78,17 @@ class Volume:
         return VolumeUpload(self, force)
 
     def commit(self) -> None:
-        """Make writes visible to other containers. Local directories are shared already."""
+        """Publish this container's writes to the volume, as Modal's: other containers see them
+        after their next `reload()`. A function commits automatically when it returns.
+
+        The `local` and `shared-path` drivers bind one directory into every worker, so a closed
+        file is visible everywhere already and this has nothing to move; call it anyway, for
+        drivers that copy (and for code that also runs on Modal)."""
 
     def reload(self) -> None:
-        """See other containers' commits. Local directories are shared already."""
+        """See the commits other containers made since this one started or last reloaded.
+        Files this container has open stay as they are. A no-op on the shared-directory
+        drivers, where others' writes are visible as soon as they close their files."""
 
     def __repr__(self) -> str:
         return f"Volume.from_name({self.name!r})"

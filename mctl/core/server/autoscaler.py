@@ -364,12 +364,14 @@ class Autoscaler:
 
 
 def _mounts(fspec: FunctionSpec) -> tuple[Mount, ...]:
-    """Volumes at their mount paths; the local driver also gives a host directory."""
+    """Volumes at their mount paths; the local driver also gives a host directory. A volume that
+    does not exist (deleted since the deploy) fails the pool with its name, never is made again
+    empty here: deploy and `app.run()` create the `create_if_missing=True` ones."""
     if not fspec.volumes:
         return ()
     from mctl.core import plugins
 
     driver = plugins.find("mctl_register_volume_drivers",
                           os.environ.get("MCTL_VOLUME_DRIVER", "local"))
-    return tuple(Mount(path, name, driver.mount(name, True))
+    return tuple(Mount(path, name, driver.mount(name, False))
                  for path, name in sorted(fspec.volumes.items()))
