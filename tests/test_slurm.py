@@ -246,3 +246,52 @@ def test_a_function_runs_in_its_container_image_on_a_node(image_tools, slurm_ser
     subprocess.run([sys.executable, "-m", "mctl", "app", "stop", "image-oci"], check=True,
                    env=os.environ, timeout=60)
     assert wait_until(lambda: not containers(), 60), containers()
+
+
+def test_a_file_written_on_one_node_is_read_on_another(slurm_cluster, tmp_path, isolated_home,
+                                                       monkeypatch):
+    """The shared-path volume driver: every node sees the directory (here the nodes share this
+    machine's file system); each job binds it at the mount path."""
+    from test_deploy import mctl_cli
+
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setenv("MCTL_VOLUME_DRIVER", "shared-path")
+    monkeypatch.setenv("MCTL_VOLUME_SHARED_PATH", str(shared))
+    port = free_port()
+    srv = ServerProcess(tmp_path / "state", port, dict(os.environ), args=[
+        "--host", slurm_cluster.host_addr, "--scheduler", "slurm",
+        "--scheduler-option", f"output_dir={tmp_path / 'jobs'}"])
+    srv.url = f"http://{slurm_cluster.host_addr}:{port}"
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    mount = str(tmp_path / "mnt" / "data")  # made on the node, empty: the bind is the job's
+    app_file = tmp_path / "volapp.py"
+    app_file.write_text(
+        "import os, socket\nimport mctl\napp = mctl.App('slurmvol')\n"
+        "vol = mctl.Volume.from_name('onnodes', create_if_missing=True)\n"
+        "# cpu=3 of a node's 4: while the writer's worker is warm, the reader needs the other node\n"
+        f"MOUNT = {mount!r}\n"
+        "@app.function(volumes={MOUNT: vol}, cpu=3, scaledown_window=120)\n"
+        "def write(text):\n"
+        "    with open(MOUNT + '/note.txt', 'w') as fh:\n"
+        "        fh.write(text + ' from ' + socket.gethostname())\n"
+        "    vol.commit()\n"
+        "    return socket.gethostname()\n"
+        "@app.function(volumes={MOUNT: vol}, cpu=3)\n"
+        "def read():\n"
+        "    vol.reload()\n"
+        "    return open(MOUNT + '/note.txt').read(), socket.gethostname()\n")
+    try:
+        mctl_cli("deploy", str(app_file))
+        writer = mctl.Function.from_name("slurmvol", "write").remote("hello")
+        text, reader = mctl.Function.from_name("slurmvol", "read").remote()
+        assert reader != writer and {reader, writer} <= set(slurm_cluster.nodes)
+        assert text == f"hello from {writer}"
+        assert (shared / "onnodes" / "note.txt").read_text() == text
+        assert os.listdir(mount) == []
+        mctl_cli("app", "stop", "slurmvol")
+    finally:
+        srv.stop()

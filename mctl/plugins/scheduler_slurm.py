@@ -152,6 +152,11 @@ class SlurmScheduler:
         if launch.pool_id in self.pools:
             return
         problem = _unplaceable(launch, await self.nodes(), self.gres_type(launch))
+        if not problem and launch.mounts and launch.runtime != "oci":
+            from mctl.core import mount_namespace
+
+            if mount_namespace.problem():
+                problem = f"{launch.function} mounts volumes, but a job {mount_namespace.problem()}"
         if problem:
             raise PlacementError(problem)
         pool = self.pools[launch.pool_id] = SlurmPool(launch)
@@ -245,7 +250,12 @@ class SlurmScheduler:
             if opts.get(key):
                 lines.append(f"#SBATCH --{flag}={opts[key]}")
         if launch.runtime != "oci":
-            lines.append("exec " + " ".join(shlex.quote(part) for part in launch.command))
+            # Volumes at their mount paths, as on the local backend: the driver's directory must
+            # be one every node mounts (the shared-path driver), bound in the job's namespace.
+            from mctl.core.mount_namespace import wrap
+
+            argv = wrap(launch.command, launch.mounts)
+            lines.append("exec " + " ".join(shlex.quote(part) for part in argv))
             return "\n".join(lines) + "\n"
         # In its image, with podman on the node. Slurm signals this shell; podman's container
         # lives under conmon, which Slurm's linuxproc tracking does not follow, so the shell
