@@ -130,3 +130,26 @@ def test_app_run_creates_volume_if_missing(server_process, tmp_path):
     with pytest.raises(mctl.exception.NotFoundError, match="'not-there' does not exist"):
         with missing.run():
             pass
+
+
+@needs_namespace
+def test_a_read_only_mount_refuses_writes_and_keeps_the_data(server_process, tmp_path):
+    from test_deploy import mctl_cli
+
+    app_file = write_app(tmp_path, WRITER_READER + """
+    @app.function(volumes={MOUNT: vol.read_only()})
+    def overwrite():
+        with open(MOUNT + '/sub/note.txt') as fh:
+            before = fh.read()
+        try:
+            with open(MOUNT + '/sub/note.txt', 'w') as fh:
+                fh.write('clobbered')
+        except OSError as exc:
+            return before, str(exc)
+        return before, 'written'
+    """)
+    mctl_cli("deploy", str(app_file))
+    mctl.Function.from_name("mount-app", "write").remote("keep me")
+    before, error = mctl.Function.from_name("mount-app", "overwrite").remote()
+    assert before == "keep me" and "Read-only file system" in error
+    assert mctl.Function.from_name("mount-app", "read").remote()[0] == "keep me"

@@ -113,6 +113,9 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
         retries = opts.get("retries")
         secrets = [s.ref(app_id) for s in [*app.secrets, *opts.get("secrets", [])]]
         volumes = {**app.volume_mounts, **(opts.get("volumes") or {})}
+        own = opts.get("volumes") or {}  # a function's own mount overrides the app's at a path
+        read_only = sorted({p for p in getattr(app, "read_only_volumes", []) if p not in own}
+                           | set(opts.get("read_only_volumes") or []))
         raw = handle.raw_object
         pickled = None
         if opts.get("serialized"):
@@ -130,7 +133,8 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
                 scaledown_window=opts["scaledown_window"]),
             resources=ResourcesSpec(cpu=opts.get("cpu"), memory_mb=opts.get("memory"),
                                     gpu=opts.get("gpu")),
-            image_id=image.object_id, secrets=secrets, volumes=volumes, env=opts.get("env") or {},
+            image_id=image.object_id, secrets=secrets, volumes=volumes,
+            read_only_volumes=read_only, env=opts.get("env") or {},
             max_inputs=opts.get("max_inputs", 1), target_inputs=opts.get("target_inputs"),
             batch_max_size=opts.get("max_batch_size"), batch_wait_ms=opts.get("wait_ms"),
         )

@@ -190,6 +190,7 @@ class FunctionSpec(_Model):
     image_id: str
     secrets: list[dict[str, Any]] = []
     volumes: dict[str, str] = {}   # mount path -> volume name
+    read_only_volumes: list[str] = []  # the mount paths of `vol.read_only()` volumes
     env: Env = {}
     max_inputs: int = Field(1, ge=1, le=1000)
     target_inputs: Optional[int] = None

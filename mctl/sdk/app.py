@@ -18,7 +18,7 @@ from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, WEB, PartialFunction
 from mctl.sdk.retries import Retries
 from mctl.sdk.schedule import Schedule
 from mctl.sdk.secret import Secret
-from mctl.sdk.volume import Volume, validate_mounts
+from mctl.sdk.volume import Volume, read_only_paths, validate_mounts
 
 # Modal's older keywords, still accepted with a warning: the keyword of today they set.
 RENAMED_KEYWORDS = {
@@ -113,6 +113,7 @@ def _validate_common(where: str, *, timeout: Any, min_containers: int,
             "scaledown_window": scaledown_window, "schedule": schedule,
             "secrets": list(secrets), "volumes": validate_mounts(volumes or {}), "image": image,
             "volume_objects": list((volumes or {}).values()),  # create_if_missing, at deploy
+            "read_only_volumes": read_only_paths(volumes or {}),
             "gpu": gpu_req, "cpu": cpu, "memory": memory, "retries": Retries.coerce(retries),
             "env": dict(declared.env)}
 
@@ -140,6 +141,7 @@ class App:
         self.secrets = list(secrets)
         self.volumes = volumes or {}
         self.volume_mounts = validate_mounts(self.volumes)  # for every function of the app
+        self.read_only_volumes = read_only_paths(self.volumes)
         self.tags = dict(tags or {})
         self.registered_functions: dict[str, Function | Cls] = {}
         self.registered_entrypoints: dict[str, Callable[..., Any]] = {}

@@ -27,6 +27,14 @@ class Volume:
         self.create_if_missing = create_if_missing
         self.environment_name = environment_name
         self._ensured = False  # created on the control plane by this object already
+        self._read_only = False
+
+    def read_only(self) -> Volume:
+        """This volume, mounted read-only: `volumes={"/models": vol.read_only()}`. A write
+        there fails with `OSError` (read-only file system); the volume's files stay as they are."""
+        ro = Volume(self.name, self.create_if_missing, self.environment_name)
+        ro._read_only = True
+        return ro
 
     @staticmethod
     def from_name(name: str, *, create_if_missing: bool = False,
@@ -106,6 +114,11 @@ def validate_mounts(volumes: dict[str, Volume]) -> dict[str, str]:
             raise InvalidError(f"volumes[{path!r}] must be a mctl.Volume, got {type(vol).__name__}.")
         out[path.rstrip("/")] = vol.name
     return out
+
+
+def read_only_paths(volumes: dict[str, Volume]) -> list[str]:
+    """The mount paths of a (checked) `volumes=` mapping that are read-only."""
+    return sorted(path.rstrip("/") for path, vol in volumes.items() if vol._read_only)
 
 
 class FileEntryType(enum.IntEnum):

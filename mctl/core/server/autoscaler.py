@@ -373,5 +373,6 @@ def _mounts(fspec: FunctionSpec) -> tuple[Mount, ...]:
 
     driver = plugins.find("mctl_register_volume_drivers",
                           os.environ.get("MCTL_VOLUME_DRIVER", "local"))
-    return tuple(Mount(path, name, driver.mount(name, False))
+    return tuple(Mount(path, name, driver.mount(name, False),
+                       read_only=path in fspec.read_only_volumes)
                  for path, name in sorted(fspec.volumes.items()))
