@@ -153,3 +153,23 @@ def test_a_read_only_mount_refuses_writes_and_keeps_the_data(server_process, tmp
     before, error = mctl.Function.from_name("mount-app", "overwrite").remote()
     assert before == "keep me" and "Read-only file system" in error
     assert mctl.Function.from_name("mount-app", "read").remote()[0] == "keep me"
+
+
+def test_without_a_mount_namespace_a_function_with_volumes_fails_saying_what_to_install(
+        tmp_path, isolated_home, monkeypatch):
+    from conftest import ServerProcess, free_port
+    from test_deploy import mctl_cli
+
+    empty = tmp_path / "empty-bin"  # neither unshare nor bwrap on the server's PATH
+    empty.mkdir()
+    srv = ServerProcess(tmp_path / "state", free_port(), dict(os.environ, PATH=str(empty)))
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        mctl_cli("deploy", str(write_app(tmp_path, WRITER_READER)))
+        with pytest.raises(mctl.exception.ExecutionError, match="install bubblewrap|Install "
+                                                                "bubblewrap"):
+            mctl.Function.from_name("mount-app", "write").remote("nowhere")
+        assert not (tmp_path / "mnt" / "data").exists()
+    finally:
+        srv.stop()
