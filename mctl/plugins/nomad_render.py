@@ -389,10 +389,10 @@ def render_function(launch: LaunchSpec, fspec: FunctionSpec, options: NomadOptio
 def image_ref_for(recipe: dict[str, Any], image_id: str, opts: NomadOptions) -> str | None:
     """The container image of a recipe: a registry base without build steps runs as is; anything
     else is the image mctl's builder pushed to `image_registry`; None runs in a Python env."""
-    base = recipe.get("base") or ""
+    base = recipe.get("base") or None  # {"kind": "debian_slim" | "registry" | "dockerfile", ...}
     steps = [s for s in recipe.get("steps", []) if s.get("kind") != "env"]
-    if base.startswith("registry:") and not steps:
-        return base[len("registry:"):]
+    if isinstance(base, dict) and base.get("kind") == "registry" and not steps:
+        return base["tag"]
     if (base or steps) and opts.image_registry:
         return f"{opts.image_registry.rstrip('/')}/mctl:{image_id}"
     return None if base or steps else opts.default_image
