@@ -190,7 +190,9 @@ def mctl_register_secret_backends() -> Iterable[SecretBackend]:
 
 @hookspec
 def mctl_register_volume_drivers() -> Iterable[VolumeDriver]:
-    """Register volume drivers; `MCTL_VOLUME_DRIVER=<name>` picks one (default `local`).
+    """Register volume drivers; `MCTL_VOLUME_DRIVER=<name>` picks one (default `local`; built in
+    too: `shared-path`, under `$MCTL_VOLUME_SHARED_PATH`). Process workers get the host path
+    bound at the mount path in a mount namespace (`mctl.core.mount_namespace`).
 
     Example::
 
