@@ -263,7 +263,7 @@ class App:
         options.update(serialized=serialized, extra=extra)
 
         def wrapper(user_cls: Any) -> Cls:
-            from mctl.sdk.cls import remote_methods
+            from mctl.sdk.cls import partials_of, remote_methods
 
             if not isinstance(user_cls, type):
                 raise InvalidError("@app.cls() decorates a class; use @app.function() for "
