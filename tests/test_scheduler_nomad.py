@@ -26,7 +26,8 @@ def launches(image=None):
     _, app = load_app("nomad_features")
     app_id = deployed_app_id(app.name)
     spec, _ = compile_app(app, app_id, app.name)
-    built = {"python": sys.executable, "env": {}, "image": image}
+    built = {"python": sys.executable, "env": {}, "image": image,
+             "runtime": "oci" if image else "process"}
     return [build_launch(app_id, spec, fspec, 3, server_url="https://mctl.internal:8600",
                          built_image=built, task_token=TOKEN, environment="main",
                          region="eu", provider="nomad")

@@ -102,8 +102,17 @@ def variable_body(job_id: str, task_token: str, conn: Connection) -> dict[str, A
 
 
 def image_ref(launch: LaunchSpec) -> str | None:
-    """The container image the builder produced, or None when workers run in a Python env."""
-    return None if launch.image == launch.command[0] else launch.image
+    """The container image the `oci` builder produced (its reference names MCTL_IMAGE_REGISTRY
+    when that is set), or None when workers run in a Python environment. An image that exists
+    only on the control plane's host is refused: Nomad's nodes could not pull it."""
+    if launch.runtime != "oci":
+        return None
+    if launch.image.startswith("localhost/"):
+        raise InvalidError(
+            f"Function {launch.function}'s image {launch.image} exists only on the control "
+            "plane's host, where Nomad's nodes cannot pull it. Set MCTL_IMAGE_REGISTRY=host:port "
+            "on the control plane so the image builder pushes images where the nodes pull.")
+    return launch.image
 
 
 class NomadScheduler:
