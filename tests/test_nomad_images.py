@@ -124,4 +124,7 @@ def test_hcl_writes_the_registry_auth_as_a_block(nomad_env):
     launch = oci_launch()
     doc = render_function(launch, launch.spec, NomadOptions(), image_ref(launch), "regcred")[0]
     hcl = to_hcl(doc)
-    assert '    auth {\n        username = "${REGISTRY_USERNAME}"' in hcl
+    lines = [line.strip() for line in hcl.splitlines()]
+    at = lines.index("auth {")
+    assert lines[at + 1:at + 4] == ['username = "${REGISTRY_USERNAME}"',
+                                    'password = "${REGISTRY_PASSWORD}"', "}"]
