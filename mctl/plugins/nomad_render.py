@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mctl.core.spec import FunctionSpec, ScheduleSpec
 
 NS = 1_000_000_000  # Nomad's JSON durations are nanoseconds
+SPEC_META = "mctl.spec"  # job meta: spec_hash, how the backend finds a rollback's job version
 GROUP = "workers"
 TASK = "worker"
 DRIVERS = ("docker", "podman", "exec", "raw_exec")
@@ -264,12 +265,33 @@ def _gpu_device(launch: LaunchSpec, opts: NomadOptions) -> dict[str, Any] | None
     return device
 
 
-def _token_template(job_ids: tuple[str, ...]) -> dict[str, Any]:
+def _token_template(job_ids: tuple[str, ...], version_from_variable: bool) -> dict[str, Any]:
     """The worker's task token comes from the job's Nomad Variable (written by the backend), never
-    from the job itself: job specs are readable by anyone who may read the job."""
+    from the job itself: job specs are readable by anyone who may read the job. So does the app
+    version the backend runs (`version_from_variable`), which keeps the job's spec the same for
+    the same function spec: a rollback can revert to the job version that ran it."""
+    version = "MCTL_APP_VERSION={{ .app_version }}\n" if version_from_variable else ""
     return {"EmbeddedTmpl": f'{{{{ with nomadVar "nomad/jobs/{job_ids[0]}" }}}}'
-                            "MCTL_TASK_TOKEN={{ .task_token }}{{ end }}\n",
+                            f"MCTL_TASK_TOKEN={{{{ .task_token }}}}\n{version}{{{{ end }}}}\n",
             "DestPath": "secrets/mctl-task.env", "Envvars": True, "ChangeMode": "noop"}
+
+
+def spec_hash(job: dict[str, Any]) -> str:
+    """What makes two job versions run the same function spec: the job without its counts (the
+    scale API changes them) and without the app version it was registered for."""
+    import copy
+    import json
+
+    plain = copy.deepcopy(job)
+    for holder in [plain, *plain.get("TaskGroups", [])]:
+        (holder.get("Meta") or {}).pop("mctl.version", None)
+        (holder.get("Meta") or {}).pop(SPEC_META, None)
+    for group in plain.get("TaskGroups", []):
+        group.pop("Count", None)
+        for task in group.get("Tasks", []):
+            (task.get("Env") or {}).pop("MCTL_APP_VERSION", None)
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _secret_templates(names: tuple[str, ...], opts: NomadOptions) -> list[dict[str, Any]]:
@@ -284,9 +306,12 @@ def _secret_templates(names: tuple[str, ...], opts: NomadOptions) -> list[dict[s
 
 
 def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref: str | None,
-          jid: str, pull_secret: str | None, *, trigger: bool = False) -> dict[str, Any]:
+          jid: str, pull_secret: str | None, version_from_variable: bool, *,
+          trigger: bool = False) -> dict[str, Any]:
     driver, config, extra_env = _driver(launch, image_ref, opts, pull_secret)
-    env = {k: v for k, v in launch.env.items() if k not in ("MCTL_TASK_TOKEN", "MCTL_VOLUMES")}
+    hidden = ("MCTL_TASK_TOKEN", "MCTL_VOLUMES") + (
+        ("MCTL_APP_VERSION",) if version_from_variable else ())
+    env = {k: v for k, v in launch.env.items() if k not in hidden}
     env.update(extra_env)
     if trigger:  # a periodic run spawns one call; the service job's workers run it
         spawn = f"mctl.Function.from_name({launch.app_name!r}, {fspec.tag!r}).spawn()"
@@ -310,7 +335,7 @@ def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref
         "Resources": resources, "KillSignal": "SIGTERM",
         # a worker drains on SIGTERM: its running inputs may take up to the function's timeout
         "KillTimeout": _ns(min(launch.timeout_s + 5, 3600)),
-        "Templates": [_token_template((jid,))],
+        "Templates": [_token_template((jid,), version_from_variable)],
         "Meta": {"mctl.task": "trigger" if trigger else "worker"}}
     secrets = launch.secret_refs if opts.secrets_from == "vault" and not trigger else ()
     if pull_secret and pull_secret not in secrets:
@@ -372,12 +397,14 @@ def _scaling(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, count:
 
 
 def render_function(launch: LaunchSpec, fspec: FunctionSpec, options: NomadOptions,
-                    image_ref: str | None = None, pull_secret: str | None = None
-                    ) -> list[dict[str, Any]]:
+                    image_ref: str | None = None, pull_secret: str | None = None, *,
+                    version_from_variable: bool = False) -> list[dict[str, Any]]:
     """The register requests of one function version: its service job, then its periodic job if
     it has a schedule. `image_ref`: the container image to run, None for a Python environment;
     `pull_secret`: the secret whose REGISTRY_USERNAME/PASSWORD pull it (default: the
-    image_registry_secret option, for images in image_registry)."""
+    image_registry_secret option, for images in image_registry); `version_from_variable`: the
+    worker's app version comes from the job's Nomad Variable (the backend writes it), not the
+    job, so the same function spec renders the same job at every app version."""
     opts = options.for_function(fspec.tag)
     if image_ref and pull_secret is None:
         pull_secret = opts.image_registry_secret
@@ -398,7 +425,8 @@ def render_function(launch: LaunchSpec, fspec: FunctionSpec, options: NomadOptio
                              "DelayFunction": "exponential", "MaxDelay": _ns(max(max_delay, 60.0)),
                              "Interval": 0, "Attempts": 0},
         "Meta": _meta(launch, image_ref),
-        "Tasks": [_task(launch, fspec, opts, image_ref, jid, pull_secret)]}
+        "Tasks": [_task(launch, fspec, opts, image_ref, jid, pull_secret,
+                        version_from_variable)]}
     if fspec.volumes:
         group["Volumes"] = _volumes(fspec, opts)
     service = _job(launch, opts, jid, "service")
@@ -419,8 +447,10 @@ def render_function(launch: LaunchSpec, fspec: FunctionSpec, options: NomadOptio
                          "RestartPolicy": {"Attempts": 2, "Interval": _ns(300),
                                            "Delay": _ns(10), "Mode": "fail"},
                          "Tasks": [_task(launch, fspec, opts, image_ref, pid, pull_secret,
-                                          trigger=True)]}])
+                                          version_from_variable, trigger=True)]}])
         jobs.append({"Job": periodic})
+    for doc in jobs:
+        doc["Job"]["Meta"][SPEC_META] = spec_hash(doc["Job"])
     return jobs
 
 

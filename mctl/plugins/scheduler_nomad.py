@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import mctl
 from mctl.core.plugin_types import Scheduler, WorkerInfo
 from mctl.exception import InvalidError
-from mctl.plugins.nomad_render import GROUP, NomadOptions, render_function
+from mctl.plugins.nomad_render import GROUP, SPEC_META, NomadOptions, render_function
 
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
@@ -95,10 +95,36 @@ def scale_body(job_id: str, count: int, launch: LaunchSpec) -> dict[str, Any]:
             "Meta": {"mctl.pool": launch.pool_id}}
 
 
-def variable_body(job_id: str, task_token: str, conn: Connection) -> dict[str, Any]:
-    """`PUT /v1/var/nomad/jobs/:id`: an `api.Variable` the job's own tasks may read."""
-    return {"Namespace": conn.namespace, "Path": f"nomad/jobs/{job_id}",
-            "Items": {"task_token": task_token}}
+def variable_body(job_id: str, task_token: str | None, conn: Connection,
+                  app_version: int = 0) -> dict[str, Any]:
+    """`PUT /v1/var/nomad/jobs/:id`: an `api.Variable` the job's own tasks may read: the task
+    token and the app version their workers serve (neither is in the job itself)."""
+    items = {"app_version": str(app_version)}
+    if task_token:
+        items["task_token"] = task_token
+    return {"Namespace": conn.namespace, "Path": f"nomad/jobs/{job_id}", "Items": items}
+
+
+def revert_body(job_id: str, version: int, prior: int, conn: Connection) -> dict[str, Any]:
+    """`PUT /v1/job/:id/revert`: an `api.JobRevertRequest`. EnforcePriorVersion makes Nomad
+    refuse the revert if someone changed the job since the backend read its versions."""
+    return {"JobID": job_id, "JobVersion": version, "EnforcePriorVersion": prior,
+            "Namespace": conn.namespace, "Region": conn.region}
+
+
+def revert_target(versions: dict[str, Any] | None, spec: str) -> tuple[int, int] | None:
+    """From `GET /v1/job/:id/versions` (`{"Versions": [Job, ...], ...}`): (the newest earlier
+    job version that ran the same function spec — its `mctl.spec` meta —, the current version),
+    or None when the job is new, already runs that spec, or never did."""
+    jobs = (versions or {}).get("Versions") or []
+    if not jobs:
+        return None
+    current = max(jobs, key=lambda job: job.get("Version", 0))
+    if (current.get("Meta") or {}).get(SPEC_META) == spec and not current.get("Stop"):
+        return None  # registering again only updates its meta
+    same = [job.get("Version", 0) for job in jobs
+            if (job.get("Meta") or {}).get(SPEC_META) == spec and job is not current]
+    return (max(same), current.get("Version", 0)) if same else None
 
 
 def image_ref(launch: LaunchSpec) -> str | None:
@@ -152,8 +178,9 @@ class NomadScheduler:
         return self._session
 
     async def request(self, method: str, path: str, body: Any = None,
-                      params: dict[str, str] | None = None) -> Any:
-        """One call to Nomad's HTTP API; its JSON answer, or a NomadError that says what to do."""
+                      params: dict[str, str] | None = None, missing_ok: bool = False) -> Any:
+        """One call to Nomad's HTTP API; its JSON answer, or a NomadError that says what to do.
+        `missing_ok`: a 404 answers None."""
         import aiohttp
 
         session = await self._http()
@@ -162,6 +189,8 @@ class NomadScheduler:
         try:
             async with session.request(method, url, json=body, params=query) as resp:
                 text = await resp.text()
+                if resp.status == 404 and missing_ok:
+                    return None
                 if resp.status == 403:
                     raise NomadError(self._denied(method, path, text))
                 if resp.status >= 400:
@@ -201,24 +230,41 @@ class NomadScheduler:
         if launch.spec is None:
             raise InvalidError("The nomad scheduler needs the function's spec in its launch "
                                "description; this mctl server is older than the backend.")
-        jobs = render_function(launch, launch.spec, self.render, image_ref(launch))
+        jobs = render_function(launch, launch.spec, self.render, image_ref(launch),
+                               version_from_variable=True)
         ids = tuple(doc["Job"]["ID"] for doc in jobs)
         token = launch.env.get("MCTL_TASK_TOKEN")
         for job_id in ids:
-            if token:
-                await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
-                                   variable_body(job_id, token, self.conn))
+            await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
+                               variable_body(job_id, token, self.conn, launch.version))
         for doc in jobs:
-            try:
-                await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
-            except NomadError as exc:  # Nomad's own reason, with the function it concerns
-                raise NomadError(f"Function {launch.function} (job {doc['Job']['ID']}): "
-                                 f"{exc}") from None
+            await self._submit(launch, doc)
         info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
-        self.pools[launch.pool_id] = NomadPool(launch, ids, launch.spec.autoscaling.min_containers,
-                                               int(info.get("Version") or 0))
+        groups = info.get("TaskGroups") or [{}]
+        count = groups[0].get("Count", launch.spec.autoscaling.min_containers)
+        self.pools[launch.pool_id] = NomadPool(launch, ids, count, int(info.get("Version") or 0))
         self.current[ids[0]] = launch.pool_id
-        log.info("registered Nomad job(s) %s for %s", ", ".join(ids), launch.pool_id)
+        log.info("Nomad job(s) %s at version %s for %s", ", ".join(ids), info.get("Version"),
+                 launch.pool_id)
+
+    async def _submit(self, launch: LaunchSpec, doc: dict[str, Any]) -> None:
+        """Register the job, or, when an earlier job version ran this same function spec (a
+        rollback, or a redeploy of an older app), revert to it: Nomad then runs that version
+        again, as `nomad job revert` would. `mctl app rollback` activates every function of the
+        version it returns to, so every job of the app is reverted."""
+        job = doc["Job"]
+        try:
+            versions = await self.request("GET", f"/v1/job/{job['ID']}/versions", missing_ok=True)
+            target = revert_target(versions, job["Meta"][SPEC_META])
+            if target is None:
+                await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
+            else:
+                await self.request("PUT", f"/v1/job/{job['ID']}/revert",
+                                   revert_body(job["ID"], *target, self.conn))
+                log.info("reverted Nomad job %s to version %s (app %s v%s)", job["ID"],
+                         target[0], launch.app_name, launch.version)
+        except NomadError as exc:  # Nomad's own reason, with the function it concerns
+            raise NomadError(f"Function {launch.function} (job {job['ID']}): {exc}") from None
 
     async def scale(self, pool_id: str, count: int) -> None:
         pool = self.pools.get(pool_id)

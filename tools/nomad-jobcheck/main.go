@@ -3,7 +3,7 @@
 // checks Nomad's server would apply before accepting a job. It is mctl's contract check: no
 // Nomad agent can run where mctl is developed, so every body mctl would send is checked here.
 //
-// Usage: nomad-jobcheck [-kind job|scale|variable] [FILE...]   (no FILE: read stdin)
+// Usage: nomad-jobcheck [-kind job|scale|revert|variable] [FILE...]   (no FILE: read stdin)
 // Each input may hold several JSON documents one after another. Exit status 1 and one line per
 // rejected document ("<source> #<n> <job id>: <reason>") when any is rejected.
 package main
@@ -33,7 +33,7 @@ const (
 var validName = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,128}$`)
 
 func main() {
-	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest) or variable (Variable)")
+	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest) or variable (Variable)")
 	quiet := flag.Bool("q", false, "print nothing for accepted documents")
 	flag.Parse()
 	sources := flag.Args()
@@ -86,6 +86,12 @@ func checkOne(dec *json.Decoder, kind string) (string, error) {
 			return "-", wrapDecode(err)
 		}
 		return req.Target["Job"], checkScale(&req)
+	case "revert":
+		var req api.JobRevertRequest
+		if err := dec.Decode(&req); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return req.JobID, checkRevert(&req)
 	case "variable":
 		var v api.Variable
 		if err := dec.Decode(&v); err != nil {
@@ -122,6 +128,21 @@ func deref[T any](p *T) T {
 		return zero
 	}
 	return *p
+}
+
+// Nomad's Job.Revert refuses a revert to the version the job is at, and EnforcePriorVersion
+// must name the version the job is at now (mctl always sets it).
+func checkRevert(req *api.JobRevertRequest) error {
+	if !validName.MatchString(req.JobID) {
+		return fmt.Errorf("revert JobID %q is not a job ID", req.JobID)
+	}
+	if req.EnforcePriorVersion == nil {
+		return fmt.Errorf("revert without EnforcePriorVersion could undo a change made meanwhile")
+	}
+	if *req.EnforcePriorVersion == req.JobVersion {
+		return fmt.Errorf("can't revert to the current version %d", req.JobVersion)
+	}
+	return nil
 }
 
 func checkScale(req *api.ScalingRequest) error {
