@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import mctl
 from mctl.core.plugin_types import Scheduler, WorkerInfo
 from mctl.exception import InvalidError
-from mctl.plugins.nomad_render import GROUP, SPEC_META, NomadOptions, render_function
+from mctl.plugins.nomad_render import GROUP, SPEC_META, TASK, NomadOptions, render_function
 
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mctl.scheduler.nomad")
 CONNECTION = ("address", "token_file", "cacert", "request_timeout", "poll_interval")
 LIVE = {"pending", "running"}
+TAIL_BYTES = 4096  # of a failed worker's stdout and stderr, into the app's logs
 
 
 class NomadError(InvalidError):
@@ -127,6 +130,54 @@ def revert_target(versions: dict[str, Any] | None, spec: str) -> tuple[int, int]
     return (max(same), current.get("Version", 0)) if same else None
 
 
+def force_path(job_id: str) -> str:
+    """`PUT /v1/job/:id/periodic/force` (no body): Nomad launches the periodic job now."""
+    return f"/v1/job/{quote(job_id, safe='')}/periodic/force"
+
+
+def logs_request(alloc_id: str, task: str = TASK, kind: str = "stdout", follow: bool = False,
+                 tail_bytes: int = 0) -> tuple[str, dict[str, str]]:
+    """`GET /v1/client/fs/logs/:alloc_id`: a stream of `api.StreamFrame` objects, from
+    `tail_bytes` before the end of the task's log (`origin=end`); `follow` keeps it open."""
+    if kind not in ("stdout", "stderr"):
+        raise InvalidError(f"Log type {kind!r} is not stdout or stderr.")
+    return (f"/v1/client/fs/logs/{quote(alloc_id, safe='')}",
+            {"task": task, "type": kind, "follow": "true" if follow else "false",
+             "origin": "end", "offset": str(max(0, tail_bytes)), "plain": "false"})
+
+
+class FrameDecoder:
+    """Nomad's log stream: JSON `StreamFrame` objects one after another (`{}` heartbeats
+    between), each `Data` base64; `feed` returns the log bytes of the frames complete so far."""
+
+    def __init__(self) -> None:
+        import codecs
+        import json
+
+        self._text = ""
+        self._json = json.JSONDecoder()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()  # a chunk may cut a character
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        import base64
+
+        self._text += self._utf8.decode(chunk)
+        out = []
+        while True:
+            text = self._text.lstrip()
+            if not text:
+                self._text = ""
+                return out
+            try:
+                frame, end = self._json.raw_decode(text)
+            except ValueError:  # an incomplete frame: wait for more
+                self._text = text
+                return out
+            self._text = text[end:]
+            if isinstance(frame, dict) and frame.get("Data"):
+                out.append(base64.b64decode(frame["Data"]))
+
+
 def image_ref(launch: LaunchSpec) -> str | None:
     """The container image the `oci` builder produced (its reference names MCTL_IMAGE_REGISTRY
     when that is set), or None when workers run in a Python environment. An image that exists
@@ -198,12 +249,40 @@ class NomadScheduler:
                                      f"{text.strip()[:500]}")
                 return await resp.json(content_type=None) if text.strip() else None
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
-            reason = (getattr(exc, "strerror", None) or str(exc) or "no answer within "
-                      f"{self.timeout:g}s").lower()
-            raise NomadError(
-                f"Nomad is unreachable at {self.conn.address} ({reason}). Set NOMAD_ADDR (or "
-                "--scheduler-option address=...) to a Nomad agent's HTTP address, e.g. "
-                "http://nomad.service.consul:4646.") from None
+            raise self._unreachable(exc) from None
+
+    async def stream_logs(self, alloc_id: str, task: str = TASK, kind: str = "stdout",
+                          follow: bool = False, tail_bytes: int = 0) -> AsyncIterator[bytes]:
+        """The task's log through Nomad's client fs API (the agent forwards it from the node):
+        its last `tail_bytes`, then, with `follow`, what it writes until the allocation ends."""
+        import aiohttp
+
+        path, params = logs_request(alloc_id, task, kind, follow, tail_bytes)
+        session = await self._http()
+        query = {"namespace": self.conn.namespace, "region": self.conn.region, **params}
+        frames = FrameDecoder()
+        no_limit = aiohttp.ClientTimeout(total=None, connect=self.timeout)
+        try:
+            async with session.get(f"{self.conn.address}{path}", params=query,
+                                   timeout=no_limit if follow else session.timeout) as resp:
+                if resp.status >= 400:
+                    text = await resp.text()
+                    raise NomadError(self._denied("GET", path, text) if resp.status == 403 else
+                                     f"Nomad answered {resp.status} to GET {path}: "
+                                     f"{text.strip()[:500]}")
+                async for chunk in resp.content.iter_any():
+                    for data in frames.feed(chunk):
+                        yield data
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> NomadError:
+        reason = (getattr(exc, "strerror", None) or str(exc) or "no answer within "
+                  f"{self.timeout:g}s").lower()
+        return NomadError(
+            f"Nomad is unreachable at {self.conn.address} ({reason}). Set NOMAD_ADDR (or the "
+            "nomad option address=URL) to a Nomad agent's HTTP address, e.g. "
+            "http://nomad.service.consul:4646.")
 
     def _denied(self, method: str, path: str, text: str) -> str:
         if not self.conn.token:
@@ -312,11 +391,30 @@ class NomadScheduler:
                 except NomadError as exc:
                     log.warning("listing allocations of %s: %s", pool.job_ids[0], exc)
                     continue
-                self._update(pool_id, pool, allocs or [])
+                for worker_id, code, detail in self._update(pool, allocs or []):
+                    if detail:  # what the worker wrote before it died: into the app's logs
+                        detail = await self._with_tail(worker_id, detail)
+                    if self.events is not None:
+                        self.events.worker_exited(pool_id, worker_id, code, detail)
 
-    def _update(self, pool_id: str, pool: NomadPool, allocs: list[dict[str, Any]]) -> None:
-        """Record this version's live allocations; report those that ended."""
+    async def _with_tail(self, worker_id: str, detail: str) -> str:
+        alloc_id = worker_id[len("ta-"):]
+        tail = b""
+        try:
+            for kind in ("stdout", "stderr"):
+                async for data in self.stream_logs(alloc_id, kind=kind, tail_bytes=TAIL_BYTES):
+                    tail += data
+        except NomadError as exc:  # the node may be gone with its logs
+            return f"{detail} (its log could not be read: {exc})"
+        lines = tail.decode(errors="replace").splitlines()[-20:]
+        return "\n".join([detail, *lines]) if lines else detail
+
+    def _update(self, pool: NomadPool, allocs: list[dict[str, Any]]
+                ) -> list[tuple[str, int | None, str]]:
+        """Record this version's live allocations; return (task id, exit code, detail) of the
+        workers that ended."""
         seen: dict[str, WorkerInfo] = {}
+        ended: list[tuple[str, int | None, str]] = []
         for alloc in allocs:
             if alloc.get("JobVersion", pool.job_version) < pool.job_version:
                 continue  # an older version's allocation, on its way out
@@ -327,10 +425,10 @@ class NomadScheduler:
                     "running" if status == "running" else "starting")
                 seen[worker_id] = WorkerInfo(worker_id, alloc.get("NodeName", ""), state,
                                              f"allocation {alloc['ID']}")
-            elif worker_id in pool.workers and self.events is not None:
-                code, detail = _exit(alloc)
-                self.events.worker_exited(pool_id, worker_id, code, detail)
+            elif worker_id in pool.workers:
+                ended.append((worker_id, *_exit(alloc)))
         pool.workers = seen
+        return ended
 
 
 def _exit(alloc: dict[str, Any]) -> tuple[int | None, str]:

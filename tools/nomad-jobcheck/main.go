@@ -3,7 +3,7 @@
 // checks Nomad's server would apply before accepting a job. It is mctl's contract check: no
 // Nomad agent can run where mctl is developed, so every body mctl would send is checked here.
 //
-// Usage: nomad-jobcheck [-kind job|scale|revert|variable] [FILE...]   (no FILE: read stdin)
+// Usage: nomad-jobcheck [-kind job|scale|revert|variable|frame] [FILE...]   (no FILE: read stdin)
 // Each input may hold several JSON documents one after another. Exit status 1 and one line per
 // rejected document ("<source> #<n> <job id>: <reason>") when any is rejected.
 package main
@@ -33,7 +33,7 @@ const (
 var validName = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,128}$`)
 
 func main() {
-	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest) or variable (Variable)")
+	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest), variable (Variable) or frame (StreamFrame)")
 	quiet := flag.Bool("q", false, "print nothing for accepted documents")
 	flag.Parse()
 	sources := flag.Args()
@@ -92,6 +92,12 @@ func checkOne(dec *json.Decoder, kind string) (string, error) {
 			return "-", wrapDecode(err)
 		}
 		return req.JobID, checkRevert(&req)
+	case "frame": // what mctl reads from /v1/client/fs/logs: checks the tests' frames
+		var f api.StreamFrame
+		if err := dec.Decode(&f); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return f.File, nil
 	case "variable":
 		var v api.Variable
 		if err := dec.Decode(&v); err != nil {
