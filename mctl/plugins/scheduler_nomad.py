@@ -312,17 +312,28 @@ class NomadScheduler:
         jobs = render_function(launch, launch.spec, self.render, image_ref(launch),
                                version_from_variable=True)
         ids = tuple(doc["Job"]["ID"] for doc in jobs)
-        token = launch.env.get("MCTL_TASK_TOKEN")
-        for job_id in ids:
-            await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
-                               variable_body(job_id, token, self.conn, launch.version))
-        for doc in jobs:
-            await self._submit(launch, doc)
-        info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
+        # Claim the job first: core removes the previous version's pool while this one is being
+        # prepared, and that removal must not deregister the job or delete its Variable now.
+        previous = self.current.get(ids[0])
+        self.current[ids[0]] = launch.pool_id
+        try:
+            token = launch.env.get("MCTL_TASK_TOKEN")
+            for job_id in ids:
+                await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
+                                   variable_body(job_id, token, self.conn, launch.version))
+            for doc in jobs:
+                await self._submit(launch, doc)
+            info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
+        except BaseException:
+            if self.current.get(ids[0]) == launch.pool_id:
+                if previous is None:
+                    del self.current[ids[0]]
+                else:
+                    self.current[ids[0]] = previous
+            raise
         groups = info.get("TaskGroups") or [{}]
         count = groups[0].get("Count", launch.spec.autoscaling.min_containers)
         self.pools[launch.pool_id] = NomadPool(launch, ids, count, int(info.get("Version") or 0))
-        self.current[ids[0]] = launch.pool_id
         log.info("Nomad job(s) %s at version %s for %s", ", ".join(ids), info.get("Version"),
                  launch.pool_id)
 
@@ -362,12 +373,18 @@ class NomadScheduler:
 
     async def remove_pool(self, pool_id: str, grace_s: float) -> None:
         pool = self.pools.pop(pool_id, None)
-        if pool is None or self.current.get(pool.job_ids[0]) != pool_id:
-            return  # a newer version re-registered the same job: nothing to remove
-        del self.current[pool.job_ids[0]]
+        if pool is None:
+            return
+        service = pool.job_ids[0]
         for job_id in pool.job_ids:
-            await self.request("DELETE", f"/v1/job/{job_id}")
-            await self.request("DELETE", f"/v1/var/nomad/jobs/{job_id}")
+            # A newer version of the function (a redeploy, a rollback) may claim the job while
+            # this runs: it then keeps the job and its Variable.
+            for path in (f"/v1/job/{job_id}", f"/v1/var/nomad/jobs/{job_id}"):
+                if self.current.get(service) != pool_id:
+                    return
+                await self.request("DELETE", path)
+        if self.current.get(service) == pool_id:
+            del self.current[service]
 
     async def list_workers(self, pool_id: str) -> list[WorkerInfo]:
         pool = self.pools.get(pool_id)
