@@ -279,17 +279,19 @@ def _token_template(job_ids: tuple[str, ...], version_from_variable: bool) -> di
 def spec_hash(job: dict[str, Any]) -> str:
     """What makes two job versions run the same function spec: the job without its counts (the
     scale API changes them) and without the app version it was registered for."""
-    import copy
     import json
 
-    plain = copy.deepcopy(job)
-    for holder in [plain, *plain.get("TaskGroups", [])]:
-        (holder.get("Meta") or {}).pop("mctl.version", None)
-        (holder.get("Meta") or {}).pop(SPEC_META, None)
-    for group in plain.get("TaskGroups", []):
-        group.pop("Count", None)
-        for task in group.get("Tasks", []):
-            (task.get("Env") or {}).pop("MCTL_APP_VERSION", None)
+    def without(d: dict[str, Any] | None, *keys: str) -> dict[str, Any] | None:
+        return None if d is None else {k: v for k, v in d.items() if k not in keys}
+
+    groups = []
+    for group in job.get("TaskGroups", []):
+        tasks = [{**task, "Env": without(task.get("Env"), "MCTL_APP_VERSION")}
+                 for task in group.get("Tasks", [])]
+        groups.append({**without(group, "Count"), "Tasks": tasks,
+                       "Meta": without(group.get("Meta"), "mctl.version")})
+    plain = {**job, "TaskGroups": groups,
+             "Meta": without(job.get("Meta"), "mctl.version", SPEC_META)}
     text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
