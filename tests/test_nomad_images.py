@@ -38,7 +38,8 @@ def worker_task(doc):
 
 @pytest.fixture
 def nomad_env(monkeypatch):
-    for key in ("NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_NAMESPACE", "NOMAD_REGION", "MCTL_IMAGE_REGISTRY"):
+    for key in ("NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_NAMESPACE", "NOMAD_REGION",
+                "MCTL_IMAGE_REGISTRY"):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 

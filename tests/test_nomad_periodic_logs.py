@@ -19,7 +19,8 @@ from nomad_contract import check
 
 
 def test_force_and_logs_requests():
-    assert force_path("mctl-app-nightly-schedule") == "/v1/job/mctl-app-nightly-schedule/periodic/force"
+    assert (force_path("mctl-app-nightly-schedule")
+            == "/v1/job/mctl-app-nightly-schedule/periodic/force")
     path, params = logs_request("5b0c1e2a-aaaa-bbbb-cccc-0123456789ab", follow=True,
                                 tail_bytes=4096)
     assert path == "/v1/client/fs/logs/5b0c1e2a-aaaa-bbbb-cccc-0123456789ab"

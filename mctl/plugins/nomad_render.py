@@ -218,7 +218,8 @@ def _driver(launch: LaunchSpec, image_ref: str | None, opts: NomadOptions,
             pull_secret: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(driver, its config, extra task env). In a container, mctl's worker runs with the image's
     Python: from the node's own mctl environment bound read-only at the control plane's paths
-    (mctl_source=host, as the local and Slurm backends do), or from the image (mctl_source=image)."""
+    (mctl_source=host, as the local and Slurm backends do), or from the image
+    (mctl_source=image)."""
     command, args = launch.command[0], list(launch.command[1:])
     driver = opts.driver or ("docker" if image_ref else "raw_exec")
     if driver not in ("docker", "podman"):
