@@ -1,7 +1,6 @@
 """End-to-end calls through the embedded control plane and real worker processes."""
 
 import asyncio
-import time
 
 import pytest
 

@@ -1,7 +1,6 @@
 """The Image recipe (Modal's spellings), its content-hash id, Mount's old spelling, and which
 builder takes a recipe. Fast: nothing here builds."""
 
-import warnings
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,6 @@ import json
 
 import pytest
 
-import mctl
 from conftest import load_app
 from mctl.core.compile import compile_app
 from mctl.core.server.control import deployed_app_id

@@ -216,7 +216,6 @@ def test_missing_secret_or_key_in_vault_refuses_the_deploy(vault_control_plane, 
 @pytest.mark.integration
 def test_vault_unreachable_at_deploy_names_vault_addr(tmp_path, isolated_home, monkeypatch):
     from conftest import ServerProcess, free_port
-    from test_deploy import mctl_cli
 
     dead = f"http://127.0.0.1:{free_port()}"
     env = dict(os.environ, VAULT_ADDR=dead, VAULT_TOKEN="t")

@@ -131,6 +131,7 @@ class Worker:
                     from mctl.core.tracebacks import format_user_traceback
 
                     print(format_user_traceback(exc), end="", file=sys.stderr, flush=True)
+                    self.logs.drain()  # to the job's own output too, before the process ends
                 raise SystemExit(1) from None
             self._start_threads()
             while not self.stopping:

@@ -49,7 +49,6 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     principal: auth.Principal = request[PRINCIPAL_KEY]
     ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME, heartbeat=30)
     await ws.prepare(request)
-    await control.recovered.wait()
     conn = Conn(ws.send_bytes, request.remote or "")
     conn.principal = principal
     sockets = request.app[SOCKETS].setdefault(principal.token_id, set())
@@ -339,6 +338,16 @@ def _bearer(request: web.Request) -> str | None:
 
 
 @web.middleware
+async def after_recovery(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Hold requests (but the health check) until `ControlPlane.recover` has brought back the
+    running apps: a worker that outlived a previous process may ask for its function's secrets
+    or bundle in the moment between this one's first listen and its recovery."""
+    if request.path != "/healthz":
+        await _control(request).recovered.wait()
+    return await handler(request)
+
+
+@web.middleware
 async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
     """401 without a valid token, 403 without the scope; the principal goes on the request."""
     from mctl.core.transport import UNAUTHORIZED
@@ -416,7 +425,7 @@ ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
 
 def make_app(control: ControlPlane) -> web.Application:
     app = web.Application(client_max_size=protocol.MAX_FRAME,
-                          middlewares=[authenticate, user_errors])
+                          middlewares=[after_recovery, authenticate, user_errors])
     app[CONTROL] = control
     app[RULES] = {handler: (scope, task) for _, _, handler, scope, task in ROUTES}
     app[SOCKETS] = {}
