@@ -12,6 +12,7 @@ job "mctl-hello-square" {
     "mctl.function_id" = "fu-4cef4bb6ed6a694d3488c8"
     "mctl.image_id" = "im-5ae9a63bf65d7c9c529de8"
     "mctl.image" = "/opt/mctl/venv/bin/python"
+    "mctl.spec" = "8780c5df5d144c354dab"
   }
   group "workers" {
     count = 0
@@ -87,7 +88,7 @@ job "mctl-hello-square" {
       kill_signal = "SIGTERM"
       kill_timeout = "305s"
       template {
-        data = "{{ with nomadVar \"nomad/jobs/mctl-hello-square\" }}MCTL_TASK_TOKEN={{ .task_token }}{{ end }}\n"
+        data = "{{ with nomadVar \"nomad/jobs/mctl-hello-square\" }}MCTL_TASK_TOKEN={{ .task_token }}\n{{ end }}\n"
         destination = "secrets/mctl-task.env"
         env = true
         change_mode = "noop"
@@ -121,6 +122,7 @@ job "mctl-hello-greet" {
     "mctl.function_id" = "fu-9892239e1b1aa7a7873f2b"
     "mctl.image_id" = "im-5ae9a63bf65d7c9c529de8"
     "mctl.image" = "/opt/mctl/venv/bin/python"
+    "mctl.spec" = "ad977f7f0a94ac731193"
   }
   group "workers" {
     count = 0
@@ -196,7 +198,7 @@ job "mctl-hello-greet" {
       kill_signal = "SIGTERM"
       kill_timeout = "305s"
       template {
-        data = "{{ with nomadVar \"nomad/jobs/mctl-hello-greet\" }}MCTL_TASK_TOKEN={{ .task_token }}{{ end }}\n"
+        data = "{{ with nomadVar \"nomad/jobs/mctl-hello-greet\" }}MCTL_TASK_TOKEN={{ .task_token }}\n{{ end }}\n"
         destination = "secrets/mctl-task.env"
         env = true
         change_mode = "noop"

@@ -26,7 +26,8 @@ def launches(image=None):
     _, app = load_app("nomad_features")
     app_id = deployed_app_id(app.name)
     spec, _ = compile_app(app, app_id, app.name)
-    built = {"python": sys.executable, "env": {}, "image": image}
+    built = {"python": sys.executable, "env": {}, "image": image,
+             "runtime": "oci" if image else "process"}
     return [build_launch(app_id, spec, fspec, 3, server_url="https://mctl.internal:8600",
                          built_image=built, task_token=TOKEN, environment="main",
                          region="eu", provider="nomad")
@@ -47,9 +48,10 @@ def test_every_body_the_backend_sends_passes_nomads_types(nomad_env, image):
     backend = NomadScheduler({"datacenters": "dc1"})
     jobs, scales, variables = [], [], []
     for launch in launches(image):
-        for doc in render_function(launch, launch.spec, backend.render, image_ref(launch)):
+        for doc in render_function(launch, launch.spec, backend.render, image_ref(launch),
+                                   version_from_variable=True):
             jobs.append(register_body(doc, backend.conn))
-            variables.append(variable_body(doc["Job"]["ID"], TOKEN, backend.conn))
+            variables.append(variable_body(doc["Job"]["ID"], TOKEN, backend.conn, 3))
         scales.append(scale_body(jobs[-1]["Job"]["ID"], 4, launch))
     for docs, kind in ((jobs, "job"), (scales, "scale"), (variables, "variable")):
         done = check(docs, kind)
@@ -58,7 +60,11 @@ def test_every_body_the_backend_sends_passes_nomads_types(nomad_env, image):
     assert all(j["Job"]["Region"] == "eu" for j in jobs)
     # the task token travels only in the job's Nomad Variable, never in the job
     assert TOKEN not in json.dumps(jobs)
-    assert variables[0]["Items"] == {"task_token": TOKEN}
+    assert variables[0]["Items"] == {"task_token": TOKEN, "app_version": "3"}
+    # the app version too: the job is the same at every version of an unchanged function
+    task = jobs[0]["Job"]["TaskGroups"][0]["Tasks"][0]
+    assert "MCTL_APP_VERSION" not in task["Env"]
+    assert "MCTL_APP_VERSION={{ .app_version }}" in task["Templates"][0]["EmbeddedTmpl"]
     drivers = {j["Job"]["TaskGroups"][0]["Tasks"][0]["Driver"] for j in jobs}
     assert drivers == ({"docker"} if image else {"raw_exec"})
     if image is None:  # a Python environment: the interpreter the builder chose

@@ -57,3 +57,110 @@ def render(app_file: str, name: str | None, options: tuple[str, ...], hcl: bool)
     Nothing is contacted; the jobs carry no secret values and no token (the backend writes each
     worker's task token to its job's Nomad Variable)."""
     print_jobs(render_jobs(app_file, name, options), hcl)
+
+
+def _backend(option_pairs: tuple[str, ...]):
+    """The nomad backend's client, with its settings from NOMAD_* and -o options."""
+    from mctl.core.config import parse_options
+    from mctl.plugins.scheduler_nomad import NomadScheduler
+
+    try:
+        return NomadScheduler(parse_options(option_pairs))
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _run(work) -> None:
+    """Run a coroutine against Nomad; its errors are one line (what failed, what to set)."""
+    import asyncio
+
+    try:
+        asyncio.run(work)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+connection_option = click.option(
+    "-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
+    help="A nomad backend option (address, token_file, cacert, namespace, region); repeat. "
+         "NOMAD_ADDR, NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION are read as by Nomad's CLI.")
+
+
+@nomad.command("force")
+@click.argument("app_name")
+@click.argument("function")
+@connection_option
+def force(app_name: str, function: str, options: tuple[str, ...]) -> None:
+    """Run FUNCTION's schedule now: Nomad launches its periodic job (`nomad job periodic force`),
+    which spawns one call."""
+    from mctl.plugins.nomad_render import job_id
+    from mctl.plugins.scheduler_nomad import force_path
+
+    backend = _backend(options)
+    jid = job_id(app_name, function) + "-schedule"
+
+    async def work() -> None:
+        try:
+            answer = await backend.request("PUT", force_path(jid), missing_ok=True)
+        finally:
+            await backend.shutdown()
+        if answer is None:
+            raise click.ClickException(
+                f"Nomad has no periodic job {jid} in namespace {backend.conn.namespace}. Check "
+                f"that {app_name} is deployed on the nomad backend and that {function} has a "
+                "schedule.")
+        click.echo(f"Forced {jid}: evaluation {answer.get('EvalID', '?')}")
+
+    _run(work())
+
+
+@nomad.command("logs")
+@click.argument("app_name")
+@click.argument("function")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the workers write.")
+@click.option("--stderr", "kind", flag_value="stderr", default="stdout",
+              help="The workers' stderr instead of stdout.")
+@click.option("--tail", "tail_bytes", default=8192, show_default=True,
+              help="Start this many bytes before the end of each log.")
+@connection_option
+def logs(app_name: str, function: str, follow: bool, kind: str, tail_bytes: int,
+         options: tuple[str, ...]) -> None:
+    """Print the Nomad allocation logs of FUNCTION's running workers, as Nomad's client keeps
+    them (what a worker wrote before it reached the control plane included; `mctl app logs`
+    shows what workers send to the control plane)."""
+    import asyncio
+
+    from mctl.plugins.nomad_render import job_id
+
+    backend = _backend(options)
+    jid = job_id(app_name, function)
+
+    async def one(alloc: dict) -> None:
+        prefix = f"{alloc['ID'][:8]} "
+        pending = b""
+        async for data in backend.stream_logs(alloc["ID"], kind=kind, follow=follow,
+                                              tail_bytes=tail_bytes):
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                click.echo(prefix + line.decode(errors="replace"))
+        if pending:
+            click.echo(prefix + pending.decode(errors="replace"))
+
+    async def work() -> None:
+        try:
+            allocs = await backend.request("GET", f"/v1/job/{jid}/allocations", missing_ok=True)
+            running = [a for a in allocs or [] if a.get("ClientStatus") == "running"]
+            if allocs is None:
+                raise click.ClickException(
+                    f"Nomad has no job {jid} in namespace {backend.conn.namespace}. Check that "
+                    f"{app_name} is deployed on the nomad backend.")
+            if not running:
+                click.echo(f"{jid} has no running allocation.", err=True)
+                return
+            await asyncio.gather(*(one(alloc) for alloc in running))
+        finally:
+            await backend.shutdown()
+
+    _run(work())

@@ -86,7 +86,14 @@ def _body(obj: dict[str, Any], indent: str, where: str = "") -> list[str]:
             lines.append(f"{indent}}}")
         elif key == "Config":
             lines.append(f"{indent}config {{")
-            lines += [f"{indent}  {k} = {_value(v)}" for k, v in value.items()]
+            for k, v in value.items():
+                if isinstance(v, list) and v and all(isinstance(b, dict) for b in v):
+                    for body in v:  # a driver's block, e.g. docker's auth { ... }
+                        lines.append(f"{indent}  {k} {{")
+                        lines += [f"{indent}    {bk} = {_value(bv)}" for bk, bv in body.items()]
+                        lines.append(f"{indent}  }}")
+                else:
+                    lines.append(f"{indent}  {k} = {_value(v)}")
             lines.append(f"{indent}}}")
         elif key in ("Env", "Meta"):  # keys with dots: the map form, not a block
             text = _value(value).replace("\n  ", f"\n{indent}  ").replace("\n}", f"\n{indent}}}")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mctl.core.spec import FunctionSpec, ScheduleSpec
 
 NS = 1_000_000_000  # Nomad's JSON durations are nanoseconds
+SPEC_META = "mctl.spec"  # job meta: spec_hash, how the backend finds a rollback's job version
 GROUP = "workers"
 TASK = "worker"
 DRIVERS = ("docker", "podman", "exec", "raw_exec")
@@ -30,7 +31,7 @@ OPERATORS = ("=", "!=", ">", ">=", "<", "<=", "regexp", "version", "semver", "se
              "set_contains_any", "is_set", "is_not_set", "distinct_hosts", "distinct_property")
 # Options a function may override: `function.<tag>.<option>=value`.
 PER_FUNCTION = ("namespace", "datacenters", "node_pool", "constraints", "driver", "gpu_fallback",
-                "default_max_containers", "default_image")
+                "default_max_containers", "default_image", "image_registry_secret", "mctl_source")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class NomadOptions:
     python: str = "python3"             # the interpreter an exec/raw_exec task runs
     image_registry: str | None = None   # where built images live: <registry>/mctl:<image id>
     default_image: str | None = None    # the image of functions with mctl's default image
+    image_registry_secret: str | None = None  # a secret (Vault) with REGISTRY_USERNAME/PASSWORD
+    mctl_source: str = "host"           # host: bind the node's mctl env into the container;
+                                        # image: the image has mctl installed
     autoscaler: str = "mctl"            # who scales: mctl (core, through /scale) or nomad
     evaluation_interval_s: float = 10.0
     prometheus_job: str = ""            # an extra label matcher, e.g. job="mctl"
@@ -62,7 +66,8 @@ class NomadOptions:
     functions: dict[str, dict[str, str]] = field(default_factory=dict)
 
     KEYS = ("namespace", "region", "datacenters", "node_pool", "constraints", "driver", "python",
-            "image_registry", "default_image", "autoscaler", "evaluation_interval", "prometheus_job",
+            "image_registry", "default_image", "image_registry_secret", "mctl_source",
+            "autoscaler", "evaluation_interval", "prometheus_job",
             "secrets_from", "vault_role", "vault_kv_path", "volume_type", "cpu_mhz_per_core",
             "default_cpu", "default_memory_mb", "default_max_containers", "gpu_fallback",
             "server_url")
@@ -104,7 +109,7 @@ class NomadOptions:
                 changes["evaluation_interval_s"] = _number(key, value, float)
             elif key in self.KEYS:
                 optional = key in ("node_pool", "driver", "vault_role", "image_registry",
-                                   "default_image")
+                                   "default_image", "image_registry_secret")
                 changes[key] = (value or None) if optional else value
         if functions is not None:
             changes["functions"] = functions
@@ -118,7 +123,8 @@ class NomadOptions:
                                f"choose one of {', '.join(DRIVERS)}.")
         for key, value, allowed in (("autoscaler", self.autoscaler, ("mctl", "nomad")),
                                     ("secrets_from", self.secrets_from, ("vault", "control-plane")),
-                                    ("volume_type", self.volume_type, ("host", "csi"))):
+                                    ("volume_type", self.volume_type, ("host", "csi")),
+                                    ("mctl_source", self.mctl_source, ("host", "image"))):
             if value not in allowed:
                 raise InvalidError(f"{key}={value!r} is not one of {', '.join(allowed)}; "
                                    f"set {key} to one of them.")
@@ -208,17 +214,37 @@ def _ns(seconds: float) -> int:
     return int(round(seconds * NS))
 
 
-def _driver(launch: LaunchSpec, image_ref: str | None, opts: NomadOptions) -> tuple[str, dict]:
+def _driver(launch: LaunchSpec, image_ref: str | None, opts: NomadOptions,
+            pull_secret: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(driver, its config, extra task env). In a container, mctl's worker runs with the image's
+    Python: from the node's own mctl environment bound read-only at the control plane's paths
+    (mctl_source=host, as the local and Slurm backends do), or from the image
+    (mctl_source=image)."""
     command, args = launch.command[0], list(launch.command[1:])
     driver = opts.driver or ("docker" if image_ref else "raw_exec")
-    if driver in ("docker", "podman"):
-        if not image_ref:
-            raise InvalidError(f"driver={driver} needs a container image, but function "
-                               f"{launch.function} has none; set image_registry, give it an "
-                               "Image.from_registry(...) image, or use driver=raw_exec.")
-        return driver, {"image": image_ref, "command": opts.python, "args": args}
-    python = opts.python if image_ref else command
-    return driver, {"command": python, "args": args}
+    if driver not in ("docker", "podman"):
+        python = opts.python if image_ref else command
+        return driver, {"command": python, "args": args}, {}
+    if not image_ref:
+        raise InvalidError(f"driver={driver} needs a container image, but function "
+                           f"{launch.function} has none; set image_registry, give it an "
+                           "Image.from_registry(...) image, or use driver=raw_exec.")
+    config: dict[str, Any] = {"image": image_ref, "command": opts.python, "args": args}
+    env: dict[str, str] = {}
+    if opts.mctl_source == "host":
+        import json
+
+        from mctl.plugins.containers import BOOT, host_python_dirs
+
+        dirs = host_python_dirs()
+        config["args"] = ["-c", BOOT]
+        config["volumes"] = [f"{d}:{d}:ro" for d in dirs] + [
+            f"{host}:{inside}:ro" for host, inside in launch.files]
+        env["MCTL_HOST_SITE"] = json.dumps(dirs)
+    if pull_secret:  # the values come from Vault at start (template env), never in the job
+        config["auth"] = [{"username": "${REGISTRY_USERNAME}",
+                           "password": "${REGISTRY_PASSWORD}"}]
+    return driver, config, env
 
 
 def _gpu_device(launch: LaunchSpec, opts: NomadOptions) -> dict[str, Any] | None:
@@ -240,17 +266,40 @@ def _gpu_device(launch: LaunchSpec, opts: NomadOptions) -> dict[str, Any] | None
     return device
 
 
-def _token_template(job_ids: tuple[str, ...]) -> dict[str, Any]:
+def _token_template(job_ids: tuple[str, ...], version_from_variable: bool) -> dict[str, Any]:
     """The worker's task token comes from the job's Nomad Variable (written by the backend), never
-    from the job itself: job specs are readable by anyone who may read the job."""
+    from the job itself: job specs are readable by anyone who may read the job. So does the app
+    version the backend runs (`version_from_variable`), which keeps the job's spec the same for
+    the same function spec: a rollback can revert to the job version that ran it."""
+    version = "MCTL_APP_VERSION={{ .app_version }}\n" if version_from_variable else ""
     return {"EmbeddedTmpl": f'{{{{ with nomadVar "nomad/jobs/{job_ids[0]}" }}}}'
-                            "MCTL_TASK_TOKEN={{ .task_token }}{{ end }}\n",
+                            f"MCTL_TASK_TOKEN={{{{ .task_token }}}}\n{version}{{{{ end }}}}\n",
             "DestPath": "secrets/mctl-task.env", "Envvars": True, "ChangeMode": "noop"}
 
 
-def _secret_templates(launch: LaunchSpec, opts: NomadOptions) -> list[dict[str, Any]]:
+def spec_hash(job: dict[str, Any]) -> str:
+    """What makes two job versions run the same function spec: the job without its counts (the
+    scale API changes them) and without the app version it was registered for."""
+    import json
+
+    def without(d: dict[str, Any] | None, *keys: str) -> dict[str, Any] | None:
+        return None if d is None else {k: v for k, v in d.items() if k not in keys}
+
+    groups = []
+    for group in job.get("TaskGroups", []):
+        tasks = [{**task, "Env": without(task.get("Env"), "MCTL_APP_VERSION")}
+                 for task in group.get("Tasks", [])]
+        groups.append({**without(group, "Count"), "Tasks": tasks,
+                       "Meta": without(group.get("Meta"), "mctl.version")})
+    plain = {**job, "TaskGroups": groups,
+             "Meta": without(job.get("Meta"), "mctl.version", SPEC_META)}
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _secret_templates(names: tuple[str, ...], opts: NomadOptions) -> list[dict[str, Any]]:
     out = []
-    for name in launch.secret_refs:
+    for name in names:
         path = f"{opts.vault_kv_path.rstrip('/')}/{name}"
         out.append({"EmbeddedTmpl": f'{{{{ with secret "{path}" }}}}{{{{ range $k, $v := '
                                     '.Data.data }}{{ $k }}={{ $v | toJSON }}\n{{ end }}{{ end }}',
@@ -260,12 +309,21 @@ def _secret_templates(launch: LaunchSpec, opts: NomadOptions) -> list[dict[str, 
 
 
 def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref: str | None,
-          jid: str, *, trigger: bool = False) -> dict[str, Any]:
-    driver, config = _driver(launch, image_ref, opts)
-    env = {k: v for k, v in launch.env.items() if k not in ("MCTL_TASK_TOKEN", "MCTL_VOLUMES")}
+          jid: str, pull_secret: str | None, version_from_variable: bool, *,
+          trigger: bool = False) -> dict[str, Any]:
+    driver, config, extra_env = _driver(launch, image_ref, opts, pull_secret)
+    hidden = ("MCTL_TASK_TOKEN", "MCTL_VOLUMES") + (
+        ("MCTL_APP_VERSION",) if version_from_variable else ())
+    env = {k: v for k, v in launch.env.items() if k not in hidden}
+    env.update(extra_env)
     if trigger:  # a periodic run spawns one call; the service job's workers run it
-        config["args"] = ["-c", "import mctl; mctl.Function.from_name("
-                          f"{launch.app_name!r}, {fspec.tag!r}).spawn()"]
+        spawn = f"mctl.Function.from_name({launch.app_name!r}, {fspec.tag!r}).spawn()"
+        if "MCTL_HOST_SITE" in env:  # in an image, with the node's mctl on sys.path
+            config["args"] = ["-c", "import json, os, site; [site.addsitedir(d) for d in "
+                              "json.loads(os.environ.pop('MCTL_HOST_SITE'))]; import mctl; "
+                              + spawn]
+        else:
+            config["args"] = ["-c", "import mctl; " + spawn]
         cpu, memory = 100, 256
     else:
         env["MCTL_TASK_ID"] = env["MODAL_TASK_ID"] = "ta-${NOMAD_ALLOC_ID}"
@@ -280,12 +338,15 @@ def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref
         "Resources": resources, "KillSignal": "SIGTERM",
         # a worker drains on SIGTERM: its running inputs may take up to the function's timeout
         "KillTimeout": _ns(min(launch.timeout_s + 5, 3600)),
-        "Templates": [_token_template((jid,))],
+        "Templates": [_token_template((jid,), version_from_variable)],
         "Meta": {"mctl.task": "trigger" if trigger else "worker"}}
-    if launch.secret_refs and opts.secrets_from == "vault" and not trigger:
+    secrets = launch.secret_refs if opts.secrets_from == "vault" and not trigger else ()
+    if pull_secret and pull_secret not in secrets:
+        secrets += (pull_secret,)
+    if secrets:
         task["Vault"] = {"Role": opts.vault_role or vault_role(launch.app_name),
                          "ChangeMode": "restart"}
-        task["Templates"] += _secret_templates(launch, opts)
+        task["Templates"] += _secret_templates(secrets, opts)
     if fspec.volumes and not trigger:
         task["VolumeMounts"] = [{"Volume": _volume_key(name), "Destination": path,
                                  "ReadOnly": False} for path, name in sorted(fspec.volumes.items())]
@@ -339,10 +400,17 @@ def _scaling(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, count:
 
 
 def render_function(launch: LaunchSpec, fspec: FunctionSpec, options: NomadOptions,
-                    image_ref: str | None = None) -> list[dict[str, Any]]:
+                    image_ref: str | None = None, pull_secret: str | None = None, *,
+                    version_from_variable: bool = False) -> list[dict[str, Any]]:
     """The register requests of one function version: its service job, then its periodic job if
-    it has a schedule. `image_ref`: the container image to run, None for a Python environment."""
+    it has a schedule. `image_ref`: the container image to run, None for a Python environment;
+    `pull_secret`: the secret whose REGISTRY_USERNAME/PASSWORD pull it (default: the
+    image_registry_secret option, for images in image_registry); `version_from_variable`: the
+    worker's app version comes from the job's Nomad Variable (the backend writes it), not the
+    job, so the same function spec renders the same job at every app version."""
     opts = options.for_function(fspec.tag)
+    if image_ref and pull_secret is None:
+        pull_secret = opts.image_registry_secret
     jid = job_id(launch.app_name, fspec.tag)
     scaling = fspec.autoscaling
     count = scaling.min_containers
@@ -360,7 +428,8 @@ def render_function(launch: LaunchSpec, fspec: FunctionSpec, options: NomadOptio
                              "DelayFunction": "exponential", "MaxDelay": _ns(max(max_delay, 60.0)),
                              "Interval": 0, "Attempts": 0},
         "Meta": _meta(launch, image_ref),
-        "Tasks": [_task(launch, fspec, opts, image_ref, jid)]}
+        "Tasks": [_task(launch, fspec, opts, image_ref, jid, pull_secret,
+                        version_from_variable)]}
     if fspec.volumes:
         group["Volumes"] = _volumes(fspec, opts)
     service = _job(launch, opts, jid, "service")
@@ -380,22 +449,31 @@ def render_function(launch: LaunchSpec, fspec: FunctionSpec, options: NomadOptio
             TaskGroups=[{"Name": "trigger", "Count": 1,
                          "RestartPolicy": {"Attempts": 2, "Interval": _ns(300),
                                            "Delay": _ns(10), "Mode": "fail"},
-                         "Tasks": [_task(launch, fspec, opts, image_ref, pid, trigger=True)]}])
+                         "Tasks": [_task(launch, fspec, opts, image_ref, pid, pull_secret,
+                                          version_from_variable, trigger=True)]}])
         jobs.append({"Job": periodic})
+    for doc in jobs:
+        doc["Job"]["Meta"][SPEC_META] = spec_hash(doc["Job"])
     return jobs
 
 
 # --- from an app spec (no control plane, no builder) -------------------------------------------
-def image_ref_for(recipe: dict[str, Any], image_id: str, opts: NomadOptions) -> str | None:
-    """The container image of a recipe: a registry base without build steps runs as is; anything
-    else is the image mctl's builder pushed to `image_registry`; None runs in a Python env."""
-    base = recipe.get("base") or None  # {"kind": "debian_slim" | "registry" | "dockerfile", ...}
+def image_ref_for(recipe: dict[str, Any], image_id: str, opts: NomadOptions
+                  ) -> tuple[str | None, str | None]:
+    """(the container image nodes pull, the secret that pulls it) for a recipe, as the `oci`
+    builder would name it: a registry base without build steps runs as is (with its own
+    secret); anything else is `<registry>/mctl/<image id>:latest` in image_registry (default
+    MCTL_IMAGE_REGISTRY); None runs in a Python environment."""
+    import os
+
+    base = recipe.get("base") or {}
     steps = [s for s in recipe.get("steps", []) if s.get("kind") != "env"]
-    if isinstance(base, dict) and base.get("kind") == "registry" and not steps:
-        return base["tag"]
-    if (base or steps) and opts.image_registry:
-        return f"{opts.image_registry.rstrip('/')}/mctl:{image_id}"
-    return None if base or steps else opts.default_image
+    if base.get("kind") == "registry" and not steps and not base.get("setup"):
+        return base["tag"], base.get("secret")
+    registry = (opts.image_registry or os.environ.get("MCTL_IMAGE_REGISTRY") or "").rstrip("/")
+    if (base or steps) and registry:
+        return f"{registry}/mctl/{image_id}:latest", None
+    return (None if base or steps else opts.default_image), None
 
 
 def render_app(app: Any, app_id: str, options: NomadOptions) -> list[dict[str, Any]]:
@@ -408,11 +486,12 @@ def render_app(app: Any, app_id: str, options: NomadOptions) -> list[dict[str, A
     for tag, fspec in app.functions.items():
         recipe = app.images[fspec.image_id].recipe if fspec.image_id in app.images else {}
         opts = options.for_function(tag)
-        ref = image_ref_for(recipe, fspec.image_id, opts)
+        ref, pull_secret = image_ref_for(recipe, fspec.image_id, opts)
         env = {k: v for step in recipe.get("steps", []) if step.get("kind") == "env"
                for k, v in step["vars"].items()}
         launch = build_launch(app_id, app, fspec, 1, server_url=options.server_url,
-                              built_image={"python": opts.python, "env": env, "image": ref},
+                              built_image={"python": opts.python, "env": env, "image": ref,
+                                           "runtime": "oci" if ref else "process"},
                               task_token=None, environment="main", region=options.region,
                               provider="nomad")
         jid = job_id(app.name, tag)
@@ -421,7 +500,7 @@ def render_app(app: Any, app_id: str, options: NomadOptions) -> list[dict[str, A
                                f"{jid!r}; rename one of them.")
         seen[jid] = tag
         try:
-            jobs.extend(render_function(launch, fspec, options, ref))
+            jobs.extend(render_function(launch, fspec, options, ref, pull_secret))
         except InvalidError as exc:
             raise InvalidError(f"Function {tag}: {exc}") from None
     return jobs

@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import mctl
 from mctl.core.plugin_types import Scheduler, WorkerInfo
 from mctl.exception import InvalidError
-from mctl.plugins.nomad_render import GROUP, NomadOptions, render_function
+from mctl.plugins.nomad_render import GROUP, SPEC_META, TASK, NomadOptions, render_function
 
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mctl.scheduler.nomad")
 CONNECTION = ("address", "token_file", "cacert", "request_timeout", "poll_interval")
 LIVE = {"pending", "running"}
+TAIL_BYTES = 4096  # of a failed worker's stdout and stderr, into the app's logs
 
 
 class NomadError(InvalidError):
@@ -95,15 +98,98 @@ def scale_body(job_id: str, count: int, launch: LaunchSpec) -> dict[str, Any]:
             "Meta": {"mctl.pool": launch.pool_id}}
 
 
-def variable_body(job_id: str, task_token: str, conn: Connection) -> dict[str, Any]:
-    """`PUT /v1/var/nomad/jobs/:id`: an `api.Variable` the job's own tasks may read."""
-    return {"Namespace": conn.namespace, "Path": f"nomad/jobs/{job_id}",
-            "Items": {"task_token": task_token}}
+def variable_body(job_id: str, task_token: str | None, conn: Connection,
+                  app_version: int = 0) -> dict[str, Any]:
+    """`PUT /v1/var/nomad/jobs/:id`: an `api.Variable` the job's own tasks may read: the task
+    token and the app version their workers serve (neither is in the job itself)."""
+    items = {"app_version": str(app_version)}
+    if task_token:
+        items["task_token"] = task_token
+    return {"Namespace": conn.namespace, "Path": f"nomad/jobs/{job_id}", "Items": items}
+
+
+def revert_body(job_id: str, version: int, prior: int, conn: Connection) -> dict[str, Any]:
+    """`PUT /v1/job/:id/revert`: an `api.JobRevertRequest`. EnforcePriorVersion makes Nomad
+    refuse the revert if someone changed the job since the backend read its versions."""
+    return {"JobID": job_id, "JobVersion": version, "EnforcePriorVersion": prior,
+            "Namespace": conn.namespace, "Region": conn.region}
+
+
+def revert_target(versions: dict[str, Any] | None, spec: str) -> tuple[int, int] | None:
+    """From `GET /v1/job/:id/versions` (`{"Versions": [Job, ...], ...}`): (the newest earlier
+    job version that ran the same function spec — its `mctl.spec` meta —, the current version),
+    or None when the job is new, already runs that spec, or never did."""
+    jobs = (versions or {}).get("Versions") or []
+    if not jobs:
+        return None
+    current = max(jobs, key=lambda job: job.get("Version", 0))
+    if (current.get("Meta") or {}).get(SPEC_META) == spec and not current.get("Stop"):
+        return None  # registering again only updates its meta
+    same = [job.get("Version", 0) for job in jobs
+            if (job.get("Meta") or {}).get(SPEC_META) == spec and job is not current]
+    return (max(same), current.get("Version", 0)) if same else None
+
+
+def force_path(job_id: str) -> str:
+    """`PUT /v1/job/:id/periodic/force` (no body): Nomad launches the periodic job now."""
+    return f"/v1/job/{quote(job_id, safe='')}/periodic/force"
+
+
+def logs_request(alloc_id: str, task: str = TASK, kind: str = "stdout", follow: bool = False,
+                 tail_bytes: int = 0) -> tuple[str, dict[str, str]]:
+    """`GET /v1/client/fs/logs/:alloc_id`: a stream of `api.StreamFrame` objects, from
+    `tail_bytes` before the end of the task's log (`origin=end`); `follow` keeps it open."""
+    if kind not in ("stdout", "stderr"):
+        raise InvalidError(f"Log type {kind!r} is not stdout or stderr.")
+    return (f"/v1/client/fs/logs/{quote(alloc_id, safe='')}",
+            {"task": task, "type": kind, "follow": "true" if follow else "false",
+             "origin": "end", "offset": str(max(0, tail_bytes)), "plain": "false"})
+
+
+class FrameDecoder:
+    """Nomad's log stream: JSON `StreamFrame` objects one after another (`{}` heartbeats
+    between), each `Data` base64; `feed` returns the log bytes of the frames complete so far."""
+
+    def __init__(self) -> None:
+        import codecs
+        import json
+
+        self._text = ""
+        self._json = json.JSONDecoder()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()  # a chunk may cut a character
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        import base64
+
+        self._text += self._utf8.decode(chunk)
+        out = []
+        while True:
+            text = self._text.lstrip()
+            if not text:
+                self._text = ""
+                return out
+            try:
+                frame, end = self._json.raw_decode(text)
+            except ValueError:  # an incomplete frame: wait for more
+                self._text = text
+                return out
+            self._text = text[end:]
+            if isinstance(frame, dict) and frame.get("Data"):
+                out.append(base64.b64decode(frame["Data"]))
 
 
 def image_ref(launch: LaunchSpec) -> str | None:
-    """The container image the builder produced, or None when workers run in a Python env."""
-    return None if launch.image == launch.command[0] else launch.image
+    """The container image the `oci` builder produced (its reference names MCTL_IMAGE_REGISTRY
+    when that is set), or None when workers run in a Python environment. An image that exists
+    only on the control plane's host is refused: Nomad's nodes could not pull it."""
+    if launch.runtime != "oci":
+        return None
+    if launch.image.startswith("localhost/"):
+        raise InvalidError(
+            f"Function {launch.function}'s image {launch.image} exists only on the control "
+            "plane's host, where Nomad's nodes cannot pull it. Set MCTL_IMAGE_REGISTRY=host:port "
+            "on the control plane so the image builder pushes images where the nodes pull.")
+    return launch.image
 
 
 class NomadScheduler:
@@ -143,8 +229,9 @@ class NomadScheduler:
         return self._session
 
     async def request(self, method: str, path: str, body: Any = None,
-                      params: dict[str, str] | None = None) -> Any:
-        """One call to Nomad's HTTP API; its JSON answer, or a NomadError that says what to do."""
+                      params: dict[str, str] | None = None, missing_ok: bool = False) -> Any:
+        """One call to Nomad's HTTP API; its JSON answer, or a NomadError that says what to do.
+        `missing_ok`: a 404 answers None."""
         import aiohttp
 
         session = await self._http()
@@ -153,6 +240,8 @@ class NomadScheduler:
         try:
             async with session.request(method, url, json=body, params=query) as resp:
                 text = await resp.text()
+                if resp.status == 404 and missing_ok:
+                    return None
                 if resp.status == 403:
                     raise NomadError(self._denied(method, path, text))
                 if resp.status >= 400:
@@ -160,12 +249,40 @@ class NomadScheduler:
                                      f"{text.strip()[:500]}")
                 return await resp.json(content_type=None) if text.strip() else None
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
-            reason = (getattr(exc, "strerror", None) or str(exc) or "no answer within "
-                      f"{self.timeout:g}s").lower()
-            raise NomadError(
-                f"Nomad is unreachable at {self.conn.address} ({reason}). Set NOMAD_ADDR (or "
-                "--scheduler-option address=...) to a Nomad agent's HTTP address, e.g. "
-                "http://nomad.service.consul:4646.") from None
+            raise self._unreachable(exc) from None
+
+    async def stream_logs(self, alloc_id: str, task: str = TASK, kind: str = "stdout",
+                          follow: bool = False, tail_bytes: int = 0) -> AsyncIterator[bytes]:
+        """The task's log through Nomad's client fs API (the agent forwards it from the node):
+        its last `tail_bytes`, then, with `follow`, what it writes until the allocation ends."""
+        import aiohttp
+
+        path, params = logs_request(alloc_id, task, kind, follow, tail_bytes)
+        session = await self._http()
+        query = {"namespace": self.conn.namespace, "region": self.conn.region, **params}
+        frames = FrameDecoder()
+        no_limit = aiohttp.ClientTimeout(total=None, connect=self.timeout)
+        try:
+            async with session.get(f"{self.conn.address}{path}", params=query,
+                                   timeout=no_limit if follow else session.timeout) as resp:
+                if resp.status >= 400:
+                    text = await resp.text()
+                    raise NomadError(self._denied("GET", path, text) if resp.status == 403 else
+                                     f"Nomad answered {resp.status} to GET {path}: "
+                                     f"{text.strip()[:500]}")
+                async for chunk in resp.content.iter_any():
+                    for data in frames.feed(chunk):
+                        yield data
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> NomadError:
+        reason = (getattr(exc, "strerror", None) or str(exc) or "no answer within "
+                  f"{self.timeout:g}s").lower()
+        return NomadError(
+            f"Nomad is unreachable at {self.conn.address} ({reason}). Set NOMAD_ADDR (or the "
+            "nomad option address=URL) to a Nomad agent's HTTP address, e.g. "
+            "http://nomad.service.consul:4646.")
 
     def _denied(self, method: str, path: str, text: str) -> str:
         if not self.conn.token:
@@ -192,24 +309,52 @@ class NomadScheduler:
         if launch.spec is None:
             raise InvalidError("The nomad scheduler needs the function's spec in its launch "
                                "description; this mctl server is older than the backend.")
-        jobs = render_function(launch, launch.spec, self.render, image_ref(launch))
+        jobs = render_function(launch, launch.spec, self.render, image_ref(launch),
+                               version_from_variable=True)
         ids = tuple(doc["Job"]["ID"] for doc in jobs)
-        token = launch.env.get("MCTL_TASK_TOKEN")
-        for job_id in ids:
-            if token:
-                await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
-                                   variable_body(job_id, token, self.conn))
-        for doc in jobs:
-            try:
-                await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
-            except NomadError as exc:  # Nomad's own reason, with the function it concerns
-                raise NomadError(f"Function {launch.function} (job {doc['Job']['ID']}): "
-                                 f"{exc}") from None
-        info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
-        self.pools[launch.pool_id] = NomadPool(launch, ids, launch.spec.autoscaling.min_containers,
-                                               int(info.get("Version") or 0))
+        # Claim the job first: core removes the previous version's pool while this one is being
+        # prepared, and that removal must not deregister the job or delete its Variable now.
+        previous = self.current.get(ids[0])
         self.current[ids[0]] = launch.pool_id
-        log.info("registered Nomad job(s) %s for %s", ", ".join(ids), launch.pool_id)
+        try:
+            token = launch.env.get("MCTL_TASK_TOKEN")
+            for job_id in ids:
+                await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
+                                   variable_body(job_id, token, self.conn, launch.version))
+            for doc in jobs:
+                await self._submit(launch, doc)
+            info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
+        except BaseException:
+            if self.current.get(ids[0]) == launch.pool_id:
+                if previous is None:
+                    del self.current[ids[0]]
+                else:
+                    self.current[ids[0]] = previous
+            raise
+        groups = info.get("TaskGroups") or [{}]
+        count = groups[0].get("Count", launch.spec.autoscaling.min_containers)
+        self.pools[launch.pool_id] = NomadPool(launch, ids, count, int(info.get("Version") or 0))
+        log.info("Nomad job(s) %s at version %s for %s", ", ".join(ids), info.get("Version"),
+                 launch.pool_id)
+
+    async def _submit(self, launch: LaunchSpec, doc: dict[str, Any]) -> None:
+        """Register the job, or, when an earlier job version ran this same function spec (a
+        rollback, or a redeploy of an older app), revert to it: Nomad then runs that version
+        again, as `nomad job revert` would. `mctl app rollback` activates every function of the
+        version it returns to, so every job of the app is reverted."""
+        job = doc["Job"]
+        try:
+            versions = await self.request("GET", f"/v1/job/{job['ID']}/versions", missing_ok=True)
+            target = revert_target(versions, job["Meta"][SPEC_META])
+            if target is None:
+                await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
+            else:
+                await self.request("PUT", f"/v1/job/{job['ID']}/revert",
+                                   revert_body(job["ID"], *target, self.conn))
+                log.info("reverted Nomad job %s to version %s (app %s v%s)", job["ID"],
+                         target[0], launch.app_name, launch.version)
+        except NomadError as exc:  # Nomad's own reason, with the function it concerns
+            raise NomadError(f"Function {launch.function} (job {job['ID']}): {exc}") from None
 
     async def scale(self, pool_id: str, count: int) -> None:
         pool = self.pools.get(pool_id)
@@ -228,12 +373,18 @@ class NomadScheduler:
 
     async def remove_pool(self, pool_id: str, grace_s: float) -> None:
         pool = self.pools.pop(pool_id, None)
-        if pool is None or self.current.get(pool.job_ids[0]) != pool_id:
-            return  # a newer version re-registered the same job: nothing to remove
-        del self.current[pool.job_ids[0]]
+        if pool is None:
+            return
+        service = pool.job_ids[0]
         for job_id in pool.job_ids:
-            await self.request("DELETE", f"/v1/job/{job_id}")
-            await self.request("DELETE", f"/v1/var/nomad/jobs/{job_id}")
+            # A newer version of the function (a redeploy, a rollback) may claim the job while
+            # this runs: it then keeps the job and its Variable.
+            for path in (f"/v1/job/{job_id}", f"/v1/var/nomad/jobs/{job_id}"):
+                if self.current.get(service) != pool_id:
+                    return
+                await self.request("DELETE", path)
+        if self.current.get(service) == pool_id:
+            del self.current[service]
 
     async def list_workers(self, pool_id: str) -> list[WorkerInfo]:
         pool = self.pools.get(pool_id)
@@ -257,11 +408,30 @@ class NomadScheduler:
                 except NomadError as exc:
                     log.warning("listing allocations of %s: %s", pool.job_ids[0], exc)
                     continue
-                self._update(pool_id, pool, allocs or [])
+                for worker_id, code, detail in self._update(pool, allocs or []):
+                    if detail:  # what the worker wrote before it died: into the app's logs
+                        detail = await self._with_tail(worker_id, detail)
+                    if self.events is not None:
+                        self.events.worker_exited(pool_id, worker_id, code, detail)
 
-    def _update(self, pool_id: str, pool: NomadPool, allocs: list[dict[str, Any]]) -> None:
-        """Record this version's live allocations; report those that ended."""
+    async def _with_tail(self, worker_id: str, detail: str) -> str:
+        alloc_id = worker_id[len("ta-"):]
+        tail = b""
+        try:
+            for kind in ("stdout", "stderr"):
+                async for data in self.stream_logs(alloc_id, kind=kind, tail_bytes=TAIL_BYTES):
+                    tail += data
+        except NomadError as exc:  # the node may be gone with its logs
+            return f"{detail} (its log could not be read: {exc})"
+        lines = tail.decode(errors="replace").splitlines()[-20:]
+        return "\n".join([detail, *lines]) if lines else detail
+
+    def _update(self, pool: NomadPool, allocs: list[dict[str, Any]]
+                ) -> list[tuple[str, int | None, str]]:
+        """Record this version's live allocations; return (task id, exit code, detail) of the
+        workers that ended."""
         seen: dict[str, WorkerInfo] = {}
+        ended: list[tuple[str, int | None, str]] = []
         for alloc in allocs:
             if alloc.get("JobVersion", pool.job_version) < pool.job_version:
                 continue  # an older version's allocation, on its way out
@@ -272,10 +442,10 @@ class NomadScheduler:
                     "running" if status == "running" else "starting")
                 seen[worker_id] = WorkerInfo(worker_id, alloc.get("NodeName", ""), state,
                                              f"allocation {alloc['ID']}")
-            elif worker_id in pool.workers and self.events is not None:
-                code, detail = _exit(alloc)
-                self.events.worker_exited(pool_id, worker_id, code, detail)
+            elif worker_id in pool.workers:
+                ended.append((worker_id, *_exit(alloc)))
         pool.workers = seen
+        return ended
 
 
 def _exit(alloc: dict[str, Any]) -> tuple[int | None, str]:

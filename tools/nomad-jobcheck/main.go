@@ -3,7 +3,7 @@
 // checks Nomad's server would apply before accepting a job. It is mctl's contract check: no
 // Nomad agent can run where mctl is developed, so every body mctl would send is checked here.
 //
-// Usage: nomad-jobcheck [-kind job|scale|variable] [FILE...]   (no FILE: read stdin)
+// Usage: nomad-jobcheck [-kind job|scale|revert|variable|frame] [FILE...]   (no FILE: read stdin)
 // Each input may hold several JSON documents one after another. Exit status 1 and one line per
 // rejected document ("<source> #<n> <job id>: <reason>") when any is rejected.
 package main
@@ -33,7 +33,7 @@ const (
 var validName = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,128}$`)
 
 func main() {
-	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest) or variable (Variable)")
+	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest), variable (Variable) or frame (StreamFrame)")
 	quiet := flag.Bool("q", false, "print nothing for accepted documents")
 	flag.Parse()
 	sources := flag.Args()
@@ -86,6 +86,18 @@ func checkOne(dec *json.Decoder, kind string) (string, error) {
 			return "-", wrapDecode(err)
 		}
 		return req.Target["Job"], checkScale(&req)
+	case "revert":
+		var req api.JobRevertRequest
+		if err := dec.Decode(&req); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return req.JobID, checkRevert(&req)
+	case "frame": // what mctl reads from /v1/client/fs/logs: checks the tests' frames
+		var f api.StreamFrame
+		if err := dec.Decode(&f); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return f.File, nil
 	case "variable":
 		var v api.Variable
 		if err := dec.Decode(&v); err != nil {
@@ -122,6 +134,21 @@ func deref[T any](p *T) T {
 		return zero
 	}
 	return *p
+}
+
+// Nomad's Job.Revert refuses a revert to the version the job is at, and EnforcePriorVersion
+// must name the version the job is at now (mctl always sets it).
+func checkRevert(req *api.JobRevertRequest) error {
+	if !validName.MatchString(req.JobID) {
+		return fmt.Errorf("revert JobID %q is not a job ID", req.JobID)
+	}
+	if req.EnforcePriorVersion == nil {
+		return fmt.Errorf("revert without EnforcePriorVersion could undo a change made meanwhile")
+	}
+	if *req.EnforcePriorVersion == req.JobVersion {
+		return fmt.Errorf("can't revert to the current version %d", req.JobVersion)
+	}
+	return nil
 }
 
 func checkScale(req *api.ScalingRequest) error {
@@ -249,6 +276,7 @@ func checkTask(g *api.TaskGroup, t *api.Task, bad func(string, ...any)) {
 	if t.Driver == "" {
 		bad("task %s has no driver", where)
 	}
+	checkDriverConfig(where, t.Driver, t.Config, bad)
 	if r := t.Resources; r != nil {
 		if deref(r.CPU) < minCPU && deref(r.Cores) == 0 {
 			bad("task %s: cpu %d MHz is below Nomad's minimum %d", where, deref(r.CPU), minCPU)
@@ -289,4 +317,94 @@ func checkTask(g *api.TaskGroup, t *api.Task, bad func(string, ...any)) {
 			bad("group %s: volume %q needs type host or csi and a source", deref(g.Name), vname)
 		}
 	}
+}
+
+// The drivers' config specs are not in the api module (they live in each driver's hclspec), so
+// these are the parts of them mctl renders, written from the drivers' documentation: the keys
+// each driver knows (an unknown key fails the job), the required ones and the value shapes.
+type configKey struct {
+	kind  string // string, strings (a list of strings), bool, map, block (a list of one object)
+	block []string
+}
+
+var driverConfigs = map[string]map[string]configKey{
+	"docker": {
+		"image": {kind: "string"}, "command": {kind: "string"}, "args": {kind: "strings"},
+		"entrypoint": {kind: "strings"}, "volumes": {kind: "strings"}, "work_dir": {kind: "string"},
+		"network_mode": {kind: "string"}, "force_pull": {kind: "bool"}, "labels": {kind: "map"},
+		"privileged": {kind: "bool"}, "ports": {kind: "strings"}, "cap_add": {kind: "strings"},
+		"image_pull_timeout": {kind: "string"}, "runtime": {kind: "string"},
+		"auth": {kind: "block", block: []string{"username", "password", "email", "server_address"}},
+	},
+	"podman": {
+		"image": {kind: "string"}, "command": {kind: "string"}, "args": {kind: "strings"},
+		"entrypoint": {kind: "strings"}, "volumes": {kind: "strings"}, "working_dir": {kind: "string"},
+		"network_mode": {kind: "string"}, "force_pull": {kind: "bool"}, "labels": {kind: "map"},
+		"privileged": {kind: "bool"}, "ports": {kind: "strings"}, "cap_add": {kind: "strings"},
+		"devices": {kind: "strings"},
+		"auth":    {kind: "block", block: []string{"username", "password", "tls_verify"}},
+	},
+	"exec":     {"command": {kind: "string"}, "args": {kind: "strings"}},
+	"raw_exec": {"command": {kind: "string"}, "args": {kind: "strings"}},
+}
+
+var required = map[string]string{"docker": "image", "podman": "image", "exec": "command", "raw_exec": "command"}
+
+func checkDriverConfig(where, driver string, config map[string]interface{}, bad func(string, ...any)) {
+	spec, known := driverConfigs[driver]
+	if !known {
+		return // a driver mctl does not render: nothing known to check
+	}
+	if s, _ := config[required[driver]].(string); s == "" {
+		bad("task %s: the %s driver needs config %s", where, driver, required[driver])
+	}
+	for key, value := range config {
+		k, ok := spec[key]
+		if !ok {
+			bad("task %s: the %s driver has no config %q", where, driver, key)
+			continue
+		}
+		if !shaped(value, k) {
+			bad("task %s: %s config %q is not a %s", where, driver, key, k.kind)
+		}
+	}
+}
+
+func shaped(value interface{}, k configKey) bool {
+	switch k.kind {
+	case "string":
+		_, ok := value.(string)
+		return ok
+	case "bool":
+		_, ok := value.(bool)
+		return ok
+	case "map":
+		_, ok := value.(map[string]interface{})
+		return ok
+	case "strings":
+		list, ok := value.([]interface{})
+		for _, v := range list {
+			if _, isString := v.(string); !isString {
+				return false
+			}
+		}
+		return ok
+	case "block":
+		list, ok := value.([]interface{})
+		if !ok || len(list) != 1 {
+			return false
+		}
+		body, ok := list[0].(map[string]interface{})
+		for field := range body {
+			found := false
+			for _, name := range k.block {
+				found = found || field == name
+			}
+			if !found {
+				return false
+			}
+		}
+		return ok
+	}
+	return false
 }
