@@ -39,17 +39,10 @@ def container_list(app_name: str | None, as_json: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 def container_logs(container_id: str, follow: bool) -> None:
     """Print what one container's function printed."""
-    from mctl.cli.main import _admin, _when
+    from mctl.cli.main import print_logs
 
-    after = 0
-    while True:
-        rows = _admin("GET", f"/api/containers/{container_id}/logs",
-                      params={"after": after, "wait": 25 if follow else 0})
-        for row in rows:
-            click.echo(f"{_when(row['ts'])} {row['function']}  {row['line']}")
-            after = row["id"]
-        if not follow and len(rows) < 1000:
-            return
+    print_logs(f"/api/containers/{container_id}/logs", follow,
+               lambda row: f"{row['function']}  {row['line']}")
 
 
 @container.command("stop")

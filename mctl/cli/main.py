@@ -418,12 +418,17 @@ def app_rollback(name: str, version: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 def app_logs(name: str, follow: bool) -> None:
     """Print an app's logs."""
+    print_logs(f"/api/apps/{name}/logs", follow,
+               lambda row: f"{row['function']} {row['task_id']}  {row['line']}")
+
+
+def print_logs(path: str, follow: bool, describe: Any) -> None:
+    """Page through a logs route (1,000 lines a page); `follow`: long-poll for new lines."""
     after = 0
     while True:
-        rows = _admin("GET", f"/api/apps/{name}/logs",
-                      params={"after": after, "wait": 25 if follow else 0})
+        rows = _admin("GET", path, params={"after": after, "wait": 25 if follow else 0})
         for row in rows:
-            click.echo(f"{_when(row['ts'])} {row['function']} {row['task_id']}  {row['line']}")
+            click.echo(f"{_when(row['ts'])} {describe(row)}")
             after = row["id"]
         if not follow and len(rows) < 1000:
             return

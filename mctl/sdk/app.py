@@ -65,7 +65,7 @@ def _renamed_keywords(decorator: str, kwargs: dict[str, Any], given: dict[str, A
             raise InvalidError(f"{decorator}() got both {old}= and {new}=; keep only "
                                f"{today}.")
         warn_once(old, f"{decorator}({old}=...) is an older Modal spelling; use {today}.",
-                  stacklevel=3)
+                  stacklevel=4)
         out[new] = value
     return out
 
@@ -162,6 +162,23 @@ class App:
         return self._running
 
     # --- decorators ----------------------------------------------------------------------------
+    def _older_spellings(self, where: str, kwargs: dict[str, Any], image: Image | None,
+                         max_containers: int | None, min_containers: int,
+                         scaledown_window: float) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        """`mounts=` and Modal's renamed keywords, taken out of `kwargs` (each warns once, at the
+        user's decorator line: the stack levels count this frame): the
+        image and the three scaling settings they set, and what the renamed keywords gave."""
+        if "mounts" in kwargs:
+            from mctl.sdk.mount import apply_mounts
+
+            image = apply_mounts(image or self.image, kwargs.pop("mounts"), where)
+        renamed = _renamed_keywords(where, kwargs, {
+            "max_containers": max_containers, "min_containers": min_containers or None,
+            "scaledown_window": None if scaledown_window == 60 else scaledown_window})
+        return (image, renamed.get("max_containers", max_containers),
+                renamed.get("min_containers", min_containers),
+                renamed.get("scaledown_window", scaledown_window), renamed)
+
     def function(self, _warn_parentheses_missing: Any = None, *, image: Image | None = None,
                  schedule: Schedule | None = None, secrets: Any = (), gpu: str | None = None,
                  cpu: float | None = None, memory: int | None = None,
@@ -174,16 +191,8 @@ class App:
         """Register a function: `@app.function(gpu="A100", timeout=600)`."""
         if _warn_parentheses_missing is not None:
             raise InvalidError("Use @app.function() with parentheses, not @app.function.")
-        if "mounts" in kwargs:
-            from mctl.sdk.mount import apply_mounts
-
-            image = apply_mounts(image or self.image, kwargs.pop("mounts"), "@app.function")
-        renamed = _renamed_keywords("@app.function", kwargs, {
-            "max_containers": max_containers, "min_containers": min_containers or None,
-            "scaledown_window": None if scaledown_window == 60 else scaledown_window})
-        max_containers = renamed.get("max_containers", max_containers)
-        min_containers = renamed.get("min_containers", min_containers)
-        scaledown_window = renamed.get("scaledown_window", scaledown_window)
+        image, max_containers, min_containers, scaledown_window, renamed = self._older_spellings(
+            "@app.function", kwargs, image, max_containers, min_containers, scaledown_window)
         extra = _check_keywords("@app.function", kwargs, FUNCTION_KEYWORDS)
         options = _validate_common(
             "@app.function", timeout=timeout, min_containers=min_containers,
@@ -247,16 +256,8 @@ class App:
         """Register a class whose `@mctl.method()`s run remotely: `@app.cls(gpu="A10G")`."""
         if _warn_parentheses_missing is not None:
             raise InvalidError("Use @app.cls() with parentheses, not @app.cls.")
-        if "mounts" in kwargs:
-            from mctl.sdk.mount import apply_mounts
-
-            image = apply_mounts(image or self.image, kwargs.pop("mounts"), "@app.cls")
-        renamed = _renamed_keywords("@app.cls", kwargs, {
-            "max_containers": max_containers, "min_containers": min_containers or None,
-            "scaledown_window": None if scaledown_window == 60 else scaledown_window})
-        max_containers = renamed.get("max_containers", max_containers)
-        min_containers = renamed.get("min_containers", min_containers)
-        scaledown_window = renamed.get("scaledown_window", scaledown_window)
+        image, max_containers, min_containers, scaledown_window, renamed = self._older_spellings(
+            "@app.cls", kwargs, image, max_containers, min_containers, scaledown_window)
         extra = _check_keywords("@app.cls", kwargs, FUNCTION_KEYWORDS - {"schedule"})
         options = _validate_common(
             "@app.cls", timeout=timeout, min_containers=min_containers,

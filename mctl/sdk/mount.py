@@ -53,7 +53,7 @@ def apply_mounts(image: Any, mounts: Any, where: str) -> Any:
     if isinstance(mounts, Mount) or not all(isinstance(m, Mount) for m in mounts):
         raise InvalidError(f"{where}: mounts must be a list of mctl.Mount objects.")
     _warn(f"{where}(mounts=[...]) is deprecated; add the files to the image with "
-          "image.add_local_dir / add_local_file / add_local_python_source.", stacklevel=4)
+          "image.add_local_dir / add_local_file / add_local_python_source.", stacklevel=5)
     for mount in mounts:
         image = mount.add_to(image)
     return image
