@@ -53,7 +53,7 @@ def floor(n: int, host: str) -> float:
         probe = f"python3 -c 'import socket; socket.create_connection((\"{host}\", {port}))'"
         for _ in range(n):
             start = time.perf_counter()
-            subprocess.run(["sbatch", "--quiet", "--wrap", probe], check=True, timeout=60)
+            subprocess.run(["sbatch", "--quiet", "--output", "/dev/null", "--wrap", probe], check=True, timeout=60)
             conn, _ = listener.accept()
             samples.append(time.perf_counter() - start)
             conn.close()
