@@ -431,7 +431,7 @@ def make_app(control: ControlPlane) -> web.Application:
     app[SOCKETS] = {}
     app.add_routes([web.route(method, path, handler) for method, path, handler, _, _ in ROUTES])
     from mctl.core.server.volumes import add_volume_routes
-    add_volume_routes(app, app[RULES], TASK_NO)
+    add_volume_routes(app, app[RULES], TASK_NO, TASK_ANY)
     gateway.attach(app)
     return app
 
