@@ -354,7 +354,8 @@ class Files:
 
 
 def _row(path: str, entry: dict[str, Any]) -> dict[str, Any]:
-    return {"path": path, "type": entry["type"], "mtime": int(entry.get("mtime", 0)),
+    kind = "directory" if entry["type"] == "dir" else entry["type"]
+    return {"path": path, "type": kind, "mtime": int(entry.get("mtime", 0)),
             "size": entry.get("size", 0) if entry["type"] == "file" else 0}
 
 

@@ -103,10 +103,19 @@ class _Body:
 async def put_file(request: web.Request) -> web.Response:
     name, path = request.match_info["name"], request.query.get("path", "")
     mode = int(request.query["mode"], 8) if request.query.get("mode") else None
-    size = await asyncio.to_thread(volume_files.write_file, name, path, _flag(request, "force"),
-                                   _flag(request, "create"),
-                                   _Body(request, asyncio.get_running_loop()), mode)
+    try:
+        size = await asyncio.to_thread(volume_files.write_file, name, path,
+                                       _flag(request, "force"), _flag(request, "create"),
+                                       _Body(request, asyncio.get_running_loop()), mode)
+    except StoreFull:
+        await _drain(request)  # so the client reads the answer, not a reset connection
+        raise
     return web.json_response({"path": path, "size": size})
+
+
+async def _drain(request: web.Request) -> None:
+    while await request.content.read(1 << 20):
+        pass
 
 
 @_errors
@@ -181,7 +190,12 @@ async def sync_missing(request: web.Request) -> web.Response:
 @_sync_errors
 async def sync_upload(request: web.Request) -> web.Response:
     _, store = _store(request, write=True)
-    shas = await asyncio.to_thread(store.store_pack, _Body(request, asyncio.get_running_loop()))
+    try:
+        shas = await asyncio.to_thread(store.store_pack,
+                                       _Body(request, asyncio.get_running_loop()))
+    except StoreFull:
+        await _drain(request)
+        raise
     return web.json_response(shas)
 
 
