@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers, dictqueue_http, gateway
+from mctl.core.server import auth, containers, dictqueue_http, gateway, secret_direct
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -421,6 +421,7 @@ ROUTES = [
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
+ROUTES += secret_direct.routes()  # `mctl secret create` writing to Vault itself
 
 
 def make_app(control: ControlPlane) -> web.Application:
