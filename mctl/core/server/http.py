@@ -511,6 +511,12 @@ async def retention(store: Store) -> None:
         await asyncio.sleep(3600)
         try:
             removed = store.gc(time.time() - days * 86400)
+            from mctl.core import volume_files
+
+            if volume_files.driver_name() == "store":  # contents no volume names any more
+                from mctl.plugins import volumes_store
+
+                removed["volume_objects"] = await asyncio.to_thread(volumes_store.gc)
             log.info("retention: removed %s", removed)
         except Exception:
             log.exception("retention failed")
