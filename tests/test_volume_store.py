@@ -12,6 +12,7 @@ import pytest
 
 import mctl
 from conftest import ServerProcess, free_port
+from test_images_build import images_dev  # noqa: F401 - a fixture: podman, buildah, the base
 from mctl.core import mount_namespace
 from mctl.core.volume_sync import WorkingCopy
 
@@ -164,6 +165,22 @@ def test_a_full_store_fails_the_commit_clearly_and_keeps_what_was_committed(
         srv.stop()
 
 
+def test_a_working_copy_without_room_says_where_and_what_to_set(server_process, small_store,
+                                                                 tmp_path):
+    from mctl.sdk.volume import create_volume
+
+    create_volume("vol")
+    a = copy(server_process, tmp_path, "a")
+    (tmp_path / "copies/a/big.bin").write_bytes(os.urandom(6 << 20))
+    a.commit()
+    b = WorkingCopy(server_process.url, "vol", "/data", str(small_store), read_only=False)
+    with pytest.raises(OSError, match=r"No space for the working copy of volume 'vol' at .*"
+                                      r"MCTL_VOLUME_SCRATCH") as caught:
+        b.reload()
+    assert caught.value.errno == errno.ENOSPC
+    assert not [p for p in small_store.rglob(".mctl-sync-*")]  # no partial file left behind
+
+
 def write_app(tmp_path, body):
     app_file = tmp_path / "store_app.py"
     app_file.write_text(textwrap.dedent(f"""\
@@ -261,3 +278,55 @@ def test_a_function_whose_commit_does_not_fit_fails_with_the_reason(
     finally:
         srv.stop()
         shutil.rmtree(tmp_path / "scratch", ignore_errors=True)
+
+
+CONTAINER_APP = """
+import os
+import mctl
+
+app = mctl.App("store-oci")
+vol = mctl.Volume.from_name("boxed", create_if_missing=True)
+image = mctl.Image.debian_slim().apt_install("jq")  # the image test's image: built once
+
+@app.function(image=image, volumes={"/data": vol})
+def write(text):
+    os.makedirs("/data/sub", exist_ok=True)
+    with open("/data/sub/note.txt", "w") as fh:
+        fh.write(text)
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+
+@app.function(image=image, volumes={"/data": vol.read_only()})
+def read():
+    vol.reload()
+    text = open("/data/sub/note.txt").read()
+    try:
+        open("/data/sub/note.txt", "w").write("clobbered")
+    except OSError as exc:
+        return text, exc.errno
+    return text, None
+"""
+
+
+def test_containers_get_working_copies_too(images_dev, tmp_path, isolated_home, monkeypatch):
+    import errno as errnos
+
+    from test_deploy import mctl_cli
+
+    for key, value in images_dev.items():
+        monkeypatch.setenv(key, value)
+    srv = ServerProcess(tmp_path / "server-state", free_port(),
+                        dict(os.environ, MCTL_VOLUME_SCRATCH=str(tmp_path / "scratch")))
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        app_file = tmp_path / "store_oci.py"
+        app_file.write_text(CONTAINER_APP)
+        mctl_cli("deploy", str(app_file))
+        assert mctl.Function.from_name("store-oci", "write").remote("in a container") is True
+        assert mctl.Function.from_name("store-oci", "read").remote() == (
+            "in a container", errnos.EROFS)
+        assert b"".join(mctl.Volume.from_name("boxed").read_file("sub/note.txt")) == \
+            b"in a container"
+        mctl_cli("app", "stop", "store-oci")
+    finally:
+        srv.stop()

@@ -341,7 +341,18 @@ class WorkingCopy:
     def reload(self) -> int:
         """Take in the commits others made; returns how many paths changed here."""
         with self.lock:
-            return self._reload()
+            try:
+                return self._reload()
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                import socket
+
+                raise OSError(exc.errno, f"No space for the working copy of volume "
+                              f"{self.volume!r} at {self.dir} on {socket.gethostname()}: a "
+                              "worker needs room for the whole volume there. Set "
+                              "MCTL_VOLUME_SCRATCH on the control plane to a larger disk.") \
+                    from None
 
     def _reload(self) -> int:
         manifest = self.http.json("GET", f"{self.prefix}/manifest")
