@@ -169,8 +169,10 @@ class VolumeDriver(_Registration):
     built-in `store`). Each worker then gets a private working copy at the mount path, filled at
     start and by `Volume.reload()`, published by `Volume.commit()` (and when an input returns)
     through the control plane's `/api/volumes/NAME/sync/...` routes; `files` is the object that
-    serves the client API (`listdir`, `open_file`, `write`, `remove`, `copy`: see
-    `mctl.plugins.volumes_store.Files`).
+    serves the client API (`listdir`, `open_file`, `write`, `remove`, `copy`) and those routes
+    (`manifest`, `missing`, `store_pack`, `object_path`, `commit`): see
+    `mctl.plugins.volumes_store.Files`. An OSError with ENOSPC, EDQUOT or EROFS from it answers
+    507, which clients raise as OSError(ENOSPC).
     """
 
     mount: Callable[[str, bool], str]

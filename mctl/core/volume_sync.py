@@ -314,6 +314,17 @@ class WorkingCopy:
     def _send(self, paths: list[str], pack: list[tuple[str, bytes | None, int]],
               changes: dict[str, Any]) -> None:
         def records() -> Iterator[bytes]:
+            """The pack, in pieces of about 1 MiB (small files coalesced: one send each)."""
+            buf = bytearray()
+            for piece in pieces():
+                buf += piece
+                if len(buf) >= CHUNK:
+                    yield bytes(buf)
+                    buf.clear()
+            if buf:
+                yield bytes(buf)
+
+        def pieces() -> Iterator[bytes]:
             for path, (_, data, size) in zip(paths, pack):
                 yield size.to_bytes(8, "big")
                 if data is not None:

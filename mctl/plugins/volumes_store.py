@@ -309,7 +309,14 @@ def gc(min_age_s: float = 3600.0) -> int:
 
 
 class Files:
-    """The client API (`mctl.core.volume_files`) on a stored volume's manifest."""
+    """The client API (`mctl.core.volume_files`) on a stored volume's manifest, and what the
+    workers' sync routes call (`mctl.core.server.volumes`)."""
+
+    manifest = staticmethod(load)
+    missing = staticmethod(missing)
+    store_pack = staticmethod(store_pack)
+    object_path = staticmethod(object_path)
+    commit = staticmethod(commit)
 
     @staticmethod
     def listdir(name: str, path: str, recursive: bool) -> list[dict[str, Any]]:

@@ -19,7 +19,16 @@ from aiohttp import web
 
 from mctl.core import volume_files
 from mctl.exception import AlreadyExistsError, InvalidError, NotFoundError
-from mctl.plugins.volumes_store import StoreFull
+
+
+class StoreFull(OSError):
+    """A driver's storage is full or read-only (any OSError with ENOSPC, EDQUOT or EROFS)."""
+
+
+def _full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 # an error's kind, which the client turns back into the same exception
 _KINDS: list[tuple[type[BaseException], int]] = [
@@ -31,7 +40,12 @@ def _errors(handler: Any) -> Any:
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            return await handler(request)
+            try:
+                return await handler(request)
+            except OSError as exc:
+                if _full(exc) and not isinstance(exc, StoreFull):
+                    raise StoreFull(exc.errno, exc.strerror or str(exc)) from None
+                raise
         except tuple(k for k, _ in _KINDS) as exc:
             status = next(s for k, s in _KINDS if isinstance(exc, k))
             message = (str(exc) if not isinstance(exc, OSError)
@@ -107,8 +121,9 @@ async def put_file(request: web.Request) -> web.Response:
         size = await asyncio.to_thread(volume_files.write_file, name, path,
                                        _flag(request, "force"), _flag(request, "create"),
                                        _Body(request, asyncio.get_running_loop()), mode)
-    except StoreFull:
-        await _drain(request)  # so the client reads the answer, not a reset connection
+    except OSError as exc:
+        if _full(exc):
+            await _drain(request)  # so the client reads the answer, not a reset connection
         raise
     return web.json_response({"path": path, "size": size})
 
@@ -138,8 +153,6 @@ def _store(request: web.Request, write: bool = False) -> tuple[str, Any]:
     """The volume's name and the store module, after checking that a task token's function
     mounts it (writable, for `write`)."""
     from mctl.core.server.audit import PRINCIPAL_KEY
-    from mctl.plugins import volumes_store
-
     name = volume_files.check_name(request.match_info["name"])
     if not volume_files.driver().copies:
         raise InvalidError(f"Volume driver {volume_files.driver_name()!r} binds one directory into "
@@ -153,7 +166,7 @@ def _store(request: web.Request, write: bool = False) -> tuple[str, Any]:
         if not paths or (write and all(p in fs.spec.read_only_volumes for p in paths)):
             raise _Denied(f"This function does not mount volume {name!r}"
                           + (" writable." if paths else "."))
-    return name, volumes_store
+    return name, volume_files.driver().files
 
 
 class _Denied(Exception):
@@ -177,7 +190,7 @@ def _sync_errors(handler: Any) -> Any:
 @_sync_errors
 async def sync_manifest(request: web.Request) -> web.Response:
     name, store = _store(request)
-    return web.json_response(await asyncio.to_thread(store.load, name))
+    return web.json_response(await asyncio.to_thread(store.manifest, name))
 
 
 @_sync_errors
@@ -193,8 +206,9 @@ async def sync_upload(request: web.Request) -> web.Response:
     try:
         shas = await asyncio.to_thread(store.store_pack,
                                        _Body(request, asyncio.get_running_loop()))
-    except StoreFull:
-        await _drain(request)
+    except OSError as exc:
+        if _full(exc):
+            await _drain(request)
         raise
     return web.json_response(shas)
 
