@@ -279,11 +279,11 @@ class WorkingCopy:
 
     def _hash(self, path: str, info: os.stat_result) -> tuple[str, bytes | None, int]:
         full = os.path.join(self.dir, path)
-        digest = hashlib.sha256()
         with open(full, "rb") as fh:
             if info.st_size <= SMALL:
                 data = fh.read()
                 return hashlib.sha256(data).hexdigest(), data, len(data)
+            digest = hashlib.sha256()
             size = 0
             while chunk := fh.read(CHUNK):
                 digest.update(chunk)
@@ -296,7 +296,8 @@ class WorkingCopy:
         lacking = set(self.http.json("POST", f"{self.prefix}/missing", shas)) if shas else set()
         todo: dict[str, tuple[str, bytes | None, int]] = {}
         for path, (sha, data, size) in content.items():
-            if sha in lacking and sha not in {t[0] for t in todo.values()}:
+            if sha in lacking:
+                lacking.discard(sha)  # one upload per content, however many paths have it
                 todo[path] = (sha, data, size)
         pack: list[tuple[str, bytes | None, int]] = []
         pack_paths: list[str] = []
