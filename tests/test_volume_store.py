@@ -2,6 +2,7 @@
 only what changed, Modal's visibility rules, a full store, racing commits, task-token scoping."""
 
 import errno
+import io
 import os
 import shutil
 import subprocess
@@ -330,3 +331,26 @@ def test_containers_get_working_copies_too(images_dev, tmp_path, isolated_home, 
         mctl_cli("app", "stop", "store-oci")
     finally:
         srv.stop()
+
+
+@needs_namespace
+def test_an_ephemeral_volume_lives_for_its_with_block(server_process, tmp_path):
+    app = mctl.App("ephemeral-vol")
+    mount = str(tmp_path / "mnt" / "eph")
+
+    with mctl.Volume.ephemeral() as vol:
+        @app.function(volumes={mount: vol}, serialized=True)
+        def shout():
+            text = open(mount + "/in.txt").read()
+            with open(mount + "/out.txt", "w") as fh:
+                fh.write(text.upper())
+            return text
+
+        with vol.batch_upload() as batch:
+            batch.put_file(io.BytesIO(b"quiet"), "in.txt")
+        with app.run():
+            assert shout.remote() == "quiet"
+        assert b"".join(vol.read_file("out.txt")) == b"QUIET"  # committed when it returned
+        name = vol.name
+        assert name in [v["name"] for v in mctl.sdk.volume.list_volumes()]
+    assert name not in [v["name"] for v in mctl.sdk.volume.list_volumes()]

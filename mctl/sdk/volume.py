@@ -6,6 +6,7 @@ them): `listdir`, `iterdir`, `read_file`, `remove_file`, `copy_files` and `batch
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
@@ -40,6 +41,21 @@ class Volume:
     def from_name(name: str, *, create_if_missing: bool = False,
                   environment_name: str | None = None) -> Volume:
         return Volume(name, create_if_missing, environment_name)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def ephemeral(*, environment_name: str | None = None, **_: Any) -> Iterator[Volume]:
+        """A volume that lives as long as the `with` block, as Modal's: `with
+        mctl.Volume.ephemeral() as vol: ...` (mount it in functions of `app.run()`); it is
+        deleted, with its files, when the block ends."""
+        import secrets
+
+        name = f"ephemeral-{secrets.token_hex(8)}"
+        create_volume(name)
+        try:
+            yield Volume(name, environment_name=environment_name)
+        finally:
+            delete_volume(name)
 
     # --- from the client, through the control plane ---------------------------------------------
     def listdir(self, path: str = "/", *, recursive: bool = False) -> list[FileEntry]:
