@@ -354,3 +354,26 @@ def test_an_ephemeral_volume_lives_for_its_with_block(server_process, tmp_path):
         name = vol.name
         assert name in [v["name"] for v in mctl.sdk.volume.list_volumes()]
     assert name not in [v["name"] for v in mctl.sdk.volume.list_volumes()]
+
+
+@needs_namespace
+def test_a_web_endpoints_writes_are_committed_after_its_response(server_process, tmp_path):
+    import urllib.request
+
+    from conftest import wait_until
+    from test_deploy import mctl_cli
+
+    mctl_cli("deploy", str(write_app(tmp_path, """
+        @app.function(volumes={MOUNT: vol})
+        @mctl.fastapi_endpoint(method="GET")
+        def visit(who: str):
+            with open(MOUNT + '/visitor.txt', 'w') as fh:
+                fh.write(who)
+            return {"hello": who}
+        """)))
+    url = mctl.Function.from_name("store-app", "visit").get_web_url()
+    with urllib.request.urlopen(url + "?who=ada", timeout=60) as resp:
+        assert resp.read() == b'{"hello":"ada"}'
+    vol = mctl.Volume.from_name("notes")
+    assert wait_until(lambda: "visitor.txt" in {e.path for e in vol.listdir("/")}, 20)
+    assert b"".join(vol.read_file("visitor.txt")) == b"ada"
