@@ -232,3 +232,16 @@ def test_cli_render_and_deploy_dry_run_print_checked_jobs():
     assert refused.exit_code != 0 and "--scheduler nomad --dry-run" in refused.output
     bad = runner.invoke(cli, ["nomad", "render", app_file, "-o", "datacenter=dc1"])
     assert bad.exit_code != 0 and "has no option datacenter" in bad.output
+
+
+@pytest.mark.parametrize("options", [{}, {"volume_type": "csi"}], ids=["host", "csi"])
+def test_read_only_volumes_are_read_only_in_the_job(options):
+    jobs = render("nomad_volumes", **options)
+    group = jobs_by_id(jobs)["mctl-nomad-volumes-infer"]["TaskGroups"][0]
+    assert group["Tasks"][0]["VolumeMounts"] == [
+        {"Volume": "weights", "Destination": "/models", "ReadOnly": True},
+        {"Volume": "scratch", "Destination": "/work", "ReadOnly": False}]
+    assert group["Volumes"]["weights"]["ReadOnly"] is True
+    assert group["Volumes"]["scratch"]["ReadOnly"] is False
+    done = check(jobs)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -350,7 +350,8 @@ def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref
         task["Templates"] += _secret_templates(secrets, opts)
     if fspec.volumes and not trigger:
         task["VolumeMounts"] = [{"Volume": _volume_key(name), "Destination": path,
-                                 "ReadOnly": False} for path, name in sorted(fspec.volumes.items())]
+                                 "ReadOnly": path in fspec.read_only_volumes}
+                                for path, name in sorted(fspec.volumes.items())]
     return task
 
 
@@ -358,7 +359,10 @@ def _volumes(fspec: FunctionSpec, opts: NomadOptions) -> dict[str, Any]:
     out = {}
     for name in sorted(set(fspec.volumes.values())):
         key = _volume_key(name)
-        volume = {"Name": key, "Type": opts.volume_type, "Source": name, "ReadOnly": False}
+        # read-only for the group only when every mount of it is (`vol.read_only()`)
+        read_only = all(path in fspec.read_only_volumes
+                        for path, other in fspec.volumes.items() if other == name)
+        volume = {"Name": key, "Type": opts.volume_type, "Source": name, "ReadOnly": read_only}
         if opts.volume_type == "csi":
             volume.update(AccessMode="multi-node-multi-writer", AttachmentMode="file-system")
         out[key] = volume
