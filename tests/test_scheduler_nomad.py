@@ -89,10 +89,10 @@ def test_connection_settings_come_from_nomads_variables(nomad_env, tmp_path):
 
 
 def test_permission_denied_names_the_token_setting(nomad_env):
-    message = NomadScheduler({})._denied("PUT", "/v1/jobs", "Permission denied")
+    message = NomadScheduler({}).api._denied("PUT /v1/jobs", "Permission denied")
     assert "no ACL token was sent" in message and "Set NOMAD_TOKEN" in message
     nomad_env.setenv("NOMAD_TOKEN", "t")
-    message = NomadScheduler({})._denied("PUT", "/v1/jobs", "Permission denied")
+    message = NomadScheduler({}).api._denied("PUT /v1/jobs", "Permission denied")
     assert "NOMAD_TOKEN needs the submit-job" in message
 
 

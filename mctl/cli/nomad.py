@@ -96,14 +96,13 @@ def force(app_name: str, function: str, options: tuple[str, ...]) -> None:
     """Run FUNCTION's schedule now: Nomad launches its periodic job (`nomad job periodic force`),
     which spawns one call."""
     from mctl.plugins.nomad_render import job_id
-    from mctl.plugins.scheduler_nomad import force_path
 
     backend = _backend(options)
     jid = job_id(app_name, function) + "-schedule"
 
     async def work() -> None:
         try:
-            answer = await backend.request("PUT", force_path(jid), missing_ok=True)
+            answer = await backend.api.force(jid)
         finally:
             await backend.shutdown()
         if answer is None:
@@ -150,7 +149,7 @@ def logs(app_name: str, function: str, follow: bool, kind: str, tail_bytes: int,
 
     async def work() -> None:
         try:
-            allocs = await backend.request("GET", f"/v1/job/{jid}/allocations", missing_ok=True)
+            allocs = await backend.api.allocations(jid)
             running = [a for a in allocs or [] if a.get("ClientStatus") == "running"]
             if allocs is None:
                 raise click.ClickException(
