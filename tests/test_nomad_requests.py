@@ -124,7 +124,8 @@ def test_request_sequence_of_deploys_rollback_and_stop(tmp_path, isolated_home, 
            "NOMAD_TOKEN": "acl-secret-id"}
     srv = ServerProcess(tmp_path / "state", free_port(), env,
                         args=["--scheduler", "nomad", "--scheduler-option", "datacenters=dc1",
-                              "--scheduler-option", "poll_interval=0.2"])
+                              "--scheduler-option", "poll_interval=0.2",
+                              "--scheduler-option", "function.extra.namespace=batch"])
     srv.start()
     client = {**os.environ, "MCTL_SERVER_URL": srv.url}
     monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
@@ -182,8 +183,16 @@ def test_request_sequence_of_deploys_rollback_and_stop(tmp_path, isolated_home, 
     # every request carries the ACL token and the namespace (python-nomad leaves the namespace
     # of /v1/var calls out unless given: mctl gives it)
     assert all(r["token"] == "acl-secret-id" for r in requests)
-    assert all(r["query"].get("namespace") == "ml" for r in requests
-               if r["path"] != "/v1/status/leader")
+    # ... the function's own namespace where an option overrides it, for every call about its
+    # jobs, its Variable included (the job's template reads it from the job's namespace)
+    for r in requests:
+        if r["path"] != "/v1/status/leader":
+            wanted = "batch" if "mctl-rec-extra" in r["path"] else "ml"
+            assert r["query"].get("namespace") == wanted, r
+            if r["body"] and "Job" in r["body"]:
+                assert r["body"]["Namespace"] == r["body"]["Job"]["Namespace"] == wanted
+            if r["body"] and "Items" in r["body"]:
+                assert r["body"]["Namespace"] == wanted
     # every body, as sent, passes Nomad's own API types
     kinds = {"job": [], "scale": [], "variable": [], "revert": []}
     for r in requests:

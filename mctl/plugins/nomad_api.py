@@ -130,11 +130,15 @@ class NomadAPI:
     def __init__(self, conn: Connection, timeout: float = 15.0) -> None:
         self.conn = conn
         self.timeout = timeout
-        self._nomad: Any = None
+        self._clients: dict[str, Any] = {}  # namespace -> python-nomad client
+        self._requests: Any = None  # the one requests.Session they share
         self._session: Any = None  # aiohttp, for log streams
 
-    def _client(self) -> Any:
-        if self._nomad is None:
+    def _client(self, namespace: str | None) -> Any:
+        """python-nomad's client for a namespace (a function may run in its own: python-nomad
+        takes the namespace of most calls from its client, not per call)."""
+        namespace = namespace or self.conn.namespace
+        if namespace not in self._clients:
             try:
                 import nomad
             except ImportError:
@@ -142,18 +146,21 @@ class NomadAPI:
                                  "its nomad extra: pip install 'mctl[nomad]'.") from None
             import requests
 
+            if self._requests is None:
+                self._requests = requests.Session()  # one connection pool for every call
             cert = (self.conn.client_cert, self.conn.client_key) if self.conn.client_cert else ()
-            self._nomad = nomad.Nomad(
-                address=self.conn.address, token=self.conn.token, namespace=self.conn.namespace,
+            self._clients[namespace] = nomad.Nomad(
+                address=self.conn.address, token=self.conn.token, namespace=namespace,
                 region=self.conn.region, timeout=self.timeout,  # type: ignore[arg-type]
                 verify=self.conn.cacert or True,  # type: ignore[arg-type]
-                cert=cert, session=requests.Session())  # one connection pool for every call
-        return self._nomad
+                cert=cert, session=self._requests)
+        return self._clients[namespace]
 
-    async def _call(self, what: str, call: Callable[[Any], Any], missing_ok: bool = False) -> Any:
+    async def _call(self, what: str, call: Callable[[Any], Any], missing_ok: bool = False,
+                    namespace: str | None = None) -> Any:
         from nomad.api import exceptions
 
-        client = self._client()
+        client = self._client(namespace)
         try:
             return await asyncio.to_thread(call, client)
         except exceptions.URLNotFoundNomadException as exc:
@@ -197,57 +204,65 @@ class NomadAPI:
     async def leader(self) -> Any:
         return await self._call("GET /v1/status/leader", lambda n: n.status.leader.get_leader())
 
-    async def register(self, job_id: str, body: dict[str, Any]) -> Any:
+    # Each takes the job's namespace (`ns`, default the connection's).
+    async def register(self, job_id: str, body: dict[str, Any], ns: str | None = None) -> Any:
         """`POST /v1/job/:id` with an `api.JobRegisterRequest`."""
         return await self._call(f"POST /v1/job/{job_id}",
-                                lambda n: n.job.register_job(job_id, body))
+                                lambda n: n.job.register_job(job_id, body), namespace=ns)
 
-    async def job(self, job_id: str) -> Any:
+    async def job(self, job_id: str, ns: str | None = None) -> Any:
         return await self._call(f"GET /v1/job/{job_id}", lambda n: n.job.get_job(job_id),
-                                missing_ok=True)
+                                missing_ok=True, namespace=ns)
 
-    async def versions(self, job_id: str) -> Any:
+    async def versions(self, job_id: str, ns: str | None = None) -> Any:
         return await self._call(f"GET /v1/job/{job_id}/versions",
-                                lambda n: n.job.get_versions(job_id), missing_ok=True)
+                                lambda n: n.job.get_versions(job_id), missing_ok=True,
+                                namespace=ns)
 
-    async def revert(self, job_id: str, version: int, prior: int) -> Any:
+    async def revert(self, job_id: str, version: int, prior: int, ns: str | None = None) -> Any:
         """`POST /v1/job/:id/revert`; python-nomad sends `revert_body(job_id, version, prior)`."""
         return await self._call(f"POST /v1/job/{job_id}/revert",
-                                lambda n: n.job.revert_job(job_id, version, prior))
+                                lambda n: n.job.revert_job(job_id, version, prior), namespace=ns)
 
-    async def scale(self, job_id: str, body: dict[str, Any]) -> Any:
+    async def scale(self, job_id: str, body: dict[str, Any], ns: str | None = None) -> Any:
         """`POST /v1/job/:id/scale` with an `api.ScalingRequest` (python-nomad has no method)."""
         return await self._call(
             f"POST /v1/job/{job_id}/scale",
-            lambda n: n.job.request(job_id, "scale", json=body, method="post").json())
+            lambda n: n.job.request(job_id, "scale", json=body, method="post").json(),
+            namespace=ns)
 
-    async def deregister(self, job_id: str) -> Any:
+    async def deregister(self, job_id: str, ns: str | None = None) -> Any:
         """`DELETE /v1/job/:id`: Nomad stops the job (its versions stay, for a later revert)."""
         return await self._call(f"DELETE /v1/job/{job_id}",
-                                lambda n: n.job.deregister_job(job_id), missing_ok=True)
+                                lambda n: n.job.deregister_job(job_id), missing_ok=True,
+                                namespace=ns)
 
-    async def allocations(self, job_id: str) -> Any:
+    async def allocations(self, job_id: str, ns: str | None = None) -> Any:
         return await self._call(f"GET /v1/job/{job_id}/allocations",
-                                lambda n: n.job.get_allocations(job_id), missing_ok=True)
+                                lambda n: n.job.get_allocations(job_id), missing_ok=True,
+                                namespace=ns)
 
-    async def force(self, job_id: str) -> Any:
+    async def force(self, job_id: str, ns: str | None = None) -> Any:
         """`POST /v1/job/:id/periodic/force`: Nomad launches the periodic job now."""
         return await self._call(f"POST /v1/job/{job_id}/periodic/force",
-                                lambda n: n.job.periodic_job(job_id), missing_ok=True)
+                                lambda n: n.job.periodic_job(job_id), missing_ok=True,
+                                namespace=ns)
 
-    async def put_variable(self, job_id: str, body: dict[str, Any]) -> Any:
-        """`PUT /v1/var/nomad/jobs/:id` with an `api.Variable`."""
-        path = var_path(job_id)
+    async def put_variable(self, job_id: str, body: dict[str, Any],
+                           ns: str | None = None) -> Any:
+        """`PUT /v1/var/nomad/jobs/:id` with an `api.Variable`, in the job's namespace (where
+        the job's template reads it)."""
+        path, ns = var_path(job_id), ns or self.conn.namespace
         return await self._call(f"PUT /v1/var/{path}", lambda n: n.variable.create_variable(
-            path, body, namespace=self.conn.namespace))
+            path, body, namespace=ns), namespace=ns)
 
-    async def delete_variable(self, job_id: str) -> Any:
-        path = var_path(job_id)
+    async def delete_variable(self, job_id: str, ns: str | None = None) -> Any:
+        path, ns = var_path(job_id), ns or self.conn.namespace
 
         def delete(n: Any) -> None:
-            n.variable.delete_variable(path, namespace=self.conn.namespace)
+            n.variable.delete_variable(path, namespace=ns)
 
-        return await self._call(f"DELETE /v1/var/{path}", delete, missing_ok=True)
+        return await self._call(f"DELETE /v1/var/{path}", delete, missing_ok=True, namespace=ns)
 
     # --- logs (aiohttp: python-nomad cannot follow a stream) -----------------------------------
     async def _http(self) -> Any:
@@ -268,14 +283,15 @@ class NomadAPI:
         return self._session
 
     async def stream_logs(self, alloc_id: str, task: str = TASK, kind: str = "stdout",
-                          follow: bool = False, tail_bytes: int = 0) -> AsyncIterator[bytes]:
+                          follow: bool = False, tail_bytes: int = 0,
+                          ns: str | None = None) -> AsyncIterator[bytes]:
         """The task's log through Nomad's client fs API (the agent forwards it from the node):
         its last `tail_bytes`, then, with `follow`, what it writes until the allocation ends."""
         import aiohttp
 
         path, params = logs_request(alloc_id, task, kind, follow, tail_bytes)
         session = await self._http()
-        query = {"namespace": self.conn.namespace, "region": self.conn.region, **params}
+        query = {"namespace": ns or self.conn.namespace, "region": self.conn.region, **params}
         frames = FrameDecoder()
         no_limit = aiohttp.ClientTimeout(total=None, connect=self.timeout)
         try:
@@ -296,9 +312,10 @@ class NomadAPI:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._nomad is not None:
-            self._nomad.job.session.close()  # the one requests.Session every endpoint uses
-            self._nomad = None
+        if self._requests is not None:
+            self._requests.close()
+            self._requests = None
+        self._clients.clear()
 
 
 def _text(exc: Any) -> str:

@@ -53,6 +53,7 @@ TAIL_BYTES = 4096  # of a failed worker's stdout and stderr, into the app's logs
 class NomadPool:
     launch: LaunchSpec
     job_ids: tuple[str, ...]      # the service job, then the periodic job if any
+    namespace: str                # the jobs' (a function may have its own)
     count: int = 0
     job_version: int = 0          # the Nomad job version this pool registered
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # task id -> last seen
@@ -60,8 +61,10 @@ class NomadPool:
 
 # --- request bodies (the tests pass each through tools/nomad-jobcheck) --------------------------
 def register_body(job: dict[str, Any], conn: Connection) -> dict[str, Any]:
-    """`PUT /v1/jobs`: an `api.JobRegisterRequest`."""
-    return {**job, "Namespace": conn.namespace, "Region": conn.region}
+    """`POST /v1/job/:id`: an `api.JobRegisterRequest`, in the job's own namespace (a
+    per-function override may differ from the connection's)."""
+    return {**job, "Namespace": job["Job"].get("Namespace") or conn.namespace,
+            "Region": conn.region}
 
 
 def scale_body(job_id: str, count: int, launch: LaunchSpec) -> dict[str, Any]:
@@ -72,13 +75,14 @@ def scale_body(job_id: str, count: int, launch: LaunchSpec) -> dict[str, Any]:
 
 
 def variable_body(job_id: str, task_token: str | None, conn: Connection,
-                  app_version: int = 0) -> dict[str, Any]:
+                  app_version: int = 0, namespace: str | None = None) -> dict[str, Any]:
     """`PUT /v1/var/nomad/jobs/:id`: an `api.Variable` the job's own tasks may read: the task
     token and the app version their workers serve (neither is in the job itself)."""
     items = {"app_version": str(app_version)}
     if task_token:
         items["task_token"] = task_token
-    return {"Namespace": conn.namespace, "Path": f"nomad/jobs/{job_id}", "Items": items}
+    return {"Namespace": namespace or conn.namespace, "Path": f"nomad/jobs/{job_id}",
+            "Items": items}
 
 
 def revert_body(job_id: str, version: int, prior: int) -> dict[str, Any]:
@@ -145,8 +149,9 @@ class NomadScheduler:
         self._poller: asyncio.Task[None] | None = None
 
     def stream_logs(self, alloc_id: str, task: str = TASK, kind: str = "stdout",
-                    follow: bool = False, tail_bytes: int = 0) -> AsyncIterator[bytes]:
-        return self.api.stream_logs(alloc_id, task, kind, follow, tail_bytes)
+                    follow: bool = False, tail_bytes: int = 0,
+                    ns: str | None = None) -> AsyncIterator[bytes]:
+        return self.api.stream_logs(alloc_id, task, kind, follow, tail_bytes, ns)
 
     # --- the backend ---------------------------------------------------------------------------
     async def start(self, events: PoolEvents) -> None:
@@ -170,6 +175,7 @@ class NomadScheduler:
         jobs = render_function(launch, launch.spec, self.render, image_ref(launch),
                                version_from_variable=True)
         ids = tuple(doc["Job"]["ID"] for doc in jobs)
+        ns = jobs[0]["Job"]["Namespace"]
         # Claim the jobs first: the previous version's removal must not deregister a job (or
         # delete its Variable) that this version registers.
         previous = {job_id: self.current.get(job_id) for job_id in ids}
@@ -177,11 +183,11 @@ class NomadScheduler:
         try:
             token = launch.env.get("MCTL_TASK_TOKEN")
             for job_id in ids:
-                await self.api.put_variable(job_id, variable_body(job_id, token, self.conn,
-                                                                  launch.version))
+                await self.api.put_variable(job_id, variable_body(
+                    job_id, token, self.conn, launch.version, ns), ns)
             for doc in jobs:
                 await self._submit(launch, doc)
-            info = await self.api.job(ids[0]) or {}
+            info = await self.api.job(ids[0], ns) or {}
         except BaseException:
             for job_id, before in previous.items():
                 if self.current.get(job_id) != launch.pool_id:
@@ -193,7 +199,8 @@ class NomadScheduler:
             raise
         groups = info.get("TaskGroups") or [{}]
         count = groups[0].get("Count", launch.spec.autoscaling.min_containers)
-        self.pools[launch.pool_id] = NomadPool(launch, ids, count, int(info.get("Version") or 0))
+        self.pools[launch.pool_id] = NomadPool(launch, ids, ns, count,
+                                               int(info.get("Version") or 0))
         log.info("Nomad job(s) %s at version %s for %s", ", ".join(ids), info.get("Version"),
                  launch.pool_id)
 
@@ -203,13 +210,14 @@ class NomadScheduler:
         again, as `nomad job revert` would. `mctl app rollback` activates every function of the
         version it returns to, so every job of the app is reverted."""
         job = doc["Job"]
+        ns = job["Namespace"]
         try:
-            versions = await self.api.versions(job["ID"])
+            versions = await self.api.versions(job["ID"], ns)
             target = revert_target(versions, job["Meta"][SPEC_META])
             if target is None:
-                await self.api.register(job["ID"], register_body(doc, self.conn))
+                await self.api.register(job["ID"], register_body(doc, self.conn), ns)
             else:
-                await self.api.revert(job["ID"], *target)
+                await self.api.revert(job["ID"], *target, ns)
                 log.info("reverted Nomad job %s to version %s (app %s v%s)", job["ID"],
                          target[0], launch.app_name, launch.version)
         except NomadError as exc:  # Nomad's own reason, with the function it concerns
@@ -219,7 +227,8 @@ class NomadScheduler:
         pool = self.pools.get(pool_id)
         if pool is None or self.current.get(pool.job_ids[0]) != pool_id or count == pool.count:
             return
-        await self.api.scale(pool.job_ids[0], scale_body(pool.job_ids[0], count, pool.launch))
+        await self.api.scale(pool.job_ids[0], scale_body(pool.job_ids[0], count, pool.launch),
+                             pool.namespace)
         pool.count = count
 
     async def stop_worker(self, pool_id: str, worker_id: str, grace_s: float) -> None:
@@ -239,10 +248,10 @@ class NomadScheduler:
         for job_id in pool.job_ids:
             if self.current.get(job_id) != pool_id:
                 continue  # a newer version registered this job over this one
-            await self.api.deregister(job_id)
+            await self.api.deregister(job_id, pool.namespace)
             if self.current.get(job_id) != pool_id:
                 continue  # claimed meanwhile: its new version wrote the Variable
-            await self.api.delete_variable(job_id)
+            await self.api.delete_variable(job_id, pool.namespace)
             if self.current.get(job_id) == pool_id:
                 del self.current[job_id]
             log.info("deregistered Nomad job %s (%s)", job_id, pool_id)
@@ -264,22 +273,23 @@ class NomadScheduler:
                 if self.current.get(pool.job_ids[0]) != pool_id:
                     continue  # core drains an old version's workers itself
                 try:
-                    allocs = await self.api.allocations(pool.job_ids[0])
+                    allocs = await self.api.allocations(pool.job_ids[0], pool.namespace)
                 except NomadError as exc:
                     log.warning("listing allocations of %s: %s", pool.job_ids[0], exc)
                     continue
                 for worker_id, code, detail in self._update(pool, allocs or []):
                     if detail:  # what the worker wrote before it died: into the app's logs
-                        detail = await self._with_tail(worker_id, detail)
+                        detail = await self._with_tail(worker_id, detail, pool.namespace)
                     if self.events is not None:
                         self.events.worker_exited(pool_id, worker_id, code, detail)
 
-    async def _with_tail(self, worker_id: str, detail: str) -> str:
+    async def _with_tail(self, worker_id: str, detail: str, ns: str) -> str:
         alloc_id = worker_id[len("ta-"):]
         tail = b""
         try:
             for kind in ("stdout", "stderr"):
-                async for data in self.stream_logs(alloc_id, kind=kind, tail_bytes=TAIL_BYTES):
+                async for data in self.api.stream_logs(alloc_id, kind=kind,
+                                                       tail_bytes=TAIL_BYTES, ns=ns):
                     tail += data
         except NomadError as exc:  # the node may be gone with its logs
             return f"{detail} (its log could not be read: {exc})"
