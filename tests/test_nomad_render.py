@@ -186,7 +186,8 @@ def test_read_only_volumes_render_read_only_and_nomads_csi_rules_hold():
     writable = copy.deepcopy(job)
     writable["TaskGroups"][0]["Volumes"]["models"]["ReadOnly"] = False
     done = check([{"Job": writable}])
-    assert done.returncode == 1 and "multi-node-reader-only volumes must be read-only" in done.stdout
+    assert done.returncode == 1
+    assert "multi-node-reader-only volumes must be read-only" in done.stdout
     no_mode = copy.deepcopy(job)
     del no_mode["TaskGroups"][0]["Volumes"]["models"]["AccessMode"]
     assert "must have an access mode" in check([{"Job": no_mode}]).stdout

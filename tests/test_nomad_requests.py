@@ -139,7 +139,8 @@ def test_request_sequence_of_deploys_rollback_and_stop(tmp_path, isolated_home, 
                           <= set(recorder.calls()), timeout=60), recorder.calls()
         calls = recorder.calls()
         # each job's Variable (task token, app version) is written before the job needs it
-        assert index(calls, ("PUT", "/v1/var/nomad/jobs/mctl-rec-work")) < index(calls, ("POST", work))
+        assert index(calls, ("PUT", "/v1/var/nomad/jobs/mctl-rec-work")) < \
+            index(calls, ("POST", work))
         assert index(calls, ("PUT", "/v1/var/nomad/jobs/mctl-rec-work-schedule")) < \
             index(calls, ("POST", sched))
 

@@ -17,7 +17,8 @@ def plain(x):
 
 @app.function(image=registry, cpu=2.5, memory=4096, min_containers=2, max_containers=8,
               scaledown_window=120, retries=mctl.Retries(max_retries=3, initial_delay=2.0),
-              timeout=900, secrets=[keys], volumes={"/data": data, "/models": models.read_only()}, env={"MODE": "fast"})
+              timeout=900, secrets=[keys], volumes={"/data": data, "/models": models.read_only()},
+              env={"MODE": "fast"})
 def everything(x):
     return x
 
