@@ -224,3 +224,24 @@ def test_run_function_runs_at_build_time_in_the_image_environment(tmp_path):
                         BuildContext(log=lines.append, blob_path=lambda b: blobs / b))
     assert built["builder"] == "venv"
     assert marker.read_text() == str(Path(built["python"]).parent.parent)  # ran in the venv
+
+
+# --- other Python versions ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_debian_slim_of_another_python_version_runs_in_that_python(oci_server):
+    """3.13 is trixie's python3: the base is bootstrapped from Debian's packages if missing, and
+    mctl's dependencies are installed in the image (the host's 3.11 ones cannot be lent)."""
+    out = mctl_cli("deploy", str(APPS / "image_python_version.py"))
+    assert "oci builder" in out.stdout
+    got = mctl.Function.from_name("image-python-version", "version").remote({"a": 1})
+    assert got == ("3.13", "a = 1\n", "/usr/bin/python3")
+
+
+def test_a_python_version_debian_does_not_ship_is_refused_naming_the_ones_it_does(oci_server):
+    env = dict(os.environ, IMAGE_PYTHON_VERSION="3.12")
+    out = mctl_cli("deploy", str(APPS / "image_python_version.py"), env=env, check=False)
+    assert out.returncode != 0
+    assert "debian_slim(python_version='3.12') cannot be built here" in out.stderr
+    assert "3.9 (bullseye), 3.11 (bookworm), 3.13 (trixie), 3.14 (forky)" in out.stderr
+    assert "MCTL_IMAGE_BASE_DEBIAN_SLIM_3_12" in out.stderr
+    assert apps_listed() == []

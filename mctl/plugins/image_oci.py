@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from mctl.core.images import BuildContext
     from mctl.core.spec import ImageSpec
 
-DEFAULT_DEBIAN_SLIM = "localhost/mctl/debian-slim:bookworm"
-DEBIAN_SLIM_PYTHON = "3.11"
 HOST_CA_IN_BUILD = "/etc/ssl/host-ca.crt"
 PYTHON_SOURCE_ROOT = "/root"
 MOUNTED_SOURCE_ROOT = "/opt/mctl/src"
@@ -95,6 +93,8 @@ def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
     ref = f"{registry}/mctl/{image.image_id}:{version}" if registry else tag
     files, env = _start_files(image, ctx, cache_dir() / "files", extract_blob)
     result = {"python": "python3", "runtime": "oci", "image": ref, "env": env, "files": files}
+    if foreign_python(image):  # mctl's dependencies are in the image (see `render`)
+        result["python_deps"] = "image"
     forced = bool((image.recipe.get("base") or {}).get("force_build")) or any(
         s.get("force_build") for s in image.recipe.get("steps", []))
     if not forced and _exists(tool, tag, ref, registry):
@@ -183,12 +183,7 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
     lines: list[str] = []
     kind = base["kind"]
     if kind == "debian_slim":
-        version = recipe.get("python_version")
-        if version and version != DEBIAN_SLIM_PYTHON:
-            raise ImageBuildError(f"Image.debian_slim(python_version={version!r}): the debian_slim "
-                                  f"base here has Python {DEBIAN_SLIM_PYTHON}; use that version, or "
-                                  "an image with yours (Image.from_registry).")
-        lines.append(f"FROM {_debian_slim_base(ctx)}")
+        lines.append(f"FROM {_debian_slim_base(ctx, recipe.get('python_version'))}")
     elif kind == "registry":
         from mctl.plugins import registry_v2
 
@@ -215,6 +210,12 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
     # The host's pip settings reach every stage's RUN lines (ARG values are not kept in the image).
     lines = _after_each_from(lines, arg_lines)
     lines.append("ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore")
+    if foreign_python(image):
+        # The host's mctl environment cannot be lent to another Python version (compiled
+        # dependencies): install mctl's dependencies in the image; mctl's own (pure Python)
+        # package is still bound from the host when a worker starts.
+        lines.append("RUN python3 -m pip install --no-input --no-cache-dir "
+                     + " ".join(shlex.quote(r) for r in mctl_requirements()))
     python_path = False
     for n, step in enumerate(recipe.get("steps", []), 1):
         kind = step["kind"]
@@ -250,6 +251,13 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
             if kind == "add_local_python_source":
                 python_path = True
         elif kind == "run_function":
+            if foreign_python(image):
+                raise ImageBuildError(
+                    f"Image.run_function({step['name']}) (step {n}) cannot run in an image of "
+                    f"Python {recipe.get('python_version') or 'other'}: the function travels as "
+                    f"cloudpickle bytes made by Python {host_python()}, which another Python "
+                    "version cannot load. Use run_commands (e.g. `python3 -c ...` or a script "
+                    "added with add_local_file(copy=True)) in this image.")
             src = f"mctl-files/{n}"
             extract_blob(ctx, step["blob"], context / src)
             lines.append(f"COPY {src}/function.pkl /tmp/mctl-function-{n}.pkl")
@@ -276,20 +284,38 @@ def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
     return out
 
 
-def _debian_slim_base(ctx: BuildContext) -> str:
-    import subprocess
+def _debian_slim_base(ctx: BuildContext, version: str | None) -> str:
+    """The base of `debian_slim(python_version=version)`, made from Debian's packages if missing
+    (see `debian_slim_base`)."""
+    from mctl.plugins import debian_slim_base
 
-    from mctl.core.images import ImageBuildError
+    tag, suite = debian_slim_base.base_for(version)
+    debian_slim_base.ensure(tag, suite, run_tool() or build_tool() or "podman", ctx)
+    return tag
 
-    base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
-    tool = run_tool() or build_tool() or "podman"
-    argv = [tool, "image", "inspect", base] if tool != "buildah" else [
-        tool, "inspect", "--type", "image", base]
-    if base.startswith("localhost/") and subprocess.run(argv, capture_output=True).returncode:
-        raise ImageBuildError(f"The debian_slim base image {base} is not on this machine. Build it "
-                              "with `scripts/images-dev up` (debootstrap from Debian's packages), "
-                              "or set MCTL_IMAGE_BASE_DEBIAN_SLIM to an image you have.")
-    return base
+
+def host_python() -> str:
+    import sys
+
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def foreign_python(image: ImageSpec) -> bool:
+    """True when the image's Python is declared and is not the version mctl runs on here."""
+    version = image.recipe.get("python_version")
+    base = image.recipe.get("base") or {"kind": "debian_slim"}
+    if version is None and base.get("kind") == "debian_slim":
+        from mctl.plugins.debian_slim_base import DEFAULT_PYTHON
+
+        version = DEFAULT_PYTHON
+    return version is not None and version != host_python()
+
+
+def mctl_requirements() -> list[str]:
+    """mctl's own runtime dependencies, as declared (extras left out)."""
+    from importlib.metadata import requires
+
+    return [r for r in requires("mctl") or [] if "extra ==" not in r]
 
 
 def _registry_creds(base: dict[str, Any], ctx: BuildContext) -> tuple[str, str] | None:
