@@ -245,3 +245,38 @@ def test_a_python_version_debian_does_not_ship_is_refused_naming_the_ones_it_doe
     assert "3.9 (bullseye), 3.11 (bookworm), 3.13 (trixie), 3.14 (forky)" in out.stderr
     assert "MCTL_IMAGE_BASE_DEBIAN_SLIM_3_12" in out.stderr
     assert apps_listed() == []
+
+
+@pytest.fixture(scope="session")
+def pushed_without_python(images_dev, pushed):
+    """The marked image with Python removed, in the anonymous registry."""
+    tag = "localhost/mctl-test/registry-nopython:1"
+    dockerfile = ("FROM localhost/mctl-test/registry-marked:1\n"
+                  "RUN apt-get purge -y -q python3 python3-pip python3-venv 'python3.11*' "
+                  "'libpython3.11*' && apt-get autoremove -y -q --purge && ! command -v python3\n")
+    subprocess.run(["buildah", "bud", "--runtime", "runc", "--network", "host", "-t", tag, "-f",
+                    "-", "."], input=dockerfile, text=True, check=True, capture_output=True,
+                   cwd=str(APPS))
+    ref = f"{images_dev['MCTL_TEST_REGISTRY']}/mctl-test/nopython:1"
+    subprocess.run(["podman", "push", "--tls-verify=false", tag, f"docker://{ref}"], check=True,
+                   capture_output=True)
+    return ref
+
+
+@pytest.mark.slow
+def test_add_python_installs_the_images_own_python_or_says_which_it_can_have(
+        oci_server, pushed_without_python):
+    env = dict(os.environ, IMAGE_REGISTRY_TAG=pushed_without_python)
+    out = mctl_cli("deploy", str(APPS / "image_registry.py"), env=env, check=False)
+    assert out.returncode != 0  # no python3 and no add_python: said at build time
+    assert "this image has no python3" in out.stderr and 'add_python="3.11"' in out.stderr
+
+    out = mctl_cli("deploy", str(APPS / "image_registry.py"), check=False,
+                   env=dict(env, IMAGE_ADD_PYTHON="3.13"))  # bookworm ships 3.11 only
+    assert out.returncode != 0
+    assert "this image's distribution provides Python 3.11, not 3.13" in out.stderr
+    assert apps_listed() == []
+
+    mctl_cli("deploy", str(APPS / "image_registry.py"), env=dict(env, IMAGE_ADD_PYTHON="3.11"))
+    assert mctl.Function.from_name("image-registry", "where").remote() == "from-registry registry"
+    assert mctl.Function.from_name("image-registry", "python").remote() == "3.11 /usr/bin/python3"

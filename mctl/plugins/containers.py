@@ -86,9 +86,49 @@ def run_argv(launch: LaunchSpec, task_id: str, tool: str = "podman") -> tuple[li
     ca = env.get("MCTL_CA_FILE")
     if ca and os.path.isfile(ca):
         argv += ["-v", f"{ca}:{ca}:ro"]
-    if launch.gpu is not None and tool == "podman":
-        argv += ["--device", "nvidia.com/gpu=all"]  # CDI, when the node has it configured
     for key in sorted(env):
         argv += ["-e", key]  # the value comes from the environment of podman itself
     argv += [launch.image, launch.command[0] if launch.command else "python3", "-c", BOOT]
+    if launch.gpu is not None:
+        argv = ["sh", "-c", GPU_SCRIPT, "mctl-gpu", str(launch.gpu.count), *argv]
     return argv, env
+
+
+# A function with `gpu=` runs its container through this script, on the host that runs it (the
+# local machine, or the Slurm node inside the job, where the GPUs are assigned). It picks the
+# devices: MCTL_GPU_DEVICES if set, else Slurm's assignment (SLURM_STEP_GPUS, SLURM_JOB_GPUS:
+# physical indexes, what CDI names), else CUDA_VISIBLE_DEVICES, else all GPUs; and checks that a
+# CDI spec for nvidia.com/gpu exists (podman's own error names no fix). Indexes, GPU-... UUIDs
+# and MIG-... names all work: `nvidia-ctk cdi generate` names a device each way.
+# $1 is the GPU count asked for; $2 $3 are `podman run` (or `docker run`); then the rest.
+GPU_SCRIPT = r"""
+want=$1; shift
+sel=${MCTL_GPU_DEVICES:-${SLURM_STEP_GPUS:-${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-all}}}}
+case "$sel" in NoDevFiles|none|-1)
+    echo "mctl: this function asks for $want GPU(s), but none was assigned to it here" \
+         "(devices: $sel)." >&2; exit 125;;
+esac
+tool=$1; sub=$2; shift 2
+if [ "$(basename "$tool")" = docker ]; then
+    if [ "$sel" = all ]; then devices="--gpus all"; else devices="--gpus device=$sel"; fi
+else
+    dirs=${MCTL_CDI_SPEC_DIRS:-/etc/cdi /var/run/cdi}
+    found=
+    for d in $dirs; do
+        if grep -qs "nvidia.com/gpu" "$d"/*.yaml "$d"/*.yml "$d"/*.json; then found=$d; fi
+    done
+    if [ -z "$found" ]; then
+        echo "mctl: this function asks for $want GPU(s), but $(hostname) has no CDI spec for" \
+             "nvidia.com/gpu in $dirs, so podman cannot pass GPUs to its container. Generate" \
+             "one with the NVIDIA Container Toolkit: nvidia-ctk cdi generate" \
+             "--output=/etc/cdi/nvidia.yaml" >&2
+        exit 125
+    fi
+    devices=
+    if [ "$sel" = all ]; then devices="--device nvidia.com/gpu=all"
+    else
+        for d in $(echo "$sel" | tr ',' ' '); do devices="$devices --device nvidia.com/gpu=$d"; done
+    fi
+fi
+exec "$tool" "$sub" $devices "$@"
+"""

@@ -196,14 +196,23 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
         lines.append(f"FROM {pinned.pinned}")
         lines += list(base.get("setup") or [])
         if recipe.get("python_version"):
-            lines.append("RUN command -v python3 >/dev/null || (apt-get update && "
-                         "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-                         "python3 python3-pip && rm -rf /var/lib/apt/lists/*)")
+            lines.append("RUN " + add_python_script(recipe["python_version"]))
+        else:  # say it at build time, not as a worker that cannot start
+            lines.append("RUN command -v python3 >/dev/null 2>&1 || { echo 'mctl: this image has "
+                         "no python3, which mctl runs functions with; give one with "
+                         f"Image.from_registry(..., add_python=\"{host_python()}\")' >&2; "
+                         "exit 1; }")
     elif kind == "dockerfile":
         extract_blob(ctx, base["context_blob"], context)
         for key, value in sorted((base.get("build_args") or {}).items()):
             flags += ["--build-arg", f"{key}={value}"]
         lines += base["dockerfile"].splitlines()
+    elif kind == "micromamba":
+        lines.append(f"FROM {_micromamba_base(recipe)}")
+        if recipe.get("python_version"):
+            lines.append("RUN micromamba install -y -n base " + " ".join(
+                f"-c {shlex.quote(c)}" for c in _conda_channels(())) +
+                f" python={shlex.quote(recipe['python_version'])} && micromamba clean -a -y")
     else:
         raise ImageBuildError(f"Image base {kind!r} cannot be built here; use Image.debian_slim, "
                               "Image.from_registry or Image.from_dockerfile.")
@@ -224,6 +233,22 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
 
             lines.append("RUN python3 -m pip install --no-input --no-cache-dir "
                          + " ".join(shlex.quote(a) for a in pip_args(step)))
+        elif kind == "micromamba_install":
+            if (recipe.get("base") or {}).get("kind") != "micromamba":
+                raise ImageBuildError(f"Image.micromamba_install (step {n}) needs an image made "
+                                      "with Image.micromamba(); this one has no micromamba.")
+            channels = " ".join(f"-c {shlex.quote(c)}" for c in _conda_channels(step["channels"]))
+            if step.get("spec"):
+                src = f"mctl-files/{n}"
+                (context / src).mkdir(parents=True, exist_ok=True)
+                (context / src / "environment.yml").write_text(step["spec"])
+                lines.append(f"COPY {src}/environment.yml /tmp/mctl-env-{n}.yml")
+                lines.append(f"RUN micromamba install -y -n base {channels} -f "
+                             f"/tmp/mctl-env-{n}.yml && rm /tmp/mctl-env-{n}.yml")
+            if step["packages"]:
+                lines.append(f"RUN micromamba install -y -n base {channels} "
+                             + " ".join(map(shlex.quote, step["packages"])))
+            lines.append("RUN micromamba clean -a -y")
         elif kind == "apt_install":
             lines.append("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
                          "--no-install-recommends " + " ".join(map(shlex.quote, step["packages"]))
@@ -275,6 +300,40 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
     return "\n".join(lines) + "\n", flags
 
 
+def add_python_script(version: str) -> str:
+    """A shell script that gives an image `python3` of `version` (with pip), or fails saying why.
+
+    It uses what the image has first: a `python3` of that version, or a `python<version>` to
+    link as python3. Otherwise it installs the distribution's own Python with its package
+    manager (apt-get, apk, dnf or microdnf) and checks the version it got: a distribution ships
+    one Python per release, and no portable Python build can be fetched on machines like these
+    (mctl downloads none). Tested on Debian images; the apk and dnf branches are not (no Alpine
+    or Fedora base can be had offline here)."""
+    want = shlex.quote(version)
+    return " ".join(f"""
+        set -e; want={want};
+        v() {{ "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }};
+        have() {{ command -v python3 >/dev/null && [ "$(v python3)" = "$want" ]; }};
+        if ! have && command -v "python$want" >/dev/null; then
+            ln -sf "$(command -v "python$want")" /usr/local/bin/python3; fi;
+        if ! have || ! python3 -m pip --version >/dev/null 2>&1; then
+            if command -v apt-get >/dev/null; then
+                apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+                --no-install-recommends python3 python3-pip python3-venv ca-certificates
+                && rm -rf /var/lib/apt/lists/*;
+            elif command -v apk >/dev/null; then apk add --no-cache python3 py3-pip;
+            elif command -v dnf >/dev/null; then dnf install -y python3 python3-pip && dnf clean all;
+            elif command -v microdnf >/dev/null; then
+                microdnf install -y python3 python3-pip && microdnf clean all;
+            else echo "mctl add_python: the image has no python3 $want and no apt-get, apk or dnf
+                to install one with; use an image with Python $want." >&2; exit 1; fi; fi;
+        if ! have; then echo "mctl add_python: this image's distribution provides Python
+            $(v python3 | grep . || echo none), not $want; use add_python=\"$(v python3)\",
+            Image.debian_slim(python_version=\"$want\"), or an image that has Python $want."
+            >&2; exit 1; fi
+        """.split())
+
+
 def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
     out: list[str] = []
     for line in lines:
@@ -316,6 +375,29 @@ def mctl_requirements() -> list[str]:
     from importlib.metadata import requires
 
     return [r for r in requires("mctl") or [] if "extra ==" not in r]
+
+
+def _micromamba_base(recipe: dict[str, Any]) -> str:
+    """The image `Image.micromamba()` starts from: MCTL_IMAGE_BASE_MICROMAMBA (an image that has
+    `micromamba` on its PATH, e.g. a copy of mambaorg/micromamba in the site's registry)."""
+    from mctl.core.images import ImageBuildError
+
+    base = os.environ.get("MCTL_IMAGE_BASE_MICROMAMBA")
+    if not base:
+        raise ImageBuildError(
+            "Image.micromamba() needs a base image with micromamba and a conda channel the "
+            "build can reach, and this control plane has neither: micromamba and conda are not "
+            "in Debian's packages or on PyPI, and conda channels (conda-forge) are not reachable "
+            "from machines like these. Set MCTL_IMAGE_BASE_MICROMAMBA to an image with "
+            "micromamba and MCTL_CONDA_CHANNELS to your channel mirror, or use "
+            "Image.debian_slim(python_version=...) with pip_install and apt_install.")
+    return base
+
+
+def _conda_channels(channels: Any) -> list[str]:
+    """A step's channels, else MCTL_CONDA_CHANNELS (comma-separated; a site's mirror)."""
+    configured = [c for c in os.environ.get("MCTL_CONDA_CHANNELS", "").split(",") if c.strip()]
+    return list(channels) or [c.strip() for c in configured]
 
 
 def _registry_creds(base: dict[str, Any], ctx: BuildContext) -> tuple[str, str] | None:

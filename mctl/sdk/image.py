@@ -90,8 +90,32 @@ class Image:
         return Image(base, _files=((-1, lambda: zip_dir(context, ())),))
 
     @staticmethod
-    def micromamba(python_version: str | None = None) -> Image:
-        return Image({"kind": "micromamba"}, python_version=_python_version(python_version))
+    def micromamba(python_version: str | None = None, force_build: bool = False) -> Image:
+        """A conda environment managed by micromamba. It needs a base image that has micromamba
+        and a conda channel the build reaches: set MCTL_IMAGE_BASE_MICROMAMBA on the control
+        plane (see the guide); without one the deploy fails saying so."""
+        return Image({"kind": "micromamba", **_force(force_build)},
+                     python_version=_python_version(python_version))
+
+    def micromamba_install(self, *packages: str | Sequence[str], spec_file: str | None = None,
+                           channels: Sequence[str] = (), force_build: bool = False,
+                           **_: Any) -> Image:
+        """Conda packages, installed with micromamba into the image's base environment."""
+        pkgs = _flatten(packages, "micromamba_install")
+        if spec_file is not None and not _in_worker():
+            path = Path(spec_file)
+            if not path.is_file():
+                raise InvalidError(f"Image.micromamba_install: no spec file {path}.")
+            spec = path.read_text()
+        else:
+            spec = None
+        if not pkgs and spec is None:
+            return self
+        if not all(isinstance(c, str) for c in channels):
+            raise InvalidError("Image.micromamba_install: channels is a list of channel names "
+                               "or URLs.")
+        return self._extend(kind="micromamba_install", packages=pkgs, spec=spec,
+                            channels=list(channels), **_force(force_build))
 
     # --- Python packages -----------------------------------------------------------------------
     def pip_install(self, *packages: str | Sequence[str], index_url: str | None = None,
