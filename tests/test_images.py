@@ -186,3 +186,41 @@ def test_other_python_versions_get_mctls_dependencies_and_refuse_run_function(tm
         render(mctl.Image.debian_slim(python_version="3.13").run_function(print), tmp_path / "x")
     assert "pip install --no-input --no-cache-dir 'aiohttp" not in render(
         mctl.Image.debian_slim().pip_install("six"), tmp_path / "y")
+
+
+def test_build_steps_take_named_secrets_and_refuse_unknown_keywords():
+    image = mctl.Image.debian_slim().run_commands("make", secrets=[mctl.Secret.from_name("tok")])
+    assert image.recipe()["steps"][0]["secrets"] == ["tok"]
+    assert "secrets" not in mctl.Image.debian_slim().pip_install("six").recipe()["steps"][0]
+    with pytest.raises(InvalidError, match=r"takes named secrets.*mctl secret create"):
+        mctl.Image.debian_slim().pip_install("six", secrets=[mctl.Secret.from_dict({"A": "b"})])
+    with pytest.raises(InvalidError, match="unexpected keyword argument 'volumes_typo'"):
+        mctl.Image.debian_slim().apt_install("jq", volumes_typo=1)
+    with pytest.warns(UserWarning, match=r"pip_install\(gpu=...\) is not applied: image builds "
+                                         "run without GPUs"):
+        mctl.Image.debian_slim().pip_install("torch", gpu="A10G")
+    assert mctl.Image.debian_slim().cmd(["python3"]).steps[0] == {"kind": "cmd",
+                                                                 "command": ["python3"]}
+
+
+def test_oci_build_secrets_are_build_secrets_not_layers(tmp_path):
+    image = mctl.Image.debian_slim().run_commands(
+        "test \"$TOKEN\" = s3cret", secrets=[mctl.Secret.from_name("tok")])
+    from mctl.core.images import BuildContext
+    from mctl.plugins import debian_slim_base
+    from mctl.plugins.image_oci import render as render_dockerfile, secrets_dir
+
+    ctx = BuildContext(log=lambda line: None, blob_path=lambda blob: tmp_path / blob,
+                       resolve_secret=lambda name: {"TOKEN": "s3cret"} if name == "tok" else None)
+    orig = debian_slim_base.ensure
+    debian_slim_base.ensure = lambda *a: None
+    try:
+        text, flags = render_dockerfile(spec(image), ctx, tmp_path / "ctx")
+    finally:
+        debian_slim_base.ensure = orig
+    assert ("RUN --mount=type=secret,id=mctl-step-1,target=/run/secrets/mctl-step-1 "
+            ". /run/secrets/mctl-step-1 && test \"$TOKEN\" = s3cret") in text
+    assert "s3cret\n" not in text.replace('= s3cret', '')
+    src = secrets_dir(tmp_path / "ctx") / "step-1.env"
+    assert flags[flags.index("--secret") + 1] == f"id=mctl-step-1,src={src}"
+    assert src.read_text() == "export TOKEN=s3cret\n" and oct(src.stat().st_mode & 0o777) == "0o600"

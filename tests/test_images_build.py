@@ -280,3 +280,46 @@ def test_add_python_installs_the_images_own_python_or_says_which_it_can_have(
     mctl_cli("deploy", str(APPS / "image_registry.py"), env=dict(env, IMAGE_ADD_PYTHON="3.11"))
     assert mctl.Function.from_name("image-registry", "where").remote() == "from-registry registry"
     assert mctl.Function.from_name("image-registry", "python").remote() == "3.11 /usr/bin/python3"
+
+
+def read_token_into(path):
+    import os
+
+    with open(path, "w") as fh:
+        fh.write(os.environ.get("BUILD_TOKEN", "unset"))
+
+
+def test_run_function_secrets_are_in_its_environment_only(tmp_path):
+    from mctl.core.images import BuildContext, build_image
+    from mctl.core.spec import ImageSpec
+
+    marker = tmp_path / "marker"
+    image = mctl.Image.debian_slim().run_function(
+        read_token_into, args=(str(marker),), secrets=[mctl.Secret.from_name("build-token")])
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for blob, data in image.blobs().items():
+        (blobs / blob).write_bytes(data)
+    lines = []
+    build_image(ImageSpec(image_id=image.object_id, recipe=image.recipe()),
+                BuildContext(log=lines.append, blob_path=lambda b: blobs / b,
+                             resolve_secret=lambda name: {"BUILD_TOKEN": "t0ken"}))
+    assert marker.read_text() == "t0ken"
+    assert not any("t0ken" in line for line in lines)
+
+
+def test_build_secrets_reach_run_commands_and_stay_out_of_the_image(oci_server):
+    mctl_cli("secret", "create", "build-token", "BUILD_TOKEN=not-in-any-layer-7f3")
+    out = mctl_cli("deploy", str(APPS / "image_oci.py"), env=dict(os.environ,
+                                                                  IMAGE_BUILD_SECRET="build-token"))
+    assert "not-in-any-layer-7f3" not in out.stdout + out.stderr
+    tools = mctl.Function.from_name("image-oci", "tools").remote()
+    assert (tools["secret_seen"], tools["token_at_run_time"]) == ("yes", None)
+    image = subprocess.run(["podman", "ps", "--filter", "label=mctl.pool", "--format",
+                            "{{.Image}}"], capture_output=True, text=True).stdout.split()
+    history = subprocess.run(["podman", "history", "--no-trunc", image[0]], capture_output=True,
+                             text=True, check=True).stdout
+    assert "not-in-any-layer-7f3" not in history
+    saved = subprocess.run(["podman", "image", "inspect", image[0]], capture_output=True,
+                           text=True, check=True).stdout
+    assert "not-in-any-layer-7f3" not in saved

@@ -120,6 +120,7 @@ def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
             ctx.run(push, what=f"pushing {ref}")
     finally:
         shutil.rmtree(context, ignore_errors=True)
+        shutil.rmtree(secrets_dir(context), ignore_errors=True)
     ctx.say(f"image {image.image_id}: built {ref}")
     return result
 
@@ -207,6 +208,8 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
         for key, value in sorted((base.get("build_args") or {}).items()):
             flags += ["--build-arg", f"{key}={value}"]
         lines += base["dockerfile"].splitlines()
+        if recipe.get("python_version"):
+            lines.append("RUN " + add_python_script(recipe["python_version"]))
     elif kind == "micromamba":
         lines.append(f"FROM {_micromamba_base(recipe)}")
         if recipe.get("python_version"):
@@ -228,10 +231,11 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
     python_path = False
     for n, step in enumerate(recipe.get("steps", []), 1):
         kind = step["kind"]
+        secret = _step_secrets(step, n, ctx, context, flags)  # "" or a RUN prefix
         if kind == "pip_install":
             from mctl.core.images import pip_args
 
-            lines.append("RUN python3 -m pip install --no-input --no-cache-dir "
+            lines.append(f"RUN {secret}python3 -m pip install --no-input --no-cache-dir "
                          + " ".join(shlex.quote(a) for a in pip_args(step)))
         elif kind == "micromamba_install":
             if (recipe.get("base") or {}).get("kind") != "micromamba":
@@ -250,12 +254,15 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
                              + " ".join(map(shlex.quote, step["packages"])))
             lines.append("RUN micromamba clean -a -y")
         elif kind == "apt_install":
-            lines.append("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
+            lines.append(f"RUN {secret}apt-get update && DEBIAN_FRONTEND=noninteractive "
+                         "apt-get install -y "
                          "--no-install-recommends " + " ".join(map(shlex.quote, step["packages"]))
                          + " && rm -rf /var/lib/apt/lists/*")
         elif kind in ("run_commands", "dockerfile_commands"):
-            prefix = "RUN " if kind == "run_commands" else ""
+            prefix = f"RUN {secret}" if kind == "run_commands" else ""
             lines += [prefix + cmd for cmd in step["commands"]]
+        elif kind == "cmd":
+            lines.append(f"CMD {json.dumps(step['command'])}")
         elif kind == "env":
             lines.append("ENV " + " ".join(f"{k}={json.dumps(v)}" for k, v in
                                            sorted(step["vars"].items())))
@@ -288,7 +295,8 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
             lines.append(f"COPY {src}/function.pkl /tmp/mctl-function-{n}.pkl")
             lines.append("RUN python3 -c 'import cloudpickle' 2>/dev/null || python3 -m pip install "
                          "--no-input -q cloudpickle")
-            lines.append(f"RUN python3 -c \"import cloudpickle; f, a, k = cloudpickle.loads("
+            lines.append(f"RUN {secret}python3 -c \"import cloudpickle; f, a, k = "
+                         "cloudpickle.loads("
                          f"open('/tmp/mctl-function-{n}.pkl', 'rb').read()); f(*a, **k)\" "
                          f"&& rm /tmp/mctl-function-{n}.pkl")
         else:
@@ -332,6 +340,44 @@ def add_python_script(version: str) -> str:
             Image.debian_slim(python_version=\"$want\"), or an image that has Python $want."
             >&2; exit 1; fi
         """.split())
+
+
+def _step_secrets(step: dict[str, Any], n: int, ctx: BuildContext, context: Path,
+                  flags: list[str]) -> str:
+    """A step's named secrets as a build secret (`--secret`, mounted only while its RUN lines
+    run, never in a layer): returns the RUN prefix that exports them, or ""."""
+    import re
+
+    from mctl.exception import InvalidError
+
+    names = step.get("secrets") or []
+    if not names:
+        return ""
+    values: dict[str, str] = {}
+    for name in names:
+        got = ctx.resolve_secret(name)
+        if got is None:
+            raise InvalidError(f"Secret {name!r} (step {n}, {step['kind']}) does not exist; "
+                               f"create it with `mctl secret create {name} KEY=VALUE`.")
+        values.update(got)
+    bad = [k for k in values if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+    if bad:
+        raise InvalidError(f"Secret key {bad[0]!r} (step {n}) is not a valid environment "
+                           "variable name.")
+    where = secrets_dir(context)
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = where / f"step-{n}.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(values.items())))
+    flags += ["--secret", f"id=mctl-step-{n},src={path}"]
+    target = f"/run/secrets/mctl-step-{n}"
+    return f"--mount=type=secret,id=mctl-step-{n},target={target} . {target} && "
+
+
+def secrets_dir(context: Path) -> Path:
+    """Where a build's secret files wait (outside its context, removed after the build)."""
+    return context.with_name(context.name + ".secrets")
 
 
 def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
