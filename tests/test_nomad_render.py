@@ -84,9 +84,12 @@ def test_worker_pool_job():
     assert job["Meta"]["mctl.function"] == "everything"
     assert job["Meta"]["mctl.image"] == "python:3.12-slim"
     assert task["Env"]["MODE"] == "fast"
-    assert task["VolumeMounts"] == [{"Volume": "training-data", "Destination": "/data",
-                                     "ReadOnly": False}]
+    assert task["VolumeMounts"] == [
+        {"Volume": "training-data", "Destination": "/data", "ReadOnly": False},
+        {"Volume": "models", "Destination": "/models", "ReadOnly": True}]  # vol.read_only()
     assert group["Volumes"]["training-data"]["Source"] == "training-data"
+    assert group["Volumes"]["training-data"]["ReadOnly"] is False
+    assert group["Volumes"]["models"]["ReadOnly"] is True
     assert task["Vault"]["Role"] == "mctl-nomad-features"
     secret_tmpl = [t for t in task["Templates"] if "api-keys" in t["EmbeddedTmpl"]]
     assert secret_tmpl and secret_tmpl[0]["Envvars"] is True
@@ -167,6 +170,29 @@ def test_server_side_checks_can_fail(mutate, message):
     assert done.returncode == 1 and message in done.stdout
 
 
+def test_read_only_volumes_render_read_only_and_nomads_csi_rules_hold():
+    """`vol.read_only()` reaches the volume request and its mount; a CSI volume claimed
+    reader-only must be read-only (Nomad's rule), which the checker holds."""
+    job = jobs_by_id(render(volume_type="csi"))["mctl-nomad-features-everything"]
+    volumes = job["TaskGroups"][0]["Volumes"]
+    assert volumes["models"]["ReadOnly"] is True
+    assert volumes["models"]["AccessMode"] == "multi-node-reader-only"
+    assert volumes["training-data"]["AccessMode"] == "multi-node-multi-writer"
+    assert check([{"Job": job}]).returncode == 0
+    from mctl.plugins.nomad_hcl import to_hcl
+
+    hcl = to_hcl({"Job": job})
+    assert 'volume "models" {' in hcl and "read_only = true" in hcl
+    writable = copy.deepcopy(job)
+    writable["TaskGroups"][0]["Volumes"]["models"]["ReadOnly"] = False
+    done = check([{"Job": writable}])
+    assert done.returncode == 1
+    assert "multi-node-reader-only volumes must be read-only" in done.stdout
+    no_mode = copy.deepcopy(job)
+    del no_mode["TaskGroups"][0]["Volumes"]["models"]["AccessMode"]
+    assert "must have an access mode" in check([{"Job": no_mode}]).stdout
+
+
 def test_bad_cron_or_time_zone_is_rejected():
     job = copy.deepcopy(jobs_by_id(render())["mctl-nomad-features-monthly-schedule"])
     job["Periodic"]["TimeZone"] = "Mars/Olympus_Mons"
@@ -232,16 +258,3 @@ def test_cli_render_and_deploy_dry_run_print_checked_jobs():
     assert refused.exit_code != 0 and "--scheduler nomad --dry-run" in refused.output
     bad = runner.invoke(cli, ["nomad", "render", app_file, "-o", "datacenter=dc1"])
     assert bad.exit_code != 0 and "has no option datacenter" in bad.output
-
-
-@pytest.mark.parametrize("options", [{}, {"volume_type": "csi"}], ids=["host", "csi"])
-def test_read_only_volumes_are_read_only_in_the_job(options):
-    jobs = render("nomad_volumes", **options)
-    group = jobs_by_id(jobs)["mctl-nomad-volumes-infer"]["TaskGroups"][0]
-    assert group["Tasks"][0]["VolumeMounts"] == [
-        {"Volume": "weights", "Destination": "/models", "ReadOnly": True},
-        {"Volume": "scratch", "Destination": "/work", "ReadOnly": False}]
-    assert group["Volumes"]["weights"]["ReadOnly"] is True
-    assert group["Volumes"]["scratch"]["ReadOnly"] is False
-    done = check(jobs)
-    assert done.returncode == 0, done.stdout + done.stderr
