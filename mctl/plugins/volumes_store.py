@@ -184,7 +184,15 @@ def commit(name: str, changes: dict[str, Any]) -> dict[str, Any]:
 
 # --- objects --------------------------------------------------------------------------------------
 def missing(shas: list[str]) -> list[str]:
-    return [sha for sha in shas if not object_path(sha).exists()]
+    """The objects of `shas` the store lacks. Those it has are touched: a commit is about to
+    name them, and `gc` leaves objects younger than an hour alone."""
+    lacking = []
+    for sha in shas:
+        try:
+            os.utime(object_path(sha))
+        except FileNotFoundError:
+            lacking.append(sha)
+    return lacking
 
 
 def store_object(read: Callable[[int], bytes], size: int | None) -> str:
