@@ -377,3 +377,22 @@ def test_a_web_endpoints_writes_are_committed_after_its_response(server_process,
     vol = mctl.Volume.from_name("notes")
     assert wait_until(lambda: "visitor.txt" in {e.path for e in vol.listdir("/")}, 20)
     assert b"".join(vol.read_file("visitor.txt")) == b"ada"
+
+
+def test_collection_removes_only_contents_no_volume_names(tmp_path, monkeypatch):
+    from mctl.plugins import volumes_store as store
+
+    monkeypatch.setenv("MCTL_VOLUME_STORE", str(tmp_path / "store"))
+    store.mount("v", True)
+
+    def put(data):
+        sha = store.store_object(io.BytesIO(data).read, len(data))
+        store.commit("v", {"f.txt": {"type": "file", "sha": sha, "size": len(data),
+                                     "mode": 0o644, "mtime": 1}})
+        return sha
+
+    old, new = put(b"old"), put(b"new")
+    assert store.gc(min_age_s=3600) == 0  # young objects are left alone
+    assert store.gc(min_age_s=0) == 1
+    assert not store.object_path(old).exists() and store.object_path(new).exists()
+    assert store.Files.listdir("v", "/", False)[0]["path"] == "f.txt"
