@@ -356,7 +356,8 @@ def test_the_cli_writes_values_to_vault_itself_so_they_never_cross_the_control_p
 
     root = vault_server.client()
     root.sys.create_or_update_acl_policy(
-        name="mctl-no-values", policy=NO_VALUES_POLICY.format(prefix=vault_env["MCTL_VAULT_PREFIX"]))
+        name="mctl-no-values",
+        policy=NO_VALUES_POLICY.format(prefix=vault_env["MCTL_VAULT_PREFIX"]))
     token = root.auth.token.create(policies=["mctl-no-values"], ttl="15m")["auth"]["client_token"]
     config = tmp_path / "server.toml"
     config.write_text('[secrets]\nbackend = "vault"\n')

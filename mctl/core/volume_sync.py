@@ -471,7 +471,7 @@ class WorkingCopy:
         self.stats[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-# --- the worker's copies ---------------------------------------------------------------------------
+# --- the worker's copies -------------------------------------------------------------------------
 def setup(url: str, task_id: str, env: dict[str, str] | None = None) -> list[WorkingCopy]:
     """Fill this worker's working copies (from `MCTL_VOLUME_SYNC`); called before user code."""
     raw = (env if env is not None else os.environ).get(ENV)

@@ -1,5 +1,5 @@
-"""The `store` volume driver: committed volume contents kept by the control plane, content-addressed,
-so volumes work on nodes that share no file system with it (and none with each other).
+"""The `store` volume driver: committed volume contents kept by the control plane,
+content-addressed, so volumes work on nodes that share no file system with it (or each other).
 
 Layout under `$MCTL_VOLUME_STORE` (default `$MCTL_HOME/volume-store`, on the control plane's host):
 
