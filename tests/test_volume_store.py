@@ -396,3 +396,26 @@ def test_collection_removes_only_contents_no_volume_names(tmp_path, monkeypatch)
     assert store.gc(min_age_s=0) == 1
     assert not store.object_path(old).exists() and store.object_path(new).exists()
     assert store.Files.listdir("v", "/", False)[0]["path"] == "f.txt"
+
+
+def test_volumes_of_the_older_default_are_named_at_start(tmp_path, isolated_home, monkeypatch):
+    from conftest import ServerProcess, free_port
+
+    (isolated_home / "volumes" / "from-before").mkdir(parents=True)
+    (isolated_home / "volumes" / "from-before" / "kept.txt").write_text("still here")
+    monkeypatch.delenv("MCTL_VOLUME_DRIVER", raising=False)
+    srv = ServerProcess(tmp_path / "state", free_port(), dict(os.environ))
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        log = (tmp_path / "server.log").read_text()
+        assert "Volumes from-before are in" in log and "MCTL_VOLUME_DRIVER=local" in log
+        from test_deploy import mctl_cli
+
+        mctl_cli("volume", "create", "from-before")  # the way over, as the line says
+        mctl_cli("volume", "put", "from-before", str(isolated_home / "volumes" / "from-before"),
+                 "/")
+        assert b"".join(mctl.Volume.from_name("from-before").read_file("kept.txt")) == \
+            b"still here"
+    finally:
+        srv.stop()

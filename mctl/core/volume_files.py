@@ -29,6 +29,26 @@ def driver_name() -> str:
     return "shared-path" if os.environ.get("MCTL_VOLUME_SHARED_PATH") else "store"
 
 
+def older_default_notice() -> str | None:
+    """A line for the server's log when the `local` driver (the default before `store`) has
+    volumes here that the default driver does not see."""
+    if os.environ.get("MCTL_VOLUME_DRIVER", "").strip() or driver_name() != "store":
+        return None
+    from mctl.core.config import home
+
+    old = home() / "volumes"
+    try:
+        names = sorted(p.name for p in old.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return None
+    if not names:
+        return None
+    return (f"Volumes {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} are in {old}, the "
+            "`local` driver's directory, but the default driver is now `store`: start the server "
+            "with MCTL_VOLUME_DRIVER=local to keep using them, or copy each into the store with "
+            f"`mctl volume create NAME` and `mctl volume put NAME {old}/NAME /`.")
+
+
 def driver() -> Any:
     from mctl.core import plugins
 

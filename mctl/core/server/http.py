@@ -478,6 +478,10 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     from mctl.core import secret_store
 
     secret_store.use_backend(secret_backend)  # None keeps $MCTL_SECRET_BACKEND or local
+    from mctl.core import volume_files
+
+    if notice := volume_files.older_default_notice():
+        log.warning("%s", notice)
     name = scheduler_name or os.environ.get("MCTL_SCHEDULER", "local")
     options = dict(scheduler_options or {})
     backend = plugins.find("mctl_register_schedulers", name).factory(options)
