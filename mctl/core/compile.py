@@ -137,6 +137,8 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
             read_only_volumes=read_only, env=opts.get("env") or {},
             max_inputs=opts.get("max_inputs", 1), target_inputs=opts.get("target_inputs"),
             batch_max_size=opts.get("max_batch_size"), batch_wait_ms=opts.get("wait_ms"),
+            container_max_inputs=opts.get("container_max_inputs"),
+            restrict_modal_access=bool(opts.get("restrict_modal_access")),
         )
         try:
             functions[tag] = FunctionSpec(**handle.spec_fields(), **common)

@@ -196,6 +196,11 @@ class FunctionSpec(_Model):
     target_inputs: Optional[int] = None
     batch_max_size: Optional[int] = None
     batch_wait_ms: Optional[int] = None
+    # Modal's `max_inputs=N` / `single_use_containers=True`: a container exits after N inputs.
+    container_max_inputs: Optional[int] = Field(None, ge=1)
+    # Modal's `restrict_modal_access=True`: the worker's task token may not call functions or
+    # reach Dicts, Queues or other objects; it only serves its own inputs.
+    restrict_modal_access: bool = False
 
     @property
     def target_per_container(self) -> int:

@@ -33,13 +33,31 @@ REMOVED_KEYWORDS = {
     "_experimental_buffer_containers": "buffer_containers",
 }
 
-# Modal keywords accepted and recorded, without effect on the local backend.
-ACCEPTED_FOR_COMPAT = {
-    "region", "cloud", "ephemeral_disk", "enable_memory_snapshot", "block_network",
-    "restrict_modal_access", "i6pn", "proxy", "nonpreemptible", "include_source", "network_file_systems",
-    "single_use_containers", "max_inputs", "experimental_options", "cloud_bucket_mounts",
-    "_experimental_scheduler_placement", "rdma",
+# Modal keywords that mctl implements under their Modal names (see `_modal_keywords`).
+IMPLEMENTED_KEYWORDS = {"max_inputs", "single_use_containers", "restrict_modal_access"}
+
+# Modal keywords mctl cannot honour and whose silent absence would surprise or endanger: a true
+# (non-empty) value is refused with what to do instead. False/None/empty is accepted.
+REFUSED_KEYWORDS = {
+    "block_network": "mctl cannot yet cut a worker off the network (its workers reach the "
+                     "control plane over TCP); remove block_network=True, or run untrusted code "
+                     "on a host whose firewall blocks it",
+    "network_file_systems": "NetworkFileSystem is not supported; use a Volume instead: "
+                            "volumes={path: mctl.Volume.from_name(name, create_if_missing=True)}",
+    "cloud_bucket_mounts": "CloudBucketMount is not supported; copy the bucket's files into a "
+                           "Volume (`mctl volume put`) and mount it with volumes={path: volume}",
+    "i6pn": "i6pn (private networking between containers) is not supported; remove i6pn=True",
+    "proxy": "static-IP proxies are not supported; remove proxy=",
 }
+
+# Modal keywords about placement or performance on Modal's cloud that have no meaning on
+# mctl's backends: accepted, with a one-time warning when set to anything but their default.
+NO_EFFECT_KEYWORDS = {
+    "region", "cloud", "ephemeral_disk", "enable_memory_snapshot", "nonpreemptible",
+    "include_source", "experimental_options", "_experimental_scheduler_placement", "rdma",
+}
+
+ACCEPTED_FOR_COMPAT = IMPLEMENTED_KEYWORDS | set(REFUSED_KEYWORDS) | NO_EFFECT_KEYWORDS
 
 FUNCTION_KEYWORDS = {
     "image", "schedule", "secrets", "gpu", "cpu", "memory", "volumes", "timeout", "retries",
@@ -71,18 +89,47 @@ def _renamed_keywords(decorator: str, kwargs: dict[str, Any], given: dict[str, A
 
 
 def _check_keywords(decorator: str, kwargs: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
+    """Modal's keywords beyond mctl's own: options for the implemented ones, an error for the
+    refused ones, a warning for those without effect here. Unknown keywords are an error."""
+    from mctl.sdk.deprecated import warn_once
+
     extra: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key in REMOVED_KEYWORDS:
             raise DeprecationError(f"{decorator}({key}=...) was removed from Modal's API; use "
                                    f"{REMOVED_KEYWORDS[key]} instead.")
-        if key in ACCEPTED_FOR_COMPAT:
-            extra[key] = value
+        if key in IMPLEMENTED_KEYWORDS and decorator != "App":
+            extra.update(_implemented(decorator, key, value))
+            continue
+        if key in REFUSED_KEYWORDS:
+            if value:
+                raise InvalidError(f"{decorator}({key}={value!r}): {REFUSED_KEYWORDS[key]}.")
+            continue
+        if key in NO_EFFECT_KEYWORDS:
+            if value not in (None, False, {}, [], ()):
+                warn_once(f"no-effect:{key}", f"{decorator}({key}=...) has no effect on mctl "
+                          "(it is about Modal's cloud); it is ignored.", stacklevel=3)
             continue
         close = difflib.get_close_matches(key, sorted(allowed | ACCEPTED_FOR_COMPAT), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise InvalidError(f"{decorator}() got an unknown keyword {key!r}.{hint}")
     return extra
+
+
+def _implemented(decorator: str, key: str, value: Any) -> dict[str, Any]:
+    """The options `max_inputs=`, `single_use_containers=` and `restrict_modal_access=` set."""
+    if key == "max_inputs":
+        if value is None:
+            return {}
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidError(f"{decorator}(max_inputs={value!r}): max_inputs must be a positive "
+                               "int, the number of inputs a container runs before it exits.")
+        return {"container_max_inputs": value}
+    if not isinstance(value, bool):
+        raise InvalidError(f"{decorator}({key}={value!r}): {key} must be True or False.")
+    if key == "single_use_containers":
+        return {"container_max_inputs": 1} if value else {}
+    return {"restrict_modal_access": value}
 
 
 def _validate_common(where: str, *, timeout: Any, min_containers: int,
@@ -200,7 +247,7 @@ class App:
             scaledown_window=scaledown_window, schedule=schedule, secrets=secrets,
             volumes=volumes, image=image, gpu=gpu, cpu=cpu, memory=memory, retries=retries,
             env=env)
-        options.update(serialized=serialized, extra=extra)
+        options.update(serialized=serialized, **extra)
 
         def wrapper(f: Any) -> Function:
             params: dict[str, Any] = {}
@@ -264,7 +311,7 @@ class App:
             max_containers=max_containers, buffer_containers=buffer_containers,
             scaledown_window=scaledown_window, schedule=None, secrets=secrets, volumes=volumes,
             image=image, gpu=gpu, cpu=cpu, memory=memory, retries=retries, env=env)
-        options.update(serialized=serialized, extra=extra)
+        options.update(serialized=serialized, **extra)
 
         def wrapper(user_cls: Any) -> Cls:
             from mctl.sdk.cls import partials_of, remote_methods

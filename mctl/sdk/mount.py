@@ -7,7 +7,6 @@ adds the mounts' files to its image.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Callable
 
 from mctl.exception import InvalidError
@@ -60,4 +59,7 @@ def apply_mounts(image: Any, mounts: Any, where: str) -> Any:
 
 
 def _warn(message: str, stacklevel: int = 3) -> None:
-    warnings.warn(message, DeprecationWarning, stacklevel=stacklevel)
+    """Shown once, at the user's line, by the client only (workers import the same file)."""
+    from mctl.sdk.deprecated import warn_once
+
+    warn_once(message, message, stacklevel=stacklevel)

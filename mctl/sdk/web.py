@@ -5,7 +5,6 @@ as in Modal. The control plane's gateway routes HTTP to the function's workers (
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable
 
 from mctl.exception import InvalidError
@@ -58,15 +57,11 @@ def web_endpoint(*args: Any, method: str = "GET", label: str | None = None,
                  custom_domains: Iterable[str] | None = None, docs: bool = False,
                  requires_proxy_auth: bool = False, **_: Any) -> Callable[[Any], PartialFunction]:
     """Modal's older name of `fastapi_endpoint`."""
-    import sys
+    from mctl.sdk.deprecated import warn_once
 
-    caller = sys._getframe(1)
-    # Attributed to __main__ so Python's default filters show it (once per line of the user's
-    # file), as they would not for a DeprecationWarning raised in an imported module.
-    warnings.warn_explicit("mctl.web_endpoint is deprecated; use @mctl.fastapi_endpoint(...) "
-                           "instead.", DeprecationWarning, caller.f_code.co_filename,
-                           caller.f_lineno, module="__main__",
-                           registry=caller.f_globals.setdefault("__warningregistry__", {}))
+    # Shown once, at the user's own line, by the client only: workers import the same file.
+    warn_once("web_endpoint", "mctl.web_endpoint is deprecated; use @mctl.fastapi_endpoint(...) "
+              "instead.", stacklevel=2)
     return fastapi_endpoint(*args, method=method, label=label, docs=docs,
                             requires_proxy_auth=requires_proxy_auth)
 

@@ -208,6 +208,19 @@ def scope_denial(principal: Principal, scope: str) -> str:
             f"one with `mctl token create --scope {scope}`.")
 
 
+RESTRICTED = ("This function is declared with restrict_modal_access=True: its worker may serve "
+              "its own inputs only, not call functions or use Dicts, Queues or other apps' "
+              "objects.")
+
+
+def restricted(principal: Principal, control: ControlPlane) -> bool:
+    """A task token of a function declared `restrict_modal_access=True`."""
+    if not principal.is_task:
+        return False
+    fs = control.functions.get(principal.function_id)
+    return fs is not None and bool(getattr(fs.spec, "restrict_modal_access", False))
+
+
 def ws_denial(principal: Principal, conn: Conn, header: dict[str, Any],
               control: ControlPlane) -> str | None:
     """Why `principal` may not send this WebSocket message on `conn`, or None if it may."""
@@ -234,12 +247,16 @@ def ws_denial(principal: Principal, conn: Conn, header: dict[str, Any],
                 return None
             return ("Registering as a worker needs the function's task token; a user token "
                     f"with scope {principal.scope} cannot.")
+        if restricted(principal, control):
+            return RESTRICTED
         if principal.is_task:
             others = [a for a in header.get("apps", ()) if a != principal.app_id]
             return f"A task token cannot claim app {others[0]}." if others else None
         return None
     if not principal.is_task:
         return None  # invoke ⊆ every user scope: put_inputs, subscribe, cancel
+    if kind in ("put_inputs", "subscribe", "cancel") and restricted(principal, control):
+        return RESTRICTED
     if kind == "put_inputs":
         fs = control.functions.get(header.get("function_id", ""))
         if fs is None or fs.app_id != principal.app_id:

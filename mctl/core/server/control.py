@@ -70,6 +70,7 @@ class Conn:
         self.subscriptions: set[str] = set()
         self.owned_apps: set[str] = set()
         self.draining = False
+        self.dispatched = 0  # inputs sent to this worker (for `max_inputs=`, its lifetime cap)
         self.closed = False
         self._outbox: deque[bytes] = deque()
         self._writer: asyncio.Task[None] | None = None
@@ -676,7 +677,10 @@ class ControlPlane:
         if not fs.n_pending or not fs.workers or fs.restoring or fs.awaited:
             return
         limit = fs.prefetch
-        room = [(w, limit - len(w.running)) for w in fs.workers if not w.draining]
+        cap = fs.spec.container_max_inputs  # Modal's max_inputs: a container's lifetime inputs
+        room = [(w, limit - len(w.running) if cap is None
+                 else min(limit - len(w.running), cap - w.dispatched))
+                for w in fs.workers if not w.draining]
         room = [(w, r) for w, r in room if r > 0]
         if not room:
             return
@@ -697,6 +701,7 @@ class ControlPlane:
                 take -= 1
                 rec.worker, rec.started = worker, now
                 rec.attempts += 1
+                worker.dispatched += 1
                 worker.running[rec.input_id] = rec
                 fs.running += 1
                 item = {"id": rec.input_id, "call_id": rec.call_id, "idx": rec.idx,
@@ -743,6 +748,9 @@ class ControlPlane:
             self._output_acks.add(conn)
         if not conn.running:
             conn.idle_since = time.monotonic()
+            cap = fs.spec.container_max_inputs if fs is not None else None
+            if cap is not None and conn.dispatched >= cap:
+                self.drain(conn)  # its inputs are done: it exits, the pool starts another
         if fs is not None:
             if durations:
                 avg = sum(durations) / len(durations)

@@ -367,6 +367,8 @@ async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse
         return await handler(request)  # no such route: let aiohttp answer 404/405
     scope, task_rule = rule
     if principal.is_task:
+        if auth.restricted(principal, control) and not _serves_own_inputs(request):
+            return _json_error(403, auth.RESTRICTED)
         if task_rule == TASK_NO:
             return _json_error(403, auth.scope_denial(principal, scope))
         if task_rule == TASK_OWN_APP:
@@ -381,6 +383,15 @@ async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse
     elif not principal.has(scope):
         return _json_error(403, auth.scope_denial(principal, scope))
     return await handler(request)
+
+
+def _serves_own_inputs(request: web.Request) -> bool:
+    """What a `restrict_modal_access=True` worker still needs: its app's spec, its secrets, its
+    connection, blobs (its bundle, inputs, outputs) and the working copies of its own volumes."""
+    path = request.path
+    return (request.match_info.handler in (get_app, function_secrets, ws_handler, health,
+                                           put_blob, get_blob)
+            or (path.startswith("/api/volumes/") and "/sync/" in path))  # own mounts only
 
 
 @web.middleware
