@@ -44,7 +44,7 @@ def test_sigkill_without_retries_reports_crash(faults):
     with app.run():
         call = module.killed_no_retry.spawn("k2")
         os.kill(int(_wait_for(scratch / "k2.pid")), signal.SIGKILL)
-        with pytest.raises(mctl.exception.ContainerCrashedError, match="crashed or was killed"):
+        with pytest.raises(mctl.exception.ContainerCrashedError, match=r"was killed by signal 9 \(SIGKILL\)"):
             call.get(timeout=60)
 
 

@@ -8,6 +8,7 @@ as tasks on the worker's event loop. Outputs are gathered and sent in batches. A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -124,6 +125,7 @@ class Worker:
         # SIGTERM (scale-down, app stop, Nomad's kill) drains: running inputs finish, @exit runs.
         self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.logs = LogCapture(self._logs_arrived)
+        _install_exit_hook(self)
         from mctl.core import transport
 
         # MCTL_TASK_TOKEN (see config.configured_token) and the CA go with every request.
@@ -256,8 +258,21 @@ class Worker:
         while self.web is not None and self.web.tasks:
             await asyncio.gather(*self.web.tasks.values(), return_exceptions=True)
         self._flush_outputs()
+        # @exit handlers run while the connection is still open, so what they print reaches
+        # the caller's output and `mctl app logs`.
+        await asyncio.to_thread(self._close_instances)
         await asyncio.sleep(0)
+        await self._send_logs_now(ws)
         await ws.close()
+
+    async def _send_logs_now(self, ws: Any) -> None:
+        if self.logs is None or ws.closed:
+            return
+        self.logs.drain()
+        lines = self.logs.take()
+        if lines:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_bytes(protocol.encode({"type": "log", "lines": lines}))
 
     def _accept(self, item: dict[str, Any], payload: bytes) -> None:
         attempt = item.get("attempt", 1)
@@ -532,6 +547,32 @@ class Worker:
             frame = protocol.encode({"type": "log", "lines": lines})
             self.loop.create_task(ws.send_bytes(frame))  # type: ignore[union-attr]
 
+    def flush_logs_before_exit(self, wait_s: float = 1.0) -> None:
+        """From any thread, just before the process ends: the captured output to the control
+        plane (waiting up to `wait_s`), or at least to the process's own output, whose tail the
+        backend keeps."""
+        if self.logs is None:
+            return
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        self.logs.drain(flush=False)
+        ws, loop = self.ws, self.loop
+        if ws is None or ws.closed or loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:  # the loop's own thread cannot wait for itself
+            return
+        lines = self.logs.take()
+        if not lines:
+            return
+        frame = protocol.encode({"type": "log", "lines": lines})
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(ws.send_bytes(frame), loop).result(wait_s)
+
     # --- watchdog ------------------------------------------------------------------------------
     @staticmethod
     def _orphaned() -> bool:
@@ -559,12 +600,20 @@ class Worker:
         time.sleep(0.3)
         os._exit(3)
 
-    def _shutdown(self) -> None:
-        for obj in self.instances.values():
+    def _close_instances(self) -> None:
+        """Run each instance's @exit once."""
+        with self.instance_lock:
+            instances, self.instances = list(self.instances.values()), {}
+        for obj in instances:
             try:
                 self.raw.close_instance(obj)
             except Exception:
                 traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+    def _shutdown(self) -> None:
+        self._close_instances()
         from mctl.core import volume_sync
 
         if volume_sync.active():  # what @exit wrote, and anything not yet committed
@@ -574,6 +623,21 @@ class Worker:
                 print(f"mctl: the last commit of this container's volumes failed: {exc}",
                       file=sys.stderr, flush=True)
             volume_sync.remove_all()
+
+
+_real_exit = os._exit
+
+
+def _install_exit_hook(worker: Worker) -> None:
+    """`os._exit()` in the user's code (or ours) first sends what was printed: the capture
+    thread has not read the pipe yet, and the process takes the pipe with it."""
+    def _exit(code: int) -> None:  # noqa: ANN001 - os._exit's signature
+        try:
+            worker.flush_logs_before_exit()
+        finally:
+            _real_exit(code)
+
+    os._exit = _exit  # type: ignore[assignment]
 
 
 def _iterate_async_gen(agen: Any) -> Any:
@@ -601,3 +665,4 @@ def main() -> None:
         asyncio.run(worker.run())
     except KeyboardInterrupt:
         pass
+

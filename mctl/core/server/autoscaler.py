@@ -329,7 +329,7 @@ class Autoscaler:
                       detail: str) -> None:
         """PoolEvents: a backend saw a worker end."""
         log.info("worker %s of %s exited (code %s)", worker_id, pool_id, exit_code)
-        self.control.worker_gone(worker_id)
+        self.control.worker_gone(worker_id, exit_code)
         pool = self.pools.get(pool_id)
         if pool is None:
             return

@@ -133,6 +133,7 @@ class ControlPlane:
         # call back before then, and must find its inputs and function already in place.
         self.recovered = asyncio.Event()
         self.exited: deque[str] = deque(maxlen=1000)  # task ids the backend saw end
+        self.exit_codes: dict[str, int] = {}  # task id -> its process's exit status, if known
         self.log_sink = log_sink
         self.functions: dict[str, FunctionState] = {}
         self.apps: dict[str, AppSpec] = {}
@@ -424,8 +425,12 @@ class ControlPlane:
             conn.draining = True
             conn.send({"type": "stop"})
 
-    def worker_gone(self, task_id: str) -> None:
+    def worker_gone(self, task_id: str, exit_code: int | None = None) -> None:
         """The backend saw the worker's process end: its held inputs will not come back."""
+        if exit_code is not None:
+            self.exit_codes[task_id] = exit_code
+            while len(self.exit_codes) > 1000:
+                self.exit_codes.pop(next(iter(self.exit_codes)))
         old = self.orphans.pop(task_id, None)
         if old is not None:
             log.info("worker %s exited while disconnected", task_id)
@@ -488,8 +493,9 @@ class ControlPlane:
             if rec.done or rec.worker is not conn:
                 continue
             err = serialize_exception(ContainerCrashedError(
-                f"The container ({conn.task_id}) running input {rec.input_id} crashed or was "
-                "killed before it finished."))
+                f"The container ({conn.task_id}) running input {rec.input_id} "
+                f"{_how_it_ended(self.exit_codes.get(conn.task_id))} before it finished; "
+                "see its output in the logs (`mctl app logs APP` for a deployed app)."))
             self._finish_attempt(rec, "crashed", err, fs)
         conn.running.clear()
         self._schedule_flush()
@@ -853,6 +859,22 @@ class ControlPlane:
             await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+
+
+def _how_it_ended(code: int | None) -> str:
+    """`exited with code 3`, `was killed by signal 9 (SIGKILL)`, or the unknown case."""
+    if code is None:
+        return "crashed or was killed"
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"was killed by signal {-code} ({name}){hint}"
+    return f"exited with code {code}"
 
 
 def _pool_id(function_id: str, version: int) -> str:
