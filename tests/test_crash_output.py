@@ -41,3 +41,17 @@ def test_how_it_ended():
     assert _how_it_ended(-9) == "was killed by signal 9 (SIGKILL) (out of memory?)"
     assert _how_it_ended(-11) == "was killed by signal 11 (SIGSEGV)"
     assert _how_it_ended(None) == "crashed or was killed"
+
+
+def test_old_spellings_warn_once_from_the_client_at_the_users_line():
+    app_file = str(APPS / "old_spellings_run.py")
+    out = mctl_cli("run", app_file)
+    assert out.returncode == 0, out.stderr
+    assert "listed:" in out.stdout
+    lines = [line for line in out.stderr.splitlines() if "Warning" in line]
+    web = [line for line in lines if "web_endpoint is deprecated" in line]
+    mount = [line for line in lines if "Mount.from_local_dir is deprecated" in line]
+    assert len(web) == 1 and len(mount) == 1, out.stderr
+    for line in web + mount:
+        assert line.startswith(app_file + ":"), line  # the user's file, not a bundle's copy
+    assert "bundles" not in out.stderr and "bundles" not in out.stdout
