@@ -36,15 +36,20 @@ class Dual:
         except Exception as exc:
             if not _is_remote(exc):
                 raise
-            # The remote traceback is attached as the cause; the local frames below this call
-            # are mctl's client, not the user's: start the local traceback at the user's call.
-            raise exc.with_traceback(None)  # noqa: B904 - the same exception, re-raised
+            # The remote frames are the exception's traceback (or its cause); the local frames
+            # below this call are mctl's client: start the local traceback at the user's call.
+            raise exc.with_traceback(_remote_part(exc.__traceback__))  # noqa: B904
 
 
 def _is_remote(exc: BaseException) -> bool:
-    from mctl.core.serialization import RemoteTraceback
+    return bool(getattr(exc, "_mctl_remote", False))
 
-    return isinstance(exc.__cause__, RemoteTraceback)
+
+def _remote_part(tb: Any) -> Any:
+    """The rebuilt remote frames at the end of a traceback (see serialization.raise_remote)."""
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") != "__remote__":
+        tb = tb.tb_next
+    return tb
 
 
 def _arg_sets(iters: tuple[Iterable[Any], ...], kwargs: dict[str, Any]) -> Iterator[Any]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import os
 import sys
 import time
-import traceback
 from typing import TYPE_CHECKING, Any
 
 from mctl.core import protocol
@@ -86,7 +86,7 @@ class WebRunner:
         try:
             app = await self._app(head.get("endpoint_method"))
         except BaseException as exc:  # noqa: BLE001 - the user's code may raise anything
-            traceback.print_exc()
+            _print_user_traceback(exc)
             reply.failed(exc)
             return
         scope = _scope(head, self.states.get(head.get("endpoint_method"), {}))
@@ -100,7 +100,7 @@ class WebRunner:
         except asyncio.CancelledError:
             return
         except BaseException as exc:  # noqa: BLE001
-            traceback.print_exc()
+            _print_user_traceback(exc)
             reply.failed(exc)
         else:
             reply.finish()
@@ -442,3 +442,20 @@ class PortProxy:
             async for chunk in resp.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# Frameworks whose frames sit between the gateway's request and the user's endpoint.
+_FRAMEWORKS = ("fastapi", "starlette", "anyio", "pydantic", "asgiref", "a2wsgi", "uvicorn")
+
+
+def _print_user_traceback(exc: BaseException) -> None:
+    """The error of a web request, with the user's frames only (not the web framework's nor
+    mctl's), under the user's own file names: what the app's logs show."""
+    from mctl.core.tracebacks import format_user_traceback
+
+    dirs = [os.path.dirname(asyncio.__file__)]
+    for name in _FRAMEWORKS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            dirs.append(os.path.dirname(module.__file__))
+    print(format_user_traceback(exc, hide_dirs=dirs), end="", file=sys.stderr, flush=True)

@@ -328,14 +328,15 @@ class Worker:
                 if inspect.isasyncgen(result):
                     result = _iterate_async_gen(result)
                 for value in result:
-                    self._emit(input_id, "item", dumps(value), seq, final=False)
+                    self._emit(input_id, "item", _result(value, fn), seq, final=False)
                     seq += 1
                 self._returned(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
             else:
                 result = fn(*args, **kwargs)
                 if inspect.iscoroutine(result):
                     result = asyncio.run(result)
-                self._returned(input_id, "success", dumps(result), dur=time.monotonic() - start)
+                self._returned(input_id, "success", _result(result, fn),
+                               dur=time.monotonic() - start)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
             self._returned(input_id, "failure", serialize_exception(exc), seq,
                            dur=time.monotonic() - start)
@@ -388,7 +389,7 @@ class Worker:
                 raise ValueError(f"@batched function returned {len(results)} results for "
                                  f"{len(jobs)} inputs; return one result per input.")
             dur = (time.monotonic() - start) / len(jobs)
-            outputs = [dumps(value) for value in results]
+            outputs = [_result(value, fn) for value in results]
             committed = True
             error = self._autocommit()
             for input_id, data in zip(ids, outputs):
@@ -420,7 +421,7 @@ class Worker:
                     async def consume() -> int:
                         n = 0
                         async for value in fn(*args, **kwargs):
-                            self._emit(input_id, "item", dumps(value), n, final=False)
+                            self._emit(input_id, "item", _result(value, fn), n, final=False)
                             n += 1
                         return n
 
@@ -429,7 +430,7 @@ class Worker:
                                             time.monotonic() - start)
                 else:
                     result = await asyncio.wait_for(fn(*args, **kwargs), self.fspec.timeout)
-                    await asyncio.to_thread(self._returned, input_id, "success", dumps(result),
+                    await asyncio.to_thread(self._returned, input_id, "success", _result(result, fn),
                                             0, time.monotonic() - start)
             except asyncio.TimeoutError:
                 self._emit(input_id, "timeout", serialize_exception(FunctionTimeoutError(
@@ -623,6 +624,13 @@ class Worker:
                 print(f"mctl: the last commit of this container's volumes failed: {exc}",
                       file=sys.stderr, flush=True)
             volume_sync.remove_all()
+
+
+def _result(value: Any, fn: Any) -> bytes:
+    """The pickled result; one that cannot be pickled fails with the function's name."""
+    from mctl.core.serialization import serialize_result
+
+    return serialize_result(value, getattr(fn, "__qualname__", None) or repr(fn))
 
 
 _real_exit = os._exit
