@@ -35,6 +35,9 @@ async def _start_embedded(state_dir: Path) -> tuple[Any, str]:
     return server, token
 
 
+INTERRUPT_GRACE_S = 0.3  # after Ctrl-C, how long workers get before they are killed
+
+
 @contextlib.contextmanager
 def embedded_server() -> Iterator[str]:
     """A control plane in this process (on the client's background loop), state in a temp dir.
@@ -42,11 +45,15 @@ def embedded_server() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="mctl-run-") as state_dir:
         server, token = run_sync(_start_embedded(Path(state_dir)))
         transport.use_token(server.url, token)
+        grace_s = None
         try:
             yield server.url
+        except KeyboardInterrupt:  # Ctrl-C: the user wants out now, not after a drain
+            grace_s = INTERRUPT_GRACE_S
+            raise
         finally:
             run_sync(close_client(server.url))
-            run_sync(server.close())
+            run_sync(server.close(grace_s=grace_s))
             transport.forget_token(server.url)
 
 
@@ -124,6 +131,7 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
     and stops with `mctl app stop APP_ID`."""
     from mctl.core.compile import compile_app, inline_secret_values
 
+    _quiet_interrupts()
     app_id = ids.new_id("app")
     spec, blobs = compile_app(app, app_id)  # fails on bad input before anything starts
     secrets = inline_secret_values(app, app_id)
@@ -153,6 +161,23 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
                     run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
         finally:
             _running_urls.remove(url)
+
+
+def _quiet_interrupts() -> None:
+    """Ctrl-C in a script's `with app.run():` ends it with one line, not a traceback through
+    mctl's client (`mctl run` has its own)."""
+    previous = sys.excepthook
+    if getattr(previous, "_mctl", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            print("Aborted (Ctrl-C); the app was stopped.", file=sys.stderr, flush=True)
+            return
+        previous(kind, value, tb)
+
+    hook._mctl = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def web_urls(url: str, app_id: str) -> list[dict[str, Any]]:

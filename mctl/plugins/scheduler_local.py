@@ -65,6 +65,7 @@ class LocalScheduler:
         self.pools: dict[str, LocalPool] = {}
         self.events: PoolEvents | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.live: dict[str, Proc] = {}  # every worker process not yet ended, by task id
 
     async def start(self, events: PoolEvents) -> None:
         self.events = events
@@ -114,8 +115,13 @@ class LocalScheduler:
                            f"pid {p.process.pid}" if p.process else "")
                 for p in (pool.procs.values() if pool else ())]
 
+    # How long shutdown waits for workers to drain before killing them; the embedded control
+    # plane of an interrupted (Ctrl-C) `mctl run` sets it short.
+    shutdown_grace_s = 5.0
+
     async def shutdown(self) -> None:
-        procs = [p for pool in self.pools.values() for p in pool.procs.values()]
+        # Every worker still alive, those of removed pools (still draining) too.
+        procs = list(self.live.values())
         for proc in procs:
             if proc.process is not None and proc.process.returncode is None:
                 proc.process.terminate()
@@ -123,7 +129,7 @@ class LocalScheduler:
             if proc.process is None:
                 continue
             try:
-                await asyncio.wait_for(proc.process.wait(), 5)
+                await asyncio.wait_for(proc.process.wait(), self.shutdown_grace_s)
             except asyncio.TimeoutError:
                 proc.process.kill()
         for task in list(self._tasks):
@@ -133,6 +139,7 @@ class LocalScheduler:
     def _spawn(self, pool: LocalPool) -> None:
         proc = Proc(ids.new_id("task"))
         pool.procs[proc.task_id] = proc
+        self.live[proc.task_id] = proc
         self._background(self._run(pool, proc))
 
     async def _run(self, pool: LocalPool, proc: Proc) -> None:
@@ -188,6 +195,7 @@ class LocalScheduler:
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(directory))
         pool.procs.pop(proc.task_id, None)
+        self.live.pop(proc.task_id, None)
         if self.events is not None:
             clean = proc.stopping or code in (0, -signal.SIGTERM)
             self.events.worker_exited(launch.pool_id, proc.task_id, code,

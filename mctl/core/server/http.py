@@ -458,8 +458,13 @@ class RunningServer:
     runner: web.AppRunner
     stop_background: Callable[[], Any]  # cancels schedules and retention
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float | None = None) -> None:
+        """Stop serving; `grace_s`: how long workers may take to drain (the backend's own
+        default if None) where the backend lets it be set."""
         self.stop_background()
+        backend = getattr(self.control.autoscaler, "backend", None)
+        if grace_s is not None and hasattr(backend, "shutdown_grace_s"):
+            backend.shutdown_grace_s = grace_s
         if self.control.autoscaler is not None:
             await self.control.autoscaler.shutdown()
         await self.runner.cleanup()
