@@ -22,7 +22,9 @@ def test_import_error_fails_callers_and_redeploy_clears_it(server_process, isola
     with pytest.raises(ModuleNotFoundError, match="no_such_module_for_mctl_tests") as info:
         f.remote(1)
     assert time.monotonic() - start < 30
-    remote_tb = str(info.value.__cause__)
+    import traceback
+
+    remote_tb = "".join(traceback.format_exception(info.value))
     assert "startfail.py" in remote_tb  # the user's frame is in the remote traceback
 
     # once failing, a new call fails at once instead of waiting for a worker
