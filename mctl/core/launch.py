@@ -57,6 +57,13 @@ class LaunchSpec:
     cpu: float | None = None
     memory_mb: int | None = None
     gpu: GpuRequest | None = None
+    # `cpu=(request, limit)`, `memory=(request, limit)`: the most a worker may use, where the
+    # backend can enforce it (podman: --cpus/--memory; Slurm: --mem).
+    cpu_limit: float | None = None
+    memory_limit_mb: int | None = None
+    # `gpu=["H100", "A100"]`: the choices after `gpu`, in order; a backend that can place only
+    # one takes the first it has (see docs/guide.md).
+    gpu_fallbacks: tuple[GpuRequest, ...] = ()
     mounts: tuple[Mount, ...] = ()
     secret_refs: tuple[str, ...] = ()  # names only; values never travel in a launch description
     timeout_s: float = 300.0       # one input's limit; the worker enforces it
@@ -120,6 +127,7 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
         runtime=built_image.get("runtime") or "process",
         files=tuple((host, inside) for host, inside in built_image.get("files") or ()),
         python_deps=built_image.get("python_deps") or "host", cpu=res.cpu,
-        memory_mb=res.memory_mb, gpu=res.gpu, mounts=mounts,
+        memory_mb=res.memory_mb, gpu=res.gpu, mounts=mounts, cpu_limit=res.cpu_limit,
+        memory_limit_mb=res.memory_limit_mb, gpu_fallbacks=tuple(res.gpu_fallbacks),
         secret_refs=tuple(ref.get("name", "<inline>") for ref in fspec.secrets),
         timeout_s=fspec.timeout, labels=MappingProxyType(labels), spec=fspec)

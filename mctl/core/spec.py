@@ -140,9 +140,46 @@ class GpuRequest(_Model):
 
 
 class ResourcesSpec(_Model):
-    cpu: Cpu = None
+    cpu: Cpu = None                  # the request (Modal's `cpu=` or the first of `cpu=(r, l)`)
     memory_mb: MemoryMb = None
-    gpu: Optional[GpuRequest] = None
+    gpu: Optional[GpuRequest] = None  # the first choice of `gpu=` (a str or a list)
+    cpu_limit: Cpu = None            # `cpu=(request, limit)`: the most a worker may use
+    memory_limit_mb: MemoryMb = None  # `memory=(request, limit)`, MiB
+    gpu_fallbacks: list[GpuRequest] = []  # `gpu=["H100", "A100"]`: the later choices, in order
+
+    @model_validator(mode="after")
+    def _limits(self) -> ResourcesSpec:
+        for name, request, limit in (("cpu", self.cpu, self.cpu_limit),
+                                     ("memory", self.memory_mb, self.memory_limit_mb)):
+            if limit is not None and request is not None and limit < request:
+                raise ValueError(f"{name}=({request:g}, {limit:g}): the limit is less than the "
+                                 "request")
+        return self
+
+
+def parse_request_limit(name: str, value: Any) -> tuple[Any, Any]:
+    """Modal's `cpu=2` or `cpu=(1, 4)` (request, limit): (request, limit or None)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name}={value!r} must be one number or a (request, limit) pair")
+        request, limit = value
+        if isinstance(request, (int, float)) and isinstance(limit, (int, float)) \
+                and not isinstance(limit, bool) and limit < request:
+            raise ValueError(f"{name}={tuple(value)!r}: the limit {limit:g} is less than the "
+                             f"request {request:g}")
+        return request, limit
+    return value, None
+
+
+def parse_gpus(value: Any) -> tuple[GpuRequest | None, list[GpuRequest]]:
+    """`gpu="A100"` or Modal's fallback list `gpu=["H100", "A100-80GB:2"]`: the first choice
+    and the rest, in order."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("gpu=[] is empty; name at least one GPU type, e.g. ['H100', 'A100']")
+        parsed = [GpuRequest.parse(v) for v in value]
+        return parsed[0], [g for g in parsed[1:] if g is not None]
+    return GpuRequest.parse(value), []
 
 
 class WebSpec(_Model):

@@ -72,6 +72,10 @@ def run_argv(launch: LaunchSpec, task_id: str, tool: str = "podman") -> tuple[li
         registry = launch.image.split("/", 1)[0]
         if insecure(registry):
             argv.append("--tls-verify=false")
+    if launch.cpu_limit:  # `cpu=(request, limit)`: the cgroup's CPU quota
+        argv += ["--cpus", f"{launch.cpu_limit:g}"]
+    if launch.memory_limit_mb:  # `memory=(request, limit)`: killed past it, as on Modal
+        argv += ["--memory", f"{launch.memory_limit_mb}m"]
     for host, inside in binds:
         argv += ["-v", f"{host}:{inside}:ro"]
     for host, inside in launch.files:

@@ -79,6 +79,12 @@ class LocalScheduler:
             if mount_namespace.problem():
                 raise PlacementError(f"{launch.function} mounts volumes, but this machine "
                                      f"({socket.gethostname()}) {mount_namespace.problem()}")
+        if (launch.cpu_limit or launch.memory_limit_mb) and launch.runtime != "oci" \
+                and self.events is not None:
+            self.events.notice(launch.pool_id, f"{launch.function}'s cpu/memory limits are not "
+                                               "enforced for a worker process without an image; "
+                                               "they are in containers (an image with system "
+                                               "packages) and on Slurm.")
         problem = _unavailable(launch)
         if problem and self.strict:
             raise PlacementError(f"this machine ({socket.gethostname()}) {problem}")
@@ -248,11 +254,14 @@ def _unavailable(launch: LaunchSpec) -> str:
 
         gpus = [g for dev in plugins.registrations("mctl_register_gpu_devices")
                 for g in dev.detect()]
-        wanted = launch.gpu.type
-        matching = [g for g in gpus if wanted is None or wanted.lower() in g.model.lower()]
-        if len(matching) < launch.gpu.count:
-            what = f"{launch.gpu.count} GPU(s)" + (f" of type {wanted}" if wanted else "")
-            return f"has {len(matching)} matching GPU(s), not {what}"
+        missing = []
+        for choice in (launch.gpu, *launch.gpu_fallbacks):  # `gpu=[...]`: any choice will do
+            wanted = choice.type
+            matching = [g for g in gpus if wanted is None or wanted.lower() in g.model.lower()]
+            if len(matching) >= choice.count:
+                return ""
+            missing.append(f"{choice.count} GPU(s)" + (f" of type {wanted}" if wanted else ""))
+        return f"has no {' or '.join(missing)}"
     return ""
 
 

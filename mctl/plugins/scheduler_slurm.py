@@ -19,6 +19,7 @@ Options (`mctl server --scheduler slurm --scheduler-option KEY=VALUE`):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -151,7 +152,7 @@ class SlurmScheduler:
     async def ensure_pool(self, launch: LaunchSpec) -> None:
         if launch.pool_id in self.pools:
             return
-        problem = _unplaceable(launch, await self.nodes(), self.gres_type(launch))
+        launch, problem = place_gpu_choice(launch, await self.nodes(), self.gres_type)
         if not problem and launch.mounts and launch.runtime != "oci":
             from mctl.core import mount_namespace
 
@@ -240,8 +241,8 @@ class SlurmScheduler:
                  f"#SBATCH --output={self.output_dir}/%j.out", "#SBATCH --ntasks=1",
                  "#SBATCH --no-requeue",  # core replaces lost workers; Slurm must not rerun one
                  f"#SBATCH --cpus-per-task={max(1, round(launch.cpu or 1))}"]
-        if launch.memory_mb:
-            lines.append(f"#SBATCH --mem={launch.memory_mb}M")
+        if launch.memory_limit_mb or launch.memory_mb:  # Slurm's --mem is also the limit
+            lines.append(f"#SBATCH --mem={launch.memory_limit_mb or launch.memory_mb}M")
         if launch.gpu is not None:
             gres = self.gres_type(launch)
             lines.append(f"#SBATCH --gres=gpu:{gres + ':' if gres else ''}{launch.gpu.count}")
@@ -386,8 +387,8 @@ class SlurmScheduler:
             "standard_output": f"{self.output_dir}/%j.out",
             "current_working_directory": str(self.output_dir),
             "cpus_per_task": max(1, round(launch.cpu or 1)), "environment": env}
-        if launch.memory_mb:
-            job["memory_per_node"] = launch.memory_mb
+        if launch.memory_limit_mb or launch.memory_mb:
+            job["memory_per_node"] = launch.memory_limit_mb or launch.memory_mb
         if launch.gpu is not None:
             gres = self.gres_type(launch)
             job["gres"] = f"gpu:{gres + ':' if gres else ''}{launch.gpu.count}"
@@ -456,6 +457,20 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+def place_gpu_choice(launch: LaunchSpec, nodes: list[dict[str, Any]],
+                     gres_type: Any) -> tuple[LaunchSpec, str]:
+    """`gpu=["H100", "A100"]`: the launch with the first GPU choice some node can offer, and ''
+    (or the launch as given and why the first choice cannot be placed)."""
+    problem = _unplaceable(launch, nodes, gres_type(launch))
+    for fallback in launch.gpu_fallbacks if problem else ():
+        choice = dataclasses.replace(launch, gpu=fallback, gpu_fallbacks=())
+        if not _unplaceable(choice, nodes, gres_type(choice)):
+            log.info("%s: no node has %s; using the fallback %s", launch.function,
+                     launch.gpu, fallback)
+            return choice, ""
+    return launch, problem
+
+
 def _parse_gpu_map(text: str) -> dict[str, str]:
     out = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
@@ -479,10 +494,11 @@ def _unplaceable(launch: LaunchSpec, nodes: list[dict[str, Any]], gres: str | No
     fits = [n for n in nodes if n["cpus"] >= cpus]
     if not fits:
         return f"no node offers {cpus} CPUs (the largest has {max(n['cpus'] for n in nodes)})"
-    if launch.memory_mb:
-        fits = [n for n in fits if n["memory_mb"] >= launch.memory_mb]
+    memory = launch.memory_limit_mb or launch.memory_mb  # what --mem asks for
+    if memory:
+        fits = [n for n in fits if n["memory_mb"] >= memory]
         if not fits:
-            return f"no node offers memory={launch.memory_mb} MiB"
+            return f"no node offers memory={memory} MiB"
     if launch.gpu is not None:
         want = launch.gpu.count
 

@@ -138,14 +138,22 @@ def _validate_common(where: str, *, timeout: Any, min_containers: int,
                      image: Any, gpu: Any, cpu: Any, memory: Any, retries: Any,
                      env: Any) -> dict[str, Any]:
     """Check a decorator's options; numeric bounds come from core's spec (`DeclaredOptions`)."""
-    from mctl.core.spec import DeclaredOptions, GpuRequest, validate_declared
+    from mctl.core.spec import (DeclaredOptions, parse_gpus, parse_request_limit,
+                                validate_declared)
 
     try:
+        cpu, cpu_limit = parse_request_limit("cpu", cpu)
+        memory, memory_limit = parse_request_limit("memory", memory)
         declared = validate_declared(DeclaredOptions, dict(
             timeout=timeout, min_containers=min_containers, max_containers=max_containers,
             buffer_containers=buffer_containers or 0, scaledown_window=scaledown_window, cpu=cpu,
             memory=memory, env=env or {}))
-        gpu_req = GpuRequest.parse(gpu)
+        for name, limit in (("cpu", cpu_limit), ("memory", memory_limit)):
+            if limit is not None:  # the limit under the request's bounds and rule
+                validate_declared(DeclaredOptions, dict(
+                    timeout=timeout, min_containers=0, scaledown_window=scaledown_window,
+                    **{name: limit}))
+        gpu_req, gpu_fallbacks = parse_gpus(gpu)
     except ValueError as exc:
         raise InvalidError(f"{where}: {exc}.") from None
     if schedule is not None and not isinstance(schedule, Schedule):
@@ -161,7 +169,8 @@ def _validate_common(where: str, *, timeout: Any, min_containers: int,
             "secrets": list(secrets), "volumes": validate_mounts(volumes or {}), "image": image,
             "volume_objects": list((volumes or {}).values()),  # create_if_missing, at deploy
             "read_only_volumes": read_only_paths(volumes or {}),
-            "gpu": gpu_req, "cpu": cpu, "memory": memory, "retries": Retries.coerce(retries),
+            "gpu": gpu_req, "gpu_fallbacks": gpu_fallbacks, "cpu": cpu, "cpu_limit": cpu_limit,
+            "memory": memory, "memory_limit": memory_limit, "retries": Retries.coerce(retries),
             "env": dict(declared.env)}
 
 
@@ -227,8 +236,10 @@ class App:
                 renamed.get("scaledown_window", scaledown_window), renamed)
 
     def function(self, _warn_parentheses_missing: Any = None, *, image: Image | None = None,
-                 schedule: Schedule | None = None, secrets: Any = (), gpu: str | None = None,
-                 cpu: float | None = None, memory: int | None = None,
+                 schedule: Schedule | None = None, secrets: Any = (),
+                 gpu: str | list[str] | None = None,
+                 cpu: float | tuple[float, float] | None = None,
+                 memory: int | tuple[int, int] | None = None,
                  volumes: dict[str, Volume] | None = None, timeout: float = 300,
                  retries: int | Retries | None = None, min_containers: int = 0,
                  max_containers: int | None = None, buffer_containers: int | None = None,
@@ -294,8 +305,9 @@ class App:
         return wrapper
 
     def cls(self, _warn_parentheses_missing: Any = None, *, image: Image | None = None,
-            secrets: Any = (), gpu: str | None = None, cpu: float | None = None,
-            memory: int | None = None, volumes: dict[str, Volume] | None = None,
+            secrets: Any = (), gpu: str | list[str] | None = None,
+            cpu: float | tuple[float, float] | None = None,
+            memory: int | tuple[int, int] | None = None, volumes: dict[str, Volume] | None = None,
             timeout: float = 300, retries: int | Retries | None = None, min_containers: int = 0,
             max_containers: int | None = None, buffer_containers: int | None = None,
             scaledown_window: float = 60, serialized: bool = False, name: str | None = None,
