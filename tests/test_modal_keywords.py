@@ -1,6 +1,8 @@
 """Modal's keywords are implemented, refused with a reason, or warned about: none is silently
 ignored (README's table)."""
 
+import shutil
+import socket
 import warnings
 
 import pytest
@@ -20,7 +22,6 @@ def fresh_warnings():
 
 
 @pytest.mark.parametrize("key,value,words", [
-    ("block_network", True, "block_network"),
     ("network_file_systems", {"/data": object()}, "Volume"),
     ("cloud_bucket_mounts", {"/b": object()}, "Volume"),
     ("i6pn", True, "i6pn"),
@@ -31,7 +32,7 @@ def test_unsupported_security_and_storage_keywords_are_refused(key, value, words
         app.function(**{key: value})
     with pytest.raises(InvalidError, match=words):
         app.cls(**{key: value})
-    app.function(**{key: None if key != "block_network" else False})  # the default is fine
+    app.function(**{key: None})  # the default is fine
 
 
 def test_keywords_without_effect_warn_once():
@@ -83,3 +84,27 @@ def test_lifecycle_and_restriction_end_to_end():
         for what in ("call", "dict"):
             answer = module.restricted.remote(what)
             assert answer.startswith("refused:") and "restrict_modal_access" in answer, answer
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not shutil.which("unshare"), reason="block_network needs util-linux's unshare")
+def test_block_network_leaves_only_the_control_plane():
+    module, app = load_app("keywords")
+    with socket.socket() as listener, app.run():
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # reachable from here
+        out = module.offline.remote(port)
+    assert out == {"loopback": "ConnectionRefusedError", "internet": "OSError", "helper": 2}, out
+
+
+def test_block_network_is_refused_where_it_cannot_be_enforced(tmp_path):
+    from mctl.core.runtime.netjail_host import problem
+
+    class Launch:
+        runtime, env = "oci", {"MCTL_SERVER_URL": "http://127.0.0.1:1"}
+
+    assert "container image" in problem(Launch())
+    Launch.runtime, Launch.env = "process", {"MCTL_SERVER_URL": "http://10.0.0.5:1"}
+    assert "loopback" in problem(Launch())

@@ -141,6 +141,7 @@ def compile_app(app: DeclaredApp, app_id: str, name: str | None = None
             batch_max_size=opts.get("max_batch_size"), batch_wait_ms=opts.get("wait_ms"),
             container_max_inputs=opts.get("container_max_inputs"),
             restrict_modal_access=bool(opts.get("restrict_modal_access")),
+            block_network=bool(opts.get("block_network")),
         )
         try:
             functions[tag] = FunctionSpec(**handle.spec_fields(), **common)

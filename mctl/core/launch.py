@@ -64,6 +64,8 @@ class LaunchSpec:
     # `gpu=["H100", "A100"]`: the choices after `gpu`, in order; a backend that can place only
     # one takes the first it has (see docs/guide.md).
     gpu_fallbacks: tuple[GpuRequest, ...] = ()
+    # `block_network=True`: the worker gets no network; a backend that cannot do that refuses.
+    block_network: bool = False
     mounts: tuple[Mount, ...] = ()
     secret_refs: tuple[str, ...] = ()  # names only; values never travel in a launch description
     timeout_s: float = 300.0       # one input's limit; the worker enforces it
@@ -129,5 +131,6 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
         python_deps=built_image.get("python_deps") or "host", cpu=res.cpu,
         memory_mb=res.memory_mb, gpu=res.gpu, mounts=mounts, cpu_limit=res.cpu_limit,
         memory_limit_mb=res.memory_limit_mb, gpu_fallbacks=tuple(res.gpu_fallbacks),
+        block_network=fspec.block_network,
         secret_refs=tuple(ref.get("name", "<inline>") for ref in fspec.secrets),
         timeout_s=fspec.timeout, labels=MappingProxyType(labels), spec=fspec)

@@ -238,6 +238,8 @@ class FunctionSpec(_Model):
     # Modal's `restrict_modal_access=True`: the worker's task token may not call functions or
     # reach Dicts, Queues or other objects; it only serves its own inputs.
     restrict_modal_access: bool = False
+    # Modal's `block_network=True`: the worker has no network but its path to the control plane.
+    block_network: bool = False
 
     @property
     def target_per_container(self) -> int:

@@ -38,6 +38,7 @@ class Proc:
     process: asyncio.subprocess.Process | None = None
     stopping: bool = False
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
+    bridge: Any = None  # block_network: the Unix socket to the control plane (netjail_host)
 
 
 @dataclass
@@ -53,6 +54,7 @@ def _flag(value: Any) -> bool:
 class LocalScheduler:
     handles_schedules = False
     provider = "local"
+    blocks_network = True  # `block_network=True`: process workers in a network namespace
 
     OPTIONS = ("max_containers_per_function", "strict_resources", "region")
 
@@ -85,6 +87,12 @@ class LocalScheduler:
                                                "enforced for a worker process without an image; "
                                                "they are in containers (an image with system "
                                                "packages) and on Slurm.")
+        if launch.block_network:
+            from mctl.core.runtime import netjail_host
+
+            why = netjail_host.problem(launch)
+            if why:
+                raise PlacementError(f"{launch.function} has block_network=True, but {why}")
         problem = _unavailable(launch)
         if problem and self.strict:
             raise PlacementError(f"this machine ({socket.gethostname()}) {problem}")
@@ -177,6 +185,11 @@ class LocalScheduler:
             env.update(launch.worker_env(proc.task_id))
             if parent:
                 env["MCTL_PARENT_PID"] = str(parent)  # workers exit when this server dies
+            if launch.block_network:  # no network but the way to the control plane
+                from mctl.core.runtime import netjail_host
+
+                argv, proc.bridge = await netjail_host.wrap(argv, launch, proc.task_id)
+                extra["preexec_fn"] = _die_with_parent
         code: int | None = None
         try:
             proc.process = await asyncio.create_subprocess_exec(
@@ -192,6 +205,8 @@ class LocalScheduler:
             async for raw in proc.process.stdout:
                 proc.tail.append(raw.decode(errors="replace").rstrip("\n"))
             code = await proc.process.wait()
+        if proc.bridge is not None:
+            await proc.bridge.close()
         copies = sources(launch.mounts, proc.task_id)
         if copies:  # a worker that died before removing its working copies
             import shutil

@@ -34,14 +34,12 @@ REMOVED_KEYWORDS = {
 }
 
 # Modal keywords that mctl implements under their Modal names (see `_modal_keywords`).
-IMPLEMENTED_KEYWORDS = {"max_inputs", "single_use_containers", "restrict_modal_access"}
+IMPLEMENTED_KEYWORDS = {"max_inputs", "single_use_containers", "restrict_modal_access",
+                        "block_network"}
 
 # Modal keywords mctl cannot honour and whose silent absence would surprise or endanger: a true
 # (non-empty) value is refused with what to do instead. False/None/empty is accepted.
 REFUSED_KEYWORDS = {
-    "block_network": "mctl cannot yet cut a worker off the network (its workers reach the "
-                     "control plane over TCP); remove block_network=True, or run untrusted code "
-                     "on a host whose firewall blocks it",
     "network_file_systems": "NetworkFileSystem is not supported; use a Volume instead: "
                             "volumes={path: mctl.Volume.from_name(name, create_if_missing=True)}",
     "cloud_bucket_mounts": "CloudBucketMount is not supported; copy the bucket's files into a "
@@ -117,7 +115,8 @@ def _check_keywords(decorator: str, kwargs: dict[str, Any], allowed: set[str]) -
 
 
 def _implemented(decorator: str, key: str, value: Any) -> dict[str, Any]:
-    """The options `max_inputs=`, `single_use_containers=` and `restrict_modal_access=` set."""
+    """The options `max_inputs=`, `single_use_containers=`, `restrict_modal_access=` and
+    `block_network=` set."""
     if key == "max_inputs":
         if value is None:
             return {}
@@ -129,7 +128,7 @@ def _implemented(decorator: str, key: str, value: Any) -> dict[str, Any]:
         raise InvalidError(f"{decorator}({key}={value!r}): {key} must be True or False.")
     if key == "single_use_containers":
         return {"container_max_inputs": 1} if value else {}
-    return {"restrict_modal_access": value}
+    return {key: value}  # restrict_modal_access, block_network
 
 
 def _validate_common(where: str, *, timeout: Any, min_containers: int,

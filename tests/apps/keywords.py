@@ -46,3 +46,20 @@ def unrestricted(what):
         return helper.remote(1)
     mctl.Dict.from_name("kw-dict", create_if_missing=True)["k"] = 1
     return "dict written"
+
+
+@app.function(block_network=True)
+def offline(port):
+    """Tries the network; reaches the control plane only (its own result, helper's)."""
+    import socket
+
+    print("offline worker ran", flush=True)
+    out = {}
+    for name, address in (("loopback", ("127.0.0.1", port)), ("internet", ("1.1.1.1", 53))):
+        try:
+            socket.create_connection(address, timeout=2).close()
+            out[name] = "connected"
+        except OSError as exc:
+            out[name] = type(exc).__name__
+    out["helper"] = helper.remote(1)
+    return out

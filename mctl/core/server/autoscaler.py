@@ -188,6 +188,11 @@ class Autoscaler:
                 newer.replaces.extend(pool.replaces)
                 pool.replaces.clear()
                 return
+            if launch.block_network and not getattr(self.backend, "blocks_network", False):
+                raise PlacementError(
+                    f"{fspec.tag} has block_network=True, which the "
+                    f"{getattr(self.backend, 'provider', 'this')} backend cannot enforce; run "
+                    "it on the local backend (process workers), or remove block_network=True")
             await self.backend.ensure_pool(launch)
         except PlacementError as exc:
             self.placement_failed(pid, str(exc))
