@@ -74,3 +74,12 @@ def test_slurm_memory_limit_is_its_mem():
     sched = SlurmScheduler({})
     assert "#SBATCH --mem=2048M" in sched.job_script(_launch(memory_mb=1024,
                                                              memory_limit_mb=2048), "ta-x")
+
+
+def test_nomad_takes_any_gpu_choice_preferring_the_first():
+    from mctl.plugins.nomad_render import NomadOptions, _gpu_device
+
+    device = _gpu_device(_launch(gpu=GpuRequest(type="H100"),
+                                 gpu_fallbacks=(GpuRequest(type="A100"),)), NomadOptions.parse({}))
+    assert device["Constraints"][0]["RTarget"] == "(?i)(H100|A100)"
+    assert [a["RTarget"] for a in device["Affinities"]] == ["(?i)H100", "(?i)A100"]

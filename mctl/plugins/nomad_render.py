@@ -252,7 +252,9 @@ def _gpu_device(launch: LaunchSpec, opts: NomadOptions) -> dict[str, Any] | None
     if gpu is None:
         return None
     device: dict[str, Any] = {"Name": "nvidia/gpu", "Count": gpu.count}
-    types = [t for t in (gpu.type, *opts.gpu_fallback) if t]
+    # `gpu=["H100", "A100"]`, then the operator's gpu_fallback option (the count is the first's)
+    types = list(dict.fromkeys(t for t in (gpu.type, *(g.type for g in launch.gpu_fallbacks),
+                                          *opts.gpu_fallback) if t))
     patterns = ["(?i)" + ".*".join(re.escape(p) for p in t.split("-")) for t in types]
     if len(patterns) == 1:
         device["Constraints"] = [{"LTarget": "${device.model}", "Operand": "regexp",
