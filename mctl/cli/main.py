@@ -648,8 +648,12 @@ def token_set(token_value: str, server: str | None, profile: str | None,
                                "whole line `mctl token create` printed.")
     path = save_profile(token_value.strip(), server, profile, activate)
     name = profile or active_profile_name()
+    active = name == active_profile_name()
     click.echo(f"Saved the token{' and server' if server else ''} to {path} (profile {name}"
-               f"{', active' if name == active_profile_name() else ''})")
+               f"{', active' if active else ''})")
+    if active:
+        click.echo("Commands now use this token; `mctl profile deactivate` goes back to the local "
+                   "server and its admin token.")
 
 
 @cli.command(short_help="Show the audit log: who changed what, when, from where.")
