@@ -16,7 +16,7 @@ from mctl.sdk.function import Function
 from mctl.sdk.image import Image
 from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, WEB, PartialFunction
 from mctl.sdk.retries import Retries
-from mctl.sdk.schedule import Schedule
+from mctl.sdk.schedule import Cron, Schedule
 from mctl.sdk.secret import Secret
 from mctl.sdk.volume import Volume, read_only_paths, validate_mounts
 
@@ -239,6 +239,11 @@ class App:
             if schedule is not None and _required_params(f):
                 raise InvalidError(f"Scheduled function {f.__qualname__} must take no required "
                                    "arguments: a schedule calls it without any.")
+            if isinstance(schedule, Cron) and schedule.never_fires():
+                raise InvalidError(f"Function {name or f.__name__} has schedule "
+                                   f"Cron({schedule.cron_string!r}), which can never fire (no "
+                                   "date matches it, such as February 31); choose a day that the "
+                                   "month has.")
             tag = name or f.__qualname__
             self._register(tag, Function(self, tag, f, {**options, **params},
                                          is_generator=is_gen, is_async=is_async))

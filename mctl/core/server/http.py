@@ -88,6 +88,19 @@ def _find_app(control: ControlPlane, name: str) -> dict[str, Any]:
     return app
 
 
+def _schedule_problem(spec: AppSpec) -> str | None:
+    """What is wrong with the first bad cron schedule of the app's functions, naming it."""
+    from mctl.core.cron import cron_problem
+
+    for tag, fspec in spec.functions.items():
+        sched = fspec.schedule
+        if sched is not None and sched.kind == "cron":
+            problem = cron_problem(sched.cron)
+            if problem:
+                return f"Function {tag}'s schedule: {problem}"
+    return None
+
+
 async def create_app(request: web.Request) -> web.Response:
     from mctl.core import secret_store
     from mctl.core import ids
@@ -101,6 +114,9 @@ async def create_app(request: web.Request) -> web.Response:
         spec = AppSpec.model_validate(body["spec"])
     except ValueError as exc:
         return _json_error(400, f"Invalid app spec: {exc}")
+    problem = _schedule_problem(spec)
+    if problem:  # a schedule that can never fire would only fail in the schedule runner
+        return _json_error(400, problem)
     secret_store.refuse_values_in_spec(spec)
     mode = body.get("mode", "ephemeral")
     if mode not in ("ephemeral", "detached", "deployed"):

@@ -1,0 +1,135 @@
+"""What a new user met on main: schedules that can never fire, cron strings, a module-level
+deploy, FunctionCall.from_id inside a run, CLI targets and arguments, detached apps by name."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mctl
+from mctl.exception import InvalidError
+
+
+def mctl_cli(*args, cwd=None, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "mctl", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env or os.environ)
+
+
+def with_cron(spec, tag, cron):
+    """`spec` with function `tag`'s schedule replaced, as an older client could have sent it."""
+    from mctl.core.spec import ScheduleSpec
+
+    fspec = spec.functions[tag].model_copy(
+        update={"schedule": ScheduleSpec(kind="cron", cron=cron)})
+    return spec.model_copy(update={"functions": {**spec.functions, tag: fspec}})
+
+
+# --- cron strings --------------------------------------------------------------------------------
+@pytest.mark.parametrize("expr, field", [("0 25 * * *", "hour field '25'"),
+                                         ("61 * * * *", "minute field '61'"),
+                                         ("0 0 32 * *", "day of month field '32'"),
+                                         ("0 0 * 13 *", "month field '13'"),
+                                         ("0 0 * * 9", "day of week field '9'")])
+def test_a_cron_field_out_of_range_is_named(expr, field):
+    with pytest.raises(InvalidError) as info:
+        mctl.Cron(expr)
+    assert field in str(info.value) and "five fields" not in str(info.value)
+
+
+def test_a_six_field_cron_is_refused():
+    with pytest.raises(InvalidError, match="six fields.*takes five"):
+        mctl.Cron("* * * * * *")
+    with pytest.raises(InvalidError, match="has 3 fields; use five"):
+        mctl.Cron("* * *")
+
+
+def test_valid_crons_still_pass():
+    for expr in ("* * * * *", "0 9 * * 1-5", "*/15 * * * *", "0 0 29 2 *", "@daily",
+                 "0 9 * * mon-fri"):
+        mctl.Cron(expr)
+
+
+def test_a_cron_that_can_never_fire_is_refused_naming_the_function():
+    app = mctl.App("never")
+    with pytest.raises(InvalidError, match=r"Function f has schedule Cron\('0 0 31 2 \*'\), which "
+                                           "can never fire"):
+        @app.function(schedule=mctl.Cron("0 0 31 2 *"), serialized=True)
+        def f():
+            pass
+
+
+def test_mctl_deploy_refuses_a_cron_that_can_never_fire(tmp_path):
+    path = tmp_path / "m_c.py"
+    path.write_text("import mctl as modal\napp = modal.App('cron-t')\n"
+                    "@app.function(schedule=modal.Cron('0 0 31 2 *'))\ndef f(): pass\n")
+    out = mctl_cli("deploy", str(path))
+    assert out.returncode == 1
+    assert "Function f has schedule Cron('0 0 31 2 *'), which can never fire" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (Path(os.environ["MCTL_HOME"]) / "server.json").exists()  # nothing was started
+
+
+def test_the_control_plane_refuses_a_cron_that_can_never_fire():
+    """A client that skips the SDK's check (an older one, a hand-written spec) is refused too."""
+    from mctl.core.client import run_sync
+    from mctl.core.compile import compile_app
+    from mctl.core.runner import _publish, embedded_server
+    app = mctl.App("never-http")
+
+    @app.function(schedule=mctl.Cron("0 0 * * *"), serialized=True, name="f")
+    def f():
+        pass
+
+    spec, blobs = compile_app(app, "ap-neverhttp", "never-http")
+    spec = with_cron(spec, "f", "0 0 31 2 *")
+    with embedded_server() as url:
+        with pytest.raises(InvalidError, match="Function f's schedule.*can never fire"):
+            run_sync(_publish(url, spec, blobs, "deployed", "ap-neverhttp", {}, set()))
+
+
+def test_a_schedule_that_cannot_fire_leaves_the_others_firing(tmp_path):
+    """An app stored with a never-firing cron (before deploys refused them) is logged once; the
+    other apps' schedules keep firing."""
+    from mctl.core import transport
+    from mctl.core.client import close_client, run_sync
+    from mctl.core.compile import compile_app
+    from mctl.core.runner import _publish, _start_embedded
+    good = mctl.App("ticks")
+
+    @good.function(schedule=mctl.Period(seconds=0.5), serialized=True, name="tick")
+    def tick():
+        pass
+
+    bad = mctl.App("feb31")
+
+    @bad.function(schedule=mctl.Cron("0 0 * * *"), serialized=True, name="never")
+    def never():
+        pass
+
+    server, token = run_sync(_start_embedded(tmp_path / "state"))
+    transport.use_token(server.url, token)
+    try:
+        bad_spec, _ = compile_app(bad, "ap-feb31", "feb31")
+        bad_spec = with_cron(bad_spec, "never", "0 0 31 2 *")
+        run_sync(server.control.create_app(bad_spec, "deployed", "ap-feb31"))
+        spec, blobs = compile_app(good, "ap-ticks", "ticks")
+        run_sync(_publish(server.url, spec, blobs, "deployed", "ap-ticks", {}, set()))
+
+        def lines(app_id):
+            return [row[-1] for row in server.control.store.logs(app_id)]
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if sum("schedule fired" in line for line in lines("ap-ticks")) >= 3:
+                break
+            time.sleep(0.2)
+        assert sum("schedule fired" in line for line in lines("ap-ticks")) >= 3
+        broken = [line for line in lines("ap-feb31") if "can never fire" in line]
+        assert len(broken) == 1 and "0 0 31 2 *" in broken[0], lines("ap-feb31")
+    finally:
+        run_sync(close_client(server.url))
+        run_sync(server.close())
+        transport.forget_token(server.url)
