@@ -133,3 +133,39 @@ def test_a_schedule_that_cannot_fire_leaves_the_others_firing(tmp_path):
         run_sync(close_client(server.url))
         run_sync(server.close())
         transport.forget_token(server.url)
+
+
+# --- a module-level deploy -----------------------------------------------------------------------
+PROGRAMMATIC_DEPLOY = '''import mctl as modal
+app = modal.App("{name}")
+
+@app.function()
+def hello(name):
+    return f"Hello, {{name}}!"
+
+{deploy}
+print("deployed; calling")
+print(modal.Function.from_name("{name}", "hello").remote("x"))
+'''
+
+
+@pytest.mark.parametrize("deploy", ["app.deploy()",
+                                    "import mctl.runner\nmctl.runner.deploy_app(app, name='prog')"])
+def test_a_module_level_deploy_is_skipped_in_workers(tmp_path, server_process, deploy):
+    """The workers import the file again: the deploy there is not run again (its token could not
+    deploy), and the app stays healthy; `mctl deploy` on the same file works too."""
+    import json
+
+    path = tmp_path / "progdeploy.py"
+    path.write_text(PROGRAMMATIC_DEPLOY.format(name="prog", deploy=deploy))
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "Hello, x!" in out.stdout, out.stdout + out.stderr
+    out = mctl_cli("deploy", str(path))
+    assert out.returncode == 0 and "Deployed app prog" in out.stdout, out.stdout + out.stderr
+    assert mctl.Function.from_name("prog", "hello").remote("y") == "Hello, y!"
+    apps = json.loads(mctl_cli("app", "list", "--json").stdout)
+    assert [(a["name"], a["state"], a.get("failing") or None) for a in apps] == [
+        ("prog", "running", None)]
+    logs = mctl_cli("app", "logs", "prog").stdout
+    assert "AuthError" not in logs and "deployed; calling" not in logs, logs

@@ -394,10 +394,26 @@ class App:
         return app
 
     def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
+        """Deploy the app to the control plane (`mctl deploy` from code).
+
+        Inside a worker this deploys nothing: the worker imports the user's file to find its
+        functions, and a module-level `app.deploy()` there (with the script after it) belongs to
+        whoever ran the file, as a module-level `app.run()` does."""
+        if _in_worker():
+            self._skip_in_worker()
+            return self
         from mctl.core.runner import deploy_app
 
         deploy_app(self, name=name)
         return self
+
+    def _skip_in_worker(self) -> None:
+        """In a worker, `app.deploy()`: nothing once the worker runs; while it still imports the
+        user's file, stop the import there (the loader keeps the functions defined above)."""
+        if self._app_id is None:
+            from mctl.core.declared import ImportStopped
+
+            raise ImportStopped()
 
     def _hydrate(self, app_id: str, server_url: str) -> None:
         from mctl.core.spec import function_id
