@@ -169,3 +169,27 @@ def test_a_module_level_deploy_is_skipped_in_workers(tmp_path, server_process, d
         ("prog", "running", None)]
     logs = mctl_cli("app", "logs", "prog").stdout
     assert "AuthError" not in logs and "deployed; calling" not in logs, logs
+
+
+# --- FunctionCall.from_id inside a run -----------------------------------------------------------
+FROM_ID = '''import mctl as modal
+app = modal.App()
+
+@app.function()
+def f(x): return x * 2
+
+{body}
+'''
+
+
+@pytest.mark.parametrize("shape", ["entrypoint", "script"])
+def test_from_id_inside_a_run_uses_the_running_apps_control_plane(tmp_path, shape):
+    body = ("@app.local_entrypoint()\ndef main():\n    c = f.spawn(4)\n"
+            "    print('got', modal.FunctionCall.from_id(c.object_id).get())\n" if shape == "entrypoint"
+            else "with app.run():\n    c = f.spawn(4)\n"
+                 "    print('got', modal.FunctionCall.from_id(c.object_id).get())\n")
+    path = tmp_path / "m_fromid.py"
+    path.write_text(FROM_ID.format(body=body))
+    command = ["-m", "mctl", "run", str(path)] if shape == "entrypoint" else [str(path)]
+    out = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "got 8" in out.stdout, out.stdout + out.stderr
