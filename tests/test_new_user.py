@@ -193,3 +193,53 @@ def test_from_id_inside_a_run_uses_the_running_apps_control_plane(tmp_path, shap
     command = ["-m", "mctl", "run", str(path)] if shape == "entrypoint" else [str(path)]
     out = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "got 8" in out.stdout, out.stdout + out.stderr
+
+
+# --- mctl run: targets, arguments, generators ----------------------------------------------------
+@pytest.mark.parametrize("command, target, says", [
+    ("run", "examples", "is a directory; pass one app's .py file"),
+    ("deploy", "examples", "is a directory; pass one app's .py file"),
+    ("run", "README.md", "is not a Python file; pass your app's .py file"),
+    ("deploy", "README.md", "is not a Python file; pass your app's .py file")])
+def test_a_target_that_is_no_app_file_says_what_it_must_be(command, target, says):
+    root = Path(__file__).resolve().parent.parent
+    out = mctl_cli(command, target, cwd=root)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "AssertionError" not in out.stderr
+
+
+RUN_APP = '''import mctl as modal
+app = modal.App("cli-shapes")
+
+@app.function()
+def gen(n: int = 3):
+    for i in range(n):
+        yield f"item {i}"
+
+@app.function()
+def nothing():
+    pass
+
+@app.function()
+def echo(items: str, times: int = 1, loud: bool = False):
+    return (items.upper() if loud else items) * times
+
+@app.local_entrypoint()
+def main(items: str, times: int = 1):
+    print("main got", items * times)
+'''
+
+
+def test_run_takes_name_equals_value_and_prints_generators_and_no_none(tmp_path):
+    path = tmp_path / "shapes.py"
+    path.write_text(RUN_APP)
+    out = mctl_cli("run", "-q", f"{path}::main", "--items=x", "--times=3")
+    assert out.returncode == 0 and "main got xxx" in out.stdout, out.stdout + out.stderr
+    out = mctl_cli("run", "-q", f"{path}::echo", "--items=ab", "--times", "2", "--loud=true")
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "ABAB", out.stdout + out.stderr
+    out = mctl_cli("run", "-q", f"{path}::gen", "--n=2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("item")] == [
+        "item 0", "item 1"]
+    out = mctl_cli("run", "-q", f"{path}::nothing")
+    assert out.returncode == 0 and "None" not in out.stdout, out.stdout + out.stderr

@@ -48,6 +48,13 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
     path, _, obj_name = ref.partition("::")
     if not os.path.exists(path):
         raise click.UsageError(f"No such file {path!r}; pass the path of your app's .py file.")
+    if os.path.isdir(path):
+        raise click.UsageError(f"{path} is a directory; pass one app's .py file in it (e.g. "
+                               f"{os.path.join(path.rstrip(os.sep), 'app.py')}), or -m "
+                               "package.module with `mctl run`.")
+    if not path.endswith(".py"):
+        raise click.UsageError(f"{path} is not a Python file; pass your app's .py file "
+                               "(path/to/app.py[::NAME]).")
     path = os.path.abspath(path)
     module_name = os.path.splitext(os.path.basename(path))[0]
     sys.path.insert(0, os.path.dirname(path))
@@ -69,16 +76,18 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
 
 
 def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) -> dict[str, Any]:
-    """`--name value` pairs converted by the parameters' annotations (int, float, bool, str).
+    """`--name value` (or `--name=value`) pairs converted by the parameters' annotations (int, float, bool, str).
     A required parameter left out is refused here, before anything runs remotely."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise click.UsageError(f"Unexpected argument {arg!r}; pass arguments as --name value.")
-        key = arg[2:].replace("-", "_")
-        if key.startswith("no_") and key[3:] in sig.parameters:
+            raise click.UsageError(f"Unexpected argument {arg!r}; pass arguments as --name value "
+                                   "or --name=value.")
+        key, has_value, inline = arg[2:].partition("=")  # --name=value, as click takes it
+        key = key.replace("-", "_")
+        if key.startswith("no_") and key[3:] in sig.parameters and not has_value:
             out[key[3:]] = False
             i += 1
             continue
@@ -88,12 +97,25 @@ def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) 
         param = sig.parameters[key]
         annotation = param.annotation
         if annotation in (bool, "bool"):
-            out[key] = True
+            if has_value:
+                flag = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                        "no": False}.get(inline.lower())
+                if flag is None:
+                    raise click.UsageError(f"--{key} is a flag; pass --{key} or "
+                                           f"--no-{key.replace('_', '-')} (or =true/=false).")
+                out[key] = flag
+            else:
+                out[key] = True
             i += 1
             continue
-        if i + 1 >= len(args):
+        if has_value:
+            value: Any = inline
+            step = 1
+        elif i + 1 >= len(args):
             raise click.UsageError(f"--{key} needs a value.")
-        value: Any = args[i + 1]
+        else:
+            value = args[i + 1]
+            step = 2
         converter = {int: int, "int": int, float: float, "float": float}.get(annotation)
         if converter:
             try:
@@ -103,7 +125,7 @@ def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) 
                 raise click.UsageError(f"--{key} must be {article} {converter.__name__}, got "
                                        f"{value!r}.") from None
         out[key] = value
-        i += 2
+        i += step
     missing = [name for name, p in sig.parameters.items()
                if p.default is inspect.Parameter.empty and name not in out
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -151,7 +173,8 @@ def cli() -> None:
 
 RUN_HELP = """Run APP_REF (path.py, path.py::NAME or path.py::Cls.method) on an ephemeral app.
 
-Arguments after APP_REF go to what runs, as --name value; `mctl run APP_REF --help` lists them.
+Arguments after APP_REF go to what runs, as --name value or --name=value; `mctl run APP_REF
+--help` lists them.
 NAME is a local entrypoint or a function; without one, the app's only entrypoint (or function).
 """
 
@@ -234,7 +257,13 @@ def _run_target(app: Any, ref: str, name: str | None
     handle = functions.get(cls_name)
     if isinstance(handle, Function) and not method:
         def call_function(**kw: Any) -> None:
-            print(handle.remote(**kw))
+            if handle._is_generator:  # as Modal's CLI does: each item as it arrives
+                for item in handle.remote_gen(**kw):
+                    print(item, flush=True)
+                return
+            result = handle.remote(**kw)
+            if result is not None:
+                print(result)
 
         return name, inspect.signature(handle.raw_f), call_function
     if isinstance(handle, Cls) and method:
@@ -251,7 +280,9 @@ def _run_target(app: Any, ref: str, name: str | None
                 for item in bound.remote_gen(**kw):
                     print(item)
             else:
-                print(bound.remote(**kw))
+                result = bound.remote(**kw)
+                if result is not None:
+                    print(result)
 
         return name, sig, call_method
     if isinstance(handle, Cls):
@@ -263,7 +294,8 @@ def _run_target(app: Any, ref: str, name: str | None
 
 
 def _target_help(ref: str, label: str, params: inspect.Signature) -> str:
-    lines = [f"Usage: mctl run {ref.split('::')[0]}::{label} [--name value]...", ""]
+    lines = [f"Usage: mctl run {ref.split('::')[0]}::{label} [--name value | --name=value]...",
+             ""]
     if not params.parameters:
         lines.append(f"{label} takes no arguments.")
     for param in params.parameters.values():
