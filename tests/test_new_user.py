@@ -243,3 +243,46 @@ def test_run_takes_name_equals_value_and_prints_generators_and_no_none(tmp_path)
         "item 0", "item 1"]
     out = mctl_cli("run", "-q", f"{path}::nothing")
     assert out.returncode == 0 and "None" not in out.stdout, out.stdout + out.stderr
+
+
+# --- apps by name --------------------------------------------------------------------------------
+DETACHED = '''import mctl as modal
+app = modal.App("{name}")
+
+@app.function()
+def square(x: int):
+    print("squaring", x)
+    return x * x
+'''
+
+
+def test_a_detached_app_is_found_by_its_name(tmp_path, server_process):
+    import json
+
+    path = tmp_path / "det.py"
+    path.write_text(DETACHED.format(name="detached-app"))
+    for _ in range(2):
+        out = mctl_cli("run", "--detach", f"{path}::square", "--x", "3")
+        assert out.returncode == 0, out.stderr
+    ids = [a["app_id"] for a in json.loads(mctl_cli("app", "list", "--json").stdout)
+           if a["name"] == "detached-app"]
+    assert len(ids) == 2
+    out = mctl_cli("app", "logs", "detached-app")  # two run under that name: say which they are
+    assert out.returncode == 1 and "2 running apps are named 'detached-app'" in out.stderr
+    assert all(app_id in out.stderr for app_id in ids), out.stderr
+    assert mctl_cli("app", "stop", ids[0]).returncode == 0
+    out = mctl_cli("app", "logs", "detached-app")
+    assert out.returncode == 0 and "squaring 3" in out.stdout, out.stdout + out.stderr
+    out = mctl_cli("app", "stop", "detached-app")
+    assert out.returncode == 0 and out.stdout.strip() == f"Stopped detached-app ({ids[1]})"
+    out = mctl_cli("app", "stop", "no-such-app")
+    assert out.returncode == 1 and "No app named 'no-such-app'" in out.stderr
+
+
+def test_rollback_of_a_single_version_app_says_there_is_nothing_earlier(tmp_path, server_process):
+    path = tmp_path / "once.py"
+    path.write_text(DETACHED.format(name="once"))
+    assert mctl_cli("deploy", str(path)).returncode == 0
+    out = mctl_cli("app", "rollback", "once")
+    assert out.returncode == 1
+    assert "App once has only one version (v1): there is no earlier version" in out.stderr

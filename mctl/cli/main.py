@@ -409,7 +409,9 @@ def app_list(as_json: bool, show_all: bool) -> None:
 def app_stop(name: str) -> None:
     """Stop an app: its workers exit and its schedules stop firing."""
     result = _admin("POST", f"/api/apps/{name}/stop")
-    click.echo(f"Stopped {name} ({result['app_id']})")
+    shown = result.get("name") or name
+    click.echo(f"Stopped {shown} ({result['app_id']})" if shown != result["app_id"]
+               else f"Stopped {shown}")
 
 
 @app.command("history")
