@@ -139,7 +139,7 @@ async def create_app(request: web.Request) -> web.Response:
         app_id = body.get("app_id") or (deployed_app_id(spec.name) if mode == "deployed"
                                         else ids.new_id("app"))
         images = await build_app_images(control, spec, app_id,  # a failed build refuses it
-                                        build_id=body.get("build_id"))
+                                        build_id=body.get("build_id"), mode=mode)
         app_id, version = await control.create_app(spec, mode, app_id)
     except BaseException:
         secret_store.forget(created)
