@@ -286,3 +286,53 @@ def test_rollback_of_a_single_version_app_says_there_is_nothing_earlier(tmp_path
     out = mctl_cli("app", "rollback", "once")
     assert out.returncode == 1
     assert "App once has only one version (v1): there is no earlier version" in out.stderr
+
+
+# --- cosmetic CLI --------------------------------------------------------------------------------
+def test_lists_have_headers_and_long_names_keep_columns(tmp_path, server_process):
+    out = mctl_cli("secret", "create", "a-secret-with-a-rather-long-name", "A=1", "B=2")
+    assert out.returncode == 0, out.stderr
+    lines = mctl_cli("secret", "list").stdout.splitlines()
+    assert lines[0].split() == ["NAME", "UPDATED", "KEYS"]
+    assert lines[0].index("UPDATED") == lines[1].index(lines[1].split()[1])
+
+    vol = mctl.Volume.from_name("listed", create_if_missing=True)
+    with vol.batch_upload() as batch:
+        batch.put_file(__file__, "/test.py")
+    lines = mctl_cli("volume", "ls", "listed").stdout.splitlines()
+    assert lines[0].split() == ["TYPE", "SIZE", "MODIFIED", "PATH"] and "test.py" in lines[1]
+
+    path = tmp_path / "long.py"
+    path.write_text(DETACHED.format(name="an-app-name-longer-than-twenty-characters"))
+    assert mctl_cli("deploy", str(path)).returncode == 0
+    lines = mctl_cli("app", "list").stdout.splitlines()
+    assert lines[0].index("MODE") == lines[1].index("deployed"), "\n".join(lines)
+
+
+def test_secret_create_without_a_name_says_so(server_process):
+    out = mctl_cli("secret", "create", "A=1")
+    assert out.returncode == 2 and "The secret's name is missing: 'A=1' is a KEY=VALUE pair" in \
+        out.stderr, out.stderr
+
+
+def test_config_show_says_when_server_toml_is_not_there(tmp_path, monkeypatch):
+    out = mctl_cli("config", "show")
+    line = [x for x in out.stdout.splitlines() if x.startswith("server_config")][0]
+    assert line.endswith("server.toml (not present)"), line
+    settings = tmp_path / "server.toml"
+    settings.write_text("port = 0\n")
+    out = mctl_cli("config", "show", env=dict(os.environ, MCTL_SERVER_CONFIG=str(settings)))
+    line = [x for x in out.stdout.splitlines() if x.startswith("server_config")][0]
+    assert line.split()[-1] == str(settings), line
+
+
+def test_deleting_a_missing_dict_fails_before_asking(server_process):
+    out = subprocess.run([sys.executable, "-m", "mctl", "dict", "delete", "nope"], input="",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "No dict named 'nope'" in out.stderr, out.stdout + out.stderr
+    assert "[y/N]" not in out.stdout + out.stderr
+    d = mctl.Dict.from_name("present", create_if_missing=True)
+    d["k"] = 1
+    out = subprocess.run([sys.executable, "-m", "mctl", "dict", "delete", "present"], input="y\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Deleted dict present" in out.stdout, out.stdout + out.stderr

@@ -395,10 +395,12 @@ def app_list(as_json: bool, show_all: bool) -> None:
     if as_json:
         click.echo(json.dumps(apps, indent=2))
         return
-    click.echo(f"{'APP ID':<26} {'NAME':<20} {'MODE':<10} {'STATE':<8} {'VERSION':<7} CREATED")
+    width = max([20, *(len(a["name"]) for a in apps)])  # long names keep the columns straight
+    click.echo(f"{'APP ID':<26} {'NAME':<{width}} {'MODE':<10} {'STATE':<8} {'VERSION':<7} "
+               "CREATED")
     for a in apps:
         state = "failing" if a.get("failing") and a["state"] == "running" else a["state"]
-        click.echo(f"{a['app_id']:<26} {a['name']:<20} {a['mode']:<10} {state:<8} "
+        click.echo(f"{a['app_id']:<26} {a['name']:<{width}} {a['mode']:<10} {state:<8} "
                    f"{a['version']:<7} {_when(a['created'])}")
         for tag, reason in (a.get("failing") or {}).items():
             click.echo(f"    {tag}: {reason}")
@@ -526,6 +528,9 @@ def secret_create(name: str, pairs: tuple[str, ...], dotenv: str | None, from_js
     """Create secret NAME from KEY=VALUE pairs or a file."""
     from mctl.cli.secret_direct import create
 
+    if "=" in name:
+        raise click.UsageError(f"The secret's name is missing: {name!r} is a KEY=VALUE pair; "
+                               f"write `mctl secret create NAME {name} ...`.")
     values = _secret_values(pairs, dotenv, from_json)
     how = create(_admin, name, values, force)  # to Vault from here when it can: see that module
     click.echo(f"Created secret {name} with keys {', '.join(sorted(values))}"
@@ -542,9 +547,12 @@ def secret_list(as_json: bool, show_all: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    width = max([24, *(len(row["name"]) for row in rows)])
+    click.echo(f"{'NAME':<{width}} {'UPDATED':<20} KEYS")
     for row in rows:
         mark = " (inline)" if row["inline"] else ""
-        click.echo(f"{row['name']:<24} {_when(row['updated']):<20} {', '.join(row['keys'])}{mark}")
+        click.echo(f"{row['name']:<{width}} {_when(row['updated']):<20} "
+                   f"{', '.join(row['keys'])}{mark}")
 
 
 @secret.command("delete")
