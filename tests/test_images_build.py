@@ -340,3 +340,25 @@ def test_a_failing_run_commands_step_is_named_and_mctl_run_says_run_again(oci_se
     assert "(exit 7); fix that step and run again." in first, out.stderr
     out = mctl_cli("deploy", str(path), check=False)
     assert out.returncode != 0 and "fix that step and deploy again" in out.stderr, out.stderr
+
+
+def test_ctrl_c_while_the_image_builds_abandons_the_deploy(oci_server):
+    """A deploy the user interrupted (Ctrl-C on `mctl deploy` while its image builds) does not
+    go live when the build finishes."""
+    import signal
+    import time
+    import uuid
+
+    env = dict(os.environ, IMAGE_SLOW_NONCE=uuid.uuid4().hex)
+    proc = subprocess.Popen([sys.executable, "-m", "mctl", "deploy", str(APPS / "image_slow.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    time.sleep(3)  # into the build's `sleep 5`
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    time.sleep(12)  # the build has finished on the server by now
+    assert apps_listed() == [], "an interrupted deploy went live"
+    assert "abandoned by its client" in (oci_server.state_dir.parent / "server.log").read_text()
+
+    out = mctl_cli("deploy", str(APPS / "image_slow.py"), env=env)  # the image stayed cached
+    assert "nothing to build" in out.stdout
+    assert mctl.Function.from_name("image-slow", "nonce").remote() == env["IMAGE_SLOW_NONCE"]
