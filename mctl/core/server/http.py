@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers, dictqueue_http, gateway
+from mctl.core.server import auth, containers, dictqueue_http, gateway, variants
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -140,7 +140,9 @@ async def get_app(request: web.Request) -> web.Response:
     if app is None:
         return _json_error(404, f"No app named {name!r}.")
     version = int(request.query.get("version", app["version"]))
-    spec = _redacted(control.store.version_spec(app["app_id"], version))
+    # with the class variants (Cls.with_options): their workers load their spec from here
+    spec = _redacted(variants.expand_json(control.store, app["app_id"],
+                                          control.store.version_spec(app["app_id"], version)))
     return web.json_response({**app, "spec": spec})
 
 
@@ -421,6 +423,7 @@ ROUTES = [
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
+ROUTES += variants.routes(TASK_ANY)  # Cls.with_options/with_concurrency/with_batching
 
 
 def make_app(control: ControlPlane) -> web.Application:

@@ -61,6 +61,12 @@ MIGRATIONS: list[str] = [
     "CREATE TABLE queue_items (id INTEGER PRIMARY KEY AUTOINCREMENT, object_id TEXT NOT NULL, "
     "partition TEXT NOT NULL, value BLOB NOT NULL, created REAL NOT NULL);"
     "CREATE INDEX queue_items_partition ON queue_items(object_id, partition, id);",
+    # 5: variants of classes made by Cls.with_options/with_concurrency/with_batching: the
+    # overrides (FunctionSpec fields, JSON) on the class `base_tag`; their specs are derived
+    # from the app's current version each time it is activated (core/server/variants.py).
+    "CREATE TABLE function_variants (app_id TEXT NOT NULL, tag TEXT NOT NULL, "
+    "base_tag TEXT NOT NULL, overrides TEXT NOT NULL, created REAL NOT NULL, "
+    "PRIMARY KEY (app_id, tag));",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -222,6 +228,18 @@ class Store:
         row = self.db.execute("SELECT spec FROM app_versions WHERE app_id = ? AND version = ?",
                               (app_id, version)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def add_variant(self, app_id: str, tag: str, base_tag: str,
+                    overrides: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR IGNORE INTO function_variants VALUES (?,?,?,?,?)",
+                        (app_id, tag, base_tag, json.dumps(overrides, sort_keys=True),
+                         time.time()))
+
+    def variants(self, app_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(base tag, overrides) of each variant of the app, oldest first."""
+        rows = self.db.execute("SELECT base_tag, overrides FROM function_variants "
+                               "WHERE app_id = ? ORDER BY created", (app_id,)).fetchall()
+        return [(base, json.loads(overrides)) for base, overrides in rows]
 
     def logs(self, app_id: str, after: int = 0, limit: int = 1000) -> list[tuple[Any, ...]]:
         return self.db.execute(
