@@ -58,6 +58,9 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.async_sem: asyncio.Semaphore | None = None
         self.web: Any = None  # runtime/web.WebRunner for a web function
+        from mctl.core.runtime.exec import ExecSessions
+
+        self.execs = ExecSessions(self._send_frame)  # `mctl container exec`
 
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
@@ -209,6 +212,8 @@ class Worker:
                     self.web.cancel(header["input_ids"])
                 for input_id in header["input_ids"]:
                     self.held.pop(input_id, None)
+            elif kind.startswith("exec"):  # exec, exec_input, exec_kill
+                self.execs.handle(header, payloads)
             elif kind == "stop":
                 self.stopping = True
                 await self._drain_and_close(ws)
@@ -492,7 +497,14 @@ class Worker:
         time.sleep(0.3)
         os._exit(3)
 
+    def _send_frame(self, frame: bytes) -> Any:
+        ws = self.ws
+        if ws is None or ws.closed:
+            return None
+        return ws.send_bytes(frame)
+
     def _shutdown(self) -> None:
+        self.execs.kill_all()
         for obj in self.instances.values():
             try:
                 self.raw.close_instance(obj)

@@ -135,6 +135,7 @@ class ControlPlane:
         self.exited: deque[str] = deque(maxlen=1000)  # task ids the backend saw end
         self.log_sink = log_sink
         self.functions: dict[str, FunctionState] = {}
+        self.execs: dict[str, Any] = {}  # exec id -> containers.ExecSession (`container exec`)
         self.apps: dict[str, AppSpec] = {}
         self.live: dict[str, InputRec] = {}
         self.subscribers: dict[str, set[Conn]] = {}
@@ -316,6 +317,10 @@ class ControlPlane:
             self.cancel_call(header["call_id"])
         elif kind == "hello":
             self._on_hello(conn, header, payloads)
+        elif kind in ("exec_output", "exec_exit"):
+            session = self.execs.get(header.get("exec_id", ""))
+            if session is not None and session.conn is conn:
+                session.deliver(header, payloads)
         elif kind == "log":
             if conn.role == "worker":
                 fs = self.functions.get(conn.function_id)

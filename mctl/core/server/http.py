@@ -421,6 +421,7 @@ ROUTES = [
     ("GET", "/api/containers", containers.list_route, "invoke", TASK_NO),
     ("GET", "/api/containers/{task_id}/logs", containers.logs_route, "deploy", TASK_NO),
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
+    ("GET", "/api/containers/{task_id}/exec", containers.exec_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
 ROUTES += variants.routes(TASK_ANY)  # Cls.with_options/with_concurrency/with_batching

@@ -1,0 +1,106 @@
+"""`mctl container exec`: a command run in a running worker, its output streamed, its exit
+status returned; against a real control plane with process workers and podman workers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mctl
+from conftest import ServerProcess, free_port, load_app
+from test_auth import http
+from test_images_build import images_dev  # noqa: F401 - a fixture: podman and its base image
+
+pytestmark = pytest.mark.integration
+
+
+def mctl_exec(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "mctl", "container", "exec", *args],
+                          input=stdin, capture_output=True, text=True, timeout=120,
+                          env=env or os.environ)
+
+
+def container_of(app, function):
+    out = subprocess.run([sys.executable, "-m", "mctl", "container", "list", "--json", "--app",
+                          app], capture_output=True, text=True, timeout=60, check=True)
+    rows = [r for r in json.loads(out.stdout) if r["function"] == function]
+    assert len(rows) == 1, rows
+    return rows[0]["container_id"]
+
+
+@pytest.fixture
+def server(tmp_path, isolated_home, monkeypatch):
+    srv = ServerProcess(tmp_path / "state", free_port(), dict(os.environ)).start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_exec_in_a_process_worker(server):
+    from mctl.core.runner import deploy_app
+
+    _, app = load_app("execs")
+    deploy_app(app)
+    worker_pid = mctl.Function.from_name("execs", "here").remote()
+    cid = container_of("execs", "here")
+
+    out = mctl_exec(cid, "--", "sh", "-c", 'echo "out $COLOUR $EXEC_SECRET $PPID"; '
+                                           'echo err >&2; exit 3')
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == f"out green s3 {worker_pid}\n"  # beside the function, in its env
+    assert out.stderr == "err\n"
+
+    assert mctl_exec(cid, "--", "cat", stdin="piped in\n").stdout == "piped in\n"
+    assert mctl_exec(cid, "--", "sh", "-c", 'echo "${MCTL_TASK_TOKEN:-none}"').stdout == "none\n"
+
+    out = mctl_exec("--pty", cid, "--", "sh", "-c", "tty; stty size")
+    assert out.returncode == 0 and out.stdout.startswith("/dev/pts/"), out
+
+    out = mctl_exec(cid, "--", "no-such-command-here")
+    assert out.returncode == 127 and "cannot run 'no-such-command-here'" in out.stderr
+    out = mctl_exec("ta-nope", "--", "true")
+    assert out.returncode == 1 and "No container 'ta-nope'" in out.stderr
+    out = mctl_exec(cid)
+    assert out.returncode == 2  # click: COMMAND is required
+
+    # the deploy scope is needed, as for `mctl container stop`
+    status, tok = http(f"{server.url}/api/tokens", "POST", server.token,
+                       {"scope": "invoke", "name": "caller"})
+    assert status == 200
+    out = mctl_exec(cid, "--", "true", env=dict(os.environ, MCTL_TOKEN=tok["token"]))
+    assert out.returncode == 1 and "deploy scope" in out.stderr
+
+    # the worker still serves its function afterwards
+    assert mctl.Function.from_name("execs", "here").remote() == worker_pid
+
+    # a venv worker: the command's parent is the worker, run by the venv's python
+    venv_pid = mctl.Function.from_name("execs", "in_a_venv").remote()
+    out = mctl_exec(container_of("execs", "in_a_venv"), "--", "sh", "-c",
+                    'echo $PPID; tr "\\0" " " < /proc/$PPID/cmdline')
+    ppid, cmdline = out.stdout.splitlines()
+    assert int(ppid) == venv_pid and "/images/venv/" in cmdline, out
+
+
+def test_exec_in_a_podman_worker(images_dev, tmp_path, isolated_home, monkeypatch):
+    from mctl.core.runner import deploy_app
+
+    for key, value in images_dev.items():
+        monkeypatch.setenv(key, value)
+    srv = ServerProcess(tmp_path / "state", free_port(), dict(os.environ)).start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        _, app = load_app("execs_oci")
+        deploy_app(app)
+        mctl.Function.from_name("execs-oci", "boxed").remote()
+        cid = container_of("execs-oci", "boxed")
+        out = mctl_exec(cid, "--", "sh", "-c", "cat /etc/mctl-exec; cat /etc/debian_version")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("inside\n")  # in the image's file system, not the host's
+        assert not os.path.exists("/etc/mctl-exec")
+    finally:
+        srv.stop()
+
