@@ -67,6 +67,11 @@ MIGRATIONS: list[str] = [
     "CREATE TABLE function_variants (app_id TEXT NOT NULL, tag TEXT NOT NULL, "
     "base_tag TEXT NOT NULL, overrides TEXT NOT NULL, created REAL NOT NULL, "
     "PRIMARY KEY (app_id, tag));",
+    # 6: when each Queue partition expires: Modal's partition_ttl, from the last put (a
+    # partition without a row, from before this step, never expires).
+    "CREATE TABLE queue_partitions (object_id TEXT NOT NULL, partition TEXT NOT NULL, "
+    "expires REAL NOT NULL, PRIMARY KEY (object_id, partition));"
+    "CREATE INDEX queue_partitions_expires ON queue_partitions(expires);",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -272,6 +277,11 @@ class Store:
             calls = db.execute("DELETE FROM calls WHERE created < ? AND call_id NOT IN "
                                "(SELECT call_id FROM inputs)", (cutoff,)).rowcount
             logs = db.execute("DELETE FROM logs WHERE ts < ?", (cutoff,)).rowcount
+            # Queue partitions past their partition_ttl (also cleared when next touched)
+            now = time.time()
+            db.execute("DELETE FROM queue_items WHERE (object_id, partition) IN (SELECT "
+                       "object_id, partition FROM queue_partitions WHERE expires <= ?)", (now,))
+            db.execute("DELETE FROM queue_partitions WHERE expires <= ?", (now,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
