@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers, dictqueue_http, gateway, variants
+from mctl.core.server import (auth, containers, dictqueue_http, environments, gateway,
+                              variants)
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -424,6 +425,7 @@ ROUTES = [
     ("GET", "/api/containers/{task_id}/exec", containers.exec_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
+ROUTES += environments.routes(TASK_ANY)  # `mctl environment list`
 ROUTES += variants.routes(TASK_ANY)  # Cls.with_options/with_concurrency/with_batching
 
 
