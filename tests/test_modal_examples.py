@@ -64,3 +64,14 @@ def test_deployed_examples(server_process):
     refused = mctl_cli("environment", "create", "staging", check=False)
     assert refused.returncode == 1 and "one environment per control plane" in refused.stderr
     mctl_cli("app", "stop", "modal-examples")
+
+
+def test_script_run_with_python(isolated_home, monkeypatch):
+    """`python app.py` with `with app.run():` under `__main__`, on an embedded control plane."""
+    monkeypatch.delenv("MCTL_SERVER_URL", raising=False)
+    out = subprocess.run([sys.executable, str(APPS / "script_style.py")], capture_output=True,
+                         text=True, timeout=300, env=os.environ, cwd=str(APPS))
+    assert out.returncode == 0, out.stderr
+    for line in ["gen: [0, 1, 2]", "is_local here/there: True False", "aio: 8",
+                 "map.aio: [2, 4]", "from_id: 10"]:
+        assert line in out.stdout, (line, out.stdout)
