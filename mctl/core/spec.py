@@ -268,5 +268,11 @@ def variant_spec(base: FunctionSpec, app_id: str, overrides: dict[str, Any]) -> 
         return FunctionSpec.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
+        model: Any = FunctionSpec
+        field = None
+        for part in error["loc"]:  # e.g. ("resources", "cpu"): the field's own rule
+            field = getattr(model, "model_fields", {}).get(str(part))
+            model = getattr(field, "annotation", None) if field is not None else None
+        rule = field.description if field is not None and field.description else error["msg"]
         where = ".".join(str(p) for p in error["loc"])
-        raise ValueError(f"{where}: {error['msg']}") from None
+        raise ValueError(f"{where}={error.get('input')!r} {rule}") from None
