@@ -28,6 +28,7 @@ def test_variants_run_with_their_options(server_process):
                                  secrets=[modal.Secret.from_dict({"VARIANT_SECRET": "s3"})])
         got = red(size=3).info.remote()
         assert got["colour"] == "red" and got["secret"] == "s3" and got["size"] == 3
+        assert got["shape"] == "round"  # env is added to the class's
         assert got["function_id"] != base["function_id"] and got["pid"] != base["pid"]
         assert Model().info.remote()["colour"] == "base"  # the class itself is unchanged
 
@@ -111,3 +112,10 @@ def test_variant_of_a_deployed_class_survives_restart(server_process):
     again = modal.Cls.from_name("variants", "Model").with_options(env={"COLOUR": "blue"})
     after = again().info.remote()
     assert after["colour"] == "blue" and after["function_id"] == first["function_id"]
+    assert after["shape"] == "round"  # the deployed class's env, kept by a looked-up variant
+
+    # a redeploy moves the variant to the new version with the class (new workers)
+    deploy_app(app)
+    redeployed = again().info.remote()
+    assert redeployed["colour"] == "blue" and redeployed["function_id"] == first["function_id"]
+    assert redeployed["pid"] != after["pid"]

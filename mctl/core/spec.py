@@ -233,7 +233,8 @@ def function_id(app_id: str, tag: str) -> str:
 
 
 # The FunctionSpec fields a variant (`Cls.with_options(...)`, `with_concurrency`,
-# `with_batching`) may override; `resources` and `autoscaling` are merged key by key.
+# `with_batching`) may override; `resources`, `autoscaling` and `env` are merged key by key, the
+# others replace the class's (`secrets` and `volumes` too, as Modal's with_options does).
 VARIANT_FIELDS = frozenset({"resources", "autoscaling", "timeout", "retries", "secrets", "volumes",
                             "read_only_volumes", "env", "max_inputs", "target_inputs",
                             "batch_max_size", "batch_wait_ms"})
@@ -253,7 +254,7 @@ def variant_spec(base: FunctionSpec, app_id: str, overrides: dict[str, Any]) -> 
         raise ValueError(f"{base.tag} is itself a variant of {base.variant_of}")
     data = base.model_dump(mode="json")
     for key, value in overrides.items():
-        if key in ("resources", "autoscaling"):
+        if key in ("resources", "autoscaling", "env"):
             if not isinstance(value, dict):
                 raise ValueError(f"{key} must be an object")
             data[key] = {**data[key], **value}

@@ -196,7 +196,7 @@ class Cls:
         from mctl.core.spec import GpuRequest
         from mctl.sdk.retries import Retries
         from mctl.sdk.secret import Secret
-        from mctl.sdk.volume import Volume, read_only_paths, validate_mounts
+        from mctl.sdk.volume import read_only_paths, validate_mounts
 
         opts: dict[str, Any] = getattr(self, "_variant_options", {})
         out: dict[str, Any] = {}
@@ -220,29 +220,23 @@ class Cls:
             elif key == "retries":
                 retries = Retries.coerce(value)
                 out["retries"] = retries.policy().model_dump() if retries else None
-            elif key == "env":
-                if not isinstance(value, dict):
+            elif key == "env":  # added to the class's own
+                if not isinstance(value, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
                     raise InvalidError(f"{self.tag}.with_options(env=...) must be a dict of str "
                                        "to str.")
-                out["env"] = {**self.options.get("env", {}), **value}
-            elif key == "secrets":  # replaces the class's own secrets, as in Modal
+                out["env"] = dict(value)
+            elif key == "secrets":  # replace the class's (the app's included), as in Modal
                 if isinstance(value, Secret) or not all(isinstance(x, Secret) for x in value):
                     raise InvalidError(f"{self.tag}.with_options(secrets=...) must be a list of "
                                        "mctl.Secret objects.")
-                app_secrets = list(getattr(self.app, "secrets", []) or [])
-                out["secrets"] = [x.ref(app_id) for x in [*app_secrets, *value]]
-                for x in [*app_secrets, *value]:
+                out["secrets"] = [x.ref(app_id) for x in value]
+                for x in value:
                     if x.name is None:
                         inline[x.ref(app_id)["name"]] = dict(x.values or {})
-            elif key == "volumes":  # mounts added to (or replacing, at a path) the class's own
-                mounts = validate_mounts(value)
-                if not all(isinstance(v, Volume) for v in value.values()):
-                    raise InvalidError(f"{self.tag}.with_options(volumes=...) must map paths to "
-                                       "mctl.Volume objects.")
-                out["volumes"] = {**self._base_volumes(), **mounts}
-                out["read_only_volumes"] = sorted(
-                    {p for p in self._base_read_only() if p not in mounts}
-                    | set(read_only_paths(value)))
+            elif key == "volumes":  # replace the class's mounts (the app's included), as in Modal
+                out["volumes"] = validate_mounts(value)
+                out["read_only_volumes"] = read_only_paths(value)
             elif key in ("max_inputs", "target_inputs"):
                 out[key] = value
             elif key == "max_batch_size":
@@ -254,14 +248,6 @@ class Cls:
         if scaling:
             out["autoscaling"] = scaling
         return out, inline
-
-    def _base_volumes(self) -> dict[str, str]:
-        app_mounts = dict(getattr(self.app, "volume_mounts", {}) or {})
-        return {**app_mounts, **(self.options.get("volumes") or {})}
-
-    def _base_read_only(self) -> set[str]:
-        return (set(getattr(self.app, "read_only_volumes", []) or [])
-                | set(self.options.get("read_only_volumes") or []))
 
     def _resolve_variant(self) -> None:
         from mctl.core.client import client_for, run_sync

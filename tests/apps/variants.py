@@ -9,7 +9,7 @@ import mctl as modal
 app = modal.App("variants")
 
 
-@app.cls(timeout=30, env={"COLOUR": "base"}, max_containers=1)
+@app.cls(timeout=30, env={"COLOUR": "base", "SHAPE": "round"}, max_containers=1)
 class Model:
     size: int = modal.parameter(default=1)
 
@@ -18,7 +18,8 @@ class Model:
         t0 = time.time()
         time.sleep(sleep)
         return {"function_id": os.environ["MCTL_FUNCTION_ID"], "pid": os.getpid(),
-                "colour": os.environ.get("COLOUR"), "secret": os.environ.get("VARIANT_SECRET"),
+                "colour": os.environ.get("COLOUR"),
+                "shape": os.environ.get("SHAPE"), "secret": os.environ.get("VARIANT_SECRET"),
                 "size": self.size, "t0": t0, "t1": time.time()}
 
 
