@@ -49,7 +49,7 @@ def test_deployed_examples(server_process):
     greeter = modal.Cls.from_name("modal-examples", "Greeter")
     assert greeter().greet.remote("Bo") == "Hello, Bo!"
 
-    counts = modal.Dict.from_name("modal-examples-counts")
+    counts = modal.Dict.from_name("modal-examples-counts", create_if_missing=True)
     assert wait_until(lambda: counts.get("ticks", 0) >= 2, 30)  # the schedule fires
 
     url = modal.Function.from_name("modal-examples", "echo").get_web_url()
