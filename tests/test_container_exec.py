@@ -12,6 +12,7 @@ import mctl
 from conftest import ServerProcess, free_port, load_app
 from test_auth import http
 from test_images_build import images_dev  # noqa: F401 - a fixture: podman and its base image
+from test_slurm import slurm_server  # noqa: F401 - a fixture: a control plane placing on Slurm
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +105,30 @@ def test_exec_in_a_podman_worker(images_dev, tmp_path, isolated_home, monkeypatc
     finally:
         srv.stop()
 
+
+
+@pytest.mark.slurm
+def test_exec_and_a_class_variant_on_slurm_workers(slurm_server, slurm_cluster):
+    """On a cluster too: the command runs in the worker's Slurm job, on its node; a class
+    variant gets Slurm jobs of its own."""
+    from mctl.core.runner import deploy_app
+
+    _, app = load_app("execs")
+    deploy_app(app)
+    mctl.Function.from_name("execs", "here").remote()
+    out = mctl_exec(container_of("execs", "here"), "--", "sh", "-c",
+                    'hostname; echo "$EXEC_SECRET $SLURM_JOB_ID"')
+    host, line = out.stdout.splitlines()
+    assert host in slurm_cluster.nodes and line.startswith("s3 ") and line != "s3 ", out
+
+    _, vapp = load_app("variants")
+    deploy_app(vapp)
+    base = mctl.Cls.from_name("variants", "Model")
+    variant = base.with_options(env={"COLOUR": "slurm"})().info.remote()
+    assert variant["colour"] == "slurm" and base().info.remote()["colour"] == "base"
+    jobs = subprocess.run(["squeue", "-h", "-o", "%j %k"], capture_output=True, text=True,
+                          env=slurm_cluster.client_env(), timeout=20).stdout
+    assert "app=variants" in jobs and "Model~" in jobs, jobs
+    for name in ("execs", "variants"):
+        subprocess.run([sys.executable, "-m", "mctl", "app", "stop", name], check=True,
+                       env=os.environ, timeout=60)
