@@ -91,6 +91,7 @@ class DictQueueStore:
         self.db = db
         self.items_put = Wakeups()  # (object_id, partition): an item arrived
         self.items_taken = Wakeups()  # (object_id, partition): room in a full partition
+        self._next_expiry: dict[str, float] = {}  # queue id -> its earliest partition expiry
 
     # --- objects -------------------------------------------------------------------------------
     def lookup(self, kind: str, name: str, create_if_missing: bool) -> tuple[str, bool]:
@@ -243,9 +244,20 @@ class DictQueueStore:
         their last put; the number of partitions cleared."""
         now = time.time()
         if object_id is None:
+            self._next_expiry.clear()
             rows = self.db.execute("SELECT object_id, partition FROM queue_partitions WHERE "
                                    "expires <= ?", (now,)).fetchall()
         else:
+            # the queue's earliest expiry, remembered: most operations need no query for it
+            soonest = self._next_expiry.get(object_id)
+            if soonest is None:
+                soonest = self.db.execute("SELECT MIN(expires) FROM queue_partitions WHERE "
+                                          "object_id = ?", (object_id,)).fetchone()[0]
+                soonest = self._next_expiry[object_id] = soonest if soonest is not None \
+                    else float("inf")
+            if now < soonest:
+                return 0
+            self._next_expiry.pop(object_id, None)
             rows = self.db.execute("SELECT object_id, partition FROM queue_partitions WHERE "
                                    "object_id = ? AND expires <= ?", (object_id, now)).fetchall()
         if not rows:
@@ -289,6 +301,10 @@ class DictQueueStore:
                        (object_id, partition, now + ttl))
 
         self._transaction(put)
+        known = self._next_expiry.get(object_id)
+        if known is not None:  # a put may only move this partition's expiry later, but it may
+            # be the queue's first: the remembered minimum stays a lower bound either way
+            self._next_expiry[object_id] = min(known, now + ttl)
         self.items_put.wake((object_id, partition))
         return True
 
