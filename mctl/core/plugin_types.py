@@ -64,6 +64,13 @@ class SchedulerBackend(Protocol):
     #: plane fires schedules.
     handles_schedules: bool
 
+    #: Optional (default False). True when a function's new version replaces the old one in
+    #: place (Nomad re-registers the same job and its `update` block rolls the allocations):
+    #: core then calls `ensure_pool` for the new version *before* `remove_pool` of the old one,
+    #: so the backend can tell that the old pool's job lives on under the new version. Backends
+    #: without it (local, Slurm) get `remove_pool(old)` at once, beside the new version's start.
+    updates_in_place: bool
+
     async def start(self, events: PoolEvents) -> None: ...
     async def ensure_pool(self, launch: LaunchSpec) -> None:
         """Make sure a pool exists for this launch description (idempotent). May raise

@@ -29,6 +29,7 @@ from mctl.exception import FunctionTimeoutError
 log = logging.getLogger("mctl.worker")
 
 _STOP = object()
+DRAIN_REPLY_S = 10.0  # how long a SIGTERMed worker waits for the control plane's "stop"
 
 
 class Worker:
@@ -54,6 +55,7 @@ class Worker:
         self.instances: dict[bytes, Any] = {}
         self.instance_lock = threading.Lock()
         self.stopping = False
+        self.stop_seen = asyncio.Event()  # the control plane's "stop" arrived
         self.ws: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.async_sem: asyncio.Semaphore | None = None
@@ -216,6 +218,7 @@ class Worker:
                 self.execs.handle(header, payloads)
             elif kind == "stop":
                 self.stopping = True
+                self.stop_seen.set()
                 await self._drain_and_close(ws)
                 return
             elif kind == "error" and header.get("code") == "forbidden":
@@ -228,7 +231,19 @@ class Worker:
             return
         self.stopping = True
         if self.ws is not None:
-            self.loop.create_task(self._drain_and_close(self.ws))  # type: ignore[union-attr]
+            self.loop.create_task(self._ask_to_drain(self.ws))  # type: ignore[union-attr]
+
+    async def _ask_to_drain(self, ws: Any) -> None:
+        """Drain on SIGTERM, but only after inputs already on their way here have arrived: the
+        signal can overtake a dispatch (a scale-down signals right after its "stop"), and an input
+        read after the runners stopped would never run. The control plane answers "draining"
+        with "stop", which comes after everything it sent before."""
+        try:
+            await ws.send_bytes(protocol.encode({"type": "draining"}))
+            await asyncio.wait_for(self.stop_seen.wait(), DRAIN_REPLY_S)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            if not ws.closed:  # no answer (an older control plane): drain anyway
+                await self._drain_and_close(ws)
 
     async def _drain_and_close(self, ws: Any) -> None:
         for _ in range(self.runner_count):

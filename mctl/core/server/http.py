@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import (auth, containers, dictqueue_http, environments, gateway,
-                              variants)
+from mctl.core.server import (auth, build_logs, containers, dictqueue_http, environments,
+                              gateway, variants)
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -111,7 +111,8 @@ async def create_app(request: web.Request) -> web.Response:
         check_app(spec)
         app_id = body.get("app_id") or (deployed_app_id(spec.name) if mode == "deployed"
                                         else ids.new_id("app"))
-        images = await build_app_images(control, spec, app_id)  # a failed build refuses it
+        images = await build_app_images(control, spec, app_id,  # a failed build refuses it
+                                        build_id=body.get("build_id"))
         app_id, version = await control.create_app(spec, mode, app_id)
     except BaseException:
         secret_store.forget(created)
@@ -423,6 +424,7 @@ ROUTES = [
     ("GET", "/api/containers/{task_id}/logs", containers.logs_route, "deploy", TASK_NO),
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
     ("GET", "/api/containers/{task_id}/exec", containers.exec_route, "deploy", TASK_NO),
+    ("GET", "/api/image-builds/{build_id}/log", build_logs.log_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
 ROUTES += environments.routes(TASK_ANY)  # `mctl environment list`
