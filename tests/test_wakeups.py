@@ -43,6 +43,7 @@ def test_a_map_waiting_after_its_last_output_is_woken_when_the_producer_finishes
     assert got == [[]], "the wait was not woken when the producer finished"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bursts_of_small_maps_while_workers_scale_down_all_return(isolated_home):
     """Before the fix this found the race above: a map that never returned (2 hung maps in each
