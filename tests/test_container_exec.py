@@ -86,6 +86,7 @@ def test_exec_in_a_process_worker(server):
     assert int(ppid) == venv_pid and "/images/venv/" in cmdline, out
 
 
+@pytest.mark.slow  # builds an image the first time (about two minutes)
 def test_exec_in_a_podman_worker(images_dev, tmp_path, isolated_home, monkeypatch):
     from mctl.core.runner import deploy_app
 
