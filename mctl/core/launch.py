@@ -17,12 +17,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Mount:
-    """A volume at a path inside the worker; `host_path` is set when the driver is a local one."""
+    """A volume at a path inside the worker; `host_path` is set when the driver binds a directory
+    (`local`, `shared-path`); `synced` when the worker gets a working copy instead (`store`:
+    the backend binds `volume_sync.sources(mounts, task_id)` there)."""
 
     path: str
     volume: str
     host_path: str | None = None
     read_only: bool = False
+    synced: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
         import json
 
         env["MCTL_VOLUMES"] = json.dumps({m.path: m.host_path for m in mounts})
+    from mctl.core.volume_sync import launch_env
+
+    env.update(launch_env(mounts))
     python = built_image.get("python") or "python3"
     res = fspec.resources
     labels = {"mctl.app": app.name, "mctl.app_id": app_id, "mctl.version": str(version),

@@ -8,6 +8,7 @@ directory and are renamed into place, so a reader sees the old file or the new o
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -20,11 +21,56 @@ _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 CHUNK = 1 << 20
 
 
+def driver_name() -> str:
+    """`MCTL_VOLUME_DRIVER`; else `shared-path` when `MCTL_VOLUME_SHARED_PATH` names a shared
+    directory; else `store` (contents in the control plane's store, copies in workers) -- except
+    on a home that already keeps volumes with `local`, the default before `store`: an upgrade
+    must not hide them (see `older_default_notice`)."""
+    explicit = os.environ.get("MCTL_VOLUME_DRIVER", "").strip()
+    if explicit:
+        return explicit
+    if os.environ.get("MCTL_VOLUME_SHARED_PATH"):
+        return "shared-path"
+    from mctl.core.config import home
+
+    return "local" if _older_local_volumes(str(home())) else "store"
+
+
+@functools.lru_cache(maxsize=None)
+def _older_local_volumes(home: str) -> tuple[str, ...]:
+    """Volumes in the `local` driver's directory; decided once per process and home."""
+    try:
+        return tuple(sorted(p.name for p in (Path(home) / "volumes").iterdir()
+                            if p.is_dir() and not p.name.startswith(".")))
+    except OSError:
+        return ()
+
+
+def older_default_notice() -> str | None:
+    """A line for the server's log when volumes of the `local` driver (the default before
+    `store`) kept this home on `local`."""
+    if os.environ.get("MCTL_VOLUME_DRIVER", "").strip() or driver_name() != "local":
+        return None
+    from mctl.core.config import home
+
+    old = home() / "volumes"
+    names = _older_local_volumes(str(home()))
+    return (f"Volumes {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} are in {old}: "
+            "this server keeps the `local` volume driver (the default before `store`) so they stay "
+            "where they are. To move to `store` (volumes on nodes without a shared filesystem), "
+            "copy each with `mctl volume create NAME` and `mctl volume put NAME "
+            f"{old}/NAME /` on a server started with MCTL_VOLUME_DRIVER=store, then remove {old}.")
+
+
 def driver() -> Any:
     from mctl.core import plugins
 
-    return plugins.find("mctl_register_volume_drivers",
-                        os.environ.get("MCTL_VOLUME_DRIVER", "local"))
+    return plugins.find("mctl_register_volume_drivers", driver_name())
+
+
+def _files() -> Any:
+    """The driver's own client API (a driver that keeps files itself), or None: a directory."""
+    return driver().files
 
 
 def check_name(name: str) -> str:
@@ -58,6 +104,8 @@ def _entry(base: Path, path: Path) -> dict[str, Any]:
 
 def listdir(name: str, path: str, recursive: bool) -> list[dict[str, Any]]:
     """Entries at `path` (a directory's children, or the file itself), sorted by path."""
+    if (files := _files()) is not None:
+        return files.listdir(check_name(name), path, recursive)
     base = root(name)
     target = resolve(base, path)
     if not target.exists():
@@ -81,6 +129,8 @@ def _hidden(path: Path) -> bool:
 
 
 def open_file(name: str, path: str) -> Path:
+    if (files := _files()) is not None:
+        return files.open_file(check_name(name), path)
     target = resolve(root(name), path)
     if not target.is_file():
         raise FileNotFoundError(f"No file {path!r} in volume {name!r}"
@@ -106,6 +156,15 @@ def temp_for(target: Path) -> Path:
     return target.with_name(f".mctl-upload-{target.name}.{os.getpid()}.{os.urandom(4).hex()}")
 
 
+def write_file(name: str, path: str, force: bool, create: bool, stream: BinaryIO,
+               mode: int | None = None) -> int:
+    """Upload one file into the volume (atomically: a reader sees the old file or the new one);
+    returns the bytes written."""
+    if (files := _files()) is not None:
+        return files.write(check_name(name), path, force, create, stream, mode)
+    return write_stream(write_target(name, path, force, create), stream, mode)
+
+
 def write_stream(target: Path, stream: BinaryIO, mode: int | None = None) -> int:
     """Copy `stream` to `target` atomically; returns the bytes written."""
     tmp = temp_for(target)
@@ -126,6 +185,8 @@ def write_stream(target: Path, stream: BinaryIO, mode: int | None = None) -> int
 
 
 def remove(name: str, path: str, recursive: bool) -> None:
+    if (files := _files()) is not None:
+        return files.remove(check_name(name), path, recursive)
     base = root(name)
     target = resolve(base, path)
     if target == base:
@@ -145,6 +206,8 @@ def remove(name: str, path: str, recursive: bool) -> None:
 def copy(name: str, src_paths: list[str], dst_path: str) -> None:
     """Copy files or directories within a volume. With several sources, or a destination that is
     a directory (or ends in '/'), each source goes into it under its own name."""
+    if (files := _files()) is not None:
+        return files.copy(check_name(name), src_paths, dst_path)
     base = root(name)
     sources = [resolve(base, p) for p in src_paths]
     for given, src in zip(src_paths, sources):

@@ -77,10 +77,17 @@ def run_argv(launch: LaunchSpec, task_id: str, tool: str = "podman") -> tuple[li
     for host, inside in launch.files:
         argv += ["-v", f"{host}:{inside}:ro"]
     volumes = {}
+    from mctl.core.volume_sync import sources
+
+    copies = sources(launch.mounts, task_id)
     for mount in launch.mounts:
         if mount.host_path:
             argv += ["-v", f"{mount.host_path}:{mount.path}" + (":ro" if mount.read_only else "")]
             volumes[mount.path] = mount.path
+        elif mount.path in copies:  # a working copy: at the mount path, and at its own path
+            src = copies[mount.path]  # for the worker to fill (even under a read-only mount)
+            argv += ["-v", f"{src}:{mount.path}" + (":ro" if mount.read_only else ""),
+                     "-v", f"{src}:{src}"]
     if volumes:
         env["MCTL_VOLUMES"] = json.dumps(volumes)
     ca = env.get("MCTL_CA_FILE")

@@ -312,7 +312,8 @@ def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref
           jid: str, pull_secret: str | None, version_from_variable: bool, *,
           trigger: bool = False) -> dict[str, Any]:
     driver, config, extra_env = _driver(launch, image_ref, opts, pull_secret)
-    hidden = ("MCTL_TASK_TOKEN", "MCTL_VOLUMES") + (
+    # Nomad mounts volumes itself (host or CSI volumes named after mctl's): no working copies.
+    hidden = ("MCTL_TASK_TOKEN", "MCTL_VOLUMES", "MCTL_VOLUME_SYNC") + (
         ("MCTL_APP_VERSION",) if version_from_variable else ())
     env = {k: v for k, v in launch.env.items() if k not in hidden}
     env.update(extra_env)

@@ -60,6 +60,8 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.async_sem: asyncio.Semaphore | None = None
         self.web: Any = None  # runtime/web.WebRunner for a web function
+        self.busy = 0  # inputs (or batches) running: volumes are committed when none is
+        self.busy_lock = threading.Lock()
         from mctl.core.runtime.exec import ExecSessions
 
         self.execs = ExecSessions(self._send_frame)  # `mctl container exec`
@@ -77,6 +79,11 @@ class Worker:
             os.environ.update(await asyncio.to_thread(read_delegated, answer))
         else:
             os.environ.update(answer["env"])
+        # Working copies of the function's volumes (store driver), before the user's code runs:
+        # a module may read a volume at import.
+        from mctl.core import volume_sync
+
+        await asyncio.to_thread(volume_sync.setup, self.http_url, self.task_id)
         self.app = AppSpec.model_validate(record["spec"])
         self.fspec: FunctionSpec = next(f for f in self.app.functions.values()
                                         if f.function_id == self.function_id)
@@ -299,6 +306,7 @@ class Worker:
 
     def _run_one(self, item: dict[str, Any], payload: bytes) -> None:
         input_id = item["id"]
+        self._started()
         current.set_input(item)
         start = time.monotonic()
         self.deadlines[input_id] = start + self.fspec.timeout
@@ -312,15 +320,15 @@ class Worker:
                 for value in result:
                     self._emit(input_id, "item", dumps(value), seq, final=False)
                     seq += 1
-                self._emit(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
+                self._returned(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
             else:
                 result = fn(*args, **kwargs)
                 if inspect.iscoroutine(result):
                     result = asyncio.run(result)
-                self._emit(input_id, "success", dumps(result), dur=time.monotonic() - start)
+                self._returned(input_id, "success", dumps(result), dur=time.monotonic() - start)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
-            self._emit(input_id, "failure", serialize_exception(exc), seq,
-                       dur=time.monotonic() - start)
+            self._returned(input_id, "failure", serialize_exception(exc), seq,
+                           dur=time.monotonic() - start)
         finally:
             self.deadlines.pop(input_id, None)
 
@@ -348,11 +356,13 @@ class Worker:
                 return
 
     def _run_batch(self, jobs: list[tuple[dict[str, Any], bytes]]) -> None:
+        self._started()
         start = time.monotonic()
         ids = [item["id"] for item, _ in jobs]
         current.set_input(jobs[0][0])
         for input_id in ids:
             self.deadlines[input_id] = start + self.fspec.timeout
+        committed = False
         try:
             calls = [self._resolve(item, payload) for item, payload in jobs]
             fn = calls[0][0]
@@ -368,10 +378,18 @@ class Worker:
                 raise ValueError(f"@batched function returned {len(results)} results for "
                                  f"{len(jobs)} inputs; return one result per input.")
             dur = (time.monotonic() - start) / len(jobs)
-            for input_id, value in zip(ids, results):
-                self._emit(input_id, "success", dumps(value), dur=dur)
+            outputs = [dumps(value) for value in results]
+            committed = True
+            error = self._autocommit()
+            for input_id, data in zip(ids, outputs):
+                if error is None:
+                    self._emit(input_id, "success", data, dur=dur)
+                else:
+                    self._emit(input_id, "failure", error)
         except BaseException as exc:  # noqa: BLE001
             err = serialize_exception(exc)
+            if not committed:
+                self._autocommit()
             for input_id in ids:
                 self._emit(input_id, "failure", err)
         finally:
@@ -382,6 +400,7 @@ class Worker:
         assert self.async_sem is not None
         async with self.async_sem:
             input_id = item["id"]
+            self._started()
             current.set_input(item)
             start = time.monotonic()
             seq = 0
@@ -396,15 +415,18 @@ class Worker:
                         return n
 
                     seq = await asyncio.wait_for(consume(), self.fspec.timeout)
-                    self._emit(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
+                    await asyncio.to_thread(self._returned, input_id, "gen_done", b"", seq,
+                                            time.monotonic() - start)
                 else:
                     result = await asyncio.wait_for(fn(*args, **kwargs), self.fspec.timeout)
-                    self._emit(input_id, "success", dumps(result), dur=time.monotonic() - start)
+                    await asyncio.to_thread(self._returned, input_id, "success", dumps(result),
+                                            0, time.monotonic() - start)
             except asyncio.TimeoutError:
                 self._emit(input_id, "timeout", serialize_exception(FunctionTimeoutError(
                     f"Input {input_id} timed out after {self.fspec.timeout:g}s.")), seq)
             except BaseException as exc:  # noqa: BLE001
-                self._emit(input_id, "failure", serialize_exception(exc), seq)
+                await asyncio.to_thread(self._returned, input_id, "failure",
+                                        serialize_exception(exc), seq)
 
     def _resolve(self, item: dict[str, Any], payload: bytes) -> tuple[Any, tuple, dict, bool]:
         """Decode an input into (callable, args, kwargs, is_generator)."""
@@ -430,6 +452,36 @@ class Worker:
                 obj = self.raw.new_instance(params)  # a ClassRunner: constructs, runs @enter
                 self.instances[key] = obj
         return obj
+
+    # --- volumes -------------------------------------------------------------------------------
+    def _started(self) -> None:
+        with self.busy_lock:
+            self.busy += 1
+
+    def _autocommit(self) -> bytes | None:
+        """When an input returns and no other runs here, commit the working copies of the
+        function's volumes (store driver), so its caller and later calls see its files. Returns
+        the serialized error when that commit failed (then the input fails with it)."""
+        from mctl.core import volume_sync
+
+        with self.busy_lock:
+            self.busy -= 1
+            last = self.busy == 0
+        if not last or not volume_sync.active():
+            return None
+        try:
+            volume_sync.commit_all()
+        except Exception as exc:  # noqa: BLE001 - a full store, the control plane unreachable
+            return serialize_exception(exc)
+        return None
+
+    def _returned(self, input_id: str, status: str, data: bytes, seq: int = 0,
+                  dur: float | None = None) -> None:
+        """An input's final output, after the automatic commit (whose failure fails it)."""
+        error = self._autocommit()
+        if error is not None:
+            status, data = "failure", error
+        self._emit(input_id, status, data, seq, dur=dur)
 
     # --- outputs -------------------------------------------------------------------------------
     def _emit(self, input_id: str, status: str, data: bytes, seq: int = 0, final: bool = True,
@@ -525,6 +577,15 @@ class Worker:
                 self.raw.close_instance(obj)
             except Exception:
                 traceback.print_exc()
+        from mctl.core import volume_sync
+
+        if volume_sync.active():  # what @exit wrote, and anything not yet committed
+            try:
+                volume_sync.commit_all()
+            except Exception as exc:  # noqa: BLE001
+                print(f"mctl: the last commit of this container's volumes failed: {exc}",
+                      file=sys.stderr, flush=True)
+            volume_sync.remove_all()
 
 
 def _iterate_async_gen(agen: Any) -> Any:

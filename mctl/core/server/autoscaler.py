@@ -395,10 +395,12 @@ def _mounts(fspec: FunctionSpec) -> tuple[Mount, ...]:
     empty here: deploy and `app.run()` create the `create_if_missing=True` ones."""
     if not fspec.volumes:
         return ()
-    from mctl.core import plugins
+    from mctl.core import volume_files
 
-    driver = plugins.find("mctl_register_volume_drivers",
-                          os.environ.get("MCTL_VOLUME_DRIVER", "local"))
-    return tuple(Mount(path, name, driver.mount(name, False),
-                       read_only=path in fspec.read_only_volumes)
-                 for path, name in sorted(fspec.volumes.items()))
+    driver = volume_files.driver()
+    mounts = []
+    for path, name in sorted(fspec.volumes.items()):
+        where = driver.mount(name, False)  # NotFoundError for a volume deleted since the deploy
+        mounts.append(Mount(path, name, None if driver.copies else where,
+                            read_only=path in fspec.read_only_volumes, synced=driver.copies))
+    return tuple(mounts)
