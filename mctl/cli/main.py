@@ -271,12 +271,25 @@ def _run_target(app: Any, ref: str, name: str | None
         if method not in handle._methods:
             raise click.UsageError(f"{cls_name} has no method {method!r}; it has "
                                    f"{', '.join(handle._methods) or 'none'}.")
+        from mctl.sdk.cls import constructor_params, parameter_annotations
+
         raw = getattr(handle.user_cls, method)
         sig = inspect.signature(getattr(raw, "raw_f", raw))  # @method wraps the function
-        sig = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
+        method_params = list(sig.parameters.values())[1:]  # without self
+        # The class's parameters are options too (`--size 2`), as in Modal's CLI.
+        annotations = parameter_annotations(handle.user_cls)
+        class_params = {
+            n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
+                                 default=p.default if p.has_default else inspect.Parameter.empty,
+                                 annotation=annotations.get(n, inspect.Parameter.empty))
+            for n, p in constructor_params(handle.user_cls).items()
+            if n not in {m.name for m in method_params}}
+        sig = sig.replace(parameters=sorted(
+            [*method_params, *class_params.values()], key=lambda p: p.kind))
 
         def call_method(**kw: Any) -> None:
-            bound = getattr(handle(), method)
+            init = {n: kw.pop(n) for n in list(kw) if n in class_params}
+            bound = getattr(handle(**init), method)
             if handle._methods[method]:
                 for item in bound.remote_gen(**kw):
                     print(item)
