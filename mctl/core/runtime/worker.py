@@ -63,6 +63,9 @@ class Worker:
         self.web: Any = None  # runtime/web.WebRunner for a web function
         self.busy = 0  # inputs (or batches) running: volumes are committed when none is
         self.busy_lock = threading.Lock()
+        from mctl.core.runtime.exec import ExecSessions
+
+        self.execs = ExecSessions(self._send_frame)  # `mctl container exec`
 
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
@@ -220,6 +223,8 @@ class Worker:
                     self.web.cancel(header["input_ids"])
                 for input_id in header["input_ids"]:
                     self.held.pop(input_id, None)
+            elif kind.startswith("exec"):  # exec, exec_input, exec_kill
+                self.execs.handle(header, payloads)
             elif kind == "stop":
                 self.stopping = True
                 self.stop_seen.set()
@@ -601,6 +606,12 @@ class Worker:
         time.sleep(0.3)
         os._exit(3)
 
+    def _send_frame(self, frame: bytes) -> Any:
+        ws = self.ws
+        if ws is None or ws.closed:
+            return None
+        return ws.send_bytes(frame)
+
     def _close_instances(self) -> None:
         """Run each instance's @exit once."""
         with self.instance_lock:
@@ -614,6 +625,7 @@ class Worker:
             sys.stderr.flush()
 
     def _shutdown(self) -> None:
+        self.execs.kill_all()
         self._close_instances()
         from mctl.core import volume_sync
 
