@@ -57,7 +57,8 @@ def test_variants_run_with_their_options(server_process):
         assert [v for v, _ in outs] == [0, 2, 4, 6] and max(n for _, n in outs) > 1
 
         # the resources reach the variant's spec (what a backend places the workers by)
-        sized = Model.with_options(cpu=0.5, memory=300, max_containers=2, scaledown_window=5)
+        sized = Model.with_options(cpu=(0.5, 2), memory=(300, 600), max_containers=2,
+                                   scaledown_window=5)  # Modal's (request, limit) pairs
         assert sized().info.remote()["colour"] == "base"
         status, record = http(f"{server_process.url}/api/apps/{app.app_id}",
                               token=server_process.token)
@@ -66,6 +67,8 @@ def test_variants_run_with_their_options(server_process):
                     if f.get("variant_of") == "Model" and f["resources"]["cpu"] == 0.5]
         assert len(variants) == 1
         assert variants[0]["resources"]["memory_mb"] == 300
+        assert (variants[0]["resources"]["cpu_limit"],
+                variants[0]["resources"]["memory_limit_mb"]) == (2, 600)
         assert variants[0]["autoscaling"]["max_containers"] == 2
         assert variants[0]["autoscaling"]["scaledown_window"] == 5
 
@@ -81,6 +84,8 @@ def test_bad_options_are_refused_with_the_rule(server_process):
             module.Model.with_options(timeout=0)().info.remote()
         with pytest.raises(InvalidError, match="gpu"):
             module.Model.with_options(gpu=3)().info.remote()
+        with pytest.raises(InvalidError, match="the limit 1 is less than the request 2"):
+            module.Model.with_options(cpu=(2, 1))().info.remote()
 
 
 def test_variant_of_a_deployed_class_survives_restart(server_process):

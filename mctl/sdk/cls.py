@@ -224,7 +224,7 @@ class Cls:
 
     def _overrides(self, app_id: str) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
         """The variant's options as FunctionSpec fields, and the values of inline secrets."""
-        from mctl.core.spec import GpuRequest
+        from mctl.core.spec import parse_gpus, parse_request_limit
         from mctl.sdk.retries import Retries
         from mctl.sdk.secret import Secret
         from mctl.sdk.volume import read_only_paths, validate_mounts
@@ -235,14 +235,20 @@ class Cls:
         scaling: dict[str, Any] = {}
         inline: dict[str, dict[str, str]] = {}
         for key, value in opts.items():
-            if key in ("cpu", "memory"):
-                resources["cpu" if key == "cpu" else "memory_mb"] = value
-            elif key == "gpu":
+            if key in ("cpu", "memory"):  # one number, or Modal's (request, limit)
                 try:
-                    gpu = GpuRequest.parse(value)
+                    request, limit = parse_request_limit(key, value)
+                except ValueError as exc:
+                    raise InvalidError(f"{self.tag}.with_options(): {exc}.") from None
+                resources["cpu" if key == "cpu" else "memory_mb"] = request
+                resources["cpu_limit" if key == "cpu" else "memory_limit_mb"] = limit
+            elif key == "gpu":  # one type, or Modal's fallback list
+                try:
+                    gpu, fallbacks = parse_gpus(value)
                 except ValueError as exc:
                     raise InvalidError(f"{self.tag}.with_options(): {exc}.") from None
                 resources["gpu"] = gpu.model_dump() if gpu else None
+                resources["gpu_fallbacks"] = [g.model_dump() for g in fallbacks]
             elif key in ("min_containers", "max_containers", "buffer_containers",
                          "scaledown_window"):
                 scaling[key] = value
