@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers, dictqueue_http, gateway
+from mctl.core.server import auth, containers, dictqueue_http, gateway, sandboxes
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -421,6 +421,7 @@ ROUTES = [
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
+ROUTES += sandboxes.routes()  # mctl.Sandbox, `mctl sandbox`
 
 
 def make_app(control: ControlPlane) -> web.Application:
@@ -445,6 +446,7 @@ class RunningServer:
 
     async def close(self) -> None:
         self.stop_background()
+        await sandboxes.sandboxes(self.control).shutdown()
         if self.control.autoscaler is not None:
             await self.control.autoscaler.shutdown()
         await self.runner.cleanup()
@@ -495,6 +497,7 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     control.autoscaler = Autoscaler(control, backend, url, options)
     await control.autoscaler.start()
     await control.recover()
+    await sandboxes.sandboxes(control).recover()
     schedules = ScheduleRunner(control)
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(schedules.run()), loop.create_task(retention(store))]

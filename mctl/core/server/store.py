@@ -61,6 +61,12 @@ MIGRATIONS: list[str] = [
     "CREATE TABLE queue_items (id INTEGER PRIMARY KEY AUTOINCREMENT, object_id TEXT NOT NULL, "
     "partition TEXT NOT NULL, value BLOB NOT NULL, created REAL NOT NULL);"
     "CREATE INDEX queue_items_partition ON queue_items(object_id, partition, id);",
+    # 5: sandboxes: one row each, kept after they end (state, return code) for list and logs.
+    "CREATE TABLE sandboxes (sandbox_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, name TEXT, "
+    "tags TEXT NOT NULL DEFAULT '{}', isolation TEXT NOT NULL, state TEXT NOT NULL, "
+    "returncode INTEGER, created REAL NOT NULL, ended REAL, timeout REAL NOT NULL, "
+    "config TEXT NOT NULL, host TEXT, backend TEXT NOT NULL, ports TEXT NOT NULL DEFAULT '{}');"
+    "CREATE INDEX sandboxes_app ON sandboxes(app_id, state);",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,406 @@
+"""Sandboxes in the control plane: every sandbox's record (id, app, name, tags, isolation, state,
+return code), its life (start, timeout, exit, terminate) and its HTTP routes.
+
+The control plane starts a sandbox through its sandbox backend. The one backend today is
+`local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
+task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
+ends it at its `timeout` (return code -1, as Modal's). Commands in a sandbox (`exec`) are run by
+the client itself with `podman exec` on the same host, after `POST .../exec` has checked its token
+and the sandbox's state (see docs/architecture.md, Sandboxes, for how a cluster node would run
+them instead). Secret values reach podman's environment only, never the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from mctl.core import ids, sandbox_runtime
+from mctl.core.sandbox_runtime import SandboxConfig, container_name
+from mctl.exception import InvalidError, NotFoundError
+
+if TYPE_CHECKING:
+    from mctl.core.server.control import ControlPlane
+
+log = logging.getLogger("mctl.sandboxes")
+
+MAX_TIMEOUT_S = 24 * 3600
+DEFAULT_TIMEOUT_S = 300
+WAIT_CAP_S = 50.0  # one long-poll waits at most this long; the client asks again
+
+
+async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float = 120
+                  ) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+class Sandboxes:
+    """The control plane's sandboxes: records in SQLite, live ones in memory."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.db = control.store.db
+        self.done: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, list[asyncio.Task[Any]]] = {}
+        self.host = socket.gethostname()
+
+    # --- records -----------------------------------------------------------------------------
+    def _row(self, sandbox_id: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM sandboxes WHERE sandbox_id = ?",
+                              (sandbox_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No sandbox {sandbox_id!r}; `mctl sandbox list` shows them.")
+        return self._public(row)
+
+    def _public(self, row: Any) -> dict[str, Any]:
+        cols = [d[0] for d in self.db.execute("SELECT * FROM sandboxes LIMIT 0").description]
+        rec = dict(zip(cols, row))
+        rec["tags"] = json.loads(rec["tags"] or "{}")
+        rec["ports"] = {int(k): v for k, v in json.loads(rec["ports"] or "{}").items()}
+        rec.pop("config", None)
+        rec["container"] = container_name(rec["sandbox_id"])
+        return rec
+
+    def _update(self, sandbox_id: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE sandboxes SET {sets} WHERE sandbox_id = ?",
+                        (*fields.values(), sandbox_id))
+        self.db.commit()
+
+    def get(self, sandbox_id: str) -> dict[str, Any]:
+        return self._row(sandbox_id)
+
+    def list(self, app_id: str | None = None, tags: dict[str, str] | None = None,
+             include_finished: bool = False) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM sandboxes", []
+        where = []
+        if app_id:
+            where.append("app_id = ?")
+            args.append(app_id)
+        if not include_finished:
+            where.append("state = 'running'")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = [self._public(r) for r in self.db.execute(sql + " ORDER BY created DESC", args)]
+        if tags:
+            rows = [r for r in rows if all(r["tags"].get(k) == v for k, v in tags.items())]
+        return rows
+
+    def from_name(self, app: str, name: str) -> dict[str, Any]:
+        record = self.control.store.find_app(app)
+        if record is None:
+            raise NotFoundError(f"No app named {app!r}.")
+        row = self.db.execute("SELECT * FROM sandboxes WHERE app_id = ? AND name = ? AND "
+                              "state = 'running'", (record["app_id"], name)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No running sandbox named {name!r} in app {app!r}.")
+        return self._public(row)
+
+    def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> None:
+        self._row(sandbox_id)
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in tags.items()):
+            raise InvalidError("Sandbox tags must be a dict of str to str.")
+        self._update(sandbox_id, tags=json.dumps(tags))
+
+    # --- life --------------------------------------------------------------------------------
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        app_id = body.get("app_id")
+        if not app_id or self.control.store.find_app(app_id) is None:
+            raise NotFoundError(f"No app {app_id!r} to create the sandbox in; pass app= (an "
+                                "App that runs, or App.lookup(name, create_if_missing=True)).")
+        name = body.get("name")
+        if name is not None:
+            if self.db.execute("SELECT 1 FROM sandboxes WHERE app_id = ? AND name = ? AND "
+                               "state = 'running'", (app_id, name)).fetchone():
+                from mctl.exception import AlreadyExistsError
+
+                raise AlreadyExistsError(f"A running sandbox named {name!r} already exists in "
+                                         "this app; terminate it or pick another name.")
+        timeout = int(body.get("timeout") or DEFAULT_TIMEOUT_S)
+        if not 1 <= timeout <= MAX_TIMEOUT_S:
+            raise InvalidError(f"Sandbox timeout must be between 1 and {MAX_TIMEOUT_S} seconds.")
+        sandbox_id = ids.new_id("sandbox")
+        image = await self._image(body.get("image"), app_id)
+        env = dict(body.get("env") or {})
+        env.update(await asyncio.to_thread(self._secret_values, body))
+        cfg = SandboxConfig(
+            sandbox_id=sandbox_id, image=image, command=list(body.get("command") or []),
+            workdir=body.get("workdir"), env=env, cpu=body.get("cpu"),
+            memory_mb=body.get("memory"), pids=body.get("pids"),
+            block_network=bool(body.get("block_network", True)),
+            ports=[int(p) for p in body.get("ports") or []],
+            mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
+            isolation=body.get("isolation"))
+        isolation = sandbox_runtime.choose(cfg)
+        argv = sandbox_runtime.run_argv(cfg, isolation)
+        stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
+        stored["env_names"] = sorted(cfg.env)
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO sandboxes (sandbox_id, app_id, name, tags, isolation, state, created, "
+            "timeout, config, host, backend, ports) VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, "
+            "?, 'local', '{}')",
+            (sandbox_id, app_id, name, json.dumps(body.get("tags") or {}), isolation, now,
+             timeout, json.dumps(stored), self.host))
+        self.db.commit()
+        rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+        if rc != 0:
+            self._update(sandbox_id, state="failed", ended=time.time())
+            await _podman("rm", "-f", container_name(sandbox_id))
+            raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
+        ports = await self._ports(sandbox_id, cfg.ports)
+        self._update(sandbox_id, state="running", ports=json.dumps(ports))
+        self.done[sandbox_id] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.tasks[sandbox_id] = [loop.create_task(self._watch(sandbox_id)),
+                                  loop.create_task(self._expire(sandbox_id, timeout))]
+        return self._row(sandbox_id)
+
+    async def _image(self, image: dict[str, Any] | None, app_id: str) -> str:
+        """The OCI reference to start from: the debian_slim base as it is, else the recipe built
+        by the `oci` builder (a sandbox needs an image, not a virtualenv)."""
+        from mctl.plugins.image_oci import DEFAULT_DEBIAN_SLIM
+
+        base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+        if not image:
+            return base
+        recipe = image.get("recipe") or {}
+        kind = (recipe.get("base") or {}).get("kind")
+        if not recipe.get("steps") and kind in (None, "debian_slim"):
+            return base
+        from mctl.core import plugins
+        from mctl.core.server.image_builds import context_for
+        from mctl.core.spec import ImageSpec
+
+        builder = plugins.find("mctl_register_image_builders", "oci")
+        spec = ImageSpec(image_id=image["image_id"], recipe=recipe)
+        built = await asyncio.to_thread(builder.build, spec, context_for(self.control, app_id))
+        return built["image"]
+
+    def _secret_values(self, body: dict[str, Any]) -> dict[str, str]:
+        from mctl.core import secret_store
+
+        env: dict[str, str] = {}
+        for name in body.get("secret_names") or []:
+            values = secret_store.backend().resolve(name)
+            if values is None:
+                raise NotFoundError(f"No secret named {name!r}; create it with `mctl secret "
+                                    "create`.")
+            env.update(values)
+        for values in body.get("secret_values") or []:  # Secret.from_dict: given by the caller
+            env.update({str(k): str(v) for k, v in values.items()})
+        return env
+
+    def _mounts(self, volumes: dict[str, Any]) -> list[dict[str, Any]]:
+        from mctl.core import volume_files
+
+        out = []
+        for path, v in volumes.items():
+            if not path.startswith("/") or path.rstrip("/") == "":
+                raise InvalidError(f"Sandbox mount path {path!r} must be absolute, not '/'.")
+            host = volume_files.root(v["name"], create=bool(v.get("create_if_missing")))
+            out.append({"host_path": str(host), "path": path.rstrip("/"),
+                        "read_only": bool(v.get("read_only"))})
+        return out
+
+    async def _ports(self, sandbox_id: str, ports: list[int]) -> dict[int, list[Any]]:
+        out: dict[int, list[Any]] = {}
+        for port in ports:
+            rc, text, _ = await _podman("port", container_name(sandbox_id), f"{port}/tcp")
+            if rc == 0 and text.strip():
+                host, _, hport = text.strip().splitlines()[0].rpartition(":")
+                out[port] = [host or "127.0.0.1", int(hport)]
+        return out
+
+    async def _watch(self, sandbox_id: str) -> None:
+        """Wait for the main process; record its return code (128+n for a signal)."""
+        try:
+            rc, out, _ = await _podman("wait", container_name(sandbox_id), timeout=MAX_TIMEOUT_S)
+        except asyncio.CancelledError:
+            return
+        text = out.strip()
+        code = int(text) if rc == 0 and text.lstrip("-").isdigit() else None
+        self._finish(sandbox_id, "finished", code)
+
+    async def _expire(self, sandbox_id: str, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        if self._state(sandbox_id) == "running":
+            self._finish(sandbox_id, "timeout", -1)
+            await _podman("kill", container_name(sandbox_id))
+
+    def _state(self, sandbox_id: str) -> str | None:
+        row = self.db.execute("SELECT state FROM sandboxes WHERE sandbox_id = ?",
+                              (sandbox_id,)).fetchone()
+        return row[0] if row else None
+
+    def _finish(self, sandbox_id: str, state: str, code: int | None) -> None:
+        if self._state(sandbox_id) != "running":
+            return  # the first end wins: a timeout, then the kill's exit, stays a timeout
+        self._update(sandbox_id, state=state, returncode=code, ended=time.time())
+        event = self.done.get(sandbox_id)
+        if event is not None:
+            event.set()
+        for task in self.tasks.pop(sandbox_id, []):
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def wait(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
+        rec = self._row(sandbox_id)
+        if rec["state"] in ("running", "starting") and timeout > 0:
+            event = self.done.setdefault(sandbox_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), min(timeout, WAIT_CAP_S))
+            except asyncio.TimeoutError:
+                pass
+            rec = self._row(sandbox_id)
+        return rec
+
+    async def terminate(self, sandbox_id: str) -> dict[str, Any]:
+        """Kill the sandbox and every process in it; its container goes (logs with it)."""
+        rec = self._row(sandbox_id)
+        if rec["state"] == "running":
+            self._finish(sandbox_id, "terminated", 137)
+        await _podman("rm", "-f", "-t", "0", container_name(sandbox_id))
+        return self._row(sandbox_id)
+
+    async def logs(self, sandbox_id: str) -> dict[str, str]:
+        self._row(sandbox_id)
+        rc, out, err = await _podman("logs", container_name(sandbox_id))
+        if rc != 0:
+            raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its container was "
+                                "removed when it was terminated).")
+        return {"stdout": out, "stderr": err}
+
+    async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
+        rec = self._row(sandbox_id)
+        tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
+        rc, out, err = await _podman("commit", "-q", "-p", container_name(sandbox_id), tag,
+                                     timeout=600)
+        if rc != 0:
+            raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: {err.strip()[-400:]}")
+        return {"image": tag, "image_id": "im-" + out.strip()[:22], "sandbox_id": rec["sandbox_id"]}
+
+    async def stop_app(self, app_id: str) -> None:
+        for rec in self.list(app_id=app_id):
+            await self.terminate(rec["sandbox_id"])
+
+    async def shutdown(self) -> None:
+        """The control plane stops: its running sandboxes stop with it."""
+        for rec in self.list():
+            await self.terminate(rec["sandbox_id"])
+        for tasks in self.tasks.values():
+            for task in tasks:
+                task.cancel()
+
+    async def recover(self) -> None:
+        """After a restart: sandboxes whose container still runs get their watchers back; the
+        others are recorded as lost."""
+        for rec in self.list():
+            rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}}", rec["container"])
+            if rc == 0 and out.strip() == "true":
+                self.done[rec["sandbox_id"]] = asyncio.Event()
+                left = rec["created"] + rec["timeout"] - time.time()
+                loop = asyncio.get_running_loop()
+                self.tasks[rec["sandbox_id"]] = [
+                    loop.create_task(self._watch(rec["sandbox_id"])),
+                    loop.create_task(self._expire(rec["sandbox_id"], max(0.0, left)))]
+            else:
+                self._update(rec["sandbox_id"], state="lost", ended=time.time())
+
+
+def sandboxes(control: ControlPlane) -> Sandboxes:
+    found = getattr(control, "sandboxes", None)
+    if found is None:
+        found = control.sandboxes = Sandboxes(control)  # type: ignore[attr-defined]
+    return found
+
+
+def _sb(request: web.Request) -> Sandboxes:
+    from mctl.core.server.http import CONTROL
+
+    return sandboxes(request.app[CONTROL])
+
+
+async def create_route(request: web.Request) -> web.Response:
+    return web.json_response(await _sb(request).create(await request.json()))
+
+
+async def list_route(request: web.Request) -> web.Response:
+    q = request.query
+    tags = json.loads(q["tags"]) if q.get("tags") else None
+    return web.json_response(_sb(request).list(q.get("app_id") or None, tags,
+                                               q.get("all") in ("1", "true")))
+
+
+async def get_route(request: web.Request) -> web.Response:
+    return web.json_response(_sb(request).get(request.match_info["sandbox_id"]))
+
+
+async def by_name_route(request: web.Request) -> web.Response:
+    return web.json_response(_sb(request).from_name(request.query.get("app", ""),
+                                                    request.query.get("name", "")))
+
+
+async def tags_route(request: web.Request) -> web.Response:
+    _sb(request).set_tags(request.match_info["sandbox_id"], await request.json())
+    return web.json_response({"ok": True})
+
+
+async def wait_route(request: web.Request) -> web.Response:
+    timeout = float(request.query.get("timeout", WAIT_CAP_S))
+    return web.json_response(await _sb(request).wait(request.match_info["sandbox_id"], timeout))
+
+
+async def terminate_route(request: web.Request) -> web.Response:
+    return web.json_response(await _sb(request).terminate(request.match_info["sandbox_id"]))
+
+
+async def exec_route(request: web.Request) -> web.Response:
+    """Check that the sandbox runs and say where: the client runs the command there itself."""
+    sb = _sb(request)
+    rec = sb.get(request.match_info["sandbox_id"])
+    if rec["state"] != "running":
+        raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a running "
+                           "sandbox.")
+    body = await request.json()
+    env = await asyncio.to_thread(sb._secret_values, {"secret_names": body.get("secret_names")})
+    return web.json_response({**rec, "env": env})
+
+
+async def logs_route(request: web.Request) -> web.Response:
+    return web.json_response(await _sb(request).logs(request.match_info["sandbox_id"]))
+
+
+async def snapshot_route(request: web.Request) -> web.Response:
+    return web.json_response(await _sb(request).snapshot(request.match_info["sandbox_id"]))
+
+
+def routes() -> list[tuple[str, str, Any, str, str]]:
+    """Rows for http.ROUTES: (method, path, handler, user scope, what a task token may do).
+    A function's task token may use sandboxes, as Modal's containers may."""
+    from mctl.core.server.http import TASK_ANY, TASK_NO
+
+    return [
+        ("POST", "/api/sandboxes", create_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes", list_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/by-name", by_name_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/{sandbox_id}", get_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/tags", tags_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/{sandbox_id}/wait", wait_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/terminate", terminate_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/exec", exec_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/snapshot", snapshot_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/{sandbox_id}/logs", logs_route, "deploy", TASK_NO),
+    ]
