@@ -99,6 +99,10 @@ class Sandboxes:
 
     def from_name(self, app: str, name: str) -> dict[str, Any]:
         record = self.control.store.find_app(app)
+        if record is None:  # not deployed: the newest running app of that name (`app.run()`)
+            running = [a for a in self.control.store.apps()
+                       if a["name"] == app and a["state"] == "running"]
+            record = running[-1] if running else None
         if record is None:
             raise NotFoundError(f"No app named {app!r}.")
         row = self.db.execute("SELECT * FROM sandboxes WHERE app_id = ? AND name = ? AND "
@@ -180,6 +184,9 @@ class Sandboxes:
         kind = (recipe.get("base") or {}).get("kind")
         if not recipe.get("steps") and kind in (None, "debian_slim"):
             return base
+        tag = (recipe.get("base") or {}).get("tag") or ""
+        if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
+            return tag  # on this machine already: a snapshot_filesystem() image
         from mctl.core import plugins
         from mctl.core.server.image_builds import context_for
         from mctl.core.spec import ImageSpec
@@ -284,13 +291,52 @@ class Sandboxes:
         return {"stdout": out, "stderr": err}
 
     async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
+        """The sandbox's file system as a new local image. runc: `podman commit` of the scratch
+        layer. gVisor keeps its writes inside the sandbox (the host's layer never sees them), so
+        the files changed since the start are read out with find+tar in the sandbox and added
+        on top of its image with buildah (deletions are not carried over)."""
         rec = self._row(sandbox_id)
+        if rec["state"] != "running":
+            raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
         tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
-        rc, out, err = await _podman("commit", "-q", "-p", container_name(sandbox_id), tag,
-                                     timeout=600)
-        if rc != 0:
-            raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: {err.strip()[-400:]}")
-        return {"image": tag, "image_id": "im-" + out.strip()[:22], "sandbox_id": rec["sandbox_id"]}
+        if rec["isolation"] != "gvisor":
+            rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
+            if rc != 0:
+                raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: {err.strip()[-400:]}")
+            return {"image": tag}
+        return await asyncio.to_thread(self._snapshot_gvisor, rec, tag)
+
+    def _snapshot_gvisor(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
+        import subprocess
+        import tempfile
+
+        row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
+                              (rec["sandbox_id"],)).fetchone()
+        image = json.loads(row[0])["image"]
+        changed = ("find / \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/hostname "
+                   "-o -path /etc/hosts -o -path /etc/resolv.conf -o -path /run \\) -prune -o "
+                   "-newer /etc/hostname ! -type d -print0 2>/dev/null | "
+                   "tar --null -T - -cf - 2>/dev/null")
+        with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
+            subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
+                            rec["container"], "/bin/sh", "-c", changed], stdout=tar,
+                           stderr=subprocess.DEVNULL, timeout=600)
+            ctr = subprocess.run(["buildah", "from", "--pull=never", image], capture_output=True,
+                                 text=True, timeout=120)
+            if ctr.returncode != 0:
+                raise InvalidError(f"Could not snapshot sandbox {rec['sandbox_id']}: "
+                                   f"{ctr.stderr.strip()[-400:]}")
+            name = ctr.stdout.strip()
+            try:
+                for argv in (["buildah", "add", name, tar.name, "/"],
+                             ["buildah", "commit", "-q", name, tag]):
+                    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+                    if done.returncode != 0:
+                        raise InvalidError(f"Could not snapshot sandbox {rec['sandbox_id']}: "
+                                           f"{done.stderr.strip()[-400:]}")
+            finally:
+                subprocess.run(["buildah", "rm", name], capture_output=True, timeout=60)
+        return {"image": tag}
 
     async def stop_app(self, app_id: str) -> None:
         for rec in self.list(app_id=app_id):
