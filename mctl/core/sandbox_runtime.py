@@ -33,8 +33,9 @@ USERNS_BASE = 200000
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_CPU = 1.0
 DEFAULT_PIDS = 512
-# gVisor's own threads count against the host pids cgroup, so its limit must leave room for them.
-GVISOR_PIDS_SLACK = 256
+# gVisor's own threads (and, on its ptrace platform, a host stub per guest process) count against
+# the host pids cgroup: its limit must leave them room (256 crashed the sandbox at 64 guest tasks).
+GVISOR_PIDS_SLACK = 1024
 DEFAULT_IMAGE = "localhost/mctl/debian-slim:bookworm"
 LABEL = "mctl.sandbox"
 
@@ -128,11 +129,13 @@ def run_argv(cfg: SandboxConfig, isolation: str) -> list[str]:
             "--memory", f"{memory}m", "--memory-swap", f"{memory}m",
             "--cpus", str(cfg.cpu or DEFAULT_CPU),
             "--env", "HOME=/tmp", "--hostname", "sandbox",
-            "--log-driver", "k8s-file", "--init=false"]
+            "--log-driver", "k8s-file",
+            # catatonit as pid 1: orphans are reaped, so a fork bomb's zombies free their pids
+            "--init"]
     if isolation == "gvisor":
         argv += ["--runtime", RUNSC, "--runtime-flag", "network=none", "--network", "none",
                  # gVisor's sentry threads are host tasks: leave them room above the code's own.
-                 "--pids-limit", str(pids + GVISOR_PIDS_SLACK)]
+                 "--pids-limit", str(2 * pids + GVISOR_PIDS_SLACK)]
     elif isolation == "runc":
         argv += ["--runtime", runc_path() or "runc", "--pids-limit", str(pids),
                  "--uidmap", f"0:{USERNS_BASE}:65536", "--gidmap", f"0:{USERNS_BASE}:65536"]
@@ -157,15 +160,24 @@ def run_argv(cfg: SandboxConfig, isolation: str) -> list[str]:
 
 
 def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
-              env_names: list[str] = (), pid_file: str | None = None) -> list[str]:  # type: ignore[assignment]
+              env_names: list[str] = (), pid_file: str | None = None,  # type: ignore[assignment]
+              nproc: int | None = None) -> list[str]:
     """`podman exec -i ...` for one command in a running sandbox. With `pid_file` the command
-    first writes its pid there (inside the sandbox), so a timeout can kill it."""
+    first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
+    lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
+    rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes)."""
     argv = ["podman", "exec", "-i", "--user", SANDBOX_USER]
     if workdir:
         argv += ["--workdir", workdir]
     for key in env_names:
         argv += ["--env", key]
     argv.append(container)
-    if pid_file:
-        argv += ["/bin/sh", "-c", f'echo $$ > {pid_file}; exec "$@"', "sh"]
-    return argv + list(cmd)
+    if not (nproc or pid_file):
+        return argv + list(cmd)
+    script = f"echo $$ > {pid_file}; " if pid_file else ""
+    if nproc:
+        # prlimit (util-linux) execs the command in this same process. An image without it
+        # runs the command unlimited inside; the host's pids cgroup still bounds the sandbox.
+        n = int(nproc)
+        script += (f'command -v prlimit >/dev/null 2>&1 && exec prlimit --nproc={n}:{n} -- "$@"; ')
+    return argv + ["/bin/sh", "-c", script + 'exec "$@"', "sh", *cmd]

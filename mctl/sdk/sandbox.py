@@ -529,7 +529,9 @@ class Sandbox:
                                 f"kill -KILL $(cat {pid_file}) 2>/dev/null; rm -f {pid_file}"],
                                capture_output=True, timeout=30)
         argv = sandbox_runtime.exec_argv(container, list(cmd), workdir=workdir,
-                                         env_names=sorted(environ), pid_file=pid_file)
+                                         env_names=sorted(environ), pid_file=pid_file,
+                                         nproc=record.get("pids") if self.isolation == "gvisor"
+                                         else None)
         return ContainerProcess(argv, {**os.environ, **environ}, text=text, timeout=timeout,
                                 kill=kill)
 

@@ -68,7 +68,8 @@ class Sandboxes:
         rec = dict(zip(cols, row))
         rec["tags"] = json.loads(rec["tags"] or "{}")
         rec["ports"] = {int(k): v for k, v in json.loads(rec["ports"] or "{}").items()}
-        rec.pop("config", None)
+        config = json.loads(rec.pop("config", None) or "{}")
+        rec["pids"] = config.get("pids") or sandbox_runtime.DEFAULT_PIDS
         rec["container"] = container_name(rec["sandbox_id"])
         return rec
 
