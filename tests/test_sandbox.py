@@ -366,3 +366,48 @@ def test_coreutils_ls_works_under_gvisor(app):
     if rc != 0:
         pytest.xfail(f"Debian's runsc 20221219 refuses coreutils' statx: {err.strip()}")
     assert "usr" in out.split()
+
+
+# --- the CLI and tokens -----------------------------------------------------------------------------
+def _mctl(*args, input=None, env=None):
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mctl", *args], capture_output=True, text=True,
+                          input=input, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_cli_list_exec_logs_terminate(server_process):
+    app = mctl.App.lookup("sandbox-cli", create_if_missing=True)
+    sb = mctl.Sandbox.create("bash", "-c", "echo main-out; echo main-err >&2; sleep 600",
+                             app=app, name="cli-box", tags={"k": "v"})
+    listed = _mctl("sandbox", "list")
+    assert sb.object_id in listed.stdout and "gvisor" in listed.stdout and "cli-box" in listed.stdout
+    assert "k=v" in listed.stdout
+    done = _mctl("sandbox", "exec", sb.object_id, "--", "python3", "-c",
+                 "import sys; d = sys.stdin.read(); print(d.upper()); sys.exit(7)", input="hello")
+    assert done.returncode == 7 and done.stdout == "HELLO\n", done.stderr
+    logs = _mctl("sandbox", "logs", sb.object_id)
+    assert logs.stdout == "main-out\n" and logs.stderr == "main-err\n"
+    assert "is terminated" in _mctl("sandbox", "terminate", sb.object_id).stdout
+    assert sb.object_id not in _mctl("sandbox", "list").stdout
+    assert "terminated" in _mctl("sandbox", "list", "--all").stdout
+    bad = _mctl("sandbox", "exec", sb.object_id, "--", "true")
+    assert bad.returncode == 1 and "terminated; exec needs a running sandbox" in bad.stderr
+
+
+def test_routes_check_token_scopes(server_process):
+    from tests.test_auth import create_token, http
+
+    app = mctl.App.lookup("sandbox-scopes", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app)
+    url = server_process.url
+    invoke = create_token("invoke", "caller")
+    proxy = create_token("proxy", "web")
+    assert http(f"{url}/api/sandboxes", token=None)[0] == 401
+    assert http(f"{url}/api/sandboxes", token=proxy)[0] == 403
+    assert http(f"{url}/api/sandboxes/{sb.object_id}/terminate", "POST", token=proxy)[0] == 403
+    assert http(f"{url}/api/sandboxes", token=invoke)[0] == 200
+    assert http(f"{url}/api/sandboxes/{sb.object_id}/logs", token=invoke)[0] == 403  # deploy
+    assert sb.poll() is None  # still running: the refused terminate did nothing
+    assert http(f"{url}/api/sandboxes/{sb.object_id}/terminate", "POST", token=invoke)[0] == 200
+    assert sb.poll() == 137

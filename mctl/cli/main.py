@@ -864,6 +864,8 @@ from mctl.cli.containers import config, container, profile  # noqa: E402 - their
 cli.add_command(container)
 cli.add_command(config)
 cli.add_command(profile)
+from mctl.cli.sandbox import sandbox  # noqa: E402 - its own module
+cli.add_command(sandbox)
 
 
 def main() -> None:
