@@ -50,10 +50,9 @@ def app():
         yield a
 
 
-def _leftover(sandbox_id: str) -> list[str]:
-    out = subprocess.run(["podman", "ps", "-a", "--filter",
-                          f"label={sandbox_runtime.LABEL}={sandbox_id}", "--format", "{{.ID}}"],
-                         capture_output=True, text=True).stdout
+def _leftover(sb) -> list[str]:
+    out = subprocess.run(["podman", "ps", "-a", "--filter", f"name=^{sb._record['container']}$",
+                          "--format", "{{.ID}}"], capture_output=True, text=True).stdout
     return out.split()
 
 
@@ -81,7 +80,7 @@ def test_exec_output_stdin_and_return_codes(app):
     assert p.wait() == 128 + 15  # a signal: 128+n
     sb.terminate()
     assert sb.returncode == 137
-    assert not _leftover(sb.object_id)
+    assert not _leftover(sb)
 
 
 def test_main_command_output_wait_and_lookup(app):
@@ -318,7 +317,7 @@ def test_terminate_kills_the_process_tree(app, isolation):
     time.sleep(1)
     sb.terminate()
     assert p.wait() != 0
-    assert not _leftover(sb.object_id)
+    assert not _leftover(sb)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [line for line in ps.splitlines() if line.startswith("sleep 100")
                 or tag in line], ps
@@ -396,7 +395,20 @@ def test_cli_list_exec_logs_terminate(server_process):
 
 
 def test_routes_check_token_scopes(server_process):
-    from tests.test_auth import create_token, http
+    import json
+    import urllib.error
+
+    def http(url, method="GET", token=None):
+        req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    def create_token(scope, name):
+        return _mctl("token", "create", "--scope", scope, "--name", name).stdout.strip()
 
     app = mctl.App.lookup("sandbox-scopes", create_if_missing=True)
     sb = mctl.Sandbox.create(app=app)
@@ -411,3 +423,12 @@ def test_routes_check_token_scopes(server_process):
     assert sb.poll() is None  # still running: the refused terminate did nothing
     assert http(f"{url}/api/sandboxes/{sb.object_id}/terminate", "POST", token=invoke)[0] == 200
     assert sb.poll() == 137
+
+
+def test_stopping_the_app_removes_its_sandboxes():
+    a = mctl.App("sandbox-cleanup")
+    with a.run():
+        done = mctl.Sandbox.create("true", app=a)
+        assert done.wait() == 0
+        running = mctl.Sandbox.create(app=a)
+    assert not _leftover(done) and not _leftover(running)

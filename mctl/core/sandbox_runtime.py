@@ -118,11 +118,21 @@ def choose(cfg: SandboxConfig) -> str:
         "Install podman with runsc (gVisor) or runc: `scripts/sandbox-dev install`.")
 
 
-def run_argv(cfg: SandboxConfig, isolation: str) -> list[str]:
-    """`podman run -d ...` for one sandbox under `isolation`."""
+def poolable(cfg: SandboxConfig) -> bool:
+    """Whether a warm container started ahead of time can serve `cfg`: the default shape (no
+    command, the default image, no env, mounts, ports or network, default limits)."""
+    return (not cfg.command and not cfg.env and not cfg.mounts and not cfg.ports
+            and cfg.block_network and cfg.workdir is None and cfg.cpu is None
+            and cfg.memory_mb is None and cfg.pids is None)
+
+
+def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
+             labels: dict[str, str] | None = None) -> list[str]:
+    """`podman run -d ...` for one sandbox under `isolation` (container `name`, default from
+    the sandbox id)."""
     pids = cfg.pids or DEFAULT_PIDS
     memory = cfg.memory_mb or DEFAULT_MEMORY_MB
-    argv = ["podman", "run", "-d", "--name", container_name(cfg.sandbox_id),
+    argv = ["podman", "run", "-d", "--name", name or container_name(cfg.sandbox_id),
             "--label", f"{LABEL}={cfg.sandbox_id}", "--pull", "never",
             "--user", SANDBOX_USER, "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges",
@@ -147,6 +157,8 @@ def run_argv(cfg: SandboxConfig, isolation: str) -> list[str]:
                 argv += ["-p", f"127.0.0.1::{int(port)}"]
     else:
         raise SandboxIsolationError(f"Unknown isolation {isolation!r}.")
+    for key, value in (labels or {}).items():
+        argv += ["--label", f"{key}={value}"]
     for m in cfg.mounts:
         ro = ",ro" if m.get("read_only", True) else ""
         argv += ["--mount", f"type=bind,source={m['host_path']},destination={m['path']}{ro}"]

@@ -54,6 +54,17 @@ class Sandboxes:
         self.done: dict[str, asyncio.Event] = {}
         self.tasks: dict[str, list[asyncio.Task[Any]]] = {}
         self.host = socket.gethostname()
+        self.started = time.time()
+        # Warm containers of the default shape, per isolation, started ahead of `create`
+        # (MCTL_SANDBOX_WARM of each, default 1; 0 turns it off). Labelled with this control
+        # plane's state directory, so a restart removes its own leftovers and no one else's.
+        self.warm_size = int(os.environ.get("MCTL_SANDBOX_WARM", "1"))
+        self.pool: dict[str, list[str]] = {}
+        self.filling: set[str] = set()
+        import hashlib
+
+        state = str(getattr(control.store, "state_dir", id(control)))
+        self.owner = hashlib.sha256(f"{self.host}:{state}".encode()).hexdigest()[:16]
 
     # --- records -----------------------------------------------------------------------------
     def _row(self, sandbox_id: str) -> dict[str, Any]:
@@ -70,8 +81,13 @@ class Sandboxes:
         rec["ports"] = {int(k): v for k, v in json.loads(rec["ports"] or "{}").items()}
         config = json.loads(rec.pop("config", None) or "{}")
         rec["pids"] = config.get("pids") or sandbox_runtime.DEFAULT_PIDS
-        rec["container"] = container_name(rec["sandbox_id"])
+        rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
         return rec
+
+    def _container(self, sandbox_id: str) -> str:
+        row = self.db.execute("SELECT container FROM sandboxes WHERE sandbox_id = ?",
+                              (sandbox_id,)).fetchone()
+        return (row[0] if row else None) or container_name(sandbox_id)
 
     def _update(self, sandbox_id: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -150,20 +166,26 @@ class Sandboxes:
             isolation=body.get("isolation"))
         isolation = sandbox_runtime.choose(cfg)
         argv = sandbox_runtime.run_argv(cfg, isolation)
+        warm = None
+        if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
+            warm = self._claim(isolation)
+            asyncio.get_running_loop().create_task(self._refill(isolation))
         stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
         stored["env_names"] = sorted(cfg.env)
         now = time.time()
         self.db.execute(
             "INSERT INTO sandboxes (sandbox_id, app_id, name, tags, isolation, state, created, "
-            "timeout, config, host, backend, ports) VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, "
-            "?, 'local', '{}')",
+            "timeout, config, host, backend, ports, container) VALUES (?, ?, ?, ?, ?, "
+            "'starting', ?, ?, ?, ?, 'local', '{}', ?)",
             (sandbox_id, app_id, name, json.dumps(body.get("tags") or {}), isolation, now,
-             timeout, json.dumps(stored), self.host))
+             timeout, json.dumps(stored), self.host, warm or container_name(sandbox_id)))
         self.db.commit()
-        rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+        rc, err = 0, ""
+        if warm is None:
+            rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
         if rc != 0:
             self._update(sandbox_id, state="failed", ended=time.time())
-            await _podman("rm", "-f", container_name(sandbox_id))
+            await _podman("rm", "-f", self._container(sandbox_id))
             raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
         ports = await self._ports(sandbox_id, cfg.ports)
         self._update(sandbox_id, state="running", ports=json.dumps(ports))
@@ -172,6 +194,47 @@ class Sandboxes:
         self.tasks[sandbox_id] = [loop.create_task(self._watch(sandbox_id)),
                                   loop.create_task(self._expire(sandbox_id, timeout))]
         return self._row(sandbox_id)
+
+    def _base(self) -> str:
+        from mctl.plugins.image_oci import DEFAULT_DEBIAN_SLIM
+
+        return os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+
+    def _claim(self, isolation: str) -> str | None:
+        pool = self.pool.get(isolation) or []
+        return pool.pop(0) if pool else None
+
+    async def _refill(self, isolation: str) -> None:
+        """Start warm containers of the default shape until the pool is full again."""
+        if isolation in self.filling:
+            return
+        self.filling.add(isolation)
+        try:
+            pool = self.pool.setdefault(isolation, [])
+            while len(pool) < self.warm_size:
+                warm_id = "warm-" + ids.new_id("sandbox")[3:].lower()
+                cfg = SandboxConfig(sandbox_id=warm_id, image=self._base())
+                argv = sandbox_runtime.run_argv(
+                    cfg, isolation, name=f"mctl-{warm_id}",
+                    labels={"mctl.sandbox.warm": self.owner})
+                rc, _, err = await _podman(*argv[1:])
+                if rc != 0:
+                    log.warning("sandboxes: a warm %s container did not start: %s", isolation,
+                                err.strip()[-300:])
+                    return
+                pool.append(f"mctl-{warm_id}")
+        except Exception:  # noqa: BLE001 - a pool is an optimisation; create still works cold
+            log.exception("sandboxes: filling the warm pool failed")
+        finally:
+            self.filling.discard(isolation)
+
+    async def _drain_pool(self) -> None:
+        """Remove this control plane's warm containers (also ones a crash left behind)."""
+        self.pool.clear()
+        rc, out, _ = await _podman("ps", "-a", "-q", "--filter",
+                                   f"label=mctl.sandbox.warm={self.owner}")
+        if rc == 0 and out.split():
+            await _podman("rm", "-f", "-t", "0", *out.split())
 
     async def _image(self, image: dict[str, Any] | None, app_id: str) -> str:
         """The OCI reference to start from: the debian_slim base as it is, else the recipe built
@@ -226,7 +289,7 @@ class Sandboxes:
     async def _ports(self, sandbox_id: str, ports: list[int]) -> dict[int, list[Any]]:
         out: dict[int, list[Any]] = {}
         for port in ports:
-            rc, text, _ = await _podman("port", container_name(sandbox_id), f"{port}/tcp")
+            rc, text, _ = await _podman("port", self._container(sandbox_id), f"{port}/tcp")
             if rc == 0 and text.strip():
                 host, _, hport = text.strip().splitlines()[0].rpartition(":")
                 out[port] = [host or "127.0.0.1", int(hport)]
@@ -235,7 +298,8 @@ class Sandboxes:
     async def _watch(self, sandbox_id: str) -> None:
         """Wait for the main process; record its return code (128+n for a signal)."""
         try:
-            rc, out, _ = await _podman("wait", container_name(sandbox_id), timeout=MAX_TIMEOUT_S)
+            rc, out, _ = await _podman("wait", self._container(sandbox_id),
+                                        timeout=MAX_TIMEOUT_S)
         except asyncio.CancelledError:
             return
         text = out.strip()
@@ -246,7 +310,7 @@ class Sandboxes:
         await asyncio.sleep(timeout)
         if self._state(sandbox_id) == "running":
             self._finish(sandbox_id, "timeout", -1)
-            await _podman("kill", container_name(sandbox_id))
+            await _podman("kill", self._container(sandbox_id))
 
     def _state(self, sandbox_id: str) -> str | None:
         row = self.db.execute("SELECT state FROM sandboxes WHERE sandbox_id = ?",
@@ -280,12 +344,12 @@ class Sandboxes:
         rec = self._row(sandbox_id)
         if rec["state"] == "running":
             self._finish(sandbox_id, "terminated", 137)
-        await _podman("rm", "-f", "-t", "0", container_name(sandbox_id))
+        await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
         return self._row(sandbox_id)
 
     async def logs(self, sandbox_id: str) -> dict[str, str]:
         self._row(sandbox_id)
-        rc, out, err = await _podman("logs", container_name(sandbox_id))
+        rc, out, err = await _podman("logs", self._container(sandbox_id))
         if rc != 0:
             raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its container was "
                                 "removed when it was terminated).")
@@ -340,20 +404,33 @@ class Sandboxes:
         return {"image": tag}
 
     async def stop_app(self, app_id: str) -> None:
+        """The app stopped: its sandboxes stop, and the containers of finished ones go too."""
         for rec in self.list(app_id=app_id):
             await self.terminate(rec["sandbox_id"])
+        await self._remove([r for r in self.list(app_id=app_id, include_finished=True)])
+
+    async def _remove(self, records: list[dict[str, Any]]) -> None:
+        names = [r["container"] for r in records if r["state"] in ("finished", "timeout")]
+        if names:
+            await _podman("rm", "-f", "-t", "0", "--ignore", *names)
 
     async def shutdown(self) -> None:
         """The control plane stops: its running sandboxes stop with it."""
+        self.warm_size = 0
+        await self._drain_pool()
         for rec in self.list():
             await self.terminate(rec["sandbox_id"])
         for tasks in self.tasks.values():
             for task in tasks:
                 task.cancel()
+        started = self.db.execute("SELECT sandbox_id FROM sandboxes WHERE ended > ?",
+                                  (self.started,)).fetchall()
+        await self._remove([self._row(r[0]) for r in started])
 
     async def recover(self) -> None:
         """After a restart: sandboxes whose container still runs get their watchers back; the
         others are recorded as lost."""
+        await self._drain_pool()
         for rec in self.list():
             rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}}", rec["container"])
             if rc == 0 and out.strip() == "true":

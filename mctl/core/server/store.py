@@ -65,7 +65,8 @@ MIGRATIONS: list[str] = [
     "CREATE TABLE sandboxes (sandbox_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, name TEXT, "
     "tags TEXT NOT NULL DEFAULT '{}', isolation TEXT NOT NULL, state TEXT NOT NULL, "
     "returncode INTEGER, created REAL NOT NULL, ended REAL, timeout REAL NOT NULL, "
-    "config TEXT NOT NULL, host TEXT, backend TEXT NOT NULL, ports TEXT NOT NULL DEFAULT '{}');"
+    "config TEXT NOT NULL, host TEXT, backend TEXT NOT NULL, ports TEXT NOT NULL DEFAULT '{}', "
+    "container TEXT);"
     "CREATE INDEX sandboxes_app ON sandboxes(app_id, state);",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
