@@ -66,6 +66,14 @@ class _Buffer:
         return t
 
 
+class _Text(str):
+    """Text read from a stream. `.decode()` gives it back unchanged, so code written for byte
+    output (the Modal reference's agent: `sb.exec(...).stdout.read().decode()`) runs too."""
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return str(self)
+
+
 class StreamReader:
     """A process's stdout or stderr: `read()` waits for the end and returns everything;
     `for line in reader` yields lines as they come; `.read.aio()` and `async for` too."""
@@ -84,7 +92,7 @@ class StreamReader:
         return self._buf
 
     def _out(self, data: bytes) -> Any:
-        return data.decode(errors="replace") if self._text else bytes(data)
+        return _Text(data.decode(errors="replace")) if self._text else bytes(data)
 
     def _read(self) -> Any:
         buf = self._buffer()

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,7 @@ class Sandboxes:
         # plane's state directory, so a restart removes its own leftovers and no one else's.
         self.warm_size = int(os.environ.get("MCTL_SANDBOX_WARM", "1"))
         self.pool: dict[str, list[str]] = {}
+        self.defaults: dict[str, str] = {}
         self.filling: set[str] = set()
         import hashlib
 
@@ -196,9 +198,14 @@ class Sandboxes:
         return self._row(sandbox_id)
 
     def _base(self) -> str:
+        """The default image: debian_slim's base plus `python` (Modal's images have it; the
+        reference's agent runs `sb.exec("python", "-c", code)`). Made once with buildah."""
         from mctl.plugins.image_oci import DEFAULT_DEBIAN_SLIM
 
-        return os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+        base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+        if base not in self.defaults:
+            self.defaults[base] = _default_image(base)
+        return self.defaults[base]
 
     def _claim(self, isolation: str) -> str | None:
         pool = self.pool.get(isolation) or []
@@ -237,11 +244,9 @@ class Sandboxes:
             await _podman("rm", "-f", "-t", "0", *out.split())
 
     async def _image(self, image: dict[str, Any] | None, app_id: str) -> str:
-        """The OCI reference to start from: the debian_slim base as it is, else the recipe built
-        by the `oci` builder (a sandbox needs an image, not a virtualenv)."""
-        from mctl.plugins.image_oci import DEFAULT_DEBIAN_SLIM
-
-        base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+        """The OCI reference to start from: the default image for debian_slim as it is, else
+        the recipe built by the `oci` builder (a sandbox needs an image, not a virtualenv)."""
+        base = await asyncio.to_thread(self._base)
         if not image:
             return base
         recipe = image.get("recipe") or {}
@@ -442,6 +447,41 @@ class Sandboxes:
                     loop.create_task(self._expire(rec["sandbox_id"], max(0.0, left)))]
             else:
                 self._update(rec["sandbox_id"], state="lost", ended=time.time())
+
+
+def _default_image(base: str) -> str:
+    """`base` plus /usr/bin/python -> python3, as `localhost/mctl/sandbox-default:<base id>`;
+    `base` itself when buildah is missing or the base is not here (create then says so)."""
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    inspect = subprocess.run(["podman", "image", "inspect", "-f", "{{.Id}}", base],
+                             capture_output=True, text=True)
+    if inspect.returncode != 0 or not shutil.which("buildah"):
+        return base
+    tag = f"localhost/mctl/sandbox-default:{inspect.stdout.strip()[:12]}"
+    if subprocess.run(["podman", "image", "exists", tag]).returncode == 0:
+        return tag
+    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+        with tarfile.open(tmp.name, "w") as tar:
+            link = tarfile.TarInfo("usr/bin/python")
+            link.type, link.linkname = tarfile.SYMTYPE, "python3"
+            tar.addfile(link, io.BytesIO(b""))
+        ctr = subprocess.run(["buildah", "from", "--pull=never", base], capture_output=True,
+                             text=True)
+        if ctr.returncode != 0:
+            return base
+        name = ctr.stdout.strip()
+        try:
+            ok = (subprocess.run(["buildah", "add", name, tmp.name, "/"],
+                                 capture_output=True).returncode == 0
+                  and subprocess.run(["buildah", "commit", "-q", name, tag],
+                                     capture_output=True).returncode == 0)
+        finally:
+            subprocess.run(["buildah", "rm", name], capture_output=True)
+    return tag if ok else base
 
 
 def sandboxes(control: ControlPlane) -> Sandboxes:
