@@ -200,9 +200,9 @@ class Sandboxes:
     def _base(self) -> str:
         """The default image: debian_slim's base plus `python` (Modal's images have it; the
         reference's agent runs `sb.exec("python", "-c", code)`). Made once with buildah."""
-        from mctl.plugins.image_oci import DEFAULT_DEBIAN_SLIM
+        from mctl.plugins.debian_slim_base import base_for
 
-        base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+        base = base_for(None)[0]
         if base not in self.defaults:
             self.defaults[base] = _default_image(base)
         return self.defaults[base]
@@ -251,7 +251,10 @@ class Sandboxes:
             return base
         recipe = image.get("recipe") or {}
         kind = (recipe.get("base") or {}).get("kind")
-        if not recipe.get("steps") and kind in (None, "debian_slim"):
+        from mctl.plugins.debian_slim_base import DEFAULT_PYTHON
+
+        version = recipe.get("python_version")
+        if not recipe.get("steps") and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
             return base
         tag = (recipe.get("base") or {}).get("tag") or ""
         if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
