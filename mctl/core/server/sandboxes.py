@@ -254,7 +254,8 @@ class Sandboxes:
         from mctl.plugins.debian_slim_base import DEFAULT_PYTHON
 
         version = recipe.get("python_version")
-        if not recipe.get("steps") and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
+        plain = not recipe.get("steps")
+        if plain and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
             return base
         tag = (recipe.get("base") or {}).get("tag") or ""
         if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
