@@ -229,6 +229,9 @@ class Sandboxes:
                     log.warning("sandboxes: a warm %s container did not start: %s", isolation,
                                 err.strip()[-300:])
                     return
+                if self.warm_size == 0:  # the control plane stopped meanwhile
+                    await _podman("rm", "-f", "-t", "0", f"mctl-{warm_id}")
+                    return
                 pool.append(f"mctl-{warm_id}")
         except Exception:  # noqa: BLE001 - a pool is an optimisation; create still works cold
             log.exception("sandboxes: filling the warm pool failed")
