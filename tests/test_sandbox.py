@@ -107,6 +107,14 @@ def test_main_command_output_wait_and_lookup(app):
         mctl.Sandbox.from_id("sb-doesnotexist")
 
 
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_exec_runs_in_the_sandboxs_workdir_by_default(app, isolation):
+    sb = mctl.Sandbox.create(app=app, isolation=isolation, workdir="/tmp")
+    assert run(sb, "python3", "-c", "import os; print(os.getcwd())")[1] == "/tmp\n"
+    assert sb.exec("python3", "-c", "import os; print(os.getcwd())", workdir="/").stdout.read() == "/\n"
+    sb.terminate()
+
+
 def test_files_open_and_snapshot(app):
     sb = mctl.Sandbox.create(app=app)
     with sb.open("/tmp/notes.txt", "w") as f:

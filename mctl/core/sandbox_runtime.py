@@ -171,21 +171,39 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
     return argv
 
 
+RUNC_ROOT = "/run/runc"  # where podman's runc keeps its containers' state (root's default)
+
+
+def _direct_exec(isolation: str | None, container_id: str | None) -> list[str] | None:
+    """The runtime command that can exec in this container without podman, if any."""
+    if not container_id:
+        return None
+    if isolation == "gvisor" and os.access(RUNSC, os.X_OK):
+        return [RUNSC]
+    runc = runc_path()
+    if isolation == "runc" and runc and os.path.isdir(os.path.join(RUNC_ROOT, container_id)):
+        return [runc, "--root", RUNC_ROOT]
+    return None
+
+
 def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
               env_names: list[str] = (), pid_file: str | None = None,  # type: ignore[assignment]
-              nproc: int | None = None, runsc_id: str | None = None) -> list[str]:
+              nproc: int | None = None, isolation: str | None = None,
+              container_id: str | None = None) -> list[str]:
     """`podman exec -i ...` for one command in a running sandbox. With `pid_file` the command
     first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
     rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes)."""
-    if runsc_id and not env_names and os.access(RUNSC, os.X_OK):
-        # gVisor: `runsc exec` itself (~0.06 s, against ~0.3 s through podman exec). The process
-        # gets the container's spec (capabilities none, no_new_privs, env) and this user. Values
-        # would show in runsc's argv, so an exec with env goes through podman.
-        argv = [RUNSC, "exec", "--user", SANDBOX_USER]
-        if workdir:
+    direct = _direct_exec(isolation, container_id) if not env_names else None
+    if direct:
+        # The OCI runtime's own exec (~0.07 s, against ~0.3 s through podman exec). The process
+        # gets the container's spec (no capabilities, no_new_privs, its cgroups and rlimits,
+        # env) and this user. Values would show in the runtime's argv, so an exec with env goes
+        # through podman.
+        argv = [*direct, "exec", "--user", SANDBOX_USER]
+        if workdir:  # else the container's own working directory, as podman exec does
             argv += ["--cwd", workdir]
-        argv.append(runsc_id)
+        argv.append(container_id)  # type: ignore[arg-type]
     else:
         argv = ["podman", "exec", "-i", "--user", SANDBOX_USER]
         if workdir:

@@ -541,8 +541,8 @@ class Sandbox:
                                          env_names=sorted(environ), pid_file=pid_file,
                                          nproc=record.get("pids") if self.isolation == "gvisor"
                                          else None,
-                                         runsc_id=record.get("container_id")
-                                         if self.isolation == "gvisor" else None)
+                                         isolation=self.isolation,
+                                         container_id=record.get("container_id"))
         return ContainerProcess(argv, {**os.environ, **environ}, text=text, timeout=timeout,
                                 kill=kill)
 
