@@ -244,3 +244,34 @@ def test_tokens_and_scopes(server_process, monkeypatch):
     thread.start()
     thread.join(30)
     assert "invalid token" in str(result["bad"].value).lower()
+
+
+def test_partition_ttl_clears_a_partition_after_its_last_put(server_process):
+    """Modal's semantics: a partition is cleared `partition_ttl` seconds after its last put
+    (default 24 hours); another put pushes the time back; other partitions are untouched."""
+    q = mctl.Queue.from_name("ttl", create_if_missing=True)
+    q.put("short", partition="a", partition_ttl=2)
+    q.put_many(["x", "y"], partition="b", partition_ttl=60)
+    q.put("default")  # 24 hours
+    time.sleep(1.2)
+    q.put("again", partition="a", partition_ttl=2)  # the partition's clock starts over
+    time.sleep(1.2)
+    assert q.len(partition="a") == 2
+    time.sleep(1.5)
+    assert q.len(partition="a") == 0 and q.get(partition="a", block=False) is None
+    assert list(q.iterate(partition="b")) == ["x", "y"] and q.get() == "default"
+    assert q.len(total=True) == 2
+    q.put("new", partition="a", partition_ttl=2)  # a cleared partition starts afresh
+    assert q.get(partition="a") == "new"
+
+    # expiry survives a restart: the time is stored with the partition
+    q.put("gone", partition="c", partition_ttl=2)
+    server_process.stop()
+    time.sleep(2.2)
+    server_process.start()
+    assert mctl.Queue.from_name("ttl").len(partition="c") == 0
+
+    with pytest.raises(InvalidError, match="partition_ttl=0 must be"):
+        q.put(1, partition_ttl=0)
+    with pytest.raises(InvalidError, match="at most 86400"):
+        q.put(1, partition_ttl=90000)

@@ -131,12 +131,17 @@ def test_names_real_apps_use(server_process):
 
         assert list(module.Batcher().double.map([1, 2, 3])) == [2, 4, 6]
 
+        # (what each option does is in tests/test_cls_variants.py)
         with warnings.catch_warnings(record=True) as record:
             variant = module.Model.with_options(gpu=None, timeout=100)
             assert variant(size=3).scale.remote(2) == 6
             assert module.Model.with_concurrency(max_inputs=4)().scale.remote(5) == 5
-            assert module.Model.with_batching(max_batch_size=2, wait_ms=10)().scale.remote(1) == 1
-        assert any("not applied by mctl" in m for m in spelling_warnings(record))
+            assert module.Batcher.with_batching(max_batch_size=2, wait_ms=10)().double.remote(1) == 2
+            old = module.Model.with_options(concurrency_limit=2)
+            assert old().scale.remote(1) == 1
+        assert [m for m in spelling_warnings(record)] == [
+            "with_options(concurrency_limit=...) is an older Modal spelling; use "
+            "with_options(max_containers=...)."]
         with pytest.raises(InvalidError, match="unknown options colour"):
             module.Model.with_options(colour="red")
 

@@ -162,3 +162,17 @@ def test_reuploading_a_blob_restarts_its_age(tmp_path):
     assert store.refresh_blob("bl-bundle") is True
     assert store.refresh_blob("bl-absent") is False
     assert store.gc(time.time() - 7 * 86400)["blobs"] == 0 and path.exists()
+
+
+def test_retention_clears_queue_partitions_past_their_ttl(tmp_path):
+    store = Store(tmp_path)
+    now = time.time()
+    store.db.executemany("INSERT INTO queue_items (object_id, partition, value, created) "
+                         "VALUES (?,?,?,?)", [("qu-1", "old", b"1", now), ("qu-1", "live", b"2", now),
+                                              ("qu-1", "legacy", b"3", now)])
+    store.db.executemany("INSERT INTO queue_partitions VALUES (?,?,?)",
+                         [("qu-1", "old", now - 1), ("qu-1", "live", now + 60)])
+    store.gc(now - 7 * 86400)
+    left = store.db.execute("SELECT partition FROM queue_items ORDER BY partition").fetchall()
+    assert left == [("legacy",), ("live",)]  # a partition from before TTLs never expires
+    assert store.db.execute("SELECT partition FROM queue_partitions").fetchall() == [("live",)]

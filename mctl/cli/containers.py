@@ -1,4 +1,4 @@
-"""`mctl container list|logs|stop`, `mctl config show` and `mctl profile`, as in Modal's CLI."""
+"""`mctl container list|logs|exec|stop`, `mctl config show` and `mctl profile`, as in Modal's CLI."""
 
 from __future__ import annotations
 
@@ -55,6 +55,106 @@ def container_stop(container_id: str) -> None:
     result = _admin("POST", f"/api/containers/{container_id}/stop")
     click.echo(f"Stopping {container_id}: it finishes its {result['inputs']} running input(s) "
                "and exits.")
+
+
+@container.command("exec", context_settings={"ignore_unknown_options": True,
+                                              "allow_interspersed_args": False})
+@click.option("--pty/--no-pty", default=None,
+              help="Run the command on a terminal (default: when this one is a terminal).")
+@click.argument("container_id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def container_exec(pty: bool | None, container_id: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside a running container: `mctl container exec ta-... -- ls /data`.
+
+    It runs beside the function, with its environment, files and secrets; its output is
+    printed here and its exit status is this command's. Needs a token with the deploy scope."""
+    import sys
+
+    from mctl.core.client import run_sync
+    from mctl.core.config import configured_server_url
+
+    url = configured_server_url()
+    if url is None:
+        raise click.ClickException("No mctl server is running; set MCTL_SERVER_URL.")
+    argv = list(command[1:] if command and command[0] == "--" else command)
+    if not argv:
+        raise click.ClickException("Name the command to run: mctl container exec ID -- CMD.")
+    if pty is None:
+        pty = sys.stdin.isatty() and sys.stdout.isatty()
+    code = run_sync(_exec(url, container_id, argv, pty), timeout=None)
+    sys.exit(code)
+
+
+async def _exec(url: str, container_id: str, argv: list[str], pty: bool) -> int:
+    """The client side of `GET /api/containers/ID/exec` (server/containers.exec_route)."""
+    import asyncio
+    import os
+    import shutil
+    import sys
+    import threading
+
+    import aiohttp
+
+    from mctl.core import transport
+
+    raw_mode = None
+    if pty and sys.stdin.isatty():
+        import termios
+        import tty
+
+        raw_mode = termios.tcgetattr(sys.stdin.fileno())
+    size = shutil.get_terminal_size()
+    loop = asyncio.get_running_loop()
+    ws_url = url.replace("http", "ws", 1) + f"/api/containers/{container_id}/exec"
+    try:
+        async with aiohttp.ClientSession(headers=transport.auth_headers(url)) as session:
+            async with session.ws_connect(ws_url, ssl=transport.aiohttp_ssl(url),
+                                          heartbeat=30) as ws:
+                await ws.send_json({"argv": argv, "pty": pty, "rows": size.lines,
+                                    "cols": size.columns, "term": os.environ.get("TERM")})
+                if raw_mode is not None:
+                    tty.setraw(sys.stdin.fileno())
+
+                def stdin_pump() -> None:  # a thread: reading a terminal blocks
+                    while True:
+                        try:
+                            data = os.read(sys.stdin.fileno(), 65536)
+                        except OSError:
+                            data = b""
+                        if not data:
+                            asyncio.run_coroutine_threadsafe(ws.send_json({"eof": True}), loop)
+                            return
+                        asyncio.run_coroutine_threadsafe(ws.send_bytes(data), loop)
+
+                if not sys.stdin.closed:
+                    threading.Thread(target=stdin_pump, daemon=True).start()
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        out = sys.stdout if msg.data[:1] != b"\x02" else sys.stderr
+                        out.buffer.write(msg.data[1:])
+                        out.buffer.flush()
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        end = msg.json()
+                        if "error" in end:
+                            click.echo(f"Error: {end['error']}", err=True)
+                            return 1
+                        return int(end["exit"])
+                click.echo("Error: the control plane closed the connection.", err=True)
+                return 1
+    except aiohttp.WSServerHandshakeError as exc:
+        if exc.status in (401, 403):
+            raise click.ClickException(
+                "The control plane refused: running a command in a container needs a token "
+                "with the deploy scope (`mctl token create --scope deploy`).") from None
+        if exc.status == 404:
+            raise click.ClickException(f"No container {container_id!r}; `mctl container list` "
+                                       "shows the running ones.") from None
+        raise click.ClickException(f"The control plane refused the exec ({exc.status}).") from None
+    finally:
+        if raw_mode is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, raw_mode)
 
 
 @click.group(short_help="Show mctl's configuration.")

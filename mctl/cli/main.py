@@ -899,6 +899,9 @@ from mctl.cli.containers import config, container, profile  # noqa: E402 - their
 cli.add_command(container)
 cli.add_command(config)
 cli.add_command(profile)
+from mctl.cli.environment import environment  # noqa: E402
+
+cli.add_command(environment)
 from mctl.cli.sandbox import sandbox  # noqa: E402 - its own module
 cli.add_command(sandbox)
 

@@ -15,10 +15,16 @@ import click
 
 def _watched(app_ref: str) -> dict[str, float]:
     """Modification times of the .py files in the app file's directory tree."""
+    from mctl.core.runtime.loader import cache_dir
+
     root = os.path.dirname(os.path.abspath(app_ref.partition("::")[0]))
+    # Workers unpack the app's bundle into mctl's cache: when that lies inside the app's
+    # directory (MCTL_CACHE_DIR), its copies of the app's files are not edits to reload on.
+    cache = os.path.realpath(cache_dir())
     times = {}
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "venv")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "venv")
+                   and os.path.realpath(os.path.join(folder, d)) != cache]
         for name in files:
             if name.endswith(".py"):
                 path = os.path.join(folder, name)

@@ -21,6 +21,7 @@ PREFIXES = {
     "token": "tk",
     "dict": "di",
     "queue": "qu",
+    "exec": "ex",
 }
 
 

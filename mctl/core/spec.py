@@ -196,6 +196,9 @@ class FunctionSpec(_Model):
     target_inputs: Optional[int] = None
     batch_max_size: Optional[int] = None
     batch_wait_ms: Optional[int] = None
+    # Set on a variant made by `Cls.with_options`/`with_concurrency`/`with_batching`: the tag of
+    # the class it runs (the user's code is found under that tag). See `variant_spec`.
+    variant_of: Optional[str] = None
 
     @property
     def target_per_container(self) -> int:
@@ -227,3 +230,50 @@ class AppSpec(_Model):
 def function_id(app_id: str, tag: str) -> str:
     """Stable across versions of a deployed app, so queued inputs survive a redeploy."""
     return "fu-" + hashlib.sha256(f"{app_id}/{tag}".encode()).hexdigest()[:22]
+
+
+# The FunctionSpec fields a variant (`Cls.with_options(...)`, `with_concurrency`,
+# `with_batching`) may override; `resources`, `autoscaling` and `env` are merged key by key, the
+# others replace the class's (`secrets` and `volumes` too, as Modal's with_options does).
+VARIANT_FIELDS = frozenset({"resources", "autoscaling", "timeout", "retries", "secrets", "volumes",
+                            "read_only_volumes", "env", "max_inputs", "target_inputs",
+                            "batch_max_size", "batch_wait_ms"})
+
+
+def variant_spec(base: FunctionSpec, app_id: str, overrides: dict[str, Any]) -> FunctionSpec:
+    """The spec of `base` run with `overrides`: its own function id (so its own pool of workers,
+    as Modal runs a distinct variant of the class), derived from the overrides so that the same
+    options reuse one variant. Web endpoints and schedules stay with the class itself.
+    Raises ValueError naming a bad option."""
+    import json
+
+    unknown = sorted(set(overrides) - VARIANT_FIELDS)
+    if unknown:
+        raise ValueError(f"a variant cannot set {', '.join(unknown)}")
+    if base.variant_of is not None:
+        raise ValueError(f"{base.tag} is itself a variant of {base.variant_of}")
+    data = base.model_dump(mode="json")
+    for key, value in overrides.items():
+        if key in ("resources", "autoscaling", "env"):
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} must be an object")
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+    tag = f"{base.tag}~{digest}"
+    data.update(tag=tag, function_id=function_id(app_id, tag), variant_of=base.tag,
+                schedule=None, web=None,
+                methods={name: {**m, "web": None} for name, m in data["methods"].items()})
+    try:
+        return FunctionSpec.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        model: Any = FunctionSpec
+        field = None
+        for part in error["loc"]:  # e.g. ("resources", "cpu"): the field's own rule
+            field = getattr(model, "model_fields", {}).get(str(part))
+            model = getattr(field, "annotation", None) if field is not None else None
+        rule = field.description if field is not None and field.description else error["msg"]
+        where = ".".join(str(p) for p in error["loc"])
+        raise ValueError(f"{where}={error.get('input')!r} {rule}") from None

@@ -140,6 +140,8 @@ class Cls:
         self._service._hydrate(function_id, server_url)
 
     def _resolve(self) -> None:
+        if getattr(self, "_base", None) is not None:
+            return self._resolve_variant()
         if self._service._function_id is not None:
             return
         if self._lookup is None:
@@ -149,6 +151,7 @@ class Cls:
 
         assert self._lookup is not None
         url, record = run_sync(lookup(*self._lookup))
+        self._looked_up_app_id = record.get("app_id", "")
         fspec = record["function"]
         if fspec["kind"] != "class":
             raise InvalidError(f"{self._lookup[1]} in app {self._lookup[0]} is a function; use "
@@ -170,43 +173,161 @@ class Cls:
         self._resolve()
         return self
 
-    # Modal creates a variant of the class's containers for these; mctl runs every call on the
-    # containers the class was deployed with, and says so once.
+    # Modal's `Cls.with_options` keywords; `region` and `cloud` are accepted and have no effect.
     _WITH_OPTIONS = {"cpu", "memory", "gpu", "env", "secrets", "volumes", "retries",
                      "max_containers", "buffer_containers", "scaledown_window", "timeout",
                      "region", "cloud", "min_containers"}
+    _WITH_OPTIONS_RENAMED = {"concurrency_limit": "max_containers",
+                             "container_idle_timeout": "scaledown_window"}
 
-    def _variant(self, what: str, options: dict[str, Any]) -> Cls:
-        from mctl.sdk.deprecated import warn_once
-
-        given = {k: v for k, v in options.items() if v is not None}
-        if given:
-            warn_once(f"Cls.{what}", f"{self.tag}.{what}({', '.join(sorted(given))}=...) is not "
-                      "applied by mctl: calls run on the class's containers as declared; set "
-                      "these in @app.cls(...) instead.", stacklevel=3)
-        variant = Cls(self.app, self.tag, self.user_cls, {**self.options, **given})
-        variant._service = self._service  # the same function, the same containers
+    def _variant(self, given: dict[str, Any]) -> Cls:
+        """A handle whose calls run on a variant of this class: a function of its own with
+        these options (created in the control plane on first use, then reused)."""
+        base = getattr(self, "_base", None) or self
+        variant = Cls(self.app, self.tag, self.user_cls, self.options)
+        variant._base = base  # type: ignore[attr-defined]
+        variant._variant_options = {**getattr(self, "_variant_options", {}), **given}  # type: ignore[attr-defined]
         variant._methods = self._methods
         variant._lookup = self._lookup
         return variant
 
+    def _overrides(self, app_id: str) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+        """The variant's options as FunctionSpec fields, and the values of inline secrets."""
+        from mctl.core.spec import GpuRequest
+        from mctl.sdk.retries import Retries
+        from mctl.sdk.secret import Secret
+        from mctl.sdk.volume import read_only_paths, validate_mounts
+
+        opts: dict[str, Any] = getattr(self, "_variant_options", {})
+        out: dict[str, Any] = {}
+        resources: dict[str, Any] = {}
+        scaling: dict[str, Any] = {}
+        inline: dict[str, dict[str, str]] = {}
+        for key, value in opts.items():
+            if key in ("cpu", "memory"):
+                resources["cpu" if key == "cpu" else "memory_mb"] = value
+            elif key == "gpu":
+                try:
+                    gpu = GpuRequest.parse(value)
+                except ValueError as exc:
+                    raise InvalidError(f"{self.tag}.with_options(): {exc}.") from None
+                resources["gpu"] = gpu.model_dump() if gpu else None
+            elif key in ("min_containers", "max_containers", "buffer_containers",
+                         "scaledown_window"):
+                scaling[key] = value
+            elif key == "timeout":
+                out["timeout"] = value
+            elif key == "retries":
+                retries = Retries.coerce(value)
+                out["retries"] = retries.policy().model_dump() if retries else None
+            elif key == "env":  # added to the class's own
+                if not isinstance(value, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                    raise InvalidError(f"{self.tag}.with_options(env=...) must be a dict of str "
+                                       "to str.")
+                out["env"] = dict(value)
+            elif key == "secrets":  # replace the class's (the app's included), as in Modal
+                if isinstance(value, Secret) or not all(isinstance(x, Secret) for x in value):
+                    raise InvalidError(f"{self.tag}.with_options(secrets=...) must be a list of "
+                                       "mctl.Secret objects.")
+                out["secrets"] = [x.ref(app_id) for x in value]
+                for x in value:
+                    if x.name is None:
+                        inline[x.ref(app_id)["name"]] = dict(x.values or {})
+            elif key == "volumes":  # replace the class's mounts (the app's included), as in Modal
+                out["volumes"] = validate_mounts(value)
+                out["read_only_volumes"] = read_only_paths(value)
+            elif key in ("max_inputs", "target_inputs"):
+                out[key] = value
+            elif key == "max_batch_size":
+                out["batch_max_size"] = value
+            elif key == "wait_ms":
+                out["batch_wait_ms"] = value
+        if resources:
+            out["resources"] = resources
+        if scaling:
+            out["autoscaling"] = scaling
+        return out, inline
+
+    def _resolve_variant(self) -> None:
+        from mctl.core.client import client_for, run_sync
+
+        base: Cls = self._base  # type: ignore[attr-defined]
+        base._resolve()
+        self._methods = base._methods
+        service = base._service
+        assert service._function_id is not None and service._server_url is not None
+        if getattr(self, "_made_from", None) == service._function_id:
+            return  # already made for this run of the class
+        self._made_from = service._function_id
+        app_id = base._app_id()
+        overrides, inline = self._overrides(app_id)
+        if not overrides:  # e.g. only region=/cloud=: the class itself
+            self._service._hydrate(service._function_id, service._server_url)
+            return
+        record = run_sync(client_for(service._server_url).http(
+            "POST", f"/api/functions/{service._function_id}/variants",
+            {"overrides": overrides, "secrets": inline}))
+        self._service._hydrate(record["function_id"], service._server_url)
+
+    def _app_id(self) -> str:
+        if self.app is not None and self.app.app_id is not None:
+            return self.app.app_id
+        return getattr(self, "_looked_up_app_id", "")
+
     def with_options(self, **options: Any) -> Cls:
-        """Modal's per-call-site options (`Model.with_options(gpu="A100")()`)."""
-        unknown = sorted(set(options) - self._WITH_OPTIONS)
+        """Calls through the returned class run with these options, on a variant of the class
+        with its own containers (Modal's `Model.with_options(gpu="A100")()`)."""
+        from mctl.sdk.deprecated import warn_once
+
+        for old, new in self._WITH_OPTIONS_RENAMED.items():
+            if old in options:
+                if options.get(new) is not None:
+                    raise InvalidError(f"with_options() got both {old}= and {new}=; keep {new}=.")
+                warn_once(f"with_options.{old}", f"with_options({old}=...) is an older Modal "
+                          f"spelling; use with_options({new}=...).", stacklevel=2)
+                options[new] = options.pop(old)
+        if "allow_concurrent_inputs" in options:
+            warn_once("with_options.allow_concurrent_inputs", "with_options("
+                      "allow_concurrent_inputs=...) is an older Modal spelling; use "
+                      ".with_concurrency(max_inputs=...).", stacklevel=2)
+            value = options.pop("allow_concurrent_inputs")
+            if value is not None:
+                options["max_inputs"] = value
+        unknown = sorted(set(options) - self._WITH_OPTIONS - {"max_inputs"})
         if unknown:
             raise InvalidError(f"Cls.with_options() got unknown options {', '.join(unknown)}; "
                                f"it takes {', '.join(sorted(self._WITH_OPTIONS))}.")
-        return self._variant("with_options", options)
+        given = {k: v for k, v in options.items()
+                 if v is not None and k not in ("region", "cloud")}
+        if "volumes" in given and not given["volumes"]:
+            del given["volumes"]
+        if "secrets" in given and not given["secrets"]:
+            del given["secrets"]
+        return self._variant(given)
 
     def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:
-        """Modal's `Model.with_concurrency(max_inputs=...)`."""
-        return self._variant("with_concurrency", {"max_inputs": max_inputs,
-                                                  "target_inputs": target_inputs})
+        """Calls through the returned class run up to `max_inputs` inputs at once per
+        container (Modal's `Model.with_concurrency(max_inputs=...)`)."""
+        if not isinstance(max_inputs, int) or max_inputs < 1:
+            raise InvalidError(f"with_concurrency(max_inputs={max_inputs!r}) must be a positive "
+                               "int.")
+        if target_inputs is not None and (not isinstance(target_inputs, int)
+                                          or not 1 <= target_inputs <= max_inputs):
+            raise InvalidError(f"with_concurrency(target_inputs={target_inputs!r}) must be an int "
+                               f"from 1 to max_inputs ({max_inputs}).")
+        return self._variant({"max_inputs": max_inputs, "target_inputs": target_inputs})
 
     def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
-        """Modal's `Model.with_batching(max_batch_size=..., wait_ms=...)`."""
-        return self._variant("with_batching", {"max_batch_size": max_batch_size,
-                                               "wait_ms": wait_ms})
+        """Calls through the returned class are batched up to `max_batch_size` inputs, waiting
+        at most `wait_ms` (Modal's `Model.with_batching(...)`); its methods take and return
+        lists, as `@mctl.batched` methods do."""
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise InvalidError(f"with_batching(max_batch_size={max_batch_size!r}) must be a "
+                               "positive int.")
+        if not isinstance(wait_ms, int) or wait_ms < 0:
+            raise InvalidError(f"with_batching(wait_ms={wait_ms!r}) must be a non-negative int.")
+        return self._variant({"max_batch_size": max_batch_size, "wait_ms": wait_ms})
 
 
 class Obj:

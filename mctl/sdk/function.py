@@ -338,7 +338,11 @@ class FunctionCall:
         from mctl.core.client import client_for
         from mctl.core.config import configured_server_url
 
-        url = self._server_url or configured_server_url()
+        from mctl.core.runner import running_server_url
+
+        # from_id: the control plane of the app running here (an embedded one has no
+        # configured URL), else the configured one
+        url = self._server_url or running_server_url() or configured_server_url()
         if url is None:
             raise InvalidError("No mctl server is configured; set MCTL_SERVER_URL.")
         return client_for(url)

@@ -8,6 +8,9 @@
 As Python's `queue.Queue`: a blocking `get` that times out raises `queue.Empty`; a `put` into a
 full partition (5,000 items) raises `queue.Full` once it stops waiting. A blocking `get` waits in
 the control plane, which answers as soon as an item is put (no polling).
+
+As in Modal, a partition is cleared `partition_ttl` seconds (default and at most 24 hours)
+after its last `put`/`put_many`.
 """
 
 from __future__ import annotations
@@ -79,14 +82,18 @@ class Queue(StoredObject):
     async def _put_many(self, vs: list[Any], block: bool = True, timeout: float | None = None,
                         *, partition: str | None = None, partition_ttl: int = 86400) -> None:
         _check_partition(partition)
+        if isinstance(partition_ttl, bool) or not isinstance(partition_ttl, (int, float)) \
+                or not 0 < partition_ttl <= 86400:
+            raise InvalidError(f"partition_ttl={partition_ttl!r} must be a number of seconds "
+                               "above 0 and at most 86400 (24 hours, the default).")
         payloads = [dumps(v) for v in vs]
         if not payloads:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = 0.0 if not block else _wait_left(deadline)
-            reply, _ = await self._call("put", {"partition": partition, "timeout": wait},
-                                        payloads)
+            reply, _ = await self._call("put", {"partition": partition, "timeout": wait,
+                                                "partition_ttl": partition_ttl}, payloads)
             if not reply["full"]:
                 return
             if not block or (deadline is not None and time.monotonic() >= deadline):

@@ -79,9 +79,10 @@ def import_bundle(http_url: str, app: AppSpec) -> Any:
 def find_user_object(module: Any, app: AppSpec, fspec: FunctionSpec) -> tuple[Any, Any]:
     """Return (the App object, what the container runs) for `fspec` in an imported module: the
     function, or for a class its `ClassRunner` (see `mctl.core.declared`)."""
+    tag = fspec.variant_of or fspec.tag  # a with_options variant runs its class's code
     for value in vars(module).values():
-        if is_app(value) and fspec.tag in value.registered_functions:
-            return value, value.registered_functions[fspec.tag].remote_object()
+        if is_app(value) and tag in value.registered_functions:
+            return value, value.registered_functions[tag].remote_object()
     raise LookupError(f"{fspec.tag} not found in module {module.__name__}; was it renamed?")
 
 

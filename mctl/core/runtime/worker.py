@@ -62,6 +62,9 @@ class Worker:
         self.web: Any = None  # runtime/web.WebRunner for a web function
         self.busy = 0  # inputs (or batches) running: volumes are committed when none is
         self.busy_lock = threading.Lock()
+        from mctl.core.runtime.exec import ExecSessions
+
+        self.execs = ExecSessions(self._send_frame)  # `mctl container exec`
 
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
@@ -218,6 +221,8 @@ class Worker:
                     self.web.cancel(header["input_ids"])
                 for input_id in header["input_ids"]:
                     self.held.pop(input_id, None)
+            elif kind.startswith("exec"):  # exec, exec_input, exec_kill
+                self.execs.handle(header, payloads)
             elif kind == "stop":
                 self.stopping = True
                 self.stop_seen.set()
@@ -559,7 +564,14 @@ class Worker:
         time.sleep(0.3)
         os._exit(3)
 
+    def _send_frame(self, frame: bytes) -> Any:
+        ws = self.ws
+        if ws is None or ws.closed:
+            return None
+        return ws.send_bytes(frame)
+
     def _shutdown(self) -> None:
+        self.execs.kill_all()
         for obj in self.instances.values():
             try:
                 self.raw.close_instance(obj)

@@ -221,6 +221,9 @@ def ws_denial(principal: Principal, conn: Conn, header: dict[str, Any],
             if rec is not None and rec.function_id != conn.function_id:
                 return f"Input {item.get('id')} belongs to another function."
         return None
+    if kind in ("exec_output", "exec_exit"):  # `mctl container exec`; the control plane
+        # delivers them only to the session it started on this very worker connection
+        return None if conn.role == "worker" else "Only a worker may answer an exec."
     if kind == "unsubscribe":
         return None
     if kind == "hello":

@@ -98,3 +98,93 @@ async def stop_route(request: web.Request) -> web.Response:
     control.audit(request, "container.stop", task_id)
     return web.json_response({"container_id": task_id, "state": "draining",
                               "inputs": len(conn.running), "at": time.time()})
+
+
+class ExecSession:
+    """One `mctl container exec`: what its worker sends back, for the caller's WebSocket."""
+
+    def __init__(self, conn: Any) -> None:
+        import asyncio
+
+        self.conn = conn
+        self.queue: asyncio.Queue[tuple[dict[str, Any], list[bytes]]] = asyncio.Queue()
+
+    def deliver(self, header: dict[str, Any], payloads: list[bytes]) -> None:
+        self.queue.put_nowait((header, payloads))
+
+
+async def exec_route(request: web.Request) -> web.StreamResponse:
+    """A WebSocket that runs one command in a running container (see runtime/exec.py).
+
+    The caller sends first a JSON text message {"argv": [...], "pty": bool, "rows", "cols",
+    "term"}, then stdin as binary messages and {"eof": true} when it ends. It receives binary
+    messages: one byte 1 (stdout) or 2 (stderr) and the data; and at the end the text message
+    {"exit": code}, or {"error": message} if the command could not be run."""
+    import asyncio
+    import json
+
+    from aiohttp import WSMsgType
+
+    from mctl.core import ids
+    from mctl.core.server.http import _control
+
+    control = _control(request)
+    task_id = request.match_info["task_id"]
+    conn = _find(control, task_id)["conn"]
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    try:
+        first = await ws.receive(timeout=30)
+        spec = json.loads(first.data) if first.type == WSMsgType.TEXT else {}
+    except (asyncio.TimeoutError, ValueError):
+        spec = {}
+    argv = spec.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        await ws.send_json({"error": "Name the command to run: mctl container exec ID -- CMD."})
+        await ws.close()
+        return ws
+    if conn is None or conn.closed:
+        await ws.send_json({"error": f"Container {task_id} is not running; `mctl container "
+                                     "list` shows the running ones."})
+        await ws.close()
+        return ws
+    exec_id = ids.new_id("exec")
+    session = ExecSession(conn)
+    control.execs[exec_id] = session
+    control.audit(request, "container.exec", task_id, argv=argv[:1])
+    conn.send({"type": "exec", "exec_id": exec_id, "argv": argv, "pty": bool(spec.get("pty")),
+               "rows": spec.get("rows"), "cols": spec.get("cols"), "term": spec.get("term")})
+
+    async def from_caller() -> None:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                conn.send({"type": "exec_input", "exec_id": exec_id}, [msg.data])
+            elif msg.type == WSMsgType.TEXT and json.loads(msg.data).get("eof"):
+                conn.send({"type": "exec_input", "exec_id": exec_id, "eof": True})
+
+    reader = asyncio.get_running_loop().create_task(from_caller())
+    finished = False
+    try:
+        while not ws.closed:
+            try:
+                header, payloads = await asyncio.wait_for(session.queue.get(), 1.0)
+            except asyncio.TimeoutError:
+                if conn.closed:
+                    await ws.send_json({"error": f"Container {task_id} went away."})
+                    break
+                if reader.done():  # the caller left: its command goes too
+                    break
+                continue
+            if header["type"] == "exec_output":
+                await ws.send_bytes(bytes([header.get("stream", 1)]) + b"".join(payloads))
+            else:
+                finished = True
+                await ws.send_json({"exit": header.get("code", 1)})
+                break
+    finally:
+        control.execs.pop(exec_id, None)
+        if not finished and not conn.closed:
+            conn.send({"type": "exec_kill", "exec_id": exec_id})
+        reader.cancel()
+        await ws.close()
+    return ws

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mctl.core import ids
 from mctl.core.protocol import CHUNK_BYTES, encode
 from mctl.core.spec import AppSpec, FunctionSpec, function_id
+from mctl.core.server import variants
 from mctl.core.server.store import Store
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class ControlPlane:
         self.exited: deque[str] = deque(maxlen=1000)  # task ids the backend saw end
         self.log_sink = log_sink
         self.functions: dict[str, FunctionState] = {}
+        self.execs: dict[str, Any] = {}  # exec id -> containers.ExecSession (`container exec`)
         self.apps: dict[str, AppSpec] = {}
         self.live: dict[str, InputRec] = {}
         self.subscribers: dict[str, set[Conn]] = {}
@@ -157,6 +159,7 @@ class ControlPlane:
             if app["state"] != "running" or not app["version"]:
                 continue
             spec = AppSpec.model_validate(self.store.version_spec(app["app_id"], app["version"]))
+            spec = variants.expand(self.store, app["app_id"], spec)
             for fspec in spec.functions.values():
                 self.functions.setdefault(fspec.function_id,
                                           FunctionState(app["app_id"], fspec)).restoring = True
@@ -180,6 +183,7 @@ class ControlPlane:
 
     # --- apps ----------------------------------------------------------------------------------
     async def activate_app(self, app_id: str, spec: AppSpec, version: int, mode: str) -> None:
+        spec = variants.expand(self.store, app_id, spec)  # Cls.with_options variants
         if self.tokens is not None:
             self._revoke_old_task_tokens_later(app_id, spec)
         self.apps[app_id] = spec
@@ -204,6 +208,19 @@ class ControlPlane:
                                  f"{spec.name}; it was removed before this input ran.")
         if self.autoscaler is not None:
             await self.autoscaler.apply_app(app_id, spec, version)
+
+    async def add_variant(self, app_id: str, base_tag: str, variant: FunctionSpec,
+                          overrides: dict[str, Any]) -> None:
+        """Start serving a variant of a class (see server/variants.py) in the app's current
+        version: the class's own functions and pools are left as they are."""
+        app = self.store.find_app(app_id)
+        spec = self.apps.get(app_id)
+        if app is None or spec is None:
+            from mctl.exception import NotFoundError
+
+            raise NotFoundError(f"App {app_id} is not running.")
+        self.store.add_variant(app_id, variant.tag, base_tag, overrides)
+        await self.activate_app(app_id, spec, app["version"], self.app_modes.get(app_id, app["mode"]))
 
     def _retire(self, fs: FunctionState, reason: str) -> None:
         """The function is gone: its waiting inputs fail with `reason`, its workers drain."""
@@ -305,6 +322,10 @@ class ControlPlane:
             self.drain(conn)
         elif kind == "hello":
             self._on_hello(conn, header, payloads)
+        elif kind in ("exec_output", "exec_exit"):
+            session = self.execs.get(header.get("exec_id", ""))
+            if session is not None and session.conn is conn:
+                session.deliver(header, payloads)
         elif kind == "log":
             if conn.role == "worker":
                 fs = self.functions.get(conn.function_id)

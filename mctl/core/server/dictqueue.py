@@ -25,12 +25,25 @@ QUEUE_ITEM_LIMIT = 1024 * 1024
 QUEUE_PARTITION_ITEMS = 5000
 PARTITION_KEY_BYTES = 64
 DICT_ENTRY_LIMIT = 32 * 1024 * 1024
+# Modal clears a Queue partition this long after its last put unless the put names a shorter
+# `partition_ttl` (seconds); mctl does the same.
+DEFAULT_PARTITION_TTL = 24 * 3600
 # The longest a single blocking request waits; clients ask again until their own timeout.
 MAX_WAIT = 50.0
 
 
 def _label(kind: str) -> str:
     return "Dict" if kind == "dict" else "Queue"
+
+
+def check_partition_ttl(ttl: Any) -> float:
+    if ttl is None:
+        return float(DEFAULT_PARTITION_TTL)
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl \
+            <= DEFAULT_PARTITION_TTL:
+        raise InvalidError(f"partition_ttl={ttl!r} must be a number of seconds above 0 and at "
+                           f"most {DEFAULT_PARTITION_TTL} (24 hours, the default).")
+    return float(ttl)
 
 
 def check_partition(partition: str | None) -> str:
@@ -78,6 +91,7 @@ class DictQueueStore:
         self.db = db
         self.items_put = Wakeups()  # (object_id, partition): an item arrived
         self.items_taken = Wakeups()  # (object_id, partition): room in a full partition
+        self._next_expiry: dict[str, float] = {}  # queue id -> its earliest partition expiry
 
     # --- objects -------------------------------------------------------------------------------
     def lookup(self, kind: str, name: str, create_if_missing: bool) -> tuple[str, bool]:
@@ -118,6 +132,8 @@ class DictQueueStore:
 
     def list(self, kind: str) -> list[dict[str, Any]]:
         _check_kind(kind)
+        if kind == "queue":
+            self.expire()
         table = "dict_entries" if kind == "dict" else "queue_items"
         rows = self.db.execute(
             f"SELECT o.object_id, o.name, o.created, (SELECT COUNT(*) FROM {table} t "
@@ -137,6 +153,7 @@ class DictQueueStore:
         self._transaction(lambda db: (
             db.execute("DELETE FROM dict_entries WHERE object_id = ?", (object_id,)),
             db.execute("DELETE FROM queue_items WHERE object_id = ?", (object_id,)),
+            db.execute("DELETE FROM queue_partitions WHERE object_id = ?", (object_id,)),
             db.execute("DELETE FROM kv_objects WHERE object_id = ?", (object_id,))))
         return True
 
@@ -222,7 +239,45 @@ class DictQueueStore:
         self.db.execute("DELETE FROM dict_entries WHERE object_id = ?", (object_id,))
 
     # --- Queue ---------------------------------------------------------------------------------
+    def expire(self, object_id: str | None = None) -> int:
+        """Clear the partitions (of one queue, or of all) whose `partition_ttl` has passed since
+        their last put; the number of partitions cleared."""
+        now = time.time()
+        if object_id is None:
+            self._next_expiry.clear()
+            rows = self.db.execute("SELECT object_id, partition FROM queue_partitions WHERE "
+                                   "expires <= ?", (now,)).fetchall()
+        else:
+            # the queue's earliest expiry, remembered: most operations need no query for it
+            soonest = self._next_expiry.get(object_id)
+            if soonest is None:
+                soonest = self.db.execute("SELECT MIN(expires) FROM queue_partitions WHERE "
+                                          "object_id = ?", (object_id,)).fetchone()[0]
+                soonest = self._next_expiry[object_id] = soonest if soonest is not None \
+                    else float("inf")
+            if now < soonest:
+                return 0
+            self._next_expiry.pop(object_id, None)
+            rows = self.db.execute("SELECT object_id, partition FROM queue_partitions WHERE "
+                                   "object_id = ? AND expires <= ?", (object_id, now)).fetchall()
+        if not rows:
+            return 0
+
+        def clear(db: sqlite3.Connection) -> None:
+            for oid, part in rows:
+                # unless a put extended it since the read above
+                if db.execute("DELETE FROM queue_partitions WHERE object_id = ? AND partition "
+                              "= ? AND expires <= ?", (oid, part, now)).rowcount:
+                    db.execute("DELETE FROM queue_items WHERE object_id = ? AND partition = ?",
+                               (oid, part))
+
+        self._transaction(clear)
+        for oid, part in rows:
+            self.items_taken.wake((oid, part))
+        return len(rows)
+
     def _queue_len(self, object_id: str, partition: str | None) -> int:
+        self.expire(object_id)
         if partition is None:
             sql, args = "SELECT COUNT(*) FROM queue_items WHERE object_id = ?", (object_id,)
         else:
@@ -233,19 +288,31 @@ class DictQueueStore:
     def queue_len(self, object_id: str, partition: str, total: bool = False) -> int:
         return self._queue_len(object_id, None if total else partition)
 
-    def _try_put(self, object_id: str, partition: str, values: list[bytes]) -> bool:
+    def _try_put(self, object_id: str, partition: str, values: list[bytes], ttl: float) -> bool:
         if self._queue_len(object_id, partition) + len(values) > QUEUE_PARTITION_ITEMS:
             return False
         now = time.time()
-        self._transaction(lambda db: db.executemany(
-            "INSERT INTO queue_items (object_id, partition, value, created) VALUES (?,?,?,?)",
-            [(object_id, partition, v, now) for v in values]))
+
+        def put(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO queue_items (object_id, partition, value, created) VALUES (?,?,?,?)",
+                [(object_id, partition, v, now) for v in values])
+            db.execute("INSERT OR REPLACE INTO queue_partitions VALUES (?,?,?)",
+                       (object_id, partition, now + ttl))
+
+        self._transaction(put)
+        known = self._next_expiry.get(object_id)
+        if known is not None:  # a put may only move this partition's expiry later, but it may
+            # be the queue's first: the remembered minimum stays a lower bound either way
+            self._next_expiry[object_id] = min(known, now + ttl)
         self.items_put.wake((object_id, partition))
         return True
 
     async def queue_put(self, object_id: str, partition: str, values: list[bytes],
-                        timeout: float | None, still_wanted: Callable[[], bool]) -> bool:
-        """Append the values; False when the partition stays full for `timeout` seconds."""
+                        timeout: float | None, still_wanted: Callable[[], bool],
+                        ttl: float = DEFAULT_PARTITION_TTL) -> bool:
+        """Append the values; False when the partition stays full for `timeout` seconds. The
+        partition is cleared `ttl` seconds after this put unless another put comes first."""
         for value in values:
             if len(value) > QUEUE_ITEM_LIMIT:
                 raise RequestSizeError(
@@ -257,7 +324,7 @@ class DictQueueStore:
                                    "fewer at a time.")
         deadline = time.monotonic() + min(timeout or 0.0, MAX_WAIT)
         while True:
-            if self._try_put(object_id, partition, values):
+            if self._try_put(object_id, partition, values, ttl):
                 return True
             left = deadline - time.monotonic()
             if left <= 0 or not still_wanted():
@@ -266,6 +333,8 @@ class DictQueueStore:
             self.kind_of(object_id)  # deleted while waiting: NotFoundError
 
     def _try_get(self, object_id: str, partition: str, n: int) -> list[bytes]:
+        self.expire(object_id)
+
         def take(db: sqlite3.Connection) -> list[bytes]:
             rows = db.execute("SELECT id, value FROM queue_items WHERE object_id = ? AND "
                               "partition = ? ORDER BY id LIMIT ?",
@@ -302,6 +371,7 @@ class DictQueueStore:
     def queue_peek(self, object_id: str, partition: str, after: int, n: int
                    ) -> list[tuple[int, bytes]]:
         """Items after id `after`, without removing them (`Queue.iterate`, `mctl queue peek`)."""
+        self.expire(object_id)
         return self.db.execute("SELECT id, value FROM queue_items WHERE object_id = ? AND "
                                "partition = ? AND id > ? ORDER BY id LIMIT ?",
                                (object_id, partition, after, n)).fetchall()
@@ -314,9 +384,12 @@ class DictQueueStore:
             parts = [p for (p,) in self.db.execute(
                 "SELECT DISTINCT partition FROM queue_items WHERE object_id = ?", (object_id,))]
             self.db.execute("DELETE FROM queue_items WHERE object_id = ?", (object_id,))
+            self.db.execute("DELETE FROM queue_partitions WHERE object_id = ?", (object_id,))
         else:
             parts = [partition]
             self.db.execute("DELETE FROM queue_items WHERE object_id = ? AND partition = ?",
+                            (object_id, partition))
+            self.db.execute("DELETE FROM queue_partitions WHERE object_id = ? AND partition = ?",
                             (object_id, partition))
         for part in parts:
             self.items_taken.wake((object_id, part))

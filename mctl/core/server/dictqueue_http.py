@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mctl.core import protocol
-from mctl.core.server.dictqueue import DictQueueStore, check_partition
+from mctl.core.server.dictqueue import DictQueueStore, check_partition, check_partition_ttl
 from mctl.exception import Error, NotFoundError
 
 if TYPE_CHECKING:
@@ -156,7 +156,8 @@ DICT_OPS = {"get": _dict_get, "contains": _dict_contains, "put": _dict_put, "pop
 async def _queue_put(store: DictQueueStore, oid: str, h: dict[str, Any], p: list[bytes],
                      connected: Any) -> Any:
     partition = check_partition(h.get("partition"))
-    done = await store.queue_put(oid, partition, p, h.get("timeout"), connected)
+    ttl = check_partition_ttl(h.get("partition_ttl"))
+    done = await store.queue_put(oid, partition, p, h.get("timeout"), connected, ttl)
     return {"full": not done}, []
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import (auth, build_logs, containers, dictqueue_http, gateway,
-                              sandboxes, secret_direct)
+from mctl.core.server import (auth, build_logs, containers, dictqueue_http, environments,
+                              gateway, sandboxes, secret_direct, variants)
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -148,7 +148,9 @@ async def get_app(request: web.Request) -> web.Response:
     if app is None:
         return _json_error(404, f"No app named {name!r}.")
     version = int(request.query.get("version", app["version"]))
-    spec = _redacted(control.store.version_spec(app["app_id"], version))
+    # with the class variants (Cls.with_options): their workers load their spec from here
+    spec = _redacted(variants.expand_json(control.store, app["app_id"],
+                                          control.store.version_spec(app["app_id"], version)))
     return web.json_response({**app, "spec": spec})
 
 
@@ -427,10 +429,13 @@ ROUTES = [
     ("GET", "/api/containers", containers.list_route, "invoke", TASK_NO),
     ("GET", "/api/containers/{task_id}/logs", containers.logs_route, "deploy", TASK_NO),
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
+    ("GET", "/api/containers/{task_id}/exec", containers.exec_route, "deploy", TASK_NO),
     ("GET", "/api/image-builds/{build_id}/log", build_logs.log_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
 ROUTES += secret_direct.routes()  # `mctl secret create` writing to Vault itself
+ROUTES += environments.routes(TASK_ANY)  # `mctl environment list`
+ROUTES += variants.routes(TASK_ANY)  # Cls.with_options/with_concurrency/with_batching
 ROUTES += sandboxes.routes()  # mctl.Sandbox, `mctl sandbox`
 
 

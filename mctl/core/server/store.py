@@ -61,7 +61,18 @@ MIGRATIONS: list[str] = [
     "CREATE TABLE queue_items (id INTEGER PRIMARY KEY AUTOINCREMENT, object_id TEXT NOT NULL, "
     "partition TEXT NOT NULL, value BLOB NOT NULL, created REAL NOT NULL);"
     "CREATE INDEX queue_items_partition ON queue_items(object_id, partition, id);",
-    # 5: sandboxes: one row each, kept after they end (state, return code) for list and logs.
+    # 5: variants of classes made by Cls.with_options/with_concurrency/with_batching: the
+    # overrides (FunctionSpec fields, JSON) on the class `base_tag`; their specs are derived
+    # from the app's current version each time it is activated (core/server/variants.py).
+    "CREATE TABLE function_variants (app_id TEXT NOT NULL, tag TEXT NOT NULL, "
+    "base_tag TEXT NOT NULL, overrides TEXT NOT NULL, created REAL NOT NULL, "
+    "PRIMARY KEY (app_id, tag));",
+    # 6: when each Queue partition expires: Modal's partition_ttl, from the last put (a
+    # partition without a row, from before this step, never expires).
+    "CREATE TABLE queue_partitions (object_id TEXT NOT NULL, partition TEXT NOT NULL, "
+    "expires REAL NOT NULL, PRIMARY KEY (object_id, partition));"
+    "CREATE INDEX queue_partitions_expires ON queue_partitions(expires);",
+    # 7: sandboxes: one row each, kept after they end (state, return code) for list and logs.
     "CREATE TABLE sandboxes (sandbox_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, name TEXT, "
     "tags TEXT NOT NULL DEFAULT '{}', isolation TEXT NOT NULL, state TEXT NOT NULL, "
     "returncode INTEGER, created REAL NOT NULL, ended REAL, timeout REAL NOT NULL, "
@@ -230,6 +241,18 @@ class Store:
                               (app_id, version)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def add_variant(self, app_id: str, tag: str, base_tag: str,
+                    overrides: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR IGNORE INTO function_variants VALUES (?,?,?,?,?)",
+                        (app_id, tag, base_tag, json.dumps(overrides, sort_keys=True),
+                         time.time()))
+
+    def variants(self, app_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(base tag, overrides) of each variant of the app, oldest first."""
+        rows = self.db.execute("SELECT base_tag, overrides FROM function_variants "
+                               "WHERE app_id = ? ORDER BY created", (app_id,)).fetchall()
+        return [(base, json.loads(overrides)) for base, overrides in rows]
+
     def logs(self, app_id: str, after: int = 0, limit: int = 1000) -> list[tuple[Any, ...]]:
         return self.db.execute(
             "SELECT id, ts, task_id, function, line FROM logs WHERE app_id = ? AND id > ? "
@@ -261,6 +284,11 @@ class Store:
             calls = db.execute("DELETE FROM calls WHERE created < ? AND call_id NOT IN "
                                "(SELECT call_id FROM inputs)", (cutoff,)).rowcount
             logs = db.execute("DELETE FROM logs WHERE ts < ?", (cutoff,)).rowcount
+            # Queue partitions past their partition_ttl (also cleared when next touched)
+            now = time.time()
+            db.execute("DELETE FROM queue_items WHERE (object_id, partition) IN (SELECT "
+                       "object_id, partition FROM queue_partitions WHERE expires <= ?)", (now,))
+            db.execute("DELETE FROM queue_partitions WHERE expires <= ?", (now,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
