@@ -127,9 +127,10 @@ def poolable(cfg: SandboxConfig) -> bool:
 
 
 def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
-             labels: dict[str, str] | None = None) -> list[str]:
+             labels: dict[str, str] | None = None, timeout_s: int | None = None) -> list[str]:
     """`podman run -d ...` for one sandbox under `isolation` (container `name`, default from
-    the sandbox id)."""
+    the sandbox id). `timeout_s`: conmon kills the container then, whoever watches or not (the
+    control plane ends it at its own timeout first; this is the net under a crashed one)."""
     pids = cfg.pids or DEFAULT_PIDS
     memory = cfg.memory_mb or DEFAULT_MEMORY_MB
     argv = ["podman", "run", "-d", "--name", name or container_name(cfg.sandbox_id),
@@ -157,6 +158,8 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
                 argv += ["-p", f"127.0.0.1::{int(port)}"]
     else:
         raise SandboxIsolationError(f"Unknown isolation {isolation!r}.")
+    if timeout_s:
+        argv += ["--timeout", str(int(timeout_s))]
     for key, value in (labels or {}).items():
         argv += ["--label", f"{key}={value}"]
     for m in cfg.mounts:

@@ -35,6 +35,10 @@ log = logging.getLogger("mctl.sandboxes")
 MAX_TIMEOUT_S = 24 * 3600
 DEFAULT_TIMEOUT_S = 300
 WAIT_CAP_S = 50.0  # one long-poll waits at most this long; the client asks again
+# podman's own --timeout: this long after the sandbox's, in case no control plane ends it
+TIMEOUT_GRACE_S = 30
+# A finished sandbox's container (its logs) is kept this long, then removed.
+KEEP_FINISHED_S = float(os.environ.get("MCTL_SANDBOX_KEEP_S", "900"))
 
 
 async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float = 120
@@ -167,7 +171,7 @@ class Sandboxes:
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"))
         isolation = sandbox_runtime.choose(cfg)
-        argv = sandbox_runtime.run_argv(cfg, isolation)
+        argv = sandbox_runtime.run_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
         warm = None
         if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
             warm = self._claim(isolation)
@@ -225,7 +229,8 @@ class Sandboxes:
                 cfg = SandboxConfig(sandbox_id=warm_id, image=self._base())
                 argv = sandbox_runtime.run_argv(
                     cfg, isolation, name=f"mctl-{warm_id}",
-                    labels={"mctl.sandbox.warm": self.owner})
+                    labels={"mctl.sandbox.warm": self.owner},
+                    timeout_s=MAX_TIMEOUT_S + TIMEOUT_GRACE_S)
                 rc, out, err = await _podman(*argv[1:])
                 if rc != 0:
                     log.warning("sandboxes: a warm %s container did not start: %s", isolation,
@@ -335,12 +340,26 @@ class Sandboxes:
         if self._state(sandbox_id) != "running":
             return  # the first end wins: a timeout, then the kill's exit, stays a timeout
         self._update(sandbox_id, state=state, returncode=code, ended=time.time())
+        if state in ("finished", "timeout"):
+            self._remove_later(sandbox_id)
         event = self.done.get(sandbox_id)
         if event is not None:
             event.set()
         for task in self.tasks.pop(sandbox_id, []):
             if task is not asyncio.current_task():
                 task.cancel()
+
+    def _remove_later(self, sandbox_id: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        container = self._container(sandbox_id)
+
+        def remove() -> None:
+            loop.create_task(_podman("rm", "-f", "-t", "0", "--ignore", container))
+
+        loop.call_later(KEEP_FINISHED_S, remove)
 
     async def wait(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
         rec = self._row(sandbox_id)
@@ -451,8 +470,10 @@ class Sandboxes:
                                        rec["container"])
             running, _, code = out.strip().partition(" ")
             if rc == 0 and running == "false" and code.lstrip("-").isdigit():
-                self._update(rec["sandbox_id"], state="finished", returncode=int(code),
-                             ended=time.time())
+                timed_out = time.time() >= rec["created"] + rec["timeout"]
+                self._update(rec["sandbox_id"], state="timeout" if timed_out else "finished",
+                             returncode=-1 if timed_out else int(code), ended=time.time())
+                self._remove_later(rec["sandbox_id"])
             elif rc == 0 and running == "true":
                 self.done[rec["sandbox_id"]] = asyncio.Event()
                 left = rec["created"] + rec["timeout"] - time.time()
