@@ -23,7 +23,12 @@ def deploy_app(app: Any, name: str | None = None, namespace: Any = None, client:
                environment_name: str | None = None, tag: str = "") -> DeployResult:
     """Deploy `app` (under `name`) to the control plane, as `app.deploy(name=...)` does."""
     from mctl.core.runner import deploy_app as deploy
+    from mctl.sdk.app import _in_worker
     from mctl.sdk.deprecated import warn_once
+
+    if _in_worker():  # a worker importing the file: the deploy was the deployer's (App.deploy)
+        app._skip_in_worker()
+        return DeployResult(app.app_id or "", "", "")
 
     warn_once("deploy_app", "deploy_app(app, name=...) is an older Modal spelling; use "
                             "app.deploy(name=...).", stacklevel=2)

@@ -26,6 +26,7 @@ def test_help_after_the_app_lists_the_targets_parameters():
     assert "--verbose" in out.stdout and "[default: False]" in out.stdout
     out = mctl_cli("run", f"{TARGETS}::Greeter.greet", "--help")
     assert "--name STR" in out.stdout and "--shout" in out.stdout and "self" not in out.stdout
+    assert "--greeting STR" in out.stdout  # the class's parameter, as in Modal's CLI
     out = mctl_cli("run", "--help")  # mctl's own help
     assert "--detach" in out.stdout and "-m PACKAGE.MODULE" in out.stdout
 
@@ -53,6 +54,8 @@ def test_entrypoint_function_and_class_methods_run():
     assert out.stdout.strip().splitlines()[-1] == "five=25", out.stderr
     out = mctl_cli("run", f"{TARGETS}::Greeter.greet", "--name", "ada", "--shout")
     assert out.stdout.strip().splitlines()[-1] == "HELLO ADA", out.stderr
+    out = mctl_cli("run", f"{TARGETS}::Greeter.greet", "--name", "ada", "--greeting", "hi")
+    assert out.stdout.strip().splitlines()[-1] == "hi ada", out.stderr
     out = mctl_cli("run", f"{TARGETS}::Greeter.count", "--n", "3")
     assert out.stdout.split() == ["0", "1", "2"], out.stderr
 

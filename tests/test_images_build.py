@@ -325,6 +325,23 @@ def test_build_secrets_reach_run_commands_and_stay_out_of_the_image(oci_server):
     assert "not-in-any-layer-7f3" not in saved
 
 
+def test_a_failing_run_commands_step_is_named_and_mctl_run_says_run_again(oci_server, tmp_path):
+    path = tmp_path / "failing_step.py"
+    path.write_text("import mctl\n"
+                    "image = (mctl.Image.debian_slim().run_commands('echo first-ok')\n"
+                    "         .run_commands('echo about-to-fail && exit 7'))\n"
+                    "app = mctl.App('failing-step')\n\n"
+                    "@app.function(image=image)\ndef f():\n    return 1\n")
+    out = mctl_cli("run", str(path), check=False)
+    assert out.returncode != 0
+    first = out.stderr.splitlines()[0] if out.stderr else ""
+    assert ("failed at step 2 (run_commands: `echo about-to-fail && exit 7`) of image im-"
+            in first), out.stderr
+    assert "(exit 7); fix that step and run again." in first, out.stderr
+    out = mctl_cli("deploy", str(path), check=False)
+    assert out.returncode != 0 and "fix that step and deploy again" in out.stderr, out.stderr
+
+
 def test_ctrl_c_while_the_image_builds_abandons_the_deploy(oci_server):
     """A deploy the user interrupted (Ctrl-C on `mctl deploy` while its image builds) does not
     go live when the build finishes."""

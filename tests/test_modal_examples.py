@@ -48,6 +48,13 @@ def test_deployed_examples(server_process):
 
     greeter = modal.Cls.from_name("modal-examples", "Greeter")
     assert greeter().greet.remote("Bo") == "Hello, Bo!"
+    assert greeter(greeting="Hi").greet.remote("Bo") == "Hi, Bo!"
+    # The caller has no class to check against: the container checks, and says what was wrong.
+    with pytest.raises(modal.exception.InvalidError, match="has no parameter volume"):
+        greeter(volume=11).greet.remote("Bo")
+    with pytest.raises(modal.exception.InvalidError,
+                       match="parameter 'greeting' is declared str but was given int 3"):
+        greeter(greeting=3).greet.remote("Bo")
 
     counts = modal.Dict.from_name("modal-examples-counts", create_if_missing=True)
     assert wait_until(lambda: counts.get("ticks", 0) >= 2, 30)  # the schedule fires

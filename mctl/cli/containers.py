@@ -185,10 +185,14 @@ def config_show(as_json: bool) -> None:
         "token": "set" if token else None, "token_from": source,
         "home": str(cfg.home()), "environment": cfg.environment_name(),
         "server_config": str(cfg.server_config_file()),
+        "server_config_present": cfg.server_config_file().is_file(),
     }
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    present = data.pop("server_config_present")
+    if not present:  # the default path is listed so that one knows where to create it
+        data["server_config"] = f"{data['server_config']} (not present)"
     for key, value in data.items():
         click.echo(f"{key:<14} {value if value is not None else '-'}")
 

@@ -56,9 +56,20 @@ def _delete(kind: str, name: str, yes: bool, allow_missing: bool) -> None:
     from mctl.sdk.dict import Dict
     from mctl.sdk.queue import Queue
 
+    from mctl.core.client import client_for, run_sync
+    from mctl.exception import NotFoundError
+
+    # Whether it exists first: no question about deleting something that is not there.
+    names = {row["name"] for row in _with_server(lambda url: run_sync(client_for(url).http(
+        "GET", "/api/objects", params={"kind": kind})))}
+    if name not in names:
+        if allow_missing:
+            click.echo(f"No {kind} named {name}; nothing to delete.")
+            return
+        raise click.ClickException(f"No {kind} named {name!r}; `mctl {kind} list` shows them "
+                                   "(--allow-missing succeeds anyway).")
     if not yes:
         click.confirm(f"Delete {kind} {name!r} and everything in it?", abort=True)
-    from mctl.exception import NotFoundError
 
     cls = Dict if kind == "dict" else Queue
 

@@ -49,6 +49,13 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
     path, _, obj_name = ref.partition("::")
     if not os.path.exists(path):
         raise click.UsageError(f"No such file {path!r}; pass the path of your app's .py file.")
+    if os.path.isdir(path):
+        raise click.UsageError(f"{path} is a directory; pass one app's .py file in it (e.g. "
+                               f"{os.path.join(path.rstrip(os.sep), 'app.py')}), or -m "
+                               "package.module with `mctl run`.")
+    if not path.endswith(".py"):
+        raise click.UsageError(f"{path} is not a Python file; pass your app's .py file "
+                               "(path/to/app.py[::NAME]).")
     path = os.path.abspath(path)
     module_name = os.path.splitext(os.path.basename(path))[0]
     sys.path.insert(0, os.path.dirname(path))
@@ -70,16 +77,18 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
 
 
 def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) -> dict[str, Any]:
-    """`--name value` pairs converted by the parameters' annotations (int, float, bool, str).
+    """`--name value` (or `--name=value`) pairs converted by the parameters' annotations (int, float, bool, str).
     A required parameter left out is refused here, before anything runs remotely."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise click.UsageError(f"Unexpected argument {arg!r}; pass arguments as --name value.")
-        key = arg[2:].replace("-", "_")
-        if key.startswith("no_") and key[3:] in sig.parameters:
+            raise click.UsageError(f"Unexpected argument {arg!r}; pass arguments as --name value "
+                                   "or --name=value.")
+        key, has_value, inline = arg[2:].partition("=")  # --name=value, as click takes it
+        key = key.replace("-", "_")
+        if key.startswith("no_") and key[3:] in sig.parameters and not has_value:
             out[key[3:]] = False
             i += 1
             continue
@@ -89,12 +98,25 @@ def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) 
         param = sig.parameters[key]
         annotation = param.annotation
         if annotation in (bool, "bool"):
-            out[key] = True
+            if has_value:
+                flag = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                        "no": False}.get(inline.lower())
+                if flag is None:
+                    raise click.UsageError(f"--{key} is a flag; pass --{key} or "
+                                           f"--no-{key.replace('_', '-')} (or =true/=false).")
+                out[key] = flag
+            else:
+                out[key] = True
             i += 1
             continue
-        if i + 1 >= len(args):
+        if has_value:
+            value: Any = inline
+            step = 1
+        elif i + 1 >= len(args):
             raise click.UsageError(f"--{key} needs a value.")
-        value: Any = args[i + 1]
+        else:
+            value = args[i + 1]
+            step = 2
         converter = {int: int, "int": int, float: float, "float": float}.get(annotation)
         if converter:
             try:
@@ -104,7 +126,7 @@ def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) 
                 raise click.UsageError(f"--{key} must be {article} {converter.__name__}, got "
                                        f"{value!r}.") from None
         out[key] = value
-        i += 2
+        i += step
     missing = [name for name, p in sig.parameters.items()
                if p.default is inspect.Parameter.empty and name not in out
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -152,7 +174,8 @@ def cli() -> None:
 
 RUN_HELP = """Run APP_REF (path.py, path.py::NAME or path.py::Cls.method) on an ephemeral app.
 
-Arguments after APP_REF go to what runs, as --name value; `mctl run APP_REF --help` lists them.
+Arguments after APP_REF go to what runs, as --name value or --name=value; `mctl run APP_REF
+--help` lists them.
 NAME is a local entrypoint or a function; without one, the app's only entrypoint (or function).
 """
 
@@ -235,24 +258,45 @@ def _run_target(app: Any, ref: str, name: str | None
     handle = functions.get(cls_name)
     if isinstance(handle, Function) and not method:
         def call_function(**kw: Any) -> None:
-            print(handle.remote(**kw))
+            if handle._is_generator:  # as Modal's CLI does: each item as it arrives
+                for item in handle.remote_gen(**kw):
+                    print(item, flush=True)
+                return
+            result = handle.remote(**kw)
+            if result is not None:
+                print(result)
 
         return name, inspect.signature(handle.raw_f), call_function
     if isinstance(handle, Cls) and method:
         if method not in handle._methods:
             raise click.UsageError(f"{cls_name} has no method {method!r}; it has "
                                    f"{', '.join(handle._methods) or 'none'}.")
+        from mctl.sdk.cls import constructor_params, parameter_annotations
+
         raw = getattr(handle.user_cls, method)
         sig = inspect.signature(getattr(raw, "raw_f", raw))  # @method wraps the function
-        sig = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
+        method_params = list(sig.parameters.values())[1:]  # without self
+        # The class's parameters are options too (`--size 2`), as in Modal's CLI.
+        annotations = parameter_annotations(handle.user_cls)
+        class_params = {
+            n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
+                                 default=p.default if p.has_default else inspect.Parameter.empty,
+                                 annotation=annotations.get(n, inspect.Parameter.empty))
+            for n, p in constructor_params(handle.user_cls).items()
+            if n not in {m.name for m in method_params}}
+        sig = sig.replace(parameters=sorted(
+            [*method_params, *class_params.values()], key=lambda p: p.kind))
 
         def call_method(**kw: Any) -> None:
-            bound = getattr(handle(), method)
+            init = {n: kw.pop(n) for n in list(kw) if n in class_params}
+            bound = getattr(handle(**init), method)
             if handle._methods[method]:
                 for item in bound.remote_gen(**kw):
                     print(item)
             else:
-                print(bound.remote(**kw))
+                result = bound.remote(**kw)
+                if result is not None:
+                    print(result)
 
         return name, sig, call_method
     if isinstance(handle, Cls):
@@ -264,7 +308,8 @@ def _run_target(app: Any, ref: str, name: str | None
 
 
 def _target_help(ref: str, label: str, params: inspect.Signature) -> str:
-    lines = [f"Usage: mctl run {ref.split('::')[0]}::{label} [--name value]...", ""]
+    lines = [f"Usage: mctl run {ref.split('::')[0]}::{label} [--name value | --name=value]...",
+             ""]
     if not params.parameters:
         lines.append(f"{label} takes no arguments.")
     for param in params.parameters.values():
@@ -364,10 +409,12 @@ def app_list(as_json: bool, show_all: bool) -> None:
     if as_json:
         click.echo(json.dumps(apps, indent=2))
         return
-    click.echo(f"{'APP ID':<26} {'NAME':<20} {'MODE':<10} {'STATE':<8} {'VERSION':<7} CREATED")
+    width = max([20, *(len(a["name"]) for a in apps)])  # long names keep the columns straight
+    click.echo(f"{'APP ID':<26} {'NAME':<{width}} {'MODE':<10} {'STATE':<8} {'VERSION':<7} "
+               "CREATED")
     for a in apps:
         state = "failing" if a.get("failing") and a["state"] == "running" else a["state"]
-        click.echo(f"{a['app_id']:<26} {a['name']:<20} {a['mode']:<10} {state:<8} "
+        click.echo(f"{a['app_id']:<26} {a['name']:<{width}} {a['mode']:<10} {state:<8} "
                    f"{a['version']:<7} {_when(a['created'])}")
         for tag, reason in (a.get("failing") or {}).items():
             click.echo(f"    {tag}: {reason}")
@@ -378,7 +425,9 @@ def app_list(as_json: bool, show_all: bool) -> None:
 def app_stop(name: str) -> None:
     """Stop an app: its workers exit and its schedules stop firing."""
     result = _admin("POST", f"/api/apps/{name}/stop")
-    click.echo(f"Stopped {name} ({result['app_id']})")
+    shown = result.get("name") or name
+    click.echo(f"Stopped {shown} ({result['app_id']})" if shown != result["app_id"]
+               else f"Stopped {shown}")
 
 
 @app.command("history")
@@ -493,6 +542,9 @@ def secret_create(name: str, pairs: tuple[str, ...], dotenv: str | None, from_js
     """Create secret NAME from KEY=VALUE pairs or a file."""
     from mctl.cli.secret_direct import create
 
+    if "=" in name:
+        raise click.UsageError(f"The secret's name is missing: {name!r} is a KEY=VALUE pair; "
+                               f"write `mctl secret create NAME {name} ...`.")
     values = _secret_values(pairs, dotenv, from_json)
     how = create(_admin, name, values, force)  # to Vault from here when it can: see that module
     click.echo(f"Created secret {name} with keys {', '.join(sorted(values))}"
@@ -509,9 +561,12 @@ def secret_list(as_json: bool, show_all: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    width = max([24, *(len(row["name"]) for row in rows)])
+    click.echo(f"{'NAME':<{width}} {'UPDATED':<20} KEYS")
     for row in rows:
         mark = " (inline)" if row["inline"] else ""
-        click.echo(f"{row['name']:<24} {_when(row['updated']):<20} {', '.join(row['keys'])}{mark}")
+        click.echo(f"{row['name']:<{width}} {_when(row['updated']):<20} "
+                   f"{', '.join(row['keys'])}{mark}")
 
 
 @secret.command("delete")

@@ -72,6 +72,7 @@ def volume_ls(name: str, path: str, recursive: bool, as_json: bool) -> None:
         click.echo(json.dumps([{"path": e.path, "type": e.type.name.lower(), "mtime": e.mtime,
                                 "size": e.size} for e in entries], indent=2))
         return
+    click.echo(f"{'TYPE':<5} {'SIZE':>12}  {'MODIFIED':<19}  PATH")
     for e in entries:
         kind = "dir" if e.type.name == "DIRECTORY" else "file" if e.type.name == "FILE" else "link"
         suffix = "/" if kind == "dir" else ""

@@ -14,7 +14,7 @@ APP_MARKER = "__mctl_app__"
 
 
 class ImportStopped(BaseException):
-    """Raised by `app.run()` inside a worker while the worker imports the user's file: the rest
+    """Raised by `app.run()` (and `app.deploy()`) inside a worker while the worker imports the user's file: the rest
     of a script written with a module-level `with app.run():` is the caller's, not the worker's.
     The loader keeps what the file defined up to there. A BaseException, so the user's `except
     Exception` does not catch it."""

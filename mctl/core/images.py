@@ -41,15 +41,19 @@ class BuildContext:
     blob_path: Callable[[str], Path]
     resolve_secret: Callable[[str], dict[str, str] | None] = lambda name: None
     lines: list[str] = field(default_factory=list)
+    # What a failure message asks for: "deploy again", or "run again" for `mctl run`'s apps.
+    again: str = "deploy again"
 
     def say(self, line: str) -> None:
         self.lines.append(line)
         self.log(line)
 
-    def run(self, argv: list[str], *, what: str, env: dict[str, str] | None = None,
-            input_bytes: bytes | None = None, cwd: str | None = None) -> None:
+    def run(self, argv: list[str], *, what: str | Callable[[], str],
+            env: dict[str, str] | None = None, input_bytes: bytes | None = None,
+            cwd: str | None = None) -> None:
         """Run a build command, streaming its output line by line to the log; a failure raises
-        `ImageBuildError` naming `what` with the output's tail."""
+        `ImageBuildError` naming `what` with the output's tail. `what` may be a function, asked
+        only on failure (when the log says which step failed)."""
         import subprocess
 
         self.say(f"$ {' '.join(argv)}")
@@ -58,7 +62,8 @@ class BuildContext:
                                     stdin=subprocess.PIPE if input_bytes else subprocess.DEVNULL,
                                     env=env, cwd=cwd)
         except FileNotFoundError:
-            raise ImageBuildError(f"Building the image failed at {what}: {argv[0]} is not "
+            where = what() if callable(what) else what
+            raise ImageBuildError(f"Building the image failed at {where}: {argv[0]} is not "
                                   "installed. Install it, or change the image.") from None
         if input_bytes:
             assert proc.stdin is not None
@@ -71,9 +76,10 @@ class BuildContext:
             self.say(line)
             tail = (tail + [line])[-LOG_TAIL_LINES:]
         if proc.wait() != 0:
+            where = what() if callable(what) else what
             raise ImageBuildError(
-                f"Building the image failed at {what} (exit {proc.returncode}); fix that step "
-                "and deploy again. Last lines of the build log:\n" + "\n".join(tail))
+                f"Building the image failed at {where} (exit {proc.returncode}); fix that step "
+                f"and {self.again}. Last lines of the build log:\n" + "\n".join(tail))
 
 
 def cache_dir() -> Path:

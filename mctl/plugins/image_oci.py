@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -104,13 +105,14 @@ def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
     shutil.rmtree(context, ignore_errors=True)
     context.mkdir(parents=True)
     try:
-        dockerfile, build_flags = render(image, ctx, context)
+        origins: dict[str, str] = {}
+        dockerfile, build_flags = render(image, ctx, context, origins)
         (context / "Dockerfile.mctl").write_text(dockerfile)
         ctx.say(f"image {image.image_id}: building with {tool}; Dockerfile:")
         for line in dockerfile.splitlines():
             ctx.say(f"  {line}")
         argv = _build_argv(tool, tag, context, build_flags)
-        ctx.run(argv, what=f"building image {image.image_id} with {tool}")
+        ctx.run(argv, what=lambda: _failed_step(ctx.lines, origins, image.image_id, tool))
         if registry:
             push = [tool, "push"] + (["--tls-verify=false"] if tool != "docker" and _insecure(registry)
                                      else []) + [tag, ("docker://" if tool != "docker" else "") + ref]
@@ -158,9 +160,23 @@ def _build_argv(tool: str, tag: str, context: Path, flags: list[str]) -> list[st
     return argv + [str(context)]
 
 
-def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, list[str]]:
+def _failed_step(log: list[str], origins: dict[str, str], image_id: str, tool: str) -> str:
+    """Which recipe step a failed build stopped at, from the last `STEP i/n: INSTRUCTION` line
+    buildah and podman print (`origins`: instruction -> the step that wrote it)."""
+    general = f"building image {image_id} with {tool}"
+    for line in reversed(log):
+        match = re.match(r"STEP \d+/\d+: (.*)", line.strip())
+        if match:
+            step = origins.get(match.group(1).strip())
+            return f"{step} of image {image_id}" if step else general
+    return general
+
+
+def render(image: ImageSpec, ctx: BuildContext, context: Path,
+           origins: dict[str, str] | None = None) -> tuple[str, list[str]]:
     """The Dockerfile of a recipe, and the build flags it needs (build args, read-only mounts,
-    registry credentials)."""
+    registry credentials). `origins`, when given, gets each instruction a recipe step wrote
+    mapped to a description of that step ("step 3 (run_commands: `make`)")."""
     from mctl.core.images import ImageBuildError, extract_blob, host_ca_bundle, host_pip_settings
 
     recipe = image.recipe
@@ -230,6 +246,9 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
                      + " ".join(shlex.quote(r) for r in mctl_requirements()))
     python_path = False
     for n, step in enumerate(recipe.get("steps", []), 1):
+        if origins is not None and n > 1:
+            _note_origins(origins, lines, first, n - 1, recipe["steps"][n - 2])
+        first = len(lines)
         kind = step["kind"]
         secret = _step_secrets(step, n, ctx, context, flags)  # "" or a RUN prefix
         if kind == "pip_install":
@@ -305,7 +324,21 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
         if python_path:
             lines.append(f"ENV PYTHONPATH={PYTHON_SOURCE_ROOT}")
             python_path = False
+    steps = recipe.get("steps", [])
+    if origins is not None and steps:
+        _note_origins(origins, lines, first, len(steps), steps[-1])
     return "\n".join(lines) + "\n", flags
+
+
+def _note_origins(origins: dict[str, str], lines: list[str], first: int, n: int,
+                  step: dict[str, Any]) -> None:
+    """Map the instructions `lines[first:]` (written by recipe step `n`) to that step."""
+    secret_mount = re.compile(r"^RUN (--mount=\S+ )+")
+    for line in lines[first:]:
+        command = secret_mount.sub("RUN ", line).removeprefix("RUN ")
+        if len(command) > 200:
+            command = command[:200] + "..."
+        origins.setdefault(line.strip(), f"step {n} ({step['kind']}: `{command}`)")
 
 
 def add_python_script(version: str) -> str:

@@ -16,7 +16,7 @@ from mctl.sdk.function import Function
 from mctl.sdk.image import Image
 from mctl.sdk.partial import BATCHED, ENTER, EXIT, METHOD, WEB, PartialFunction
 from mctl.sdk.retries import Retries
-from mctl.sdk.schedule import Schedule
+from mctl.sdk.schedule import Cron, Schedule
 from mctl.sdk.secret import Secret
 from mctl.sdk.volume import Volume, read_only_paths, validate_mounts
 
@@ -239,6 +239,11 @@ class App:
             if schedule is not None and _required_params(f):
                 raise InvalidError(f"Scheduled function {f.__qualname__} must take no required "
                                    "arguments: a schedule calls it without any.")
+            if isinstance(schedule, Cron) and schedule.never_fires():
+                raise InvalidError(f"Function {name or f.__name__} has schedule "
+                                   f"Cron({schedule.cron_string!r}), which can never fire (no "
+                                   "date matches it, such as February 31); choose a day that the "
+                                   "month has.")
             tag = name or f.__qualname__
             self._register(tag, Function(self, tag, f, {**options, **params},
                                          is_generator=is_gen, is_async=is_async))
@@ -389,10 +394,26 @@ class App:
         return app
 
     def deploy(self, *, name: str | None = None, environment_name: str | None = None) -> App:
+        """Deploy the app to the control plane (`mctl deploy` from code).
+
+        Inside a worker this deploys nothing: the worker imports the user's file to find its
+        functions, and a module-level `app.deploy()` there (with the script after it) belongs to
+        whoever ran the file, as a module-level `app.run()` does."""
+        if _in_worker():
+            self._skip_in_worker()
+            return self
         from mctl.core.runner import deploy_app
 
         deploy_app(self, name=name)
         return self
+
+    def _skip_in_worker(self) -> None:
+        """In a worker, `app.deploy()`: nothing once the worker runs; while it still imports the
+        user's file, stop the import there (the loader keeps the functions defined above)."""
+        if self._app_id is None:
+            from mctl.core.declared import ImportStopped
+
+            raise ImportStopped()
 
     def _hydrate(self, app_id: str, server_url: str) -> None:
         from mctl.core.spec import function_id

@@ -41,25 +41,55 @@ def remote_methods(user_cls: type) -> dict[str, PartialFunction]:
     return out
 
 
+PARAMETER_TYPES = (str, int, bool, bytes)  # what Modal's class parameters may be
+
+
+def constructor_params(user_cls: type) -> dict[str, Parameter]:
+    """The `parameter()`s a caller sets (`init=False` ones are the class's own business)."""
+    return {n: p for n, p in parameters_of(user_cls).items() if p.init}
+
+
+def parameter_annotations(user_cls: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for klass in reversed(user_cls.__mro__):
+        out.update(inspect.get_annotations(klass))
+    return out
+
+
 def bind_params(user_cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Check constructor arguments against the class's `parameter()`s."""
-    params = parameters_of(user_cls)
+    """Check constructor arguments against the class's `parameter()`s: names, required ones and
+    the declared types. Runs where the instance is made too, for callers of `Cls.from_name`."""
+    params = constructor_params(user_cls)
+    cls_name = user_cls.__name__
     if args:
-        raise InvalidError(f"{user_cls.__name__}(...) takes parameters by keyword only, e.g. "
-                           f"{user_cls.__name__}({next(iter(params), 'name')}=...).")
+        raise InvalidError(f"{cls_name}(...) takes parameters by keyword only, e.g. "
+                           f"{cls_name}({next(iter(params), 'name')}=...).")
     unknown = set(kwargs) - set(params)
     if unknown:
-        raise InvalidError(f"{user_cls.__name__} has no parameter {', '.join(sorted(unknown))}; "
+        raise InvalidError(f"{cls_name} has no parameter {', '.join(sorted(unknown))}; "
                            f"its parameters are {', '.join(params) or 'none'}.")
+    annotations = parameter_annotations(user_cls)
     values = {}
     for name, param in params.items():
         if name in kwargs:
             values[name] = kwargs[name]
+            _check_type(cls_name, name, kwargs[name], annotations.get(name))
         elif param.has_default:
             values[name] = param.default
         else:
-            raise InvalidError(f"{user_cls.__name__} needs parameter {name!r}.")
+            raise InvalidError(f"{cls_name} needs parameter {name!r}: {cls_name}({name}=...).")
     return values
+
+
+def _check_type(cls_name: str, name: str, value: Any, annotation: Any) -> None:
+    if isinstance(annotation, str):  # `from __future__ import annotations` in the user's file
+        annotation = {t.__name__: t for t in PARAMETER_TYPES}.get(annotation)
+    if annotation not in PARAMETER_TYPES:
+        return
+    if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return
+    raise InvalidError(f"{cls_name} parameter {name!r} is declared {annotation.__name__} but was "
+                       f"given {type(value).__name__} {value!r}.")
 
 
 def construct_instance(user_cls: type, params: dict[str, Any]) -> Any:
@@ -90,7 +120,8 @@ class ClassRunner:
     user_cls: type
 
     def new_instance(self, params: dict[str, Any]) -> Any:
-        obj = construct_instance(self.user_cls, params)
+        # Checked here too: a caller through Cls.from_name has no class to check against.
+        obj = construct_instance(self.user_cls, bind_params(self.user_cls, (), params))
         run_lifecycle(obj, ENTER)
         return obj
 

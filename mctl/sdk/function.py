@@ -337,14 +337,14 @@ class FunctionCall:
     def _client(self) -> Client:
         from mctl.core.client import client_for
         from mctl.core.config import configured_server_url
-
         from mctl.core.runner import running_server_url
 
-        # from_id: the control plane of the app running here (an embedded one has no
-        # configured URL), else the configured one
+        # The app running in this process (`mctl run`, `with app.run():`) knows its calls, even
+        # on an embedded control plane; else the configured one (deployed apps, workers).
         url = self._server_url or running_server_url() or configured_server_url()
         if url is None:
-            raise InvalidError("No mctl server is configured; set MCTL_SERVER_URL.")
+            raise InvalidError("No mctl server is configured to look up this function call on; "
+                               "set MCTL_SERVER_URL, or call from_id inside `with app.run():`.")
         return client_for(url)
 
     def _get(self, timeout: float | None = None, *, index: int = 0) -> Any:
@@ -376,7 +376,11 @@ class FunctionCall:
 
     @staticmethod
     def from_id(function_call_id: str) -> FunctionCall:
-        return FunctionCall(function_call_id)
+        """The call `function_call_id`, on the control plane of the app running in this process
+        (if one runs here), else on the configured one."""
+        from mctl.core.runner import running_server_url
+
+        return FunctionCall(function_call_id, running_server_url())
 
     def __repr__(self) -> str:
         return f"FunctionCall({self.object_id!r})"

@@ -53,12 +53,11 @@ class Cron(Schedule):
     timezone: str = "UTC"
 
     def __post_init__(self) -> None:
-        from croniter import croniter  # heavy-ish; only when a Cron is declared
+        from mctl.core.cron import cron_problem  # imports croniter: only when a Cron is declared
 
-        if not isinstance(self.cron_string, str) or not croniter.is_valid(self.cron_string):
-            raise InvalidError(
-                f"Invalid cron string {self.cron_string!r}; use five fields "
-                "'minute hour day-of-month month day-of-week', e.g. '0 9 * * 1-5'.")
+        problem = cron_problem(self.cron_string, check_fires=False)
+        if problem:
+            raise InvalidError(problem)
         try:
             import zoneinfo
 
@@ -67,6 +66,12 @@ class Cron(Schedule):
             raise InvalidError(
                 f"Unknown time zone {self.timezone!r} in Cron; use an IANA name such as "
                 "'UTC' or 'America/New_York'.") from None
+
+    def never_fires(self) -> bool:
+        """True for a valid expression that no date matches, such as '0 0 31 2 *'."""
+        from mctl.core.cron import never_fires
+
+        return never_fires(self.cron_string)
 
     def spec_fields(self) -> dict[str, Any]:
         return {"kind": "cron", "cron": self.cron_string, "timezone": self.timezone}

@@ -11,9 +11,11 @@ def square(x: int, label: str = "sq"):
 
 @app.cls()
 class Greeter:
+    greeting: str = mctl.parameter(default="hello")
+
     @mctl.method()
     def greet(self, name: str, shout: bool = False):
-        text = f"hello {name}"
+        text = f"{self.greeting} {name}"
         return text.upper() if shout else text
 
     @mctl.method(is_generator=True)

@@ -14,9 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from mctl.core.server.auth import Principal
 
-PRINCIPAL_KEY = "mctl_principal"  # where the auth middleware leaves a request's principal
+# Where the auth middleware leaves a request's principal (a typed key where aiohttp has them).
+PRINCIPAL_KEY: Any = (web.RequestKey("mctl_principal", Principal) if hasattr(web, "RequestKey")
+                      else "mctl_principal")
 
 
 class Audit:

@@ -82,10 +82,34 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
 
 
 def _find_app(control: ControlPlane, name: str) -> dict[str, Any]:
+    """The app with this id, else the deployed app of this name, else the one running detached
+    or ephemeral app of this name (`mctl run --detach`); several such: refused, naming them."""
     app = control.store.find_app(name)
-    if app is None:
-        raise NotFoundError(f"No app named {name!r}; `mctl app list` shows the deployed apps.")
-    return app
+    if app is not None:
+        return app
+    running = [a for a in control.store.apps()
+               if a["name"] == name and a["mode"] != "deployed" and a["state"] == "running"]
+    if len(running) == 1:
+        return running[0]
+    if running:
+        from mctl.exception import InvalidError
+
+        raise InvalidError(f"{len(running)} running apps are named {name!r}: "
+                           f"{', '.join(a['app_id'] for a in running)}; pass one of these ids.")
+    raise NotFoundError(f"No app named {name!r}; `mctl app list` shows the apps.")
+
+
+def _schedule_problem(spec: AppSpec) -> str | None:
+    """What is wrong with the first bad cron schedule of the app's functions, naming it."""
+    from mctl.core.cron import cron_problem
+
+    for tag, fspec in spec.functions.items():
+        sched = fspec.schedule
+        if sched is not None and sched.kind == "cron":
+            problem = cron_problem(sched.cron)
+            if problem:
+                return f"Function {tag}'s schedule: {problem}"
+    return None
 
 
 async def create_app(request: web.Request) -> web.Response:
@@ -101,6 +125,9 @@ async def create_app(request: web.Request) -> web.Response:
         spec = AppSpec.model_validate(body["spec"])
     except ValueError as exc:
         return _json_error(400, f"Invalid app spec: {exc}")
+    problem = _schedule_problem(spec)
+    if problem:  # a schedule that can never fire would only fail in the schedule runner
+        return _json_error(400, problem)
     secret_store.refuse_values_in_spec(spec)
     mode = body.get("mode", "ephemeral")
     if mode not in ("ephemeral", "detached", "deployed"):
@@ -112,7 +139,7 @@ async def create_app(request: web.Request) -> web.Response:
         app_id = body.get("app_id") or (deployed_app_id(spec.name) if mode == "deployed"
                                         else ids.new_id("app"))
         images = await build_app_images(control, spec, app_id,  # a failed build refuses it
-                                        build_id=body.get("build_id"))
+                                        build_id=body.get("build_id"), mode=mode)
         if request.transport is None or request.transport.is_closing():
             # The caller went away while its images built (Ctrl-C on `mctl deploy`): a deploy
             # they abandoned must not go live. The built images stay cached for the next try.
@@ -168,7 +195,7 @@ async def stop_app(request: web.Request) -> web.Response:
     app = _find_app(control, request.match_info["name"])
     await control.stop_app(app["app_id"])
     control.audit(request, "app.stop", app["app_id"], name=app["name"])
-    return web.json_response({"app_id": app["app_id"], "state": "stopped"})
+    return web.json_response({"app_id": app["app_id"], "name": app["name"], "state": "stopped"})
 
 
 async def app_history(request: web.Request) -> web.Response:
@@ -186,6 +213,9 @@ async def rollback_app(request: web.Request) -> web.Response:
     if target is None:
         target = current - 1
     target = int(target)
+    if current == 1 and "version" not in body:
+        return _json_error(400, f"App {app['name']} has only one version (v1): there is no "
+                                "earlier version to roll back to.")
     if not 1 <= target <= current:
         return _json_error(400, f"App {app['name']} has versions 1 to {current}; there is no "
                                 f"version {target} to roll back to.")

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from mctl.core.spec import AppSpec, ImageSpec
 
 
-def context_for(control: ControlPlane, app_id: str, live: BuildLog | None = None) -> Any:
+def context_for(control: ControlPlane, app_id: str, live: BuildLog | None = None,
+                mode: str = "deployed") -> Any:
     from mctl.core import secret_store
     from mctl.core.images import BuildContext
 
@@ -33,11 +34,13 @@ def context_for(control: ControlPlane, app_id: str, live: BuildLog | None = None
         loop.call_soon_threadsafe(append, line)
 
     return BuildContext(log=log, blob_path=control.store.blob_path,
-                        resolve_secret=lambda name: secret_store.backend().resolve(name))
+                        resolve_secret=lambda name: secret_store.backend().resolve(name),
+                        again="deploy again" if mode == "deployed" else "run again")
 
 
 async def build_app_images(control: ControlPlane, spec: AppSpec, app_id: str,
-                           build_id: str | None = None) -> list[dict[str, Any]]:
+                           build_id: str | None = None, mode: str = "deployed"
+                           ) -> list[dict[str, Any]]:
     """Build every image `spec` uses (one at a time, each cached by id); returns a summary line
     per image for the deployer: its id, builder, and whether anything was built. `build_id`:
     also stream the output to that build's live log (see `build_logs`)."""
@@ -52,7 +55,7 @@ async def build_app_images(control: ControlPlane, spec: AppSpec, app_id: str,
             image = spec.images[image_id]
             if live is not None:
                 live.set_image(image_id=image_id, index=n, count=len(used))
-            ctx = context_for(control, app_id, live)
+            ctx = context_for(control, app_id, live, mode)
             started = time.monotonic()
             built = await asyncio.to_thread(build_image, image, ctx)
             summary.append({"image_id": image_id, "builder": built.get("builder"),

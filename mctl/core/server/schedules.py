@@ -42,6 +42,27 @@ class ScheduleRunner:
         self.control = control
         # (function_id, schedule as JSON) -> next fire time; loaded from the store on start.
         self.next: dict[tuple[str, str], float] = control.store.fire_times()
+        # Schedules whose next time cannot be computed: logged once, then left alone (they never
+        # fire) so that one bad schedule cannot stop everyone else's.
+        self.broken: set[tuple[str, str]] = set()
+
+    def _next_fire(self, key: tuple[str, str], fs: object, sched: ScheduleSpec,
+                   now: float) -> float | None:
+        """The schedule's next time, or None (logged once, to the server and the app's log)
+        when it has none, e.g. a Cron on February 31 stored before deploys refused them."""
+        try:
+            return next_fire(sched, now)
+        except Exception as exc:
+            if key not in self.broken:
+                self.broken.add(key)
+                tag = getattr(getattr(fs, "spec", None), "tag", key[0])
+                what = sched.cron if sched.kind == "cron" else f"every {sched.seconds}s"
+                message = (f"mctl: schedule of {tag} ({what}) can never fire and is skipped "
+                           f"({type(exc).__name__}: {exc}); fix it and deploy again.")
+                log.error("%s", message)
+                self.control.append_log(getattr(fs, "app_id", ""), "schedule", tag, message)
+                self.control._schedule_flush()
+            return None
 
     def _due(self) -> list[str]:
         """Functions to fire now. Their new fire times join the store's pending commit, which
@@ -61,18 +82,28 @@ class ScheduleRunner:
                 continue
             key = (fid, sched.model_dump_json())
             seen.add(key)
+            if key in self.broken:
+                continue
             when = self.next.get(key)
             if when is None:
-                self.next[key] = next_fire(sched, now)
-                store.set_fire_time(*key, self.next[key])
+                first = self._next_fire(key, fs, sched, now)
+                if first is not None:
+                    self.next[key] = first
+                    store.set_fire_time(*key, first)
             elif now >= when:
-                self.next[key] = next_fire(sched, now)  # missed times collapse into this one
-                store.new_fire_times.append((*key, self.next[key]))
+                later = self._next_fire(key, fs, sched, now)  # missed times collapse into it
+                if later is None:
+                    del self.next[key]
+                    store.forget_fire_time(*key)
+                    continue
+                self.next[key] = later
+                store.new_fire_times.append((*key, later))
                 fired.append(fid)
         for key in list(self.next):
             if key not in seen:  # app stopped or schedule changed: start afresh if it returns
                 del self.next[key]
                 store.forget_fire_time(*key)
+        self.broken &= seen
         return fired
 
     async def run(self) -> None:
@@ -82,12 +113,18 @@ class ScheduleRunner:
         while True:
             await asyncio.sleep(0.5)
             try:
-                for fid in self._due():
-                    fs = self.control.functions.get(fid)
-                    if fs is not None:
-                        call_id = self.control.enqueue_internal(fs, empty_call)
-                        log.info("schedule fired %s (%s)", fs.spec.tag, call_id)
-                        self.control.append_log(fs.app_id, "schedule", fs.spec.tag,
-                                                f"mctl: schedule fired {fs.spec.tag} ({call_id})")
+                due = self._due()
             except Exception:
                 log.exception("schedule runner failed")
+                continue
+            for fid in due:  # one function's failure to enqueue leaves the others firing
+                fs = self.control.functions.get(fid)
+                if fs is None:
+                    continue
+                try:
+                    call_id = self.control.enqueue_internal(fs, empty_call)
+                    log.info("schedule fired %s (%s)", fs.spec.tag, call_id)
+                    self.control.append_log(fs.app_id, "schedule", fs.spec.tag,
+                                            f"mctl: schedule fired {fs.spec.tag} ({call_id})")
+                except Exception:
+                    log.exception("schedule of %s failed to fire", fs.spec.tag)
