@@ -28,8 +28,8 @@ from mctl.sdk.web import asgi_app, fastapi_endpoint, web_endpoint, web_server, w
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Cls", "Cron", "Dict", "Error", "Function", "FunctionCall", "Image", "Mount", "Period",
-    "Queue", "Retries", "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit",
+    "App", "Cls", "ContainerProcess", "Cron", "Dict", "Error", "Function", "FunctionCall", "Image", "Mount", "Period",
+    "Queue", "Retries", "Sandbox", "Secret", "Volume", "batched", "concurrent", "enter", "exception", "exit",
     "gather", "hookimpl", "current_function_call_id", "current_input_id", "deploy_app",
     "enable_output", "interact", "is_local", "method", "parameter",
     "asgi_app", "fastapi_endpoint", "web_endpoint", "web_server", "wsgi_app",
@@ -44,7 +44,9 @@ _REMOVED = {
     "lookup": "mctl.Function.from_name / mctl.Cls.from_name",
 }
 # Current Modal names that mctl does not implement yet.
-_NOT_YET = {"Sandbox"}
+_NOT_YET: set[str] = set()
+# Loaded on first use (`mctl.Sandbox`), so `import mctl` stays small.
+_LAZY = {"Sandbox": "mctl.sdk.sandbox", "ContainerProcess": "mctl.sdk.sandbox"}
 _REMOVED_KEYWORD_STYLE = {
     "concurrency_limit": "@app.function(max_containers=...)",
     "keep_warm": "@app.function(min_containers=...)",
@@ -54,6 +56,10 @@ _REMOVED_KEYWORD_STYLE = {
 def __getattr__(name: str) -> Any:
     from mctl.exception import DeprecationError
 
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _REMOVED:
         raise DeprecationError(f"mctl.{name} (modal.{name}) was removed from Modal's API; use "
                                f"{_REMOVED[name]} instead.")

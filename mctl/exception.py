@@ -61,3 +61,11 @@ class AuthError(Error):
 
 class RequestSizeError(Error):
     """A request was too large, e.g. a Queue item over 1 MiB (as modal.exception.RequestSizeError)."""
+
+
+class SandboxTimeoutError(Error, TimeoutError):
+    """A sandbox reached its `timeout` and was stopped (its returncode is -1)."""
+
+
+class SandboxTerminatedError(Error):
+    """A sandbox was terminated before its command finished."""

@@ -34,10 +34,9 @@ def test_removed_names(name):
         getattr(mctl, name)
 
 
-@pytest.mark.parametrize("name", ["Sandbox"])
-def test_current_modal_names_not_implemented_yet_say_so(name):
-    with pytest.raises(AttributeError, match="is not implemented in mctl yet"):
-        getattr(mctl, name)
+def test_sandbox_is_a_public_name_loaded_on_first_use():
+    assert mctl.Sandbox.__name__ == "Sandbox"
+    assert mctl.ContainerProcess.__name__ == "ContainerProcess"
 
 
 def test_web_decorator_goes_below_app_function():

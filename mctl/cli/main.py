@@ -957,6 +957,8 @@ cli.add_command(profile)
 from mctl.cli.environment import environment  # noqa: E402
 
 cli.add_command(environment)
+from mctl.cli.sandbox import sandbox  # noqa: E402 - its own module
+cli.add_command(sandbox)
 
 
 def main() -> None:

@@ -273,6 +273,9 @@ class ControlPlane:
             self.tokens.revoke_task_tokens(app_id)
         if self.autoscaler is not None:
             await self.autoscaler.stop_app(app_id)
+        from mctl.core.server.sandboxes import sandboxes
+
+        await sandboxes(self).stop_app(app_id)
         if mode != "deployed":  # nothing can run its versions again: drop their inline secrets
             from mctl.core import secret_store
 

@@ -17,7 +17,7 @@ from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
 from mctl.core.server import (auth, build_logs, containers, dictqueue_http, environments,
-                              gateway, secret_direct, variants)
+                              gateway, sandboxes, secret_direct, variants)
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -477,6 +477,7 @@ ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
 ROUTES += secret_direct.routes()  # `mctl secret create` writing to Vault itself
 ROUTES += environments.routes(TASK_ANY)  # `mctl environment list`
 ROUTES += variants.routes(TASK_ANY)  # Cls.with_options/with_concurrency/with_batching
+ROUTES += sandboxes.routes()  # mctl.Sandbox, `mctl sandbox`
 
 
 def make_app(control: ControlPlane) -> web.Application:
@@ -506,6 +507,7 @@ class RunningServer:
         backend = getattr(self.control.autoscaler, "backend", None)
         if grace_s is not None and hasattr(backend, "shutdown_grace_s"):
             backend.shutdown_grace_s = grace_s
+        await sandboxes.sandboxes(self.control).shutdown()
         if self.control.autoscaler is not None:
             await self.control.autoscaler.shutdown()
         await self.runner.cleanup()
@@ -559,6 +561,7 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     url = advertise_url or f"{'https' if ssl_context else 'http'}://{host}:{bound}"
     control.autoscaler = Autoscaler(control, backend, url, options)
     await control.autoscaler.start()
+    await sandboxes.sandboxes(control).recover()  # before requests pass (control.recovered)
     await control.recover()
     schedules = ScheduleRunner(control)
     loop = asyncio.get_running_loop()

@@ -72,6 +72,13 @@ MIGRATIONS: list[str] = [
     "CREATE TABLE queue_partitions (object_id TEXT NOT NULL, partition TEXT NOT NULL, "
     "expires REAL NOT NULL, PRIMARY KEY (object_id, partition));"
     "CREATE INDEX queue_partitions_expires ON queue_partitions(expires);",
+    # 7: sandboxes: one row each, kept after they end (state, return code) for list and logs.
+    "CREATE TABLE sandboxes (sandbox_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, name TEXT, "
+    "tags TEXT NOT NULL DEFAULT '{}', isolation TEXT NOT NULL, state TEXT NOT NULL, "
+    "returncode INTEGER, created REAL NOT NULL, ended REAL, timeout REAL NOT NULL, "
+    "config TEXT NOT NULL, host TEXT, backend TEXT NOT NULL, ports TEXT NOT NULL DEFAULT '{}', "
+    "container TEXT, container_id TEXT);"
+    "CREATE INDEX sandboxes_app ON sandboxes(app_id, state);",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,104 @@
+"""`mctl sandbox list|exec|logs|terminate`: the sandboxes the control plane knows (Modal's
+`modal sandbox ...`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import click
+
+
+@click.group(short_help="List sandboxes, run a command in one, read its logs, terminate it.")
+def sandbox() -> None:
+    """Sandboxes (mctl.Sandbox): isolated containers for untrusted code."""
+
+
+@sandbox.command("list", short_help="Sandboxes: id, app, name, isolation, state, tags.")
+@click.option("--app", "app_id", help="Only this app's (its id).")
+@click.option("--all", "show_all", is_flag=True, help="Include finished sandboxes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
+    from mctl.cli.main import _admin, _when
+
+    params = {"all": "1"} if show_all else {}
+    if app_id:
+        params["app_id"] = app_id
+    rows = _admin("GET", "/api/sandboxes", params=params)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No sandboxes are running." if not show_all else "No sandboxes.")
+        return
+    click.echo(f"{'SANDBOX':<27} {'APP':<27} {'NAME':<14} {'ISOLATION':<9} {'STATE':<10} "
+               f"{'RC':>4}  {'CREATED':<19}  TAGS")
+    for r in rows:
+        rc = "-" if r["returncode"] is None else str(r["returncode"])
+        tags = ",".join(f"{k}={v}" for k, v in sorted(r["tags"].items())) or "-"
+        click.echo(f"{r['sandbox_id']:<27} {r['app_id']:<27} {(r['name'] or '-'):<14} "
+                   f"{r['isolation']:<9} {r['state']:<10} {rc:>4}  {_when(r['created']):<19}  "
+                   f"{tags}")
+
+
+@sandbox.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("sandbox_id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--workdir", help="Run the command in this directory of the sandbox.")
+@click.option("--timeout", type=int, help="Stop the command after this many seconds (exit -1).")
+def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
+                 timeout: int | None) -> None:
+    """Run COMMAND in a running sandbox, with this terminal's stdin, stdout and stderr; exits
+    with the command's code. `mctl sandbox exec sb-... -- python3 -c 'print(1)'`."""
+    from mctl.exception import Error
+    from mctl.sdk.sandbox import Sandbox
+
+    try:
+        sb = Sandbox.from_id(sandbox_id)
+        p = sb.exec(*command, workdir=workdir, timeout=timeout, text=False)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+
+    def feed() -> None:
+        if sys.stdin is None or sys.stdin.isatty():
+            p.stdin.write_eof()
+            return
+        for chunk in iter(lambda: sys.stdin.buffer.read1(1 << 16), b""):
+            p.stdin.write(chunk)
+            p.stdin.drain()
+        p.stdin.write_eof()
+
+    def copy(reader, out) -> None:  # type: ignore[no-untyped-def]
+        for line in reader:
+            out.write(line)
+            out.flush()
+
+    threading.Thread(target=feed, daemon=True).start()
+    err = threading.Thread(target=copy, args=(p.stderr, sys.stderr.buffer), daemon=True)
+    err.start()
+    copy(p.stdout, sys.stdout.buffer)
+    err.join()
+    rc = p.wait()
+    sys.exit(124 if rc < 0 else rc)  # -1 (its timeout) as timeout(1) says it
+
+
+@sandbox.command("logs")
+@click.argument("sandbox_id")
+def sandbox_logs(sandbox_id: str) -> None:
+    """Print what the sandbox's main command wrote (stdout, then stderr)."""
+    from mctl.cli.main import _admin
+
+    logs = _admin("GET", f"/api/sandboxes/{sandbox_id}/logs")
+    click.echo(logs["stdout"], nl=False)
+    click.echo(logs["stderr"], nl=False, err=True)
+
+
+@sandbox.command("terminate")
+@click.argument("sandbox_id")
+def sandbox_terminate(sandbox_id: str) -> None:
+    """Kill the sandbox and every process in it."""
+    from mctl.cli.main import _admin
+
+    rec = _admin("POST", f"/api/sandboxes/{sandbox_id}/terminate")
+    click.echo(f"Sandbox {sandbox_id} is {rec['state']}.")

@@ -1,0 +1,637 @@
+"""Sandboxes in the control plane: every sandbox's record (id, app, name, tags, isolation, state,
+return code), its life (start, timeout, exit, terminate) and its HTTP routes.
+
+The control plane starts a sandbox through its sandbox backend. The one backend today is
+`local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
+task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
+ends it at its `timeout` (return code -1, as Modal's). Commands in a sandbox (`exec`) are run by
+the client itself with `podman exec` on the same host, after `POST .../exec` has checked its token
+and the sandbox's state (see docs/architecture.md, Sandboxes, for how a cluster node would run
+them instead). Secret values reach podman's environment only, never the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from mctl.core import ids, sandbox_runtime
+from mctl.core.sandbox_runtime import SandboxConfig, container_name
+from mctl.exception import InvalidError, NotFoundError
+
+if TYPE_CHECKING:
+    from mctl.core.server.control import ControlPlane
+
+log = logging.getLogger("mctl.sandboxes")
+
+MAX_TIMEOUT_S = 24 * 3600
+DEFAULT_TIMEOUT_S = 300
+WAIT_CAP_S = 50.0  # one long-poll waits at most this long; the client asks again
+# podman's own --timeout: this long after the sandbox's, in case no control plane ends it
+TIMEOUT_GRACE_S = 30
+# A finished sandbox's container (its logs) is kept this long, then removed.
+KEEP_FINISHED_S = float(os.environ.get("MCTL_SANDBOX_KEEP_S", "900"))
+
+
+async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float = 120
+                  ) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+class Sandboxes:
+    """The control plane's sandboxes: records in SQLite, live ones in memory."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.db = control.store.db
+        self.done: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, list[asyncio.Task[Any]]] = {}
+        self.host = socket.gethostname()
+        self.started = time.time()
+        # Warm containers of the default shape, per isolation, started ahead of `create`
+        # (MCTL_SANDBOX_WARM of each, default 1; 0 turns it off). Labelled with this control
+        # plane's state directory, so a restart removes its own leftovers and no one else's.
+        self.warm_size = int(os.environ.get("MCTL_SANDBOX_WARM", "1"))
+        self.pool: dict[str, list[tuple[str, str]]] = {}  # (container name, container id)
+        self.defaults: dict[str, str] = {}
+        self.filling: set[str] = set()
+        import hashlib
+
+        state = str(getattr(control.store, "state_dir", id(control)))
+        self.owner = hashlib.sha256(f"{self.host}:{state}".encode()).hexdigest()[:16]
+
+    # --- records -----------------------------------------------------------------------------
+    def _row(self, sandbox_id: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM sandboxes WHERE sandbox_id = ?",
+                              (sandbox_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No sandbox {sandbox_id!r}; `mctl sandbox list` shows them.")
+        return self._public(row)
+
+    def _public(self, row: Any) -> dict[str, Any]:
+        cols = [d[0] for d in self.db.execute("SELECT * FROM sandboxes LIMIT 0").description]
+        rec = dict(zip(cols, row))
+        rec["tags"] = json.loads(rec["tags"] or "{}")
+        rec["ports"] = {int(k): v for k, v in json.loads(rec["ports"] or "{}").items()}
+        config = json.loads(rec.pop("config", None) or "{}")
+        rec["pids"] = config.get("pids") or sandbox_runtime.DEFAULT_PIDS
+        rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
+        return rec
+
+    def _container(self, sandbox_id: str) -> str:
+        row = self.db.execute("SELECT container FROM sandboxes WHERE sandbox_id = ?",
+                              (sandbox_id,)).fetchone()
+        return (row[0] if row else None) or container_name(sandbox_id)
+
+    def _update(self, sandbox_id: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE sandboxes SET {sets} WHERE sandbox_id = ?",
+                        (*fields.values(), sandbox_id))
+        self.db.commit()
+
+    def get(self, sandbox_id: str) -> dict[str, Any]:
+        return self._row(sandbox_id)
+
+    def list(self, app_id: str | None = None, tags: dict[str, str] | None = None,
+             include_finished: bool = False) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM sandboxes", []
+        where = []
+        if app_id:
+            where.append("app_id = ?")
+            args.append(app_id)
+        if not include_finished:
+            where.append("state = 'running'")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = [self._public(r) for r in self.db.execute(sql + " ORDER BY created DESC", args)]
+        if tags:
+            rows = [r for r in rows if all(r["tags"].get(k) == v for k, v in tags.items())]
+        return rows
+
+    def from_name(self, app: str, name: str) -> dict[str, Any]:
+        record = self.control.store.find_app(app)
+        if record is None:  # not deployed: the newest running app of that name (`app.run()`)
+            running = [a for a in self.control.store.apps()
+                       if a["name"] == app and a["state"] == "running"]
+            record = running[-1] if running else None
+        if record is None:
+            raise NotFoundError(f"No app named {app!r}.")
+        row = self.db.execute("SELECT * FROM sandboxes WHERE app_id = ? AND name = ? AND "
+                              "state = 'running'", (record["app_id"], name)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No running sandbox named {name!r} in app {app!r}.")
+        return self._public(row)
+
+    def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> None:
+        self._row(sandbox_id)
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in tags.items()):
+            raise InvalidError("Sandbox tags must be a dict of str to str.")
+        self._update(sandbox_id, tags=json.dumps(tags))
+
+    # --- life --------------------------------------------------------------------------------
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        app_id = body.get("app_id")
+        if not app_id or self.control.store.find_app(app_id) is None:
+            raise NotFoundError(f"No app {app_id!r} to create the sandbox in; pass app= (an "
+                                "App that runs, or App.lookup(name, create_if_missing=True)).")
+        name = body.get("name")
+        if name is not None:
+            if self.db.execute("SELECT 1 FROM sandboxes WHERE app_id = ? AND name = ? AND "
+                               "state = 'running'", (app_id, name)).fetchone():
+                from mctl.exception import AlreadyExistsError
+
+                raise AlreadyExistsError(f"A running sandbox named {name!r} already exists in "
+                                         "this app; terminate it or pick another name.")
+        timeout = int(body.get("timeout") or DEFAULT_TIMEOUT_S)
+        if not 1 <= timeout <= MAX_TIMEOUT_S:
+            raise InvalidError(f"Sandbox timeout must be between 1 and {MAX_TIMEOUT_S} seconds.")
+        sandbox_id = ids.new_id("sandbox")
+        image = await self._image(body.get("image"), app_id)
+        env = dict(body.get("env") or {})
+        env.update(await asyncio.to_thread(self._secret_values, body))
+        cfg = SandboxConfig(
+            sandbox_id=sandbox_id, image=image, command=list(body.get("command") or []),
+            workdir=body.get("workdir"), env=env, cpu=body.get("cpu"),
+            memory_mb=body.get("memory"), pids=body.get("pids"),
+            block_network=bool(body.get("block_network", True)),
+            ports=[int(p) for p in body.get("ports") or []],
+            mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
+            isolation=body.get("isolation"))
+        isolation = sandbox_runtime.choose(cfg)
+        argv = sandbox_runtime.run_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
+        warm = None
+        if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
+            warm = self._claim(isolation)
+            asyncio.get_running_loop().create_task(self._refill(isolation))
+        stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
+        stored["env_names"] = sorted(cfg.env)
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO sandboxes (sandbox_id, app_id, name, tags, isolation, state, created, "
+            "timeout, config, host, backend, ports, container) VALUES (?, ?, ?, ?, ?, "
+            "'starting', ?, ?, ?, ?, 'local', '{}', ?)",
+            (sandbox_id, app_id, name, json.dumps(body.get("tags") or {}), isolation, now,
+             timeout, json.dumps(stored), self.host,
+             warm[0] if warm else container_name(sandbox_id)))
+        rc, err = 0, ""
+        if warm is None:
+            rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+        container_id = warm[1] if warm else out.strip().splitlines()[-1] if rc == 0 else None
+        if rc != 0:
+            self._update(sandbox_id, state="failed", ended=time.time())
+            await _podman("rm", "-f", self._container(sandbox_id))
+            raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
+        ports = await self._ports(sandbox_id, cfg.ports)
+        self._update(sandbox_id, state="running", ports=json.dumps(ports),
+                     container_id=container_id)
+        self.done[sandbox_id] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.tasks[sandbox_id] = [loop.create_task(self._watch(sandbox_id)),
+                                  loop.create_task(self._expire(sandbox_id, timeout))]
+        return self._row(sandbox_id)
+
+    def _base(self) -> str:
+        """The default image: debian_slim's base plus `python` (Modal's images have it; the
+        reference's agent runs `sb.exec("python", "-c", code)`). Made once with buildah."""
+        from mctl.plugins.debian_slim_base import base_for
+
+        base = base_for(None)[0]
+        if base not in self.defaults:
+            self.defaults[base] = _default_image(base)
+        return self.defaults[base]
+
+    def _claim(self, isolation: str) -> tuple[str, str] | None:
+        pool = self.pool.get(isolation) or []
+        return pool.pop(0) if pool else None
+
+    async def _refill(self, isolation: str) -> None:
+        """Start warm containers of the default shape until the pool is full again."""
+        if isolation in self.filling:
+            return
+        self.filling.add(isolation)
+        try:
+            pool = self.pool.setdefault(isolation, [])
+            while len(pool) < self.warm_size:
+                warm_id = "warm-" + ids.new_id("sandbox")[3:].lower()
+                cfg = SandboxConfig(sandbox_id=warm_id, image=self._base())
+                argv = sandbox_runtime.run_argv(
+                    cfg, isolation, name=f"mctl-{warm_id}",
+                    labels={"mctl.sandbox.warm": self.owner},
+                    timeout_s=MAX_TIMEOUT_S + TIMEOUT_GRACE_S)
+                rc, out, err = await _podman(*argv[1:])
+                if rc != 0:
+                    log.warning("sandboxes: a warm %s container did not start: %s", isolation,
+                                err.strip()[-300:])
+                    return
+                if self.warm_size == 0:  # the control plane stopped meanwhile
+                    await _podman("rm", "-f", "-t", "0", f"mctl-{warm_id}")
+                    return
+                pool.append((f"mctl-{warm_id}", out.strip()))
+        except Exception:  # noqa: BLE001 - a pool is an optimisation; create still works cold
+            log.exception("sandboxes: filling the warm pool failed")
+        finally:
+            self.filling.discard(isolation)
+
+    async def _drain_pool(self) -> None:
+        """Remove this control plane's warm containers (also ones a crash left behind)."""
+        self.pool.clear()
+        rc, out, _ = await _podman("ps", "-a", "-q", "--filter",
+                                   f"label=mctl.sandbox.warm={self.owner}")
+        if rc == 0 and out.split():
+            await _podman("rm", "-f", "-t", "0", *out.split())
+
+    async def _image(self, image: dict[str, Any] | None, app_id: str) -> str:
+        """The OCI reference to start from: the default image for debian_slim as it is, else
+        the recipe built by the `oci` builder (a sandbox needs an image, not a virtualenv)."""
+        base = await asyncio.to_thread(self._base)
+        if not image:
+            return base
+        recipe = image.get("recipe") or {}
+        kind = (recipe.get("base") or {}).get("kind")
+        from mctl.plugins.debian_slim_base import DEFAULT_PYTHON
+
+        version = recipe.get("python_version")
+        plain = not recipe.get("steps")
+        if plain and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
+            return base
+        tag = (recipe.get("base") or {}).get("tag") or ""
+        if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
+            return tag  # on this machine already: a snapshot_filesystem() image
+        from mctl.core import plugins
+        from mctl.core.server.image_builds import context_for
+        from mctl.core.spec import ImageSpec
+
+        builder = plugins.find("mctl_register_image_builders", "oci")
+        spec = ImageSpec(image_id=image["image_id"], recipe=recipe)
+        built = await asyncio.to_thread(builder.build, spec, context_for(self.control, app_id))
+        return built["image"]
+
+    def _secret_values(self, body: dict[str, Any]) -> dict[str, str]:
+        from mctl.core import secret_store
+
+        env: dict[str, str] = {}
+        for name in body.get("secret_names") or []:
+            values = secret_store.backend().resolve(name)
+            if values is None:
+                raise NotFoundError(f"No secret named {name!r}; create it with `mctl secret "
+                                    "create`.")
+            env.update(values)
+        for values in body.get("secret_values") or []:  # Secret.from_dict: given by the caller
+            env.update({str(k): str(v) for k, v in values.items()})
+        return env
+
+    def _mounts(self, volumes: dict[str, Any]) -> list[dict[str, Any]]:
+        from mctl.core import volume_files
+
+        out = []
+        for path, v in volumes.items():
+            if not path.startswith("/") or path.rstrip("/") == "":
+                raise InvalidError(f"Sandbox mount path {path!r} must be absolute, not '/'.")
+            host = volume_files.root(v["name"], create=bool(v.get("create_if_missing")))
+            out.append({"host_path": str(host), "path": path.rstrip("/"),
+                        "read_only": bool(v.get("read_only"))})
+        return out
+
+    async def _ports(self, sandbox_id: str, ports: list[int]) -> dict[int, list[Any]]:
+        out: dict[int, list[Any]] = {}
+        for port in ports:
+            rc, text, _ = await _podman("port", self._container(sandbox_id), f"{port}/tcp")
+            if rc == 0 and text.strip():
+                host, _, hport = text.strip().splitlines()[0].rpartition(":")
+                out[port] = [host or "127.0.0.1", int(hport)]
+        return out
+
+    async def _watch(self, sandbox_id: str) -> None:
+        """Wait for the main process; record its return code (128+n for a signal)."""
+        try:
+            rc, out, _ = await _podman("wait", self._container(sandbox_id),
+                                        timeout=MAX_TIMEOUT_S)
+        except asyncio.CancelledError:
+            return
+        text = out.strip()
+        code = int(text) if rc == 0 and text.lstrip("-").isdigit() else None
+        self._finish(sandbox_id, "finished", code)
+
+    async def _expire(self, sandbox_id: str, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        if self._state(sandbox_id) == "running":
+            self._finish(sandbox_id, "timeout", -1)
+            await _podman("kill", self._container(sandbox_id))
+
+    def _state(self, sandbox_id: str) -> str | None:
+        row = self.db.execute("SELECT state FROM sandboxes WHERE sandbox_id = ?",
+                              (sandbox_id,)).fetchone()
+        return row[0] if row else None
+
+    def _finish(self, sandbox_id: str, state: str, code: int | None) -> None:
+        if self._state(sandbox_id) != "running":
+            return  # the first end wins: a timeout, then the kill's exit, stays a timeout
+        self._update(sandbox_id, state=state, returncode=code, ended=time.time())
+        if state in ("finished", "timeout"):
+            self._remove_later(sandbox_id)
+        event = self.done.get(sandbox_id)
+        if event is not None:
+            event.set()
+        for task in self.tasks.pop(sandbox_id, []):
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    def _remove_later(self, sandbox_id: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        container = self._container(sandbox_id)
+
+        def remove() -> None:
+            loop.create_task(_podman("rm", "-f", "-t", "0", "--ignore", container))
+
+        loop.call_later(KEEP_FINISHED_S, remove)
+
+    async def wait(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
+        rec = self._row(sandbox_id)
+        if rec["state"] in ("running", "starting") and timeout > 0:
+            event = self.done.setdefault(sandbox_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), min(timeout, WAIT_CAP_S))
+            except asyncio.TimeoutError:
+                pass
+            rec = self._row(sandbox_id)
+        return rec
+
+    async def terminate(self, sandbox_id: str) -> dict[str, Any]:
+        """Kill the sandbox and every process in it; its container goes (logs with it)."""
+        rec = self._row(sandbox_id)
+        if rec["state"] == "running":
+            self._finish(sandbox_id, "terminated", 137)
+        await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
+        return self._row(sandbox_id)
+
+    async def logs(self, sandbox_id: str) -> dict[str, str]:
+        self._row(sandbox_id)
+        rc, out, err = await _podman("logs", self._container(sandbox_id))
+        if rc != 0:
+            raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its container was "
+                                "removed when it was terminated).")
+        return {"stdout": out, "stderr": err}
+
+    async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
+        """The sandbox's file system as a new local image. runc: `podman commit` of the scratch
+        layer. gVisor keeps its writes inside the sandbox (the host's layer never sees them), so
+        the files changed since the start are read out with find+tar in the sandbox and added
+        on top of its image with buildah (deletions are not carried over)."""
+        rec = self._row(sandbox_id)
+        if rec["state"] != "running":
+            raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
+        tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
+        if rec["isolation"] != "gvisor":
+            rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
+            if rc != 0:
+                raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: {err.strip()[-400:]}")
+            return {"image": tag}
+        return await asyncio.to_thread(self._snapshot_gvisor, rec, tag)
+
+    def _snapshot_gvisor(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
+        import subprocess
+        import tempfile
+
+        row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
+                              (rec["sandbox_id"],)).fetchone()
+        image = json.loads(row[0])["image"]
+        changed = ("find / \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/hostname "
+                   "-o -path /etc/hosts -o -path /etc/resolv.conf -o -path /run \\) -prune -o "
+                   "-newer /etc/hostname ! -type d -print0 2>/dev/null | "
+                   "tar --null -T - -cf - 2>/dev/null")
+        with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
+            subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
+                            rec["container"], "/bin/sh", "-c", changed], stdout=tar,
+                           stderr=subprocess.DEVNULL, timeout=600)
+            ctr = subprocess.run(["buildah", "from", "--pull=never", image], capture_output=True,
+                                 text=True, timeout=120)
+            if ctr.returncode != 0:
+                raise InvalidError(f"Could not snapshot sandbox {rec['sandbox_id']}: "
+                                   f"{ctr.stderr.strip()[-400:]}")
+            name = ctr.stdout.strip()
+            try:
+                for argv in (["buildah", "add", name, tar.name, "/"],
+                             ["buildah", "commit", "-q", name, tag]):
+                    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+                    if done.returncode != 0:
+                        raise InvalidError(f"Could not snapshot sandbox {rec['sandbox_id']}: "
+                                           f"{done.stderr.strip()[-400:]}")
+            finally:
+                subprocess.run(["buildah", "rm", name], capture_output=True, timeout=60)
+        return {"image": tag}
+
+    async def stop_app(self, app_id: str) -> None:
+        """The app stopped: its sandboxes stop, and the containers of finished ones go too."""
+        for rec in self.list(app_id=app_id):
+            await self.terminate(rec["sandbox_id"])
+        await self._remove([r for r in self.list(app_id=app_id, include_finished=True)])
+
+    async def _remove(self, records: list[dict[str, Any]]) -> None:
+        names = [r["container"] for r in records if r["state"] in ("finished", "timeout")]
+        if names:
+            await _podman("rm", "-f", "-t", "0", "--ignore", *names)
+
+    async def shutdown(self) -> None:
+        """The control plane stops: its running sandboxes stop with it."""
+        self.warm_size = 0
+        await self._drain_pool()
+        for rec in self.list():
+            await self.terminate(rec["sandbox_id"])
+        for tasks in self.tasks.values():
+            for task in tasks:
+                task.cancel()
+        started = self.db.execute("SELECT sandbox_id FROM sandboxes WHERE ended > ?",
+                                  (self.started,)).fetchall()
+        await self._remove([self._row(r[0]) for r in started])
+
+    async def recover(self) -> None:
+        """After a restart: sandboxes whose container still runs get their watchers back; one
+        that ended meanwhile gets its exit code from podman; one whose container is gone is
+        recorded as lost."""
+        await self._drain_pool()
+        for rec in self.list():
+            rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}",
+                                       rec["container"])
+            running, _, code = out.strip().partition(" ")
+            if rc == 0 and running == "false" and code.lstrip("-").isdigit():
+                timed_out = time.time() >= rec["created"] + rec["timeout"]
+                self._update(rec["sandbox_id"], state="timeout" if timed_out else "finished",
+                             returncode=-1 if timed_out else int(code), ended=time.time())
+                self._remove_later(rec["sandbox_id"])
+            elif rc == 0 and running == "true":
+                self.done[rec["sandbox_id"]] = asyncio.Event()
+                left = rec["created"] + rec["timeout"] - time.time()
+                loop = asyncio.get_running_loop()
+                self.tasks[rec["sandbox_id"]] = [
+                    loop.create_task(self._watch(rec["sandbox_id"])),
+                    loop.create_task(self._expire(rec["sandbox_id"], max(0.0, left)))]
+            else:
+                self._update(rec["sandbox_id"], state="lost", ended=time.time())
+
+
+def _default_image(base: str) -> str:
+    """`base` plus /usr/bin/python -> python3, as `localhost/mctl/sandbox-default:<base id>`;
+    `base` itself when buildah is missing or the base is not here (create then says so)."""
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    inspect = subprocess.run(["podman", "image", "inspect", "-f", "{{.Id}}", base],
+                             capture_output=True, text=True)
+    if inspect.returncode != 0 or not shutil.which("buildah"):
+        return base
+    tag = f"localhost/mctl/sandbox-default:{inspect.stdout.strip()[:12]}"
+    if subprocess.run(["podman", "image", "exists", tag]).returncode == 0:
+        return tag
+    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+        with tarfile.open(tmp.name, "w") as tar:
+            link = tarfile.TarInfo("usr/bin/python")
+            link.type, link.linkname = tarfile.SYMTYPE, "python3"
+            tar.addfile(link, io.BytesIO(b""))
+        ctr = subprocess.run(["buildah", "from", "--pull=never", base], capture_output=True,
+                             text=True)
+        if ctr.returncode != 0:
+            return base
+        name = ctr.stdout.strip()
+        try:
+            ok = (subprocess.run(["buildah", "add", name, tmp.name, "/"],
+                                 capture_output=True).returncode == 0
+                  and subprocess.run(["buildah", "commit", "-q", name, tag],
+                                     capture_output=True).returncode == 0)
+        finally:
+            subprocess.run(["buildah", "rm", name], capture_output=True)
+    return tag if ok else base
+
+
+def sandboxes(control: ControlPlane) -> Sandboxes:
+    found = getattr(control, "sandboxes", None)
+    if found is None:
+        found = control.sandboxes = Sandboxes(control)  # type: ignore[attr-defined]
+    return found
+
+
+def _sb(request: web.Request) -> Sandboxes:
+    from mctl.core.server.http import CONTROL
+
+    return sandboxes(request.app[CONTROL])
+
+
+def _check_secret_names(request: web.Request, names: list[str]) -> web.Response | None:
+    """Named secrets in a sandbox need what reading them needs elsewhere: a deploy token (which
+    could deploy a function with them), or the task token of a function that declares them. An
+    invoke token may pass values it has (Secret.from_dict), not names."""
+    from mctl.core.server.audit import PRINCIPAL_KEY
+    from mctl.core.server.http import CONTROL
+
+    principal = request.get(PRINCIPAL_KEY)
+    if not names or principal is None or principal.has("deploy"):
+        return None
+    if principal.is_task:
+        spec = request.app[CONTROL].apps.get(principal.app_id)
+        fspec = next((f for f in (spec.functions.values() if spec else ())
+                      if f.function_id == principal.function_id), None)
+        declared = {s.get("name") if isinstance(s, dict) else getattr(s, "name", None)
+                    for s in (fspec.secrets if fspec else [])}
+        if set(names) <= declared:
+            return None
+    return web.json_response({"error": "Named secrets in a sandbox need a deploy token (or, "
+                                       "inside a function, secrets its own function declares); "
+                                       f"this token may not read {', '.join(sorted(names))}."},
+                             status=403)
+
+
+async def create_route(request: web.Request) -> web.Response:
+    body = await request.json()
+    refused = _check_secret_names(request, list(body.get("secret_names") or []))
+    if refused is not None:
+        return refused
+    return web.json_response(await _sb(request).create(body))
+
+
+async def list_route(request: web.Request) -> web.Response:
+    q = request.query
+    tags = json.loads(q["tags"]) if q.get("tags") else None
+    return web.json_response(_sb(request).list(q.get("app_id") or None, tags,
+                                               q.get("all") in ("1", "true")))
+
+
+async def get_route(request: web.Request) -> web.Response:
+    return web.json_response(_sb(request).get(request.match_info["sandbox_id"]))
+
+
+async def by_name_route(request: web.Request) -> web.Response:
+    return web.json_response(_sb(request).from_name(request.query.get("app", ""),
+                                                    request.query.get("name", "")))
+
+
+async def tags_route(request: web.Request) -> web.Response:
+    _sb(request).set_tags(request.match_info["sandbox_id"], await request.json())
+    return web.json_response({"ok": True})
+
+
+async def wait_route(request: web.Request) -> web.Response:
+    timeout = float(request.query.get("timeout", WAIT_CAP_S))
+    return web.json_response(await _sb(request).wait(request.match_info["sandbox_id"], timeout))
+
+
+async def terminate_route(request: web.Request) -> web.Response:
+    return web.json_response(await _sb(request).terminate(request.match_info["sandbox_id"]))
+
+
+async def exec_route(request: web.Request) -> web.Response:
+    """Check that the sandbox runs and say where: the client runs the command there itself."""
+    sb = _sb(request)
+    rec = sb.get(request.match_info["sandbox_id"])
+    if rec["state"] != "running":
+        raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a running "
+                           "sandbox.")
+    body = await request.json()
+    refused = _check_secret_names(request, list(body.get("secret_names") or []))
+    if refused is not None:
+        return refused
+    env = await asyncio.to_thread(sb._secret_values, {"secret_names": body.get("secret_names")})
+    return web.json_response({**rec, "env": env})
+
+
+async def logs_route(request: web.Request) -> web.Response:
+    return web.json_response(await _sb(request).logs(request.match_info["sandbox_id"]))
+
+
+async def snapshot_route(request: web.Request) -> web.Response:
+    return web.json_response(await _sb(request).snapshot(request.match_info["sandbox_id"]))
+
+
+def routes() -> list[tuple[str, str, Any, str, str]]:
+    """Rows for http.ROUTES: (method, path, handler, user scope, what a task token may do).
+    A function's task token may use sandboxes, as Modal's containers may."""
+    from mctl.core.server.http import TASK_ANY, TASK_NO
+
+    return [
+        ("POST", "/api/sandboxes", create_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes", list_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/by-name", by_name_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/{sandbox_id}", get_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/tags", tags_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/{sandbox_id}/wait", wait_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/terminate", terminate_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/exec", exec_route, "invoke", TASK_ANY),
+        ("POST", "/api/sandboxes/{sandbox_id}/snapshot", snapshot_route, "invoke", TASK_ANY),
+        ("GET", "/api/sandboxes/{sandbox_id}/logs", logs_route, "deploy", TASK_NO),
+    ]
