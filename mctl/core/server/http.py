@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers, dictqueue_http, gateway, sandboxes
+from mctl.core.server import auth, containers, dictqueue_http, gateway, sandbox_relay, sandboxes
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -422,6 +422,7 @@ ROUTES = [
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
 ROUTES += sandboxes.routes()  # mctl.Sandbox, `mctl sandbox`
+ROUTES += sandbox_relay.routes()  # exec and logs relayed for sandboxes on cluster nodes
 
 
 def make_app(control: ControlPlane) -> web.Application:
