@@ -105,3 +105,16 @@ def test_the_main_command_its_output_and_the_timeout_on_a_node(slurm_server,  # 
     assert sb.returncode == -1
     assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
     assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
+
+
+def test_a_gpu_sandbox_gets_its_gres_and_sees_its_gpus(slurm_server, slurm_cluster):  # noqa: F811
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app, gpu="A100:2", cpu=2, memory=512, timeout=60)
+    job_id = _jobs(slurm_cluster, sb.object_id)[0].split()[0]
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%b|%C|%m|%l"], capture_output=True, text=True,
+                         env=slurm_cluster.client_env(), timeout=20).stdout.strip()
+    assert out == "gres:gpu:a100:2|2|768M|2:00", out  # 60 s -> 1 min + 1; 512 + 256 MiB
+    p = sb.exec("printenv", "CUDA_VISIBLE_DEVICES")
+    assert p.wait() == 0 and p.stdout.read() == "0,1\n"
+    sb.terminate()
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)

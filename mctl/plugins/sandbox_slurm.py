@@ -57,17 +57,16 @@ def foreground(argv: list[str]) -> list[str]:
 
 
 def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, output: str,
-               timeout_s: int, cpu: float | None, memory_mb: int | None,
-               gres: str | None = None, options: dict[str, Any] | None = None) -> str:
+               timeout_s: int, gres: str | None = None, options: dict[str, Any] | None = None) -> str:
     """The batch script of one sandbox (no secret values in it: podman reads them from the job's
     environment by name)."""
     opts = options or {}
     container = sandbox_runtime.container_name(cfg.sandbox_id)
-    memory = memory_mb or sandbox_runtime.DEFAULT_MEMORY_MB
+    memory = cfg.memory_mb or sandbox_runtime.DEFAULT_MEMORY_MB
     lines = ["#!/bin/sh", f"#SBATCH --job-name=mctl-{cfg.sandbox_id.lower()}",
              f'#SBATCH --comment="{comment}"', f"#SBATCH --output={output}",
              "#SBATCH --ntasks=1", "#SBATCH --no-requeue",
-             f"#SBATCH --cpus-per-task={max(1, math.ceil(cpu or sandbox_runtime.DEFAULT_CPU))}",
+             f"#SBATCH --cpus-per-task={max(1, math.ceil(cfg.cpu or sandbox_runtime.DEFAULT_CPU))}",
              # the container's limit plus room for podman and conmon on the node
              f"#SBATCH --mem={memory + 256}M",
              f"#SBATCH --time={job_time(timeout_s)}"]
@@ -192,8 +191,7 @@ class SlurmSandboxes:
         comment = (f"mctl sandbox={sandbox_id} app={app_id} "
                    f"cp={control_plane_mark(sbs.control)}")
         script = job_script(cfg, isolation, name=sandbox_runtime.container_name(sandbox_id),
-                            comment=comment, output=self._output(sandbox_id), timeout_s=timeout,
-                            cpu=cfg.cpu, memory_mb=cfg.memory_mb, gres=gres,
+                            comment=comment, output=self._output(sandbox_id), timeout_s=timeout, gres=gres,
                             options=sched.options)
         stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
         stored["env_names"] = sorted(cfg.env)
