@@ -118,3 +118,25 @@ def test_a_gpu_sandbox_gets_its_gres_and_sees_its_gpus(slurm_server, slurm_clust
     assert p.wait() == 0 and p.stdout.read() == "0,1\n"
     sb.terminate()
     assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+
+
+def test_a_restarted_control_plane_keeps_its_sandboxes_on_the_nodes(slurm_server,  # noqa: F811
+                                                                    slurm_cluster, tmp_path):
+    """SIGKILL the control plane: its sandbox's job runs on; the restarted control plane finds
+    it by the job's comment, relays to it again and terminates it."""
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app, timeout=300)
+    with sb.open("/tmp/state.txt", "w") as f:
+        f.write("kept")
+    [before] = _jobs(slurm_cluster, sb.object_id)
+    slurm_server.kill()
+    slurm_server.start()
+    again = mctl.Sandbox.from_id(sb.object_id)
+    assert again.poll() is None
+    assert _jobs(slurm_cluster, sb.object_id) == [before]
+    assert again.open("/tmp/state.txt").read() == "kept"
+    again.terminate()
+    assert again.returncode == 137
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+    assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
+    assert "adopted Slurm job" in (tmp_path / "server.log").read_text()

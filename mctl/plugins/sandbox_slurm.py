@@ -118,6 +118,16 @@ class SlurmSandboxes:
         self.scheduler = scheduler
         self.jobs: dict[str, str] = {}  # sandbox id -> job id
         self.nodes: dict[str, str] = {}  # sandbox id -> node
+        self.recovered: asyncio.Event | None = None  # set once a restart found its jobs again
+
+    async def ready(self) -> None:
+        """Wait (a little) for `recover`: the HTTP routes answer before it has run."""
+        if self.recovered is None:
+            self.recovered = asyncio.Event()
+        try:
+            await asyncio.wait_for(self.recovered.wait(), 60)
+        except asyncio.TimeoutError:
+            pass
 
     # --- Slurm -------------------------------------------------------------------------------
     def relay_prefix(self, sandbox_id: str) -> list[str]:
@@ -273,6 +283,8 @@ class SlurmSandboxes:
         except asyncio.CancelledError:
             return
         self.jobs.pop(sandbox_id, None)
+        log.info("sandbox %s: Slurm job %s ended %s (exit code %s)", sandbox_id, job_id, state,
+                 code)
         sbs._finish(sandbox_id, "finished", code)
 
     async def _expire(self, sbs: Sandboxes, sandbox_id: str, timeout: float) -> None:
@@ -298,6 +310,7 @@ class SlurmSandboxes:
                 log.warning("scancel %s: %s", job_id, exc)
 
     async def terminate(self, sbs: Sandboxes, sandbox_id: str) -> dict[str, Any]:
+        await self.ready()
         rec = sbs._row(sandbox_id)
         if rec["state"] == "running":
             sbs._finish(sandbox_id, "terminated", 137)
@@ -308,6 +321,7 @@ class SlurmSandboxes:
         """While it runs: `podman logs` on the node; afterwards the job's output file, where the
         control plane can read it (stdout and stderr together there)."""
         sbs._row(sandbox_id)
+        await self.ready()
         if sandbox_id in self.jobs:
             rc, out, err = await self._on_node(sandbox_id, "logs",
                                                sandbox_runtime.container_name(sandbox_id))
@@ -326,6 +340,14 @@ class SlurmSandboxes:
 
     async def recover(self, sbs: Sandboxes, records: list[dict[str, Any]]) -> None:
         """After a restart: running sandboxes whose job still runs are watched again."""
+        try:
+            await self._recover(sbs, records)
+        finally:
+            if self.recovered is None:
+                self.recovered = asyncio.Event()
+            self.recovered.set()
+
+    async def _recover(self, sbs: Sandboxes, records: list[dict[str, Any]]) -> None:
         mark = control_plane_mark(sbs.control)
         try:
             text = await self.scheduler._run("squeue", "-h", "-o", "%i|%T|%N|%k")

@@ -105,9 +105,12 @@ async def relay_route(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _prefix(sb: Any, rec: dict[str, Any]) -> list[str]:
+async def _prefix(sb: Any, rec: dict[str, Any]) -> list[str]:
     cluster = sb.cluster(rec)
-    return cluster.relay_prefix(rec["sandbox_id"]) if cluster is not None else []
+    if cluster is None:
+        return []
+    await cluster.ready()
+    return cluster.relay_prefix(rec["sandbox_id"])
 
 
 def _wrap(prefix: list[str], argv: list[str], trailer: str) -> list[str]:
@@ -151,7 +154,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             container, cmd, workdir=req.get("workdir"), env_names=sorted(env),
             pid_file=pid_file,
             nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None)
-    prefix = _prefix(sb, rec)
+    prefix = (await _prefix(sb, rec))
     trailer = f"mctl-relay-exit-{_secrets.token_hex(8)}=" if prefix else None
     argv = _wrap(prefix, argv, trailer or "")
     proc = await asyncio.create_subprocess_exec(
@@ -189,7 +192,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         except asyncio.TimeoutError:
             timed_out = True
             if pid_file is not None:  # the command inside the sandbox, not only podman exec
-                kill = _prefix(sb, rec) + [
+                kill = (await _prefix(sb, rec)) + [
                     "podman", "exec", "--user", sandbox_runtime.SANDBOX_USER, container,
                     "/bin/sh", "-c", f"kill -KILL $(cat {pid_file}) 2>/dev/null; rm -f {pid_file}"]
                 killer = await asyncio.create_subprocess_exec(

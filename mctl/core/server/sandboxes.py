@@ -460,9 +460,8 @@ class Sandboxes:
         """After a restart: sandboxes whose container still runs get their watchers back; the
         others are recorded as lost."""
         await self._drain_pool()
-        on_cluster = [r for r in self.list() if self.cluster(r) is not None]
-        if on_cluster:
-            await self.cluster(on_cluster[0]).recover(self, on_cluster)
+        if self.cluster() is not None:  # sandboxes on Slurm nodes: their jobs, found again
+            await self.cluster().recover(self, [r for r in self.list() if self.cluster(r)])
         for rec in self.list():
             if self.cluster(rec) is not None:
                 continue
