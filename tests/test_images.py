@@ -134,3 +134,93 @@ def test_mctl_import_stays_free_of_image_builders():
                           "sys.modules if m.startswith('mctl.plugins') or m == 'mctl.core.images'))"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def render(image, tmp_path):
+    from mctl.core.images import BuildContext
+    from mctl.plugins.image_oci import render as render_dockerfile
+
+    ctx = BuildContext(log=lambda line: None, blob_path=lambda blob: tmp_path / blob)
+    return render_dockerfile(spec(image), ctx, tmp_path)[0]
+
+
+def test_micromamba_without_a_base_and_channel_says_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.delenv("MCTL_IMAGE_BASE_MICROMAMBA", raising=False)
+    image = mctl.Image.micromamba().micromamba_install("numpy")
+    with pytest.raises(ImageBuildError, match="not in Debian's packages or on PyPI.*"
+                                              "MCTL_IMAGE_BASE_MICROMAMBA"):
+        render(image, tmp_path)
+
+
+def test_micromamba_installs_with_the_configured_base_and_channels(monkeypatch, tmp_path):
+    """Rendered only: no micromamba base or conda channel can be had on machines like these."""
+    monkeypatch.setenv("MCTL_IMAGE_BASE_MICROMAMBA", "registry.local/micromamba:2")
+    monkeypatch.setenv("MCTL_CONDA_CHANNELS", "https://conda.mirror.local/conda-forge")
+    env_file = tmp_path / "environment.yml"
+    env_file.write_text("dependencies: [pandas]\n")
+    image = (mctl.Image.micromamba(python_version="3.12")
+             .micromamba_install("numpy", "scipy=1.14", channels=["bioconda"])
+             .micromamba_install(spec_file=str(env_file)))
+    text = render(image, tmp_path / "ctx")
+    assert text.startswith("FROM registry.local/micromamba:2\n")
+    assert ("RUN micromamba install -y -n base -c https://conda.mirror.local/conda-forge "
+            "python=3.12") in text
+    assert "RUN micromamba install -y -n base -c bioconda numpy scipy=1.14" in text
+    assert "-f /tmp/mctl-env-2.yml" in text
+    assert (tmp_path / "ctx" / "mctl-files" / "2" / "environment.yml").read_text() == \
+        "dependencies: [pandas]\n"
+    with pytest.raises(ImageBuildError, match="needs an image made with Image.micromamba"):
+        render(mctl.Image.debian_slim().micromamba_install("numpy"), tmp_path / "other")
+
+
+def test_other_python_versions_get_mctls_dependencies_and_refuse_run_function(tmp_path,
+                                                                             monkeypatch):
+    from mctl.plugins import debian_slim_base
+
+    monkeypatch.setattr(debian_slim_base, "ensure", lambda *a: None)  # no base build here
+    text = render(mctl.Image.debian_slim(python_version="3.13").pip_install("six"), tmp_path)
+    assert text.startswith("FROM localhost/mctl/debian-slim:trixie\n")
+    assert "RUN python3 -m pip install --no-input --no-cache-dir 'aiohttp>=3.9'" in text
+    assert "'pydantic>=2.5'" in text and "hvac" not in text  # extras left out
+    with pytest.raises(ImageBuildError, match="cloudpickle bytes made by Python 3.11"):
+        render(mctl.Image.debian_slim(python_version="3.13").run_function(print), tmp_path / "x")
+    assert "pip install --no-input --no-cache-dir 'aiohttp" not in render(
+        mctl.Image.debian_slim().pip_install("six"), tmp_path / "y")
+
+
+def test_build_steps_take_named_secrets_and_refuse_unknown_keywords():
+    image = mctl.Image.debian_slim().run_commands("make", secrets=[mctl.Secret.from_name("tok")])
+    assert image.recipe()["steps"][0]["secrets"] == ["tok"]
+    assert "secrets" not in mctl.Image.debian_slim().pip_install("six").recipe()["steps"][0]
+    with pytest.raises(InvalidError, match=r"takes named secrets.*mctl secret create"):
+        mctl.Image.debian_slim().pip_install("six", secrets=[mctl.Secret.from_dict({"A": "b"})])
+    with pytest.raises(InvalidError, match="unexpected keyword argument 'volumes_typo'"):
+        mctl.Image.debian_slim().apt_install("jq", volumes_typo=1)
+    with pytest.warns(UserWarning, match=r"pip_install\(gpu=...\) is not applied: image builds "
+                                         "run without GPUs"):
+        mctl.Image.debian_slim().pip_install("torch", gpu="A10G")
+    assert mctl.Image.debian_slim().cmd(["python3"]).steps[0] == {"kind": "cmd",
+                                                                 "command": ["python3"]}
+
+
+def test_oci_build_secrets_are_build_secrets_not_layers(tmp_path):
+    image = mctl.Image.debian_slim().run_commands(
+        "test \"$TOKEN\" = s3cret", secrets=[mctl.Secret.from_name("tok")])
+    from mctl.core.images import BuildContext
+    from mctl.plugins import debian_slim_base
+    from mctl.plugins.image_oci import render as render_dockerfile, secrets_dir
+
+    ctx = BuildContext(log=lambda line: None, blob_path=lambda blob: tmp_path / blob,
+                       resolve_secret=lambda name: {"TOKEN": "s3cret"} if name == "tok" else None)
+    orig = debian_slim_base.ensure
+    debian_slim_base.ensure = lambda *a: None
+    try:
+        text, flags = render_dockerfile(spec(image), ctx, tmp_path / "ctx")
+    finally:
+        debian_slim_base.ensure = orig
+    assert ("RUN --mount=type=secret,id=mctl-step-1,target=/run/secrets/mctl-step-1 "
+            ". /run/secrets/mctl-step-1 && test \"$TOKEN\" = s3cret") in text
+    assert "s3cret\n" not in text.replace('= s3cret', '')
+    src = secrets_dir(tmp_path / "ctx") / "step-1.env"
+    assert flags[flags.index("--secret") + 1] == f"id=mctl-step-1,src={src}"
+    assert src.read_text() == "export TOKEN=s3cret\n" and oct(src.stat().st_mode & 0o777) == "0o600"

@@ -224,3 +224,102 @@ def test_run_function_runs_at_build_time_in_the_image_environment(tmp_path):
                         BuildContext(log=lines.append, blob_path=lambda b: blobs / b))
     assert built["builder"] == "venv"
     assert marker.read_text() == str(Path(built["python"]).parent.parent)  # ran in the venv
+
+
+# --- other Python versions ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_debian_slim_of_another_python_version_runs_in_that_python(oci_server):
+    """3.13 is trixie's python3: the base is bootstrapped from Debian's packages if missing, and
+    mctl's dependencies are installed in the image (the host's 3.11 ones cannot be lent)."""
+    out = mctl_cli("deploy", str(APPS / "image_python_version.py"))
+    assert "oci builder" in out.stdout
+    got = mctl.Function.from_name("image-python-version", "version").remote({"a": 1})
+    assert got == ("3.13", "a = 1\n", "/usr/bin/python3")
+
+
+def test_a_python_version_debian_does_not_ship_is_refused_naming_the_ones_it_does(oci_server):
+    env = dict(os.environ, IMAGE_PYTHON_VERSION="3.12")
+    out = mctl_cli("deploy", str(APPS / "image_python_version.py"), env=env, check=False)
+    assert out.returncode != 0
+    assert "debian_slim(python_version='3.12') cannot be built here" in out.stderr
+    assert "3.9 (bullseye), 3.11 (bookworm), 3.13 (trixie), 3.14 (forky)" in out.stderr
+    assert "MCTL_IMAGE_BASE_DEBIAN_SLIM_3_12" in out.stderr
+    assert apps_listed() == []
+
+
+@pytest.fixture(scope="session")
+def pushed_without_python(images_dev, pushed):
+    """The marked image with Python removed, in the anonymous registry."""
+    tag = "localhost/mctl-test/registry-nopython:1"
+    dockerfile = ("FROM localhost/mctl-test/registry-marked:1\n"
+                  "RUN apt-get purge -y -q python3 python3-pip python3-venv 'python3.11*' "
+                  "'libpython3.11*' && apt-get autoremove -y -q --purge && ! command -v python3\n")
+    subprocess.run(["buildah", "bud", "--runtime", "runc", "--network", "host", "-t", tag, "-f",
+                    "-", "."], input=dockerfile, text=True, check=True, capture_output=True,
+                   cwd=str(APPS))
+    ref = f"{images_dev['MCTL_TEST_REGISTRY']}/mctl-test/nopython:1"
+    subprocess.run(["podman", "push", "--tls-verify=false", tag, f"docker://{ref}"], check=True,
+                   capture_output=True)
+    return ref
+
+
+@pytest.mark.slow
+def test_add_python_installs_the_images_own_python_or_says_which_it_can_have(
+        oci_server, pushed_without_python):
+    env = dict(os.environ, IMAGE_REGISTRY_TAG=pushed_without_python)
+    out = mctl_cli("deploy", str(APPS / "image_registry.py"), env=env, check=False)
+    assert out.returncode != 0  # no python3 and no add_python: said at build time
+    assert "this image has no python3" in out.stderr and 'add_python="3.11"' in out.stderr
+
+    out = mctl_cli("deploy", str(APPS / "image_registry.py"), check=False,
+                   env=dict(env, IMAGE_ADD_PYTHON="3.13"))  # bookworm ships 3.11 only
+    assert out.returncode != 0
+    assert "this image's distribution provides Python 3.11, not 3.13" in out.stderr
+    assert apps_listed() == []
+
+    mctl_cli("deploy", str(APPS / "image_registry.py"), env=dict(env, IMAGE_ADD_PYTHON="3.11"))
+    assert mctl.Function.from_name("image-registry", "where").remote() == "from-registry registry"
+    assert mctl.Function.from_name("image-registry", "python").remote() == "3.11 /usr/bin/python3"
+
+
+def read_token_into(path):
+    import os
+
+    with open(path, "w") as fh:
+        fh.write(os.environ.get("BUILD_TOKEN", "unset"))
+
+
+def test_run_function_secrets_are_in_its_environment_only(tmp_path):
+    from mctl.core.images import BuildContext, build_image
+    from mctl.core.spec import ImageSpec
+
+    marker = tmp_path / "marker"
+    image = mctl.Image.debian_slim().run_function(
+        read_token_into, args=(str(marker),), secrets=[mctl.Secret.from_name("build-token")])
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for blob, data in image.blobs().items():
+        (blobs / blob).write_bytes(data)
+    lines = []
+    build_image(ImageSpec(image_id=image.object_id, recipe=image.recipe()),
+                BuildContext(log=lines.append, blob_path=lambda b: blobs / b,
+                             resolve_secret=lambda name: {"BUILD_TOKEN": "t0ken"}))
+    assert marker.read_text() == "t0ken"
+    assert not any("t0ken" in line for line in lines)
+
+
+def test_build_secrets_reach_run_commands_and_stay_out_of_the_image(oci_server):
+    mctl_cli("secret", "create", "build-token", "BUILD_TOKEN=not-in-any-layer-7f3")
+    out = mctl_cli("deploy", str(APPS / "image_oci.py"), env=dict(os.environ,
+                                                                  IMAGE_BUILD_SECRET="build-token"))
+    assert "not-in-any-layer-7f3" not in out.stdout + out.stderr
+    tools = mctl.Function.from_name("image-oci", "tools").remote()
+    assert (tools["secret_seen"], tools["token_at_run_time"]) == ("yes", None)
+    image = subprocess.run(["podman", "ps", "--filter", "label=mctl.pool", "--format",
+                            "{{.Image}}"], capture_output=True, text=True).stdout.split()
+    history = subprocess.run(["podman", "history", "--no-trunc", image[0]], capture_output=True,
+                             text=True, check=True).stdout
+    assert "not-in-any-layer-7f3" not in history
+    saved = subprocess.run(["podman", "image", "inspect", image[0]], capture_output=True,
+                           text=True, check=True).stdout
+    assert "not-in-any-layer-7f3" not in saved

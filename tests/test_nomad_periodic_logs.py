@@ -50,7 +50,8 @@ def test_log_frames_are_decoded_however_the_stream_is_cut():
 def test_an_ended_allocation_is_reported_with_nomads_reason(monkeypatch):
     monkeypatch.delenv("NOMAD_ADDR", raising=False)
     backend = NomadScheduler({})
-    pool = NomadPool(launch=None, job_ids=("mctl-a-f",), count=1, job_version=2)
+    pool = NomadPool(launch=None, job_ids=("mctl-a-f",), namespace="default", count=1,
+                     job_version=2)
     running = {"ID": "a1", "JobVersion": 2, "ClientStatus": "running", "NodeName": "n1"}
     assert backend._update(pool, [running]) == []
     assert list(pool.workers) == ["ta-a1"]

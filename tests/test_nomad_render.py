@@ -84,9 +84,12 @@ def test_worker_pool_job():
     assert job["Meta"]["mctl.function"] == "everything"
     assert job["Meta"]["mctl.image"] == "python:3.12-slim"
     assert task["Env"]["MODE"] == "fast"
-    assert task["VolumeMounts"] == [{"Volume": "training-data", "Destination": "/data",
-                                     "ReadOnly": False}]
+    assert task["VolumeMounts"] == [
+        {"Volume": "training-data", "Destination": "/data", "ReadOnly": False},
+        {"Volume": "models", "Destination": "/models", "ReadOnly": True}]  # vol.read_only()
     assert group["Volumes"]["training-data"]["Source"] == "training-data"
+    assert group["Volumes"]["training-data"]["ReadOnly"] is False
+    assert group["Volumes"]["models"]["ReadOnly"] is True
     assert task["Vault"]["Role"] == "mctl-nomad-features"
     secret_tmpl = [t for t in task["Templates"] if "api-keys" in t["EmbeddedTmpl"]]
     assert secret_tmpl and secret_tmpl[0]["Envvars"] is True
@@ -165,6 +168,29 @@ def test_server_side_checks_can_fail(mutate, message):
     mutate(job["Job"])
     done = check([job])
     assert done.returncode == 1 and message in done.stdout
+
+
+def test_read_only_volumes_render_read_only_and_nomads_csi_rules_hold():
+    """`vol.read_only()` reaches the volume request and its mount; a CSI volume claimed
+    reader-only must be read-only (Nomad's rule), which the checker holds."""
+    job = jobs_by_id(render(volume_type="csi"))["mctl-nomad-features-everything"]
+    volumes = job["TaskGroups"][0]["Volumes"]
+    assert volumes["models"]["ReadOnly"] is True
+    assert volumes["models"]["AccessMode"] == "multi-node-reader-only"
+    assert volumes["training-data"]["AccessMode"] == "multi-node-multi-writer"
+    assert check([{"Job": job}]).returncode == 0
+    from mctl.plugins.nomad_hcl import to_hcl
+
+    hcl = to_hcl({"Job": job})
+    assert 'volume "models" {' in hcl and "read_only = true" in hcl
+    writable = copy.deepcopy(job)
+    writable["TaskGroups"][0]["Volumes"]["models"]["ReadOnly"] = False
+    done = check([{"Job": writable}])
+    assert done.returncode == 1
+    assert "multi-node-reader-only volumes must be read-only" in done.stdout
+    no_mode = copy.deepcopy(job)
+    del no_mode["TaskGroups"][0]["Volumes"]["models"]["AccessMode"]
+    assert "must have an access mode" in check([{"Job": no_mode}]).stdout
 
 
 def test_bad_cron_or_time_zone_is_rejected():

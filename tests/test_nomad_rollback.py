@@ -63,9 +63,9 @@ def test_rollback_reverts_to_the_job_version_that_ran_the_same_spec(backend):
                 "Diffs": None}
     rollback = service_job(backend, 3)  # app v3 = `mctl app rollback` to v1's spec
     assert revert_target(versions, rollback["Meta"][SPEC_META]) == (1, 3)
-    body = revert_body(rollback["ID"], 1, 3, backend.conn)
+    body = revert_body(rollback["ID"], 1, 3)
     assert body == {"JobID": "mctl-nomad-images-plain", "JobVersion": 1,
-                    "EnforcePriorVersion": 3, "Namespace": "ml", "Region": "global"}
+                    "EnforcePriorVersion": 3}
     done = check([body], "revert")
     assert done.returncode == 0, done.stdout
     # a redeploy of the spec that runs now, a new spec, or a new job: a plain register
@@ -79,9 +79,9 @@ def test_rollback_reverts_to_the_job_version_that_ran_the_same_spec(backend):
 
 def test_the_checker_refuses_a_revert_nomad_would_refuse(backend):
     assert "can't revert to the current version" in check(
-        [revert_body("mctl-a-f", 3, 3, backend.conn)], "revert").stdout
-    unforced = revert_body("mctl-a-f", 1, 3, backend.conn)
+        [revert_body("mctl-a-f", 3, 3)], "revert").stdout
+    unforced = revert_body("mctl-a-f", 1, 3)
     del unforced["EnforcePriorVersion"]
     assert check([unforced], "revert").returncode == 1
-    misspelled = {**revert_body("mctl-a-f", 1, 3, backend.conn), "Version": 1}
+    misspelled = {**revert_body("mctl-a-f", 1, 3), "Version": 1}
     assert 'unknown field "Version"' in check([misspelled], "revert").stdout

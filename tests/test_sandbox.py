@@ -69,6 +69,8 @@ def test_exec_output_stdin_and_return_codes(app):
     p = sb.exec("python3", "-c", "import sys; print(6 * 7); print('oops', file=sys.stderr)")
     assert p.stdout.read() == "42\n" and p.stderr.read() == "oops\n" and p.wait() == 0
     assert p.returncode == 0 and p.poll() == 0
+    # the Modal reference's agent spells it so: `python`, and .decode() on the text it read
+    assert sb.exec("python", "-c", "print(1)").stdout.read().decode() == "1\n"
     p = sb.exec("bash", "-c", "while read line; do echo \"got $line\"; done; exit 3")
     p.stdin.write(b"foo bar\n")
     p.stdin.write("second\n")
@@ -421,6 +423,18 @@ def test_routes_check_token_scopes(server_process):
     assert http(f"{url}/api/sandboxes", token=invoke)[0] == 200
     assert http(f"{url}/api/sandboxes/{sb.object_id}/logs", token=invoke)[0] == 403  # deploy
     assert sb.poll() is None  # still running: the refused terminate did nothing
+    # named secrets: an invoke token may not read them through a sandbox
+    _mctl("secret", "create", "sb-secret", "TOKEN=s3cr3t")
+    body = json.dumps({"app_id": app.app_id, "secret_names": ["sb-secret"]}).encode()
+    for path in ["/api/sandboxes", f"/api/sandboxes/{sb.object_id}/exec"]:
+        req = urllib.request.Request(url + path, data=body, method="POST", headers={
+            "Authorization": f"Bearer {invoke}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 403 and b"s3cr3t" not in refused.value.read()
+    with_secret = mctl.Sandbox.create(app=app, secrets=[mctl.Secret.from_name("sb-secret")])
+    assert run(with_secret, "printenv", "TOKEN")[1] == "s3cr3t\n"  # the admin token may
+    with_secret.terminate()
     assert http(f"{url}/api/sandboxes/{sb.object_id}/terminate", "POST", token=invoke)[0] == 200
     assert sb.poll() == 137
 
@@ -432,3 +446,33 @@ def test_stopping_the_app_removes_its_sandboxes():
         assert done.wait() == 0
         running = mctl.Sandbox.create(app=a)
     assert not _leftover(done) and not _leftover(running)
+
+
+APP_WITH_FUNCTION = '''
+import mctl
+
+app = mctl.App("sandbox-from-function")
+
+
+@app.function()
+def run_untrusted(code: str) -> dict:
+    sb = mctl.Sandbox.create(timeout=60)  # inside a function: its own app
+    p = sb.exec("python", "-c", code, timeout=30)
+    out, rc = p.stdout.read(), p.wait()
+    listed = [s.object_id for s in mctl.Sandbox.list(app_id=app.app_id)]
+    sb.terminate()
+    return {"out": out, "rc": rc, "isolation": sb.isolation, "listed": sb.object_id in listed}
+
+
+@app.local_entrypoint()
+def main():
+    print(run_untrusted.remote("print(2 ** 10)"))
+'''
+
+
+def test_a_function_creates_and_uses_a_sandbox(tmp_path):
+    path = tmp_path / "fn_sandbox.py"
+    path.write_text(APP_WITH_FUNCTION)
+    done = _mctl("run", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "'out': '1024\\n', 'rc': 0, 'isolation': 'gvisor', 'listed': True" in done.stdout

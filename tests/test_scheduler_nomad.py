@@ -89,10 +89,10 @@ def test_connection_settings_come_from_nomads_variables(nomad_env, tmp_path):
 
 
 def test_permission_denied_names_the_token_setting(nomad_env):
-    message = NomadScheduler({})._denied("PUT", "/v1/jobs", "Permission denied")
+    message = NomadScheduler({}).api._denied("PUT /v1/jobs", "Permission denied")
     assert "no ACL token was sent" in message and "Set NOMAD_TOKEN" in message
     nomad_env.setenv("NOMAD_TOKEN", "t")
-    message = NomadScheduler({})._denied("PUT", "/v1/jobs", "Permission denied")
+    message = NomadScheduler({}).api._denied("PUT /v1/jobs", "Permission denied")
     assert "NOMAD_TOKEN needs the submit-job" in message
 
 
@@ -140,3 +140,50 @@ def test_periodic_jobs_command_spawns_one_call_on_a_real_control_plane(tmp_path,
     from conftest import wait_until
 
     assert wait_until(lambda: tick_file.exists() and tick_file.read_text() == "fired\n")
+
+
+def test_python_nomads_errors_become_one_line_that_says_what_to_set(nomad_env):
+    """How NomadAPI reads python-nomad's exceptions (made here from requests' own Response
+    objects; no server answers them)."""
+    import asyncio
+
+    import requests
+    from nomad.api import exceptions
+
+    from mctl.plugins.nomad_api import NomadError
+
+    def answer(status, text):
+        response = requests.Response()
+        response.status_code, response._content = status, text.encode()
+        return response
+
+    def raising(exc):
+        def call(_client):
+            raise exc
+        return call
+
+    api = NomadScheduler({}).api
+    cases = [
+        (exceptions.URLNotAuthorizedNomadException(answer(403, "Permission denied")),
+         "no ACL token was sent. Set NOMAD_TOKEN"),
+        (exceptions.BadRequestNomadException(answer(400, "1 error occurred: bad group")),
+         "Nomad answered 400 to POST /v1/job/x: 1 error occurred: bad group"),
+        (exceptions.BaseNomadException(requests.exceptions.ConnectionError(
+            "HTTPConnectionPool: Max retries exceeded ([Errno 111] Connection refused)")),
+         "Nomad is unreachable at http://127.0.0.1:4646 (connection refused). Set NOMAD_ADDR"),
+    ]
+    for exc, message in cases:
+        with pytest.raises(NomadError) as info:
+            asyncio.run(api._call("POST /v1/job/x", raising(exc)))
+        assert message in str(info.value) and "\n" not in str(info.value)
+    missing = exceptions.URLNotFoundNomadException(answer(404, "job not found"))
+    assert asyncio.run(api._call("GET /v1/job/x", raising(missing), missing_ok=True)) is None
+
+
+def test_bad_connection_options_say_what_to_write(nomad_env, tmp_path):
+    with pytest.raises(InvalidError, match="poll_interval='soon' is not a positive number"):
+        NomadScheduler({"poll_interval": "soon"})
+    with pytest.raises(InvalidError, match="request_timeout='0' is not a positive number"):
+        NomadScheduler({"request_timeout": "0"})
+    with pytest.raises(InvalidError, match="token_file=.* cannot be read"):
+        NomadScheduler({"token_file": str(tmp_path / "missing")})

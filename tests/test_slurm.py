@@ -248,18 +248,26 @@ def test_a_function_runs_in_its_container_image_on_a_node(image_tools, slurm_ser
     assert wait_until(lambda: not containers(), 60), containers()
 
 
+@pytest.mark.parametrize("driver", ["store", "shared-path"])
 def test_a_file_written_on_one_node_is_read_on_another(slurm_cluster, tmp_path, isolated_home,
-                                                       monkeypatch):
-    """The shared-path volume driver: every node sees the directory (here the nodes share this
-    machine's file system); each job binds it at the mount path."""
+                                                       monkeypatch, driver):
+    """shared-path: every node sees the directory (here the nodes share this machine's file
+    system); each job binds it at the mount path. store (the default): each job binds a working
+    copy of its own, filled from and committed to the control plane over HTTP."""
     from test_deploy import mctl_cli
 
     for key, value in slurm_cluster.env.items():
         monkeypatch.setenv(key, value)
     shared = tmp_path / "shared"
     shared.mkdir()
-    monkeypatch.setenv("MCTL_VOLUME_DRIVER", "shared-path")
-    monkeypatch.setenv("MCTL_VOLUME_SHARED_PATH", str(shared))
+    scratch = tmp_path / "scratch"
+    if driver == "shared-path":
+        monkeypatch.setenv("MCTL_VOLUME_DRIVER", "shared-path")
+        monkeypatch.setenv("MCTL_VOLUME_SHARED_PATH", str(shared))
+    else:
+        monkeypatch.delenv("MCTL_VOLUME_DRIVER", raising=False)
+        monkeypatch.delenv("MCTL_VOLUME_SHARED_PATH", raising=False)
+        monkeypatch.setenv("MCTL_VOLUME_SCRATCH", str(scratch))
     port = free_port()
     srv = ServerProcess(tmp_path / "state", port, dict(os.environ), args=[
         "--host", slurm_cluster.host_addr, "--scheduler", "slurm",
@@ -283,15 +291,27 @@ def test_a_file_written_on_one_node_is_read_on_another(slurm_cluster, tmp_path, 
         "@app.function(volumes={MOUNT: vol}, cpu=3)\n"
         "def read():\n"
         "    vol.reload()\n"
-        "    return open(MOUNT + '/note.txt').read(), socket.gethostname()\n")
+        "    from mctl.core import volume_sync\n"
+        "    copies = [c.dir for c in volume_sync.copies_of('onnodes')]\n"
+        "    return open(MOUNT + '/note.txt').read(), socket.gethostname(), copies\n")
     try:
         mctl_cli("deploy", str(app_file))
         writer = mctl.Function.from_name("slurmvol", "write").remote("hello")
-        text, reader = mctl.Function.from_name("slurmvol", "read").remote()
+        text, reader, copies = mctl.Function.from_name("slurmvol", "read").remote()
         assert reader != writer and {reader, writer} <= set(slurm_cluster.nodes)
         assert text == f"hello from {writer}"
-        assert (shared / "onnodes" / "note.txt").read_text() == text
+        if driver == "shared-path":
+            assert (shared / "onnodes" / "note.txt").read_text() == text
+            assert copies == []
+        else:  # the reader's own copy, filled over HTTP from the control plane's store
+            assert len(copies) == 1 and copies[0].startswith(str(scratch))
+            store = isolated_home / "volume-store"
+            assert text.encode() in [p.read_bytes() for p in (store / "objects").glob("*/*")]
+            assert b"".join(mctl.Volume.from_name("onnodes").read_file("note.txt")) == \
+                text.encode()
         assert os.listdir(mount) == []
         mctl_cli("app", "stop", "slurmvol")
+        if driver == "store":  # each job removed its copy on the way out
+            assert wait_until(lambda: not any(scratch.rglob("*")), 60), list(scratch.rglob("*"))
     finally:
         srv.stop()

@@ -325,3 +325,67 @@ def test_a_slurm_worker_reads_its_vault_secret(slurm_cluster, vault_server, vaul
         mctl_cli("app", "stop", "vault-on-slurm")
     finally:
         srv.stop()
+
+
+# The control plane may neither write nor read secret values: only metadata, policies, tokens.
+NO_VALUES_POLICY = """
+path "secret/metadata/{prefix}*" {{ capabilities = ["read", "list", "update", "delete"] }}
+path "sys/policies/acl/mctl-app-*" {{ capabilities = ["create", "update", "delete"] }}
+path "auth/token/create"      {{ capabilities = ["create", "update", "sudo"] }}
+"""
+
+NAMED_ONLY_APP = """
+import hashlib, os
+import mctl
+
+app = mctl.App("vault-direct")
+
+@app.function(secrets=[mctl.Secret.from_name("db", required_keys=["PASSWORD"])])
+def read():
+    return hashlib.sha256(os.environ["PASSWORD"].encode()).hexdigest()
+"""
+
+
+@pytest.mark.integration
+def test_the_cli_writes_values_to_vault_itself_so_they_never_cross_the_control_plane(
+        vault_server, vault_env, tmp_path, isolated_home, monkeypatch):
+    """The control plane's Vault token cannot touch secret data at all, yet `mctl secret
+    create` (with the user's own VAULT_TOKEN) works and a worker reads the value."""
+    from conftest import ServerProcess, free_port
+    from test_deploy import mctl_cli
+
+    root = vault_server.client()
+    root.sys.create_or_update_acl_policy(
+        name="mctl-no-values",
+        policy=NO_VALUES_POLICY.format(prefix=vault_env["MCTL_VAULT_PREFIX"]))
+    token = root.auth.token.create(policies=["mctl-no-values"], ttl="15m")["auth"]["client_token"]
+    config = tmp_path / "server.toml"
+    config.write_text('[secrets]\nbackend = "vault"\n')
+    srv = ServerProcess(tmp_path / "server-state", free_port(),
+                        dict(os.environ, VAULT_TOKEN=token), args=["--config", str(config)])
+    srv.start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        out = mctl_cli("secret", "create", "db", f"PASSWORD={VALUE}", "USER=app")
+        assert "written to Vault from this machine" in out.stdout
+        assert VALUE not in out.stdout + out.stderr
+        audit = get(srv.url + "/api/audit")
+        [entry] = [e for e in json.loads(audit) if e.get("action") == "secret.create"]
+        assert entry["target"] == "db" and entry["details"]["written_by"] == "client", entry
+        assert VALUE not in audit
+        app_file = tmp_path / "vault_direct.py"
+        app_file.write_text(NAMED_ONLY_APP)
+        mctl_cli("deploy", str(app_file))
+        assert mctl.Function.from_name("vault-direct", "read").remote() == sha(VALUE)
+
+        out = mctl_cli("secret", "list", "--json")
+        assert [row["name"] for row in json.loads(out.stdout)] == ["db"]
+
+        # without Vault credentials here the values would go through the control plane: it
+        # says so, and this control plane (which may not write values) refuses
+        env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
+        out = mctl_cli("secret", "create", "other", "K=v", env=env, check=False)
+        assert "through the control plane's memory" in out.stderr
+        assert out.returncode != 0 and "refused mctl's credentials" in out.stderr
+    finally:
+        srv.stop()

@@ -1,5 +1,5 @@
 """The client's view of volumes (listdir, read_file, batch_upload, ... and `mctl volume`), through a
-real control plane on the local volume driver."""
+real control plane, on the store driver (the default) and the local one."""
 
 import io
 import json
@@ -18,7 +18,14 @@ def paths(entries):
     return [(e.path, e.type) for e in entries]
 
 
-def test_upload_list_read_copy_remove(server_process, tmp_path, isolated_home):
+@pytest.fixture(params=["store", "local"])
+def driver(request, monkeypatch):
+    """The volume driver of the server started after it (`server_process`)."""
+    monkeypatch.setenv("MCTL_VOLUME_DRIVER", request.param)
+    return request.param
+
+
+def test_upload_list_read_copy_remove(driver, server_process, tmp_path, isolated_home):
     vol = mctl.Volume.from_name("data", create_if_missing=True)
     local = tmp_path / "local"
     (local / "sub").mkdir(parents=True)
@@ -39,8 +46,13 @@ def test_upload_list_read_copy_remove(server_process, tmp_path, isolated_home):
     assert entry.size == 2 * 1024 * 1024 and entry.mtime > 0
     assert b"".join(vol.read_file("/inputs/sub/b.bin")) == bytes(range(256)) * 8192
     assert b"".join(vol.read_file("notes/mem.txt")) == b"from memory"
-    on_disk = isolated_home / "volumes" / "data"
-    assert oct(os.stat(on_disk / "top.txt").st_mode & 0o777) == "0o600"
+    if driver == "local":
+        on_disk = isolated_home / "volumes" / "data"
+        assert oct(os.stat(on_disk / "top.txt").st_mode & 0o777) == "0o600"
+    else:
+        on_disk = isolated_home / "volume-store"
+        manifest = json.loads((on_disk / "volumes/data/manifest.json").read_text())
+        assert oct(manifest["entries"]["top.txt"]["mode"]) == "0o600"
 
     # an existing file is kept unless force=True, and nothing half-written is left
     with pytest.raises(FileExistsError, match="force"):
@@ -75,7 +87,7 @@ def test_upload_list_read_copy_remove(server_process, tmp_path, isolated_home):
         mctl.Volume.from_name("never-made").listdir("/")
 
 
-def test_function_sees_what_the_client_uploaded(server_process, tmp_path):
+def test_function_sees_what_the_client_uploaded(driver, server_process, tmp_path):
     from test_deploy import mctl_cli
 
     vol = mctl.Volume.from_name("shared", create_if_missing=True)
@@ -85,9 +97,10 @@ def test_function_sees_what_the_client_uploaded(server_process, tmp_path):
     app_file.write_text(
         "import json, os\nimport mctl\napp = mctl.App('vol-app')\n"
         "vol = mctl.Volume.from_name('shared')\n"
-        "@app.function(volumes={'/data': vol})\n"
+        f"MOUNT = {str(tmp_path / 'mnt' / 'data')!r}\n"
+        "@app.function(volumes={MOUNT: vol})\n"
         "def echo():\n"
-        "    root = json.loads(os.environ['MCTL_VOLUMES'])['/data']\n"
+        "    root = MOUNT\n"
         "    text = open(os.path.join(root, 'in.txt')).read()\n"
         "    with open(os.path.join(root, 'out.txt'), 'w') as fh:\n"
         "        fh.write(text.upper())\n"

@@ -490,10 +490,12 @@ def _secret_values(pairs: tuple[str, ...], dotenv: str | None, from_json: str | 
 def secret_create(name: str, pairs: tuple[str, ...], dotenv: str | None, from_json: str | None,
                   force: bool) -> None:
     """Create secret NAME from KEY=VALUE pairs or a file."""
+    from mctl.cli.secret_direct import create
+
     values = _secret_values(pairs, dotenv, from_json)
-    _admin("POST", "/api/secrets", {"name": name, "values": values, "overwrite": force},
-           start=True)
-    click.echo(f"Created secret {name} with keys {', '.join(sorted(values))}")
+    how = create(_admin, name, values, force)  # to Vault from here when it can: see that module
+    click.echo(f"Created secret {name} with keys {', '.join(sorted(values))}"
+               + (" (written to Vault from this machine)" if how == "client" else ""))
 
 
 @secret.command("list")

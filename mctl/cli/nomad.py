@@ -96,19 +96,19 @@ def force(app_name: str, function: str, options: tuple[str, ...]) -> None:
     """Run FUNCTION's schedule now: Nomad launches its periodic job (`nomad job periodic force`),
     which spawns one call."""
     from mctl.plugins.nomad_render import job_id
-    from mctl.plugins.scheduler_nomad import force_path
 
     backend = _backend(options)
     jid = job_id(app_name, function) + "-schedule"
+    ns = backend.render.for_function(function).namespace  # function.<tag>.namespace=...
 
     async def work() -> None:
         try:
-            answer = await backend.request("PUT", force_path(jid), missing_ok=True)
+            answer = await backend.api.force(jid, ns)
         finally:
             await backend.shutdown()
         if answer is None:
             raise click.ClickException(
-                f"Nomad has no periodic job {jid} in namespace {backend.conn.namespace}. Check "
+                f"Nomad has no periodic job {jid} in namespace {ns}. Check "
                 f"that {app_name} is deployed on the nomad backend and that {function} has a "
                 "schedule.")
         click.echo(f"Forced {jid}: evaluation {answer.get('EvalID', '?')}")
@@ -136,12 +136,13 @@ def logs(app_name: str, function: str, follow: bool, kind: str, tail_bytes: int,
 
     backend = _backend(options)
     jid = job_id(app_name, function)
+    ns = backend.render.for_function(function).namespace  # function.<tag>.namespace=...
 
     async def one(alloc: dict) -> None:
         prefix = f"{alloc['ID'][:8]} "
         pending = b""
         async for data in backend.stream_logs(alloc["ID"], kind=kind, follow=follow,
-                                              tail_bytes=tail_bytes):
+                                              tail_bytes=tail_bytes, ns=ns):
             *lines, pending = (pending + data).split(b"\n")
             for line in lines:
                 click.echo(prefix + line.decode(errors="replace"))
@@ -150,11 +151,11 @@ def logs(app_name: str, function: str, follow: bool, kind: str, tail_bytes: int,
 
     async def work() -> None:
         try:
-            allocs = await backend.request("GET", f"/v1/job/{jid}/allocations", missing_ok=True)
+            allocs = await backend.api.allocations(jid, ns)
             running = [a for a in allocs or [] if a.get("ClientStatus") == "running"]
             if allocs is None:
                 raise click.ClickException(
-                    f"Nomad has no job {jid} in namespace {backend.conn.namespace}. Check that "
+                    f"Nomad has no job {jid} in namespace {ns}. Check that "
                     f"{app_name} is deployed on the nomad backend.")
             if not running:
                 click.echo(f"{jid} has no running allocation.", err=True)

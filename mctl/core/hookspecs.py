@@ -190,9 +190,12 @@ def mctl_register_secret_backends() -> Iterable[SecretBackend]:
 
 @hookspec
 def mctl_register_volume_drivers() -> Iterable[VolumeDriver]:
-    """Register volume drivers; `MCTL_VOLUME_DRIVER=<name>` picks one (default `local`; built in
-    too: `shared-path`, under `$MCTL_VOLUME_SHARED_PATH`). Process workers get the host path
-    bound at the mount path in a mount namespace (`mctl.core.mount_namespace`).
+    """Register volume drivers; `MCTL_VOLUME_DRIVER=<name>` picks one. Built in: `store` (the
+    default: contents in the control plane's store, a working copy per worker), `shared-path`
+    (under `$MCTL_VOLUME_SHARED_PATH`, the default when that is set) and `local`
+    (`$MCTL_HOME/volumes`). Process workers get the host path bound at the mount path in a
+    mount namespace (`mctl.core.mount_namespace`); see `VolumeDriver.copies` for drivers that
+    keep the files themselves.
 
     Example::
 

@@ -17,12 +17,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Mount:
-    """A volume at a path inside the worker; `host_path` is set when the driver is a local one."""
+    """A volume at a path inside the worker; `host_path` is set when the driver binds a directory
+    (`local`, `shared-path`); `synced` when the worker gets a working copy instead (`store`:
+    the backend binds `volume_sync.sources(mounts, task_id)` there)."""
 
     path: str
     volume: str
     host_path: str | None = None
     read_only: bool = False
+    synced: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class LaunchSpec:
     image_id: str
     runtime: str = "process"       # "process"/"venv": run `command` as is; "oci": run it in `image`
     files: tuple[tuple[str, str], ...] = ()  # (host path, path inside): added when a worker starts
+    # "host": a container borrows the host's mctl environment (same Python version); "image":
+    # the image has mctl's dependencies (another Python version), only mctl's package is lent.
+    python_deps: str = "host"
     cpu: float | None = None
     memory_mb: int | None = None
     gpu: GpuRequest | None = None
@@ -99,6 +105,9 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
         import json
 
         env["MCTL_VOLUMES"] = json.dumps({m.path: m.host_path for m in mounts})
+    from mctl.core.volume_sync import launch_env
+
+    env.update(launch_env(mounts))
     python = built_image.get("python") or "python3"
     res = fspec.resources
     labels = {"mctl.app": app.name, "mctl.app_id": app_id, "mctl.version": str(version),
@@ -109,7 +118,8 @@ def build_launch(app_id: str, app: AppSpec, fspec: FunctionSpec, version: int, *
         command=(python, "-m", "mctl.core.runtime"), env=MappingProxyType(env),
         image=built_image.get("image") or python, image_id=fspec.image_id,
         runtime=built_image.get("runtime") or "process",
-        files=tuple((host, inside) for host, inside in built_image.get("files") or ()), cpu=res.cpu,
+        files=tuple((host, inside) for host, inside in built_image.get("files") or ()),
+        python_deps=built_image.get("python_deps") or "host", cpu=res.cpu,
         memory_mb=res.memory_mb, gpu=res.gpu, mounts=mounts,
         secret_refs=tuple(ref.get("name", "<inline>") for ref in fspec.secrets),
         timeout_s=fspec.timeout, labels=MappingProxyType(labels), spec=fspec)

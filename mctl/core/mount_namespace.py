@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # Binds each SRC at DEST (made if missing; read-only for "ro"), then becomes the worker:
 # "$0 rw|ro SRC DEST ... -- ARGV".
-_BIND = ('set -e; while [ "$1" != -- ]; do mkdir -p "$3"; mount --bind "$2" "$3"; '
+_BIND = ('set -e; while [ "$1" != -- ]; do mkdir -p "$2" "$3"; mount --bind "$2" "$3"; '
          'if [ "$1" = ro ]; then mount -o remount,bind,ro "$3"; fi; shift 3; done; '
          'shift; exec "$@"')
 
@@ -45,18 +45,33 @@ def problem() -> str:
             "bubblewrap`) or run the server as root.")
 
 
-def wrap(argv: Sequence[str], mounts: Sequence[Mount]) -> list[str]:
-    """`argv`, run with each mount's host directory bound at its path."""
-    binds = [("ro" if m.read_only else "rw", m.host_path, m.path) for m in mounts if m.host_path]
-    if not binds:
+def binds(mounts: Sequence[Mount], task_id: str | None = None) -> list[tuple[str, str, str]]:
+    """(rw|ro, host directory, mount path) of each mount: the driver's directory, or this
+    task's working copy (`volume_sync.sources`) for a copying driver."""
+    from mctl.core.volume_sync import sources
+
+    copies = sources(mounts, task_id or "task") if task_id else {}
+    out = []
+    for m in mounts:
+        src = m.host_path or copies.get(m.path)
+        if src:
+            out.append(("ro" if m.read_only else "rw", src, m.path))
+    return out
+
+
+def wrap(argv: Sequence[str], mounts: Sequence[Mount], task_id: str | None = None) -> list[str]:
+    """`argv`, run with each mount's host directory (or this task's working copy) bound at its
+    path. The bubblewrap form needs the sources to exist: make them first (`sources`)."""
+    binds_ = binds(mounts, task_id)
+    if not binds_:
         return list(argv)
     how = method()
     if how == "unshare":
-        flat = [part for triple in binds for part in triple]
+        flat = [part for triple in binds_ for part in triple]
         return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _BIND,
                 "mctl-volumes", *flat, "--", *argv]
     if how == "bwrap":
-        flat = [part for mode, src, dest in binds
+        flat = [part for mode, src, dest in binds_
                 for part in ("--ro-bind" if mode == "ro" else "--bind", src, dest)]
         return ["bwrap", "--dev-bind", "/", "/", *flat, "--die-with-parent", "--", *argv]
     raise NoMountNamespace(problem())

@@ -64,6 +64,13 @@ class SchedulerBackend(Protocol):
     #: plane fires schedules.
     handles_schedules: bool
 
+    #: Optional (default False). True when a function's new version replaces the old one in
+    #: place (Nomad re-registers the same job and its `update` block rolls the allocations):
+    #: core then calls `ensure_pool` for the new version *before* `remove_pool` of the old one,
+    #: so the backend can tell that the old pool's job lives on under the new version. Backends
+    #: without it (local, Slurm) get `remove_pool(old)` at once, beside the new version's start.
+    updates_in_place: bool
+
     async def start(self, events: PoolEvents) -> None: ...
     async def ensure_pool(self, launch: LaunchSpec) -> None:
         """Make sure a pool exists for this launch description (idempotent). May raise
@@ -164,11 +171,22 @@ class VolumeDriver(_Registration):
 
     Optional, for `mctl volume list|delete`: `list() -> list[str]`, the volumes' names;
     `delete(name) -> bool`, remove a volume and its files (False if there was none).
+
+    `copies=True`: the driver keeps the files itself, not in a directory workers can bind (the
+    built-in `store`). Each worker then gets a private working copy at the mount path, filled at
+    start and by `Volume.reload()`, published by `Volume.commit()` (and when an input returns)
+    through the control plane's `/api/volumes/NAME/sync/...` routes; `files` is the object that
+    serves the client API (`listdir`, `open_file`, `write`, `remove`, `copy`) and those routes
+    (`manifest`, `missing`, `store_pack`, `object_path`, `commit`): see
+    `mctl.plugins.volumes_store.Files`. An OSError with ENOSPC, EDQUOT or EROFS from it answers
+    507, which clients raise as OSError(ENOSPC).
     """
 
     mount: Callable[[str, bool], str]
     list: Callable[[], list[str]] | None = None
     delete: Callable[[str], bool] | None = None
+    files: Any = None
+    copies: bool = False
 
 
 @dataclass(frozen=True)

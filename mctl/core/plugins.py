@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = (
     "mctl.plugins.secrets_local",
     "mctl.plugins.secrets_vault",
     "mctl.plugins.volumes_local",
+    "mctl.plugins.volumes_store",
     "mctl.plugins.gpu_nvidia",
 )
 

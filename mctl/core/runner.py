@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 
 def _print_log(app_id: str, task_id: str, function: str, line: str) -> None:
+    if (task_id, function) == ("build", "image"):
+        return  # image build output: the deployer follows it with a progress line
     print(line, flush=True)
 
 
@@ -80,15 +82,21 @@ async def _ensure_volumes(client: Any, spec: Any, create: set[str]) -> None:
 async def _publish(url: str, spec: Any, blobs: dict[str, bytes], mode: str,
                    app_id: str | None, secrets: dict[str, dict[str, str]],
                    create_volumes: set[str]) -> dict[str, Any]:
-    """Upload the blobs, then create the app. Inline secret values travel beside the spec, never
-    in it: the server puts them in its secret backend."""
+    """Upload the blobs, then create the app, printing its image builds as they run. Inline
+    secret values travel beside the spec, never in it: the server puts them in its secret
+    backend."""
+    from mctl.core.build_follow import BuildProgress, post_following
+
     client = client_for(url)
     await _ensure_volumes(client, spec, create_volumes)
     for data in blobs.values():
         await client.upload_blob(data)
-    return await client.http("POST", "/api/apps", {"spec": spec.model_dump(mode="json"),
-                                                   "mode": mode, "app_id": app_id,
-                                                   "secrets": secrets}, timeout_s=None)
+    progress = BuildProgress()
+    result = await post_following(client, {"spec": spec.model_dump(mode="json"), "mode": mode,
+                                           "app_id": app_id, "secrets": secrets}, progress)
+    if not progress.followed:  # a control plane without the live log: print it now
+        print_build_log(result)
+    return result
 
 
 def print_build_log(result: dict[str, Any]) -> None:
@@ -125,10 +133,8 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
             url = url or ensure_background_server()
         elif not url:
             url = stack.enter_context(embedded_server())
-        result = run_sync(_publish(url, spec, blobs, "detached" if detach else "ephemeral",
-                                   app_id, secrets, volumes_to_create(app)))
-        if os.environ.get("MCTL_SERVER_URL") or detach:  # an embedded server printed it live
-            print_build_log(result)
+        run_sync(_publish(url, spec, blobs, "detached" if detach else "ephemeral",
+                 app_id, secrets, volumes_to_create(app)))
         if not detach:
             run_sync(client_for(url).claim_app(app_id))
         app._hydrate(app_id, url)
@@ -182,7 +188,6 @@ def deploy_app(app: DeclaredApp, name: str | None = None) -> dict[str, Any]:
     url = ensure_background_server()
     result = run_sync(_publish(url, spec, blobs, "deployed", app_id,
                                inline_secret_values(app, app_id), volumes_to_create(app)))
-    print_build_log(result)
     app._hydrate(app_id, url)
     return {**result, "name": app_name, "url": url,
             "functions": {tag: f.function_id for tag, f in spec.functions.items()},

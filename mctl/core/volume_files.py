@@ -20,11 +20,44 @@ _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 CHUNK = 1 << 20
 
 
+def driver_name() -> str:
+    """`MCTL_VOLUME_DRIVER`; else `shared-path` when `MCTL_VOLUME_SHARED_PATH` names a shared
+    directory; else `store` (contents in the control plane's store, copies in workers)."""
+    explicit = os.environ.get("MCTL_VOLUME_DRIVER", "").strip()
+    if explicit:
+        return explicit
+    return "shared-path" if os.environ.get("MCTL_VOLUME_SHARED_PATH") else "store"
+
+
+def older_default_notice() -> str | None:
+    """A line for the server's log when the `local` driver (the default before `store`) has
+    volumes here that the default driver does not see."""
+    if os.environ.get("MCTL_VOLUME_DRIVER", "").strip() or driver_name() != "store":
+        return None
+    from mctl.core.config import home
+
+    old = home() / "volumes"
+    try:
+        names = sorted(p.name for p in old.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return None
+    if not names:
+        return None
+    return (f"Volumes {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} are in {old}, the "
+            "`local` driver's directory, but the default driver is now `store`: start the server "
+            "with MCTL_VOLUME_DRIVER=local to keep using them, or copy each into the store with "
+            f"`mctl volume create NAME` and `mctl volume put NAME {old}/NAME /`.")
+
+
 def driver() -> Any:
     from mctl.core import plugins
 
-    return plugins.find("mctl_register_volume_drivers",
-                        os.environ.get("MCTL_VOLUME_DRIVER", "local"))
+    return plugins.find("mctl_register_volume_drivers", driver_name())
+
+
+def _files() -> Any:
+    """The driver's own client API (a driver that keeps files itself), or None: a directory."""
+    return driver().files
 
 
 def check_name(name: str) -> str:
@@ -58,6 +91,8 @@ def _entry(base: Path, path: Path) -> dict[str, Any]:
 
 def listdir(name: str, path: str, recursive: bool) -> list[dict[str, Any]]:
     """Entries at `path` (a directory's children, or the file itself), sorted by path."""
+    if (files := _files()) is not None:
+        return files.listdir(check_name(name), path, recursive)
     base = root(name)
     target = resolve(base, path)
     if not target.exists():
@@ -81,6 +116,8 @@ def _hidden(path: Path) -> bool:
 
 
 def open_file(name: str, path: str) -> Path:
+    if (files := _files()) is not None:
+        return files.open_file(check_name(name), path)
     target = resolve(root(name), path)
     if not target.is_file():
         raise FileNotFoundError(f"No file {path!r} in volume {name!r}"
@@ -106,6 +143,15 @@ def temp_for(target: Path) -> Path:
     return target.with_name(f".mctl-upload-{target.name}.{os.getpid()}.{os.urandom(4).hex()}")
 
 
+def write_file(name: str, path: str, force: bool, create: bool, stream: BinaryIO,
+               mode: int | None = None) -> int:
+    """Upload one file into the volume (atomically: a reader sees the old file or the new one);
+    returns the bytes written."""
+    if (files := _files()) is not None:
+        return files.write(check_name(name), path, force, create, stream, mode)
+    return write_stream(write_target(name, path, force, create), stream, mode)
+
+
 def write_stream(target: Path, stream: BinaryIO, mode: int | None = None) -> int:
     """Copy `stream` to `target` atomically; returns the bytes written."""
     tmp = temp_for(target)
@@ -126,6 +172,8 @@ def write_stream(target: Path, stream: BinaryIO, mode: int | None = None) -> int
 
 
 def remove(name: str, path: str, recursive: bool) -> None:
+    if (files := _files()) is not None:
+        return files.remove(check_name(name), path, recursive)
     base = root(name)
     target = resolve(base, path)
     if target == base:
@@ -145,6 +193,8 @@ def remove(name: str, path: str, recursive: bool) -> None:
 def copy(name: str, src_paths: list[str], dst_path: str) -> None:
     """Copy files or directories within a volume. With several sources, or a destination that is
     a directory (or ends in '/'), each source goes into it under its own name."""
+    if (files := _files()) is not None:
+        return files.copy(check_name(name), src_paths, dst_path)
     base = root(name)
     sources = [resolve(base, p) for p in src_paths]
     for given, src in zip(src_paths, sources):

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from mctl.core.images import BuildContext
     from mctl.core.spec import ImageSpec
 
-DEFAULT_DEBIAN_SLIM = "localhost/mctl/debian-slim:bookworm"
-DEBIAN_SLIM_PYTHON = "3.11"
 HOST_CA_IN_BUILD = "/etc/ssl/host-ca.crt"
 PYTHON_SOURCE_ROOT = "/root"
 MOUNTED_SOURCE_ROOT = "/opt/mctl/src"
@@ -95,6 +93,8 @@ def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
     ref = f"{registry}/mctl/{image.image_id}:{version}" if registry else tag
     files, env = _start_files(image, ctx, cache_dir() / "files", extract_blob)
     result = {"python": "python3", "runtime": "oci", "image": ref, "env": env, "files": files}
+    if foreign_python(image):  # mctl's dependencies are in the image (see `render`)
+        result["python_deps"] = "image"
     forced = bool((image.recipe.get("base") or {}).get("force_build")) or any(
         s.get("force_build") for s in image.recipe.get("steps", []))
     if not forced and _exists(tool, tag, ref, registry):
@@ -120,6 +120,7 @@ def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
             ctx.run(push, what=f"pushing {ref}")
     finally:
         shutil.rmtree(context, ignore_errors=True)
+        shutil.rmtree(secrets_dir(context), ignore_errors=True)
     ctx.say(f"image {image.image_id}: built {ref}")
     return result
 
@@ -183,12 +184,7 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
     lines: list[str] = []
     kind = base["kind"]
     if kind == "debian_slim":
-        version = recipe.get("python_version")
-        if version and version != DEBIAN_SLIM_PYTHON:
-            raise ImageBuildError(f"Image.debian_slim(python_version={version!r}): the debian_slim "
-                                  f"base here has Python {DEBIAN_SLIM_PYTHON}; use that version, or "
-                                  "an image with yours (Image.from_registry).")
-        lines.append(f"FROM {_debian_slim_base(ctx)}")
+        lines.append(f"FROM {_debian_slim_base(ctx, recipe.get('python_version'))}")
     elif kind == "registry":
         from mctl.plugins import registry_v2
 
@@ -201,35 +197,72 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
         lines.append(f"FROM {pinned.pinned}")
         lines += list(base.get("setup") or [])
         if recipe.get("python_version"):
-            lines.append("RUN command -v python3 >/dev/null || (apt-get update && "
-                         "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-                         "python3 python3-pip && rm -rf /var/lib/apt/lists/*)")
+            lines.append("RUN " + add_python_script(recipe["python_version"]))
+        else:  # say it at build time, not as a worker that cannot start
+            lines.append("RUN command -v python3 >/dev/null 2>&1 || { echo 'mctl: this image has "
+                         "no python3, which mctl runs functions with; give one with "
+                         f"Image.from_registry(..., add_python=\"{host_python()}\")' >&2; "
+                         "exit 1; }")
     elif kind == "dockerfile":
         extract_blob(ctx, base["context_blob"], context)
         for key, value in sorted((base.get("build_args") or {}).items()):
             flags += ["--build-arg", f"{key}={value}"]
         lines += base["dockerfile"].splitlines()
+        if recipe.get("python_version"):
+            lines.append("RUN " + add_python_script(recipe["python_version"]))
+    elif kind == "micromamba":
+        lines.append(f"FROM {_micromamba_base(recipe)}")
+        if recipe.get("python_version"):
+            lines.append("RUN micromamba install -y -n base " + " ".join(
+                f"-c {shlex.quote(c)}" for c in _conda_channels(())) +
+                f" python={shlex.quote(recipe['python_version'])} && micromamba clean -a -y")
     else:
         raise ImageBuildError(f"Image base {kind!r} cannot be built here; use Image.debian_slim, "
                               "Image.from_registry or Image.from_dockerfile.")
     # The host's pip settings reach every stage's RUN lines (ARG values are not kept in the image).
     lines = _after_each_from(lines, arg_lines)
     lines.append("ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore")
+    if foreign_python(image):
+        # The host's mctl environment cannot be lent to another Python version (compiled
+        # dependencies): install mctl's dependencies in the image; mctl's own (pure Python)
+        # package is still bound from the host when a worker starts.
+        lines.append("RUN python3 -m pip install --no-input --no-cache-dir "
+                     + " ".join(shlex.quote(r) for r in mctl_requirements()))
     python_path = False
     for n, step in enumerate(recipe.get("steps", []), 1):
         kind = step["kind"]
+        secret = _step_secrets(step, n, ctx, context, flags)  # "" or a RUN prefix
         if kind == "pip_install":
             from mctl.core.images import pip_args
 
-            lines.append("RUN python3 -m pip install --no-input --no-cache-dir "
+            lines.append(f"RUN {secret}python3 -m pip install --no-input --no-cache-dir "
                          + " ".join(shlex.quote(a) for a in pip_args(step)))
+        elif kind == "micromamba_install":
+            if (recipe.get("base") or {}).get("kind") != "micromamba":
+                raise ImageBuildError(f"Image.micromamba_install (step {n}) needs an image made "
+                                      "with Image.micromamba(); this one has no micromamba.")
+            channels = " ".join(f"-c {shlex.quote(c)}" for c in _conda_channels(step["channels"]))
+            if step.get("spec"):
+                src = f"mctl-files/{n}"
+                (context / src).mkdir(parents=True, exist_ok=True)
+                (context / src / "environment.yml").write_text(step["spec"])
+                lines.append(f"COPY {src}/environment.yml /tmp/mctl-env-{n}.yml")
+                lines.append(f"RUN micromamba install -y -n base {channels} -f "
+                             f"/tmp/mctl-env-{n}.yml && rm /tmp/mctl-env-{n}.yml")
+            if step["packages"]:
+                lines.append(f"RUN micromamba install -y -n base {channels} "
+                             + " ".join(map(shlex.quote, step["packages"])))
+            lines.append("RUN micromamba clean -a -y")
         elif kind == "apt_install":
-            lines.append("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
+            lines.append(f"RUN {secret}apt-get update && DEBIAN_FRONTEND=noninteractive "
+                         "apt-get install -y "
                          "--no-install-recommends " + " ".join(map(shlex.quote, step["packages"]))
                          + " && rm -rf /var/lib/apt/lists/*")
         elif kind in ("run_commands", "dockerfile_commands"):
-            prefix = "RUN " if kind == "run_commands" else ""
+            prefix = f"RUN {secret}" if kind == "run_commands" else ""
             lines += [prefix + cmd for cmd in step["commands"]]
+        elif kind == "cmd":
+            lines.append(f"CMD {json.dumps(step['command'])}")
         elif kind == "env":
             lines.append("ENV " + " ".join(f"{k}={json.dumps(v)}" for k, v in
                                            sorted(step["vars"].items())))
@@ -250,12 +283,20 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
             if kind == "add_local_python_source":
                 python_path = True
         elif kind == "run_function":
+            if foreign_python(image):
+                raise ImageBuildError(
+                    f"Image.run_function({step['name']}) (step {n}) cannot run in an image of "
+                    f"Python {recipe.get('python_version') or 'other'}: the function travels as "
+                    f"cloudpickle bytes made by Python {host_python()}, which another Python "
+                    "version cannot load. Use run_commands (e.g. `python3 -c ...` or a script "
+                    "added with add_local_file(copy=True)) in this image.")
             src = f"mctl-files/{n}"
             extract_blob(ctx, step["blob"], context / src)
             lines.append(f"COPY {src}/function.pkl /tmp/mctl-function-{n}.pkl")
             lines.append("RUN python3 -c 'import cloudpickle' 2>/dev/null || python3 -m pip install "
                          "--no-input -q cloudpickle")
-            lines.append(f"RUN python3 -c \"import cloudpickle; f, a, k = cloudpickle.loads("
+            lines.append(f"RUN {secret}python3 -c \"import cloudpickle; f, a, k = "
+                         "cloudpickle.loads("
                          f"open('/tmp/mctl-function-{n}.pkl', 'rb').read()); f(*a, **k)\" "
                          f"&& rm /tmp/mctl-function-{n}.pkl")
         else:
@@ -267,6 +308,78 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path) -> tuple[str, lis
     return "\n".join(lines) + "\n", flags
 
 
+def add_python_script(version: str) -> str:
+    """A shell script that gives an image `python3` of `version` (with pip), or fails saying why.
+
+    It uses what the image has first: a `python3` of that version, or a `python<version>` to
+    link as python3. Otherwise it installs the distribution's own Python with its package
+    manager (apt-get, apk, dnf or microdnf) and checks the version it got: a distribution ships
+    one Python per release, and no portable Python build can be fetched on machines like these
+    (mctl downloads none). Tested on Debian images; the apk and dnf branches are not (no Alpine
+    or Fedora base can be had offline here)."""
+    want = shlex.quote(version)
+    return " ".join(f"""
+        set -e; want={want};
+        v() {{ "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }};
+        have() {{ command -v python3 >/dev/null && [ "$(v python3)" = "$want" ]; }};
+        if ! have && command -v "python$want" >/dev/null; then
+            ln -sf "$(command -v "python$want")" /usr/local/bin/python3; fi;
+        if ! have || ! python3 -m pip --version >/dev/null 2>&1; then
+            if command -v apt-get >/dev/null; then
+                apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+                --no-install-recommends python3 python3-pip python3-venv ca-certificates
+                && rm -rf /var/lib/apt/lists/*;
+            elif command -v apk >/dev/null; then apk add --no-cache python3 py3-pip;
+            elif command -v dnf >/dev/null; then dnf install -y python3 python3-pip && dnf clean all;
+            elif command -v microdnf >/dev/null; then
+                microdnf install -y python3 python3-pip && microdnf clean all;
+            else echo "mctl add_python: the image has no python3 $want and no apt-get, apk or dnf
+                to install one with; use an image with Python $want." >&2; exit 1; fi; fi;
+        if ! have; then echo "mctl add_python: this image's distribution provides Python
+            $(v python3 | grep . || echo none), not $want; use add_python=\"$(v python3)\",
+            Image.debian_slim(python_version=\"$want\"), or an image that has Python $want."
+            >&2; exit 1; fi
+        """.split())
+
+
+def _step_secrets(step: dict[str, Any], n: int, ctx: BuildContext, context: Path,
+                  flags: list[str]) -> str:
+    """A step's named secrets as a build secret (`--secret`, mounted only while its RUN lines
+    run, never in a layer): returns the RUN prefix that exports them, or ""."""
+    import re
+
+    from mctl.exception import InvalidError
+
+    names = step.get("secrets") or []
+    if not names:
+        return ""
+    values: dict[str, str] = {}
+    for name in names:
+        got = ctx.resolve_secret(name)
+        if got is None:
+            raise InvalidError(f"Secret {name!r} (step {n}, {step['kind']}) does not exist; "
+                               f"create it with `mctl secret create {name} KEY=VALUE`.")
+        values.update(got)
+    bad = [k for k in values if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+    if bad:
+        raise InvalidError(f"Secret key {bad[0]!r} (step {n}) is not a valid environment "
+                           "variable name.")
+    where = secrets_dir(context)
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = where / f"step-{n}.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(values.items())))
+    flags += ["--secret", f"id=mctl-step-{n},src={path}"]
+    target = f"/run/secrets/mctl-step-{n}"
+    return f"--mount=type=secret,id=mctl-step-{n},target={target} . {target} && "
+
+
+def secrets_dir(context: Path) -> Path:
+    """Where a build's secret files wait (outside its context, removed after the build)."""
+    return context.with_name(context.name + ".secrets")
+
+
 def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
     out: list[str] = []
     for line in lines:
@@ -276,20 +389,61 @@ def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
     return out
 
 
-def _debian_slim_base(ctx: BuildContext) -> str:
-    import subprocess
+def _debian_slim_base(ctx: BuildContext, version: str | None) -> str:
+    """The base of `debian_slim(python_version=version)`, made from Debian's packages if missing
+    (see `debian_slim_base`)."""
+    from mctl.plugins import debian_slim_base
 
+    tag, suite = debian_slim_base.base_for(version)
+    debian_slim_base.ensure(tag, suite, run_tool() or build_tool() or "podman", ctx)
+    return tag
+
+
+def host_python() -> str:
+    import sys
+
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def foreign_python(image: ImageSpec) -> bool:
+    """True when the image's Python is declared and is not the version mctl runs on here."""
+    version = image.recipe.get("python_version")
+    base = image.recipe.get("base") or {"kind": "debian_slim"}
+    if version is None and base.get("kind") == "debian_slim":
+        from mctl.plugins.debian_slim_base import DEFAULT_PYTHON
+
+        version = DEFAULT_PYTHON
+    return version is not None and version != host_python()
+
+
+def mctl_requirements() -> list[str]:
+    """mctl's own runtime dependencies, as declared (extras left out)."""
+    from importlib.metadata import requires
+
+    return [r for r in requires("mctl") or [] if "extra ==" not in r]
+
+
+def _micromamba_base(recipe: dict[str, Any]) -> str:
+    """The image `Image.micromamba()` starts from: MCTL_IMAGE_BASE_MICROMAMBA (an image that has
+    `micromamba` on its PATH, e.g. a copy of mambaorg/micromamba in the site's registry)."""
     from mctl.core.images import ImageBuildError
 
-    base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
-    tool = run_tool() or build_tool() or "podman"
-    argv = [tool, "image", "inspect", base] if tool != "buildah" else [
-        tool, "inspect", "--type", "image", base]
-    if base.startswith("localhost/") and subprocess.run(argv, capture_output=True).returncode:
-        raise ImageBuildError(f"The debian_slim base image {base} is not on this machine. Build it "
-                              "with `scripts/images-dev up` (debootstrap from Debian's packages), "
-                              "or set MCTL_IMAGE_BASE_DEBIAN_SLIM to an image you have.")
+    base = os.environ.get("MCTL_IMAGE_BASE_MICROMAMBA")
+    if not base:
+        raise ImageBuildError(
+            "Image.micromamba() needs a base image with micromamba and a conda channel the "
+            "build can reach, and this control plane has neither: micromamba and conda are not "
+            "in Debian's packages or on PyPI, and conda channels (conda-forge) are not reachable "
+            "from machines like these. Set MCTL_IMAGE_BASE_MICROMAMBA to an image with "
+            "micromamba and MCTL_CONDA_CHANNELS to your channel mirror, or use "
+            "Image.debian_slim(python_version=...) with pip_install and apt_install.")
     return base
+
+
+def _conda_channels(channels: Any) -> list[str]:
+    """A step's channels, else MCTL_CONDA_CHANNELS (comma-separated; a site's mirror)."""
+    configured = [c for c in os.environ.get("MCTL_CONDA_CHANNELS", "").split(",") if c.strip()]
+    return list(channels) or [c.strip() for c in configured]
 
 
 def _registry_creds(base: dict[str, Any], ctx: BuildContext) -> tuple[str, str] | None:

@@ -89,11 +89,12 @@ def _create(image: ImageSpec, ctx: BuildContext, root: Path, steps: list[dict[st
     env.pop("PYTHONPATH", None)
     for n, step in enumerate(steps, 1):
         what = f"step {n} ({step['kind']})"
+        step_env = dict(env, **_secret_values(step, n, ctx))  # this step's only
         if step["kind"] == "pip_install":
             # The host's pip, installing into the venv: no pip bootstrap per image.
             ctx.run([sys.executable, "-m", "pip", "--python", str(root / "bin" / "python"),
                      "install", "--no-input", *pip_args(step)], what=f"{what}: pip install "
-                    f"{' '.join(step['packages'])}", env=env)
+                    f"{' '.join(step['packages'])}", env=step_env)
         elif step["kind"] == "add_local_python_source":
             extract_blob(ctx, step["blob"], site_dir)
             ctx.say(f"{what}: added {', '.join(step['modules'])}")
@@ -103,8 +104,21 @@ def _create(image: ImageSpec, ctx: BuildContext, root: Path, steps: list[dict[st
             code = ("import cloudpickle, sys; f, a, k = cloudpickle.loads(open(sys.argv[1], 'rb')"
                     ".read()); f(*a, **k)")
             ctx.run([str(root / "bin" / "python"), "-c", code, str(tmp / "function.pkl")],
-                    what=f"{what}: {step['name']}()", env=env, cwd=str(root))
+                    what=f"{what}: {step['name']}()", env=step_env, cwd=str(root))
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _secret_values(step: dict[str, Any], n: int, ctx: BuildContext) -> dict[str, str]:
+    from mctl.exception import InvalidError
+
+    values: dict[str, str] = {}
+    for name in step.get("secrets") or []:
+        got = ctx.resolve_secret(name)
+        if got is None:
+            raise InvalidError(f"Secret {name!r} (step {n}, {step['kind']}) does not exist; "
+                               f"create it with `mctl secret create {name} KEY=VALUE`.")
+        values.update(got)
+    return values
 
 
 @mctl.hookimpl

@@ -312,7 +312,8 @@ def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref
           jid: str, pull_secret: str | None, version_from_variable: bool, *,
           trigger: bool = False) -> dict[str, Any]:
     driver, config, extra_env = _driver(launch, image_ref, opts, pull_secret)
-    hidden = ("MCTL_TASK_TOKEN", "MCTL_VOLUMES") + (
+    # Nomad mounts volumes itself (host or CSI volumes named after mctl's): no working copies.
+    hidden = ("MCTL_TASK_TOKEN", "MCTL_VOLUMES", "MCTL_VOLUME_SYNC") + (
         ("MCTL_APP_VERSION",) if version_from_variable else ())
     env = {k: v for k, v in launch.env.items() if k not in hidden}
     env.update(extra_env)
@@ -349,17 +350,28 @@ def _task(launch: LaunchSpec, fspec: FunctionSpec, opts: NomadOptions, image_ref
         task["Templates"] += _secret_templates(secrets, opts)
     if fspec.volumes and not trigger:
         task["VolumeMounts"] = [{"Volume": _volume_key(name), "Destination": path,
-                                 "ReadOnly": False} for path, name in sorted(fspec.volumes.items())]
+                                 "ReadOnly": _read_only(fspec, path)}
+                                for path, name in sorted(fspec.volumes.items())]
     return task
 
 
+def _read_only(fspec: FunctionSpec, path: str) -> bool:
+    """`vol.read_only()` at this mount path."""
+    return path.rstrip("/") in {p.rstrip("/") for p in fspec.read_only_volumes}
+
+
 def _volumes(fspec: FunctionSpec, opts: NomadOptions) -> dict[str, Any]:
+    """The group's volume requests: read-only when every mount of the volume is (a CSI volume
+    is then claimed `multi-node-reader-only`, which Nomad allows only read-only), so a node
+    never gets write access the function did not ask for."""
     out = {}
     for name in sorted(set(fspec.volumes.values())):
         key = _volume_key(name)
-        volume = {"Name": key, "Type": opts.volume_type, "Source": name, "ReadOnly": False}
+        read_only = all(_read_only(fspec, path) for path, n in fspec.volumes.items() if n == name)
+        volume = {"Name": key, "Type": opts.volume_type, "Source": name, "ReadOnly": read_only}
         if opts.volume_type == "csi":
-            volume.update(AccessMode="multi-node-multi-writer", AttachmentMode="file-system")
+            volume.update(AccessMode="multi-node-reader-only" if read_only
+                          else "multi-node-multi-writer", AttachmentMode="file-system")
         out[key] = volume
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -142,6 +143,10 @@ class LocalScheduler:
             env.pop(key, None)
         argv = list(launch.command)
         extra: dict[str, Any] = {}
+        from mctl.core.volume_sync import sources
+
+        for directory in sources(launch.mounts, proc.task_id).values():  # working copies
+            os.makedirs(directory, exist_ok=True)
         if launch.runtime == "oci":  # in its image, with podman
             from mctl.plugins.containers import run_argv
 
@@ -153,7 +158,7 @@ class LocalScheduler:
             if launch.mounts:  # each volume at its mount path, seen by this worker only
                 from mctl.core import mount_namespace
 
-                argv = mount_namespace.wrap(argv, launch.mounts)
+                argv = mount_namespace.wrap(argv, launch.mounts, proc.task_id)
                 if mount_namespace.method() == "bwrap":  # bwrap stays the worker's parent
                     parent, extra["preexec_fn"] = 0, _die_with_parent
             env.update(launch.worker_env(proc.task_id))
@@ -174,6 +179,14 @@ class LocalScheduler:
             async for raw in proc.process.stdout:
                 proc.tail.append(raw.decode(errors="replace").rstrip("\n"))
             code = await proc.process.wait()
+        copies = sources(launch.mounts, proc.task_id)
+        if copies:  # a worker that died before removing its working copies
+            import shutil
+
+            for directory in copies.values():
+                shutil.rmtree(directory, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(directory))
         pool.procs.pop(proc.task_id, None)
         if self.events is not None:
             clean = proc.stopping or code in (0, -signal.SIGTERM)

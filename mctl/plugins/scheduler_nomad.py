@@ -2,26 +2,27 @@
 worker runtime; core's autoscaler sets its count through Nomad's scale API.
 
 The jobs are those `mctl nomad render` prints (`nomad_render`): one service job
-`mctl-<app>-<function>` per function, re-registered for each new version (Nomad keeps the job's
-versions and rolls allocations over with the `update` block), and a periodic batch job per
-schedule, so Nomad fires schedules (`handles_schedules`). A worker's task id is
+`mctl-<app>-<function>` per function, and a periodic batch job per schedule, so Nomad fires
+schedules (`handles_schedules`). A new version (a redeploy, a rollback) is registered over the
+same job IDs while the old version still runs (`updates_in_place`: core removes the old pool
+only after `ensure_pool` of the new one); Nomad keeps the job's versions and its `update` block
+rolls the allocations over. The old pool's removal then deregisters only the jobs the new
+version no longer has (a dropped schedule's periodic job). A worker's task id is
 `ta-<allocation id>`. Its task token is written to the job's Nomad Variable
 (`nomad/jobs/<job id>`), which only that job's tasks can read, never into the job itself.
 
 This backend has been checked by contract only: every body it sends is checked against Nomad's
 own API types by tools/nomad-jobcheck in the tests; it has not run against a live Nomad agent.
+The calls go through python-nomad (`nomad_api.NomadAPI`, which also says what it works around).
 
-Connection settings, as Nomad's own CLI reads them: NOMAD_ADDR (default http://127.0.0.1:4646),
-NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION, NOMAD_CACERT (and NOMAD_CLIENT_CERT/NOMAD_CLIENT_KEY),
-or the options address, token_file, cacert. Other options: see `NomadOptions`, plus
-request_timeout (seconds, default 15) and poll_interval (default 2).
+Connection settings: see `nomad_api`. Other options: see `NomadOptions`, plus request_timeout
+(seconds, default 15) and poll_interval (default 2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,13 @@ from urllib.parse import quote
 import mctl
 from mctl.core.plugin_types import Scheduler, WorkerInfo
 from mctl.exception import InvalidError
+from mctl.plugins.nomad_api import (Connection, FrameDecoder, NomadAPI, NomadError,
+                                    logs_request)
 from mctl.plugins.nomad_render import GROUP, SPEC_META, TASK, NomadOptions, render_function
+
+__all__ = ["Connection", "FrameDecoder", "NomadError", "NomadScheduler", "force_path",
+           "image_ref", "logs_request", "register_body", "revert_body", "revert_target",
+           "scale_body", "variable_body"]
 
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
@@ -42,53 +49,22 @@ LIVE = {"pending", "running"}
 TAIL_BYTES = 4096  # of a failed worker's stdout and stderr, into the app's logs
 
 
-class NomadError(InvalidError):
-    """Nomad refused a request or could not be reached; the message says what to set."""
-
-
 @dataclass
 class NomadPool:
     launch: LaunchSpec
     job_ids: tuple[str, ...]      # the service job, then the periodic job if any
+    namespace: str                # the jobs' (a function may have its own)
     count: int = 0
     job_version: int = 0          # the Nomad job version this pool registered
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # task id -> last seen
 
 
-@dataclass(frozen=True)
-class Connection:
-    address: str
-    token: str | None
-    namespace: str
-    region: str
-    cacert: str | None
-    client_cert: str | None = None
-    client_key: str | None = None
-
-    @classmethod
-    def from_settings(cls, options: dict[str, Any], render: NomadOptions,
-                      explicit: set[str]) -> Connection:
-        token = os.environ.get("NOMAD_TOKEN") or None
-        if options.get("token_file"):
-            with open(options["token_file"]) as fh:
-                token = fh.read().strip()
-        return cls(
-            address=(options.get("address") or os.environ.get("NOMAD_ADDR")
-                     or "http://127.0.0.1:4646").rstrip("/"),
-            token=token,
-            namespace=render.namespace if "namespace" in explicit
-            else os.environ.get("NOMAD_NAMESPACE") or render.namespace,
-            region=render.region if "region" in explicit
-            else os.environ.get("NOMAD_REGION") or render.region,
-            cacert=options.get("cacert") or os.environ.get("NOMAD_CACERT") or None,
-            client_cert=os.environ.get("NOMAD_CLIENT_CERT") or None,
-            client_key=os.environ.get("NOMAD_CLIENT_KEY") or None)
-
-
 # --- request bodies (the tests pass each through tools/nomad-jobcheck) --------------------------
 def register_body(job: dict[str, Any], conn: Connection) -> dict[str, Any]:
-    """`PUT /v1/jobs`: an `api.JobRegisterRequest`."""
-    return {**job, "Namespace": conn.namespace, "Region": conn.region}
+    """`POST /v1/job/:id`: an `api.JobRegisterRequest`, in the job's own namespace (a
+    per-function override may differ from the connection's)."""
+    return {**job, "Namespace": job["Job"].get("Namespace") or conn.namespace,
+            "Region": conn.region}
 
 
 def scale_body(job_id: str, count: int, launch: LaunchSpec) -> dict[str, Any]:
@@ -99,20 +75,21 @@ def scale_body(job_id: str, count: int, launch: LaunchSpec) -> dict[str, Any]:
 
 
 def variable_body(job_id: str, task_token: str | None, conn: Connection,
-                  app_version: int = 0) -> dict[str, Any]:
+                  app_version: int = 0, namespace: str | None = None) -> dict[str, Any]:
     """`PUT /v1/var/nomad/jobs/:id`: an `api.Variable` the job's own tasks may read: the task
     token and the app version their workers serve (neither is in the job itself)."""
     items = {"app_version": str(app_version)}
     if task_token:
         items["task_token"] = task_token
-    return {"Namespace": conn.namespace, "Path": f"nomad/jobs/{job_id}", "Items": items}
+    return {"Namespace": namespace or conn.namespace, "Path": f"nomad/jobs/{job_id}",
+            "Items": items}
 
 
-def revert_body(job_id: str, version: int, prior: int, conn: Connection) -> dict[str, Any]:
-    """`PUT /v1/job/:id/revert`: an `api.JobRevertRequest`. EnforcePriorVersion makes Nomad
-    refuse the revert if someone changed the job since the backend read its versions."""
-    return {"JobID": job_id, "JobVersion": version, "EnforcePriorVersion": prior,
-            "Namespace": conn.namespace, "Region": conn.region}
+def revert_body(job_id: str, version: int, prior: int) -> dict[str, Any]:
+    """`POST /v1/job/:id/revert`: the `api.JobRevertRequest` python-nomad's `revert_job` sends
+    (namespace and region travel in the query). EnforcePriorVersion makes Nomad refuse the
+    revert if someone changed the job since the backend read its versions."""
+    return {"JobID": job_id, "JobVersion": version, "EnforcePriorVersion": prior}
 
 
 def revert_target(versions: dict[str, Any] | None, spec: str) -> tuple[int, int] | None:
@@ -131,51 +108,8 @@ def revert_target(versions: dict[str, Any] | None, spec: str) -> tuple[int, int]
 
 
 def force_path(job_id: str) -> str:
-    """`PUT /v1/job/:id/periodic/force` (no body): Nomad launches the periodic job now."""
+    """`POST /v1/job/:id/periodic/force` (no body): Nomad launches the periodic job now."""
     return f"/v1/job/{quote(job_id, safe='')}/periodic/force"
-
-
-def logs_request(alloc_id: str, task: str = TASK, kind: str = "stdout", follow: bool = False,
-                 tail_bytes: int = 0) -> tuple[str, dict[str, str]]:
-    """`GET /v1/client/fs/logs/:alloc_id`: a stream of `api.StreamFrame` objects, from
-    `tail_bytes` before the end of the task's log (`origin=end`); `follow` keeps it open."""
-    if kind not in ("stdout", "stderr"):
-        raise InvalidError(f"Log type {kind!r} is not stdout or stderr.")
-    return (f"/v1/client/fs/logs/{quote(alloc_id, safe='')}",
-            {"task": task, "type": kind, "follow": "true" if follow else "false",
-             "origin": "end", "offset": str(max(0, tail_bytes)), "plain": "false"})
-
-
-class FrameDecoder:
-    """Nomad's log stream: JSON `StreamFrame` objects one after another (`{}` heartbeats
-    between), each `Data` base64; `feed` returns the log bytes of the frames complete so far."""
-
-    def __init__(self) -> None:
-        import codecs
-        import json
-
-        self._text = ""
-        self._json = json.JSONDecoder()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")()  # a chunk may cut a character
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        import base64
-
-        self._text += self._utf8.decode(chunk)
-        out = []
-        while True:
-            text = self._text.lstrip()
-            if not text:
-                self._text = ""
-                return out
-            try:
-                frame, end = self._json.raw_decode(text)
-            except ValueError:  # an incomplete frame: wait for more
-                self._text = text
-                return out
-            self._text = text[end:]
-            if isinstance(frame, dict) and frame.get("Data"):
-                out.append(base64.b64decode(frame["Data"]))
 
 
 def image_ref(launch: LaunchSpec) -> str | None:
@@ -194,6 +128,7 @@ def image_ref(launch: LaunchSpec) -> str | None:
 
 class NomadScheduler:
     handles_schedules = True  # each schedule is a periodic job that Nomad fires
+    updates_in_place = True   # a new version re-registers the same jobs; `update` rolls them
     provider = "nomad"
 
     def __init__(self, options: dict[str, Any]) -> None:
@@ -202,108 +137,36 @@ class NomadScheduler:
         self.conn = Connection.from_settings(options, self.render, set(render_options))
         self.render = self.render._with({"namespace": self.conn.namespace,
                                          "region": self.conn.region})
-        self.timeout = float(options.get("request_timeout", 15))
-        self.poll_interval = float(options.get("poll_interval", 2))
+        self.timeout = _seconds(options, "request_timeout", 15)
+        self.poll_interval = _seconds(options, "poll_interval", 2)
+        self.api = NomadAPI(self.conn, self.timeout)
         self.pools: dict[str, NomadPool] = {}
-        self.current: dict[str, str] = {}  # job id -> the pool (function version) it runs
+        # job id -> the pool (function version) that registered it last: only that pool may
+        # scale the job or deregister it, so an old version's removal leaves a job that a
+        # newer version took over alone (and deregisters the jobs the newer one dropped).
+        self.current: dict[str, str] = {}
         self.events: PoolEvents | None = None
-        self._session: Any = None
         self._poller: asyncio.Task[None] | None = None
 
-    # --- HTTP ----------------------------------------------------------------------------------
-    async def _http(self) -> Any:
-        if self._session is None:
-            import aiohttp
-
-            ssl_context: Any = None
-            if self.conn.cacert or self.conn.client_cert:
-                import ssl
-
-                ssl_context = ssl.create_default_context(cafile=self.conn.cacert)
-                if self.conn.client_cert:
-                    ssl_context.load_cert_chain(self.conn.client_cert, self.conn.client_key)
-            headers = {"X-Nomad-Token": self.conn.token} if self.conn.token else {}
-            self._session = aiohttp.ClientSession(
-                headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else None)
-        return self._session
-
-    async def request(self, method: str, path: str, body: Any = None,
-                      params: dict[str, str] | None = None, missing_ok: bool = False) -> Any:
-        """One call to Nomad's HTTP API; its JSON answer, or a NomadError that says what to do.
-        `missing_ok`: a 404 answers None."""
-        import aiohttp
-
-        session = await self._http()
-        query = {"namespace": self.conn.namespace, "region": self.conn.region, **(params or {})}
-        url = f"{self.conn.address}{path}"
-        try:
-            async with session.request(method, url, json=body, params=query) as resp:
-                text = await resp.text()
-                if resp.status == 404 and missing_ok:
-                    return None
-                if resp.status == 403:
-                    raise NomadError(self._denied(method, path, text))
-                if resp.status >= 400:
-                    raise NomadError(f"Nomad answered {resp.status} to {method} {path}: "
-                                     f"{text.strip()[:500]}")
-                return await resp.json(content_type=None) if text.strip() else None
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
-            raise self._unreachable(exc) from None
-
-    async def stream_logs(self, alloc_id: str, task: str = TASK, kind: str = "stdout",
-                          follow: bool = False, tail_bytes: int = 0) -> AsyncIterator[bytes]:
-        """The task's log through Nomad's client fs API (the agent forwards it from the node):
-        its last `tail_bytes`, then, with `follow`, what it writes until the allocation ends."""
-        import aiohttp
-
-        path, params = logs_request(alloc_id, task, kind, follow, tail_bytes)
-        session = await self._http()
-        query = {"namespace": self.conn.namespace, "region": self.conn.region, **params}
-        frames = FrameDecoder()
-        no_limit = aiohttp.ClientTimeout(total=None, connect=self.timeout)
-        try:
-            async with session.get(f"{self.conn.address}{path}", params=query,
-                                   timeout=no_limit if follow else session.timeout) as resp:
-                if resp.status >= 400:
-                    text = await resp.text()
-                    raise NomadError(self._denied("GET", path, text) if resp.status == 403 else
-                                     f"Nomad answered {resp.status} to GET {path}: "
-                                     f"{text.strip()[:500]}")
-                async for chunk in resp.content.iter_any():
-                    for data in frames.feed(chunk):
-                        yield data
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
-            raise self._unreachable(exc) from None
-
-    def _unreachable(self, exc: BaseException) -> NomadError:
-        reason = (getattr(exc, "strerror", None) or str(exc) or "no answer within "
-                  f"{self.timeout:g}s").lower()
-        return NomadError(
-            f"Nomad is unreachable at {self.conn.address} ({reason}). Set NOMAD_ADDR (or the "
-            "nomad option address=URL) to a Nomad agent's HTTP address, e.g. "
-            "http://nomad.service.consul:4646.")
-
-    def _denied(self, method: str, path: str, text: str) -> str:
-        if not self.conn.token:
-            return (f"Nomad refused {method} {path}: permission denied, and no ACL token was "
-                    "sent. Set NOMAD_TOKEN (or --scheduler-option token_file=PATH) to a token "
-                    f"allowed to submit, scale and read jobs in namespace {self.conn.namespace}.")
-        return (f"Nomad refused {method} {path}: permission denied ({text.strip()[:200]}). The "
-                f"token in NOMAD_TOKEN needs the submit-job, scale-job, read-job and "
-                f"variables write capabilities in namespace {self.conn.namespace}.")
+    def stream_logs(self, alloc_id: str, task: str = TASK, kind: str = "stdout",
+                    follow: bool = False, tail_bytes: int = 0,
+                    ns: str | None = None) -> AsyncIterator[bytes]:
+        return self.api.stream_logs(alloc_id, task, kind, follow, tail_bytes, ns)
 
     # --- the backend ---------------------------------------------------------------------------
     async def start(self, events: PoolEvents) -> None:
         self.events = events
         try:  # fails the server's start, with what to set, when Nomad cannot be reached
-            await self.request("GET", "/v1/status/leader")
+            await self.api.leader()
         except NomadError:
             await self.shutdown()
             raise
         self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def ensure_pool(self, launch: LaunchSpec) -> None:
+        """Register the version's jobs over the previous version's (same job IDs): Nomad keeps
+        the running allocations until the `update` block has rolled them over. Core calls this
+        before it removes the previous version's pool (`updates_in_place`)."""
         if launch.pool_id in self.pools:
             return
         if launch.spec is None:
@@ -312,28 +175,32 @@ class NomadScheduler:
         jobs = render_function(launch, launch.spec, self.render, image_ref(launch),
                                version_from_variable=True)
         ids = tuple(doc["Job"]["ID"] for doc in jobs)
-        # Claim the job first: core removes the previous version's pool while this one is being
-        # prepared, and that removal must not deregister the job or delete its Variable now.
-        previous = self.current.get(ids[0])
-        self.current[ids[0]] = launch.pool_id
+        ns = jobs[0]["Job"]["Namespace"]
+        # Claim the jobs first: the previous version's removal must not deregister a job (or
+        # delete its Variable) that this version registers.
+        previous = {job_id: self.current.get(job_id) for job_id in ids}
+        self.current.update(dict.fromkeys(ids, launch.pool_id))
         try:
             token = launch.env.get("MCTL_TASK_TOKEN")
             for job_id in ids:
-                await self.request("PUT", f"/v1/var/nomad/jobs/{job_id}",
-                                   variable_body(job_id, token, self.conn, launch.version))
+                await self.api.put_variable(job_id, variable_body(
+                    job_id, token, self.conn, launch.version, ns), ns)
             for doc in jobs:
                 await self._submit(launch, doc)
-            info = await self.request("GET", f"/v1/job/{ids[0]}") or {}
+            info = await self.api.job(ids[0], ns) or {}
         except BaseException:
-            if self.current.get(ids[0]) == launch.pool_id:
-                if previous is None:
-                    del self.current[ids[0]]
+            for job_id, before in previous.items():
+                if self.current.get(job_id) != launch.pool_id:
+                    continue
+                if before is None:
+                    del self.current[job_id]
                 else:
-                    self.current[ids[0]] = previous
+                    self.current[job_id] = before
             raise
         groups = info.get("TaskGroups") or [{}]
         count = groups[0].get("Count", launch.spec.autoscaling.min_containers)
-        self.pools[launch.pool_id] = NomadPool(launch, ids, count, int(info.get("Version") or 0))
+        self.pools[launch.pool_id] = NomadPool(launch, ids, ns, count,
+                                               int(info.get("Version") or 0))
         log.info("Nomad job(s) %s at version %s for %s", ", ".join(ids), info.get("Version"),
                  launch.pool_id)
 
@@ -343,14 +210,14 @@ class NomadScheduler:
         again, as `nomad job revert` would. `mctl app rollback` activates every function of the
         version it returns to, so every job of the app is reverted."""
         job = doc["Job"]
+        ns = job["Namespace"]
         try:
-            versions = await self.request("GET", f"/v1/job/{job['ID']}/versions", missing_ok=True)
+            versions = await self.api.versions(job["ID"], ns)
             target = revert_target(versions, job["Meta"][SPEC_META])
             if target is None:
-                await self.request("PUT", "/v1/jobs", register_body(doc, self.conn))
+                await self.api.register(job["ID"], register_body(doc, self.conn), ns)
             else:
-                await self.request("PUT", f"/v1/job/{job['ID']}/revert",
-                                   revert_body(job["ID"], *target, self.conn))
+                await self.api.revert(job["ID"], *target, ns)
                 log.info("reverted Nomad job %s to version %s (app %s v%s)", job["ID"],
                          target[0], launch.app_name, launch.version)
         except NomadError as exc:  # Nomad's own reason, with the function it concerns
@@ -360,8 +227,8 @@ class NomadScheduler:
         pool = self.pools.get(pool_id)
         if pool is None or self.current.get(pool.job_ids[0]) != pool_id or count == pool.count:
             return
-        await self.request("POST", f"/v1/job/{pool.job_ids[0]}/scale",
-                           scale_body(pool.job_ids[0], count, pool.launch))
+        await self.api.scale(pool.job_ids[0], scale_body(pool.job_ids[0], count, pool.launch),
+                             pool.namespace)
         pool.count = count
 
     async def stop_worker(self, pool_id: str, worker_id: str, grace_s: float) -> None:
@@ -372,19 +239,22 @@ class NomadScheduler:
             await self.scale(pool_id, pool.count - 1)
 
     async def remove_pool(self, pool_id: str, grace_s: float) -> None:
+        """Deregister the pool's jobs that no newer version took over: all of them when the app
+        stops or drops the function; after a redeploy, only those the new version no longer
+        has (a schedule it dropped: its periodic job)."""
         pool = self.pools.pop(pool_id, None)
         if pool is None:
             return
-        service = pool.job_ids[0]
         for job_id in pool.job_ids:
-            # A newer version of the function (a redeploy, a rollback) may claim the job while
-            # this runs: it then keeps the job and its Variable.
-            for path in (f"/v1/job/{job_id}", f"/v1/var/nomad/jobs/{job_id}"):
-                if self.current.get(service) != pool_id:
-                    return
-                await self.request("DELETE", path)
-        if self.current.get(service) == pool_id:
-            del self.current[service]
+            if self.current.get(job_id) != pool_id:
+                continue  # a newer version registered this job over this one
+            await self.api.deregister(job_id, pool.namespace)
+            if self.current.get(job_id) != pool_id:
+                continue  # claimed meanwhile: its new version wrote the Variable
+            await self.api.delete_variable(job_id, pool.namespace)
+            if self.current.get(job_id) == pool_id:
+                del self.current[job_id]
+            log.info("deregistered Nomad job %s (%s)", job_id, pool_id)
 
     async def list_workers(self, pool_id: str) -> list[WorkerInfo]:
         pool = self.pools.get(pool_id)
@@ -393,8 +263,7 @@ class NomadScheduler:
     async def shutdown(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-        if self._session is not None:
-            await self._session.close()
+        await self.api.close()
 
     # --- allocations ---------------------------------------------------------------------------
     async def _poll(self) -> None:
@@ -404,22 +273,23 @@ class NomadScheduler:
                 if self.current.get(pool.job_ids[0]) != pool_id:
                     continue  # core drains an old version's workers itself
                 try:
-                    allocs = await self.request("GET", f"/v1/job/{pool.job_ids[0]}/allocations")
+                    allocs = await self.api.allocations(pool.job_ids[0], pool.namespace)
                 except NomadError as exc:
                     log.warning("listing allocations of %s: %s", pool.job_ids[0], exc)
                     continue
                 for worker_id, code, detail in self._update(pool, allocs or []):
                     if detail:  # what the worker wrote before it died: into the app's logs
-                        detail = await self._with_tail(worker_id, detail)
+                        detail = await self._with_tail(worker_id, detail, pool.namespace)
                     if self.events is not None:
                         self.events.worker_exited(pool_id, worker_id, code, detail)
 
-    async def _with_tail(self, worker_id: str, detail: str) -> str:
+    async def _with_tail(self, worker_id: str, detail: str, ns: str) -> str:
         alloc_id = worker_id[len("ta-"):]
         tail = b""
         try:
             for kind in ("stdout", "stderr"):
-                async for data in self.stream_logs(alloc_id, kind=kind, tail_bytes=TAIL_BYTES):
+                async for data in self.api.stream_logs(alloc_id, kind=kind,
+                                                       tail_bytes=TAIL_BYTES, ns=ns):
                     tail += data
         except NomadError as exc:  # the node may be gone with its logs
             return f"{detail} (its log could not be read: {exc})"
@@ -446,6 +316,17 @@ class NomadScheduler:
                 ended.append((worker_id, *_exit(alloc)))
         pool.workers = seen
         return ended
+
+
+def _seconds(options: dict[str, Any], key: str, default: float) -> float:
+    try:
+        value = float(options.get(key, default))
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise InvalidError(f"The nomad option {key}={options[key]!r} is not a positive number "
+                           f"of seconds; write e.g. {key}={default:g}.")
+    return value
 
 
 def _exit(alloc: dict[str, Any]) -> tuple[int | None, str]:

@@ -249,12 +249,18 @@ class SlurmScheduler:
                           ("time_limit", "time")):
             if opts.get(key):
                 lines.append(f"#SBATCH --{flag}={opts[key]}")
+        from mctl.core.volume_sync import sources
+
+        copies = sources(launch.mounts, task_id)
+        if copies:  # working copies (the store driver), on the node's own disk
+            lines.append("mkdir -p " + " ".join(shlex.quote(d) for d in copies.values()))
         if launch.runtime != "oci":
-            # Volumes at their mount paths, as on the local backend: the driver's directory must
-            # be one every node mounts (the shared-path driver), bound in the job's namespace.
+            # Volumes at their mount paths, as on the local backend: a working copy on the node
+            # (store), or a directory every node mounts (shared-path), bound in the job's
+            # namespace.
             from mctl.core.mount_namespace import wrap
 
-            argv = wrap(launch.command, launch.mounts)
+            argv = wrap(launch.command, launch.mounts, task_id)
             lines.append("exec " + " ".join(shlex.quote(part) for part in argv))
             return "\n".join(lines) + "\n"
         # In its image, with podman on the node. Slurm signals this shell; podman's container

@@ -43,17 +43,20 @@ class Image:
     # --- bases ---------------------------------------------------------------------------------
     @staticmethod
     def debian_slim(python_version: str | None = None, force_build: bool = False) -> Image:
-        """Debian (bookworm) with Python: built locally from Debian's packages, or on the local
-        backend a virtual environment of the host's Python when the recipe allows it."""
+        """Debian with Python, built locally from Debian's packages (or, on the local backend, a
+        virtual environment of the host's Python when the recipe allows it). `python_version`:
+        3.9 (bullseye), 3.11 (bookworm, the default), 3.13 (trixie) or 3.14 (forky); the
+        control plane refuses others unless it names a base for them (see the guide)."""
         return Image({"kind": "debian_slim", **_force(force_build)},
                      python_version=_python_version(python_version))
 
     @staticmethod
     def from_registry(tag: str, *, secret: Any = None, add_python: str | None = None,
                       setup_dockerfile_commands: Sequence[str] = (),
-                      force_build: bool = False, **_: Any) -> Image:
+                      force_build: bool = False, **extra: Any) -> Image:
         """An image from a registry, e.g. `Image.from_registry("127.0.0.1:5000/tools:1")`.
         `secret` is a named secret with REGISTRY_USERNAME and REGISTRY_PASSWORD."""
+        _unsupported("from_registry", extra)
         if not isinstance(tag, str) or not tag:
             raise InvalidError("Image.from_registry needs an image reference such as 'python:3.11'.")
         secret_name = None
@@ -70,9 +73,11 @@ class Image:
     @staticmethod
     def from_dockerfile(path: str | os.PathLike[str], *, context_dir: str | None = None,
                         build_args: dict[str, str] | None = None, force_build: bool = False,
-                        **_: Any) -> Image:
+                        add_python: str | None = None, ignore: Sequence[str] = (),
+                        **extra: Any) -> Image:
         """Build from a Dockerfile; `context_dir` (default: the Dockerfile's directory) is sent
         with it, so `COPY` works as with `docker build`."""
+        _unsupported("from_dockerfile", extra)
         dockerfile = Path(path)
         if _in_worker():  # the worker imports the app's module; the image is already built
             return Image({"kind": "dockerfile", "path": str(dockerfile)})
@@ -87,17 +92,46 @@ class Image:
             raise InvalidError("Image.from_dockerfile: build_args is a dict of str to str.")
         base = {"kind": "dockerfile", "dockerfile": dockerfile.read_text(), "build_args": args,
                 **_force(force_build)}
-        return Image(base, _files=((-1, lambda: zip_dir(context, ())),))
+        return Image(base, python_version=_python_version(add_python),
+                     _files=((-1, lambda: zip_dir(context, ignore)),))
 
     @staticmethod
-    def micromamba(python_version: str | None = None) -> Image:
-        return Image({"kind": "micromamba"}, python_version=_python_version(python_version))
+    def micromamba(python_version: str | None = None, force_build: bool = False) -> Image:
+        """A conda environment managed by micromamba. It needs a base image that has micromamba
+        and a conda channel the build reaches: set MCTL_IMAGE_BASE_MICROMAMBA on the control
+        plane (see the guide); without one the deploy fails saying so."""
+        return Image({"kind": "micromamba", **_force(force_build)},
+                     python_version=_python_version(python_version))
+
+    def micromamba_install(self, *packages: str | Sequence[str], spec_file: str | None = None,
+                           channels: Sequence[str] = (), force_build: bool = False,
+                           **extra: Any) -> Image:
+        """Conda packages, installed with micromamba into the image's base environment."""
+        _unsupported("micromamba_install", extra)
+        pkgs = _flatten(packages, "micromamba_install")
+        if spec_file is not None and not _in_worker():
+            path = Path(spec_file)
+            if not path.is_file():
+                raise InvalidError(f"Image.micromamba_install: no spec file {path}.")
+            spec = path.read_text()
+        else:
+            spec = None
+        if not pkgs and spec is None:
+            return self
+        if not all(isinstance(c, str) for c in channels):
+            raise InvalidError("Image.micromamba_install: channels is a list of channel names "
+                               "or URLs.")
+        return self._extend(kind="micromamba_install", packages=pkgs, spec=spec,
+                            channels=list(channels), **_force(force_build))
 
     # --- Python packages -----------------------------------------------------------------------
     def pip_install(self, *packages: str | Sequence[str], index_url: str | None = None,
                     extra_index_url: str | None = None, find_links: str | None = None,
                     pre: bool = False, extra_options: str = "", force_build: bool = False,
-                    **_: Any) -> Image:
+                    secrets: Sequence[Any] = (), **extra: Any) -> Image:
+        """`secrets`: named secrets whose keys are environment variables of this step only
+        (a private index's credentials); they are not kept in the image."""
+        _unsupported("pip_install", extra)
         pkgs = _flatten(packages, "pip_install")
         if not pkgs:
             return self
@@ -105,7 +139,7 @@ class Image:
                                       "find_links": find_links, "pre": pre or None,
                                       "extra_options": extra_options or None}.items() if v}
         return self._extend(kind="pip_install", packages=pkgs, options=options,
-                            **_force(force_build))
+                            **_secrets(secrets, "pip_install"), **_force(force_build))
 
     def uv_pip_install(self, *packages: str | Sequence[str], **options: Any) -> Image:
         """Installed with pip: same result, one tool fewer to provide on every node."""
@@ -140,14 +174,20 @@ class Image:
 
     # --- system --------------------------------------------------------------------------------
     def apt_install(self, *packages: str | Sequence[str], force_build: bool = False,
-                    **_: Any) -> Image:
+                    secrets: Sequence[Any] = (), **extra: Any) -> Image:
+        _unsupported("apt_install", extra)
         pkgs = _flatten(packages, "apt_install")
-        return self._extend(kind="apt_install", packages=pkgs, **_force(force_build)) if pkgs else self
+        return self._extend(kind="apt_install", packages=pkgs, **_secrets(secrets, "apt_install"),
+                            **_force(force_build)) if pkgs else self
 
     def run_commands(self, *commands: str | Sequence[str], force_build: bool = False,
-                     **_: Any) -> Image:
+                     secrets: Sequence[Any] = (), **extra: Any) -> Image:
+        """Shell commands, each its own layer; `secrets` (named) are in their environment only."""
+        _unsupported("run_commands", extra)
         cmds = _flatten(commands, "run_commands")
-        return self._extend(kind="run_commands", commands=cmds, **_force(force_build)) if cmds else self
+        return self._extend(kind="run_commands", commands=cmds,
+                            **_secrets(secrets, "run_commands"),
+                            **_force(force_build)) if cmds else self
 
     def env(self, vars: dict[str, str]) -> Image:  # noqa: A002 - Modal's name
         if not isinstance(vars, dict) or not all(isinstance(k, str) and isinstance(v, str)
@@ -166,9 +206,18 @@ class Image:
             raise InvalidError("Image.entrypoint takes a list of strings, e.g. ['/bin/sh', '-c'].")
         return self._extend(kind="entrypoint", command=list(entrypoint_commands))
 
-    def dockerfile_commands(self, *commands: str | Sequence[str], **_: Any) -> Image:
+    def dockerfile_commands(self, *commands: str | Sequence[str], force_build: bool = False,
+                            **extra: Any) -> Image:
+        _unsupported("dockerfile_commands", extra)
         return self._extend(kind="dockerfile_commands",
-                            commands=_flatten(commands, "dockerfile_commands"))
+                            commands=_flatten(commands, "dockerfile_commands"),
+                            **_force(force_build))
+
+    def cmd(self, cmd: list[str]) -> Image:
+        """The image's default command (Dockerfile `CMD`); mctl's workers do not use it."""
+        if not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
+            raise InvalidError("Image.cmd takes a list of strings, e.g. ['python3', 'app.py'].")
+        return self._extend(kind="cmd", command=list(cmd))
 
     # --- files ---------------------------------------------------------------------------------
     def add_local_file(self, local_path: str | os.PathLike[str], remote_path: str, *,
@@ -230,14 +279,12 @@ class Image:
     # --- composition ---------------------------------------------------------------------------
     def run_function(self, raw_f: Callable[..., Any], *, secrets: Sequence[Any] = (),
                      args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                     force_build: bool = False, **_: Any) -> Image:
+                     force_build: bool = False, **extra: Any) -> Image:
         """Run `raw_f(*args, **kwargs)` at build time, in the environment built so far; what it
-        writes to disk is part of the image."""
+        writes to disk is part of the image. `secrets` (named) are in its environment only."""
+        _unsupported("run_function", extra)
         if not callable(raw_f):
             raise InvalidError("Image.run_function takes a function.")
-        if secrets:
-            raise InvalidError("Image.run_function(secrets=...) is not supported yet; read the "
-                               "values inside the function from a file you add to the image.")
 
         def pickled() -> bytes:
             import cloudpickle
@@ -255,7 +302,8 @@ class Image:
             return zip_files({"function.pkl": data})
 
         return self._extend(pickled, kind="run_function",
-                            name=getattr(raw_f, "__qualname__", "function"), **_force(force_build))
+                            name=getattr(raw_f, "__qualname__", "function"),
+                            **_secrets(secrets, "run_function"), **_force(force_build))
 
     def pipe(self, recipe: Callable[[Image], Image]) -> Image:
         """Apply a user recipe: `image.pipe(add_cuda)`, where `add_cuda(image) -> Image`."""
@@ -362,6 +410,42 @@ def _in_worker() -> bool:
 def _force(force_build: bool) -> dict[str, Any]:
     return {"force_build": True} if force_build or os.environ.get("MCTL_FORCE_BUILD") or \
         os.environ.get("MODAL_FORCE_BUILD") else {}
+
+
+# Modal keywords accepted and not applied, with why; any other unknown keyword is an error.
+_NOT_APPLIED = {
+    "gpu": "image builds run without GPUs here (a GPU is needed at run time, not to install)",
+    "ignore": "", "context_mount": "", "include_source": "",
+}
+
+
+def _unsupported(method: str, extra: dict[str, Any]) -> None:
+    import warnings
+
+    unknown = sorted(k for k in extra if k not in _NOT_APPLIED)
+    if unknown:
+        raise InvalidError(f"Image.{method} got an unexpected keyword argument "
+                           f"{', '.join(map(repr, unknown))}; mctl's Image.{method} does not "
+                           "support it (see the Images section of the guide).")
+    for key in sorted(k for k in extra if extra[k] not in (None, False, (), [], {})):
+        why = _NOT_APPLIED[key] or "mctl does not need it"
+        warnings.warn(f"Image.{method}({key}=...) is not applied: {why}.", stacklevel=3)
+
+
+def _secrets(secrets: Sequence[Any], method: str) -> dict[str, Any]:
+    """A build step's secrets, by name: their values are read by the builder at build time and
+    never enter the recipe, the image id or the image."""
+    if not secrets:
+        return {}
+    names = []
+    for secret in secrets:
+        name = getattr(secret, "name", None)
+        if not name:
+            raise InvalidError(f"Image.{method}(secrets=...) takes named secrets: create one with "
+                               "`mctl secret create NAME KEY=VALUE` and pass "
+                               "mctl.Secret.from_name(NAME).")
+        names.append(name)
+    return {"secrets": names}
 
 
 def _python_version(version: str | None) -> str | None:

@@ -190,6 +190,7 @@ class MapRun:
         self.call_id = new_call_id()
         self.stream: CallStream | None = None
         self.window: asyncio.Semaphore | None = None
+        self.total: int | None = None  # the number of inputs, once the producer has sent them all
 
     async def open(self) -> None:
         self.stream = self.target.client.open_stream(self.call_id)
@@ -210,26 +211,39 @@ class MapRun:
 
         asyncio.get_running_loop().create_task(send())
 
-    async def batch(self, timeout: float | None = None) -> list[tuple[dict[str, Any], bytes]] | None:
-        """What has arrived (at least one output), or None if nothing came within `timeout`."""
+    async def produced(self, total: int) -> None:
+        """Every input is sent. Wakes a consumer already waiting in `batch`: it may have looked
+        at `total` before it was set, after the last output had arrived (else a map that never
+        returns)."""
+        self.total = total
+        self.stream.queue.put_nowait(_WAKE)  # type: ignore[union-attr]
+
+    async def fail(self, exc: BaseException) -> None:
+        self.stream.fail(exc)  # type: ignore[union-attr]
+
+    async def batch(self) -> list[tuple[dict[str, Any], bytes]]:
+        """What has arrived: at least one output, or nothing when `produced` woke the wait."""
         assert self.stream is not None
-        try:
-            first = await self.stream.next(timeout)
-        except asyncio.TimeoutError:
-            return None
-        out = [first]
+        got = [await self.stream.next()]
         while not self.stream.queue.empty():
-            got = self.stream.queue.get_nowait()
-            if isinstance(got, BaseException):
-                raise got
-            out.append(got)
+            item = self.stream.queue.get_nowait()
+            if isinstance(item, BaseException):
+                raise item
+            got.append(item)
         client = self.target.client
-        return [(item, await client.output_payload(item, data)) for item, data in out]
+        return [(item, await client.output_payload(item, data))
+                for item, data in (g for g in got if g is not _WAKE)]
+
+    def done(self, results: "_Results") -> bool:
+        return self.total is not None and results.received >= self.total
 
     async def close(self, cancel: bool) -> None:
         if cancel:
             await self.target.client.cancel(self.call_id)
         self.target.client.close_stream(self.call_id)
+
+
+_WAKE = object()  # not an output: the producer finished (see MapRun.produced)
 
 
 def _chunks(target: Target, arg_sets: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
@@ -285,7 +299,6 @@ def map_sync(target: Target, arg_sets: Iterable[tuple[tuple[Any, ...], dict[str,
              order_outputs: bool = True, return_exceptions: bool = False) -> Iterator[Any]:
     run = MapRun(target)
     run_sync(run.open())
-    total: list[int] = []
     producer_error: list[BaseException] = []
 
     def produce() -> None:
@@ -296,21 +309,17 @@ def map_sync(target: Target, arg_sets: Iterable[tuple[tuple[Any, ...], dict[str,
                 n = start + len(payloads)
         except BaseException as exc:  # noqa: BLE001 - reported to the consumer
             producer_error.append(exc)
-            run_sync(_fail(run, exc))  # wakes the consumer waiting for outputs
-        total.append(n)
+            run_sync(run.fail(exc))  # wakes the consumer waiting for outputs
+            return
+        run_sync(run.produced(n))
 
     producer = threading.Thread(target=produce, name="mctl-map-producer", daemon=True)
     producer.start()
     results = _Results(order_outputs, return_exceptions)
     finished = False
     try:
-        while not (total and results.received >= total[0]):
-            if total and total[0] == 0:
-                break
-            batch = run_sync(_batch_or_done(run, total))
-            if batch is None:
-                continue
-            yield from results.add(batch)
+        while not run.done(results):
+            yield from results.add(run_sync(run.batch()))
         producer.join()
         if producer_error:
             raise producer_error[0]
@@ -319,52 +328,38 @@ def map_sync(target: Target, arg_sets: Iterable[tuple[tuple[Any, ...], dict[str,
         run_sync(run.close(cancel=not finished))
 
 
-async def _fail(run: MapRun, exc: BaseException) -> None:
-    if run.stream is not None:
-        run.stream.fail(exc)
-
-
-async def _batch_or_done(run: MapRun, total: list[int]) -> list[Any] | None:
-    """A batch of outputs, or None after a short wait so the caller can see the producer finish
-    with zero inputs."""
-    return await run.batch(0.5 if not total else None)
-
-
 async def map_aio(target: Target, arg_sets: Any, order_outputs: bool = True,
                   return_exceptions: bool = False) -> AsyncIterator[Any]:
     run = MapRun(target)
     await run_async(run.open())
-    total: list[int] = []
 
     async def produce() -> None:
         n = 0
         chunk: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        async for arg_set in _aiter(arg_sets):
-            chunk.append(arg_set)
-            if len(chunk) >= CHUNK_INPUTS:
-                payloads = await asyncio.to_thread(lambda c=chunk: [target.payload(a, k) for a, k in c])
+        try:
+            async for arg_set in _aiter(arg_sets):
+                chunk.append(arg_set)
+                if len(chunk) >= CHUNK_INPUTS:
+                    payloads = await asyncio.to_thread(
+                        lambda c=chunk: [target.payload(a, k) for a, k in c])
+                    await run_async(run.submit(n, payloads))
+                    n += len(chunk)
+                    chunk = []
+            if chunk:
+                payloads = await asyncio.to_thread(lambda: [target.payload(a, k) for a, k in chunk])
                 await run_async(run.submit(n, payloads))
                 n += len(chunk)
-                chunk = []
-        if chunk:
-            payloads = await asyncio.to_thread(lambda: [target.payload(a, k) for a, k in chunk])
-            await run_async(run.submit(n, payloads))
-            n += len(chunk)
-        total.append(n)
+        except Exception as exc:  # the consumer may be waiting for outputs: wake it with this
+            await run_async(run.fail(exc))
+            return
+        await run_async(run.produced(n))
 
     producer = asyncio.ensure_future(produce())
     results = _Results(order_outputs, return_exceptions)
     finished = False
     try:
-        while True:
-            if total and results.received >= total[0]:
-                break
-            if producer.done() and producer.exception():
-                raise producer.exception()  # type: ignore[misc]
-            batch = await run_async(_batch_or_done(run, total))
-            if batch is None:
-                continue
-            for value in results.add(batch):
+        while not run.done(results):
+            for value in results.add(await run_async(run.batch())):
                 yield value
         finished = True
     finally:

@@ -6,6 +6,7 @@ them): `listdir`, `iterdir`, `read_file`, `remove_file`, `copy_files` and `batch
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
@@ -40,6 +41,21 @@ class Volume:
     def from_name(name: str, *, create_if_missing: bool = False,
                   environment_name: str | None = None) -> Volume:
         return Volume(name, create_if_missing, environment_name)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def ephemeral(*, environment_name: str | None = None, **_: Any) -> Iterator[Volume]:
+        """A volume that lives as long as the `with` block, as Modal's: `with
+        mctl.Volume.ephemeral() as vol: ...` (mount it in functions of `app.run()`); it is
+        deleted, with its files, when the block ends."""
+        import secrets
+
+        name = f"ephemeral-{secrets.token_hex(8)}"
+        create_volume(name)
+        try:
+            yield Volume(name, environment_name=environment_name)
+        finally:
+            delete_volume(name)
 
     # --- from the client, through the control plane ---------------------------------------------
     def listdir(self, path: str = "/", *, recursive: bool = False) -> list[FileEntry]:
@@ -87,16 +103,30 @@ class Volume:
 
     def commit(self) -> None:
         """Publish this container's writes to the volume, as Modal's: other containers see them
-        after their next `reload()`. A function commits automatically when it returns.
+        after their next `reload()`. A function commits automatically when it returns (and its
+        container when it stops).
 
-        The `local` and `shared-path` drivers bind one directory into every worker, so a closed
-        file is visible everywhere already and this has nothing to move; call it anyway, for
-        drivers that copy (and for code that also runs on Modal)."""
+        With the default `store` driver each container works on its own copy: only the files
+        changed since its last commit or reload travel, and each file is committed whole (the
+        last commit of a file wins). The `local` and `shared-path` drivers bind one directory
+        into every worker, so a closed file is visible everywhere already and this has nothing
+        to move. Outside a container it does nothing. A full volume store raises OSError
+        (ENOSPC) and leaves the last commit as it was."""
+        from mctl.core import volume_sync
+
+        for copy in volume_sync.copies_of(self.name):
+            copy.commit()
 
     def reload(self) -> None:
-        """See the commits other containers made since this one started or last reloaded.
-        Files this container has open stay as they are. A no-op on the shared-directory
-        drivers, where others' writes are visible as soon as they close their files."""
+        """See the commits other containers made since this one started or last reloaded:
+        changed files are replaced whole (open files keep what they had), and only the contents
+        this container lacks are fetched. Uncommitted changes made here are kept. A no-op on
+        the shared-directory drivers, where others' writes are visible as soon as they close
+        their files."""
+        from mctl.core import volume_sync
+
+        for copy in volume_sync.copies_of(self.name):
+            copy.reload()
 
     def __repr__(self) -> str:
         return f"Volume.from_name({self.name!r})"
@@ -235,6 +265,10 @@ def _open(path: str, method: str, params: dict[str, str] | None = None, body: An
         kinds = {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError,
                  "IsADirectoryError": IsADirectoryError, "NotFoundError": NotFoundError,
                  "AlreadyExistsError": AlreadyExistsError}
+        if answer.get("kind") == "StoreFull":  # the control plane's volume store is full
+            import errno
+
+            raise OSError(errno.ENOSPC, answer.get("error")) from None
         error = kinds.get(answer.get("kind", ""), NotFoundError if exc.code == 404
                           else InvalidError)
         raise error(answer.get("error") or f"HTTP {exc.code}") from None

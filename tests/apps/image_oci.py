@@ -12,6 +12,10 @@ app = mctl.App("image-oci")
 
 system = (mctl.Image.debian_slim().apt_install("jq").run_commands("echo built > /etc/mctl-built")
           .env({"IMAGE_FLAVOUR": "oci"}).workdir("/srv"))
+if os.environ.get("IMAGE_BUILD_SECRET"):  # a build step that needs a secret (not kept in the image)
+    system = system.run_commands(
+        'test -n "$BUILD_TOKEN" && echo yes > /etc/mctl-secret-seen',
+        secrets=[mctl.Secret.from_name(os.environ["IMAGE_BUILD_SECRET"])])
 
 
 @app.function(image=system)
@@ -20,7 +24,10 @@ def tools() -> dict:
 
     return {"jq": subprocess.run(["jq", "--version"], capture_output=True, text=True).stdout.strip(),
             "built": Path("/etc/mctl-built").read_text().strip(), "cwd": os.getcwd(),
-            "flavour": os.environ["IMAGE_FLAVOUR"], "python": sys.executable}
+            "flavour": os.environ["IMAGE_FLAVOUR"], "python": sys.executable,
+            "secret_seen": (Path("/etc/mctl-secret-seen").read_text().strip()
+                            if Path("/etc/mctl-secret-seen").exists() else "no"),
+            "token_at_run_time": os.environ.get("BUILD_TOKEN")}
 
 
 with warnings.catch_warnings():  # the old spelling still works (the test checks the warning)

@@ -6,6 +6,7 @@ app = mctl.App("nomad-features")
 registry = mctl.Image.from_registry("python:3.12-slim")
 built = mctl.Image.debian_slim().pip_install("numpy")
 data = mctl.Volume.from_name("training-data", create_if_missing=True)
+models = mctl.Volume.from_name("models", create_if_missing=True)
 keys = mctl.Secret.from_name("api-keys")
 
 
@@ -16,7 +17,8 @@ def plain(x):
 
 @app.function(image=registry, cpu=2.5, memory=4096, min_containers=2, max_containers=8,
               scaledown_window=120, retries=mctl.Retries(max_retries=3, initial_delay=2.0),
-              timeout=900, secrets=[keys], volumes={"/data": data}, env={"MODE": "fast"})
+              timeout=900, secrets=[keys], volumes={"/data": data, "/models": models.read_only()},
+              env={"MODE": "fast"})
 def everything(x):
     return x
 

@@ -333,7 +333,46 @@ func checkTask(g *api.TaskGroup, t *api.Task, bad func(string, ...any)) {
 	for vname, v := range g.Volumes {
 		if v == nil || (v.Type != "host" && v.Type != "csi") || v.Source == "" {
 			bad("group %s: volume %q needs type host or csi and a source", deref(g.Name), vname)
+			continue
 		}
+		if v.Type == "csi" {
+			checkCSI(deref(g.Name), vname, v, deref(g.Count), bad)
+		}
+	}
+}
+
+// The access-mode rules of Nomad's server for a CSI volume request (nomad/structs
+// VolumeRequest.Validate; the structs package is not in the api module, so they are written
+// from Nomad's source): reader-only modes need read_only, single-node modes one allocation.
+func checkCSI(group, name string, v *api.VolumeRequest, count int, bad func(string, ...any)) {
+	switch v.AttachmentMode {
+	case "file-system", "block-device":
+	case "":
+		bad("group %s: CSI volume %q must have an attachment mode", group, name)
+	default:
+		bad("group %s: CSI volume %q attachment mode %q is unknown", group, name, v.AttachmentMode)
+	}
+	switch v.AccessMode {
+	case "":
+		bad("group %s: CSI volume %q must have an access mode", group, name)
+	case "single-node-reader-only", "multi-node-reader-only":
+		if !v.ReadOnly {
+			bad("group %s: volume %q: %s volumes must be read-only", group, name, v.AccessMode)
+		}
+		if v.AccessMode == "single-node-reader-only" && count > 1 && !v.PerAlloc {
+			bad("group %s: volume %q with %s access mode allows only one reader", group, name, v.AccessMode)
+		}
+	case "single-node-writer":
+		if count > 1 && !v.PerAlloc {
+			bad("group %s: volume %q with %s access mode allows only one writer", group, name, v.AccessMode)
+		}
+	case "multi-node-single-writer":
+		if !v.ReadOnly && count > 1 && !v.PerAlloc {
+			bad("group %s: volume %q with %s access mode allows only one writer", group, name, v.AccessMode)
+		}
+	case "multi-node-multi-writer":
+	default:
+		bad("group %s: CSI volume %q access mode %q is unknown", group, name, v.AccessMode)
 	}
 }
 

@@ -71,29 +71,39 @@ class WebRunner:
     # --- serving -------------------------------------------------------------------------------
     async def _serve(self, input_id: str, payload: bytes) -> None:
         async with self.sem:
-            head, parts = protocol.decode(payload)
-            reply = Responder(self.worker, input_id, head["type"])
+            self.worker._started()
             try:
-                app = await self._app(head.get("endpoint_method"))
-            except BaseException as exc:  # noqa: BLE001 - the user's code may raise anything
-                traceback.print_exc()
-                reply.failed(exc)
-                return
-            scope = _scope(head, self.states.get(head.get("endpoint_method"), {}))
-            receive = Receiver(head, parts[0] if parts else b"", self.inboxes[input_id])
-            try:
-                await asyncio.wait_for(app(scope, receive, reply.send), self.worker.fspec.timeout)
-            except asyncio.TimeoutError:
-                print(f"mctl: web request {input_id} timed out after "
-                      f"{self.worker.fspec.timeout:g}s", file=sys.stderr, flush=True)
-                reply.timed_out()
-            except asyncio.CancelledError:
-                return
-            except BaseException as exc:  # noqa: BLE001
-                traceback.print_exc()
-                reply.failed(exc)
-            else:
-                reply.finish()
+                await self._serve_one(input_id, payload)
+            finally:  # the volumes' automatic commit follows the response here
+                error = await asyncio.to_thread(self.worker._autocommit)
+                if error is not None:
+                    print(f"mctl: committing volumes after web request {input_id} failed",
+                          file=sys.stderr, flush=True)
+
+    async def _serve_one(self, input_id: str, payload: bytes) -> None:
+        head, parts = protocol.decode(payload)
+        reply = Responder(self.worker, input_id, head["type"])
+        try:
+            app = await self._app(head.get("endpoint_method"))
+        except BaseException as exc:  # noqa: BLE001 - the user's code may raise anything
+            traceback.print_exc()
+            reply.failed(exc)
+            return
+        scope = _scope(head, self.states.get(head.get("endpoint_method"), {}))
+        receive = Receiver(head, parts[0] if parts else b"", self.inboxes[input_id])
+        try:
+            await asyncio.wait_for(app(scope, receive, reply.send), self.worker.fspec.timeout)
+        except asyncio.TimeoutError:
+            print(f"mctl: web request {input_id} timed out after "
+                  f"{self.worker.fspec.timeout:g}s", file=sys.stderr, flush=True)
+            reply.timed_out()
+        except asyncio.CancelledError:
+            return
+        except BaseException as exc:  # noqa: BLE001
+            traceback.print_exc()
+            reply.failed(exc)
+        else:
+            reply.finish()
 
     async def _app(self, method: str | None) -> Any:
         app = self.apps.get(method)

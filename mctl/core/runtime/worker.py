@@ -29,6 +29,7 @@ from mctl.exception import FunctionTimeoutError
 log = logging.getLogger("mctl.worker")
 
 _STOP = object()
+DRAIN_REPLY_S = 10.0  # how long a SIGTERMed worker waits for the control plane's "stop"
 
 
 class Worker:
@@ -54,10 +55,13 @@ class Worker:
         self.instances: dict[bytes, Any] = {}
         self.instance_lock = threading.Lock()
         self.stopping = False
+        self.stop_seen = asyncio.Event()  # the control plane's "stop" arrived
         self.ws: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.async_sem: asyncio.Semaphore | None = None
         self.web: Any = None  # runtime/web.WebRunner for a web function
+        self.busy = 0  # inputs (or batches) running: volumes are committed when none is
+        self.busy_lock = threading.Lock()
 
     # --- setup ---------------------------------------------------------------------------------
     async def load(self, session: Any) -> None:
@@ -72,6 +76,11 @@ class Worker:
             os.environ.update(await asyncio.to_thread(read_delegated, answer))
         else:
             os.environ.update(answer["env"])
+        # Working copies of the function's volumes (store driver), before the user's code runs:
+        # a module may read a volume at import.
+        from mctl.core import volume_sync
+
+        await asyncio.to_thread(volume_sync.setup, self.http_url, self.task_id)
         self.app = AppSpec.model_validate(record["spec"])
         self.fspec: FunctionSpec = next(f for f in self.app.functions.values()
                                         if f.function_id == self.function_id)
@@ -211,6 +220,7 @@ class Worker:
                     self.held.pop(input_id, None)
             elif kind == "stop":
                 self.stopping = True
+                self.stop_seen.set()
                 await self._drain_and_close(ws)
                 return
             elif kind == "error" and header.get("code") == "forbidden":
@@ -223,7 +233,19 @@ class Worker:
             return
         self.stopping = True
         if self.ws is not None:
-            self.loop.create_task(self._drain_and_close(self.ws))  # type: ignore[union-attr]
+            self.loop.create_task(self._ask_to_drain(self.ws))  # type: ignore[union-attr]
+
+    async def _ask_to_drain(self, ws: Any) -> None:
+        """Drain on SIGTERM, but only after inputs already on their way here have arrived: the
+        signal can overtake a dispatch (a scale-down signals right after its "stop"), and an input
+        read after the runners stopped would never run. The control plane answers "draining"
+        with "stop", which comes after everything it sent before."""
+        try:
+            await ws.send_bytes(protocol.encode({"type": "draining"}))
+            await asyncio.wait_for(self.stop_seen.wait(), DRAIN_REPLY_S)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            if not ws.closed:  # no answer (an older control plane): drain anyway
+                await self._drain_and_close(ws)
 
     async def _drain_and_close(self, ws: Any) -> None:
         for _ in range(self.runner_count):
@@ -279,6 +301,7 @@ class Worker:
 
     def _run_one(self, item: dict[str, Any], payload: bytes) -> None:
         input_id = item["id"]
+        self._started()
         current.set_input(item)
         start = time.monotonic()
         self.deadlines[input_id] = start + self.fspec.timeout
@@ -292,15 +315,15 @@ class Worker:
                 for value in result:
                     self._emit(input_id, "item", dumps(value), seq, final=False)
                     seq += 1
-                self._emit(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
+                self._returned(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
             else:
                 result = fn(*args, **kwargs)
                 if inspect.iscoroutine(result):
                     result = asyncio.run(result)
-                self._emit(input_id, "success", dumps(result), dur=time.monotonic() - start)
+                self._returned(input_id, "success", dumps(result), dur=time.monotonic() - start)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
-            self._emit(input_id, "failure", serialize_exception(exc), seq,
-                       dur=time.monotonic() - start)
+            self._returned(input_id, "failure", serialize_exception(exc), seq,
+                           dur=time.monotonic() - start)
         finally:
             self.deadlines.pop(input_id, None)
 
@@ -328,11 +351,13 @@ class Worker:
                 return
 
     def _run_batch(self, jobs: list[tuple[dict[str, Any], bytes]]) -> None:
+        self._started()
         start = time.monotonic()
         ids = [item["id"] for item, _ in jobs]
         current.set_input(jobs[0][0])
         for input_id in ids:
             self.deadlines[input_id] = start + self.fspec.timeout
+        committed = False
         try:
             calls = [self._resolve(item, payload) for item, payload in jobs]
             fn = calls[0][0]
@@ -348,10 +373,18 @@ class Worker:
                 raise ValueError(f"@batched function returned {len(results)} results for "
                                  f"{len(jobs)} inputs; return one result per input.")
             dur = (time.monotonic() - start) / len(jobs)
-            for input_id, value in zip(ids, results):
-                self._emit(input_id, "success", dumps(value), dur=dur)
+            outputs = [dumps(value) for value in results]
+            committed = True
+            error = self._autocommit()
+            for input_id, data in zip(ids, outputs):
+                if error is None:
+                    self._emit(input_id, "success", data, dur=dur)
+                else:
+                    self._emit(input_id, "failure", error)
         except BaseException as exc:  # noqa: BLE001
             err = serialize_exception(exc)
+            if not committed:
+                self._autocommit()
             for input_id in ids:
                 self._emit(input_id, "failure", err)
         finally:
@@ -362,6 +395,7 @@ class Worker:
         assert self.async_sem is not None
         async with self.async_sem:
             input_id = item["id"]
+            self._started()
             current.set_input(item)
             start = time.monotonic()
             seq = 0
@@ -376,15 +410,18 @@ class Worker:
                         return n
 
                     seq = await asyncio.wait_for(consume(), self.fspec.timeout)
-                    self._emit(input_id, "gen_done", b"", seq, dur=time.monotonic() - start)
+                    await asyncio.to_thread(self._returned, input_id, "gen_done", b"", seq,
+                                            time.monotonic() - start)
                 else:
                     result = await asyncio.wait_for(fn(*args, **kwargs), self.fspec.timeout)
-                    self._emit(input_id, "success", dumps(result), dur=time.monotonic() - start)
+                    await asyncio.to_thread(self._returned, input_id, "success", dumps(result),
+                                            0, time.monotonic() - start)
             except asyncio.TimeoutError:
                 self._emit(input_id, "timeout", serialize_exception(FunctionTimeoutError(
                     f"Input {input_id} timed out after {self.fspec.timeout:g}s.")), seq)
             except BaseException as exc:  # noqa: BLE001
-                self._emit(input_id, "failure", serialize_exception(exc), seq)
+                await asyncio.to_thread(self._returned, input_id, "failure",
+                                        serialize_exception(exc), seq)
 
     def _resolve(self, item: dict[str, Any], payload: bytes) -> tuple[Any, tuple, dict, bool]:
         """Decode an input into (callable, args, kwargs, is_generator)."""
@@ -410,6 +447,36 @@ class Worker:
                 obj = self.raw.new_instance(params)  # a ClassRunner: constructs, runs @enter
                 self.instances[key] = obj
         return obj
+
+    # --- volumes -------------------------------------------------------------------------------
+    def _started(self) -> None:
+        with self.busy_lock:
+            self.busy += 1
+
+    def _autocommit(self) -> bytes | None:
+        """When an input returns and no other runs here, commit the working copies of the
+        function's volumes (store driver), so its caller and later calls see its files. Returns
+        the serialized error when that commit failed (then the input fails with it)."""
+        from mctl.core import volume_sync
+
+        with self.busy_lock:
+            self.busy -= 1
+            last = self.busy == 0
+        if not last or not volume_sync.active():
+            return None
+        try:
+            volume_sync.commit_all()
+        except Exception as exc:  # noqa: BLE001 - a full store, the control plane unreachable
+            return serialize_exception(exc)
+        return None
+
+    def _returned(self, input_id: str, status: str, data: bytes, seq: int = 0,
+                  dur: float | None = None) -> None:
+        """An input's final output, after the automatic commit (whose failure fails it)."""
+        error = self._autocommit()
+        if error is not None:
+            status, data = "failure", error
+        self._emit(input_id, status, data, seq, dur=dur)
 
     # --- outputs -------------------------------------------------------------------------------
     def _emit(self, input_id: str, status: str, data: bytes, seq: int = 0, final: bool = True,
@@ -498,6 +565,15 @@ class Worker:
                 self.raw.close_instance(obj)
             except Exception:
                 traceback.print_exc()
+        from mctl.core import volume_sync
+
+        if volume_sync.active():  # what @exit wrote, and anything not yet committed
+            try:
+                volume_sync.commit_all()
+            except Exception as exc:  # noqa: BLE001
+                print(f"mctl: the last commit of this container's volumes failed: {exc}",
+                      file=sys.stderr, flush=True)
+            volume_sync.remove_all()
 
 
 def _iterate_async_gen(agen: Any) -> Any:

@@ -54,6 +54,7 @@ class Pool:
     failures: int = 0                # consecutive start failures
     retry_at: float = 0.0            # monotonic: no new worker before this
     removed: bool = False
+    replaces: list[str] = field(default_factory=list)  # pools removed once this one is placed
     busy: bool = False               # a reconcile is awaiting the backend
     again: bool = False
 
@@ -84,6 +85,9 @@ class Autoscaler:
         self.pools: dict[str, Pool] = {}
         self.current: dict[str, str] = {}          # function_id -> pool_id of its active version
         self.default_max = getattr(backend, "default_max_containers", None)
+        # The backend updates a function's workers in place (see SchedulerBackend): an old
+        # version's pool goes only after the new one is placed, never before.
+        self.in_place = bool(getattr(backend, "updates_in_place", False))
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -112,9 +116,11 @@ class Autoscaler:
             old = self.current.get(fspec.function_id)
             if old == pid:
                 continue
-            if old is not None:
-                self._spawn(self.remove_pool(old))
             pool = Pool(None, app_id, fspec.function_id, version, fspec)
+            if old is not None and self.in_place:
+                pool.replaces.append(old)
+            elif old is not None:
+                self._spawn(self.remove_pool(old))
             self.pools[pid] = pool
             self.current[fspec.function_id] = pid
             self._spawn(self._prepare(pool, app))
@@ -144,6 +150,16 @@ class Autoscaler:
 
     async def _prepare(self, pool: Pool, app: AppSpec) -> None:
         """Build the image, the launch description, and make sure the backend has the pool."""
+        try:
+            await self._place(pool, app)
+        finally:
+            # In-place backends: the versions this one replaces go once it is placed (or could
+            # not be: then they go, as they would have gone at once on other backends).
+            replaced, pool.replaces = pool.replaces, []
+            for old in replaced:
+                await self.remove_pool(old)
+
+    async def _place(self, pool: Pool, app: AppSpec) -> None:
         from mctl.core.config import environment_name
         from mctl.core.server.image_builds import built_image
         from mctl.core.plugin_types import PlacementError
@@ -162,6 +178,16 @@ class Autoscaler:
                 built_image=built, task_token=token, environment=environment_name(),
                 region=str(self.options.get("region", "local")),
                 provider=getattr(self.backend, "provider", "local"), mounts=mounts)
+            if pool.removed:  # stopped (or its function dropped) while its image was built
+                return
+            newer = self.pools.get(self.current.get(fspec.function_id, ""))
+            if self.in_place and newer is not None and newer is not pool:
+                # A newer version came while this one was being built: it takes over what this
+                # one was to replace (and replaces this one), so the job is never left without
+                # a version, and this one is not placed only to be rolled over at once.
+                newer.replaces.extend(pool.replaces)
+                pool.replaces.clear()
+                return
             await self.backend.ensure_pool(launch)
         except PlacementError as exc:
             self.placement_failed(pid, str(exc))
@@ -369,10 +395,12 @@ def _mounts(fspec: FunctionSpec) -> tuple[Mount, ...]:
     empty here: deploy and `app.run()` create the `create_if_missing=True` ones."""
     if not fspec.volumes:
         return ()
-    from mctl.core import plugins
+    from mctl.core import volume_files
 
-    driver = plugins.find("mctl_register_volume_drivers",
-                          os.environ.get("MCTL_VOLUME_DRIVER", "local"))
-    return tuple(Mount(path, name, driver.mount(name, False),
-                       read_only=path in fspec.read_only_volumes)
-                 for path, name in sorted(fspec.volumes.items()))
+    driver = volume_files.driver()
+    mounts = []
+    for path, name in sorted(fspec.volumes.items()):
+        where = driver.mount(name, False)  # NotFoundError for a volume deleted since the deploy
+        mounts.append(Mount(path, name, None if driver.copies else where,
+                            read_only=path in fspec.read_only_volumes, synced=driver.copies))
+    return tuple(mounts)

@@ -301,6 +301,8 @@ class ControlPlane:
             conn.subscriptions.discard(header["call_id"])
         elif kind == "cancel":
             self.cancel_call(header["call_id"])
+        elif kind == "draining":  # the worker got SIGTERM: no more inputs; "stop" follows the last
+            self.drain(conn)
         elif kind == "hello":
             self._on_hello(conn, header, payloads)
         elif kind == "log":

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
-from mctl.core.server import auth, containers, dictqueue_http, gateway, sandbox_relay, sandboxes
+from mctl.core.server import (auth, build_logs, containers, dictqueue_http, gateway,
+                              sandboxes, secret_direct)
+from mctl.core.server import sandbox_relay
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -110,7 +112,8 @@ async def create_app(request: web.Request) -> web.Response:
         check_app(spec)
         app_id = body.get("app_id") or (deployed_app_id(spec.name) if mode == "deployed"
                                         else ids.new_id("app"))
-        images = await build_app_images(control, spec, app_id)  # a failed build refuses it
+        images = await build_app_images(control, spec, app_id,  # a failed build refuses it
+                                        build_id=body.get("build_id"))
         app_id, version = await control.create_app(spec, mode, app_id)
     except BaseException:
         secret_store.forget(created)
@@ -419,8 +422,10 @@ ROUTES = [
     ("GET", "/api/containers", containers.list_route, "invoke", TASK_NO),
     ("GET", "/api/containers/{task_id}/logs", containers.logs_route, "deploy", TASK_NO),
     ("POST", "/api/containers/{task_id}/stop", containers.stop_route, "deploy", TASK_NO),
+    ("GET", "/api/image-builds/{build_id}/log", build_logs.log_route, "deploy", TASK_NO),
 ]
 ROUTES += dictqueue_http.routes()  # mctl.Dict and mctl.Queue
+ROUTES += secret_direct.routes()  # `mctl secret create` writing to Vault itself
 ROUTES += sandboxes.routes()  # mctl.Sandbox, `mctl sandbox`
 ROUTES += sandbox_relay.routes()  # exec and logs relayed for sandboxes on cluster nodes
 
@@ -433,7 +438,7 @@ def make_app(control: ControlPlane) -> web.Application:
     app[SOCKETS] = {}
     app.add_routes([web.route(method, path, handler) for method, path, handler, _, _ in ROUTES])
     from mctl.core.server.volumes import add_volume_routes
-    add_volume_routes(app, app[RULES], TASK_NO)
+    add_volume_routes(app, app[RULES], TASK_NO, TASK_ANY)
     gateway.attach(app)
     return app
 
@@ -477,6 +482,10 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     from mctl.core import secret_store
 
     secret_store.use_backend(secret_backend)  # None keeps $MCTL_SECRET_BACKEND or local
+    from mctl.core import volume_files
+
+    if notice := volume_files.older_default_notice():
+        log.warning("%s", notice)
     name = scheduler_name or os.environ.get("MCTL_SCHEDULER", "local")
     options = dict(scheduler_options or {})
     backend = plugins.find("mctl_register_schedulers", name).factory(options)
@@ -514,6 +523,12 @@ async def retention(store: Store) -> None:
         await asyncio.sleep(3600)
         try:
             removed = store.gc(time.time() - days * 86400)
+            from mctl.core import volume_files
+
+            if volume_files.driver_name() == "store":  # contents no volume names any more
+                from mctl.plugins import volumes_store
+
+                removed["volume_objects"] = await asyncio.to_thread(volumes_store.gc)
             log.info("retention: removed %s", removed)
         except Exception:
             log.exception("retention failed")

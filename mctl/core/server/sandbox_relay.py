@@ -91,7 +91,11 @@ async def relay_route(request: web.Request) -> web.WebSocketResponse:
         if first.type != WSMsgType.TEXT:
             raise InvalidError("The relay's first message must be JSON: {\"exec\": [...]} or "
                                "{\"logs\": true}.")
-        await _serve(sb, rec, json.loads(first.data), ws)
+        req = json.loads(first.data)
+        refused = _refused(request, list(req.get("secret_names") or []))
+        if refused:
+            raise InvalidError(refused)
+        await _serve(sb, rec, req, ws)
     except Error as exc:
         if not ws.closed:
             await ws.send_json({"error": str(exc)})
@@ -103,6 +107,17 @@ async def relay_route(request: web.Request) -> web.WebSocketResponse:
         if not ws.closed:
             await ws.close()
     return ws
+
+
+def _refused(request: web.Request, names: list[str]) -> str | None:
+    """Named secrets need what they need for `exec` on the control plane's host (sandboxes.py)."""
+    from mctl.core.server import sandboxes
+
+    check = getattr(sandboxes, "_check_secret_names", None)
+    refused = check(request, names) if check is not None else None
+    if refused is None:
+        return None
+    return json.loads(refused.body)["error"]
 
 
 async def _prefix(sb: Any, rec: dict[str, Any]) -> list[str]:

@@ -216,9 +216,9 @@ class Sandboxes:
     def _base(self) -> str:
         """The default image: debian_slim's base plus `python` (Modal's images have it; the
         reference's agent runs `sb.exec("python", "-c", code)`). Made once with buildah."""
-        from mctl.plugins.image_oci import DEFAULT_DEBIAN_SLIM
+        from mctl.plugins.debian_slim_base import base_for
 
-        base = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", DEFAULT_DEBIAN_SLIM)
+        base = base_for(None)[0]
         if base not in self.defaults:
             self.defaults[base] = _default_image(base)
         return self.defaults[base]
@@ -267,7 +267,10 @@ class Sandboxes:
             return base
         recipe = image.get("recipe") or {}
         kind = (recipe.get("base") or {}).get("kind")
-        if not recipe.get("steps") and kind in (None, "debian_slim"):
+        from mctl.plugins.debian_slim_base import DEFAULT_PYTHON
+
+        version = recipe.get("python_version")
+        if not recipe.get("steps") and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
             return base
         tag = (recipe.get("base") or {}).get("tag") or ""
         if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
@@ -525,8 +528,36 @@ def _sb(request: web.Request) -> Sandboxes:
     return sandboxes(request.app[CONTROL])
 
 
+def _check_secret_names(request: web.Request, names: list[str]) -> web.Response | None:
+    """Named secrets in a sandbox need what reading them needs elsewhere: a deploy token (which
+    could deploy a function with them), or the task token of a function that declares them. An
+    invoke token may pass values it has (Secret.from_dict), not names."""
+    from mctl.core.server.audit import PRINCIPAL_KEY
+    from mctl.core.server.http import CONTROL
+
+    principal = request.get(PRINCIPAL_KEY)
+    if not names or principal is None or principal.has("deploy"):
+        return None
+    if principal.is_task:
+        spec = request.app[CONTROL].apps.get(principal.app_id)
+        fspec = next((f for f in (spec.functions.values() if spec else ())
+                      if f.function_id == principal.function_id), None)
+        declared = {s.get("name") if isinstance(s, dict) else getattr(s, "name", None)
+                    for s in (fspec.secrets if fspec else [])}
+        if set(names) <= declared:
+            return None
+    return web.json_response({"error": "Named secrets in a sandbox need a deploy token (or, "
+                                       "inside a function, secrets its own function declares); "
+                                       f"this token may not read {', '.join(sorted(names))}."},
+                             status=403)
+
+
 async def create_route(request: web.Request) -> web.Response:
-    return web.json_response(await _sb(request).create(await request.json()))
+    body = await request.json()
+    refused = _check_secret_names(request, list(body.get("secret_names") or []))
+    if refused is not None:
+        return refused
+    return web.json_response(await _sb(request).create(body))
 
 
 async def list_route(request: web.Request) -> web.Response:
@@ -567,6 +598,9 @@ async def exec_route(request: web.Request) -> web.Response:
         raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a running "
                            "sandbox.")
     body = await request.json()
+    refused = _check_secret_names(request, list(body.get("secret_names") or []))
+    if refused is not None:
+        return refused
     env = await asyncio.to_thread(sb._secret_values, {"secret_names": body.get("secret_names")})
     return web.json_response({**rec, "env": env})
 

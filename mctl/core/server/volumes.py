@@ -1,21 +1,38 @@
 """HTTP routes for volumes and their files (`Volume.listdir`, `read_file`, `batch_upload`, ...,
 and `mctl volume`). Reading needs an invoke token, changing a deploy token; task tokens may not
-use these routes: inside a function a volume is a directory at its mount path."""
+use these routes: inside a function a volume is a directory at its mount path.
+
+The `/sync/` routes are how workers of a copying driver (`store`) fill and publish their working
+copies (`mctl.core.volume_sync`): the manifest, which objects the store lacks, objects up and
+down in packs (records of an 8-byte big-endian length and the bytes), and the commit. A task
+token may use them only for the volumes its function mounts (and commit only to one it mounts
+writable)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from typing import Any
 
 from aiohttp import web
 
 from mctl.core import volume_files
-from mctl.exception import AlreadyExistsError, NotFoundError
+from mctl.exception import AlreadyExistsError, InvalidError, NotFoundError
+
+
+class StoreFull(OSError):
+    """A driver's storage is full or read-only (any OSError with ENOSPC, EDQUOT or EROFS)."""
+
+
+def _full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 # an error's kind, which the client turns back into the same exception
 _KINDS: list[tuple[type[BaseException], int]] = [
-    (FileNotFoundError, 404), (FileExistsError, 409), (IsADirectoryError, 400),
+    (StoreFull, 507), (FileNotFoundError, 404), (FileExistsError, 409), (IsADirectoryError, 400),
     (NotFoundError, 404), (AlreadyExistsError, 409)]
 
 
@@ -23,11 +40,17 @@ def _errors(handler: Any) -> Any:
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            return await handler(request)
+            try:
+                return await handler(request)
+            except OSError as exc:
+                if _full(exc) and not isinstance(exc, StoreFull):
+                    raise StoreFull(exc.errno, exc.strerror or str(exc)) from None
+                raise
         except tuple(k for k, _ in _KINDS) as exc:
             status = next(s for k, s in _KINDS if isinstance(exc, k))
-            return web.json_response({"error": str(exc) if not isinstance(exc, OSError)
-                                      else exc.args[0], "kind": type(exc).__name__},
+            message = (str(exc) if not isinstance(exc, OSError)
+                       else exc.strerror if exc.errno is not None else exc.args[0])
+            return web.json_response({"error": message, "kind": type(exc).__name__},
                                      status=status)
     return wrapped
 
@@ -94,11 +117,20 @@ class _Body:
 async def put_file(request: web.Request) -> web.Response:
     name, path = request.match_info["name"], request.query.get("path", "")
     mode = int(request.query["mode"], 8) if request.query.get("mode") else None
-    target = await asyncio.to_thread(volume_files.write_target, name, path,
-                                     _flag(request, "force"), _flag(request, "create"))
-    size = await asyncio.to_thread(volume_files.write_stream, target,
-                                   _Body(request, asyncio.get_running_loop()), mode)
+    try:
+        size = await asyncio.to_thread(volume_files.write_file, name, path,
+                                       _flag(request, "force"), _flag(request, "create"),
+                                       _Body(request, asyncio.get_running_loop()), mode)
+    except OSError as exc:
+        if _full(exc):
+            await _drain(request)  # so the client reads the answer, not a reset connection
+        raise
     return web.json_response({"path": path, "size": size})
+
+
+async def _drain(request: web.Request) -> None:
+    while await request.content.read(1 << 20):
+        pass
 
 
 @_errors
@@ -116,8 +148,102 @@ async def copy_files(request: web.Request) -> web.Response:
     return web.json_response({"copied": True})
 
 
+# --- working copies (copying drivers) -------------------------------------------------------------
+def _store(request: web.Request, write: bool = False) -> tuple[str, Any]:
+    """The volume's name and the store module, after checking that a task token's function
+    mounts it (writable, for `write`)."""
+    from mctl.core.server.audit import PRINCIPAL_KEY
+    name = volume_files.check_name(request.match_info["name"])
+    if not volume_files.driver().copies:
+        raise InvalidError(f"Volume driver {volume_files.driver_name()!r} binds one directory into "
+                           "workers; there is no working copy to sync.")
+    principal = request.get(PRINCIPAL_KEY)
+    if principal is not None and principal.is_task:
+        from mctl.core.server.http import _control
+
+        fs = _control(request).functions.get(principal.function_id)
+        paths = [p for p, v in (fs.spec.volumes.items() if fs else ()) if v == name]
+        if not paths or (write and all(p in fs.spec.read_only_volumes for p in paths)):
+            raise _Denied(f"This function does not mount volume {name!r}"
+                          + (" writable." if paths else "."))
+    return name, volume_files.driver().files
+
+
+class _Denied(Exception):
+    pass
+
+
+def _sync_errors(handler: Any) -> Any:
+    inner = _errors(handler)
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await inner(request)
+        except _Denied as exc:
+            return web.json_response({"error": str(exc)}, status=403)
+        except InvalidError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+    return wrapped
+
+
+@_sync_errors
+async def sync_manifest(request: web.Request) -> web.Response:
+    name, store = _store(request)
+    return web.json_response(await asyncio.to_thread(store.manifest, name))
+
+
+@_sync_errors
+async def sync_missing(request: web.Request) -> web.Response:
+    _, store = _store(request, write=True)
+    shas = [str(s) for s in await request.json()]
+    return web.json_response(await asyncio.to_thread(store.missing, shas))
+
+
+@_sync_errors
+async def sync_upload(request: web.Request) -> web.Response:
+    _, store = _store(request, write=True)
+    try:
+        shas = await asyncio.to_thread(store.store_pack,
+                                       _Body(request, asyncio.get_running_loop()))
+    except OSError as exc:
+        if _full(exc):
+            await _drain(request)
+        raise
+    return web.json_response(shas)
+
+
+@_sync_errors
+async def sync_fetch(request: web.Request) -> web.StreamResponse:
+    _, store = _store(request)
+    paths = [store.object_path(str(s)) for s in await request.json()]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"Object {path.name[:12]} is not in the volume store.")
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    await resp.prepare(request)
+    for path in paths:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            await resp.write(size.to_bytes(8, "big"))
+            if size <= volume_files.CHUNK:
+                await resp.write(fh.read())
+                continue
+            while chunk := await asyncio.to_thread(fh.read, volume_files.CHUNK):
+                await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+@_sync_errors
+async def sync_commit(request: web.Request) -> web.Response:
+    name, store = _store(request, write=True)
+    body = await request.json()
+    return web.json_response(await asyncio.to_thread(store.commit, name, body["changes"]))
+
+
 def add_volume_routes(app: web.Application, rules: dict[Any, tuple[str | None, str]],
-                      task_no: str) -> None:
+                      task_no: str, task_any: str = "any") -> None:
     """Add the volume routes to `app`, and each route's scope to `rules` (see http.ROUTES)."""
     routes = [
         ("GET", "/api/volumes", list_volumes, "invoke"),
@@ -129,6 +255,16 @@ def add_volume_routes(app: web.Application, rules: dict[Any, tuple[str | None, s
         ("DELETE", "/api/volumes/{name}/files", remove_file, "deploy"),
         ("POST", "/api/volumes/{name}/copy", copy_files, "deploy"),
     ]
+    sync = [  # working copies; a task token only for its function's volumes (see _store)
+        ("GET", "/api/volumes/{name}/sync/manifest", sync_manifest, "invoke"),
+        ("POST", "/api/volumes/{name}/sync/missing", sync_missing, "deploy"),
+        ("POST", "/api/volumes/{name}/sync/objects", sync_upload, "deploy"),
+        ("POST", "/api/volumes/{name}/sync/fetch", sync_fetch, "invoke"),
+        ("POST", "/api/volumes/{name}/sync/commit", sync_commit, "deploy"),
+    ]
     for _, _, handler, scope in routes:
         rules[handler] = (scope, task_no)
+    for _, _, handler, scope in sync:
+        rules[handler] = (scope, task_any)
+    routes += sync
     app.add_routes([web.route(method, path, handler) for method, path, handler, _ in routes])

@@ -1,0 +1,92 @@
+"""GPU pass-through to containers: the exact podman arguments a worker with `gpu=` starts with,
+chosen where it runs (Slurm's assignment, CUDA_VISIBLE_DEVICES, or all), and the clear failure on
+a host without a CDI spec. No GPU here: the argv is run with a stand-in `podman` that prints its
+arguments (see docs/guide.md, "GPUs in containers", for the check on a GPU host)."""
+
+import subprocess
+
+import pytest
+
+from mctl.core.launch import LaunchSpec
+from mctl.core.spec import GpuRequest
+from mctl.plugins.containers import run_argv
+
+CDI_SPEC = """cdiVersion: 0.5.0
+kind: nvidia.com/gpu
+devices:
+- name: "0"
+- name: "1"
+- name: all
+"""
+
+
+def launch(gpu):
+    return LaunchSpec(pool_id="fu-x-v1", app_id="ap-x", app_name="gpu", version=1,
+                      function_id="fu-x", function="f", command=("python3", "-m", "mctl.core.runtime"),
+                      env={"MCTL_SERVER_URL": "http://127.0.0.1:1"}, image="localhost/mctl/im-x:latest",
+                      image_id="im-x", runtime="oci", gpu=gpu)
+
+
+@pytest.fixture
+def started(tmp_path):
+    """Run a worker's argv with a `podman` that prints its arguments; returns (code, args, err)."""
+    fake = tmp_path / "bin" / "podman"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    fake.chmod(0o755)
+    cdi = tmp_path / "cdi"
+    cdi.mkdir()
+
+    def start(gpu, with_spec=True, **env):
+        if with_spec:
+            (cdi / "nvidia.yaml").write_text(CDI_SPEC)
+        argv, _ = run_argv(launch(gpu), "ta-abc")
+        assert argv[:2] == ["sh", "-c"] and argv[5:7] == ["podman", "run"]
+        argv[5] = str(fake)
+        out = subprocess.run(argv, capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "MCTL_CDI_SPEC_DIRS": str(cdi), **env})
+        return out.returncode, out.stdout.splitlines(), out.stderr
+
+    return start
+
+
+def devices(args):
+    return [args[i + 1] for i, a in enumerate(args) if a in ("--device", "--gpus")]
+
+
+def test_a_function_without_gpu_starts_podman_directly():
+    argv, _ = run_argv(launch(None), "ta-abc")
+    assert argv[0] == "podman" and "--device" not in argv
+
+
+def test_all_gpus_when_nothing_assigns_them(started):
+    code, args, _ = started(GpuRequest(count=1))
+    assert code == 0 and args[0] == "run" and devices(args) == ["nvidia.com/gpu=all"]
+    assert args[-3:-1] == ["python3", "-c"]  # the rest of the command is intact
+
+
+def test_slurm_gres_assignment_picks_those_devices(started):
+    code, args, _ = started(GpuRequest(type="A100", count=2), SLURM_JOB_GPUS="1,3",
+                            CUDA_VISIBLE_DEVICES="0,1")  # Slurm renumbers CUDA_VISIBLE_DEVICES
+    assert code == 0 and devices(args) == ["nvidia.com/gpu=1", "nvidia.com/gpu=3"]
+    code, args, _ = started(GpuRequest(count=1), SLURM_STEP_GPUS="2", SLURM_JOB_GPUS="2,3")
+    assert devices(args) == ["nvidia.com/gpu=2"]
+
+
+def test_cuda_visible_devices_and_an_explicit_choice(started):
+    _, args, _ = started(GpuRequest(count=1), CUDA_VISIBLE_DEVICES="GPU-8a1b2c3d")
+    assert devices(args) == ["nvidia.com/gpu=GPU-8a1b2c3d"]
+    _, args, _ = started(GpuRequest(count=1), CUDA_VISIBLE_DEVICES="0", MCTL_GPU_DEVICES="1")
+    assert devices(args) == ["nvidia.com/gpu=1"]
+
+
+def test_no_cdi_spec_fails_naming_the_fix(started):
+    code, args, err = started(GpuRequest(count=1), with_spec=False)
+    assert code == 125 and args == []
+    assert "asks for 1 GPU(s)" in err and "no CDI spec for nvidia.com/gpu" in err
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in err
+
+
+def test_slurm_assigning_no_gpu_says_so(started):
+    code, _, err = started(GpuRequest(count=1), SLURM_JOB_GPUS="NoDevFiles")
+    assert code == 125 and "none was assigned" in err
