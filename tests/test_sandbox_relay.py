@@ -124,14 +124,14 @@ def test_the_relay_checks_the_callers_token(sandbox, server_process):
                                "--name", name], capture_output=True, text=True, timeout=60,
                               env=os.environ).stdout.strip()
 
-    async def status(token):
+    async def status(token, body=None):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         ws_url = server_process.url.replace("http", "ws", 1) + \
             f"/api/sandboxes/{sandbox.object_id}/relay"
         async with aiohttp.ClientSession(headers=headers) as session:
             try:
                 async with session.ws_connect(ws_url) as ws:
-                    await ws.send_json({"exec": ["echo", "in"]})
+                    await ws.send_json(body or {"exec": ["echo", "in"]})
                     got = [m async for m in ws]
                     return 101, got
             except aiohttp.WSServerHandshakeError as exc:
@@ -139,8 +139,12 @@ def test_the_relay_checks_the_callers_token(sandbox, server_process):
 
     assert run_sync(status(None))[0] == 401
     assert run_sync(status(create_token("proxy", "web")))[0] == 403
-    code, messages = run_sync(status(create_token("invoke", "caller")))
+    invoke = create_token("invoke", "caller")
+    code, messages = run_sync(status(invoke))
     assert code == 101 and messages[0].data == b"\x01in\n" and messages[-1].json() == {"exit": 0}
+    # named secrets need a deploy token here too, as for exec on the control plane's host
+    code, messages = run_sync(status(invoke, {"exec": ["env"], "secret_names": ["any"]}))
+    assert "need a deploy token" in messages[-1].json()["error"]
 
 
 def test_gpu_sandboxes_need_a_cluster_backend(sandbox):
