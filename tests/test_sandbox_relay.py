@@ -16,7 +16,7 @@ from mctl.core.sandbox_runtime import SandboxConfig
 from mctl.plugins import sandbox_slurm
 
 
-# --- the job script --------------------------------------------------------------------------------
+# --- the job script -------------------------------------------------------------------------------
 def _script(**kw):
     cfg = SandboxConfig(sandbox_id="sb-ABC", image="localhost/img:1",
                         command=["python", "-c", "print(1)"], env={"API_KEY": "s3cret-value"},
@@ -73,7 +73,7 @@ def test_the_job_script_runs_and_cleans_up_with_plain_sh(tmp_path):
     assert calls[-1] == "rm --force --time 0 --ignore mctl-sb-abc"
 
 
-# --- the relay on this host ------------------------------------------------------------------------
+# --- the relay on this host -----------------------------------------------------------------------
 def _problem():
     from test_sandbox import _problem as problem
 

@@ -4,7 +4,9 @@ a node under gVisor, and every command reaches it through the control plane's re
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -18,8 +20,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
 
 @pytest.fixture(autouse=True)
 def _needs_podman():
-    import os
-
     problem = _problem()
     if problem:
         if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
@@ -75,9 +75,18 @@ def test_a_sandbox_runs_on_a_node_and_exec_goes_through_the_control_plane(
     with sb.open("/tmp/notes.txt", "w") as f:
         f.write("on the node\n")
     assert sb.open("/tmp/notes.txt").read() == "on the node\n"
+    with pytest.raises(mctl.exception.InvalidError, match="runs on the cluster node"):
+        sb.snapshot_filesystem()
 
     p = sb.exec("sleep", "30", timeout=2)
     assert p.wait() == -1
+
+    # the CLI goes the same way: this terminal's stdin in, the command's exit code out
+    done = subprocess.run([sys.executable, "-m", "mctl", "sandbox", "exec", sb.object_id, "--",
+                           "python3", "-c", "import sys; print(sys.stdin.read()[::-1]); "
+                           "sys.exit(6)"], input="olleh", capture_output=True, text=True,
+                          timeout=60, env=os.environ)
+    assert (done.returncode, done.stdout) == (6, "hello\n"), done.stderr
 
     sb.terminate()
     assert sb.returncode == 137
@@ -98,6 +107,10 @@ def test_the_main_command_its_output_and_the_timeout_on_a_node(slurm_server,  # 
     assert sb.wait() == 5 and sb.returncode == 5
     assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
     assert not _containers(sb.object_id)
+    # after the job: the logs are its output file (stdout and stderr in one)
+    logs = subprocess.run([sys.executable, "-m", "mctl", "sandbox", "logs", sb.object_id],
+                          capture_output=True, text=True, timeout=60, env=os.environ)
+    assert logs.returncode == 0 and sorted(logs.stdout.split()) == ["err", "out"], logs
 
     sb = mctl.Sandbox.create("sleep", "infinity", app=app, timeout=3)
     with pytest.raises(mctl.exception.SandboxTimeoutError):
@@ -111,7 +124,8 @@ def test_a_gpu_sandbox_gets_its_gres_and_sees_its_gpus(slurm_server, slurm_clust
     app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
     sb = mctl.Sandbox.create(app=app, gpu="A100:2", cpu=2, memory=512, timeout=60)
     job_id = _jobs(slurm_cluster, sb.object_id)[0].split()[0]
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%b|%C|%m|%l"], capture_output=True, text=True,
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%b|%C|%m|%l"],
+                         capture_output=True, text=True,
                          env=slurm_cluster.client_env(), timeout=20).stdout.strip()
     assert out == "gres:gpu:a100:2|2|768M|2:00", out  # 60 s -> 1 min + 1; 512 + 256 MiB
     p = sb.exec("printenv", "CUDA_VISIBLE_DEVICES")

@@ -57,7 +57,8 @@ def foreground(argv: list[str]) -> list[str]:
 
 
 def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, output: str,
-               timeout_s: int, gres: str | None = None, options: dict[str, Any] | None = None) -> str:
+               timeout_s: int, gres: str | None = None,
+               options: dict[str, Any] | None = None) -> str:
     """The batch script of one sandbox (no secret values in it: podman reads them from the job's
     environment by name)."""
     opts = options or {}
@@ -201,7 +202,8 @@ class SlurmSandboxes:
         comment = (f"mctl sandbox={sandbox_id} app={app_id} "
                    f"cp={control_plane_mark(sbs.control)}")
         script = job_script(cfg, isolation, name=sandbox_runtime.container_name(sandbox_id),
-                            comment=comment, output=self._output(sandbox_id), timeout_s=timeout, gres=gres,
+                            comment=comment, output=self._output(sandbox_id),
+                            timeout_s=timeout, gres=gres,
                             options=sched.options)
         stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
         stored["env_names"] = sorted(cfg.env)
@@ -295,10 +297,9 @@ class SlurmSandboxes:
 
     async def _cancel(self, sandbox_id: str) -> None:
         """Remove the container on its node, then cancel the job (whose shell removes it too)."""
-        job_id = self.jobs.pop(sandbox_id, None)
+        job_id = self.jobs.get(sandbox_id)
         if job_id is None:
             return
-        self.jobs[sandbox_id] = job_id  # for the srun below
         try:
             await self._on_node(sandbox_id, "rm", "--force", "--time", "0", "--ignore",
                                 sandbox_runtime.container_name(sandbox_id), timeout=60)

@@ -527,8 +527,9 @@ class Sandbox:
             for v in values:
                 extra.update(v)
             extra.update({k: v for k, v in (env or {}).items() if v is not None})
-            return exec_relayed(self, list(cmd), workdir=workdir, timeout=timeout,  # type: ignore[return-value]
-                                secret_names=names, env=extra, text=text)
+            relayed: Any = exec_relayed(self, list(cmd), workdir=workdir, timeout=timeout,
+                                        secret_names=names, env=extra, text=text)
+            return relayed  # a RelayProcess: the ContainerProcess interface
         record = _http(self._url, "POST", f"/api/sandboxes/{self.object_id}/exec",
                        {"secret_names": names})
         self._local(record)
