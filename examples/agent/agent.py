@@ -35,7 +35,7 @@ def _have_secret() -> bool:
         return False
 
 
-# --- the model --------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 STAND_IN = {
     "factorial": (
         "def factorial(n):\n"
@@ -115,7 +115,7 @@ def extract_code(reply: str) -> str:
     return match.group(1) if match else reply
 
 
-# --- the graph --------------------------------------------------------------------------------------
+# --- the graph ------------------------------------------------------------------------------------
 class SimpleStateGraph:
     """LangGraph's StateGraph, the part this agent uses: nodes return updates to a dict
     state; edges are fixed or chosen by a function of the state."""

@@ -1,4 +1,4 @@
-"""How a sandbox is isolated: the podman argv that starts one and the argv that runs a command in it.
+"""How a sandbox is isolated: the podman argv that starts one and the one that runs a command in it.
 
 A sandbox runs untrusted code, so it is never a plain process. In order of preference:
 

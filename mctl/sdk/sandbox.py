@@ -184,7 +184,7 @@ class StreamWriter:
         await asyncio.to_thread(self._drain)
 
 
-# --- a command in a sandbox ------------------------------------------------------------------------
+# --- a command in a sandbox -----------------------------------------------------------------------
 class ContainerProcess:
     """A command started by `Sandbox.exec`: `stdin`, `stdout`, `stderr`, `wait()`, `poll()`,
     `returncode` (128+n after signal n, -1 after its `timeout`)."""
@@ -267,7 +267,7 @@ class Tunnel:
         return (self.host, self.port)
 
 
-# --- the sandbox -----------------------------------------------------------------------------------
+# --- the sandbox ----------------------------------------------------------------------------------
 def _http(url: str, method: str, path: str, body: Any = None,
           params: dict[str, Any] | None = None, timeout_s: float | None = 300) -> Any:
     from mctl.core.client import client_for, run_sync
@@ -282,7 +282,8 @@ def _app_id_and_url(app: Any) -> tuple[str, str]:
         if os.environ.get("MCTL_APP_ID") and os.environ.get("MCTL_SERVER_URL"):
             return os.environ["MCTL_APP_ID"], os.environ["MCTL_SERVER_URL"]
         raise InvalidError("Sandbox.create needs app= outside a running function: pass the App "
-                           "of `with app.run():`, or mctl.App.lookup(NAME, create_if_missing=True).")
+                           "of `with app.run():`, or "
+                           "mctl.App.lookup(NAME, create_if_missing=True).")
     app_id = getattr(app, "app_id", None)
     if not app_id:
         raise InvalidError(f"The app {getattr(app, 'name', app)!r} is not running; create the "
@@ -599,7 +600,8 @@ async def _create_aio(*cmd: str, **kwargs: Any) -> Sandbox:
 
 Sandbox.create = Dual(Sandbox._create, _create_aio)  # type: ignore[assignment]
 Sandbox.from_id = Dual(Sandbox._from_id, Sandbox._aio(Sandbox._from_id))  # type: ignore[assignment]
-Sandbox.from_name = Dual(Sandbox._from_name, Sandbox._aio(Sandbox._from_name))  # type: ignore[assignment]
+Sandbox.from_name = Dual(Sandbox._from_name,  # type: ignore[assignment]
+                         Sandbox._aio(Sandbox._from_name))
 
 
 class SandboxFile:

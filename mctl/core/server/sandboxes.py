@@ -245,6 +245,9 @@ class Sandboxes:
                     log.warning("sandboxes: a warm %s container did not start: %s", isolation,
                                 err.strip()[-300:])
                     return
+                if self.warm_size == 0:  # the control plane stopped meanwhile
+                    await _podman("rm", "-f", "-t", "0", f"mctl-{warm_id}")
+                    return
                 pool.append(f"mctl-{warm_id}")
         except Exception:  # noqa: BLE001 - a pool is an optimisation; create still works cold
             log.exception("sandboxes: filling the warm pool failed")
@@ -270,7 +273,8 @@ class Sandboxes:
         from mctl.plugins.debian_slim_base import DEFAULT_PYTHON
 
         version = recipe.get("python_version")
-        if not recipe.get("steps") and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
+        plain = not recipe.get("steps")
+        if plain and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
             return base
         tag = (recipe.get("base") or {}).get("tag") or ""
         if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
