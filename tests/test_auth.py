@@ -317,6 +317,15 @@ def test_token_set_profile_and_local_bootstrap(server_process, tmp_path):
                                env=dict(env, MCTL_PROFILE="default")).stdout) == []
     out = mctl_cli("profile", "activate", "nope", env=env, check=False)
     assert out.returncode == 1 and "No profile named 'nope'" in out.stderr
+    assert "mctl profile deactivate" in out.stderr
+
+    # back to no profile (the local server and its admin token), and forgetting one
+    assert "no longer active" in mctl_cli("profile", "deactivate", env=env).stdout
+    assert mctl_cli("profile", "current", env=env).stdout.strip() == "none"
+    assert "127.0.0.1:9" not in mctl_cli("app", "list", env=env, check=False).stderr
+    mctl_cli("profile", "delete", "other", env=env)
+    listed = json.loads(mctl_cli("profile", "list", "--json", env=env).stdout)
+    assert [(p["name"], p["active"]) for p in listed] == [("default", False)]
     mctl_cli("profile", "activate", "default", env=env)
 
     # an operator on the server's machine, without any token, creates one from the state dir

@@ -121,3 +121,8 @@ def test_background_server_status_and_stop(isolated_home, tmp_path):
     assert not process_alive(record["pid"])
     assert "No mctl server is running" in mctl_cli("server", "status", check=False).stdout
     assert "nothing to stop" in mctl_cli("server", "stop").stdout
+
+    # Started again, it listens where it did: printed web URLs and saved profiles keep working.
+    started = mctl_cli("server", "start")
+    assert f"running at {record['url']}" in started.stdout, started.stdout
+    mctl_cli("server", "stop")

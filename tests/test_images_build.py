@@ -323,3 +323,25 @@ def test_build_secrets_reach_run_commands_and_stay_out_of_the_image(oci_server):
     saved = subprocess.run(["podman", "image", "inspect", image[0]], capture_output=True,
                            text=True, check=True).stdout
     assert "not-in-any-layer-7f3" not in saved
+
+
+def test_ctrl_c_while_the_image_builds_abandons_the_deploy(oci_server):
+    """A deploy the user interrupted (Ctrl-C on `mctl deploy` while its image builds) does not
+    go live when the build finishes."""
+    import signal
+    import time
+    import uuid
+
+    env = dict(os.environ, IMAGE_SLOW_NONCE=uuid.uuid4().hex)
+    proc = subprocess.Popen([sys.executable, "-m", "mctl", "deploy", str(APPS / "image_slow.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    time.sleep(3)  # into the build's `sleep 5`
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    time.sleep(12)  # the build has finished on the server by now
+    assert apps_listed() == [], "an interrupted deploy went live"
+    assert "abandoned by its client" in (oci_server.state_dir.parent / "server.log").read_text()
+
+    out = mctl_cli("deploy", str(APPS / "image_slow.py"), env=env)  # the image stayed cached
+    assert "nothing to build" in out.stdout
+    assert mctl.Function.from_name("image-slow", "nonce").remote() == env["IMAGE_SLOW_NONCE"]

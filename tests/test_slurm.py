@@ -248,6 +248,23 @@ def test_a_function_runs_in_its_container_image_on_a_node(image_tools, slurm_ser
     assert wait_until(lambda: not containers(), 60), containers()
 
 
+def test_a_pip_installed_package_imports_on_a_node(image_tools, slurm_server, slurm_cluster):
+    """An image that only pip-installs (the venv path on one machine) runs on a node too: the
+    package the host lacks imports in the Slurm job."""
+    import importlib.util
+
+    assert importlib.util.find_spec("tomli_w") is None, "the test needs a package the host lacks"
+    out = subprocess.run([sys.executable, "-m", "mctl", "deploy", str(APPS / "image_pip.py")],
+                         capture_output=True, text=True, timeout=600, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert mctl.Function.from_name("image-pip", "dump").remote({"a": 1}) == ("a = 1\n", "venv")
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True,
+                          env=slurm_cluster.client_env(), timeout=20).stdout
+    assert "function=dump" in jobs, jobs
+    subprocess.run([sys.executable, "-m", "mctl", "app", "stop", "image-pip"], check=True,
+                   env=os.environ, timeout=60)
+
+
 @pytest.mark.parametrize("driver", ["store", "shared-path"])
 def test_a_file_written_on_one_node_is_read_on_another(slurm_cluster, tmp_path, isolated_home,
                                                        monkeypatch, driver):

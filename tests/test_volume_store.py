@@ -398,7 +398,10 @@ def test_collection_removes_only_contents_no_volume_names(tmp_path, monkeypatch)
     assert store.Files.listdir("v", "/", False)[0]["path"] == "f.txt"
 
 
-def test_volumes_of_the_older_default_are_named_at_start(tmp_path, isolated_home, monkeypatch):
+def test_a_home_with_volumes_of_the_older_default_keeps_them_working(tmp_path, isolated_home,
+                                                                     monkeypatch):
+    """An upgrade must not hide volumes: a home whose volumes the `local` driver (the default
+    before `store`) keeps stays on `local`, says so at start, and says how to move."""
     from conftest import ServerProcess, free_port
 
     (isolated_home / "volumes" / "from-before").mkdir(parents=True)
@@ -409,12 +412,7 @@ def test_volumes_of_the_older_default_are_named_at_start(tmp_path, isolated_home
     monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
     try:
         log = (tmp_path / "server.log").read_text()
-        assert "Volumes from-before are in" in log and "MCTL_VOLUME_DRIVER=local" in log
-        from test_deploy import mctl_cli
-
-        mctl_cli("volume", "create", "from-before")  # the way over, as the line says
-        mctl_cli("volume", "put", "from-before", str(isolated_home / "volumes" / "from-before"),
-                 "/")
+        assert "Volumes from-before are in" in log and "MCTL_VOLUME_DRIVER=store" in log
         assert b"".join(mctl.Volume.from_name("from-before").read_file("kept.txt")) == \
             b"still here"
     finally:

@@ -222,6 +222,16 @@ def test_mctl_serve_reloads_on_change(tmp_path):
         time.sleep(1.1)  # a new mtime, even on coarse clocks
         app_file.write_text(source.replace("'first'", "'second'"))
         assert wait_until(lambda: http(url())[1] == b'"second"', timeout=60)
+
+        # An edit that does not load leaves the previous version serving, and says so.
+        time.sleep(1.1)
+        app_file.write_text(source.replace("return 'first'", "return 'third' +"))
+        assert wait_until(lambda: "previous version keeps serving" in
+                          (tmp_path / "serve.log").read_text(), timeout=60)
+        assert http(url())[1] == b'"second"'
+        time.sleep(1.1)
+        app_file.write_text(source.replace("'first'", "'fourth'"))
+        assert wait_until(lambda: http(url())[1] == b'"fourth"', timeout=60)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -96,12 +96,14 @@ def config_show(as_json: bool) -> None:
 @click.group(short_help="Switch between saved tokens and servers (profiles).")
 def profile() -> None:
     """Profiles: a token and a server each, saved by `mctl token set TOKEN --profile NAME`;
-    `MCTL_PROFILE` picks one for a single command."""
+    `MCTL_PROFILE` picks one for a single command. With no active profile, commands use the
+    local background server and the admin token it wrote to $MCTL_HOME/token."""
 
 
 @profile.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def profile_list(as_json: bool) -> None:
+    """The saved profiles and their servers; `*` marks the active one (never the tokens)."""
     from mctl.core.config import list_profiles
 
     rows = _or_exit(list_profiles)
@@ -117,6 +119,7 @@ def profile_list(as_json: bool) -> None:
 @profile.command("activate")
 @click.argument("name")
 def profile_activate(name: str) -> None:
+    """Use profile NAME's token and server from now on."""
     from mctl.core.config import activate_profile
 
     _or_exit(activate_profile, name)
@@ -125,9 +128,31 @@ def profile_activate(name: str) -> None:
 
 @profile.command("current")
 def profile_current() -> None:
+    """The active profile's name, or `none` (the local server and its admin token)."""
     from mctl.core.config import active_profile_name
 
     click.echo(_or_exit(active_profile_name) or "none")
+
+
+@profile.command("deactivate")
+def profile_deactivate() -> None:
+    """Use no profile: back to the local background server and its admin token."""
+    from mctl.core.config import deactivate_profile
+
+    was = _or_exit(deactivate_profile)
+    click.echo(f"Profile {was} is no longer active; commands use the local server and its admin "
+               "token." if was else "No profile was active; commands use the local server.")
+
+
+@profile.command("delete")
+@click.argument("name")
+def profile_delete(name: str) -> None:
+    """Forget profile NAME and its token."""
+    from mctl.core.config import delete_profile
+
+    was_active = _or_exit(delete_profile, name)
+    click.echo(f"Deleted profile {name}" + ("; no profile is active now (the local server and "
+                                            "its admin token)." if was_active else "."))
 
 
 def _or_exit(fn, *args):  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@ hook."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -647,8 +648,12 @@ def token_set(token_value: str, server: str | None, profile: str | None,
                                "whole line `mctl token create` printed.")
     path = save_profile(token_value.strip(), server, profile, activate)
     name = profile or active_profile_name()
+    active = name == active_profile_name()
     click.echo(f"Saved the token{' and server' if server else ''} to {path} (profile {name}"
-               f"{', active' if name == active_profile_name() else ''})")
+               f"{', active' if active else ''})")
+    if active:
+        click.echo("Commands now use this token; `mctl profile deactivate` goes back to the local "
+                   "server and its admin token.")
 
 
 @cli.command(short_help="Show the audit log: who changed what, when, from where.")
@@ -738,15 +743,29 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
         os.environ.setdefault("MCTL_WEB_DOMAIN", str(settings["web_domain"]))
     ssl_context = _server_tls(tls_cert, tls_key, advertise_url)
 
-    async def main() -> None:
-        srv = await start_server(
-            Path(state) if state else home() / "server", host or settings.get("host", "127.0.0.1"),
-            port if port is not None else int(settings.get("port", 0)),
+    state_path = Path(state) if state else home() / "server"
+    chosen_port = port if port is not None else int(settings.get("port", 0))
+
+    async def start(listen_port: int) -> Any:
+        return await start_server(
+            state_path, host or settings.get("host", "127.0.0.1"), listen_port,
             scheduler or sched.get("name"),
             advertise_url=advertise_url, scheduler_options=options, ssl_context=ssl_context,
             secret_backend=secret_backend or settings.get("secrets", {}).get("backend"),
             bootstrap_tokens=True,
             local_token_file=None if no_local_token else local_token_file())
+
+    async def main() -> None:
+        # No port chosen: the one this state directory used last, so the URLs printed for web
+        # endpoints and saved in profiles keep working across restarts; a free one if it is taken.
+        last = _last_port(state_path) if chosen_port == 0 else None
+        try:
+            srv = await start(last or chosen_port)
+        except OSError:
+            if not last:
+                raise
+            srv = await start(0)
+        _remember_port(state_path, srv.url)
         write_server_file(srv.url)
         click.echo(f"mctl control plane listening on {srv.url}", err=True)
         stop = asyncio.Event()
@@ -767,6 +786,20 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
             "address of this machine (--host) and a free port (--port, 0 picks one).") from None
     finally:
         forget_server_file(os.getpid())
+
+
+def _last_port(state_path: Any) -> int | None:
+    try:
+        return int((state_path / "port").read_text().strip()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _remember_port(state_path: Any, url: str) -> None:
+    from urllib.parse import urlsplit
+
+    with contextlib.suppress(OSError):
+        (state_path / "port").write_text(f"{urlsplit(url).port}\n")
 
 
 def _uptime(seconds: float) -> str:

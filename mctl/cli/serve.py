@@ -47,25 +47,41 @@ def serve(app_ref: str, timeout: float | None) -> None:
     from mctl.exception import Error
 
     deadline = time.monotonic() + timeout if timeout else None
+
+    def message(exc: Exception) -> Any:
+        return exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+
     with contextlib.ExitStack() as stack:
         if not os.environ.get("MCTL_SERVER_URL"):
             os.environ["MCTL_SERVER_URL"] = stack.enter_context(embedded_server())
             stack.callback(os.environ.pop, "MCTL_SERVER_URL", None)
-        while True:
-            before = _watched(app_ref)
-            try:
-                _, app, _ = import_app_file(app_ref)
-                with app.run():
-                    click.echo(f"Serving {app.name}; edit its files to reload, Ctrl-C to stop.",
-                               err=True)
-                    changed = _wait_for_change(app_ref, before, deadline)
-            except (click.ClickException, Error) as exc:  # a broken edit: wait for the fix
-                message: Any = exc.format_message() if isinstance(exc, click.ClickException) \
-                    else str(exc)
-                click.echo(f"mctl serve: {message}", err=True)
-                changed = _wait_for_change(app_ref, before, deadline)
-            except KeyboardInterrupt:
-                sys.exit(130)
-            if not changed:
-                return
-            click.echo("mctl serve: files changed; reloading.", err=True)
+        running = contextlib.ExitStack()  # the app as last loaded, live until a good edit
+        stack.enter_context(running)
+        try:
+            while True:
+                before = _watched(app_ref)
+                try:
+                    # Import the edited files before stopping what runs: an edit that does not
+                    # load (a syntax error) leaves the previous version serving.
+                    _, app, _ = import_app_file(app_ref)
+                except (click.ClickException, Error) as exc:
+                    note = "; the previous version keeps serving" if _has_run(running) else ""
+                    click.echo(f"mctl serve: {message(exc)}{note}", err=True)
+                else:
+                    running.close()
+                    try:
+                        running.enter_context(app.run())
+                        click.echo(f"Serving {app.name}; edit its files to reload, Ctrl-C to "
+                                   "stop.", err=True)
+                    except (click.ClickException, Error) as exc:  # wait for the fix
+                        running.close()
+                        click.echo(f"mctl serve: {message(exc)}", err=True)
+                if not _wait_for_change(app_ref, before, deadline):
+                    return
+                click.echo("mctl serve: files changed; reloading.", err=True)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+def _has_run(running: contextlib.ExitStack) -> bool:
+    return bool(running._exit_callbacks)  # type: ignore[attr-defined]

@@ -187,8 +187,31 @@ def activate_profile(name: str) -> Path:
 
         raise NotFoundError(f"No profile named {name!r}; `mctl profile list` shows them "
                             f"({', '.join(profiles) or 'none yet'}); `mctl token set TOKEN "
-                            f"--profile {name}` creates it.")
+                            f"--profile {name}` creates it, and `mctl profile deactivate` goes "
+                            "back to the local server and its admin token.")
     return _write_profiles(profiles, name)
+
+
+def deactivate_profile() -> str | None:
+    """No active profile: commands use the local background server and its admin token again.
+    Returns the name that was active."""
+    profiles, active = _profiles()
+    if active is not None:
+        _write_profiles(profiles, None)
+    return active
+
+
+def delete_profile(name: str) -> bool:
+    """Forget a saved profile (its token too). True when it was the active one."""
+    profiles, active = _profiles()
+    if name not in profiles:
+        from mctl.exception import NotFoundError
+
+        raise NotFoundError(f"No profile named {name!r}; `mctl profile list` shows them "
+                            f"({', '.join(profiles) or 'none yet'}).")
+    del profiles[name]
+    _write_profiles(profiles, None if active == name else active)
+    return active == name
 
 
 def list_profiles() -> list[dict[str, object]]:

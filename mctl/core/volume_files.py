@@ -8,6 +8,7 @@ directory and are renamed into place, so a reader sees the old file or the new o
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -22,31 +23,43 @@ CHUNK = 1 << 20
 
 def driver_name() -> str:
     """`MCTL_VOLUME_DRIVER`; else `shared-path` when `MCTL_VOLUME_SHARED_PATH` names a shared
-    directory; else `store` (contents in the control plane's store, copies in workers)."""
+    directory; else `store` (contents in the control plane's store, copies in workers) -- except
+    on a home that already keeps volumes with `local`, the default before `store`: an upgrade
+    must not hide them (see `older_default_notice`)."""
     explicit = os.environ.get("MCTL_VOLUME_DRIVER", "").strip()
     if explicit:
         return explicit
-    return "shared-path" if os.environ.get("MCTL_VOLUME_SHARED_PATH") else "store"
+    if os.environ.get("MCTL_VOLUME_SHARED_PATH"):
+        return "shared-path"
+    from mctl.core.config import home
+
+    return "local" if _older_local_volumes(str(home())) else "store"
+
+
+@functools.lru_cache(maxsize=None)
+def _older_local_volumes(home: str) -> tuple[str, ...]:
+    """Volumes in the `local` driver's directory; decided once per process and home."""
+    try:
+        return tuple(sorted(p.name for p in (Path(home) / "volumes").iterdir()
+                            if p.is_dir() and not p.name.startswith(".")))
+    except OSError:
+        return ()
 
 
 def older_default_notice() -> str | None:
-    """A line for the server's log when the `local` driver (the default before `store`) has
-    volumes here that the default driver does not see."""
-    if os.environ.get("MCTL_VOLUME_DRIVER", "").strip() or driver_name() != "store":
+    """A line for the server's log when volumes of the `local` driver (the default before
+    `store`) kept this home on `local`."""
+    if os.environ.get("MCTL_VOLUME_DRIVER", "").strip() or driver_name() != "local":
         return None
     from mctl.core.config import home
 
     old = home() / "volumes"
-    try:
-        names = sorted(p.name for p in old.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return None
-    if not names:
-        return None
-    return (f"Volumes {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} are in {old}, the "
-            "`local` driver's directory, but the default driver is now `store`: start the server "
-            "with MCTL_VOLUME_DRIVER=local to keep using them, or copy each into the store with "
-            f"`mctl volume create NAME` and `mctl volume put NAME {old}/NAME /`.")
+    names = _older_local_volumes(str(home()))
+    return (f"Volumes {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} are in {old}: "
+            "this server keeps the `local` volume driver (the default before `store`) so they stay "
+            "where they are. To move to `store` (volumes on nodes without a shared filesystem), "
+            "copy each with `mctl volume create NAME` and `mctl volume put NAME "
+            f"{old}/NAME /` on a server started with MCTL_VOLUME_DRIVER=store, then remove {old}.")
 
 
 def driver() -> Any:

@@ -114,6 +114,12 @@ async def create_app(request: web.Request) -> web.Response:
                                         else ids.new_id("app"))
         images = await build_app_images(control, spec, app_id,  # a failed build refuses it
                                         build_id=body.get("build_id"))
+        if request.transport is None or request.transport.is_closing():
+            # The caller went away while its images built (Ctrl-C on `mctl deploy`): a deploy
+            # they abandoned must not go live. The built images stay cached for the next try.
+            log.info("deploy of %s abandoned by its client before it finished; nothing stored",
+                     spec.name)
+            raise web.HTTPBadRequest(text="The client disconnected before the deploy finished.")
         app_id, version = await control.create_app(spec, mode, app_id)
     except BaseException:
         secret_store.forget(created)
