@@ -151,3 +151,23 @@ def test_gpu_sandboxes_need_a_cluster_backend(sandbox):
     app = mctl.App.lookup("sandbox-relay", create_if_missing=True)
     with pytest.raises(mctl.exception.InvalidError, match="gpu= need a cluster backend"):
         mctl.Sandbox.create(app=app, gpu="A100")
+
+
+def test_a_client_on_another_host_uses_the_relay(sandbox, monkeypatch):
+    """A sandbox on the control plane's host, used from a process that is elsewhere (here: one
+    that believes it is): exec, files and the main output go through the relay, not podman."""
+    import socket
+
+    from mctl.sdk.sandbox_relay import RelayProcess
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "somewhere-else")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no podman here: the relay must carry it all
+    sb = mctl.Sandbox.from_id(sandbox.object_id)
+    p = sb.exec("python3", "-c", "print(input()[::-1])")
+    assert isinstance(p, RelayProcess)
+    p.stdin.write("olleh\n")
+    p.stdin.write_eof()
+    assert p.wait() == 0 and p.stdout.read() == "hello\n"
+    with sb.open("/tmp/x.txt", "w") as f:
+        f.write("relayed")
+    assert sb.open("/tmp/x.txt").read() == "relayed"

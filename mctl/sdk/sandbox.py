@@ -504,8 +504,13 @@ class Sandbox:
                                "commands in a sandbox only from the control plane's host yet.")
 
     def _relayed(self) -> bool:
-        """Whether commands go through the control plane (a sandbox on a cluster node)."""
-        return self._record.get("backend", "local") != "local"
+        """Whether commands go through the control plane's relay: a sandbox on a cluster node,
+        or on the control plane's host when this process runs elsewhere."""
+        import socket
+
+        host = self._record.get("host")
+        return (self._record.get("backend", "local") != "local"
+                or bool(host and host != socket.gethostname()))
 
     def _exec(self, *cmd: str, workdir: str | None = None, timeout: int | None = None,
               secrets: Sequence[Any] = (), pty: bool = False, pty_info: Any = None,
