@@ -171,3 +171,14 @@ def test_a_client_on_another_host_uses_the_relay(sandbox, monkeypatch):
     with sb.open("/tmp/x.txt", "w") as f:
         f.write("relayed")
     assert sb.open("/tmp/x.txt").read() == "relayed"
+
+
+def test_ports_on_slurm_are_refused_before_anything_is_submitted():
+    import asyncio
+
+    from mctl.plugins.scheduler_slurm import SlurmScheduler
+
+    backend = sandbox_slurm.SlurmSandboxes(SlurmScheduler({}))
+    cfg = SandboxConfig(sandbox_id="sb-P", image="img", ports=[8080], block_network=False)
+    with pytest.raises(mctl.exception.InvalidError, match="cannot publish ports yet"):
+        asyncio.run(backend.create(None, cfg, "runc", {}, "ap-1", None, 60))

@@ -187,6 +187,10 @@ class SlurmSandboxes:
         from mctl.core.spec import GpuRequest
         from mctl.plugins.scheduler_slurm import input_script
 
+        if cfg.ports:
+            raise InvalidError("Sandboxes on Slurm nodes cannot publish ports yet (a tunnel would "
+                               "end on the node); drop encrypted_ports/unencrypted_ports, or set "
+                               "MCTL_SANDBOX_BACKEND=local on the control plane.")
         try:
             gpu = GpuRequest.parse(body.get("gpu"))
         except ValueError as exc:
