@@ -69,6 +69,9 @@ def test_exec_output_stdin_and_return_codes(app):
     p = sb.exec("python3", "-c", "import sys; print(6 * 7); print('oops', file=sys.stderr)")
     assert p.stdout.read() == "42\n" and p.stderr.read() == "oops\n" and p.wait() == 0
     assert p.returncode == 0 and p.poll() == 0
+    assert sb.exec("python3", "-c", "import os; print(os.getcwd())", workdir="/tmp"
+                   ).stdout.read() == "/tmp\n"
+    assert sb.exec("printenv", "FOO", env={"FOO": "bar"}).stdout.read() == "bar\n"
     # the Modal reference's agent spells it so: `python`, and .decode() on the text it read
     assert sb.exec("python", "-c", "print(1)").stdout.read().decode() == "1\n"
     p = sb.exec("bash", "-c", "while read line; do echo \"got $line\"; done; exit 3")

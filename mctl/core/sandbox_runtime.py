@@ -173,17 +173,26 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
 
 def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
               env_names: list[str] = (), pid_file: str | None = None,  # type: ignore[assignment]
-              nproc: int | None = None) -> list[str]:
+              nproc: int | None = None, runsc_id: str | None = None) -> list[str]:
     """`podman exec -i ...` for one command in a running sandbox. With `pid_file` the command
     first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
     rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes)."""
-    argv = ["podman", "exec", "-i", "--user", SANDBOX_USER]
-    if workdir:
-        argv += ["--workdir", workdir]
-    for key in env_names:
-        argv += ["--env", key]
-    argv.append(container)
+    if runsc_id and not env_names and os.access(RUNSC, os.X_OK):
+        # gVisor: `runsc exec` itself (~0.06 s, against ~0.3 s through podman exec). The process
+        # gets the container's spec (capabilities none, no_new_privs, env) and this user. Values
+        # would show in runsc's argv, so an exec with env goes through podman.
+        argv = [RUNSC, "exec", "--user", SANDBOX_USER]
+        if workdir:
+            argv += ["--cwd", workdir]
+        argv.append(runsc_id)
+    else:
+        argv = ["podman", "exec", "-i", "--user", SANDBOX_USER]
+        if workdir:
+            argv += ["--workdir", workdir]
+        for key in env_names:
+            argv += ["--env", key]
+        argv.append(container)
     if not (nproc or pid_file):
         return argv + list(cmd)
     script = f"echo $$ > {pid_file}; " if pid_file else ""

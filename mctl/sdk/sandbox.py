@@ -556,7 +556,9 @@ class Sandbox:
         argv = sandbox_runtime.exec_argv(container, list(cmd), workdir=workdir,
                                          env_names=sorted(environ), pid_file=pid_file,
                                          nproc=record.get("pids") if self.isolation == "gvisor"
-                                         else None)
+                                         else None,
+                                         runsc_id=record.get("container_id")
+                                         if self.isolation == "gvisor" else None)
         return ContainerProcess(argv, {**os.environ, **environ}, text=text, timeout=timeout,
                                 kill=kill)
 

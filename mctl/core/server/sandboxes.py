@@ -60,7 +60,7 @@ class Sandboxes:
         # (MCTL_SANDBOX_WARM of each, default 1; 0 turns it off). Labelled with this control
         # plane's state directory, so a restart removes its own leftovers and no one else's.
         self.warm_size = int(os.environ.get("MCTL_SANDBOX_WARM", "1"))
-        self.pool: dict[str, list[str]] = {}
+        self.pool: dict[str, list[tuple[str, str]]] = {}  # (container name, container id)
         self.defaults: dict[str, str] = {}
         self.filling: set[str] = set()
         import hashlib
@@ -187,17 +187,19 @@ class Sandboxes:
             "timeout, config, host, backend, ports, container) VALUES (?, ?, ?, ?, ?, "
             "'starting', ?, ?, ?, ?, 'local', '{}', ?)",
             (sandbox_id, app_id, name, json.dumps(body.get("tags") or {}), isolation, now,
-             timeout, json.dumps(stored), self.host, warm or container_name(sandbox_id)))
-        self.db.commit()
+             timeout, json.dumps(stored), self.host,
+             warm[0] if warm else container_name(sandbox_id)))
         rc, err = 0, ""
         if warm is None:
             rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+        container_id = warm[1] if warm else out.strip().splitlines()[-1] if rc == 0 else None
         if rc != 0:
             self._update(sandbox_id, state="failed", ended=time.time())
             await _podman("rm", "-f", self._container(sandbox_id))
             raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
         ports = await self._ports(sandbox_id, cfg.ports)
-        self._update(sandbox_id, state="running", ports=json.dumps(ports))
+        self._update(sandbox_id, state="running", ports=json.dumps(ports),
+                     container_id=container_id)
         self.done[sandbox_id] = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.tasks[sandbox_id] = [loop.create_task(self._watch(sandbox_id)),
@@ -223,7 +225,7 @@ class Sandboxes:
             self.defaults[base] = _default_image(base)
         return self.defaults[base]
 
-    def _claim(self, isolation: str) -> str | None:
+    def _claim(self, isolation: str) -> tuple[str, str] | None:
         pool = self.pool.get(isolation) or []
         return pool.pop(0) if pool else None
 
@@ -240,7 +242,7 @@ class Sandboxes:
                 argv = sandbox_runtime.run_argv(
                     cfg, isolation, name=f"mctl-{warm_id}",
                     labels={"mctl.sandbox.warm": self.owner})
-                rc, _, err = await _podman(*argv[1:])
+                rc, out, err = await _podman(*argv[1:])
                 if rc != 0:
                     log.warning("sandboxes: a warm %s container did not start: %s", isolation,
                                 err.strip()[-300:])
@@ -248,7 +250,7 @@ class Sandboxes:
                 if self.warm_size == 0:  # the control plane stopped meanwhile
                     await _podman("rm", "-f", "-t", "0", f"mctl-{warm_id}")
                     return
-                pool.append(f"mctl-{warm_id}")
+                pool.append((f"mctl-{warm_id}", out.strip()))
         except Exception:  # noqa: BLE001 - a pool is an optimisation; create still works cold
             log.exception("sandboxes: filling the warm pool failed")
         finally:

@@ -66,7 +66,7 @@ MIGRATIONS: list[str] = [
     "tags TEXT NOT NULL DEFAULT '{}', isolation TEXT NOT NULL, state TEXT NOT NULL, "
     "returncode INTEGER, created REAL NOT NULL, ended REAL, timeout REAL NOT NULL, "
     "config TEXT NOT NULL, host TEXT, backend TEXT NOT NULL, ports TEXT NOT NULL DEFAULT '{}', "
-    "container TEXT);"
+    "container TEXT, container_id TEXT);"
     "CREATE INDEX sandboxes_app ON sandboxes(app_id, state);",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
