@@ -478,3 +478,17 @@ def test_a_function_creates_and_uses_a_sandbox(tmp_path):
     done = _mctl("run", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "'out': '1024\\n', 'rc': 0, 'isolation': 'gvisor', 'listed': True" in done.stdout
+
+
+def test_a_crashed_control_plane_finds_its_sandboxes_again(server_process):
+    app = mctl.App.lookup("sandbox-restart", create_if_missing=True)
+    keep = mctl.Sandbox.create(app=app, timeout=120)
+    ends = mctl.Sandbox.create("sleep", "3", app=app)
+    server_process.kill()  # no shutdown: the containers outlive it
+    time.sleep(4)  # `ends` finishes while no control plane watches
+    server_process.start()
+    again = mctl.Sandbox.from_id(keep.object_id)
+    assert again.poll() is None and run(again, "echo", "back")[1] == "back\n"
+    assert mctl.Sandbox.from_id(ends.object_id).wait() == 0  # its exit, from podman
+    again.terminate()
+    assert not _leftover(again)

@@ -512,8 +512,8 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     url = advertise_url or f"{'https' if ssl_context else 'http'}://{host}:{bound}"
     control.autoscaler = Autoscaler(control, backend, url, options)
     await control.autoscaler.start()
+    await sandboxes.sandboxes(control).recover()  # before requests pass (control.recovered)
     await control.recover()
-    await sandboxes.sandboxes(control).recover()
     schedules = ScheduleRunner(control)
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(schedules.run()), loop.create_task(retention(store))]

@@ -466,16 +466,22 @@ class Sandboxes:
         await self._remove([self._row(r[0]) for r in started])
 
     async def recover(self) -> None:
-        """After a restart: sandboxes whose container still runs get their watchers back; the
-        others are recorded as lost."""
+        """After a restart: sandboxes whose container still runs get their watchers back; one
+        that ended meanwhile gets its exit code from podman; one whose container is gone is
+        recorded as lost."""
         await self._drain_pool()
         if self.cluster() is not None:  # sandboxes on Slurm nodes: their jobs, found again
             await self.cluster().recover(self, [r for r in self.list() if self.cluster(r)])
         for rec in self.list():
             if self.cluster(rec) is not None:
                 continue
-            rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}}", rec["container"])
-            if rc == 0 and out.strip() == "true":
+            rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}",
+                                       rec["container"])
+            running, _, code = out.strip().partition(" ")
+            if rc == 0 and running == "false" and code.lstrip("-").isdigit():
+                self._update(rec["sandbox_id"], state="finished", returncode=int(code),
+                             ended=time.time())
+            elif rc == 0 and running == "true":
                 self.done[rec["sandbox_id"]] = asyncio.Event()
                 left = rec["created"] + rec["timeout"] - time.time()
                 loop = asyncio.get_running_loop()
