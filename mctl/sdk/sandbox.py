@@ -369,9 +369,6 @@ class Sandbox:
         if unsupported:
             raise InvalidError(f"Sandbox.create got unsupported arguments: "
                                f"{', '.join(sorted(unsupported))}.")
-        if gpu is not None:
-            raise InvalidError("Sandboxes with gpu= are not supported by mctl yet; run GPU code "
-                               "in a function (@app.function(gpu=...)).")
         if cidr_allowlist is not None:
             raise InvalidError("cidr_allowlist= is not supported by mctl yet: a sandbox has "
                                "either no network (the default) or block_network=False.")
@@ -383,7 +380,7 @@ class Sandbox:
             "app_id": app_id, "command": list(cmd), "workdir": workdir, "timeout": timeout,
             "cpu": cpu, "memory": memory, "pids": pids, "name": name, "tags": tags or {},
             "block_network": True if block_network is None else bool(block_network),
-            "ports": ports, "isolation": isolation,
+            "ports": ports, "isolation": isolation, "gpu": gpu,
             "env": {k: v for k, v in (env or {}).items() if v is not None}}
         body["secret_names"], body["secret_values"] = _secret_parts(secrets)
         if volumes:
@@ -506,6 +503,15 @@ class Sandbox:
             raise InvalidError(f"Sandbox {self.object_id} runs on {record['host']}; mctl runs "
                                "commands in a sandbox only from the control plane's host yet.")
 
+    def _relayed(self) -> bool:
+        """Whether commands go through the control plane's relay: a sandbox on a cluster node,
+        or on the control plane's host when this process runs elsewhere."""
+        import socket
+
+        host = self._record.get("host")
+        return (self._record.get("backend", "local") != "local"
+                or bool(host and host != socket.gethostname()))
+
     def _exec(self, *cmd: str, workdir: str | None = None, timeout: int | None = None,
               secrets: Sequence[Any] = (), pty: bool = False, pty_info: Any = None,
               text: bool = True, env: dict[str, str | None] | None = None,
@@ -520,6 +526,16 @@ class Sandbox:
             raise InvalidError("exec(*cmd) needs a command whose parts are all str, such as "
                                "sb.exec('python', '-c', 'print(1)').")
         names, values = _secret_parts(secrets)
+        if self._relayed():  # on a cluster node: through the control plane's relay
+            from mctl.sdk.sandbox_relay import exec_relayed
+
+            extra: dict[str, str] = {}
+            for v in values:
+                extra.update(v)
+            extra.update({k: v for k, v in (env or {}).items() if v is not None})
+            relayed: Any = exec_relayed(self, list(cmd), workdir=workdir, timeout=timeout,
+                                        secret_names=names, env=extra, text=text)
+            return relayed  # a RelayProcess: the ContainerProcess interface
         record = _http(self._url, "POST", f"/api/sandboxes/{self.object_id}/exec",
                        {"secret_names": names})
         self._local(record)
@@ -549,6 +565,10 @@ class Sandbox:
     def _main_output(self) -> tuple[_Buffer, _Buffer]:
         """The main command's stdout and stderr, from podman's log of the container."""
         with self._lock:
+            if self._log_buffers is None and self._relayed():
+                from mctl.sdk.sandbox_relay import main_output
+
+                self._log_buffers = main_output(self)
             if self._log_buffers is None:
                 self._local(self._record)
                 out, err = _Buffer(), _Buffer()

@@ -3,7 +3,7 @@
 // checks Nomad's server would apply before accepting a job. It is mctl's contract check: no
 // Nomad agent can run where mctl is developed, so every body mctl would send is checked here.
 //
-// Usage: nomad-jobcheck [-kind job|scale|revert|variable|frame] [FILE...]   (no FILE: read stdin)
+// Usage: nomad-jobcheck [-kind job|scale|revert|variable|frame|exec-in|exec-out] [FILE...]   (no FILE: read stdin)
 // Each input may hold several JSON documents one after another. Exit status 1 and one line per
 // rejected document ("<source> #<n> <job id>: <reason>") when any is rejected.
 package main
@@ -33,7 +33,7 @@ const (
 var validName = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,128}$`)
 
 func main() {
-	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest), variable (Variable) or frame (StreamFrame)")
+	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest), variable (Variable) frame (StreamFrame), exec-in (ExecStreamingInput) or exec-out (ExecStreamingOutput)")
 	quiet := flag.Bool("q", false, "print nothing for accepted documents")
 	flag.Parse()
 	sources := flag.Args()
@@ -98,6 +98,24 @@ func checkOne(dec *json.Decoder, kind string) (string, error) {
 			return "-", wrapDecode(err)
 		}
 		return f.File, nil
+	case "exec-in": // what mctl sends on /v1/client/allocation/<id>/exec
+		var in api.ExecStreamingInput
+		if err := dec.Decode(&in); err != nil {
+			return "-", wrapDecode(err)
+		}
+		if in.Stdin == nil && in.TTYSize == nil {
+			return "-", fmt.Errorf("an exec input frame needs stdin or tty_size")
+		}
+		return "stdin", nil
+	case "exec-out": // what mctl reads there: checks the tests' frames
+		var out api.ExecStreamingOutput
+		if err := dec.Decode(&out); err != nil {
+			return "-", wrapDecode(err)
+		}
+		if out.Exited && out.Result == nil {
+			return "-", fmt.Errorf("an exited frame needs a result")
+		}
+		return "output", nil
 	case "variable":
 		var v api.Variable
 		if err := dec.Decode(&v); err != nil {
@@ -362,7 +380,7 @@ func checkCSI(group, name string, v *api.VolumeRequest, count int, bad func(stri
 // these are the parts of them mctl renders, written from the drivers' documentation: the keys
 // each driver knows (an unknown key fails the job), the required ones and the value shapes.
 type configKey struct {
-	kind  string // string, strings (a list of strings), bool, map, block (a list of one object)
+	kind  string // string, strings (a list of strings), bool, number, map, block (a list of one object)
 	block []string
 }
 
@@ -373,6 +391,9 @@ var driverConfigs = map[string]map[string]configKey{
 		"network_mode": {kind: "string"}, "force_pull": {kind: "bool"}, "labels": {kind: "map"},
 		"privileged": {kind: "bool"}, "ports": {kind: "strings"}, "cap_add": {kind: "strings"},
 		"image_pull_timeout": {kind: "string"}, "runtime": {kind: "string"},
+		// a sandbox's restrictions (mctl/plugins/sandbox_nomad.py)
+		"cap_drop": {kind: "strings"}, "security_opt": {kind: "strings"}, "init": {kind: "bool"},
+		"hostname": {kind: "string"}, "pids_limit": {kind: "number"}, "ulimit": {kind: "map"},
 		"auth": {kind: "block", block: []string{"username", "password", "email", "server_address"}},
 	},
 	"podman": {
@@ -381,6 +402,8 @@ var driverConfigs = map[string]map[string]configKey{
 		"network_mode": {kind: "string"}, "force_pull": {kind: "bool"}, "labels": {kind: "map"},
 		"privileged": {kind: "bool"}, "ports": {kind: "strings"}, "cap_add": {kind: "strings"},
 		"devices": {kind: "strings"},
+		"cap_drop": {kind: "strings"}, "security_opt": {kind: "strings"}, "init": {kind: "bool"},
+		"hostname": {kind: "string"},
 		"auth":    {kind: "block", block: []string{"username", "password", "tls_verify"}},
 	},
 	"exec":     {"command": {kind: "string"}, "args": {kind: "strings"}},
@@ -416,6 +439,9 @@ func shaped(value interface{}, k configKey) bool {
 		return ok
 	case "bool":
 		_, ok := value.(bool)
+		return ok
+	case "number":
+		_, ok := value.(float64)
 		return ok
 	case "map":
 		_, ok := value.(map[string]interface{})

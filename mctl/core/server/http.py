@@ -17,7 +17,7 @@ from aiohttp import WSMsgType, web
 
 from mctl.core import protocol
 from mctl.core.server import (auth, build_logs, containers, dictqueue_http, environments,
-                              gateway, sandboxes, secret_direct, variants)
+                              gateway, sandbox_relay, sandboxes, secret_direct, variants)
 from mctl.core.server.audit import PRINCIPAL_KEY, Audit
 from mctl.core.server.control import Conn, ControlPlane
 from mctl.core.server.store import Store
@@ -478,6 +478,7 @@ ROUTES += secret_direct.routes()  # `mctl secret create` writing to Vault itself
 ROUTES += environments.routes(TASK_ANY)  # `mctl environment list`
 ROUTES += variants.routes(TASK_ANY)  # Cls.with_options/with_concurrency/with_batching
 ROUTES += sandboxes.routes()  # mctl.Sandbox, `mctl sandbox`
+ROUTES += sandbox_relay.routes()  # exec and logs relayed for sandboxes on cluster nodes
 
 
 def make_app(control: ControlPlane) -> web.Application:

@@ -171,6 +171,13 @@ class Sandboxes:
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"))
         isolation = sandbox_runtime.choose(cfg)
+        cluster = self.cluster()
+        if cluster is not None:  # a Slurm job on a node (plugins/sandbox_slurm)
+            return await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
+        if body.get("gpu"):
+            raise InvalidError("Sandboxes with gpu= need a cluster backend (the slurm "
+                               "scheduler); run GPU code here in a function "
+                               "(@app.function(gpu=...)).")
         argv = sandbox_runtime.run_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
         warm = None
         if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
@@ -202,6 +209,15 @@ class Sandboxes:
         self.tasks[sandbox_id] = [loop.create_task(self._watch(sandbox_id)),
                                   loop.create_task(self._expire(sandbox_id, timeout))]
         return self._row(sandbox_id)
+
+    def cluster(self, rec: dict[str, Any] | None = None) -> Any:
+        """The cluster sandbox backend (Slurm) for new sandboxes, or for `rec` when it runs on
+        one; None: podman on this host."""
+        if rec is not None and rec.get("backend", "local") == "local":
+            return None
+        from mctl.plugins.sandbox_slurm import backend_for
+
+        return backend_for(self.control)
 
     def _base(self) -> str:
         """The default image: debian_slim's base plus `python` (Modal's images have it; the
@@ -375,13 +391,17 @@ class Sandboxes:
     async def terminate(self, sandbox_id: str) -> dict[str, Any]:
         """Kill the sandbox and every process in it; its container goes (logs with it)."""
         rec = self._row(sandbox_id)
+        if self.cluster(rec) is not None:
+            return await self.cluster(rec).terminate(self, sandbox_id)
         if rec["state"] == "running":
             self._finish(sandbox_id, "terminated", 137)
         await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
         return self._row(sandbox_id)
 
     async def logs(self, sandbox_id: str) -> dict[str, str]:
-        self._row(sandbox_id)
+        rec = self._row(sandbox_id)
+        if self.cluster(rec) is not None:
+            return await self.cluster(rec).logs(self, sandbox_id)
         rc, out, err = await _podman("logs", self._container(sandbox_id))
         if rc != 0:
             raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its container was "
@@ -396,6 +416,10 @@ class Sandboxes:
         rec = self._row(sandbox_id)
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
+        if self.cluster(rec) is not None:
+            raise InvalidError(f"Sandbox {sandbox_id} runs on the cluster node {rec['host']}: "
+                               "snapshot_filesystem() works only for sandboxes on the control "
+                               "plane's host yet.")
         tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
         if rec["isolation"] != "gvisor":
             rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
@@ -465,7 +489,11 @@ class Sandboxes:
         that ended meanwhile gets its exit code from podman; one whose container is gone is
         recorded as lost."""
         await self._drain_pool()
+        if self.cluster() is not None:  # sandboxes on Slurm nodes: their jobs, found again
+            await self.cluster().recover(self, [r for r in self.list() if self.cluster(r)])
         for rec in self.list():
+            if self.cluster(rec) is not None:
+                continue
             rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}",
                                        rec["container"])
             running, _, code = out.strip().partition(" ")

@@ -1,0 +1,236 @@
+"""Commands in a sandbox for a client that is not where the sandbox runs: the control plane runs
+them and relays their stdio over a WebSocket (`GET /api/sandboxes/{id}/relay`, scope invoke, the
+caller's token checked by the middleware as for every route).
+
+On a Slurm node the control plane runs `srun --jobid=<job> --overlap podman exec -i ...`
+(plugins/sandbox_slurm); for a sandbox on the control plane's own host, `podman exec -i ...`.
+
+The protocol, after the upgrade:
+- client → server, first: a JSON text message, either
+  `{"exec": [cmd...], "workdir": ..., "timeout": s, "secret_names": [...], "env": {...}}` or
+  `{"logs": true}` (follow the main command's stdout and stderr);
+- client → server: binary messages are stdin; `{"eof": true}` closes stdin;
+- server → client: binary messages, first byte 1 (stdout) or 2 (stderr), then the bytes;
+  last, `{"exit": code}` (128+n after signal n, -1 after `timeout`) or `{"error": message}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets as _secrets
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from mctl.core import sandbox_runtime
+from mctl.exception import Error, InvalidError
+
+log = logging.getLogger("mctl.sandboxes.relay")
+
+STDOUT, STDERR = 1, 2
+
+
+# What srun and slurmstepd add to a step's stderr when it fails or the job ends under it.
+SLURM_LINE = re.compile(rb"^(srun: (error|warning): |slurmstepd(-[^:]*)?: error: \*\*\* STEP )")
+
+
+async def _send(ws: web.WebSocketResponse, prefix: bytes, data: bytes) -> None:
+    if data and not ws.closed:  # a closed socket: keep draining, the process must never block
+        try:
+            await ws.send_bytes(prefix + data)
+        except (ConnectionError, RuntimeError):
+            pass
+
+
+async def _pump(stream: asyncio.StreamReader, ws: web.WebSocketResponse, channel: int,
+                trailer: bytes | None = None) -> int | None:
+    """Send a stream to the client. With `trailer` (a command on a node, see `_wrap`), the
+    stream is passed on by whole lines: the trailer's line gives the exit code, and Slurm's own
+    lines are dropped; the code is returned."""
+    prefix = bytes([channel])
+    held, code = b"", None
+    while True:
+        chunk = await stream.read(1 << 16)
+        if trailer is None:
+            if not chunk:
+                return None
+            await _send(ws, prefix, chunk)
+            continue
+        held += chunk
+        cut = held.rfind(b"\n") + 1 if chunk else len(held)
+        ready, held = held[:cut], held[cut:]
+        out = []
+        for line in ready.splitlines(keepends=True):
+            at = line.find(trailer)
+            if at >= 0:
+                tail = line[at + len(trailer):].strip()
+                code = int(tail) if tail.lstrip(b"-").isdigit() else code
+                line = line[:at]
+            elif SLURM_LINE.match(line):
+                continue
+            out.append(line)
+        await _send(ws, prefix, b"".join(out))
+        if not chunk:
+            return code
+
+
+async def relay_route(request: web.Request) -> web.WebSocketResponse:
+    from mctl.core.server.sandboxes import _sb
+
+    sb = _sb(request)
+    sandbox_id = request.match_info["sandbox_id"]
+    rec = sb.get(sandbox_id)  # NotFoundError before the upgrade: a plain 404
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=16 << 20)
+    await ws.prepare(request)
+    try:
+        first = await ws.receive()
+        if first.type != WSMsgType.TEXT:
+            raise InvalidError("The relay's first message must be JSON: {\"exec\": [...]} or "
+                               "{\"logs\": true}.")
+        req = json.loads(first.data)
+        refused = _refused(request, list(req.get("secret_names") or []))
+        if refused:
+            raise InvalidError(refused)
+        await _serve(sb, rec, req, ws)
+    except Error as exc:
+        if not ws.closed:
+            await ws.send_json({"error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - said to the client, not swallowed
+        log.exception("sandbox relay %s", sandbox_id)
+        if not ws.closed:
+            await ws.send_json({"error": f"The relay failed: {exc}"})
+    finally:
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+def _refused(request: web.Request, names: list[str]) -> str | None:
+    """Named secrets need what they need for `exec` on the control plane's host (sandboxes.py)."""
+    from mctl.core.server import sandboxes
+
+    check = getattr(sandboxes, "_check_secret_names", None)
+    refused = check(request, names) if check is not None else None
+    if refused is None:
+        return None
+    return json.loads(refused.body)["error"]
+
+
+async def _prefix(sb: Any, rec: dict[str, Any]) -> list[str]:
+    cluster = sb.cluster(rec)
+    if cluster is None:
+        return []
+    await cluster.ready()
+    return cluster.relay_prefix(rec["sandbox_id"])
+
+
+def _wrap(prefix: list[str], argv: list[str], trailer: str) -> list[str]:
+    """On a node: the step itself always exits 0 and writes the command's exit code after a
+    marker on stderr. Otherwise srun and slurmstepd add their own lines to the command's stderr
+    ("task 0: Exited with exit code 3", "STEP ... FAILED")."""
+    if not prefix:
+        return argv
+    script = f'"$@"; rc=$?; printf "{trailer}%d\\n" "$rc" >&2; exit 0'
+    return prefix + ["/bin/sh", "-c", script, "sh", *argv]
+
+
+async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
+                 ws: web.WebSocketResponse) -> None:
+    container = rec["container"]
+    env: dict[str, str] = {}
+    pid_file = None
+    if req.get("logs"):
+        argv = ["podman", "logs", "-f", container]
+        if rec["state"] != "running":
+            logs = await sb.logs(rec["sandbox_id"])
+            for channel, key in ((STDOUT, "stdout"), (STDERR, "stderr")):
+                if logs[key]:
+                    await ws.send_bytes(bytes([channel]) + logs[key].encode())
+            await ws.send_json({"exit": 0})
+            return
+    else:
+        if rec["state"] != "running":
+            raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a "
+                               "running sandbox.")
+        cmd = req.get("exec")
+        if not cmd or not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
+            raise InvalidError("exec needs a command whose parts are all str.")
+        env = await asyncio.to_thread(sb._secret_values,
+                                      {"secret_names": req.get("secret_names") or []})
+        env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
+        timeout = req.get("timeout")
+        if timeout is not None:
+            pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
+        argv = sandbox_runtime.exec_argv(
+            container, cmd, workdir=req.get("workdir"), env_names=sorted(env),
+            pid_file=pid_file,
+            nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None)
+    prefix = (await _prefix(sb, rec))
+    trailer = f"mctl-relay-exit-{_secrets.token_hex(8)}=" if prefix else None
+    argv = _wrap(prefix, argv, trailer or "")
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **env}, start_new_session=True)
+    assert proc.stdin and proc.stdout and proc.stderr
+    pumps = [asyncio.ensure_future(_pump(proc.stdout, ws, STDOUT)),
+             asyncio.ensure_future(_pump(proc.stderr, ws, STDERR,
+                                         trailer.encode() if trailer else None))]
+    if req.get("logs"):
+        proc.stdin.close()
+
+    async def feed() -> None:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY and not proc.stdin.is_closing():
+                try:
+                    proc.stdin.write(msg.data)
+                    await proc.stdin.drain()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+            elif msg.type == WSMsgType.TEXT and json.loads(msg.data).get("eof"):
+                if not proc.stdin.is_closing():
+                    proc.stdin.close()
+        # the client went away: the command goes with it
+        if proc.returncode is None:
+            proc.kill()
+
+    feeder = asyncio.ensure_future(feed())
+    timed_out = False
+    reported = None
+    try:
+        timeout = req.get("timeout")
+        try:
+            await asyncio.wait_for(proc.wait(), float(timeout) if timeout is not None else None)
+        except asyncio.TimeoutError:
+            timed_out = True
+            if pid_file is not None:  # the command inside the sandbox, not only podman exec
+                kill = (await _prefix(sb, rec)) + [
+                    "podman", "exec", "--user", sandbox_runtime.SANDBOX_USER, container,
+                    "/bin/sh", "-c", f"kill -KILL $(cat {pid_file}) 2>/dev/null; rm -f {pid_file}"]
+                killer = await asyncio.create_subprocess_exec(
+                    *kill, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL)
+                await killer.wait()
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        _, reported = await asyncio.gather(*pumps)
+    finally:
+        feeder.cancel()
+        if proc.returncode is None:
+            proc.kill()
+    rc = proc.returncode or 0
+    if not timed_out and reported is not None:
+        rc = reported
+    code = -1 if timed_out else (128 - rc if rc < 0 else rc)
+    if not ws.closed:
+        await ws.send_json({"exit": code})
+
+
+def routes() -> list[tuple[str, str, Any, str, str]]:
+    from mctl.core.server.http import TASK_ANY
+
+    return [("GET", "/api/sandboxes/{sandbox_id}/relay", relay_route, "invoke", TASK_ANY)]

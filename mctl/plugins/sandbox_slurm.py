@@ -1,0 +1,405 @@
+"""Sandboxes as Slurm jobs: when the control plane's scheduler is `slurm`, `Sandbox.create` submits
+one batch job that runs the sandbox's container on a node, isolated exactly as the local backend
+isolates it (`core/sandbox_runtime.run_argv`: podman with gVisor's runsc, or runc with a user
+namespace; no network unless asked, every capability dropped, a non-root user).
+
+- Resources: cpu → `--cpus-per-task`, memory → `--mem`, gpu → `--gres=gpu:TYPE:N` (the
+  scheduler's `gpu_map`), timeout → `--time` (whole minutes, rounded up, plus one: Slurm's own
+  backstop; the control plane ends the sandbox at its exact timeout with return code -1).
+- The job's shell runs the container in the foreground (its output is the job's output) and
+  removes it on every way out: exit, `scancel` (TERM), the time limit.
+- Everything after the start happens on the node, through Slurm: the control plane runs
+  `srun --jobid=<job> --overlap podman ...` (exec, logs, kill, rm), as an operator would. gVisor's
+  control sockets live in the node's network namespace, so even a node sharing the control plane's
+  file system needs this. Clients reach it through the control plane's relay WebSocket
+  (`core/server/sandbox_relay`), never the node.
+- Each job's comment (`mctl sandbox=sb-... app=... cp=...`) lets a restarted control plane find
+  its sandboxes that still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import re
+import shlex
+import time
+from typing import TYPE_CHECKING, Any
+
+from mctl.core import sandbox_runtime
+from mctl.core.sandbox_runtime import SandboxConfig
+from mctl.exception import InvalidError
+
+if TYPE_CHECKING:
+    from mctl.core.server.sandboxes import Sandboxes
+    from mctl.plugins.scheduler_slurm import SlurmScheduler
+
+log = logging.getLogger("mctl.sandboxes.slurm")
+
+POLL_S = 1.0
+START_TIMEOUT_S = 300.0  # a job still pending after this long is cancelled and create fails
+
+
+def job_time(timeout_s: int) -> int:
+    """The job's time limit in minutes: the sandbox's timeout rounded up, plus one."""
+    return math.ceil(timeout_s / 60) + 1
+
+
+def foreground(argv: list[str]) -> list[str]:
+    """`podman run -d ...` → `podman run ...`: the job's shell waits for the container."""
+    out = list(argv)
+    if out[:3] == ["podman", "run", "-d"]:
+        del out[2]
+    return out
+
+
+def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, output: str,
+               timeout_s: int, gres: str | None = None,
+               options: dict[str, Any] | None = None) -> str:
+    """The batch script of one sandbox (no secret values in it: podman reads them from the job's
+    environment by name)."""
+    opts = options or {}
+    container = sandbox_runtime.container_name(cfg.sandbox_id)
+    memory = cfg.memory_mb or sandbox_runtime.DEFAULT_MEMORY_MB
+    lines = ["#!/bin/sh", f"#SBATCH --job-name=mctl-{cfg.sandbox_id.lower()}",
+             f'#SBATCH --comment="{comment}"', f"#SBATCH --output={output}",
+             "#SBATCH --ntasks=1", "#SBATCH --no-requeue",
+             f"#SBATCH --cpus-per-task={max(1, math.ceil(cfg.cpu or sandbox_runtime.DEFAULT_CPU))}",
+             # the container's limit plus room for podman and conmon on the node
+             f"#SBATCH --mem={memory + 256}M",
+             f"#SBATCH --time={job_time(timeout_s)}"]
+    if gres is not None:
+        lines.append(f"#SBATCH --gres={gres}")
+    for key in ("partition", "account", "qos"):
+        if opts.get(key):
+            lines.append(f"#SBATCH --{key}={opts[key]}")
+    argv = foreground(sandbox_runtime.run_argv(cfg, isolation, name=container))
+    if gres is not None:
+        # Slurm chose the GPUs; the code sees those (devices come from CDI where it is set up)
+        argv.insert(2, "CUDA_VISIBLE_DEVICES")
+        argv.insert(2, "--env")
+    check = ["command -v podman >/dev/null || { echo \"mctl: podman is not installed on "
+             "$(hostname); sandboxes on Slurm need podman on every node\" >&2; exit 125; }"]
+    if isolation == "gvisor":
+        check.append(f"[ -x {sandbox_runtime.RUNSC} ] || {{ echo \"mctl: {sandbox_runtime.RUNSC}"
+                     " (gVisor) is not installed on $(hostname); install runsc there or create "
+                     "the sandbox with isolation='runc'\" >&2; exit 125; }")
+    lines += [
+        f"name={container}",
+        # TERM (scancel, the time limit) and every other way out remove the container: it lives
+        # under conmon, which Slurm's process tracking does not follow
+        "cleanup() { podman rm --force --time 0 --ignore \"$name\" >/dev/null 2>&1; }",
+        "trap 'cleanup; exit 143' TERM INT",
+        "trap cleanup EXIT",
+        *check,
+        " ".join(shlex.quote(part) for part in argv) + " </dev/null &",
+        "pid=$!",
+        "wait $pid; code=$?",
+        "exit $code"]
+    return "\n".join(lines) + "\n"
+
+
+def control_plane_mark(control: Any) -> str:
+    """Which control plane owns a sandbox job: a hash of its state directory and host."""
+    import socket
+
+    state = str(getattr(control.store, "state_dir", ""))
+    return hashlib.sha256(f"{socket.gethostname()}:{state}".encode()).hexdigest()[:12]
+
+
+class SlurmSandboxes:
+    """The Slurm sandbox backend; it uses the Slurm scheduler's commands and options."""
+
+    name = "slurm"
+
+    def __init__(self, scheduler: SlurmScheduler) -> None:
+        self.scheduler = scheduler
+        self.jobs: dict[str, str] = {}  # sandbox id -> job id
+        self.nodes: dict[str, str] = {}  # sandbox id -> node
+        self.recovered: asyncio.Event | None = None  # set once a restart found its jobs again
+
+    async def ready(self) -> None:
+        """Wait (a little) for `recover`: the HTTP routes answer before it has run."""
+        if self.recovered is None:
+            self.recovered = asyncio.Event()
+        try:
+            await asyncio.wait_for(self.recovered.wait(), 60)
+        except asyncio.TimeoutError:
+            pass
+
+    # --- Slurm -------------------------------------------------------------------------------
+    def relay_prefix(self, sandbox_id: str) -> list[str]:
+        """Put before a `podman ...` argv to run it on the sandbox's node, inside its job."""
+        job = self.jobs.get(sandbox_id)
+        if job is None:
+            raise InvalidError(f"Sandbox {sandbox_id} has no running Slurm job.")
+        return ["srun", f"--jobid={job}", "--overlap", "--quiet", "--nodes=1", "--ntasks=1"]
+
+    async def _on_node(self, sandbox_id: str, *args: str, timeout: float = 60
+                       ) -> tuple[int, str, str]:
+        argv = self.relay_prefix(sandbox_id) + ["podman", *args]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return 124, "", f"`{' '.join(argv[:6])}` did not finish within {timeout:g}s"
+        return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+    async def _state(self, job_id: str) -> tuple[str, str, int | None, str]:
+        """(state, node, exit code, reason) from `scontrol show job`."""
+        try:
+            info = await self.scheduler._run("scontrol", "show", "job", job_id, "--oneliner")
+        except InvalidError:
+            return "COMPLETED", "", None, ""  # aged out of slurmctld's memory
+        fields = dict(re.findall(r"(\w+)=(\S*)", info))
+        code = None
+        match = re.search(r"ExitCode=(\d+):(\d+)", info)
+        if match:
+            code = int(match.group(1)) or (128 + int(match.group(2)) if int(match.group(2))
+                                           else 0)
+        node = fields.get("BatchHost") or fields.get("NodeList") or ""
+        return fields.get("JobState", "UNKNOWN"), "" if node == "(null)" else node, code, \
+            fields.get("Reason", "")
+
+    def _output(self, sandbox_id: str) -> str:
+        return str(self.scheduler.output_dir / f"sandbox-{sandbox_id.lower()}.out")
+
+    def _tail(self, sandbox_id: str) -> str:
+        from pathlib import Path
+
+        try:
+            text = Path(self._output(sandbox_id)).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-20:])
+
+    # --- life ----------------------------------------------------------------------------------
+    async def create(self, sbs: Sandboxes, cfg: SandboxConfig, isolation: str,
+                     body: dict[str, Any], app_id: str, name: str | None,
+                     timeout: int) -> dict[str, Any]:
+        from mctl.core.spec import GpuRequest
+        from mctl.plugins.scheduler_slurm import input_script
+
+        if cfg.ports:
+            raise InvalidError("Sandboxes on Slurm nodes cannot publish ports yet (a tunnel would "
+                               "end on the node); drop encrypted_ports/unencrypted_ports, or set "
+                               "MCTL_SANDBOX_BACKEND=local on the control plane.")
+        try:
+            gpu = GpuRequest.parse(body.get("gpu"))
+        except ValueError as exc:
+            raise InvalidError(str(exc)) from None
+        gres = None
+        if gpu is not None:
+            gtype = (self.scheduler.gpu_map.get(gpu.type.upper(), gpu.type.lower())
+                     if gpu.type else None)
+            gres = f"gpu:{gtype + ':' if gtype else ''}{gpu.count}"
+        sandbox_id = cfg.sandbox_id
+        sched = self.scheduler
+        sched.output_dir.mkdir(parents=True, exist_ok=True)
+        comment = (f"mctl sandbox={sandbox_id} app={app_id} "
+                   f"cp={control_plane_mark(sbs.control)}")
+        script = job_script(cfg, isolation, name=sandbox_runtime.container_name(sandbox_id),
+                            comment=comment, output=self._output(sandbox_id),
+                            timeout_s=timeout, gres=gres,
+                            options=sched.options)
+        stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
+        stored["env_names"] = sorted(cfg.env)
+        stored["gpu"] = body.get("gpu")
+        now = time.time()
+        sbs.db.execute(
+            "INSERT INTO sandboxes (sandbox_id, app_id, name, tags, isolation, state, created, "
+            "timeout, config, host, backend, ports, container) VALUES (?, ?, ?, ?, ?, "
+            "'starting', ?, ?, ?, '', 'slurm', '{}', ?)",
+            (sandbox_id, app_id, name, json.dumps(body.get("tags") or {}), isolation, now,
+             timeout, json.dumps(stored), sandbox_runtime.container_name(sandbox_id)))
+        sbs.db.commit()
+        import os
+
+        env = dict(os.environ)
+        for key in ("MCTL_TOKEN", "SLURM_JWT", "VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):
+            env.pop(key, None)  # the job gets the sandbox's values, not the server's rights
+        env.update(cfg.env)
+        try:
+            out = await sched._run("sbatch", "--parsable", "--export=ALL",
+                                   input_script(sched.output_dir, f"sandbox-{sandbox_id.lower()}",
+                                                script), env=env)
+        except InvalidError as exc:
+            sbs._update(sandbox_id, state="failed", ended=time.time())
+            raise InvalidError(f"The sandbox could not be submitted to Slurm: {exc}") from None
+        job_id = out.strip().split(";")[0]
+        self.jobs[sandbox_id] = job_id
+        stored["slurm_job"] = job_id
+        sbs._update(sandbox_id, config=json.dumps(stored))
+        log.info("sandbox %s: Slurm job %s", sandbox_id, job_id)
+        try:
+            node = await self._wait_running(sandbox_id, job_id)
+        except BaseException:
+            await self._cancel(sandbox_id)
+            sbs._update(sandbox_id, state="failed", ended=time.time())
+            raise
+        self.nodes[sandbox_id] = node
+        sbs._update(sandbox_id, state="running", host=node)
+        self._watch(sbs, sandbox_id, max(0.0, now + timeout - time.time()))
+        return sbs._row(sandbox_id)
+
+    async def _wait_running(self, sandbox_id: str, job_id: str) -> str:
+        """Until the container runs on its node; its node's name. A job that ends first fails
+        `create` with the job's own words."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        container = sandbox_runtime.container_name(sandbox_id)
+        reason = ""
+        while time.monotonic() < deadline:
+            state, node, code, reason = await self._state(job_id)
+            if state in _finished():
+                raise InvalidError(
+                    f"The sandbox's Slurm job {job_id} ended {state} (exit code {code}) before "
+                    f"its container ran. {self._tail(sandbox_id)}".strip())
+            if state == "RUNNING":
+                rc, out, _ = await self._on_node(sandbox_id, "container", "inspect", "-f",
+                                                 "{{.State.Running}}", container, timeout=30)
+                if rc == 0 and out.strip() == "true":
+                    return node
+            await asyncio.sleep(0.1 if state == "RUNNING" else 0.5)
+        raise InvalidError(f"The sandbox's Slurm job {job_id} did not start within "
+                           f"{START_TIMEOUT_S:g}s (Slurm's reason: {reason or 'none'}); it was "
+                           "cancelled. Check `sinfo` for free nodes or ask for less.")
+
+    def _watch(self, sbs: Sandboxes, sandbox_id: str, timeout: float) -> None:
+        sbs.done[sandbox_id] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        sbs.tasks[sandbox_id] = [loop.create_task(self._wait_job(sbs, sandbox_id)),
+                                 loop.create_task(self._expire(sbs, sandbox_id, timeout))]
+
+    async def _wait_job(self, sbs: Sandboxes, sandbox_id: str) -> None:
+        """Poll the job; its end is the sandbox's end, its exit code the return code."""
+        job_id = self.jobs[sandbox_id]
+        try:
+            while True:
+                await asyncio.sleep(POLL_S)
+                state, _, code, _ = await self._state(job_id)
+                if state in _finished():
+                    break
+        except asyncio.CancelledError:
+            return
+        self.jobs.pop(sandbox_id, None)
+        log.info("sandbox %s: Slurm job %s ended %s (exit code %s)", sandbox_id, job_id, state,
+                 code)
+        sbs._finish(sandbox_id, "finished", code)
+
+    async def _expire(self, sbs: Sandboxes, sandbox_id: str, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        if sbs._state(sandbox_id) == "running":
+            sbs._finish(sandbox_id, "timeout", -1)
+            await self._cancel(sandbox_id)
+
+    async def _cancel(self, sandbox_id: str) -> None:
+        """Remove the container on its node, then cancel the job (whose shell removes it too)."""
+        job_id = self.jobs.get(sandbox_id)
+        if job_id is None:
+            return
+        try:
+            await self._on_node(sandbox_id, "rm", "--force", "--time", "0", "--ignore",
+                                sandbox_runtime.container_name(sandbox_id), timeout=60)
+        finally:
+            self.jobs.pop(sandbox_id, None)
+            try:
+                await self.scheduler._run("scancel", job_id)
+            except InvalidError as exc:
+                log.warning("scancel %s: %s", job_id, exc)
+
+    async def terminate(self, sbs: Sandboxes, sandbox_id: str) -> dict[str, Any]:
+        await self.ready()
+        rec = sbs._row(sandbox_id)
+        if rec["state"] == "running":
+            sbs._finish(sandbox_id, "terminated", 137)
+        await self._cancel(sandbox_id)
+        return sbs._row(sandbox_id)
+
+    async def logs(self, sbs: Sandboxes, sandbox_id: str) -> dict[str, str]:
+        """While it runs: `podman logs` on the node; afterwards the job's output file, where the
+        control plane can read it (stdout and stderr together there)."""
+        sbs._row(sandbox_id)
+        await self.ready()
+        if sandbox_id in self.jobs:
+            rc, out, err = await self._on_node(sandbox_id, "logs",
+                                               sandbox_runtime.container_name(sandbox_id))
+            if rc == 0:
+                return {"stdout": out, "stderr": err}
+        from pathlib import Path
+
+        try:
+            return {"stdout": Path(self._output(sandbox_id)).read_text(errors="replace"),
+                    "stderr": ""}
+        except OSError:
+            from mctl.exception import NotFoundError
+
+            raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its Slurm job "
+                                "ended and its output file is not readable here).") from None
+
+    async def recover(self, sbs: Sandboxes, records: list[dict[str, Any]]) -> None:
+        """After a restart: running sandboxes whose job still runs are watched again."""
+        try:
+            await self._recover(sbs, records)
+        finally:
+            if self.recovered is None:
+                self.recovered = asyncio.Event()
+            self.recovered.set()
+
+    async def _recover(self, sbs: Sandboxes, records: list[dict[str, Any]]) -> None:
+        mark = control_plane_mark(sbs.control)
+        try:
+            text = await self.scheduler._run("squeue", "-h", "-o", "%i|%T|%N|%k")
+        except InvalidError as exc:
+            log.warning("could not list Slurm jobs to recover sandboxes: %s", exc)
+            text = ""
+        alive: dict[str, tuple[str, str]] = {}
+        for line in text.splitlines():
+            parts = line.split("|", 3)
+            if len(parts) < 4 or not parts[3].startswith("mctl sandbox="):
+                continue
+            fields = dict(p.split("=", 1) for p in parts[3].split() if "=" in p)
+            if fields.get("cp") == mark and parts[1] not in _finished():
+                alive[fields["sandbox"]] = (parts[0], parts[2])
+        for rec in records:
+            sandbox_id = rec["sandbox_id"]
+            if sandbox_id in alive:
+                self.jobs[sandbox_id], self.nodes[sandbox_id] = alive[sandbox_id]
+                left = rec["created"] + rec["timeout"] - time.time()
+                self._watch(sbs, sandbox_id, max(0.0, left))
+                log.info("sandbox %s: adopted Slurm job %s", sandbox_id, alive[sandbox_id][0])
+            else:
+                sbs._update(sandbox_id, state="lost", ended=time.time())
+
+
+def _finished() -> set[str]:
+    from mctl.plugins.scheduler_slurm import FINISHED
+
+    return FINISHED
+
+
+def backend_for(control: Any) -> SlurmSandboxes | None:
+    """The Slurm sandbox backend when the control plane schedules on Slurm (and
+    MCTL_SANDBOX_BACKEND is not `local`), else None."""
+    import os
+
+    from mctl.plugins.scheduler_slurm import SlurmScheduler
+
+    if os.environ.get("MCTL_SANDBOX_BACKEND", "") == "local":
+        return None
+    found = getattr(control, "_slurm_sandboxes", None)
+    if found is not None:
+        return found
+    scheduler = getattr(control, "scheduler", None)
+    if not isinstance(scheduler, SlurmScheduler):
+        return None
+    if scheduler.rest is not None:
+        return None  # TODO: sbatch through slurmrestd; srun has no REST counterpart anyway
+    found = control._slurm_sandboxes = SlurmSandboxes(scheduler)
+    return found

@@ -1,0 +1,184 @@
+"""The sandbox relay (core/server/sandbox_relay) against a real control plane and a real sandbox on
+this host, and the Slurm job script a sandbox becomes (plugins/sandbox_slurm), no cluster needed.
+The relay on a real Slurm node: tests/test_sandbox_slurm.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mctl
+from mctl.core import sandbox_runtime
+from mctl.core.sandbox_runtime import SandboxConfig
+from mctl.plugins import sandbox_slurm
+
+
+# --- the job script -------------------------------------------------------------------------------
+def _script(**kw):
+    cfg = SandboxConfig(sandbox_id="sb-ABC", image="localhost/img:1",
+                        command=["python", "-c", "print(1)"], env={"API_KEY": "s3cret-value"},
+                        cpu=kw.pop("cpu", 2.5), memory_mb=kw.pop("memory_mb", 2048))
+    return sandbox_slurm.job_script(cfg, kw.pop("isolation", "gvisor"), name="mctl-sb-abc",
+                                    comment="mctl sandbox=sb-ABC app=ap-1 cp=x",
+                                    output="/out/sandbox-sb-abc.out", **kw)
+
+
+def test_the_job_script_has_the_resources_and_the_local_isolation_argv():
+    text = _script(timeout_s=90, gres="gpu:a100:2", cpu=2.5, memory_mb=2048,
+                   options={"partition": "gpu", "account": "lab"})
+    assert "#SBATCH --cpus-per-task=3" in text
+    assert "#SBATCH --mem=2304M" in text  # the container's 2048 MiB plus podman's room
+    assert "#SBATCH --time=3" in text  # 90 s -> 2 minutes, plus one
+    assert "#SBATCH --gres=gpu:a100:2" in text
+    assert "#SBATCH --partition=gpu" in text and "#SBATCH --account=lab" in text
+    assert '#SBATCH --comment="mctl sandbox=sb-ABC app=ap-1 cp=x"' in text
+    run = [line for line in text.splitlines() if line.startswith("podman run")]
+    assert len(run) == 1 and run[0].endswith(" </dev/null &")
+    for flag in ("--runtime /usr/bin/runsc", "--runtime-flag network=none", "--network none",
+                 "--cap-drop ALL", "--security-opt no-new-privileges", "--user 65534:65534",
+                 "--memory 2048m", "--env CUDA_VISIBLE_DEVICES", "--env API_KEY", "--init"):
+        assert flag in run[0], flag
+    assert " -d " not in run[0]  # in the foreground: the job lasts as long as the container
+    assert "s3cret-value" not in text  # values reach podman through the job's environment
+    assert "trap 'cleanup; exit 143' TERM INT" in text and "trap cleanup EXIT" in text
+    assert "/usr/bin/runsc (gVisor) is not installed on" in text
+
+
+def test_a_runc_job_keeps_the_user_namespace_and_may_have_network():
+    cfg = SandboxConfig(sandbox_id="sb-N", image="img", block_network=False)
+    text = sandbox_slurm.job_script(cfg, "runc", name="mctl-sb-n", comment="c", output="/o",
+                                    timeout_s=3600)
+    assert "--uidmap 0:200000:65536" in text and "--network bridge" in text
+    assert "#SBATCH --time=61" in text and "--gres" not in text and "runsc" not in text
+
+
+def test_the_job_script_runs_and_cleans_up_with_plain_sh(tmp_path):
+    """The script is valid sh: run it with a `podman` stand-in that records its argv."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "podman").write_text("#!/bin/sh\necho \"$@\" >> \"$LOG\"\n"
+                                   "case \"$1\" in run) exit 7;; esac\n")
+    (bindir / "podman").chmod(0o755)
+    script = tmp_path / "job.sh"
+    script.write_text(_script(timeout_s=60, isolation="runc"))
+    done = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+                               "LOG": str(tmp_path / "log")})
+    assert done.returncode == 7, done.stderr  # the container's exit code is the job's
+    calls = (tmp_path / "log").read_text().splitlines()
+    assert calls[0].startswith("run --name mctl-sb-abc")
+    assert calls[-1] == "rm --force --time 0 --ignore mctl-sb-abc"
+
+
+# --- the relay on this host -----------------------------------------------------------------------
+def _problem():
+    from test_sandbox import _problem as problem
+
+    return problem()
+
+
+@pytest.fixture
+def sandbox(server_process):
+    problem = _problem()
+    if problem:
+        if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    app = mctl.App.lookup("sandbox-relay", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app)
+    yield sb
+    sb.terminate()
+
+
+def test_the_relay_runs_commands_with_stdin_exit_codes_and_timeouts(sandbox, server_process):
+    from mctl.sdk.sandbox_relay import RelayProcess
+
+    url = server_process.url
+    p = RelayProcess(url, sandbox.object_id, {
+        "exec": ["python3", "-c", "import os, sys; d = sys.stdin.read(); print(d.upper(), "
+                 "os.environ['GREETING']); print('e', file=sys.stderr); sys.exit(4)"],
+        "env": {"GREETING": "hi"}})
+    p.stdin.write(b"abc")
+    p.stdin.drain()
+    p.stdin.write_eof()
+    assert p.wait() == 4
+    assert p.stdout.read() == "ABC hi\n" and p.stderr.read() == "e\n"
+    p = RelayProcess(url, sandbox.object_id, {"exec": ["sleep", "30"], "timeout": 1})
+    assert p.wait() == -1
+    # 10 MB of output through the WebSocket, none of it lost
+    p = RelayProcess(url, sandbox.object_id, {
+        "exec": ["python3", "-c", "import sys; sys.stdout.write('x' * 10_000_000)"]}, text=False)
+    assert p.wait() == 0 and len(p.stdout.read()) == 10_000_000
+
+
+def test_the_relay_checks_the_callers_token(sandbox, server_process):
+    import aiohttp
+
+    from mctl.core.client import run_sync
+
+    def create_token(scope, name):
+        return subprocess.run([sys.executable, "-m", "mctl", "token", "create", "--scope", scope,
+                               "--name", name], capture_output=True, text=True, timeout=60,
+                              env=os.environ).stdout.strip()
+
+    async def status(token, body=None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        ws_url = server_process.url.replace("http", "ws", 1) + \
+            f"/api/sandboxes/{sandbox.object_id}/relay"
+        async with aiohttp.ClientSession(headers=headers) as session:
+            try:
+                async with session.ws_connect(ws_url) as ws:
+                    await ws.send_json(body or {"exec": ["echo", "in"]})
+                    got = [m async for m in ws]
+                    return 101, got
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status, None
+
+    assert run_sync(status(None))[0] == 401
+    assert run_sync(status(create_token("proxy", "web")))[0] == 403
+    invoke = create_token("invoke", "caller")
+    code, messages = run_sync(status(invoke))
+    assert code == 101 and messages[0].data == b"\x01in\n" and messages[-1].json() == {"exit": 0}
+    # named secrets need a deploy token here too, as for exec on the control plane's host
+    code, messages = run_sync(status(invoke, {"exec": ["env"], "secret_names": ["any"]}))
+    assert "need a deploy token" in messages[-1].json()["error"]
+
+
+def test_gpu_sandboxes_need_a_cluster_backend(sandbox):
+    app = mctl.App.lookup("sandbox-relay", create_if_missing=True)
+    with pytest.raises(mctl.exception.InvalidError, match="gpu= need a cluster backend"):
+        mctl.Sandbox.create(app=app, gpu="A100")
+
+
+def test_a_client_on_another_host_uses_the_relay(sandbox, monkeypatch):
+    """A sandbox on the control plane's host, used from a process that is elsewhere (here: one
+    that believes it is): exec, files and the main output go through the relay, not podman."""
+    import socket
+
+    from mctl.sdk.sandbox_relay import RelayProcess
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "somewhere-else")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no podman here: the relay must carry it all
+    sb = mctl.Sandbox.from_id(sandbox.object_id)
+    p = sb.exec("python3", "-c", "print(input()[::-1])")
+    assert isinstance(p, RelayProcess)
+    p.stdin.write("olleh\n")
+    p.stdin.write_eof()
+    assert p.wait() == 0 and p.stdout.read() == "hello\n"
+    with sb.open("/tmp/x.txt", "w") as f:
+        f.write("relayed")
+    assert sb.open("/tmp/x.txt").read() == "relayed"
+
+
+def test_ports_on_slurm_are_refused_before_anything_is_submitted():
+    import asyncio
+
+    from mctl.plugins.scheduler_slurm import SlurmScheduler
+
+    backend = sandbox_slurm.SlurmSandboxes(SlurmScheduler({}))
+    cfg = SandboxConfig(sandbox_id="sb-P", image="img", ports=[8080], block_network=False)
+    with pytest.raises(mctl.exception.InvalidError, match="cannot publish ports yet"):
+        asyncio.run(backend.create(None, cfg, "runc", {}, "ap-1", None, 60))

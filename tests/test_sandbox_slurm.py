@@ -1,0 +1,156 @@
+"""Sandboxes as Slurm jobs on the development cluster (scripts/slurm-dev up): the container runs on
+a node under gVisor, and every command reaches it through the control plane's relay
+(`srun --jobid --overlap podman exec`), never from this process directly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mctl
+from conftest import wait_until
+from test_sandbox import _problem
+from test_slurm import slurm_server  # noqa: F401 - a fixture: a control plane on Slurm
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _needs_podman():
+    problem = _problem()
+    if problem:
+        if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+
+
+def _jobs(cluster, sandbox_id):
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T %N %k"], capture_output=True, text=True,
+                         env=cluster.client_env(), timeout=20).stdout
+    return [line for line in out.splitlines() if f"sandbox={sandbox_id}" in line]
+
+
+def _containers(sandbox_id):
+    # the nodes share this machine's podman storage: a container left on a node shows here
+    out = subprocess.run(["podman", "ps", "-a", "--filter", f"label=mctl.sandbox={sandbox_id}",
+                          "--format", "{{.ID}}"], capture_output=True, text=True, timeout=60)
+    return out.stdout.split()
+
+
+def test_a_sandbox_runs_on_a_node_and_exec_goes_through_the_control_plane(
+        slurm_server, slurm_cluster):  # noqa: F811
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app, timeout=300)
+    assert sb._record["backend"] == "slurm" and sb.isolation == "gvisor"
+    node = sb._record["host"]
+    assert node in slurm_cluster.nodes
+    [job] = _jobs(slurm_cluster, sb.object_id)
+    assert " RUNNING " in job and node in job
+
+    p = sb.exec("python", "-c", "import os, socket; print(socket.gethostname(), os.getuid(), "
+                "6 * 7)")
+    assert p.wait() == 0, p.stderr.read()
+    assert p.stdout.read() == "sandbox 65534 42\n"  # in the container, not on the node
+
+    p = sb.exec("python", "-c", "import sys; data = sys.stdin.read(); "
+                "print(data.upper(), end=''); print('err', file=sys.stderr); sys.exit(3)")
+    p.stdin.write(b"hello\n")
+    p.stdin.write("world\n")
+    p.stdin.drain()
+    p.stdin.write_eof()
+    assert p.wait() == 3
+    assert p.stdout.read() == "HELLO\nWORLD\n" and p.stderr.read() == "err\n"
+
+    # block_network (the default): not even the control plane, which the node itself reaches
+    host, port = slurm_server.url.rsplit("/", 1)[-1].rsplit(":", 1)
+    p = sb.exec("python", "-c", "import socket; socket.create_connection("
+                f"({host!r}, {port}), timeout=3)")
+    assert p.wait() == 1
+    err = p.stderr.read()
+    assert "No route to host" in err or "Network is unreachable" in err, err
+
+    with sb.open("/tmp/notes.txt", "w") as f:
+        f.write("on the node\n")
+    assert sb.open("/tmp/notes.txt").read() == "on the node\n"
+    with pytest.raises(mctl.exception.InvalidError, match="runs on the cluster node"):
+        sb.snapshot_filesystem()
+
+    p = sb.exec("sleep", "30", timeout=2)
+    assert p.wait() == -1
+
+    # the CLI goes the same way: this terminal's stdin in, the command's exit code out
+    done = subprocess.run([sys.executable, "-m", "mctl", "sandbox", "exec", sb.object_id, "--",
+                           "python3", "-c", "import sys; print(sys.stdin.read()[::-1]); "
+                           "sys.exit(6)"], input="olleh", capture_output=True, text=True,
+                          timeout=60, env=os.environ)
+    assert (done.returncode, done.stdout) == (6, "hello\n"), done.stderr
+
+    sb.terminate()
+    assert sb.returncode == 137
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30), \
+        _jobs(slurm_cluster, sb.object_id)
+    assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
+    with pytest.raises(mctl.exception.InvalidError, match="terminated; exec needs a running"):
+        sb.exec("true").wait()
+
+
+def test_the_main_command_its_output_and_the_timeout_on_a_node(slurm_server,  # noqa: F811
+                                                               slurm_cluster):
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create("python", "-c", "import sys, time; print('out'); "
+                             "print('err', file=sys.stderr); time.sleep(2); sys.exit(5)",
+                             app=app, timeout=60)
+    assert sb.stdout.read() == "out\n" and sb.stderr.read() == "err\n"
+    assert sb.wait() == 5 and sb.returncode == 5
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+    assert not _containers(sb.object_id)
+    # after the job: the logs are its output file (stdout and stderr in one)
+    logs = subprocess.run([sys.executable, "-m", "mctl", "sandbox", "logs", sb.object_id],
+                          capture_output=True, text=True, timeout=60, env=os.environ)
+    assert logs.returncode == 0 and sorted(logs.stdout.split()) == ["err", "out"], logs
+
+    sb = mctl.Sandbox.create("sleep", "infinity", app=app, timeout=3)
+    with pytest.raises(mctl.exception.SandboxTimeoutError):
+        sb.wait()
+    assert sb.returncode == -1
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+    assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
+
+
+def test_a_gpu_sandbox_gets_its_gres_and_sees_its_gpus(slurm_server, slurm_cluster):  # noqa: F811
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app, gpu="A100:2", cpu=2, memory=512, timeout=60)
+    job_id = _jobs(slurm_cluster, sb.object_id)[0].split()[0]
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%b|%C|%m|%l"],
+                         capture_output=True, text=True,
+                         env=slurm_cluster.client_env(), timeout=20).stdout.strip()
+    assert out == "gres:gpu:a100:2|2|768M|2:00", out  # 60 s -> 1 min + 1; 512 + 256 MiB
+    p = sb.exec("printenv", "CUDA_VISIBLE_DEVICES")
+    assert p.wait() == 0 and p.stdout.read() == "0,1\n"
+    sb.terminate()
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+
+
+def test_a_restarted_control_plane_keeps_its_sandboxes_on_the_nodes(slurm_server,  # noqa: F811
+                                                                    slurm_cluster, tmp_path):
+    """SIGKILL the control plane: its sandbox's job runs on; the restarted control plane finds
+    it by the job's comment, relays to it again and terminates it."""
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app, timeout=300)
+    with sb.open("/tmp/state.txt", "w") as f:
+        f.write("kept")
+    [before] = _jobs(slurm_cluster, sb.object_id)
+    slurm_server.kill()
+    slurm_server.start()
+    again = mctl.Sandbox.from_id(sb.object_id)
+    assert again.poll() is None
+    assert _jobs(slurm_cluster, sb.object_id) == [before]
+    assert again.open("/tmp/state.txt").read() == "kept"
+    again.terminate()
+    assert again.returncode == 137
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+    assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
+    assert "adopted Slurm job" in (tmp_path / "server.log").read_text()
