@@ -149,6 +149,7 @@ def test_large_argument_and_result(basic):
 
 def test_function_calls_function(basic):
     assert basic.call_other.remote(4) == 17
+    assert basic.spawn_other.remote(4) == 17  # a spawn and its .get() from inside a worker
 
 
 def test_serialized_function(basic):

@@ -70,6 +70,11 @@ def call_other(x):
     return square.remote(x) + 1
 
 
+@app.function()
+def spawn_other(x):
+    return square.spawn(x).get() + 1
+
+
 @app.function(serialized=True)
 def shipped(x):
     return x + 1000

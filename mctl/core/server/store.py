@@ -185,6 +185,11 @@ class Store:
             "ORDER BY idx, seq", (call_id,)).fetchall()
 
     def call(self, call_id: str) -> tuple[Any, ...] | None:
+        """(function_id, cancelled), also for a call made this turn and not committed yet (a
+        spawn and the subscribe of its `.get()` can arrive in one read)."""
+        for pending_id, function_id, _ in self.new_calls:
+            if pending_id == call_id:
+                return function_id, 0
         return self.db.execute("SELECT function_id, cancelled FROM calls WHERE call_id = ?",
                                (call_id,)).fetchone()
 
