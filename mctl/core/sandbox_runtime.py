@@ -60,6 +60,7 @@ class SandboxConfig:
     ports: list[int] = field(default_factory=list)
     mounts: list[dict[str, Any]] = field(default_factory=list)  # host_path, path, read_only
     isolation: str | None = None  # requested; None: the best available
+    idle_timeout: int | None = None  # seconds without activity before the control plane ends it
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxConfig:
@@ -223,3 +224,25 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
         n = int(nproc)
         script += (f'command -v prlimit >/dev/null 2>&1 && exec prlimit --nproc={n}:{n} -- "$@"; ')
     return argv + ["/bin/sh", "-c", script + 'exec "$@"', "sh", *cmd]
+
+
+# Counts the sandbox's activity for `idle_timeout`, run inside it with `/bin/sh -c`: the processes
+# started by an exec (in the container's pid namespace an exec'd process has parent 0, the main
+# command descends from pid 1; this shell itself is left out), then the established TCP
+# connections on the sandbox's published ports ($1: their numbers in /proc/net/tcp's hex).
+ACTIVITY_SCRIPT = (
+    'n=0; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = 1 ] && continue; '
+    '[ "$p" = "$$" ] && continue; read -r l < "$d/stat" 2>/dev/null || continue; '
+    'set -- ${l##*) }; [ "$2" = 0 ] && n=$((n+1)); done; c=0; '
+    'for f in /proc/net/tcp /proc/net/tcp6; do [ -r "$f" ] || continue; '
+    'while read -r _ loc _ st _; do [ "$st" = 01 ] || continue; '
+    'case " $PORTS " in *" ${loc##*:} "*) c=$((c+1));; esac; done < "$f"; done; '
+    'echo "$n $c"')
+
+
+def activity_argv(container: str, ports: list[int], *, isolation: str | None = None,
+                  container_id: str | None = None) -> list[str]:
+    """The command that prints "<running execs> <tunnel connections>" for a sandbox."""
+    hexports = " ".join(f"{int(p):04X}" for p in ports)
+    return exec_argv(container, ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT],
+                     isolation=isolation, container_id=container_id)

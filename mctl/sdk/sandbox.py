@@ -378,6 +378,7 @@ class Sandbox:
         app_id, url = _app_id_and_url(app)
         body: dict[str, Any] = {
             "app_id": app_id, "command": list(cmd), "workdir": workdir, "timeout": timeout,
+            "idle_timeout": idle_timeout,
             "cpu": cpu, "memory": memory, "pids": pids, "name": name, "tags": tags or {},
             "block_network": True if block_network is None else bool(block_network),
             "ports": ports, "isolation": isolation, "gpu": gpu,
@@ -450,7 +451,8 @@ class Sandbox:
 
     @property
     def returncode(self) -> int | None:
-        """The main command's exit code (128+n after signal n; -1 after the sandbox's timeout;
+        """The main command's exit code (128+n after signal n; -1 after the sandbox's timeout
+        or idle_timeout;
         137 once terminated), or None while it runs."""
         if self._record.get("state") in (None, "running", "starting"):
             self._refresh()
@@ -465,6 +467,11 @@ class Sandbox:
         while self._refresh(POLL_S)["state"] in ("running", "starting"):
             pass
         state = self._record["state"]
+        if state == "timeout" and self._record.get("ended_by") == "idle_timeout":
+            raise SandboxTimeoutError(
+                f"Sandbox {self.object_id} was idle (no exec running, no tunnel connection) for "
+                f"its idle_timeout of {self._record.get('idle_timeout')}s and was stopped "
+                "(returncode -1).")
         if state == "timeout":
             raise SandboxTimeoutError(f"Sandbox {self.object_id} reached its timeout and was "
                                       "stopped (returncode -1).")

@@ -159,6 +159,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         cmd = req.get("exec")
         if not cmd or not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
             raise InvalidError("exec needs a command whose parts are all str.")
+        sb.touch(rec["sandbox_id"])  # activity for idle_timeout
         env = await asyncio.to_thread(sb._secret_values,
                                       {"secret_names": req.get("secret_names") or []})
         env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})

@@ -4,7 +4,8 @@ return code), its life (start, timeout, exit, terminate) and its HTTP routes.
 The control plane starts a sandbox through its sandbox backend. The one backend today is
 `local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
 task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
-ends it at its `timeout` (return code -1, as Modal's). Commands in a sandbox (`exec`) are run by
+ends it at its `timeout` (return code -1, as Modal's), and another at its `idle_timeout` once
+nothing has been active in it for that long (see `_idle`). Commands in a sandbox (`exec`) are run by
 the client itself with `podman exec` on the same host, after `POST .../exec` has checked its token
 and the sandbox's state (see docs/architecture.md, Sandboxes, for how a cluster node would run
 them instead). Secret values reach podman's environment only, never the store.
@@ -58,6 +59,7 @@ class Sandboxes:
         self.db = control.store.db
         self.done: dict[str, asyncio.Event] = {}
         self.tasks: dict[str, list[asyncio.Task[Any]]] = {}
+        self.touched: set[str] = set()  # sandboxes with an exec started since their last check
         self.host = socket.gethostname()
         self.started = time.time()
         # Warm containers of the default shape, per isolation, started ahead of `create`
@@ -87,6 +89,8 @@ class Sandboxes:
         rec["ports"] = {int(k): v for k, v in json.loads(rec["ports"] or "{}").items()}
         config = json.loads(rec.pop("config", None) or "{}")
         rec["pids"] = config.get("pids") or sandbox_runtime.DEFAULT_PIDS
+        rec["idle_timeout"] = config.get("idle_timeout")
+        rec["ended_by"] = config.get("ended_by")  # "idle_timeout" when that ended it
         rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
         return rec
 
@@ -158,6 +162,14 @@ class Sandboxes:
         timeout = int(body.get("timeout") or DEFAULT_TIMEOUT_S)
         if not 1 <= timeout <= MAX_TIMEOUT_S:
             raise InvalidError(f"Sandbox timeout must be between 1 and {MAX_TIMEOUT_S} seconds.")
+        idle_timeout = body.get("idle_timeout")
+        if idle_timeout is not None:
+            if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) \
+                    or not 1 <= idle_timeout <= MAX_TIMEOUT_S:
+                raise InvalidError(f"Sandbox idle_timeout must be a number of seconds between 1 "
+                                   f"and {MAX_TIMEOUT_S} (or None for no idle timeout), not "
+                                   f"{idle_timeout!r}.")
+            idle_timeout = int(idle_timeout)
         sandbox_id = ids.new_id("sandbox")
         image = await self._image(body.get("image"), app_id)
         env = dict(body.get("env") or {})
@@ -169,11 +181,13 @@ class Sandboxes:
             block_network=bool(body.get("block_network", True)),
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
-            isolation=body.get("isolation"))
+            isolation=body.get("isolation"), idle_timeout=idle_timeout)
         isolation = sandbox_runtime.choose(cfg)
         cluster = self.cluster()
         if cluster is not None:  # a Slurm job on a node (plugins/sandbox_slurm)
-            return await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
+            rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
+            self._watch_idle(sandbox_id, idle_timeout)
+            return rec
         if body.get("gpu"):
             raise InvalidError("Sandboxes with gpu= need a cluster backend (the slurm "
                                "scheduler); run GPU code here in a function "
@@ -208,6 +222,7 @@ class Sandboxes:
         loop = asyncio.get_running_loop()
         self.tasks[sandbox_id] = [loop.create_task(self._watch(sandbox_id)),
                                   loop.create_task(self._expire(sandbox_id, timeout))]
+        self._watch_idle(sandbox_id, idle_timeout)
         return self._row(sandbox_id)
 
     def cluster(self, rec: dict[str, Any] | None = None) -> Any:
@@ -347,6 +362,89 @@ class Sandboxes:
             self._finish(sandbox_id, "timeout", -1)
             await _podman("kill", self._container(sandbox_id))
 
+    # --- idle_timeout ----------------------------------------------------------------------------
+    def touch(self, sandbox_id: str) -> None:
+        """An exec is starting in the sandbox: activity, even if it ends before the next check."""
+        self.touched.add(sandbox_id)
+
+    def _watch_idle(self, sandbox_id: str, idle_timeout: int | None) -> None:
+        if idle_timeout and self._state(sandbox_id) == "running":
+            task = asyncio.get_running_loop().create_task(self._idle(sandbox_id, idle_timeout))
+            self.tasks.setdefault(sandbox_id, []).append(task)
+
+    async def _idle(self, sandbox_id: str, idle_timeout: float) -> None:
+        """End the sandbox once it has been idle for `idle_timeout` seconds, as Modal's: active
+        while a command started by `exec` runs (stdin is written only to those) or a TCP
+        connection through one of its tunnels is open. The main command's own work is not
+        activity. Checked every `idle_timeout`/4 (0.5 s to 10 s) by listing the processes in the
+        sandbox (`ACTIVITY_SCRIPT`): an exec runs from this host or from its client with the
+        runtime's own exec, so only the sandbox sees them all. Never early: a check that finds
+        activity, follows one that did, or follows an exec's start counts as active at its own
+        time; the sandbox ends at most one period late."""
+        period = min(max(idle_timeout / 4, 0.5), 10.0)
+        last = time.monotonic()
+        was_active = False
+        try:
+            while self._state(sandbox_id) == "running":
+                await asyncio.sleep(max(0.05, min(period, last + idle_timeout - time.monotonic())))
+                touched = sandbox_id in self.touched
+                self.touched.discard(sandbox_id)
+                active = await self._active(sandbox_id)
+                now = time.monotonic()
+                if active or was_active or touched:
+                    last = now
+                was_active = active
+                if now - last >= idle_timeout and self._state(sandbox_id) == "running":
+                    log.info("sandbox %s: idle for %gs, ending it", sandbox_id, idle_timeout)
+                    self._set_config(sandbox_id, ended_by="idle_timeout")
+                    rec = self._row(sandbox_id)
+                    self._finish(sandbox_id, "timeout", -1)
+                    cluster = self.cluster(rec)
+                    if cluster is not None:
+                        await cluster._cancel(sandbox_id)
+                    else:
+                        await _podman("kill", self._container(sandbox_id))
+                    return
+        except asyncio.CancelledError:
+            return
+
+    async def _active(self, sandbox_id: str) -> bool:
+        """Whether an exec'd command runs in the sandbox or a tunnel has a connection. A check
+        that cannot tell (the image has no /bin/sh, the node does not answer) counts as active:
+        mctl never ends work it could not see."""
+        rec = self._row(sandbox_id)
+        ports = list(rec.get("ports") or {})
+        argv = sandbox_runtime.activity_argv(rec["container"], ports, isolation=rec["isolation"],
+                                             container_id=rec.get("container_id"))
+        cluster = self.cluster(rec)
+        try:
+            if cluster is not None:  # podman exec on the node, inside the sandbox's job
+                argv = sandbox_runtime.activity_argv(rec["container"], ports)
+                rc, out, err = await cluster._on_node(sandbox_id, *argv[1:], timeout=30)
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    stdin=asyncio.subprocess.DEVNULL)
+                raw_out, raw_err = await asyncio.wait_for(proc.communicate(), 30)
+                rc, out, err = (proc.returncode or 0, raw_out.decode(errors="replace"),
+                                raw_err.decode(errors="replace"))
+        except (asyncio.TimeoutError, OSError, InvalidError) as exc:
+            rc, out, err = 1, "", str(exc)
+        counts = out.split()
+        if rc != 0 or len(counts) != 2 or not all(c.isdigit() for c in counts):
+            if self._state(sandbox_id) == "running":
+                log.warning("sandbox %s: could not check its activity for idle_timeout "
+                            "(counted as active): %s", sandbox_id, err.strip()[-300:])
+            return True
+        return int(counts[0]) > 0 or int(counts[1]) > 0
+
+    def _set_config(self, sandbox_id: str, **fields: Any) -> None:
+        row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
+                              (sandbox_id,)).fetchone()
+        config = json.loads((row[0] if row else None) or "{}")
+        config.update(fields)
+        self._update(sandbox_id, config=json.dumps(config))
+
     def _state(self, sandbox_id: str) -> str | None:
         row = self.db.execute("SELECT state FROM sandboxes WHERE sandbox_id = ?",
                               (sandbox_id,)).fetchone()
@@ -356,6 +454,7 @@ class Sandboxes:
         if self._state(sandbox_id) != "running":
             return  # the first end wins: a timeout, then the kill's exit, stays a timeout
         self._update(sandbox_id, state=state, returncode=code, ended=time.time())
+        self.touched.discard(sandbox_id)
         if state in ("finished", "timeout"):
             self._remove_later(sandbox_id)
         event = self.done.get(sandbox_id)
@@ -491,6 +590,9 @@ class Sandboxes:
         await self._drain_pool()
         if self.cluster() is not None:  # sandboxes on Slurm nodes: their jobs, found again
             await self.cluster().recover(self, [r for r in self.list() if self.cluster(r)])
+            for rec in self.list():
+                if self.cluster(rec) is not None:
+                    self._watch_idle(rec["sandbox_id"], rec.get("idle_timeout"))
         for rec in self.list():
             if self.cluster(rec) is not None:
                 continue
@@ -509,6 +611,7 @@ class Sandboxes:
                 self.tasks[rec["sandbox_id"]] = [
                     loop.create_task(self._watch(rec["sandbox_id"])),
                     loop.create_task(self._expire(rec["sandbox_id"], max(0.0, left)))]
+                self._watch_idle(rec["sandbox_id"], rec.get("idle_timeout"))
             else:
                 self._update(rec["sandbox_id"], state="lost", ended=time.time())
 
@@ -635,6 +738,7 @@ async def exec_route(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     env = await asyncio.to_thread(sb._secret_values, {"secret_names": body.get("secret_names")})
+    sb.touch(rec["sandbox_id"])
     return web.json_response({**rec, "env": env})
 
 
