@@ -53,3 +53,32 @@ def test_a_running_exec_keeps_it_alive_and_idle_counts_from_its_end(app, isolati
 def test_bad_idle_timeout_is_refused(app):  # noqa: F811
     with pytest.raises(InvalidError, match="idle_timeout"):
         mctl.Sandbox.create(app=app, idle_timeout=0)
+
+
+def test_an_open_tunnel_connection_keeps_it_alive(app):  # noqa: F811
+    import socket
+
+    sb = mctl.Sandbox.create("python3", "-m", "http.server", "8000", app=app, idle_timeout=3,
+                             timeout=120, unencrypted_ports=[8000], block_network=False)
+    try:
+        host, port = sb.tunnels()[8000].tcp_socket
+        deadline = time.monotonic() + 2.5
+        while True:  # the server inside listens (a refused or reset connection: not yet)
+            try:
+                conn = socket.create_connection((host, port), timeout=5)
+                conn.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+                if conn.recv(12).startswith(b"HTTP/"):
+                    break
+                conn.close()
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server in the sandbox did not answer"
+            time.sleep(0.1)
+        conn.close()  # http.server answers HTTP/1.0 and closes: hold a connection of our own
+        conn = socket.create_connection((host, port), timeout=5)
+        time.sleep(5)  # open, and quiet on the wire: still activity, as Modal counts it
+        assert sb.poll() is None, "ended while a tunnel connection was open"
+        conn.close()
+        assert _ends_within(sb, 20) >= 2.5
+    finally:
+        sb.terminate()
