@@ -5,10 +5,10 @@ The control plane starts a sandbox through its sandbox backend. The one backend 
 `local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
 task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
 ends it at its `timeout` (return code -1, as Modal's), and another at its `idle_timeout` once
-nothing has been active in it for that long (see `_idle`). Commands in a sandbox (`exec`) are run by
-the client itself with `podman exec` on the same host, after `POST .../exec` has checked its token
-and the sandbox's state (see docs/architecture.md, Sandboxes, for how a cluster node would run
-them instead). Secret values reach podman's environment only, never the store.
+nothing has been active in it for that long (see `_idle`). Commands in a sandbox (`exec`) are
+run by the client itself with `podman exec` on the same host, after `POST .../exec` has checked
+its token and the sandbox's state (see docs/architecture.md, Sandboxes, for how a cluster node
+would run them instead). Secret values reach podman's environment only, never the store.
 """
 
 from __future__ import annotations
