@@ -835,6 +835,10 @@ def server(ctx: click.Context, host: str | None, port: int | None, state_dir: st
     except Error as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:  # the address: not this machine's, or the port is taken
+        import errno
+
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise click.ClickException(f"The control plane could not start: {exc}") from None
         raise click.ClickException(
             f"Cannot listen on {host or settings.get('host', '127.0.0.1')}:"
             f"{port if port is not None else settings.get('port', 0)}: {exc.strerror}. Use an "

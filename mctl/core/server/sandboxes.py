@@ -44,9 +44,12 @@ KEEP_FINISHED_S = float(os.environ.get("MCTL_SANDBOX_KEEP_S", "900"))
 
 async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float = 120
                   ) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, env=env)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL, env=env)
+    except FileNotFoundError:  # a control plane without podman serves all but sandboxes
+        return 127, "", "podman is not installed (scripts/sandbox-dev install)"
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
