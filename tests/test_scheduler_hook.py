@@ -32,18 +32,20 @@ def test_documented_backend_runs_an_app(monkeypatch, isolated_home):
         with app.run():
             assert module.square.remote(7) == 49
             assert list(module.square.map(range(20))) == [x * x for x in range(20)]
-            backend = app_backend()
+            backend = app_backend(app.app_id)
             assert isinstance(backend, plugin["ProcessBackend"])
     finally:
         pm.unregister(name="example-backend")
         plugins.get_plugin_manager.cache_clear()
 
 
-def app_backend():
-    """The backend of the embedded server `app.run()` started in this process."""
+def app_backend(app_id):
+    """The backend of the embedded server `app.run()` started in this process for `app_id`
+    (earlier tests' control planes may still be in memory)."""
     import gc
 
     from mctl.core.server.control import ControlPlane
 
-    planes = [o for o in gc.get_objects() if isinstance(o, ControlPlane) and o.apps]
-    return planes[-1].scheduler
+    planes = [o for o in gc.get_objects() if isinstance(o, ControlPlane) and app_id in o.apps]
+    assert len(planes) == 1, planes
+    return planes[0].scheduler

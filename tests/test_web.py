@@ -146,6 +146,9 @@ def test_unknown_endpoint_is_404(web_app):
 
 
 def test_seed_web_endpoint_warns_once_and_serves():
+    from mctl.sdk import deprecated
+
+    deprecated._warned.clear()  # once per process: an earlier test may have had it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module, app = load_app("web_seed")

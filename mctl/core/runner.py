@@ -44,6 +44,9 @@ def embedded_server() -> Iterator[str]:
     It gets a fresh admin token that only this process holds, in memory."""
     with tempfile.TemporaryDirectory(prefix="mctl-run-") as state_dir:
         server, token = run_sync(_start_embedded(Path(state_dir)))
+        # A client left from an earlier server on the same address (the OS reuses ports) holds
+        # that server's token: drop it before this server's token is used.
+        run_sync(close_client(server.url))
         transport.use_token(server.url, token)
         grace_s = None
         try:
