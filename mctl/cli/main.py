@@ -747,7 +747,8 @@ def plugins(as_json: bool) -> None:
 
 @cli.group(invoke_without_command=True, short_help="Run the control plane; status, start, stop.")
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
-@click.option("--port", type=int, help="0 (the default) picks a free port.")
+@click.option("--port", type=int, help="Default: the port this state directory used last, "
+              "else a free one.")
 @click.option("--state-dir", type=click.Path(), help="Default: $MCTL_HOME/server.")
 @click.option("--scheduler", help="Scheduler plugin (default: $MCTL_SCHEDULER or local).")
 @click.option("--scheduler-option", "scheduler_options", multiple=True, metavar="KEY=VALUE",
