@@ -10,18 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from test_sandbox import _problem
+from test_sandbox import _needs_podman  # noqa: F401 - autouse: podman, runsc, the base
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _needs_podman():
-    problem = _problem()
-    if problem:
-        if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
 
 
 @pytest.mark.slow

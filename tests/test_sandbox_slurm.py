@@ -12,19 +12,10 @@ import pytest
 
 import mctl
 from conftest import wait_until
-from test_sandbox import _problem
+from test_sandbox import _needs_podman  # noqa: F401 - autouse: podman, runsc, the base
 from test_slurm import slurm_server  # noqa: F401 - a fixture: a control plane on Slurm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _needs_podman():
-    problem = _problem()
-    if problem:
-        if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
 
 
 def _jobs(cluster, sandbox_id):

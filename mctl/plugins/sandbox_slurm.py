@@ -185,7 +185,7 @@ class SlurmSandboxes:
                      body: dict[str, Any], app_id: str, name: str | None,
                      timeout: int) -> dict[str, Any]:
         from mctl.core.spec import GpuRequest
-        from mctl.plugins.scheduler_slurm import input_script
+        from mctl.plugins.scheduler_slurm import input_script, server_env_without_credentials
 
         if cfg.ports:
             raise InvalidError("Sandboxes on Slurm nodes cannot publish ports yet (a tunnel would "
@@ -209,22 +209,11 @@ class SlurmSandboxes:
                             comment=comment, output=self._output(sandbox_id),
                             timeout_s=timeout, gres=gres,
                             options=sched.options)
-        stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
-        stored["env_names"] = sorted(cfg.env)
-        stored["gpu"] = body.get("gpu")
-        now = time.time()
-        sbs.db.execute(
-            "INSERT INTO sandboxes (sandbox_id, app_id, name, tags, isolation, state, created, "
-            "timeout, config, host, backend, ports, container) VALUES (?, ?, ?, ?, ?, "
-            "'starting', ?, ?, ?, '', 'slurm', '{}', ?)",
-            (sandbox_id, app_id, name, json.dumps(body.get("tags") or {}), isolation, now,
-             timeout, json.dumps(stored), sandbox_runtime.container_name(sandbox_id)))
-        sbs.db.commit()
-        import os
-
-        env = dict(os.environ)
-        for key in ("MCTL_TOKEN", "SLURM_JWT", "VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):
-            env.pop(key, None)  # the job gets the sandbox's values, not the server's rights
+        now = time.time()  # the timeout counts from here
+        stored = sbs.insert(cfg, app_id, name, body.get("tags"), isolation, timeout, host="",
+                            backend="slurm", container=sandbox_runtime.container_name(sandbox_id),
+                            gpu=body.get("gpu"))
+        env = server_env_without_credentials()  # the sandbox's values, not the server's rights
         env.update(cfg.env)
         try:
             out = await sched._run("sbatch", "--parsable", "--export=ALL",

@@ -59,6 +59,16 @@ class Job:
     state: str = "PENDING"
 
 
+def server_env_without_credentials() -> dict[str, str]:
+    """The server's environment for a job it submits, without the server's rights: a worker
+    acts with its task token (not MCTL_TOKEN), and gets neither the server's Slurm token nor
+    its Vault credentials."""
+    env = dict(os.environ)
+    for key in ("MCTL_TOKEN", "SLURM_JWT", "VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):
+        env.pop(key, None)
+    return env
+
+
 @dataclass
 class SlurmPool:
     launch: LaunchSpec
@@ -281,11 +291,7 @@ class SlurmScheduler:
 
     def worker_env(self, launch: LaunchSpec, task_id: str) -> dict[str, str]:
         """The job's environment: the server's, without its credentials, plus the worker's."""
-        env = dict(os.environ)
-        env.pop("MCTL_TOKEN", None)  # a worker acts with its task token, not the server's
-        env.pop("SLURM_JWT", None)   # nor with the server's Slurm credentials
-        for key in ("VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"):  # nor its Vault rights
-            env.pop(key, None)
+        env = server_env_without_credentials()
         if launch.runtime == "oci":
             from mctl.plugins.containers import run_argv
 

@@ -102,6 +102,23 @@ class Sandboxes:
                               (sandbox_id,)).fetchone()
         return (row[0] if row else None) or container_name(sandbox_id)
 
+    def insert(self, cfg: SandboxConfig, app_id: str, name: str | None, tags: Any,
+               isolation: str, timeout: float, host: str, backend: str, container: str,
+               **extra: Any) -> dict[str, Any]:
+        """Record a new sandbox as starting; its config without the env values (their names
+        only). Returns the stored config, for a backend to add to later."""
+        stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
+        stored["env_names"] = sorted(cfg.env)
+        stored.update(extra)
+        self.db.execute(
+            "INSERT INTO sandboxes (sandbox_id, app_id, name, tags, isolation, state, created, "
+            "timeout, config, host, backend, ports, container) VALUES (?, ?, ?, ?, ?, "
+            "'starting', ?, ?, ?, ?, ?, '{}', ?)",
+            (cfg.sandbox_id, app_id, name, json.dumps(tags or {}), isolation, time.time(),
+             timeout, json.dumps(stored), host, backend, container))
+        self.db.commit()
+        return stored
+
     def _update(self, sandbox_id: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE sandboxes SET {sets} WHERE sandbox_id = ?",
@@ -200,16 +217,8 @@ class Sandboxes:
         if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
             warm = self._claim(isolation)
             asyncio.get_running_loop().create_task(self._refill(isolation))
-        stored = {k: v for k, v in cfg.__dict__.items() if k != "env"}
-        stored["env_names"] = sorted(cfg.env)
-        now = time.time()
-        self.db.execute(
-            "INSERT INTO sandboxes (sandbox_id, app_id, name, tags, isolation, state, created, "
-            "timeout, config, host, backend, ports, container) VALUES (?, ?, ?, ?, ?, "
-            "'starting', ?, ?, ?, ?, 'local', '{}', ?)",
-            (sandbox_id, app_id, name, json.dumps(body.get("tags") or {}), isolation, now,
-             timeout, json.dumps(stored), self.host,
-             warm[0] if warm else container_name(sandbox_id)))
+        self.insert(cfg, app_id, name, body.get("tags"), isolation, timeout, host=self.host,
+                    backend="local", container=warm[0] if warm else container_name(sandbox_id))
         rc, err = 0, ""
         if warm is None:
             rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
