@@ -10,7 +10,7 @@ One sandbox is one batch job (`mctl-sandbox-<id>`), one group, one task `sandbox
   has no per-task runtime, so a gVisor job is constrained to nodes whose operator set podman's
   default runtime to runsc and says so in the node's meta (`mctl_sandbox_runtime = "runsc"`);
 - `network_mode = "none"` unless the sandbox asked for network or ports (then a bridge with the
-  ports mapped); every capability dropped, `no-new-privileges`, user 65534, `init`, a pids
+  ports mapped); a `cidr_allowlist` is refused (the drivers have no egress filter); every capability dropped, `no-new-privileges`, user 65534, `init`, a pids
   limit; cpu (MHz), memory and GPUs (`nvidia/gpu` devices) as the task's resources;
 - no restarts or reschedules (a sandbox that ends has ended), `kill_timeout` short: terminate
   is a kill; the control plane ends it at its timeout (Nomad has no run-time limit for a task);
@@ -54,6 +54,11 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
     if isolation not in sandbox_runtime.ISOLATIONS:
         raise InvalidError(f"Unknown isolation {isolation!r}; use one of "
                            f"{', '.join(sandbox_runtime.ISOLATIONS)}.")
+    if cfg.cidr_allowlist is not None:
+        raise InvalidError("cidr_allowlist is not supported for sandboxes on Nomad: its docker "
+                           "and podman drivers have no per-task egress filter (only all or no "
+                           "network); use block_network=True or False there, or the local or "
+                           "Slurm backend for an allowlist.")
     needs_network = bool(cfg.ports) or not cfg.block_network
     pids = cfg.pids or sandbox_runtime.DEFAULT_PIDS
     command = cfg.command or ["sleep", "infinity"]

@@ -361,6 +361,7 @@ class Sandbox:
                 timeout: int = 300, idle_timeout: int | None = None,
                 cpu: float | None = None, memory: int | None = None, gpu: Any = None,
                 block_network: bool | None = None, cidr_allowlist: Sequence[str] | None = None,
+                outbound_cidr_allowlist: Sequence[str] | None = None,
                 encrypted_ports: Sequence[int] = (), unencrypted_ports: Sequence[int] = (),
                 h2_ports: Sequence[int] = (), name: str | None = None,
                 tags: dict[str, str] | None = None, env: dict[str, str | None] | None = None,
@@ -369,9 +370,20 @@ class Sandbox:
         if unsupported:
             raise InvalidError(f"Sandbox.create got unsupported arguments: "
                                f"{', '.join(sorted(unsupported))}.")
+        if outbound_cidr_allowlist is not None:  # Modal's newer name for the same thing
+            if cidr_allowlist is not None:
+                raise InvalidError("Pass cidr_allowlist= or outbound_cidr_allowlist=, not both "
+                                   "(they are the same setting).")
+            cidr_allowlist = outbound_cidr_allowlist
         if cidr_allowlist is not None:
-            raise InvalidError("cidr_allowlist= is not supported by mctl yet: a sandbox has "
-                               "either no network (the default) or block_network=False.")
+            if block_network:
+                raise InvalidError("`cidr_allowlist` cannot be used when `block_network` is "
+                                   "enabled; drop block_network=True (an allowlist of [] blocks "
+                                   "all outbound traffic).")
+            from mctl.core.sandbox_runtime import normalize_cidrs
+
+            cidr_allowlist = normalize_cidrs(cidr_allowlist)
+            block_network = False
         if not all(isinstance(c, str) for c in cmd):
             raise InvalidError("Sandbox.create(*cmd): each part of the command must be a str.")
         ports = [int(p) for p in [*encrypted_ports, *unencrypted_ports, *h2_ports]]
@@ -382,6 +394,7 @@ class Sandbox:
             "cpu": cpu, "memory": memory, "pids": pids, "name": name, "tags": tags or {},
             "block_network": True if block_network is None else bool(block_network),
             "ports": ports, "isolation": isolation, "gpu": gpu,
+            "cidr_allowlist": cidr_allowlist,
             "env": {k: v for k, v in (env or {}).items() if v is not None}}
         body["secret_names"], body["secret_values"] = _secret_parts(secrets)
         if volumes:

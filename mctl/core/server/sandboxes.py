@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ class Sandboxes:
         rec["pids"] = config.get("pids") or sandbox_runtime.DEFAULT_PIDS
         rec["idle_timeout"] = config.get("idle_timeout")
         rec["ended_by"] = config.get("ended_by")  # "idle_timeout" when that ended it
+        rec["cidr_allowlist"] = config.get("cidr_allowlist")
         rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
         return rec
 
@@ -190,6 +192,14 @@ class Sandboxes:
                                    f"and {MAX_TIMEOUT_S} (or None for no idle timeout), not "
                                    f"{idle_timeout!r}.")
             idle_timeout = int(idle_timeout)
+        block_network = bool(body.get("block_network", True))
+        cidr_allowlist = body.get("cidr_allowlist")
+        if cidr_allowlist is not None:
+            if block_network:  # Modal's rule: an allowlist is a kind of network, not a block
+                raise InvalidError("`cidr_allowlist` cannot be used when `block_network` is "
+                                   "enabled; drop block_network=True (an allowlist of [] "
+                                   "blocks all outbound traffic).")
+            cidr_allowlist = sandbox_runtime.normalize_cidrs(cidr_allowlist)
         sandbox_id = ids.new_id("sandbox")
         image = await self._image(body.get("image"), app_id)
         env = dict(body.get("env") or {})
@@ -198,7 +208,7 @@ class Sandboxes:
             sandbox_id=sandbox_id, image=image, command=list(body.get("command") or []),
             workdir=body.get("workdir"), env=env, cpu=body.get("cpu"),
             memory_mb=body.get("memory"), pids=body.get("pids"),
-            block_network=bool(body.get("block_network", True)),
+            block_network=block_network, cidr_allowlist=cidr_allowlist,
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"), idle_timeout=idle_timeout)
@@ -220,12 +230,14 @@ class Sandboxes:
         self.insert(cfg, app_id, name, body.get("tags"), isolation, timeout, host=self.host,
                     backend="local", container=warm[0] if warm else container_name(sandbox_id))
         rc, err = 0, ""
-        if warm is None:
+        if cfg.cidr_allowlist is not None:
+            rc, out, err = await self._start_with_allowlist(cfg, isolation, timeout)
+        elif warm is None:
             rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
         container_id = warm[1] if warm else out.strip().splitlines()[-1] if rc == 0 else None
         if rc != 0:
             self._update(sandbox_id, state="failed", ended=time.time())
-            await _podman("rm", "-f", self._container(sandbox_id))
+            await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
             raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
         ports = await self._ports(sandbox_id, cfg.ports)
         self._update(sandbox_id, state="running", ports=json.dumps(ports),
@@ -236,6 +248,35 @@ class Sandboxes:
                                   loop.create_task(self._expire(sandbox_id, timeout))]
         self._watch_idle(sandbox_id, idle_timeout)
         return self._row(sandbox_id)
+
+    async def _start_with_allowlist(self, cfg: SandboxConfig, isolation: str, timeout: int
+                                    ) -> tuple[int, str, str]:
+        """Start a sandbox whose outbound traffic goes only to its cidr_allowlist: create and
+        initialise the container (its network namespace exists, the runtime holds the main
+        command before its exec), load the firewall into that namespace from here, then start
+        it. No code of the sandbox runs before the rules hold; any failure leaves it unstarted.
+        Returns (rc, container id, error) as `_podman` does."""
+        name = container_name(cfg.sandbox_id)
+        argv = sandbox_runtime.create_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
+        rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+        if rc != 0:
+            return rc, out, err
+        rc, _, err = await _podman("init", name)
+        if rc != 0:
+            return rc, out, err
+        rc, key, err = await _podman("inspect", "-f", "{{.NetworkSettings.SandboxKey}} "
+                                     "{{.State.Pid}}", name)
+        netns, _, pid = key.strip().partition(" ")
+        if rc != 0 or not (netns or pid.strip("0")):
+            return 1, out, f"no network namespace for the sandbox ({err.strip()})"
+        try:
+            await asyncio.to_thread(sandbox_runtime.apply_allowlist,
+                                    netns or f"/proc/{pid}/ns/net", cfg.cidr_allowlist or [])
+        except (sandbox_runtime.SandboxIsolationError, OSError,
+                subprocess.TimeoutExpired) as exc:
+            return 1, out, str(exc)
+        rc, _, err = await _podman("start", name)
+        return rc, out, err
 
     def cluster(self, rec: dict[str, Any] | None = None) -> Any:
         """The cluster sandbox backend (Slurm) for new sandboxes, or for `rec` when it runs on
