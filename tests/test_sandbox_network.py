@@ -332,3 +332,22 @@ def test_a_firewall_that_fails_means_no_sandbox(app, net_problem, monkeypatch):
         mctl.Sandbox.create("echo", "ran", app=app, cidr_allowlist=["10.0.0.0/8"])
     assert list(mctl.Sandbox.list(app_id=app.app_id)) == []
     assert not {c for c in containers() - before if "warm" not in c}
+
+
+def test_dns_works_only_with_the_resolver_in_the_list(app, net_problem):
+    resolvers = [line.split()[1] for line in open("/etc/resolv.conf")
+                 if line.startswith("nameserver") and ":" not in line.split()[1]]
+    if not resolvers:
+        pytest.skip("no IPv4 resolver in this host's /etc/resolv.conf")
+    code = ("import socket\ntry:\n    socket.getaddrinfo('example.com', 80); print('resolved')\n"
+            "except socket.gaierror as e:\n    print('gaierror', e.errno)\n")
+    without = mctl.Sandbox.create(app=app, cidr_allowlist=["192.0.2.0/24"])
+    with_dns = mctl.Sandbox.create(app=app, cidr_allowlist=[f"{r}/32" for r in resolvers])
+    # without the resolver: no answer at all (EAI_AGAIN); with it, an answer (a name or "no such
+    # name" where this host has no internet)
+    assert without.exec("python3", "-c", code).stdout.read().split() == [
+        "gaierror", str(socket.EAI_AGAIN)]
+    answer = with_dns.exec("python3", "-c", code).stdout.read().split()
+    assert answer[0] == "resolved" or answer[1] != str(socket.EAI_AGAIN), answer
+    without.terminate()
+    with_dns.terminate()
