@@ -34,7 +34,10 @@ from typing import Any
 from mctl.exception import InvalidError
 
 RUNSC = os.environ.get("MCTL_RUNSC", "/usr/bin/runsc")
-ISOLATIONS = ("gvisor", "runc")
+# gvisor and runc run under podman; bwrap (core/sandbox_bwrap) runs image-less sandboxes on the
+# host's own /usr where podman is missing, on the control plane's host only
+ISOLATIONS = ("gvisor", "runc", "bwrap")
+PODMAN_ISOLATIONS = ("gvisor", "runc")
 # The uid and gid code runs as inside (nobody): not root, even in the sandbox's own namespace.
 SANDBOX_USER = "65534:65534"
 # Root inside a runc sandbox is this uid outside (a user namespace of 65536 ids).
@@ -97,25 +100,54 @@ def runc_path() -> str | None:
 
 def available() -> list[str]:
     """The isolations this machine offers, best first."""
-    if not _have("podman"):
-        return []
     out = []
-    if os.access(RUNSC, os.X_OK):
-        out.append("gvisor")
-    if runc_path():
-        out.append("runc")
+    if _have("podman"):
+        if os.access(RUNSC, os.X_OK):
+            out.append("gvisor")
+        if runc_path():
+            out.append("runc")
+    from mctl.core import sandbox_bwrap
+
+    if sandbox_bwrap.problem() is None:
+        out.append("bwrap")
     return out
+
+
+def wanted_isolation(isolation: str | None) -> str | None:
+    """The isolation asked for (`isolation=`, else MCTL_SANDBOX_ISOLATION), checked."""
+    wanted = isolation or os.environ.get("MCTL_SANDBOX_ISOLATION") or None
+    if wanted is not None and wanted not in ISOLATIONS:
+        raise InvalidError(f"Unknown sandbox isolation {wanted!r}; use one of "
+                           f"{', '.join(ISOLATIONS)}.")
+    return wanted
+
+
+def image_less_bwrap(isolation: str | None, has_image: bool) -> bool:
+    """Whether a sandbox gets bwrap: asked for, or image-less on a host whose podman cannot
+    run one (then its image is "" and `choose` says bwrap)."""
+    wanted = wanted_isolation(isolation)
+    if wanted == "bwrap":
+        return True
+    if wanted is not None or has_image:
+        return False
+    have = available()
+    return "bwrap" in have and not [i for i in have if i != "bwrap"]
 
 
 def choose(cfg: SandboxConfig) -> str:
     """The isolation `cfg` gets; raises SandboxIsolationError when none can run it."""
-    wanted = cfg.isolation or os.environ.get("MCTL_SANDBOX_ISOLATION") or None
-    if wanted is not None and wanted not in ISOLATIONS:
-        raise InvalidError(f"Unknown sandbox isolation {wanted!r}; use one of "
-                           f"{', '.join(ISOLATIONS)}.")
+    wanted = wanted_isolation(cfg.isolation)
     have = available()
     needs_network = bool(cfg.ports) or not cfg.block_network or cfg.cidr_allowlist is not None
-    candidates = [wanted] if wanted else list(ISOLATIONS)
+    if wanted == "bwrap" or not cfg.image:  # image-less: bubblewrap on the host's /usr
+        from mctl.core import sandbox_bwrap
+
+        sandbox_bwrap.check(cfg)
+        if "bwrap" in have:
+            return "bwrap"
+        raise SandboxIsolationError(f"bwrap sandboxes cannot run here: "
+                                    f"{sandbox_bwrap.problem()}.")
+    candidates = [wanted] if wanted else list(PODMAN_ISOLATIONS)
     if needs_network and "gvisor" in candidates and len(candidates) > 1:
         candidates.remove("gvisor")  # Debian's runsc runs here only with network=none
     for iso in candidates:
@@ -126,6 +158,12 @@ def choose(cfg: SandboxConfig) -> str:
             "gVisor sandboxes cannot have network on this machine (runsc runs only with "
             "network=none); drop the ports, block_network=False and cidr_allowlist, or use "
             "isolation='runc'.")
+    if not wanted and "bwrap" in have:
+        raise SandboxIsolationError(
+            "Only bubblewrap can isolate a sandbox on this machine (no podman with runsc or "
+            "runc), and it runs image-less sandboxes without network only: drop image=, "
+            "block_network=False, ports and cidr_allowlist, or install podman "
+            "(`scripts/sandbox-dev install`).")
     raise SandboxIsolationError(
         "No runtime on this machine can isolate a sandbox "
         f"({'wanted ' + wanted + '; ' if wanted else ''}found: {', '.join(have) or 'none'}). "
@@ -337,6 +375,18 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
     first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
     rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes)."""
+    if isolation == "bwrap":
+        # through the sandbox's agent (core/bwrap_agent): `container` is its host directory.
+        # No pid file: a client that goes away (the timeout kills it) takes the command along.
+        import sys
+
+        argv = [sys.executable, "-m", "mctl.core.bwrap_agent", "exec",
+                os.path.join(container, "agent.sock")]
+        if workdir:
+            argv += ["--workdir", workdir]
+        for key in env_names:
+            argv += ["--env", key]
+        return argv + ["--", *cmd]
     direct = _direct_exec(isolation, container_id) if not env_names else None
     if direct:
         # The OCI runtime's own exec (~0.07 s, against ~0.3 s through podman exec). The process
@@ -382,6 +432,22 @@ ACTIVITY_SCRIPT = (
 def activity_argv(container: str, ports: list[int], *, isolation: str | None = None,
                   container_id: str | None = None) -> list[str]:
     """The command that prints "<running execs> <tunnel connections>" for a sandbox."""
+    if isolation == "bwrap":  # the agent counts its running execs; no ports
+        import sys
+
+        return [sys.executable, "-m", "mctl.core.bwrap_agent", "activity",
+                os.path.join(container, "agent.sock")]
     hexports = " ".join(f"{int(p):04X}" for p in ports)
     return exec_argv(container, ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT],
                      isolation=isolation, container_id=container_id)
+
+
+def logs_argv(rec: dict[str, Any]) -> list[str]:
+    """The command that follows a running sandbox's main output (stdout, stderr) to its end."""
+    if rec.get("isolation") == "bwrap":
+        import sys
+
+        d = rec["run_dir"]
+        return [sys.executable, "-m", "mctl.core.bwrap_agent", "follow",
+                os.path.join(d, "stdout"), os.path.join(d, "stderr"), os.path.join(d, "exit")]
+    return ["podman", "logs", "-f", rec["container"]]

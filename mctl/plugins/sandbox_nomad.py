@@ -51,9 +51,9 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
     if driver not in ("docker", "podman"):
         raise InvalidError(f"A sandbox needs a container driver (docker or podman), not "
                            f"{driver!r}: exec and raw_exec cannot isolate untrusted code.")
-    if isolation not in sandbox_runtime.ISOLATIONS:
-        raise InvalidError(f"Unknown isolation {isolation!r}; use one of "
-                           f"{', '.join(sandbox_runtime.ISOLATIONS)}.")
+    if isolation not in sandbox_runtime.PODMAN_ISOLATIONS:
+        raise InvalidError(f"Unknown isolation {isolation!r} for a Nomad sandbox; use one of "
+                           f"{', '.join(sandbox_runtime.PODMAN_ISOLATIONS)}.")
     if cfg.cidr_allowlist is not None:
         raise InvalidError("cidr_allowlist is not supported for sandboxes on Nomad: its docker "
                            "and podman drivers have no per-task egress filter (only all or no "

@@ -340,7 +340,8 @@ class Sandbox:
 
     @property
     def isolation(self) -> str:
-        """How this sandbox is isolated: "gvisor" or "runc" (see docs/guide.md, Sandboxes)."""
+        """How this sandbox is isolated: "gvisor", "runc" or "bwrap" (see docs/guide.md,
+        Sandboxes)."""
         return self._record["isolation"]
 
     @property
@@ -565,7 +566,9 @@ class Sandbox:
         environ.update({k: v for k, v in (env or {}).items() if v is not None})
         pid_file = kill = None
         container = record["container"]
-        if timeout is not None:
+        if self.isolation == "bwrap":  # its agent; a timeout kills the client, and so the command
+            container = record["run_dir"]
+        elif timeout is not None:
             pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
 
             def kill() -> None:
@@ -592,8 +595,10 @@ class Sandbox:
             if self._log_buffers is None:
                 self._local(self._record)
                 out, err = _Buffer(), _Buffer()
+                from mctl.core import sandbox_runtime
+
                 self._logs = subprocess.Popen(
-                    ["podman", "logs", "-f", self._record["container"]],
+                    sandbox_runtime.logs_argv(self._record),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
                 out.pump(self._logs.stdout)
                 err.pump(self._logs.stderr)

@@ -144,7 +144,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
     env: dict[str, str] = {}
     pid_file = None
     if req.get("logs"):
-        argv = ["podman", "logs", "-f", container]
+        argv = sandbox_runtime.logs_argv(rec)
         if rec["state"] != "running":
             logs = await sb.logs(rec["sandbox_id"])
             for channel, key in ((STDOUT, "stdout"), (STDERR, "stderr")):
@@ -164,12 +164,14 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
                                       {"secret_names": req.get("secret_names") or []})
         env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
         timeout = req.get("timeout")
-        if timeout is not None:
+        bwrap = rec.get("isolation") == "bwrap"  # its agent kills a command whose client ends
+        if timeout is not None and not bwrap:
             pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
         argv = sandbox_runtime.exec_argv(
-            container, cmd, workdir=req.get("workdir"), env_names=sorted(env),
-            pid_file=pid_file,
-            nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None)
+            rec["run_dir"] if bwrap else container, cmd, workdir=req.get("workdir"),
+            env_names=sorted(env), pid_file=pid_file,
+            nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None,
+            isolation="bwrap" if bwrap else None)
     prefix = (await _prefix(sb, rec))
     trailer = f"mctl-relay-exit-{_secrets.token_hex(8)}=" if prefix else None
     argv = _wrap(prefix, argv, trailer or "")

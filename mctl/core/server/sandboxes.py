@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -96,6 +97,7 @@ class Sandboxes:
         rec["idle_timeout"] = config.get("idle_timeout")
         rec["ended_by"] = config.get("ended_by")  # "idle_timeout" when that ended it
         rec["cidr_allowlist"] = config.get("cidr_allowlist")
+        rec["run_dir"] = config.get("run_dir")  # bwrap: its host directory (agent, output)
         rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
         return rec
 
@@ -201,7 +203,14 @@ class Sandboxes:
                                    "blocks all outbound traffic).")
             cidr_allowlist = sandbox_runtime.normalize_cidrs(cidr_allowlist)
         sandbox_id = ids.new_id("sandbox")
-        image = await self._image(body.get("image"), app_id)
+        if sandbox_runtime.image_less_bwrap(body.get("isolation"), bool(body.get("image"))):
+            if body.get("image"):
+                raise InvalidError("bwrap sandboxes are image-less (the host's /usr, "
+                                   "read-only); drop image=, or use isolation='gvisor' or "
+                                   "'runc' (podman).")
+            image = ""  # bubblewrap on the host's own /usr (core/sandbox_bwrap)
+        else:
+            image = await self._image(body.get("image"), app_id)
         env = dict(body.get("env") or {})
         env.update(await asyncio.to_thread(self._secret_values, body))
         cfg = SandboxConfig(
@@ -214,6 +223,12 @@ class Sandboxes:
             isolation=body.get("isolation"), idle_timeout=idle_timeout)
         isolation = sandbox_runtime.choose(cfg)
         cluster = self.cluster()
+        if isolation == "bwrap":  # on this host, whatever the cluster backend
+            if body.get("gpu"):
+                raise InvalidError("bwrap sandboxes have no GPUs; use a function "
+                                   "(@app.function(gpu=...)).")
+            return await self._create_bwrap(cfg, app_id, name, body.get("tags"), timeout,
+                                            idle_timeout)
         if cluster is not None:  # a Slurm job on a node (plugins/sandbox_slurm)
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
@@ -248,6 +263,79 @@ class Sandboxes:
                                   loop.create_task(self._expire(sandbox_id, timeout))]
         self._watch_idle(sandbox_id, idle_timeout)
         return self._row(sandbox_id)
+
+    # --- bwrap: image-less sandboxes under bubblewrap (core/sandbox_bwrap) ------------------
+    async def _create_bwrap(self, cfg: SandboxConfig, app_id: str, name: str | None, tags: Any,
+                            timeout: int, idle_timeout: int | None) -> dict[str, Any]:
+        """Start the launcher (cgroups, then bwrap as the sandbox's own uid with the agent as
+        its first process); running once the agent answers. It is this process's child:
+        `_watch_bwrap` waits for it, and it dies with the control plane (--die-with-parent)."""
+        from mctl.core import sandbox_bwrap
+
+        sandbox_id = cfg.sandbox_id
+        run_dir, listener = await asyncio.to_thread(sandbox_bwrap.prepare, cfg)
+        self.insert(cfg, app_id, name, tags, "bwrap", timeout, host=self.host,
+                    backend="local", container=container_name(sandbox_id),
+                    run_dir=str(run_dir))
+        try:
+            groups = await asyncio.to_thread(sandbox_bwrap.make_cgroups, cfg)
+            out = open(run_dir / "stdout", "wb")
+            err = open(run_dir / "stderr", "wb")
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *sandbox_bwrap.argv(cfg, run_dir, listener.fileno(), groups),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
+                    pass_fds=[listener.fileno()], env=sandbox_bwrap.environment(cfg))
+            finally:
+                out.close()
+                err.close()
+                listener.close()
+            deadline = time.monotonic() + 30
+            while not await asyncio.to_thread(sandbox_bwrap.ready, run_dir, 0.5):
+                if proc.returncode is not None or time.monotonic() > deadline:
+                    if proc.returncode is None:
+                        proc.kill()
+                    await proc.wait()
+                    raise InvalidError("The sandbox could not start (bwrap): " + (
+                        sandbox_bwrap.read_logs(run_dir)["stderr"] or "").strip()[-800:])
+        except BaseException:
+            self._update(sandbox_id, state="failed", ended=time.time())
+            await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, run_dir)
+            raise
+        self._update(sandbox_id, state="running")
+        self.done[sandbox_id] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.tasks[sandbox_id] = [loop.create_task(self._watch_bwrap(sandbox_id, proc)),
+                                  loop.create_task(self._expire(sandbox_id, timeout))]
+        self._watch_idle(sandbox_id, idle_timeout)
+        return self._row(sandbox_id)
+
+    async def _watch_bwrap(self, sandbox_id: str, proc: Any) -> None:
+        """Wait for the launcher (bwrap passes on the main command's code, 128+n after a
+        signal), record it, then remove what is left: processes, cgroups, the socket."""
+        from mctl.core import sandbox_bwrap
+
+        try:
+            rc = await proc.wait()
+        except asyncio.CancelledError:
+            rc = await proc.wait()  # terminated or expired: the kill ends it at once
+        run_dir = self._row(sandbox_id).get("run_dir")
+        self._finish(sandbox_id, "finished", 128 - rc if rc < 0 else rc)
+        await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, run_dir)
+        if run_dir:
+            try:
+                (Path(run_dir) / "exit").write_text(str(rc))
+            except OSError:
+                pass
+
+    async def _kill(self, rec: dict[str, Any]) -> None:
+        """Kill a local sandbox's processes (its container stays, for its logs)."""
+        if rec.get("isolation") == "bwrap":
+            from mctl.core import sandbox_bwrap
+
+            await asyncio.to_thread(sandbox_bwrap.kill, rec["sandbox_id"])
+        else:
+            await _podman("kill", rec["container"])
 
     async def _start_with_allowlist(self, cfg: SandboxConfig, isolation: str, timeout: int
                                     ) -> tuple[int, str, str]:
@@ -412,8 +500,9 @@ class Sandboxes:
     async def _expire(self, sandbox_id: str, timeout: float) -> None:
         await asyncio.sleep(timeout)
         if self._state(sandbox_id) == "running":
+            rec = self._row(sandbox_id)
             self._finish(sandbox_id, "timeout", -1)
-            await _podman("kill", self._container(sandbox_id))
+            await self._kill(rec)
 
     # --- idle_timeout ----------------------------------------------------------------------------
     def touch(self, sandbox_id: str) -> None:
@@ -456,7 +545,7 @@ class Sandboxes:
                     if cluster is not None:
                         await cluster._cancel(sandbox_id)
                     else:
-                        await _podman("kill", self._container(sandbox_id))
+                        await self._kill(rec)
                     return
         except asyncio.CancelledError:
             return
@@ -467,7 +556,8 @@ class Sandboxes:
         mctl never ends work it could not see."""
         rec = self._row(sandbox_id)
         ports = list(rec.get("ports") or {})
-        argv = sandbox_runtime.activity_argv(rec["container"], ports, isolation=rec["isolation"],
+        argv = sandbox_runtime.activity_argv(rec.get("run_dir") or rec["container"], ports,
+                                             isolation=rec["isolation"],
                                              container_id=rec.get("container_id"))
         cluster = self.cluster(rec)
         try:
@@ -523,8 +613,14 @@ class Sandboxes:
         except RuntimeError:
             return
         container = self._container(sandbox_id)
+        run_dir = self._row(sandbox_id).get("run_dir")
 
         def remove() -> None:
+            if run_dir:  # bwrap: its output goes with its directory
+                from mctl.core import sandbox_bwrap
+
+                sandbox_bwrap.remove_dir(run_dir)
+                return
             loop.create_task(_podman("rm", "-f", "-t", "0", "--ignore", container))
 
         loop.call_later(KEEP_FINISHED_S, remove)
@@ -547,6 +643,12 @@ class Sandboxes:
             return await self.cluster(rec).terminate(self, sandbox_id)
         if rec["state"] == "running":
             self._finish(sandbox_id, "terminated", 137)
+        if rec.get("isolation") == "bwrap":
+            from mctl.core import sandbox_bwrap
+
+            await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, rec.get("run_dir"))
+            await asyncio.to_thread(sandbox_bwrap.remove_dir, rec.get("run_dir"))
+            return self._row(sandbox_id)
         await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
         return self._row(sandbox_id)
 
@@ -554,6 +656,14 @@ class Sandboxes:
         rec = self._row(sandbox_id)
         if self.cluster(rec) is not None:
             return await self.cluster(rec).logs(self, sandbox_id)
+        if rec.get("isolation") == "bwrap":
+            from mctl.core import sandbox_bwrap
+
+            logs = sandbox_bwrap.read_logs(rec["run_dir"]) if rec.get("run_dir") else {}
+            if logs.get("stdout") is None:
+                raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its directory "
+                                    "was removed when it was terminated).")
+            return logs
         rc, out, err = await _podman("logs", self._container(sandbox_id))
         if rc != 0:
             raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its container was "
@@ -572,6 +682,10 @@ class Sandboxes:
             raise InvalidError(f"Sandbox {sandbox_id} runs on the cluster node {rec['host']}: "
                                "snapshot_filesystem() works only for sandboxes on the control "
                                "plane's host yet.")
+        if rec["isolation"] == "bwrap":
+            raise InvalidError(f"Sandbox {sandbox_id} is a bwrap sandbox (the host's /usr, no "
+                               "image): snapshot_filesystem() needs isolation='gvisor' or "
+                               "'runc'.")
         tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
         if rec["isolation"] != "gvisor":
             rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
@@ -619,7 +733,13 @@ class Sandboxes:
         await self._remove([r for r in self.list(app_id=app_id, include_finished=True)])
 
     async def _remove(self, records: list[dict[str, Any]]) -> None:
-        names = [r["container"] for r in records if r["state"] in ("finished", "timeout")]
+        from mctl.core import sandbox_bwrap
+
+        for r in records:
+            if r.get("run_dir") and r["state"] in ("finished", "timeout"):
+                sandbox_bwrap.remove_dir(r["run_dir"])
+        names = [r["container"] for r in records if r["state"] in ("finished", "timeout")
+                 and not r.get("run_dir")]
         if names:
             await _podman("rm", "-f", "-t", "0", "--ignore", *names)
 
@@ -648,6 +768,13 @@ class Sandboxes:
                     self._watch_idle(rec["sandbox_id"], rec.get("idle_timeout"))
         for rec in self.list():
             if self.cluster(rec) is not None:
+                continue
+            if rec.get("isolation") == "bwrap":  # died with the control plane that ran it
+                from mctl.core import sandbox_bwrap
+
+                await asyncio.to_thread(sandbox_bwrap.cleanup, rec["sandbox_id"],
+                                        rec.get("run_dir"))
+                self._update(rec["sandbox_id"], state="lost", ended=time.time())
                 continue
             rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}",
                                        rec["container"])
