@@ -11,8 +11,10 @@ As root, bwrap isolates nothing by default (verified 2026-11-29: `bwrap --unshar
 / /` kept every capability, and a bind remount deleted a host file). So bwrap itself runs as an
 unprivileged uid of its own per sandbox (`setpriv --reuid`: `UID_BASE` + a hash of the id, with
 no groups, an empty bounding set), in new user, pid, network, ipc, uts and cgroup namespaces
-(`--unshare-all`), with `--cap-drop ALL`, as uid/gid 65534 inside and with no_new_privs (bwrap
-always sets it). The host's files owned by root (`/etc/shadow`, anything 0600) are out of reach
+(`--unshare-all`; no further user namespaces: `--disable-userns`), with `--cap-drop ALL`, as
+uid/gid 65534 inside, with no_new_privs (bwrap always sets it) and a seccomp filter that denies
+what container runtimes' default profiles deny (`DENIED_SYSCALLS`: mount, unshare, setns, bpf,
+keyctl, io_uring, perf_event_open...). The host's files owned by root (`/etc/shadow`, anything 0600) are out of reach
 by ownership, not only by what is mounted. Limits come from cgroups the control plane creates
 and joins before bwrap starts (v1: memory with no swap, pids, cpu quota, freezer; v2: the same
 files of one group): `memory=`, `pids=`, `cpu=` as for the other isolations.
@@ -76,6 +78,10 @@ def problem() -> str | None:
                 "an unprivileged uid of their own)")
     if not os.access(PYTHON, os.X_OK):
         return f"{PYTHON} is missing (the sandbox's agent runs on it)"
+    try:
+        _libseccomp()
+    except OSError:
+        return "libseccomp is missing (Debian: libseccomp2)"
     if _cgroup_v2():
         controllers = (CGROUP_ROOT / "cgroup.subtree_control").read_text().split()
         missing = [c for c in ("memory", "pids", "cpu") if c not in controllers]
@@ -87,6 +93,60 @@ def problem() -> str | None:
         if missing:
             return f"cgroup v1 controllers not writable under {CGROUP_ROOT}: {', '.join(missing)}"
     return None
+
+
+# Denied with EPERM in a bwrap sandbox (a seccomp filter made with libseccomp): the kernel
+# interfaces container runtimes' default profiles deny to unprivileged code (podman's and
+# Docker's lists, less ptrace and personality), namespaces and mounts first. Other
+# architectures' system calls (int 0x80 on x86-64) kill the process: libseccomp's default.
+DENIED_SYSCALLS = (
+    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module",
+    "delete_module", "finit_module", "fsconfig", "fsmount", "fsopen", "fspick",
+    "get_kernel_syms", "get_mempolicy", "init_module", "io_uring_enter", "io_uring_register",
+    "io_uring_setup", "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl",
+    "lookup_dcookie", "mbind", "mount", "mount_setattr", "move_mount", "move_pages",
+    "name_to_handle_at", "nfsservctl", "open_by_handle_at", "open_tree", "perf_event_open",
+    "pivot_root", "query_module", "quotactl", "quotactl_fd", "reboot", "request_key",
+    "set_mempolicy", "setns", "settimeofday", "stime", "swapoff", "swapon", "sysfs", "_sysctl",
+    "umount", "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vm86", "vm86old")
+
+
+def _libseccomp() -> Any:
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2", use_errno=True)
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                     ctypes.c_uint]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def write_seccomp(path: Path) -> None:
+    """The sandbox's seccomp filter, as the BPF program bwrap's `--seccomp FD` loads."""
+    import errno
+
+    lib = _libseccomp()
+    ctx = lib.seccomp_init(0x7FFF0000)  # SCMP_ACT_ALLOW
+    if not ctx:
+        raise SandboxIsolationError("libseccomp could not make a filter.")
+    try:
+        for name in DENIED_SYSCALLS:
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:  # not a system call on this architecture
+                continue
+            if lib.seccomp_rule_add(ctx, 0x00050000 | errno.EPERM, nr, 0) != 0:  # ERRNO(EPERM)
+                raise SandboxIsolationError(f"libseccomp refused a rule for {name}.")
+        with open(path, "wb") as f:
+            if lib.seccomp_export_bpf(ctx, f.fileno()) != 0:
+                raise SandboxIsolationError("libseccomp could not export the filter.")
+        os.chmod(path, 0o600)
+    finally:
+        lib.seccomp_release(ctx)
 
 
 def host_uid(sandbox_id: str) -> int:
@@ -225,6 +285,7 @@ def prepare(cfg: SandboxConfig) -> tuple[Path, socket.socket]:
     agent = Path(__file__).with_name("bwrap_agent.py")
     shutil.copyfile(agent, d / "agent.py")
     os.chmod(d / "agent.py", 0o644)
+    write_seccomp(d / "seccomp.bpf")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(d / "agent.sock"))
     os.chmod(d / "agent.sock", 0o600)
@@ -232,12 +293,15 @@ def prepare(cfg: SandboxConfig) -> tuple[Path, socket.socket]:
     return d, sock
 
 
-def argv(cfg: SandboxConfig, run_dir: Path, listen_fd: int, groups: list[Path]) -> list[str]:
+def argv(cfg: SandboxConfig, run_dir: Path, listen_fd: int, groups: list[Path],
+         seccomp_fd: int) -> list[str]:
     """The launcher: a shell that joins the sandbox's cgroups, then becomes bwrap as the
-    sandbox's own unprivileged uid, with the agent as the sandbox's first process."""
+    sandbox's own unprivileged uid, with the agent as the sandbox's first process.
+    `listen_fd`: the agent's socket; `seccomp_fd`: `write_seccomp`'s file, open for reading."""
     uid = host_uid(cfg.sandbox_id)
     workdir = cfg.workdir or "/tmp"
-    bw = [BWRAP, "--unshare-all", "--die-with-parent", "--new-session",
+    bw = [BWRAP, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
+          "--disable-userns", "--assert-userns-disabled", "--seccomp", str(seccomp_fd),
           "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL", "--hostname", "sandbox",
           "--ro-bind", "/usr", "/usr"]
     for link in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):

@@ -281,15 +281,17 @@ class Sandboxes:
             groups = await asyncio.to_thread(sandbox_bwrap.make_cgroups, cfg)
             out = open(run_dir / "stdout", "wb")
             err = open(run_dir / "stderr", "wb")
+            seccomp = open(run_dir / "seccomp.bpf", "rb")
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *sandbox_bwrap.argv(cfg, run_dir, listener.fileno(), groups),
+                    *sandbox_bwrap.argv(cfg, run_dir, listener.fileno(), groups,
+                                        seccomp.fileno()),
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
-                    pass_fds=[listener.fileno()], env=sandbox_bwrap.environment(cfg))
+                    pass_fds=[listener.fileno(), seccomp.fileno()],
+                    env=sandbox_bwrap.environment(cfg))
             finally:
-                out.close()
-                err.close()
-                listener.close()
+                for f in (out, err, seccomp, listener):
+                    f.close()
             deadline = time.monotonic() + 30
             while not await asyncio.to_thread(sandbox_bwrap.ready, run_dir, 0.5):
                 if proc.returncode is not None or time.monotonic() > deadline:
