@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -58,7 +59,8 @@ ETC_OWN = {
 
 
 def run_root() -> Path:
-    """Where each bwrap sandbox gets its host-side directory: the agent's socket, the main command's output, the sandbox's own /etc files. Short: a Unix socket path
+    """Where each bwrap sandbox gets its host-side directory (root's only, 0700): the agent's
+    socket, the main command's output, the sandbox's own /etc files. Short: a Unix socket path
     has at most 107 bytes."""
     return Path(os.environ.get("MCTL_SANDBOX_RUN_DIR", "/run/mctl-sandboxes"))
 
@@ -266,25 +268,17 @@ def sandbox_pids(sandbox_id: str) -> set[int]:
 
 # --- the host directory and the argv -----------------------------------------------------------
 def prepare(cfg: SandboxConfig) -> tuple[Path, socket.socket]:
-    """The sandbox's host directory with its own /etc files and the agent's socket,
+    """The sandbox's host directory (root's only) with its own /etc files and the agent's socket,
     bound and listening here: its descriptor is handed to the agent inside."""
     root = run_root()
     root.mkdir(parents=True, exist_ok=True)
-    # 0711: bwrap, already the sandbox's uid, must reach the files it binds (etc/, agent.py);
-    # listing is root's, the socket and the output files are root's only (0600)
-    os.chmod(root, 0o711)
+    os.chmod(root, 0o700)
     d = root / cfg.sandbox_id.lower()
-    d.mkdir()
-    os.chmod(d, 0o711)
+    d.mkdir(mode=0o700)
     etc = d / "etc"
     etc.mkdir()
     for name, text in ETC_OWN.items():
         (etc / name).write_text(text)
-        os.chmod(etc / name, 0o644)
-    os.chmod(etc, 0o755)
-    agent = Path(__file__).with_name("bwrap_agent.py")
-    shutil.copyfile(agent, d / "agent.py")
-    os.chmod(d / "agent.py", 0o644)
     write_seccomp(d / "seccomp.bpf")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(d / "agent.sock"))
@@ -293,45 +287,76 @@ def prepare(cfg: SandboxConfig) -> tuple[Path, socket.socket]:
     return d, sock
 
 
-def argv(cfg: SandboxConfig, run_dir: Path, listen_fd: int, groups: list[Path],
-         seccomp_fd: int) -> list[str]:
-    """The launcher: a shell that joins the sandbox's cgroups, then becomes bwrap as the
-    sandbox's own unprivileged uid, with the agent as the sandbox's first process.
-    `listen_fd`: the agent's socket; `seccomp_fd`: `write_seccomp`'s file, open for reading."""
-    uid = host_uid(cfg.sandbox_id)
-    workdir = cfg.workdir or "/tmp"
-    bw = [BWRAP, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-          "--disable-userns", "--assert-userns-disabled", "--seccomp", str(seccomp_fd),
-          "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL", "--hostname", "sandbox",
-          "--ro-bind", "/usr", "/usr"]
-    for link in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):
-        target = Path("/") / link
-        if target.is_symlink():
-            bw += ["--symlink", os.readlink(target), f"/{link}"]
-        elif target.is_dir():
-            bw += ["--ro-bind", str(target), f"/{link}"]
-    bw += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/etc"]
+def launch(cfg: SandboxConfig, run_dir: Path, listen_fd: int, groups: list[Path]
+           ) -> tuple[list[str], list[int]]:
+    """The launcher's argv and the descriptors it must inherit (the caller closes them once it
+    started): a shell that joins the sandbox's cgroups, then becomes bwrap as the sandbox's own
+    unprivileged uid, with the agent as the sandbox's first process. Everything of the control
+    plane's that bwrap puts in the sandbox (its /etc files, the agent, the seccomp filter, the
+    volumes) is opened here, as root, and handed over by descriptor: bwrap, already
+    unprivileged, need not reach the paths (the run directory stays 0700, a volume may lie
+    below a directory only root may enter), and nothing on a path can be swapped meanwhile."""
     import glob
 
-    shared = [f"/etc/{n}" for n in ETC_SHARED] + sorted(glob.glob("/etc/python3.*"))
-    for path in shared:
-        if os.path.lexists(path) and os.path.basename(path) not in ETC_OWN:
-            bw += ["--ro-bind", path, path]
-    for name in ETC_OWN:
-        bw += ["--ro-bind", str(run_dir / "etc" / name), f"/etc/{name}"]
-    bw += ["--ro-bind", str(run_dir / "agent.py"), AGENT_PATH]
-    for m in cfg.mounts:
-        bw += ["--ro-bind" if m.get("read_only", True) else "--bind", m["host_path"], m["path"]]
+    fds: list[int] = []
+
+    def fd(path: str | Path, flags: int = os.O_RDONLY) -> str:
+        fds.append(os.open(path, flags | os.O_CLOEXEC))
+        return str(fds[-1])
+
+    uid = host_uid(cfg.sandbox_id)
+    workdir = cfg.workdir or "/tmp"
+    try:
+        bw = [BWRAP, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
+              "--disable-userns", "--assert-userns-disabled",
+              "--seccomp", fd(run_dir / "seccomp.bpf"),
+              "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL", "--hostname", "sandbox",
+              "--ro-bind", "/usr", "/usr"]
+        for link in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):
+            target = Path("/") / link
+            if target.is_symlink():
+                bw += ["--symlink", os.readlink(target), f"/{link}"]
+            elif target.is_dir():
+                bw += ["--ro-bind", str(target), f"/{link}"]
+        bw += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/etc"]
+        shared = [f"/etc/{n}" for n in ETC_SHARED] + sorted(glob.glob("/etc/python3.*"))
+        for path in shared:  # world-readable system files: bound by path
+            if os.path.lexists(path) and os.path.basename(path) not in ETC_OWN:
+                bw += ["--ro-bind", path, path]
+        for name in ETC_OWN:
+            bw += ["--ro-bind-data", fd(run_dir / "etc" / name), f"/etc/{name}"]
+        bw += ["--ro-bind-data", fd(Path(__file__).with_name("bwrap_agent.py")), AGENT_PATH]
+        # Volumes: bwrap (unprivileged, and it resolves every source path) could not reach a
+        # volume below a directory only root may enter. So the launcher, still root, binds each
+        # onto a staging tmpfs in a mount namespace of its own (over the run root, nowhere else
+        # visible) and bwrap binds them from there.
+        stage = str(run_root())
+        staging = []
+        for i, m in enumerate(cfg.mounts):
+            staging.append(f'mkdir "{stage}/{i}" && mount --bind {shlex.quote(m["host_path"])} '
+                           f'"{stage}/{i}" || exit 125')
+            bw += ["--ro-bind" if m.get("read_only", True) else "--bind", f"{stage}/{i}",
+                   m["path"]]
+    except BaseException:
+        for f in fds:
+            os.close(f)
+        raise
     if workdir != "/tmp" and not any(workdir == m["path"] for m in cfg.mounts):
         bw += ["--tmpfs", workdir]  # scratch space, as /tmp
     # the root (bwrap's own tmpfs) read-only: writes go to /tmp, the workdir, rw volumes only
     bw += ["--remount-ro", "/", "--chdir", workdir,
            PYTHON, "-I", AGENT_PATH, "agent", str(listen_fd), workdir, "--",
            *(cfg.command or ["sleep", "infinity"])]
-    join = "; ".join(f'echo $$ > "{g}/cgroup.procs" || exit 125' for g in groups)
-    return ["/bin/sh", "-c", join + '; exec "$@"', "sh",
+    script = [f'echo $$ > "{g}/cgroup.procs" || exit 125' for g in groups]
+    if staging:
+        script += [f'mount -t tmpfs -o mode=0711,size=64k mctl-stage "{stage}" || exit 125',
+                   *staging]
+    argv = ["/bin/sh", "-c", "; ".join(script) + '; exec "$@"', "sh",
             "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", *bw]
+    if staging:
+        argv = ["unshare", "--mount", "--propagation", "private", *argv]
+    return argv, fds
 
 
 def environment(cfg: SandboxConfig) -> dict[str, str]:

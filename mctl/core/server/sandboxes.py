@@ -281,17 +281,17 @@ class Sandboxes:
             groups = await asyncio.to_thread(sandbox_bwrap.make_cgroups, cfg)
             out = open(run_dir / "stdout", "wb")
             err = open(run_dir / "stderr", "wb")
-            seccomp = open(run_dir / "seccomp.bpf", "rb")
+            fds: list[int] = []
             try:
+                argv, fds = sandbox_bwrap.launch(cfg, run_dir, listener.fileno(), groups)
                 proc = await asyncio.create_subprocess_exec(
-                    *sandbox_bwrap.argv(cfg, run_dir, listener.fileno(), groups,
-                                        seccomp.fileno()),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
-                    pass_fds=[listener.fileno(), seccomp.fileno()],
-                    env=sandbox_bwrap.environment(cfg))
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
+                    pass_fds=[listener.fileno(), *fds], env=sandbox_bwrap.environment(cfg))
             finally:
-                for f in (out, err, seccomp, listener):
+                for f in (out, err, listener):
                     f.close()
+                for fd in fds:
+                    os.close(fd)
             deadline = time.monotonic() + 30
             while not await asyncio.to_thread(sandbox_bwrap.ready, run_dir, 0.5):
                 if proc.returncode is not None or time.monotonic() > deadline:
