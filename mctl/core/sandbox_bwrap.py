@@ -159,11 +159,11 @@ def host_uid(sandbox_id: str) -> int:
 def check(cfg: SandboxConfig) -> None:
     """Refuse what a bwrap sandbox cannot do, saying what to use instead."""
     if cfg.image:
-        raise SandboxIsolationError("bwrap sandboxes are image-less (the host's /usr, read-only); "
+        raise SandboxIsolationError("bwrap sandboxes are image-less (the host's /usr, read-only): "
                                     "drop image=, or use isolation='gvisor' or 'runc' (podman).")
     if cfg.ports or not cfg.block_network or cfg.cidr_allowlist is not None:
-        raise SandboxIsolationError("bwrap sandboxes have no network; drop block_network=False, "
-                                    "ports and cidr_allowlist, or use isolation='runc'.")
+        raise SandboxIsolationError("bwrap sandboxes have no network: drop block_network=False, "
+                                    "ports and cidr_allowlist, or use isolation='runc' (podman).")
     for m in cfg.mounts:
         if m["path"] in ("/", "/usr", "/proc", "/dev", "/etc") or m["path"].startswith(
                 ("/usr/", "/proc/", "/dev/")):

@@ -142,7 +142,14 @@ def choose(cfg: SandboxConfig) -> str:
     if wanted == "bwrap" or not cfg.image:  # image-less: bubblewrap on the host's /usr
         from mctl.core import sandbox_bwrap
 
-        sandbox_bwrap.check(cfg)
+        try:
+            sandbox_bwrap.check(cfg)
+        except SandboxIsolationError as exc:
+            if wanted == "bwrap":
+                raise
+            raise SandboxIsolationError(
+                "Only bubblewrap can isolate a sandbox on this machine (no podman with runsc "
+                f"or runc), and {exc}") from None
         if "bwrap" in have:
             return "bwrap"
         raise SandboxIsolationError(f"bwrap sandboxes cannot run here: "

@@ -210,6 +210,11 @@ class Sandboxes:
                                    "'runc' (podman).")
             image = ""  # bubblewrap on the host's own /usr (core/sandbox_bwrap)
         else:
+            if not set(sandbox_runtime.available()) & set(sandbox_runtime.PODMAN_ISOLATIONS):
+                # no podman to build or run an image: say so before trying
+                sandbox_runtime.choose(SandboxConfig(
+                    sandbox_id=sandbox_id, image="(image)", isolation=body.get("isolation"),
+                    block_network=bool(body.get("block_network", True))))
             image = await self._image(body.get("image"), app_id)
         env = dict(body.get("env") or {})
         env.update(await asyncio.to_thread(self._secret_values, body))
@@ -303,6 +308,7 @@ class Sandboxes:
         except BaseException:
             self._update(sandbox_id, state="failed", ended=time.time())
             await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, run_dir)
+            await asyncio.to_thread(sandbox_bwrap.remove_dir, run_dir)
             raise
         self._update(sandbox_id, state="running")
         self.done[sandbox_id] = asyncio.Event()
@@ -776,6 +782,7 @@ class Sandboxes:
 
                 await asyncio.to_thread(sandbox_bwrap.cleanup, rec["sandbox_id"],
                                         rec.get("run_dir"))
+                await asyncio.to_thread(sandbox_bwrap.remove_dir, rec.get("run_dir"))
                 self._update(rec["sandbox_id"], state="lost", ended=time.time())
                 continue
             rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}",
