@@ -6,6 +6,8 @@ A sandbox runs untrusted code, so it is never a plain process. In order of prefe
   and the host). Debian's runsc only works here with `--runtime-flag network=none`, so a sandbox
   that asks for network (ports, `block_network=False`) cannot use it and falls back to runc.
 - `runc`: podman with runc, plus a user namespace (root inside is an unprivileged uid outside).
+- `bwrap`: bubblewrap, for an image-less sandbox where podman is missing (`core/sandbox_bwrap`:
+  the host's /usr read-only, an unprivileged uid of its own, every namespace, seccomp, cgroups).
 
 A sandbox with network gets runc. With a `cidr_allowlist` (Modal's meaning: outbound traffic only
 to those networks) its container is created and initialised but not started (`podman create`,
@@ -18,7 +20,7 @@ Both get the same restrictions: a non-root user inside, every capability dropped
 `no-new-privileges`, the image read-only below a writable copy-on-write scratch layer (the
 container's own layer, thrown away with it), only the declared mounts (read-only unless asked),
 and cpu, memory and pids limits. No runtime that isolates → `SandboxIsolationError`, never an
-unisolated process. `MCTL_SANDBOX_ISOLATION` (gvisor | runc) or `isolation=` picks one.
+unisolated process. `MCTL_SANDBOX_ISOLATION` (gvisor | runc | bwrap) or `isolation=` picks one.
 """
 
 from __future__ import annotations
