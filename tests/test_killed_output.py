@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from conftest import APPS
+from test_images_build import images_dev  # noqa: F401 - the fixture
+from test_slurm import slurm_server  # noqa: F401 - the fixture
 
 KILLED = str(APPS / "killed.py")
 PRINTED = [*(f"line {i}" for i in range(5)), "on stderr", "last words"]
@@ -75,3 +77,44 @@ def test_how_it_ended_with_oom():
         "was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} out of memory (")
     assert _how_it_ended(-9) == ("was killed by signal 9 (SIGKILL) before it finished "
                                  "\N{EM DASH} out of memory?")
+
+
+@pytest.mark.integration
+def test_in_a_container_killed_and_oom_killed_workers_keep_their_output(images_dev, monkeypatch):
+    for key, value in images_dev.items():
+        monkeypatch.setenv(key, value)
+    killed_oci = str(APPS / "killed_oci.py")
+    out = mctl_cli("run", f"{killed_oci}::twice", timeout=600)
+    both = out.stdout + out.stderr
+    assert out.returncode != 0, both
+    printed_then_error(both, 2)
+
+    out = mctl_cli("run", f"{killed_oci}::hog", timeout=300)
+    both = out.stdout + out.stderr
+    assert out.returncode != 0, both
+    assert both.count("allocating") == 1, both
+    error = both.index("was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} out of "
+                       "memory (the kernel's OOM killer ended it)")
+    assert both.index("allocating") < both.index("OOM killer ended this worker") < error, both
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("slurm_server", ["cli"], indirect=True)
+def test_on_slurm_the_job_output_file_gives_what_a_killed_worker_printed(slurm_server, tmp_path):
+    # `mctl run` against a remote control plane prints no app logs (only the embedded one
+    # does): deploy, call, and read the app's logs.
+    out = mctl_cli("deploy", KILLED, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import mctl
+
+    twice = mctl.Function.from_name("killed", "twice")
+    with pytest.raises(mctl.exception.ContainerCrashedError,
+                       match=r"killed by signal 9 \(SIGKILL\) before it finished"):
+        twice.remote()
+    logs = mctl_cli("app", "logs", "killed")
+    mctl_cli("app", "stop", "killed")
+    rows = [line.split(None, 4) for line in logs.stdout.splitlines()]  # date time fn task text
+    printed = [(row[3], row[4]) for row in rows if len(row) == 5 and row[4] in PRINTED]
+    tasks = list(dict.fromkeys(task for task, _ in printed))
+    assert len(tasks) == 2, logs.stdout
+    assert printed == [(task, line) for task in tasks for line in PRINTED], logs.stdout

@@ -26,11 +26,3 @@ def once():
 @app.function(retries=1)
 def twice():
     _print_and_die()
-
-
-@app.function(memory=(64, 200), retries=0)
-def hog():
-    print("allocating", flush=True)
-    blocks = []
-    while True:
-        blocks.append(bytearray(16 << 20))

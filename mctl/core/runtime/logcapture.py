@@ -149,23 +149,28 @@ def _copy_rest(rfd: int) -> bytes:
 
 
 def _oom_kills() -> int | None:
-    """The OOM kills counted in this process's cgroup (v2), or None where there is none."""
+    """The OOM kills counted in this process's memory cgroup (v2 `memory.events`, v1
+    `memory.oom_control`), or None where there is none to read."""
     try:
         with open("/proc/self/cgroup") as f:
-            path = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")),
-                        None)
-        if path is None:
-            return None
-        for base in (f"/sys/fs/cgroup{path}", "/sys/fs/cgroup"):  # a container sees its own at /
-            try:
-                with open(os.path.join(base, "memory.events")) as f:
-                    for line in f:
-                        if line.startswith("oom_kill "):
-                            return int(line.split()[1])
-            except OSError:
-                continue
-    except (OSError, ValueError):
-        pass
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    candidates = []
+    for _, controllers, path in (e for e in entries if len(e) == 3):
+        if controllers == "":  # v2; a container sees its own cgroup at the root
+            candidates += [f"/sys/fs/cgroup{path}/memory.events", "/sys/fs/cgroup/memory.events"]
+        elif "memory" in controllers.split(","):
+            candidates += [f"/sys/fs/cgroup/memory{path}/memory.oom_control",
+                           "/sys/fs/cgroup/memory/memory.oom_control"]
+    for name in candidates:
+        try:
+            with open(name.replace("//", "/")) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
     return None
 
 
