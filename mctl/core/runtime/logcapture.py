@@ -4,8 +4,8 @@ File descriptors 1 and 2 are redirected into a pipe, so output of C extensions a
 is caught too. What is read is also copied to the original stdout: the output the backend keeps (the
 local backend's pipe, a container's log, a Slurm job's output file).
 
-A process killed by a signal (SIGKILL from the kernel's OOM killer, a segfault) takes with it what it
-had printed but not yet read from that pipe, and what it had read but not yet sent. So the process
+A process killed by a signal (SIGKILL from the kernel's OOM killer, a segfault) takes with it what
+it had printed but not yet read from that pipe, and what it had read but not yet sent. So the process
 the backend starts is a small *keeper* (`start_keeper`): it forks the worker, holds the pipe's read
 end too, and when the worker ends it copies what is left in the pipe to the original stdout and ends
 the same way. Lines are numbered from the keeper's marker line (`marker`); log frames carry the
