@@ -16,7 +16,8 @@ tests/test_nomad_requests.py records the requests on the wire and checks them ag
 
 Connection settings, as Nomad's own CLI reads them: NOMAD_ADDR (default http://127.0.0.1:4646),
 NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION, NOMAD_CACERT, NOMAD_CLIENT_CERT/NOMAD_CLIENT_KEY, or
-the backend options address, token_file, cacert.
+the backend options address, token_file, cacert. `mctl nomad force|logs` fill options that neither
+`-o` nor NOMAD_* set from the active profile (`mctl profile nomad`, mctl/cli/profile_nomad.py).
 """
 
 from __future__ import annotations
