@@ -118,3 +118,35 @@ def test_on_slurm_the_job_output_file_gives_what_a_killed_worker_printed(slurm_s
     tasks = list(dict.fromkeys(task for task, _ in printed))
     assert len(tasks) == 2, logs.stdout
     assert printed == [(task, line) for task in tasks for line in PRINTED], logs.stdout
+
+
+def test_the_control_plane_adds_each_line_once_whichever_way_it_comes(tmp_path):
+    """Frames that arrive after the backend's tail (they were in flight when the process died)
+    and a tail that repeats lines already sent: every line once, in order."""
+    import asyncio
+
+    from mctl.core.runtime.logcapture import marker
+    from mctl.core.server.control import Conn, ControlPlane
+    from mctl.core.server.store import Store
+    from mctl.core.worker_output import OutputTail
+
+    async def main():
+        seen = []
+        control = ControlPlane(Store(tmp_path / "state"),
+                               log_sink=lambda app, task, fn, line: seen.append(line))
+        conn = Conn(lambda data: None)
+        conn.role, conn.task_id, conn.app_id, conn.function_id = "worker", "ta-k", "ap-x", "fu-f"
+        control._task_log(conn)
+        control.handle(conn, {"type": "log", "lines": ["a", "b"], "seq": 0}, [])
+        tail = OutputTail("ta-k")
+        for line in ["pulled", marker("ta-k"), "a", "b", "c", "d", "e"]:
+            tail.add(line)
+        control.worker_gone("ta-k", -9, tail)
+        # in flight when it died: c and d again, then a frame from a dropped-lines burst
+        control.handle(conn, {"type": "log", "lines": ["c", "d"], "seq": 2}, [])
+        control.handle(conn, {"type": "log", "lines": ["f"], "seq": 5, "dropped": 3}, [])
+        return seen
+
+    assert asyncio.run(main()) == ["a", "b", "c", "d", "e",
+                                   "mctl: 3 log lines were dropped while the control plane was "
+                                   "unreachable", "f"]

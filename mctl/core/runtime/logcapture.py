@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 MAX_LINES = 10_000   # kept while disconnected; older lines are dropped first
 OOM_NOTE = "mctl: the kernel's OOM killer ended this worker (out of memory)"
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+FROM_A_TERMINAL = (signal.SIGINT, signal.SIGQUIT)  # to the process group: the worker has its own
 
 
 def marker(task_id: str) -> str:
@@ -93,6 +93,8 @@ def _keep(child: int, rfd: int) -> None:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    for sig in FROM_A_TERMINAL:  # Ctrl-C reaches both; only a container's PID 1 must pass it on
+        signal.signal(sig, forward if os.getpid() == 1 else signal.SIG_IGN)
     parent = int(os.environ.get("MCTL_PARENT_PID", "0") or 0)
     ooms = _oom_kills()
     try:
@@ -112,7 +114,7 @@ def _keep(child: int, rfd: int) -> None:
             break
         if parent and os.getppid() != parent:  # the local control plane died: so do we
             os._exit(0)  # the worker gets SIGKILL (PR_SET_PDEATHSIG)
-    for sig in FORWARDED:
+    for sig in (*FORWARDED, *FROM_A_TERMINAL):
         signal.signal(sig, signal.SIG_DFL)
     last = _copy_rest(rfd)
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
