@@ -150,3 +150,29 @@ def test_the_control_plane_adds_each_line_once_whichever_way_it_comes(tmp_path):
     assert asyncio.run(main()) == ["a", "b", "c", "d", "e",
                                    "mctl: 3 log lines were dropped while the control plane was "
                                    "unreachable", "f"]
+
+
+def test_a_slurm_job_ended_out_of_memory_reports_its_output_and_the_oom(tmp_path):
+    """Slurm's OUT_OF_MEMORY state (a cluster that enforces memory with cgroups; the development
+    cluster does not) marks the tail, and the job's output file is read from the marker on."""
+    import asyncio
+
+    from mctl.core.runtime.logcapture import marker
+    from mctl.plugins.scheduler_slurm import Job, SlurmScheduler
+
+    reports = []
+
+    class Events:
+        def worker_exited(self, pool_id, worker_id, code, detail, output=None):
+            reports.append((worker_id, code, detail, output))
+
+    sched = SlurmScheduler({"output_dir": str(tmp_path)})
+    sched.events = Events()
+    (tmp_path / "42.out").write_text(f"{marker('ta-j')}\nloading\nallocating\n"
+                                     "slurmstepd: error: Detected 1 oom_kill event\n")
+    asyncio.run(sched._finished("pool", Job("ta-j", "42"), known=("OUT_OF_MEMORY", -9)))
+    (task, code, detail, output), = reports
+    assert (task, code, output.oom) == ("ta-j", -9, True)
+    assert [line for _, line in output.numbered()] == [
+        "loading", "allocating", "slurmstepd: error: Detected 1 oom_kill event"]
+    assert detail.startswith("Slurm job 42 ended OUT_OF_MEMORY.\nloading"), detail
