@@ -346,6 +346,16 @@ def test_sandbox_request_sequence_create_exec_logs_terminate(tmp_path, isolated_
         assert _http(srv.url, "GET", f"/api/sandboxes/{sb.object_id}/logs") == {
             "stdout": "main says hi\n", "stderr": "main warns\n"}
 
+        # an exec timeout: the command is killed inside by its pid file, through a second exec
+        p = sb.exec("sleep", "30", timeout=1)
+        assert p.wait() == -1
+        kills = [json.loads(unquote(k.split("command=")[1].split("&")[0]))
+                 for k, _ in recorder.frames_in if "kill" in unquote(k)]
+        assert kills and kills[0][:2] == ["/bin/sh", "-c"]
+        sleeper = [json.loads(unquote(k.split("command=")[1].split("&")[0]))
+                   for k, _ in recorder.frames_in if "sleep" in unquote(k)][0]
+        assert f"kill -KILL $(cat {sleeper[5]})" in kills[0][2]  # the pid file it wrote
+
         before = len(recorder.requests)
         sb.terminate()
         assert sb.wait(raise_on_termination=False) == 137

@@ -1,11 +1,13 @@
-"""Sandboxes as Nomad jobs: what a sandbox looks like on a Nomad cluster, and the alloc exec
-protocol its commands would travel over. Contract-level: Nomad cannot be obtained on the
-project's machines, so every job rendered here is checked against Nomad's Go API types and the
-drivers' documented config keys by tools/nomad-jobcheck (tests/test_sandbox_nomad.py), and the exec
-frames against `api.ExecStreamingInput` / `api.ExecStreamingOutput`. The control plane does not
-submit these jobs yet (the Slurm backend, plugins/sandbox_slurm, is the one that runs).
+"""Sandboxes as Nomad jobs: when the control plane's scheduler is `nomad`, `Sandbox.create`
+registers one batch job through the scheduler's Nomad client (`NomadSandboxes`), and the
+sandbox's commands travel over Nomad's alloc exec WebSocket through the control plane's relay.
+Contract-level: Nomad cannot be obtained on the project's machines, so every job rendered here
+is checked against Nomad's Go API types and the drivers' documented config keys by
+tools/nomad-jobcheck (tests/test_sandbox_nomad.py), the exec frames against
+`api.ExecStreamingInput` / `api.ExecStreamingOutput`, and the requests a real control plane
+sends are recorded in tests/test_sandbox_nomad_requests.py; no Nomad agent has run them.
 
-One sandbox is one batch job (`mctl-sandbox-<id>`), one group, one task `sandbox`:
+One sandbox is one batch job (`mctl-sb-<id>`, `job_id`), one group, one task `sandbox`:
 - driver `docker` (default) with `runtime = "runsc"` for gVisor or `"runc"`; driver `podman`
   has no per-task runtime, so a gVisor job is constrained to nodes whose operator set podman's
   default runtime to runsc and says so in the node's meta (`mctl_sandbox_runtime = "runsc"`);
@@ -14,7 +16,14 @@ One sandbox is one batch job (`mctl-sandbox-<id>`), one group, one task `sandbox
   limit; cpu (MHz), memory and GPUs (`nvidia/gpu` devices) as the task's resources;
 - no restarts or reschedules (a sandbox that ends has ended), `kill_timeout` short: terminate
   is a kill; the control plane ends it at its timeout (Nomad has no run-time limit for a task);
-- secrets by name from Vault templates, as workers get them; never values in the job.
+- secrets by name from Vault templates, as workers get them, other secret values from the job's
+  Nomad Variable through a template; never values in the job.
+
+The backend: create = register, then read the job's allocations until one runs (none within
+`sandbox_start_timeout`: the evaluation's placement failure, and the job is purged); the
+allocation's task state gives the exit code; terminate and the control plane's timeout purge
+the job; logs come from the client fs API; a restarted control plane lists its `mctl-sb-` jobs
+by their meta (`mctl.cp`, this control plane's mark) and watches them again.
 """
 
 from __future__ import annotations

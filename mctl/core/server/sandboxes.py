@@ -1,8 +1,9 @@
 """Sandboxes in the control plane: every sandbox's record (id, app, name, tags, isolation, state,
 return code), its life (start, timeout, exit, terminate) and its HTTP routes.
 
-The control plane starts a sandbox through its sandbox backend. The one backend today is
-`local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
+The control plane starts a sandbox through its sandbox backend: `local`, podman on the control
+plane's host, isolated as `core/sandbox_runtime` says, or, when it schedules on a cluster, that
+cluster's backend (`cluster()`: plugins/sandbox_slurm, plugins/sandbox_nomad). A watcher
 task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
 ends it at its `timeout` (return code -1, as Modal's), and another at its `idle_timeout` once
 nothing has been active in it for that long (see `_idle`). Commands in a sandbox (`exec`) are
