@@ -25,7 +25,9 @@ HTTP API documents, and each is checked against the Go type Nomad's own client d
 - GET /v1/client/fs/logs/:alloc?plain=true → the bytes the test set for that task's log;
 - GET /v1/client/allocation/:alloc/exec (WebSocket) → `api.ExecStreamingOutput` frames: each
   stdin frame's data echoed back as stdout (a `cat`), and on stdin's close
-  `{"exited": true, "result": {"exit_code": N}}` (N: `exec_exit`), then the socket closes.
+  `{"exited": true, "result": {"exit_code": N}}` (N: `exec_exit`), then the socket closes;
+  for mctl's idle_timeout probe (a command with `ACTIVITY_SCRIPT`) first a stdout frame with
+  `idle_answer` (what that script prints in a sandbox where nothing runs: "0 0").
 
 What Nomad itself would do (placement, the docker driver with runsc, the exec in the
 container) is not tested here and cannot be: no Nomad agent runs where mctl is developed."""
@@ -65,6 +67,7 @@ class NomadRecorder:
         self.logs = {}  # (alloc id, "stdout"|"stderr") -> bytes
         self.place = True
         self.exec_exit = 0
+        self.idle_answer = b"0 0\n"
         self.lock = threading.Lock()
         self.index = 10
         started = threading.Event()
@@ -221,6 +224,9 @@ class NomadRecorder:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         key = request.path_qs
+        if "PORTS=" in json.loads(request.query["command"])[-1]:  # the idle_timeout probe
+            await self._send(ws, {"stdout": {"data": base64.b64encode(
+                self.idle_answer).decode()}})
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue
@@ -403,6 +409,25 @@ def test_sandbox_request_sequence_create_exec_logs_terminate(tmp_path, isolated_
     task = jobs[0]["Job"]["TaskGroups"][0]["Tasks"][0]
     assert task["Env"]["MODE"] == "plain" and task["Config"]["image"] == IMAGE
     assert any(f'nomadVar "nomad/jobs/{jid}"' in t["EmbeddedTmpl"] for t in task["Templates"])
+    _contract(recorder)
+
+
+def test_idle_timeout_probes_through_alloc_exec_and_purges_the_job(tmp_path, isolated_home,
+                                                                  monkeypatch, recorder):
+    srv = _server(tmp_path, recorder).start()
+    monkeypatch.setenv("MCTL_SERVER_URL", srv.url)
+    try:
+        app = mctl.App.lookup("sbn", create_if_missing=True)
+        sb = mctl.Sandbox.create(app=app, timeout=60, idle_timeout=2)
+        with pytest.raises(mctl.exception.SandboxTimeoutError, match="idle"):
+            sb.wait()
+        assert sb.returncode == -1
+        jid, alloc = _job_of(sb), sb._record["container_id"]
+        assert wait_until(lambda: ("DELETE", f"/v1/job/{jid}") in recorder.calls(), timeout=10)
+    finally:
+        srv.stop()
+    probes = [k for k, _ in recorder.frames_in]
+    assert probes and all(k.startswith(f"{ALLOC_PREFIX}{alloc}/exec?") for k in probes)
     _contract(recorder)
 
 

@@ -438,10 +438,8 @@ class Sandboxes:
         cluster = self.cluster(rec)
         try:
             if cluster is not None and hasattr(cluster, "run_in"):  # its own exec (Nomad)
-                hexports = " ".join(f"{int(p):04X}" for p in ports)
-                rc, out, err = await cluster.run_in(self, sandbox_id, [
-                    "/bin/sh", "-c", f"PORTS='{hexports}'; " + sandbox_runtime.ACTIVITY_SCRIPT],
-                    timeout=30)
+                rc, out, err = await cluster.run_in(
+                    self, sandbox_id, sandbox_runtime.activity_command(ports), timeout=30)
             elif cluster is not None:  # podman exec on the node, inside the sandbox's job
                 argv = sandbox_runtime.activity_argv(rec["container"], ports)
                 rc, out, err = await cluster._on_node(sandbox_id, *argv[1:], timeout=30)
