@@ -369,7 +369,8 @@ class NomadSandboxes:
         now = time.time()  # the timeout counts from here
         stored = sbs.insert(cfg, app_id, name, body.get("tags"), isolation, timeout, host="",
                             backend="nomad", container=jid, gpu=body.get("gpu"),
-                            nomad_job=jid, nomad_namespace=ns, image=image)
+                            nomad_job=jid, nomad_namespace=ns, nomad_variable=bool(variable),
+                            image=image)
         try:
             if variable:
                 await self.api.put_variable(jid, {"Namespace": ns, "Path": f"nomad/jobs/{jid}",
@@ -384,8 +385,7 @@ class NomadSandboxes:
             await self._purge(jid, ns, bool(variable))
             raise
         self.allocs[cfg.sandbox_id] = alloc["ID"]
-        stored.update(nomad_alloc=alloc["ID"], nomad_node=alloc.get("NodeName", ""),
-                      nomad_variable=bool(variable))
+        stored.update(nomad_alloc=alloc["ID"], nomad_node=alloc.get("NodeName", ""))
         ports = await self._ports(alloc["ID"], ns) if cfg.ports else {}
         sbs._update(cfg.sandbox_id, state="running", host=alloc.get("NodeName", ""),
                     container_id=alloc["ID"], ports=json.dumps(ports), config=json.dumps(stored))
@@ -417,7 +417,7 @@ class NomadSandboxes:
                 reason = placement_reason(await self.api.evaluation(eval_id, ns)) or reason
             if time.monotonic() >= deadline:
                 what = (f"Nomad could not place it: {reason}" if reason and alloc is None
-                        else f"its allocation is still {alloc.get('ClientStatus')}"
+                        else f"its allocation is still {alloc.get('ClientStatus')}: {_why(alloc)}"
                         if alloc is not None else "no allocation was made")
                 raise InvalidError(
                     f"The sandbox's Nomad job {jid} did not start within {limit:g}s ({what}); "
