@@ -470,14 +470,17 @@ def test_a_restarted_control_plane_finds_its_sandbox_jobs(tmp_path, isolated_hom
         app = mctl.App.lookup("sbn", create_if_missing=True)
         sb = mctl.Sandbox.create(app=app, timeout=120)
         gone = mctl.Sandbox.create(app=app, timeout=120)
+        done = mctl.Sandbox.create(app=app, timeout=120)
         srv.kill()  # a crash: nothing is terminated on the way out
         del recorder.jobs[_job_of(gone)]  # its job went meanwhile (an operator's `job stop`)
+        recorder.finish(_job_of(done), 4)  # its task ended meanwhile
         before = len(recorder.requests)
         srv.start()
         p = sb.exec("cat")  # the relay waits for the recovery
         p.stdin.write_eof()
         assert p.wait() == 0
         assert mctl.Sandbox.from_id(gone.object_id)._refresh()["state"] == "lost"
+        assert mctl.Sandbox.from_id(done.object_id).wait() == 4
         listed = [r for r in recorder.requests[before:] if r["path"] == "/v1/jobs"]
         assert listed and listed[0]["query"]["prefix"] == "mctl-sb-"
         assert listed[0]["query"]["meta"].lower() == "true"
