@@ -140,3 +140,22 @@ def test_placement_failures_and_exit_codes_read_from_nomads_documents():
     dead["TaskStates"]["sandbox"]["Events"][1] = {"Type": "Terminated", "ExitCode": 3}
     assert sandbox_nomad.exit_code(dead) == 3
     assert sandbox_nomad.exit_code({"ClientStatus": "lost"}) is None
+
+
+def test_volumes_are_nomads_host_or_csi_volumes_named_after_mctls():
+    volumes = (("/data", "datasets", True), ("/out", "results", False),
+               ("/data2", "datasets", True))
+    host = sandbox_nomad.render_sandbox(_cfg(), "gvisor", app_id="ap-1", volumes=volumes)
+    group, task = _task(host)
+    assert group["Volumes"] == {
+        "datasets": {"Name": "datasets", "Type": "host", "Source": "datasets", "ReadOnly": True},
+        "results": {"Name": "results", "Type": "host", "Source": "results", "ReadOnly": False}}
+    assert {m["Destination"]: (m["Volume"], m["ReadOnly"]) for m in task["VolumeMounts"]} == {
+        "/data": ("datasets", True), "/data2": ("datasets", True), "/out": ("results", False)}
+    assert "volumes" not in task["Config"]  # no host paths of the control plane
+    csi = sandbox_nomad.render_sandbox(_cfg(), "runc", app_id="ap-1", volumes=volumes,
+                                       options=NomadOptions(volume_type="csi"))
+    assert _task(csi)[0]["Volumes"]["results"]["AccessMode"] == "multi-node-multi-writer"
+    assert _task(csi)[0]["Volumes"]["datasets"]["AccessMode"] == "multi-node-reader-only"
+    done = check([host, csi])
+    assert done.returncode == 0, done.stdout + done.stderr

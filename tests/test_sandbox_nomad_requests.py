@@ -302,6 +302,8 @@ def test_sandbox_request_sequence_create_exec_logs_terminate(tmp_path, isolated_
         app = mctl.App.lookup("sbn", create_if_missing=True)
         sb = mctl.Sandbox.create(app=app, timeout=120, unencrypted_ports=[8080],
                                  block_network=False, env={"MODE": "plain"},
+                                 volumes={"/data": mctl.Volume.from_name(
+                                     "datasets", create_if_missing=True)},
                                  secrets=[mctl.Secret.from_dict({"API_KEY": "s3cr3t-value"})])
         jid = _job_of(sb)
         alloc = recorder.jobs[jid]["alloc"]["ID"]
@@ -408,6 +410,9 @@ def test_sandbox_request_sequence_create_exec_logs_terminate(tmp_path, isolated_
     assert variable["Items"] == {"API_KEY": "s3cr3t-value"}
     task = jobs[0]["Job"]["TaskGroups"][0]["Tasks"][0]
     assert task["Env"]["MODE"] == "plain" and task["Config"]["image"] == IMAGE
+    assert task["VolumeMounts"] == [{"Volume": "datasets", "Destination": "/data",
+                                     "ReadOnly": False}]
+    assert jobs[0]["Job"]["TaskGroups"][0]["Volumes"]["datasets"]["Type"] == "host"
     assert any(f'nomadVar "nomad/jobs/{jid}"' in t["EmbeddedTmpl"] for t in task["Templates"])
     _contract(recorder)
 

@@ -64,11 +64,15 @@ def job_id(sandbox_id: str) -> str:
 def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: Any = None,
                    gpu: str | None = None, secret_names: tuple[str, ...] = (),
                    driver: str | None = None, variable: bool = False,
-                   meta: dict[str, str] | None = None) -> dict[str, Any]:
+                   meta: dict[str, str] | None = None,
+                   volumes: tuple[tuple[str, str, bool], ...] = ()) -> dict[str, Any]:
     """The job register request (`{"Job": ...}`) of one sandbox. `options`: NomadOptions.
     `secret_names`: secrets read from Vault by the task's templates; `variable`: the task also
     reads environment values from the job's Nomad Variable (`nomad/jobs/<job id>`, which only
-    this job's tasks may read: the values never appear in the job); `meta`: more job meta."""
+    this job's tasks may read: the values never appear in the job); `meta`: more job meta;
+    `volumes`: (mount path, mctl volume name, read-only) mounted from the Nomad host or CSI
+    volume named after mctl's, as functions' volumes are (`cfg.mounts`, host paths of the
+    control plane, are for a sandbox on its own host)."""
     from mctl.core.spec import GpuRequest
     from mctl.plugins.nomad_render import NomadOptions, _secret_templates
 
@@ -140,6 +144,8 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
             "EmbeddedTmpl": f'{{{{ with nomadVar "nomad/jobs/{jid}" }}}}{{{{ range .Tuples }}}}'
                             '{{ .K }}={{ .V | toJSON }}\n{{ end }}{{ end }}',
             "DestPath": "secrets/mctl-sandbox.env", "Envvars": True, "ChangeMode": "noop"})
+    if volumes:
+        group["Volumes"], task["VolumeMounts"] = _nomad_volumes(volumes, opts)
     group["Tasks"] = [task]
     job: dict[str, Any] = {
         "ID": jid, "Name": jid, "Type": "batch", "Namespace": opts.namespace,
@@ -153,6 +159,27 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
     if all_constraints:
         job["Constraints"] = all_constraints
     return {"Job": job}
+
+
+def _nomad_volumes(volumes: tuple[tuple[str, str, bool], ...], opts: Any
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The group's volume requests and the task's mounts, as `nomad_render` makes them for a
+    function: a volume is claimed read-only when every mount of it is (CSI:
+    `multi-node-reader-only`)."""
+    from mctl.plugins.nomad_render import _volume_key
+
+    requests: dict[str, Any] = {}
+    for name in sorted({name for _, name, _ in volumes}):
+        key = _volume_key(name)
+        read_only = all(ro for _, n, ro in volumes if n == name)
+        volume = {"Name": key, "Type": opts.volume_type, "Source": name, "ReadOnly": read_only}
+        if opts.volume_type == "csi":
+            volume.update(AccessMode="multi-node-reader-only" if read_only
+                          else "multi-node-multi-writer", AttachmentMode="file-system")
+        requests[key] = volume
+    mounts = [{"Volume": _volume_key(name), "Destination": path, "ReadOnly": ro}
+              for path, name, ro in sorted(volumes)]
+    return requests, mounts
 
 
 # --- exec through Nomad's alloc exec API (a WebSocket) ------------------------------------------
@@ -327,11 +354,9 @@ class NomadSandboxes:
         from mctl.plugins.scheduler_nomad import register_body
 
         opts = self.scheduler.render
-        if cfg.mounts:
-            raise InvalidError("Volumes in sandboxes on Nomad are not supported yet (the "
-                               "control plane's volume directories are not on Nomad's nodes); "
-                               "drop volumes=, or set MCTL_SANDBOX_BACKEND=local on the "
-                               "control plane.")
+        # volumes: Nomad's host or CSI volumes named after mctl's, as for functions
+        volumes = tuple((path.rstrip("/"), v["name"], bool(v.get("read_only")))
+                        for path, v in (body.get("volumes") or {}).items())
         image = cfg.image
         if image == await asyncio.to_thread(sbs._base):
             if not opts.default_image:
@@ -358,13 +383,14 @@ class NomadSandboxes:
             variable = {k: v for k, v in secret.items() if k in given}
         else:
             names, variable = (), secret
-        job_cfg = dataclasses.replace(cfg, image=image,
+        job_cfg = dataclasses.replace(cfg, image=image, mounts=[],
                                       env={k: v for k, v in plain.items() if k not in secret})
         driver = opts.driver if opts.driver in ("docker", "podman") else "docker"
         doc = render_sandbox(job_cfg, isolation, app_id=app_id, options=opts,
                              gpu=body.get("gpu"), secret_names=names, driver=driver,
                              variable=bool(variable),
-                             meta={"mctl.cp": control_plane_mark(sbs.control)})
+                             meta={"mctl.cp": control_plane_mark(sbs.control)},
+                             volumes=volumes)
         jid, ns = doc["Job"]["ID"], doc["Job"]["Namespace"]
         now = time.time()  # the timeout counts from here
         stored = sbs.insert(cfg, app_id, name, body.get("tags"), isolation, timeout, host="",
