@@ -446,9 +446,14 @@ def activity_argv(container: str, ports: list[int], *, isolation: str | None = N
 
         return [sys.executable, "-m", "mctl.core.bwrap_agent", "activity",
                 os.path.join(container, "agent.sock")]
+    return exec_argv(container, activity_command(ports), isolation=isolation,
+                     container_id=container_id)
+
+
+def activity_command(ports: list[int]) -> list[str]:
+    """`ACTIVITY_SCRIPT` as a command to run inside the sandbox, for its published `ports`."""
     hexports = " ".join(f"{int(p):04X}" for p in ports)
-    return exec_argv(container, ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT],
-                     isolation=isolation, container_id=container_id)
+    return ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT]
 
 
 def logs_argv(rec: dict[str, Any]) -> list[str]:

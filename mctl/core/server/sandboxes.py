@@ -1,8 +1,9 @@
 """Sandboxes in the control plane: every sandbox's record (id, app, name, tags, isolation, state,
 return code), its life (start, timeout, exit, terminate) and its HTTP routes.
 
-The control plane starts a sandbox through its sandbox backend. The one backend today is
-`local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
+The control plane starts a sandbox through its sandbox backend: `local`, podman on the control
+plane's host, isolated as `core/sandbox_runtime` says, or, when it schedules on a cluster, that
+cluster's backend (`cluster()`: plugins/sandbox_slurm, plugins/sandbox_nomad). A watcher
 task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
 ends it at its `timeout` (return code -1, as Modal's), and another at its `idle_timeout` once
 nothing has been active in it for that long (see `_idle`). Commands in a sandbox (`exec`) are
@@ -203,14 +204,18 @@ class Sandboxes:
                                    "blocks all outbound traffic).")
             cidr_allowlist = sandbox_runtime.normalize_cidrs(cidr_allowlist)
         sandbox_id = ids.new_id("sandbox")
-        if sandbox_runtime.image_less_bwrap(body.get("isolation"), bool(body.get("image"))):
+        cluster = self.cluster()
+        wanted = sandbox_runtime.wanted_isolation(body.get("isolation"))
+        if wanted == "bwrap" or (cluster is None and sandbox_runtime.image_less_bwrap(
+                body.get("isolation"), bool(body.get("image")))):
             if body.get("image"):
                 raise InvalidError("bwrap sandboxes are image-less (the host's /usr, "
                                    "read-only); drop image=, or use isolation='gvisor' or "
                                    "'runc' (podman).")
             image = ""  # bubblewrap on the host's own /usr (core/sandbox_bwrap)
         else:
-            if not set(sandbox_runtime.available()) & set(sandbox_runtime.PODMAN_ISOLATIONS):
+            if cluster is None and not (set(sandbox_runtime.available())
+                                        & set(sandbox_runtime.PODMAN_ISOLATIONS)):
                 # no podman to build or run an image: say so before trying
                 sandbox_runtime.choose(SandboxConfig(
                     sandbox_id=sandbox_id, image="(image)", isolation=body.get("isolation"),
@@ -226,15 +231,16 @@ class Sandboxes:
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"), idle_timeout=idle_timeout)
-        isolation = sandbox_runtime.choose(cfg)
-        cluster = self.cluster()
-        if isolation == "bwrap":  # on this host, whatever the cluster backend
+        if not cfg.image:  # bwrap, on this host whatever the cluster backend
+            sandbox_runtime.choose(cfg)  # says bwrap, or why not
             if body.get("gpu"):
                 raise InvalidError("bwrap sandboxes have no GPUs; use a function "
                                    "(@app.function(gpu=...)).")
             return await self._create_bwrap(cfg, app_id, name, body.get("tags"), timeout,
                                             idle_timeout)
-        if cluster is not None:  # a Slurm job on a node (plugins/sandbox_slurm)
+        isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
+                     else sandbox_runtime.choose(cfg))
+        if cluster is not None:  # a job on a node (plugins/sandbox_slurm, sandbox_nomad)
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
             return rec
@@ -375,13 +381,18 @@ class Sandboxes:
         return rc, out, err
 
     def cluster(self, rec: dict[str, Any] | None = None) -> Any:
-        """The cluster sandbox backend (Slurm) for new sandboxes, or for `rec` when it runs on
-        one; None: podman on this host."""
+        """The cluster sandbox backend (Slurm or Nomad, as the control plane's scheduler) for
+        new sandboxes, or for `rec` when it runs on one; None: podman on this host.
+
+        A backend has create/terminate/logs/recover/ready and `_cancel(sandbox_id)`. Commands
+        in its sandboxes run either as `podman ...` on the node behind `relay_prefix` (Slurm:
+        srun) and `_on_node`, or, when it has `relay` and `run_in`, through its own protocol
+        (Nomad's alloc exec); `isolation(cfg)`, when it has one, chooses for the nodes."""
         if rec is not None and rec.get("backend", "local") == "local":
             return None
-        from mctl.plugins.sandbox_slurm import backend_for
+        from mctl.plugins import sandbox_nomad, sandbox_slurm
 
-        return backend_for(self.control)
+        return sandbox_slurm.backend_for(self.control) or sandbox_nomad.backend_for(self.control)
 
     def _base(self) -> str:
         """The default image: debian_slim's base plus `python` (Modal's images have it; the
@@ -569,7 +580,10 @@ class Sandboxes:
                                              container_id=rec.get("container_id"))
         cluster = self.cluster(rec)
         try:
-            if cluster is not None:  # podman exec on the node, inside the sandbox's job
+            if cluster is not None and hasattr(cluster, "run_in"):  # its own exec (Nomad)
+                rc, out, err = await cluster.run_in(
+                    self, sandbox_id, sandbox_runtime.activity_command(ports), timeout=30)
+            elif cluster is not None:  # podman exec on the node, inside the sandbox's job
                 argv = sandbox_runtime.activity_argv(rec["container"], ports)
                 rc, out, err = await cluster._on_node(sandbox_id, *argv[1:], timeout=30)
             else:
