@@ -364,6 +364,22 @@ def allowlist_script(cidrs: list[str], container: str) -> list[str]:
 RUNC_ROOT = "/run/runc"  # where podman's runc keeps its containers' state (root's default)
 
 
+def runc_netns(container_id: str) -> str | None:
+    """/proc/<pid>/ns/net of a runc container's init process (also while `podman init` holds
+    it before the main command), from runc's state file; None when it is not there."""
+    import json
+
+    if not container_id or "/" in container_id:
+        return None
+    try:
+        with open(os.path.join(RUNC_ROOT, container_id, "state.json")) as f:
+            pid = int(json.load(f)["init_process_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = f"/proc/{pid}/ns/net"
+    return path if pid > 0 and os.path.exists(path) else None
+
+
 def _direct_exec(isolation: str | None, container_id: str | None) -> list[str] | None:
     """The runtime command that can exec in this container without podman, if any."""
     if not container_id:

@@ -366,14 +366,19 @@ class Sandboxes:
         rc, _, err = await _podman("init", name)
         if rc != 0:
             return rc, out, err
-        rc, key, err = await _podman("inspect", "-f", "{{.NetworkSettings.SandboxKey}} "
-                                     "{{.State.Pid}}", name)
-        netns, _, pid = key.strip().partition(" ")
-        if rc != 0 or not (netns or pid.strip("0")):
-            return 1, out, f"no network namespace for the sandbox ({err.strip()})"
+        # the held container's init process, from runc's own state (a `podman inspect` costs
+        # ~0.06 s more): its network namespace is the sandbox's
+        netns = sandbox_runtime.runc_netns(out.strip().splitlines()[-1] if out.strip() else "")
+        if netns is None:
+            rc, key, err = await _podman("inspect", "-f", "{{.NetworkSettings.SandboxKey}} "
+                                         "{{.State.Pid}}", name)
+            path, _, pid = key.strip().partition(" ")
+            if rc != 0 or not (path or pid.strip("0")):
+                return 1, out, f"no network namespace for the sandbox ({err.strip()})"
+            netns = path or f"/proc/{pid}/ns/net"
         try:
-            await asyncio.to_thread(sandbox_runtime.apply_allowlist,
-                                    netns or f"/proc/{pid}/ns/net", cfg.cidr_allowlist or [])
+            await asyncio.to_thread(sandbox_runtime.apply_allowlist, netns,
+                                    cfg.cidr_allowlist or [])
         except (sandbox_runtime.SandboxIsolationError, OSError,
                 subprocess.TimeoutExpired) as exc:
             return 1, out, str(exc)
