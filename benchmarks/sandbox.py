@@ -3,8 +3,9 @@
     python benchmarks/sandbox.py [--n 50] [--warm 1] [--isolation gvisor,runc]
     python benchmarks/sandbox.py --warm 0 --isolation runc,runc-network,runc-allowlist,bwrap
 
-`runc-network`: runc with `block_network=False` (podman's bridge); `runc-allowlist`: runc with `cidr_allowlist=["10.0.0.0/8"]` (created, initialised, firewalled,
-then started); `bwrap`: an image-less bubblewrap sandbox (no warm pool for either).
+`runc-network`: runc with `block_network=False` (podman's bridge); `runc-allowlist`: runc with
+`cidr_allowlist=["10.0.0.0/8"]` (created, initialised, firewalled, then started); `bwrap`: an
+image-less bubblewrap sandbox (no warm pool for these three).
 
 For each isolation: `--n` sandboxes one after another, each timed from `Sandbox.create(app=app,
 isolation=...)` to the first line of `sb.exec("echo", "ready").stdout` (then terminated, not

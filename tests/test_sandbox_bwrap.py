@@ -130,7 +130,8 @@ def test_no_mounts_namespaces_or_kernel_interfaces(app):
     assert seen == {"mount": "EPERM", "unshare_user": "EPERM", "unshare_net": "EPERM",
                     "keyctl": "EPERM", "io_uring": "EPERM", "bpf": "EPERM"}, out
     # no capability anywhere, no_new_privs, no way back to root
-    rc, out, _ = run(sb, "grep", "-E", "^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs)", "/proc/self/status")
+    rc, out, _ = run(sb, "grep", "-E", "^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs)",
+                     "/proc/self/status")
     assert out.split()[1::2] == ["0000000000000000"] * 5 + ["1"], out
     sb.terminate()
 

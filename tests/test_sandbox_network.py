@@ -25,7 +25,7 @@ from test_sandbox import BASE, _problem
 GREETING = b"hello from the host\n"
 
 
-# --- validation (no sandbox needed) ----------------------------------------------------------------
+# --- validation (no sandbox needed) ---------------------------------------------------------------
 def test_cidrs_are_validated_and_normalised():
     assert sandbox_runtime.normalize_cidrs(
         ["10.1.2.3/8", " 192.0.2.7 ", "2001:db8::1/32", "10.0.0.0/8"]) == [
@@ -102,7 +102,7 @@ def test_nomad_refuses_an_allowlist():
         render_sandbox(cfg, "runc", app_id="ap-1")
 
 
-# --- real traffic ----------------------------------------------------------------------------------
+# --- real traffic ---------------------------------------------------------------------------------
 def _addresses() -> tuple[str, str] | None:
     """(podman's bridge gateway, another IPv4 address of this host), both reachable from a
     sandbox with network; None when this host has no second address."""

@@ -14,10 +14,11 @@ no groups, an empty bounding set), in new user, pid, network, ipc, uts and cgrou
 (`--unshare-all`; no further user namespaces: `--disable-userns`), with `--cap-drop ALL`, as
 uid/gid 65534 inside, with no_new_privs (bwrap always sets it) and a seccomp filter that denies
 what container runtimes' default profiles deny (`DENIED_SYSCALLS`: mount, unshare, setns, bpf,
-keyctl, io_uring, perf_event_open...). The host's files owned by root (`/etc/shadow`, anything 0600) are out of reach
-by ownership, not only by what is mounted. Limits come from cgroups the control plane creates
-and joins before bwrap starts (v1: memory with no swap, pids, cpu quota, freezer; v2: the same
-files of one group): `memory=`, `pids=`, `cpu=` as for the other isolations.
+keyctl, io_uring, perf_event_open...). The host's files owned by root (`/etc/shadow`, anything
+0600) are out of reach by ownership, not only by what is mounted. Limits come from cgroups the
+control plane creates and joins before bwrap starts (v1: memory with no swap, pids, cpu quota,
+freezer; v2: the same files of one group): `memory=`, `pids=`, `cpu=` as for the other
+isolations.
 
 Needs: root (for the cgroups and the uid switch), bwrap, setpriv (util-linux), `/usr/bin/python3`
 on the host (the agent, `core/bwrap_agent`, runs inside on it). No network: `block_network=False`,

@@ -13,7 +13,8 @@ One sandbox is one batch job (`mctl-sb-<id>`, `job_id`), one group, one task `sa
   default runtime to runsc and says so in the node's meta (`mctl_sandbox_runtime = "runsc"`);
 - `network_mode = "none"` unless the sandbox asked for network or ports (then a bridge with the
   ports mapped); a `cidr_allowlist` is refused (the drivers have no egress filter); every
-  capability dropped, `no-new-privileges`, user 65534, `init`, a pids limit; cpu (MHz), memory and GPUs (`nvidia/gpu` devices) as the task's resources;
+  capability dropped, `no-new-privileges`, user 65534, `init`, a pids limit; cpu (MHz),
+  memory and GPUs (`nvidia/gpu` devices) as the task's resources;
 - no restarts or reschedules (a sandbox that ends has ended), `kill_timeout` short: terminate
   is a kill; the control plane ends it at its timeout (Nomad has no run-time limit for a task);
 - secrets by name from Vault templates, as workers get them, other secret values from the job's
