@@ -203,3 +203,20 @@ def test_bwrap_is_chosen_where_podman_is_missing(app, monkeypatch):
         mctl.Sandbox.create(app=app, block_network=False)
     with pytest.raises(InvalidError, match="bwrap sandboxes are image-less|Only bubblewrap"):
         mctl.Sandbox.create(app=app, isolation="bwrap", image=mctl.Image.debian_slim())
+
+
+def test_a_bwrap_sandbox_dies_with_its_control_plane(server_process):
+    """bwrap sandboxes are the control plane's children (--die-with-parent): a crash takes
+    them along, and the restarted control plane records them as lost and removes what is
+    left of them (cgroups, the run directory)."""
+    app = mctl.App.lookup("sandbox-bwrap-restart", create_if_missing=True)
+    sb = mctl.Sandbox.create("sleep", "300", app=app, isolation="bwrap", timeout=120)
+    run_dir = sb._record["run_dir"]
+    assert sandbox_bwrap.sandbox_pids(sb.object_id)
+    server_process.kill()
+    assert wait_until(lambda: not sandbox_bwrap.sandbox_pids(sb.object_id), 10)
+    server_process.start()
+    again = mctl.Sandbox.from_id(sb.object_id)
+    assert again._record["state"] == "lost"
+    assert not any(g.exists() for g in sandbox_bwrap.cgroups(sb.object_id))
+    assert not os.path.exists(run_dir)
