@@ -61,6 +61,10 @@ def test_the_sdk_refuses_an_allowlist_with_block_network_and_bad_cidrs():
         mctl.Sandbox.create(cidr_allowlist=["10.0.0.300/32"])
     with pytest.raises(InvalidError, match="not both"):
         mctl.Sandbox.create(cidr_allowlist=[], outbound_cidr_allowlist=[])
+    with pytest.raises(InvalidError, match="not by domain"):
+        mctl.Sandbox.create(outbound_domain_allowlist=["example.com"])
+    with pytest.raises(InvalidError, match="inbound_cidr_allowlist= is not supported"):
+        mctl.Sandbox.create(inbound_cidr_allowlist=["10.0.0.0/8"])
 
 
 def test_a_gvisor_sandbox_cannot_have_an_allowlist():

@@ -368,6 +368,13 @@ class Sandbox:
                 tags: dict[str, str] | None = None, env: dict[str, str | None] | None = None,
                 isolation: str | None = None, pids: int | None = None,
                 **unsupported: Any) -> Sandbox:
+        for key in ("outbound_domain_allowlist", "inbound_cidr_allowlist"):
+            if unsupported.get(key) is not None:
+                raise InvalidError(f"{key}= is not supported by mctl: a sandbox's outbound "
+                                   "traffic can be limited by address (cidr_allowlist=), not by "
+                                   "domain, and its inbound traffic (ports) only comes from the "
+                                   "control plane's host (127.0.0.1).")
+            unsupported.pop(key, None)
         if unsupported:
             raise InvalidError(f"Sandbox.create got unsupported arguments: "
                                f"{', '.join(sorted(unsupported))}.")
