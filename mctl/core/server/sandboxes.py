@@ -311,8 +311,8 @@ class Sandboxes:
         if plain and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
             return base
         tag = (recipe.get("base") or {}).get("tag") or ""
-        if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
-            return tag  # on this machine already: a snapshot_filesystem() image
+        if not recipe.get("steps") and kind == "registry" and snapshot_image(tag):
+            return tag  # a snapshot_filesystem() image: here already, or in MCTL_IMAGE_REGISTRY
         from mctl.core import plugins
         from mctl.core.server.image_builds import context_for
         from mctl.core.spec import ImageSpec
@@ -527,11 +527,9 @@ class Sandboxes:
         rec = self._row(sandbox_id)
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
-        if self.cluster(rec) is not None:
-            raise InvalidError(f"Sandbox {sandbox_id} runs on the cluster node {rec['host']}: "
-                               "snapshot_filesystem() works only for sandboxes on the control "
-                               "plane's host yet.")
-        tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
+        if self.cluster(rec) is not None:  # on its node (plugins/sandbox_slurm)
+            return await self.cluster(rec).snapshot(self, rec)
+        tag = sandbox_runtime.snapshot_tag(sandbox_id)
         if rec["isolation"] != "gvisor":
             rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
             if rc != 0:
@@ -546,10 +544,7 @@ class Sandboxes:
         row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
                               (rec["sandbox_id"],)).fetchone()
         image = json.loads(row[0])["image"]
-        changed = ("find / \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/hostname "
-                   "-o -path /etc/hosts -o -path /etc/resolv.conf -o -path /run \\) -prune -o "
-                   "-newer /etc/hostname ! -type d -print0 2>/dev/null | "
-                   "tar --null -T - -cf - 2>/dev/null")
+        changed = sandbox_runtime.SNAPSHOT_CHANGED_TAR
         with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
             subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
                             rec["container"], "/bin/sh", "-c", changed], stdout=tar,
@@ -626,6 +621,15 @@ class Sandboxes:
                 self._watch_idle(rec["sandbox_id"], rec.get("idle_timeout"))
             else:
                 self._update(rec["sandbox_id"], state="lost", ended=time.time())
+
+
+def snapshot_image(tag: str) -> bool:
+    """Whether `tag` is an image a sandbox can start from as it is: one on this machine
+    (`localhost/...`, a snapshot_filesystem() image) or a snapshot pushed to
+    MCTL_IMAGE_REGISTRY by a sandbox on a cluster node (plugins/sandbox_slurm)."""
+    registry = os.environ.get("MCTL_IMAGE_REGISTRY", "").rstrip("/")
+    return tag.startswith("localhost/") or bool(registry) and tag.startswith(
+        f"{registry}/mctl/snapshot:")
 
 
 def _default_image(base: str) -> str:
