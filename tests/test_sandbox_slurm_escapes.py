@@ -112,7 +112,8 @@ def test_files_and_a_snapshot_on_a_node(app, isolation):
     assert again._record["backend"] == "slurm"
     assert run(again, "cat", "/tmp/notes.txt")[1] == "hello\n"
     # as the sandbox's user, which may change it again
-    assert run(again, "python3", "-c", "open('/tmp/notes.txt', 'a').write('more')")[0] == 0
+    appended = run(again, "python3", "-c", "open('/tmp/notes.txt', 'a').write('more')")
+    assert appended[0] == 0, appended
     again.terminate()
     subprocess.run(["podman", "rmi", "-f", image.base["tag"]], capture_output=True, timeout=60)
 

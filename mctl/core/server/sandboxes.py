@@ -520,24 +520,21 @@ class Sandboxes:
         return {"stdout": out, "stderr": err}
 
     async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
-        """The sandbox's file system as a new local image. runc: `podman commit` of the scratch
-        layer. gVisor keeps its writes inside the sandbox (the host's layer never sees them), so
-        the files changed since the start are read out with find+tar in the sandbox and added
-        on top of its image with buildah (deletions are not carried over)."""
+        """The sandbox's file system as a new local image: the files changed since the start
+        are read out with find+tar in the sandbox, as its user, and added on top of its image
+        with buildah (deletions are not carried over). Not `podman commit`: gVisor keeps its
+        writes inside the sandbox (the host's layer never sees them), and a runc container's
+        layer holds the host's shifted owners (its user namespace: 200000+), so the next
+        sandbox's user could not write its own files, nor /tmp."""
         rec = self._row(sandbox_id)
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
         if self.cluster(rec) is not None:  # on its node (plugins/sandbox_slurm)
             return await self.cluster(rec).snapshot(self, rec)
         tag = sandbox_runtime.snapshot_tag(sandbox_id)
-        if rec["isolation"] != "gvisor":
-            rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
-            if rc != 0:
-                raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: {err.strip()[-400:]}")
-            return {"image": tag}
-        return await asyncio.to_thread(self._snapshot_gvisor, rec, tag)
+        return await asyncio.to_thread(self._snapshot_changed, rec, tag)
 
-    def _snapshot_gvisor(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
+    def _snapshot_changed(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
         import subprocess
         import tempfile
 
