@@ -223,3 +223,33 @@ def test_a_tunnel_to_a_sandbox_on_a_node(app, isolation, slurm_server):  # noqa:
     time.sleep(0.5)
     with pytest.raises(OSError):
         socket.create_connection(tunnel.tcp_socket, timeout=5).close()
+
+
+@pytest.mark.parametrize("isolation", ["gvisor"])
+def test_a_function_runs_on_a_snapshot_image_on_a_node(node_registry, app, isolation,
+                                                       slurm_cluster):
+    """The snapshot is an image like any other: a function deployed on it runs on a node."""
+    import os
+    import sys
+
+    from conftest import APPS
+
+    sb = mctl.Sandbox.create(app=app)
+    with sb.open("/tmp/result.txt", "w") as f:
+        f.write("made in a sandbox")
+    image = sb.snapshot_filesystem()
+    sb.terminate()
+    env = {**os.environ, "SNAPSHOT_IMAGE": image.base["tag"]}
+    out = subprocess.run([sys.executable, "-m", "mctl", "deploy",
+                          str(APPS / "snapshot_function.py")], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        node, text = mctl.Function.from_name("snapshot-function", "read").remote(
+            "/tmp/result.txt").split(" ", 1)
+        assert node in slurm_cluster.nodes and text == "made in a sandbox"
+    finally:
+        subprocess.run([sys.executable, "-m", "mctl", "app", "stop", "snapshot-function"],
+                       env=os.environ, timeout=60, capture_output=True)
+        subprocess.run(["podman", "rmi", "-f", image.base["tag"]], capture_output=True,
+                       timeout=60)
