@@ -253,3 +253,32 @@ def test_a_function_runs_on_a_snapshot_image_on_a_node(node_registry, app, isola
                        env=os.environ, timeout=60, capture_output=True)
         subprocess.run(["podman", "rmi", "-f", image.base["tag"]], capture_output=True,
                        timeout=60)
+
+
+@pytest.mark.parametrize("isolation", ["runc"])
+def test_a_tunnel_is_relayed_again_after_a_control_plane_restart(app, isolation,
+                                                                slurm_server):  # noqa: F811
+    """The relays die with the control plane (SIGKILL); the restarted one adopts the sandbox's
+    job and opens new ones from the node ports it recorded."""
+    import time
+    import urllib.request
+
+    def get(url):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return urllib.request.urlopen(url + "/hostname", timeout=5).read().strip()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    sb = mctl.Sandbox.create("python3", "-m", "http.server", "8000", "--directory", "/etc",
+                             app=app, encrypted_ports=[8000], timeout=120)
+    before = sb.tunnels()[8000]
+    assert get(before.url) == b"sandbox"
+    slurm_server.kill()
+    slurm_server.start()
+    after = mctl.Sandbox.from_id(sb.object_id).tunnels()[8000]
+    assert get(after.url) == b"sandbox"
+    mctl.Sandbox.from_id(sb.object_id).terminate()

@@ -15,6 +15,9 @@ namespace; no network unless asked, every capability dropped, a non-root user).
   (`core/server/sandbox_relay`), never the node.
 - Each job's comment (`mctl sandbox=sb-... app=... cp=...`) lets a restarted control plane find
   its sandboxes that still run.
+- `snapshot_filesystem()` is made on the node, and pushed to MCTL_IMAGE_REGISTRY when there is
+  one (any node then pulls it); ports are published on the node and reached through a TCP relay
+  on the control plane (`core/server/tunnel_relay`), the address `sb.tunnels()` gives.
 """
 
 from __future__ import annotations
@@ -508,8 +511,12 @@ class SlurmSandboxes:
                                      (sandbox_id,)).fetchone()
                 node_ports = json.loads((row[0] if row else None) or "{}").get("node_ports")
                 if node_ports:  # the relays died with the old control plane: new ones
-                    await self._tunnels(sbs, sandbox_id, alive[sandbox_id][1],
-                                        [int(p) for p in node_ports], node_ports)
+                    try:
+                        await self._tunnels(sbs, sandbox_id, alive[sandbox_id][1],
+                                            [int(p) for p in node_ports], node_ports)
+                    except (OSError, InvalidError) as exc:
+                        log.warning("sandbox %s: its tunnels could not be opened again: %s",
+                                    sandbox_id, exc)
             else:
                 sbs._update(sandbox_id, state="lost", ended=time.time())
 
