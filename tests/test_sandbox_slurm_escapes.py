@@ -225,6 +225,7 @@ def test_a_tunnel_to_a_sandbox_on_a_node(app, isolation, slurm_server):  # noqa:
         socket.create_connection(tunnel.tcp_socket, timeout=5).close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isolation", ["gvisor"])
 def test_a_function_runs_on_a_snapshot_image_on_a_node(node_registry, app, isolation,
                                                        slurm_cluster):
