@@ -258,6 +258,11 @@ ACTIVITY_SCRIPT = (
 def activity_argv(container: str, ports: list[int], *, isolation: str | None = None,
                   container_id: str | None = None) -> list[str]:
     """The command that prints "<running execs> <tunnel connections>" for a sandbox."""
+    return exec_argv(container, activity_command(ports), isolation=isolation,
+                     container_id=container_id)
+
+
+def activity_command(ports: list[int]) -> list[str]:
+    """`ACTIVITY_SCRIPT` as a command to run inside the sandbox, for its published `ports`."""
     hexports = " ".join(f"{int(p):04X}" for p in ports)
-    return exec_argv(container, ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT],
-                     isolation=isolation, container_id=container_id)
+    return ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT]

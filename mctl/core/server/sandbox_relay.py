@@ -3,7 +3,8 @@ them and relays their stdio over a WebSocket (`GET /api/sandboxes/{id}/relay`, s
 caller's token checked by the middleware as for every route).
 
 On a Slurm node the control plane runs `srun --jobid=<job> --overlap podman exec -i ...`
-(plugins/sandbox_slurm); for a sandbox on the control plane's own host, `podman exec -i ...`.
+(plugins/sandbox_slurm); on Nomad it speaks Nomad's alloc exec WebSocket (plugins/sandbox_nomad,
+`relay`); for a sandbox on the control plane's own host, `podman exec -i ...`.
 
 The protocol, after the upgrade:
 - client → server, first: a JSON text message, either
@@ -165,6 +166,13 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         env = await asyncio.to_thread(sb._secret_values,
                                       {"secret_names": req.get("secret_names") or []})
         env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
+    cluster = sb.cluster(rec)
+    if cluster is not None and hasattr(cluster, "relay"):  # its own exec protocol (Nomad)
+        await cluster.ready()
+        await ws.send_json({"accepted": True})
+        await cluster.relay(sb, rec, req, env, ws)
+        return
+    if not req.get("logs"):
         timeout = req.get("timeout")
         if timeout is not None:
             pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"

@@ -1,8 +1,9 @@
 """Sandboxes in the control plane: every sandbox's record (id, app, name, tags, isolation, state,
 return code), its life (start, timeout, exit, terminate) and its HTTP routes.
 
-The control plane starts a sandbox through its sandbox backend. The one backend today is
-`local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
+The control plane starts a sandbox through its sandbox backend: `local`, podman on the control
+plane's host, isolated as `core/sandbox_runtime` says, or, when it schedules on a cluster, that
+cluster's backend (`cluster()`: plugins/sandbox_slurm, plugins/sandbox_nomad). A watcher
 task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
 ends it at its `timeout` (return code -1, as Modal's), and another at its `idle_timeout` once
 nothing has been active in it for that long (see `_idle`). Commands in a sandbox (`exec`) are
@@ -202,9 +203,10 @@ class Sandboxes:
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"), idle_timeout=idle_timeout)
-        isolation = sandbox_runtime.choose(cfg)
         cluster = self.cluster()
-        if cluster is not None:  # a Slurm job on a node (plugins/sandbox_slurm)
+        isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
+                     else sandbox_runtime.choose(cfg))
+        if cluster is not None:  # a job on a node (plugins/sandbox_slurm, sandbox_nomad)
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
             return rec
@@ -238,13 +240,18 @@ class Sandboxes:
         return self._row(sandbox_id)
 
     def cluster(self, rec: dict[str, Any] | None = None) -> Any:
-        """The cluster sandbox backend (Slurm) for new sandboxes, or for `rec` when it runs on
-        one; None: podman on this host."""
+        """The cluster sandbox backend (Slurm or Nomad, as the control plane's scheduler) for
+        new sandboxes, or for `rec` when it runs on one; None: podman on this host.
+
+        A backend has create/terminate/logs/recover/ready and `_cancel(sandbox_id)`. Commands
+        in its sandboxes run either as `podman ...` on the node behind `relay_prefix` (Slurm:
+        srun) and `_on_node`, or, when it has `relay` and `run_in`, through its own protocol
+        (Nomad's alloc exec); `isolation(cfg)`, when it has one, chooses for the nodes."""
         if rec is not None and rec.get("backend", "local") == "local":
             return None
-        from mctl.plugins.sandbox_slurm import backend_for
+        from mctl.plugins import sandbox_nomad, sandbox_slurm
 
-        return backend_for(self.control)
+        return sandbox_slurm.backend_for(self.control) or sandbox_nomad.backend_for(self.control)
 
     def _base(self) -> str:
         """The default image: debian_slim's base plus `python` (Modal's images have it; the
@@ -430,7 +437,10 @@ class Sandboxes:
                                              container_id=rec.get("container_id"))
         cluster = self.cluster(rec)
         try:
-            if cluster is not None:  # podman exec on the node, inside the sandbox's job
+            if cluster is not None and hasattr(cluster, "run_in"):  # its own exec (Nomad)
+                rc, out, err = await cluster.run_in(
+                    self, sandbox_id, sandbox_runtime.activity_command(ports), timeout=30)
+            elif cluster is not None:  # podman exec on the node, inside the sandbox's job
                 argv = sandbox_runtime.activity_argv(rec["container"], ports)
                 rc, out, err = await cluster._on_node(sandbox_id, *argv[1:], timeout=30)
             else:
@@ -529,8 +539,13 @@ class Sandboxes:
         rec = self._row(sandbox_id)
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
-        if self.cluster(rec) is not None:  # on its node (plugins/sandbox_slurm)
-            return await self.cluster(rec).snapshot(self, rec)
+        cluster = self.cluster(rec)
+        if cluster is not None:  # on its node (plugins/sandbox_slurm)
+            if not hasattr(cluster, "snapshot"):
+                raise InvalidError(f"Sandbox {sandbox_id} runs on the {cluster.name} node "
+                                   f"{rec['host']}: snapshot_filesystem() is not available for "
+                                   f"sandboxes on {cluster.name.capitalize()} yet.")
+            return await cluster.snapshot(self, rec)
         tag = sandbox_runtime.snapshot_tag(sandbox_id)
         return await asyncio.to_thread(self._snapshot_changed, rec, tag)
 
