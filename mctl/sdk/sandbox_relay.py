@@ -86,7 +86,6 @@ class RelayProcess:
                 return
             async with ws:
                 await ws.send_str(json.dumps(request))
-                self._connected.set()
 
                 async def send() -> None:
                     while True:
@@ -104,6 +103,9 @@ class RelayProcess:
                         (self._out if msg.data[:1] == b"\x01" else self._err).feed(msg.data[1:])
                     elif msg.type == aiohttp.WSMsgType.TEXT:
                         reply = json.loads(msg.data)
+                        if reply.get("accepted"):  # exec() returns; a refusal raises there
+                            self._connected.set()
+                            continue
                         if "exit" in reply:
                             self._returncode = int(reply["exit"])
                         elif "error" in reply:

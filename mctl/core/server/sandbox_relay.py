@@ -11,8 +11,10 @@ The protocol, after the upgrade:
   `{"exec": [cmd...], "workdir": ..., "timeout": s, "secret_names": [...], "env": {...}}` or
   `{"logs": true}` (follow the main command's stdout and stderr);
 - client → server: binary messages are stdin; `{"eof": true}` closes stdin;
-- server → client: binary messages, first byte 1 (stdout) or 2 (stderr), then the bytes;
-  last, `{"exit": code}` (128+n after signal n, -1 after `timeout`) or `{"error": message}`.
+- server → client: `{"accepted": true}` once the request passed its checks (the sandbox runs,
+  the secrets may be read), before the command starts, or `{"error": message}` instead; then
+  binary messages, first byte 1 (stdout) or 2 (stderr), then the bytes; last, `{"exit": code}`
+  (128+n after signal n, -1 after `timeout`) or `{"error": message}`.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
     cluster = sb.cluster(rec)
     if cluster is not None and hasattr(cluster, "relay"):  # its own exec protocol (Nomad)
         await cluster.ready()
+        await ws.send_json({"accepted": True})
         await cluster.relay(sb, rec, req, env, ws)
         return
     if not req.get("logs"):
@@ -180,6 +183,8 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None,
             isolation="bwrap" if bwrap else None)
     prefix = (await _prefix(sb, rec))
+    # the request is accepted: the client's exec() returns now (a refusal above raises there)
+    await ws.send_json({"accepted": True})
     trailer = f"mctl-relay-exit-{_secrets.token_hex(8)}=" if prefix else None
     argv = _wrap(prefix, argv, trailer or "")
     proc = await asyncio.create_subprocess_exec(

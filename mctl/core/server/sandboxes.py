@@ -464,8 +464,8 @@ class Sandboxes:
         if plain and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
             return base
         tag = (recipe.get("base") or {}).get("tag") or ""
-        if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
-            return tag  # on this machine already: a snapshot_filesystem() image
+        if not recipe.get("steps") and kind == "registry" and snapshot_image(tag):
+            return tag  # a snapshot_filesystem() image: here already, or in MCTL_IMAGE_REGISTRY
         from mctl.core import plugins
         from mctl.core.server.image_builds import context_for
         from mctl.core.spec import ImageSpec
@@ -698,40 +698,37 @@ class Sandboxes:
         return {"stdout": out, "stderr": err}
 
     async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
-        """The sandbox's file system as a new local image. runc: `podman commit` of the scratch
-        layer. gVisor keeps its writes inside the sandbox (the host's layer never sees them), so
-        the files changed since the start are read out with find+tar in the sandbox and added
-        on top of its image with buildah (deletions are not carried over)."""
+        """The sandbox's file system as a new local image: the files changed since the start
+        are read out with find+tar in the sandbox, as its user, and added on top of its image
+        with buildah (deletions are not carried over). Not `podman commit`: gVisor keeps its
+        writes inside the sandbox (the host's layer never sees them), and a runc container's
+        layer holds the host's shifted owners (its user namespace: 200000+), so the next
+        sandbox's user could not write its own files, nor /tmp."""
         rec = self._row(sandbox_id)
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
-        if self.cluster(rec) is not None:
-            raise InvalidError(f"Sandbox {sandbox_id} runs on the cluster node {rec['host']}: "
-                               "snapshot_filesystem() works only for sandboxes on the control "
-                               "plane's host yet.")
+        cluster = self.cluster(rec)
+        if cluster is not None:  # on its node (plugins/sandbox_slurm)
+            if not hasattr(cluster, "snapshot"):
+                raise InvalidError(f"Sandbox {sandbox_id} runs on the {cluster.name} node "
+                                   f"{rec['host']}: snapshot_filesystem() is not available for "
+                                   f"sandboxes on {cluster.name.capitalize()} yet.")
+            return await cluster.snapshot(self, rec)
         if rec["isolation"] == "bwrap":
             raise InvalidError(f"Sandbox {sandbox_id} is a bwrap sandbox (the host's /usr, no "
                                "image): snapshot_filesystem() needs isolation='gvisor' or "
                                "'runc'.")
-        tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
-        if rec["isolation"] != "gvisor":
-            rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
-            if rc != 0:
-                raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: {err.strip()[-400:]}")
-            return {"image": tag}
-        return await asyncio.to_thread(self._snapshot_gvisor, rec, tag)
+        tag = sandbox_runtime.snapshot_tag(sandbox_id)
+        return await asyncio.to_thread(self._snapshot_changed, rec, tag)
 
-    def _snapshot_gvisor(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
+    def _snapshot_changed(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
         import subprocess
         import tempfile
 
         row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
                               (rec["sandbox_id"],)).fetchone()
         image = json.loads(row[0])["image"]
-        changed = ("find / \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/hostname "
-                   "-o -path /etc/hosts -o -path /etc/resolv.conf -o -path /run \\) -prune -o "
-                   "-newer /etc/hostname ! -type d -print0 2>/dev/null | "
-                   "tar --null -T - -cf - 2>/dev/null")
+        changed = sandbox_runtime.SNAPSHOT_CHANGED_TAR
         with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
             subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
                             rec["container"], "/bin/sh", "-c", changed], stdout=tar,
@@ -822,6 +819,15 @@ class Sandboxes:
                 self._watch_idle(rec["sandbox_id"], rec.get("idle_timeout"))
             else:
                 self._update(rec["sandbox_id"], state="lost", ended=time.time())
+
+
+def snapshot_image(tag: str) -> bool:
+    """Whether `tag` is an image a sandbox can start from as it is: one on this machine
+    (`localhost/...`, a snapshot_filesystem() image) or a snapshot pushed to
+    MCTL_IMAGE_REGISTRY by a sandbox on a cluster node (plugins/sandbox_slurm)."""
+    registry = os.environ.get("MCTL_IMAGE_REGISTRY", "").rstrip("/")
+    return tag.startswith("localhost/") or bool(registry) and tag.startswith(
+        f"{registry}/mctl/snapshot:")
 
 
 def _default_image(base: str) -> str:
