@@ -325,17 +325,19 @@ def test_a_firewall_that_fails_means_no_sandbox(app, net_problem, monkeypatch):
     def broken(netns, cidrs):
         raise sandbox_runtime.SandboxIsolationError("iptables-restore: broken on purpose")
 
-    def containers():
-        return set(subprocess.run(["podman", "ps", "-a", "--filter", "label=mctl.sandbox",
-                                   "--format", "{{.Names}}"], capture_output=True,
-                                  text=True).stdout.split())
-
-    before = containers()
     monkeypatch.setattr(sandbox_runtime, "apply_allowlist", broken)
     with pytest.raises(InvalidError, match="broken on purpose"):
         mctl.Sandbox.create("echo", "ran", app=app, cidr_allowlist=["10.0.0.0/8"])
     assert list(mctl.Sandbox.list(app_id=app.app_id)) == []
-    assert not {c for c in containers() - before if "warm" not in c}
+    from mctl.sdk.sandbox import _http
+
+    [failed] = _http(app._server_url, "GET", "/api/sandboxes",
+                     params={"app_id": app.app_id, "all": "1"})
+    assert failed["state"] == "failed"
+    left = subprocess.run(["podman", "ps", "-a", "--filter",
+                           f"label=mctl.sandbox={failed['sandbox_id']}", "--format",
+                           "{{.Names}}"], capture_output=True, text=True).stdout
+    assert left.strip() == ""  # created, never started, removed
 
 
 def test_dns_works_only_with_the_resolver_in_the_list(app, net_problem):
