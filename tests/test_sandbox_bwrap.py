@@ -58,6 +58,8 @@ def test_a_bwrap_sandbox_runs_execs_through_its_agent(app):
     assert sb.exec("bash", "-c", "kill -TERM $$").wait() == 128 + 15
     missing = sb.exec("no-such-command")
     assert missing.wait() == 127 and "no-such-command" in missing.stderr.read()
+    nowhere = sb.exec("true", workdir="/nowhere")
+    assert nowhere.wait() == 127 and "workdir /nowhere" in nowhere.stderr.read()
     # an exec's timeout ends the command inside, not only the client
     assert sb.exec("sleep", "300", timeout=1).wait() == -1
     time.sleep(0.5)

@@ -113,7 +113,9 @@ class Agent:
                                     cwd=req.get("workdir") or self.workdir, env=env,
                                     start_new_session=True, close_fds=True)
         except OSError as exc:
-            os.write(fds[2], f"mctl: {argv[0]}: {exc.strerror}\n".encode())
+            cwd = req.get("workdir") or self.workdir
+            what = argv[0] if os.path.isdir(cwd) else f"workdir {cwd}"
+            os.write(fds[2], f"mctl: {what}: {exc.strerror}\n".encode())
             conn.sendall(json.dumps({"exit": 127 if isinstance(exc, FileNotFoundError)
                                      else 126}).encode() + b"\n")
             return
