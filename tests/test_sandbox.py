@@ -21,7 +21,8 @@ from mctl.core import sandbox_runtime
 from mctl.exception import InvalidError, NotFoundError, SandboxTimeoutError
 
 BASE = os.environ.get("MCTL_IMAGE_BASE_DEBIAN_SLIM", sandbox_runtime.DEFAULT_IMAGE)
-ISOLATIONS = ["gvisor", "runc", "bwrap"]  # bwrap: image-less, on the host's /usr (sandbox_bwrap)
+PODMAN_ISOLATIONS = ["gvisor", "runc"]  # also on Slurm nodes (test_sandbox_slurm_escapes)
+ISOLATIONS = [*PODMAN_ISOLATIONS, "bwrap"]  # bwrap: image-less, the host's /usr (sandbox_bwrap)
 
 
 def _problem() -> str | None:
