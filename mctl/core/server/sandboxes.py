@@ -336,7 +336,9 @@ class Sandboxes:
         run_dir = self._row(sandbox_id).get("run_dir")
         self._finish(sandbox_id, "finished", 128 - rc if rc < 0 else rc)
         await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, run_dir)
-        if run_dir:
+        # terminate (which set its state before the kill) removes the directory itself: a
+        # marker written meanwhile would keep it
+        if run_dir and self._state(sandbox_id) != "terminated":
             try:
                 (Path(run_dir) / "exit").write_text(str(rc))
             except OSError:
