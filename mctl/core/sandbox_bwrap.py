@@ -381,7 +381,11 @@ def cleanup(sandbox_id: str, run_dir: str | Path | None) -> None:
 def remove_dir(run_dir: str | Path | None) -> None:
     """The host directory (with the main command's output) goes once the record's logs do."""
     if run_dir and Path(run_dir).parent == run_root():
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for _ in range(5):  # the watcher may add its exit marker while this removes
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if not os.path.exists(run_dir):
+                return
+            time.sleep(0.05)
 
 
 def read_logs(run_dir: str | Path) -> dict[str, Any]:
