@@ -362,8 +362,8 @@ def test_terminate_kills_the_process_tree(app, isolation):
     assert p.wait() != 0
     assert not _leftover(sb)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert not [line for line in ps.splitlines() if line.startswith("sleep 100")
-                or tag in line], ps
+    ours = {f"sleep {n}" for n in range(1000, 1005)}  # not another test's `sleep 100`
+    assert not [line for line in ps.splitlines() if line.strip() in ours or tag in line], ps
     with pytest.raises(InvalidError, match="terminated"):
         sb.exec("true")
 
