@@ -108,6 +108,23 @@ def test_main_command_output_wait_and_lookup(app):
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_a_missing_command_or_workdir_says_so_in_the_users_words(app, isolation):
+    """Not runc's `exec failed: ...` log line (exit 255) or prlimit's complaint about our own
+    wrapper: a shell's "command not found" (127), also with a timeout, an env, a workdir."""
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
+    for kwargs in ({}, {"timeout": 30}, {"env": {"A": "b"}}, {"workdir": "/tmp"}):
+        p = sb.exec("nosuchcmd", "--flag", **kwargs)
+        assert (p.wait(), p.stderr.read()) == (127, "nosuchcmd: command not found\n"), kwargs
+    p = sb.exec("pwd", workdir="/nonexist")
+    assert p.wait() == 1
+    assert p.stderr.read() == ("mctl: workdir /nonexist does not exist in the sandbox (or is not "
+                               "a directory it may enter)\n")
+    p = sb.exec("sh", "-c", 'pwd; echo "$1"; exit 4', "sh", "a b", workdir="/tmp")
+    assert (p.wait(), p.stdout.read()) == (4, "/tmp\na b\n")
+    sb.terminate()
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_exec_runs_in_the_sandboxs_workdir_by_default(app, isolation):
     sb = mctl.Sandbox.create(app=app, isolation=isolation, workdir="/tmp")
     assert run(sb, "python3", "-c", "import os; print(os.getcwd())")[1] == "/tmp\n"
@@ -129,6 +146,10 @@ def test_files_open_and_snapshot(app, isolation):
     with pytest.raises(PermissionError):
         with sb.open("/etc/passwd", "w") as f:
             f.write("x")
+    # Modal's guide writes a relative "test.txt"; here the working directory is / and read-only
+    with pytest.raises(PermissionError, match=r"runs as user nobody .* write under /tmp"):
+        with sb.open("test.txt", "w") as f:
+            f.write("Hello World\n")
     image = sb.snapshot_filesystem()
     sb.terminate()
     again = mctl.Sandbox.create(app=app, image=image, isolation=isolation)
@@ -410,7 +431,7 @@ def test_cli_list_exec_logs_terminate(server_process):
     assert sb.object_id not in _mctl("sandbox", "list").stdout
     assert "terminated" in _mctl("sandbox", "list", "--all").stdout
     bad = _mctl("sandbox", "exec", sb.object_id, "--", "true")
-    assert bad.returncode == 1 and "terminated; exec needs a running sandbox" in bad.stderr
+    assert bad.returncode == 1 and "terminated; exec and open need a running sandbox" in bad.stderr
 
 
 def test_routes_check_token_scopes(server_process):

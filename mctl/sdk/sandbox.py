@@ -716,7 +716,11 @@ class SandboxFile:
             if rc != 0:
                 msg = err.decode(errors="replace").strip()
                 if "Permission denied" in msg or "Read-only" in msg:
-                    raise PermissionError(f"Cannot write {self._path} in the sandbox: {msg}")
+                    raise PermissionError(
+                        f"Cannot write {self._path} in the sandbox: {msg}. Code in a sandbox "
+                        "runs as user nobody (65534) above a read-only image: write under /tmp "
+                        "(e.g. Sandbox.create(..., workdir=\"/tmp\") for relative paths) or in "
+                        "a volume.")
                 raise OSError(f"Cannot write {self._path} in the sandbox: {msg}")
             self._dirty = False
 

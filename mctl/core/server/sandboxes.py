@@ -759,8 +759,8 @@ async def exec_route(request: web.Request) -> web.Response:
     sb = _sb(request)
     rec = sb.get(request.match_info["sandbox_id"])
     if rec["state"] != "running":
-        raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a running "
-                           "sandbox.")
+        raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec and open need a "
+                           "running sandbox.")
     body = await request.json()
     refused = _check_secret_names(request, list(body.get("secret_names") or []))
     if refused is not None:
