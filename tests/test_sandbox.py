@@ -422,6 +422,11 @@ def test_cli_list_exec_logs_terminate(server_process):
     listed = _mctl("sandbox", "list")
     assert sb.object_id in listed.stdout and "gvisor" in listed.stdout and "cli-box" in listed.stdout
     assert "k=v" in listed.stdout
+    by_name = _mctl("sandbox", "list", "--app", "sandbox-cli")  # a name, as `mctl app` takes
+    assert sb.object_id in by_name.stdout, by_name.stderr
+    assert sb.object_id in _mctl("sandbox", "list", "--app", app.app_id).stdout
+    missing = _mctl("sandbox", "list", "--app", "no-such-app")
+    assert missing.returncode == 1 and "No app named 'no-such-app'" in missing.stderr
     done = _mctl("sandbox", "exec", sb.object_id, "--", "python3", "-c",
                  "import sys; d = sys.stdin.read(); print(d.upper()); sys.exit(7)", input="hello")
     assert done.returncode == 7 and done.stdout == "HELLO\n", done.stderr
