@@ -44,7 +44,8 @@ def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
                    f"{tags}")
 
 
-@sandbox.command("exec", context_settings={"ignore_unknown_options": True})
+@sandbox.command("exec", short_help="Run a command in a sandbox, with this terminal's stdio.",
+                 context_settings={"ignore_unknown_options": True})
 @click.argument("sandbox_id")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--workdir", help="Run the command in this directory of the sandbox.")
@@ -85,7 +86,7 @@ def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
     sys.exit(124 if rc < 0 else rc)  # -1 (its timeout) as timeout(1) says it
 
 
-@sandbox.command("logs")
+@sandbox.command("logs", short_help="Print what the sandbox's main command wrote.")
 @click.argument("sandbox_id")
 def sandbox_logs(sandbox_id: str) -> None:
     """Print what the sandbox's main command wrote (stdout, then stderr)."""
