@@ -211,12 +211,10 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
         print_web_urls(url, app_id)
         _running_urls.append(url)
         # The embedded control plane prints log lines itself (its log sink); a separate one is
-        # followed over HTTP, so `mctl run` shows what functions print wherever they run.
-        follower = LogFollower(url, app_id) if url not in _embedded_urls and not detach else None
+        # followed over HTTP, so `mctl run` shows what functions print wherever they run (with
+        # --detach too, while this process runs, as Modal's does).
+        follower = LogFollower(url, app_id) if url not in _embedded_urls else None
         try:
-            if detach:
-                yield
-                return
             interrupted = False
             try:
                 yield
@@ -226,10 +224,11 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
             finally:
                 if follower is not None:
                     follower.finish(drain=not interrupted)
-                client = client_for(url)
-                client.owned_apps.discard(app_id)
-                with contextlib.suppress(Exception):
-                    run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
+                if not detach:
+                    client = client_for(url)
+                    client.owned_apps.discard(app_id)
+                    with contextlib.suppress(Exception):
+                        run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
         finally:
             _running_urls.remove(url)
 
