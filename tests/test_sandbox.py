@@ -122,6 +122,12 @@ def test_a_missing_command_or_workdir_says_so_in_the_users_words(app, isolation)
     p = sb.exec("sh", "-c", 'pwd; echo "$1"; exit 4', "sh", "a b", workdir="/tmp")
     assert (p.wait(), p.stdout.read()) == (4, "/tmp\na b\n")
     sb.terminate()
+    # the main command too (was catatonit's "failed to exec pid1: No such file...", exit 1)
+    main = mctl.Sandbox.create("nosuchcmd", "--flag", app=app, isolation=isolation)
+    assert main.wait() == 127 and main.stderr.read() == "nosuchcmd: command not found\n"
+    main = mctl.Sandbox.create("sh", "-c", 'echo "$1"; exit 3', "sh", "a b", app=app,
+                               isolation=isolation, workdir="/tmp")
+    assert main.wait() == 3 and main.stdout.read() == "a b\n"
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)

@@ -171,8 +171,15 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
     for key in sorted(cfg.env):
         argv += ["--env", key]  # the value comes from podman's own environment
     argv.append(cfg.image)
-    argv += cfg.command or ["sleep", "infinity"]
+    # The user's command through FIND_COMMAND: a missing one says "CMD: command not found" (127),
+    # not catatonit's "failed to exec pid1" (1). The shell execs it: same pid, same tree.
+    argv += ([*FIND_COMMAND, *cfg.command] if cfg.command else ["sleep", "infinity"])
     return argv
+
+
+# Runs "$@" after finding its command: a shell's message and code (127) when it is missing.
+FIND_COMMAND = ["/bin/sh", "-c", 'command -v "$1" >/dev/null 2>&1 || { echo "$1: command not '
+                'found" >&2; exit 127; }; exec "$@"', "sh"]
 
 
 # A gVisor sandbox keeps its writes inside the sandbox (the host's copy-on-write layer never sees
