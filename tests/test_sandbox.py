@@ -169,6 +169,41 @@ def test_files_open_and_snapshot(app, isolation):
     subprocess.run(["podman", "rmi", "-f", image.base["tag"]], capture_output=True, timeout=60)
 
 
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_modals_directory_calls_mkdir_ls_rm(app, isolation):
+    """Modal's guide: `sb.mkdir`, `sb.ls`, `sb.rm`, with the errors of the same local calls; and
+    file calls leave nothing behind in /tmp (each open() used to leave a pid file there)."""
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
+    sb.mkdir("/tmp/test")
+    with sb.open("/tmp/test/hello.txt", "w") as f:
+        f.write("Hello World\n")
+    sb.mkdir("/tmp/test/.hidden")
+    assert sb.ls("/tmp/test") == [".hidden", "hello.txt"]
+    assert sb.ls("/tmp") == ["test"]
+    sb.mkdir("/tmp/a/b", parents=True)
+    sb.mkdir("/tmp/a/b", parents=True)  # exists: fine, as mkdir -p
+    assert sb.ls("/tmp/a/b") == []
+    with pytest.raises(FileExistsError):
+        sb.mkdir("/tmp/test")
+    with pytest.raises(FileNotFoundError):
+        sb.mkdir("/tmp/x/y")
+    with pytest.raises(PermissionError):
+        sb.mkdir("/test")  # the image is read-only, the user nobody
+    with pytest.raises(FileNotFoundError):
+        sb.ls("/nope")
+    with pytest.raises(NotADirectoryError):
+        sb.ls("/tmp/test/hello.txt")
+    with pytest.raises(OSError, match="not empty"):
+        sb.rm("/tmp/test")
+    sb.rm("/tmp/test/hello.txt")
+    sb.rm("/tmp/test", recursive=True)
+    with pytest.raises(FileNotFoundError):
+        sb.rm("/tmp/test")
+    sb.rm("/tmp/a/b")  # an empty directory
+    assert sb.ls("/tmp") == ["a"]
+    sb.terminate()
+
+
 def test_aio_twins(app):
     import asyncio
 

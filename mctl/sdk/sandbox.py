@@ -322,6 +322,9 @@ class Sandbox:
         self.tunnels = Dual(self._tunnels, self._aio(self._tunnels))
         self.snapshot_filesystem = Dual(self._snapshot, self._aio(self._snapshot))
         self.open = Dual(self._open, self._aio(self._open))
+        self.ls = Dual(self._ls, self._aio(self._ls))
+        self.mkdir = Dual(self._mkdir, self._aio(self._mkdir))
+        self.rm = Dual(self._rm, self._aio(self._rm))
         self.stdout = StreamReader(None, True, start=lambda: self._main_output()[0])
         self.stderr = StreamReader(None, True, start=lambda: self._main_output()[1])
 
@@ -605,6 +608,46 @@ class Sandbox:
         "rb", "wb", "ab", "r+"...). Written data reaches the sandbox at flush() or close()."""
         return SandboxFile(self, path, mode)
 
+    def _fs(self, path: str, script: str, *args: str) -> bytes:
+        """Run `script` (`/bin/sh -c`, $1 the path) for ls/mkdir/rm; its error as the OSError
+        that the same call on a local path raises."""
+        # no timeout=: its pid file would stay in the sandbox's /tmp (as every open() left one)
+        p = self._exec("/bin/sh", "-c", script, "sh", path, *args, text=False)
+        p.stdin.write_eof()
+        rc = p.wait()
+        out, err = p.stdout.read(), p.stderr.read().decode(errors="replace").strip()
+        if rc == 0:
+            return out
+        for marker, kind in (("No such file", FileNotFoundError), ("File exists", FileExistsError),
+                             ("Not a directory", NotADirectoryError),
+                             ("Is a directory", IsADirectoryError),
+                             ("Directory not empty", OSError),
+                             ("Permission denied", PermissionError),
+                             ("Read-only", PermissionError)):
+            if marker in err:
+                raise kind(f"{path} in the sandbox: {marker.lower()} ({err})")
+        raise OSError(f"{path} in the sandbox: {err or f'exit code {rc}'}")
+
+    def _ls(self, path: str) -> list[str]:
+        """The names in directory `path` (Modal's `sb.ls`), as os.listdir gives them."""
+        out = self._fs(path, '[ -e "$1" ] || { echo "No such file or directory" >&2; exit 1; }; '
+                             '[ -d "$1" ] || { echo "Not a directory" >&2; exit 1; }; '
+                             'cd "$1" || exit 1; for f in .* *; do case $f in .|..) continue;; '
+                             'esac; [ -e "$f" ] || [ -L "$f" ] || continue; printf "%s\\0" "$f"; '
+                             'done')
+        return sorted(n.decode(errors="surrogateescape") for n in out.split(b"\0") if n)
+
+    def _mkdir(self, path: str, parents: bool = False) -> None:
+        """Make directory `path` (Modal's `sb.mkdir`); `parents`: with its parents, as
+        `mkdir -p` (no error if it exists)."""
+        self._fs(path, 'mkdir -p -- "$1"' if parents else 'mkdir -- "$1"')
+
+    def _rm(self, path: str, recursive: bool = False) -> None:
+        """Remove file `path` (Modal's `sb.rm`); `recursive`: a directory and what it holds.
+        An empty directory needs no `recursive`."""
+        self._fs(path, 'rm -r -- "$1"' if recursive else
+                 'if [ -d "$1" ] && [ ! -L "$1" ]; then rmdir -- "$1"; else rm -- "$1"; fi')
+
     def _snapshot(self, timeout: int = 55) -> Any:
         """The sandbox's file system now, as an Image to start other sandboxes from."""
         from mctl.sdk.image import Image
@@ -649,7 +692,8 @@ class SandboxFile:
         self._dirty = mode[0] in "wx"
 
     def _run(self, *cmd: str, data: bytes | None = None) -> tuple[int, bytes, bytes]:
-        p = self._sb._exec(*cmd, text=False, timeout=60)
+        # no timeout=: its pid file would stay in the sandbox's /tmp (ls showed one per call)
+        p = self._sb._exec(*cmd, text=False)
         if data is not None:
             p.stdin.write(data)
         p.stdin.write_eof()
