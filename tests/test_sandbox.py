@@ -218,6 +218,16 @@ def test_aio_twins(app):
     assert asyncio.run(main()) == ["a\n", "b\n"]
 
 
+def test_a_failing_image_step_says_what_to_do_for_a_sandbox(app):
+    """Not "deploy again": nothing was deployed; the user calls Sandbox.create."""
+    if not shutil.which("buildah"):
+        pytest.skip("buildah is not installed (scripts/images-dev up)")
+    image = mctl.Image.debian_slim().run_commands("echo sandbox-step && exit 7")
+    with pytest.raises(InvalidError) as err:
+        mctl.Sandbox.create(app=app, image=image)
+    assert "(exit 7); fix that step and call Sandbox.create again." in str(err.value)
+
+
 def test_create_needs_a_running_app():
     with pytest.raises(InvalidError, match="needs app="):
         mctl.Sandbox.create()

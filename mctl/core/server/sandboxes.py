@@ -326,7 +326,8 @@ class Sandboxes:
 
         builder = plugins.find("mctl_register_image_builders", "oci")
         spec = ImageSpec(image_id=image["image_id"], recipe=recipe)
-        built = await asyncio.to_thread(builder.build, spec, context_for(self.control, app_id))
+        built = await asyncio.to_thread(builder.build, spec,
+                                        context_for(self.control, app_id, mode="sandbox"))
         return built["image"]
 
     def _secret_values(self, body: dict[str, Any]) -> dict[str, str]:
