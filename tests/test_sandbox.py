@@ -228,6 +228,24 @@ def test_a_failing_image_step_says_what_to_do_for_a_sandbox(app):
     assert "(exit 7); fix that step and call Sandbox.create again." in str(err.value)
 
 
+def test_modals_other_create_keywords_as_for_functions(app):
+    """environment_name= is accepted (one environment per control plane, as everywhere),
+    placement keywords warn, the refused ones say what to do, Modal's defaults pass."""
+    from mctl.sdk.deprecated import SpellingDeprecationWarning
+
+    with pytest.warns(SpellingDeprecationWarning, match=r"region=\.\.\.\) has no effect"):
+        sb = mctl.Sandbox.create(app=app, environment_name="main", region="us-east",
+                                 network_file_systems={}, readiness_probe=None, client=None)
+    assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+    sb.terminate()
+    with pytest.raises(InvalidError, match="use a Volume instead"):
+        mctl.Sandbox.create(app=app, network_file_systems={"/data": object()})
+    with pytest.raises(InvalidError, match="readiness_probe=.*poll with sb.exec"):
+        mctl.Sandbox.create(app=app, readiness_probe=object())
+    with pytest.raises(InvalidError, match="unsupported arguments: timout"):
+        mctl.Sandbox.create(app=app, timout=5)  # a typo is still an error
+
+
 def test_create_needs_a_running_app():
     with pytest.raises(InvalidError, match="needs app="):
         mctl.Sandbox.create()

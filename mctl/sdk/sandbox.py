@@ -369,6 +369,7 @@ class Sandbox:
                 tags: dict[str, str] | None = None, env: dict[str, str | None] | None = None,
                 isolation: str | None = None, pids: int | None = None,
                 **unsupported: Any) -> Sandbox:
+        _modal_create_keywords(unsupported)
         if unsupported:
             raise InvalidError(f"Sandbox.create got unsupported arguments: "
                                f"{', '.join(sorted(unsupported))}.")
@@ -655,6 +656,33 @@ class Sandbox:
         reply = _http(self._url, "POST", f"/api/sandboxes/{self.object_id}/snapshot",
                       timeout_s=None)
         return Image.from_registry(reply["image"])
+
+
+def _modal_create_keywords(kwargs: dict[str, Any]) -> None:
+    """Take Modal's `Sandbox.create` keywords that mctl accepts out of `kwargs`, as for
+    functions: `environment_name=` is ignored (one environment per control plane), placement
+    keywords (`region=`, `cloud=`, ...) warn, the refused ones (`network_file_systems=`,
+    `proxy=`, ...) raise when set. What is left is unknown."""
+    from mctl.sdk.app import NO_EFFECT_KEYWORDS, REFUSED_KEYWORDS
+    from mctl.sdk.deprecated import warn_once
+
+    kwargs.pop("environment_name", None)
+    if kwargs.pop("client", None) is not None:
+        raise InvalidError("Sandbox.create(client=...) is Modal's; mctl finds its control plane "
+                           "itself (MCTL_SERVER_URL, a profile or the local server).")
+    if kwargs.pop("verbose", False):
+        warn_once("sandbox-verbose", "Sandbox.create(verbose=True) has no effect on mctl; "
+                  "`mctl sandbox logs SB` prints the main command's output.", stacklevel=4)
+    if kwargs.pop("readiness_probe", None) is not None:
+        raise InvalidError("Sandbox.create(readiness_probe=...) is not supported by mctl yet; "
+                           "poll with sb.exec(...) until the sandbox is ready.")
+    for key in [k for k in kwargs if k in REFUSED_KEYWORDS or k in NO_EFFECT_KEYWORDS]:
+        value = kwargs.pop(key)
+        if key in REFUSED_KEYWORDS and value:
+            raise InvalidError(f"Sandbox.create({key}={value!r}): {REFUSED_KEYWORDS[key]}.")
+        if key in NO_EFFECT_KEYWORDS and value not in (None, False, {}, [], ()):
+            warn_once(f"sandbox-no-effect:{key}", f"Sandbox.create({key}=...) has no effect on "
+                      "mctl (it is about Modal's cloud); it is ignored.", stacklevel=4)
 
 
 async def _create_aio(*cmd: str, **kwargs: Any) -> Sandbox:
