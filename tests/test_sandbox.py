@@ -246,6 +246,20 @@ def test_modals_other_create_keywords_as_for_functions(app):
         mctl.Sandbox.create(app=app, timout=5)  # a typo is still an error
 
 
+def test_too_little_memory_is_refused_with_the_floor(app):
+    """Was runsc's "unable to write into the start-sync descriptor" or a conmon error."""
+    with pytest.raises(InvalidError, match=r"at least 32 for a gvisor sandbox .*runc.* not 10"):
+        mctl.Sandbox.create(app=app, memory=10)
+    with pytest.raises(InvalidError, match=r"number of MiB"):
+        mctl.Sandbox.create(app=app, memory="1G")
+    sb = mctl.Sandbox.create(app=app, memory=10, isolation="runc")
+    assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+    sb.terminate()
+    sb = mctl.Sandbox.create(app=app, memory=32)
+    assert sb.exec("python3", "-c", "print(1)").stdout.read() == "1\n"
+    sb.terminate()
+
+
 def test_create_needs_a_running_app():
     with pytest.raises(InvalidError, match="needs app="):
         mctl.Sandbox.create()

@@ -55,6 +55,23 @@ async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float 
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+# The least memory= (MiB) a sandbox starts and runs a command with: gVisor's own kernel lives
+# inside the limit (below ~24 MiB runsc fails with "start-sync descriptor" or conmon errors, or
+# the first exec dies); podman refuses less than 6 MiB.
+MIN_MEMORY_MB = {"gvisor": 32, "runc": 6}
+
+
+def _check_memory(memory: Any, isolation: str) -> None:
+    if memory is None:
+        return
+    floor = MIN_MEMORY_MB.get(isolation, 6)
+    if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory < floor:
+        hint = (" (gVisor's kernel runs inside the limit; isolation=\"runc\" needs only "
+                f"{MIN_MEMORY_MB['runc']})" if isolation == "gvisor" else "")
+        raise InvalidError(f"Sandbox memory= is a number of MiB, at least {floor} for a "
+                           f"{isolation} sandbox{hint}; not {memory!r}.")
+
+
 class Sandboxes:
     """The control plane's sandboxes: records in SQLite, live ones in memory."""
 
@@ -206,6 +223,7 @@ class Sandboxes:
         cluster = self.cluster()
         isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
                      else sandbox_runtime.choose(cfg))
+        _check_memory(cfg.memory_mb, isolation)
         if cluster is not None:  # a job on a node (plugins/sandbox_slurm, sandbox_nomad)
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
