@@ -260,6 +260,55 @@ def test_too_little_memory_is_refused_with_the_floor(app):
     sb.terminate()
 
 
+CTRL_C_SCRIPT = """
+import sys
+import mctl
+
+def go(app):
+    sb = mctl.Sandbox.create(app=app)
+    done = mctl.Sandbox.create(app=app)
+    done.terminate()
+    p = sb.exec("bash", "-c", "echo started; sleep 60")
+    print(sb.object_id, flush=True)
+    for line in p.stdout:
+        print(line, end="", flush=True)
+
+if sys.argv[1] == "lookup":
+    go(mctl.App.lookup("ctrl-c-sandboxes", create_if_missing=True))
+else:
+    app = mctl.App("ctrl-c-run")
+    with app.run():
+        go(app)
+"""
+
+
+@pytest.mark.parametrize("how", ["lookup", "run"])
+def test_ctrl_c_mid_exec_is_one_line_that_says_what_keeps_running(how, server_process, tmp_path):
+    """Not a KeyboardInterrupt traceback through mctl's threads; a sandbox of App.lookup's app
+    outlives the script (named, with how to end it); one of `with app.run():` ends with it."""
+    import signal
+    import sys
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), how], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sandbox_id = proc.stdout.readline().strip()
+    assert proc.stdout.readline() == "started\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
+    if how == "lookup":
+        assert err.strip().splitlines()[-1] == (
+            f"Aborted (Ctrl-C); sandbox {sandbox_id} keeps running until its timeout "
+            f"(`mctl sandbox terminate {sandbox_id}` ends it).")
+        sb = mctl.Sandbox.from_id(sandbox_id)
+        assert sb.poll() is None
+        sb.terminate()
+    else:
+        assert err.strip().splitlines()[-1] == "Aborted (Ctrl-C); the app was stopped."
+
+
 def test_create_needs_a_running_app():
     with pytest.raises(InvalidError, match="needs app="):
         mctl.Sandbox.create()

@@ -193,8 +193,9 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
     and stops with `mctl app stop APP_ID`."""
     from mctl.core.compile import compile_app, inline_secret_values
 
-    _quiet_interrupts()
     app_id = ids.new_id("app")
+    _quiet_interrupts("app", f"app {app_id} keeps running (detached; `mctl app stop {app_id}` "
+                      "stops it)" if detach else "the app was stopped")
     spec, blobs = compile_app(app, app_id)  # fails on bad input before anything starts
     secrets = inline_secret_values(app, app_id)
     url = config.configured_server_url() if os.environ.get("MCTL_SERVER_URL") else None
@@ -233,16 +234,25 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
             _running_urls.remove(url)
 
 
-def _quiet_interrupts() -> None:
-    """Ctrl-C in a script's `with app.run():` ends it with one line, not a traceback through
-    mctl's client (`mctl run` has its own)."""
+# What the Ctrl-C line says was left behind, by topic ("app", "sandboxes"); "" says nothing.
+interrupt_notes: dict[str, str] = {}
+
+
+def _quiet_interrupts(topic: str | None = None, note: str = "") -> None:
+    """Ctrl-C in a script (`with app.run():`, a sandbox's exec) ends it with one line, not a
+    traceback through mctl's client (`mctl run` has its own): "Aborted (Ctrl-C)", then each
+    note in `interrupt_notes` (the app was stopped; a sandbox keeps running, ...)."""
+    if topic is not None:
+        interrupt_notes[topic] = note
     previous = sys.excepthook
     if getattr(previous, "_mctl", False):
         return
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
         if issubclass(kind, KeyboardInterrupt):
-            print("Aborted (Ctrl-C); the app was stopped.", file=sys.stderr, flush=True)
+            notes = "; ".join(n for n in interrupt_notes.values() if n)
+            print(f"Aborted (Ctrl-C){'; ' + notes if notes else ''}.", file=sys.stderr,
+                  flush=True)
             return
         previous(kind, value, tb)
 

@@ -292,6 +292,39 @@ def _app_id_and_url(app: Any) -> tuple[str, str]:
     return app_id, getattr(app, "_server_url", None) or server_url()
 
 
+_outlive: list[str] = []  # sandboxes this script created that outlive it unless terminated
+
+
+def _owned_apps(url: str) -> set[str]:
+    """The ephemeral apps of this process (`with app.run():`): stopped, with their sandboxes,
+    when the block ends."""
+    from mctl.core.client import client_for
+
+    return set(client_for(url).owned_apps)
+
+
+def _outliving(sandbox_id: str, add: bool) -> None:
+    """Keep the Ctrl-C line of a script (`runner._quiet_interrupts`) saying which sandboxes it
+    leaves running; inside a function there is no such line."""
+    if os.environ.get("MCTL_TASK_ID"):
+        return
+    from mctl.core.runner import _quiet_interrupts
+
+    if add and sandbox_id not in _outlive:
+        _outlive.append(sandbox_id)
+    elif not add and sandbox_id in _outlive:
+        _outlive.remove(sandbox_id)
+    if not _outlive:
+        note = ""
+    elif len(_outlive) == 1:
+        note = (f"sandbox {_outlive[0]} keeps running until its timeout (`mctl sandbox "
+                f"terminate {_outlive[0]}` ends it)")
+    else:
+        note = (f"sandboxes {', '.join(_outlive)} keep running until their timeout (`mctl "
+                "sandbox terminate ID` ends one)")
+    _quiet_interrupts("sandboxes", note)
+
+
 def _secret_parts(secrets: Sequence[Any]) -> tuple[list[str], list[dict[str, str]]]:
     names, values = [], []
     for s in secrets or ():
@@ -402,7 +435,9 @@ class Sandbox:
                 run_sync(client_for(url).upload_blob(data))
             body["image"] = {"image_id": image.object_id, "recipe": image.recipe()}
         record = _http(url, "POST", "/api/sandboxes", body, timeout_s=None)
-        return Sandbox(record, url)
+        sb = Sandbox(record, url)
+        _outliving(sb.object_id, add=app_id not in _owned_apps(url))
+        return sb
 
 
     @staticmethod
@@ -491,6 +526,7 @@ class Sandbox:
     def _terminate(self) -> None:
         self._record = _http(self._url, "POST", f"/api/sandboxes/{self.object_id}/terminate")
         self._stop_logs()
+        _outliving(self.object_id, add=False)
 
     def detach(self) -> None:
         """Forget this handle's local resources (the sandbox keeps running)."""
