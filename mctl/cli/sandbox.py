@@ -49,7 +49,8 @@ def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
 @click.argument("sandbox_id")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--workdir", help="Run the command in this directory of the sandbox.")
-@click.option("--timeout", type=int, help="Stop the command after this many seconds (exit code 124, as timeout(1)).")
+@click.option("--timeout", type=int,
+              help="Stop the command after this many seconds (exit code 124, as timeout(1)).")
 def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
                  timeout: int | None) -> None:
     """Run COMMAND in a running sandbox, with this terminal's stdin, stdout and stderr; exits
