@@ -7,7 +7,10 @@ namespace; no network unless asked, every capability dropped, a non-root user).
   scheduler's `gpu_map`), timeout → `--time` (whole minutes, rounded up, plus one: Slurm's own
   backstop; the control plane ends the sandbox at its exact timeout with return code -1).
 - The job's shell runs the container in the foreground (its output is the job's output) and
-  removes it on every way out: exit, `scancel` (TERM), the time limit.
+  removes it on every way out: exit, `scancel` (TERM), the time limit. With a `cidr_allowlist`
+  it creates and initialises the container, loads the allowlist's firewall into its network
+  namespace on the node (`sandbox_runtime.allowlist_script`; the node needs iptables and
+  nsenter) and only then starts it.
 - Everything after the start happens on the node, through Slurm: the control plane runs
   `srun --jobid=<job> --overlap podman ...` (exec, logs, kill, rm), as an operator would. gVisor's
   control sockets live in the node's network namespace, so even a node sharing the control plane's
@@ -117,6 +120,18 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         check.append(f"[ -x {sandbox_runtime.RUNSC} ] || {{ echo \"mctl: {sandbox_runtime.RUNSC}"
                      " (gVisor) is not installed on $(hostname); install runsc there or create "
                      "the sandbox with isolation='runc'\" >&2; exit 125; }")
+    if cfg.cidr_allowlist is None:
+        start = [" ".join(shlex.quote(part) for part in argv) + " </dev/null &"]
+    else:
+        # The same firewall as on the control plane's host (sandbox_runtime.apply_allowlist),
+        # loaded into the container's network namespace on the node between `podman init` and
+        # `podman start`: no code of the sandbox runs before it holds; any failure ends the job.
+        create = ["podman", "create", *argv[2:]]
+        start = [" ".join(shlex.quote(part) for part in create) + " </dev/null >/dev/null "
+                 "|| exit 125",
+                 'podman init "$name" >/dev/null || exit 125',
+                 *sandbox_runtime.allowlist_script(cfg.cidr_allowlist, '"$name"'),
+                 'podman start --attach "$name" </dev/null &']
     lines += [
         f"name={container}",
         # TERM (scancel, the time limit) and every other way out remove the container: it lives
@@ -125,7 +140,7 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         "trap 'cleanup; exit 143' TERM INT",
         "trap cleanup EXIT",
         *check,
-        " ".join(shlex.quote(part) for part in argv) + " </dev/null &",
+        *start,
         "pid=$!",
         "wait $pid; code=$?",
         "exit $code"]

@@ -147,7 +147,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
     env: dict[str, str] = {}
     pid_file = None
     if req.get("logs"):
-        argv = ["podman", "logs", "-f", container]
+        argv = sandbox_runtime.logs_argv(rec)
         if rec["state"] != "running":
             logs = await sb.logs(rec["sandbox_id"])
             for channel, key in ((STDOUT, "stdout"), (STDERR, "stderr")):
@@ -174,12 +174,14 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         return
     if not req.get("logs"):
         timeout = req.get("timeout")
-        if timeout is not None:
+        bwrap = rec.get("isolation") == "bwrap"  # its agent kills a command whose client ends
+        if timeout is not None and not bwrap:
             pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
         argv = sandbox_runtime.exec_argv(
-            container, cmd, workdir=req.get("workdir"), env_names=sorted(env),
-            pid_file=pid_file,
-            nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None)
+            rec["run_dir"] if bwrap else container, cmd, workdir=req.get("workdir"),
+            env_names=sorted(env), pid_file=pid_file,
+            nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None,
+            isolation="bwrap" if bwrap else None)
     prefix = (await _prefix(sb, rec))
     # the request is accepted: the client's exec() returns now (a refusal above raises there)
     await ws.send_json({"accepted": True})
