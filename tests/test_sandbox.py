@@ -341,6 +341,13 @@ def test_ctrl_c_mid_exec_is_one_line_that_says_what_keeps_running(how, server_pr
         assert err.strip().splitlines()[-1] == "Aborted (Ctrl-C); the app was stopped."
 
 
+def test_a_timeout_out_of_range_is_refused_not_replaced(app):
+    """timeout=0 used to become the default 300 s without a word."""
+    for bad in (0, -5, 86401, "60"):
+        with pytest.raises(InvalidError, match=f"between 1 and 86400 seconds, not {bad!r}"):
+            mctl.Sandbox.create(app=app, timeout=bad)
+
+
 def test_create_needs_a_running_app():
     with pytest.raises(InvalidError, match="needs app="):
         mctl.Sandbox.create()

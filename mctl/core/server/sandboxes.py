@@ -201,9 +201,13 @@ class Sandboxes:
 
                 raise AlreadyExistsError(f"A running sandbox named {name!r} already exists in "
                                          "this app; terminate it or pick another name.")
-        timeout = int(body.get("timeout") or DEFAULT_TIMEOUT_S)
-        if not 1 <= timeout <= MAX_TIMEOUT_S:
-            raise InvalidError(f"Sandbox timeout must be between 1 and {MAX_TIMEOUT_S} seconds.")
+        timeout = body.get("timeout")  # 0 is refused, not the default (it was 300 s, silently)
+        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 1 <= timeout <= MAX_TIMEOUT_S:
+            raise InvalidError(f"Sandbox timeout must be between 1 and {MAX_TIMEOUT_S} seconds, "
+                               f"not {timeout!r}.")
+        timeout = int(timeout)
         idle_timeout = body.get("idle_timeout")
         if idle_timeout is not None:
             if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) \
