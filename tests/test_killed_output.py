@@ -133,7 +133,7 @@ def test_the_control_plane_adds_each_line_once_whichever_way_it_comes(tmp_path):
     async def main():
         seen = []
         control = ControlPlane(Store(tmp_path / "state"),
-                               log_sink=lambda app, task, fn, line: seen.append(line))
+                               log_sink=lambda app, task, fn, line, stream: seen.append(line))
         conn = Conn(lambda data: None)
         conn.role, conn.task_id, conn.app_id, conn.function_id = "worker", "ta-k", "ap-x", "fu-f"
         control._task_log(conn)

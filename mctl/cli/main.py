@@ -468,20 +468,30 @@ def app_rollback(name: str, version: str | None) -> None:
 @app.command("logs")
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
-def app_logs(name: str, follow: bool) -> None:
-    """Print an app's logs."""
+@click.option("--stream", type=click.Choice(["all", "stdout", "stderr"]), default="all",
+              show_default=True, help="Only the lines the functions printed to this stream.")
+def app_logs(name: str, follow: bool, stream: str) -> None:
+    """Print an app's logs. Lines the functions printed to stderr go to stderr (as `modal app
+    logs` and `nomad alloc logs -stderr` do), so `mctl app logs APP > out.txt` keeps only stdout's;
+    `--stream` picks one stream."""
     print_logs(f"/api/apps/{name}/logs", follow,
-               lambda row: f"{row['function']} {row['task_id']}  {row['line']}")
+               lambda row: f"{row['function']} {row['task_id']}  {row['line']}", stream)
 
 
-def print_logs(path: str, follow: bool, describe: Any) -> None:
-    """Page through a logs route (1,000 lines a page); `follow`: long-poll for new lines."""
+def print_logs(path: str, follow: bool, describe: Any, stream: str = "all") -> None:
+    """Page through a logs route (1,000 lines a page); `follow`: long-poll for new lines.
+    A stderr line goes to stderr; `stream` other than "all" prints only that stream's."""
     after = 0
     while True:
         rows = _admin("GET", path, params={"after": after, "wait": 25 if follow else 0})
         for row in rows:
-            click.echo(f"{_when(row['ts'])} {describe(row)}")
             after = row["id"]
+            row_stream = row.get("stream", "stdout")
+            if stream not in ("all", row_stream):
+                continue
+            if row_stream == "stderr":
+                sys.stdout.flush()
+            click.echo(f"{_when(row['ts'])} {describe(row)}", err=row_stream == "stderr")
         if not follow and len(rows) < 1000:
             return
 

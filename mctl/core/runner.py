@@ -21,10 +21,17 @@ if TYPE_CHECKING:
     from mctl.core.declared import DeclaredApp
 
 
-def _print_log(app_id: str, task_id: str, function: str, line: str) -> None:
+def _print_log(app_id: str, task_id: str, function: str, line: str,
+               stream: str = "stdout") -> None:
+    """A function's output line, on this process's stdout or stderr as the function printed it
+    (as `modal run` does: `mctl run app.py > out.txt` leaves warnings on the terminal)."""
     if (task_id, function) == ("build", "image"):
         return  # image build output: the deployer follows it with a progress line
-    print(line, flush=True)
+    if stream == "stderr":
+        sys.stdout.flush()  # what came before it on stdout shows first on a shared terminal
+        print(line, file=sys.stderr, flush=True)
+    else:
+        print(line, flush=True)
 
 
 async def _start_embedded(state_dir: Path) -> tuple[Any, str]:
@@ -84,7 +91,8 @@ class LogFollower:
             "after": self.after, "wait": wait}, timeout_s=wait + 30)
         for row in rows:
             self.after = row["id"]
-            _print_log("", row["task_id"], row["function"], row["line"])
+            _print_log("", row["task_id"], row["function"], row["line"],
+                       row.get("stream", "stdout"))
         return len(rows)
 
     async def _follow(self) -> None:

@@ -5,7 +5,8 @@ The worker sends its output over its connection, but a process killed by a signa
 what it had not sent yet; its keeper (`runtime.logcapture.start_keeper`) copies all of it to the
 process's own output. Lines there are numbered from the keeper's marker line, the same numbers the
 worker's log frames carry, so the control plane adds exactly the lines it never got
-(`ControlPlane.worker_gone`). A backend feeds each line to an `OutputTail` and passes it with
+(`ControlPlane.worker_gone`). A stderr line there starts with `STDERR_TAG`: it goes back to stderr.
+A backend feeds each line to an `OutputTail` and passes it with
 `PoolEvents.worker_exited(..., output=tail)`.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import collections
 import os
 
-from mctl.core.runtime.logcapture import OOM_NOTE, marker
+from mctl.core.runtime.logcapture import OOM_NOTE, STDERR_TAG, marker
 
 MAX_LINES = 2000
 TAIL_BYTES = 256 * 1024  # of a file: the end read as lines (the rest is only counted)
@@ -24,6 +25,7 @@ class OutputTail:
     def __init__(self, task_id: str, max_lines: int = MAX_LINES) -> None:
         self.marker = marker(task_id)
         self.lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self.stderr: collections.deque[bool] = collections.deque(maxlen=max_lines)  # of each line
         self.count: int | None = None  # lines after the marker; None until it is seen
         self.oom: bool | None = None   # True: the kernel's OOM killer ended it (as far as known)
 
@@ -31,11 +33,16 @@ class OutputTail:
         line = line.rstrip("\n").rstrip("\r")
         if line == self.marker:  # what came before is the wrappers' (podman's pull, ...)
             self.lines.clear()
+            self.stderr.clear()
             self.count = 0
             return
+        err = line.startswith(STDERR_TAG)
+        if err:
+            line = line[len(STDERR_TAG):]
         if line == OOM_NOTE:
             self.oom = True
         self.lines.append(line)
+        self.stderr.append(err)
         if self.count is not None:
             self.count += 1
 
@@ -73,6 +80,7 @@ class OutputTail:
         if lines and lines[-1] == "":
             lines.pop()
         self.lines.clear()
+        self.stderr.clear()
         self.count = counted
         for line in lines:
             self.add(line)
@@ -83,6 +91,11 @@ class OutputTail:
             return []
         first = self.count - len(self.lines)
         return list(enumerate(self.lines, first))
+
+    def numbered_streams(self) -> list[tuple[int, str, str]]:
+        """(number, line, "stdout" or "stderr") of the kept lines; none without the marker."""
+        return [(n, line, "stderr" if err else "stdout")
+                for (n, line), err in zip(self.numbered(), self.stderr)]
 
     def text(self, lines: int = 20) -> str:
         """The last `lines` lines, for a report of a worker that died before it connected."""

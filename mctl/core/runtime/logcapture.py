@@ -1,14 +1,16 @@
 """Everything a worker process writes to its stdout and stderr, as lines for its connection.
 
-File descriptors 1 and 2 are redirected into a pipe, so output of C extensions and child processes
-is caught too. What is read is also copied to the original stdout: the output the backend keeps (the
-local backend's pipe, a container's log, a Slurm job's output file).
+File descriptors 1 and 2 are redirected into two pipes, so output of C extensions and child
+processes is caught too, and each line keeps its stream (log frames list the stderr ones). What is
+read is also copied, as whole lines, to the original stdout: the output the backend keeps (the
+local backend's pipe, a container's log, a Slurm job's output file); a stderr line there starts
+with `STDERR_TAG`, so the backend's tail knows its stream too.
 
 A process killed by a signal (SIGKILL from the kernel's OOM killer, a segfault) takes with it what
 it had printed but not yet read from that pipe, and what it had read but not yet sent. So the process
 the backend starts is a small *keeper* (`start_keeper`): it forks the worker, holds the pipe's read
-end too, and when the worker ends it copies what is left in the pipe to the original stdout and ends
-the same way. Lines are numbered from the keeper's marker line (`marker`); log frames carry the
+ends too, and when the worker ends it copies what is left in the pipes to the original stdout
+(stdout's first, then stderr's, tagged) and ends the same way. Lines are numbered from the keeper's marker line (`marker`); log frames carry the
 number of their first line, so the control plane adds from the backend's tail exactly the lines it
 did not get (`mctl.core.worker_output`).
 """
@@ -26,6 +28,7 @@ MAX_LINES = 10_000   # kept while disconnected; older lines are dropped first
 OOM_NOTE = "mctl: the kernel's OOM killer ended this worker (out of memory)"
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 FROM_A_TERMINAL = (signal.SIGINT, signal.SIGQUIT)  # to the process group: the worker has its own
+STDERR_TAG = "[stderr] "  # starts a stderr line in the backend's copy of the output
 
 
 def marker(task_id: str) -> str:
@@ -33,12 +36,13 @@ def marker(task_id: str) -> str:
     return f"mctl: worker {task_id} output follows"
 
 
-_kept: tuple[int, int] | None = None  # (pipe's read end, original stdout) in a kept worker
+# (stdout pipe's read end, stderr pipe's read end, original stdout) in a kept worker
+_kept: tuple[int, int, int] | None = None
 
 
 def start_keeper(task_id: str) -> None:
     """Fork: the parent keeps (never returns), the child goes on as the worker with fds 1 and 2
-    in a pipe both hold. Call it before any thread starts. Without fork, nothing happens."""
+    in two pipes both hold. Call it before any thread starts. Without fork, nothing happens."""
     global _kept
     if not hasattr(os, "fork") or os.environ.get("MCTL_WORKER_KEEPER", "1") == "0":
         return
@@ -48,26 +52,29 @@ def start_keeper(task_id: str) -> None:
         os.write(1, (marker(task_id) + "\n").encode())
     except OSError:
         pass
-    rfd, wfd = os.pipe()
+    rout, wout = os.pipe()
+    rerr, werr = os.pipe()
     try:
         child = os.fork()
     except OSError:
-        os.close(rfd)
-        os.close(wfd)
+        for fd in (rout, wout, rerr, werr):
+            os.close(fd)
         return
     if child:
-        os.close(wfd)
-        _keep(child, rfd)  # does not return
+        os.close(wout)
+        os.close(werr)
+        _keep(child, rout, rerr)  # does not return
     keeper = os.getppid()
     _die_with(keeper)
     if os.environ.get("MCTL_PARENT_PID"):  # the worker's watchdog watches the keeper now
         os.environ["MCTL_PARENT_PID"] = str(keeper)
     orig = os.dup(1)
     os.set_inheritable(orig, False)
-    os.dup2(wfd, 1)
-    os.dup2(wfd, 2)
-    os.close(wfd)
-    _kept = (rfd, orig)
+    os.dup2(wout, 1)
+    os.dup2(werr, 2)
+    os.close(wout)
+    os.close(werr)
+    _kept = (rout, rerr, orig)
 
 
 def _die_with(parent: int) -> None:
@@ -82,8 +89,8 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _keep(child: int, rfd: int) -> None:
-    """The keeper: forward signals to the worker, wait for it, copy what it left in the pipe to
+def _keep(child: int, rout: int, rerr: int) -> None:
+    """The keeper: forward signals to the worker, wait for it, copy what it left in the pipes to
     the original stdout, then end the way it ended."""
     def forward(signum: int, _frame: Any) -> None:
         try:
@@ -116,10 +123,11 @@ def _keep(child: int, rfd: int) -> None:
             os._exit(0)  # the worker gets SIGKILL (PR_SET_PDEATHSIG)
     for sig in (*FORWARDED, *FROM_A_TERMINAL):
         signal.signal(sig, signal.SIG_DFL)
-    last = _copy_rest(rfd)
+    _copy_rest(rout, b"")
+    _copy_rest(rerr, STDERR_TAG.encode())
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
     if sig == signal.SIGKILL and ooms is not None and (_oom_kills() or 0) > ooms:
-        note = ("" if last in (b"", b"\n") else "\n") + OOM_NOTE + "\n"
+        note = STDERR_TAG + OOM_NOTE + "\n"
         try:
             os.write(1, note.encode())
         except OSError:
@@ -131,23 +139,31 @@ def _keep(child: int, rfd: int) -> None:
              else os.WEXITSTATUS(status))
 
 
-def _copy_rest(rfd: int) -> bytes:
-    """What the worker printed and never read, to the original stdout; the last byte copied."""
+def _copy_rest(rfd: int, tag: bytes) -> None:
+    """What the worker printed into one pipe and never read, as whole lines (each starting with
+    `tag`, the last one ended) to the original stdout."""
     os.set_blocking(rfd, False)
-    last = b""
+    chunks = []
     while True:
         try:
             data = os.read(rfd, 65536)
         except (BlockingIOError, OSError):
-            return last
+            break
         if not data:
-            return last
-        last = data[-1:]
-        while data:
-            try:
-                data = data[os.write(1, data):]
-            except OSError:
-                return last
+            break
+        chunks.append(data)
+    rest = b"".join(chunks)
+    if not rest:
+        return
+    if not rest.endswith(b"\n"):
+        rest += b"\n"
+    if tag:
+        rest = b"".join(tag + line + b"\n" for line in rest[:-1].split(b"\n"))
+    while rest:
+        try:
+            rest = rest[os.write(1, rest):]
+        except OSError:
+            return
 
 
 def _oom_kills() -> int | None:
@@ -177,74 +193,104 @@ def _oom_kills() -> int | None:
 
 
 class LogCapture:
+    """Reads the worker's stdout and stderr pipes; `frame` takes the lines read so far."""
+
     def __init__(self, on_lines: Callable[[], None]) -> None:
         self.on_lines = on_lines
         self.lock = threading.Lock()
         self.lines: list[str] = []
+        self.stderr: list[bool] = []  # of each line in `lines`: it came from stderr
         self.dropped = 0
-        self.count = 0  # lines read so far; the next line's number
-        self._partial = b""
+        self.count = 0  # lines read so far, both streams; the next line's number
         sys.stdout.flush()
         sys.stderr.flush()
         if _kept is not None:  # start_keeper redirected fds 1 and 2 already
-            self._rfd, self._orig = _kept
+            rout, rerr, self._orig = _kept
         else:
             self._orig = os.dup(1)
-            self._rfd, wfd = os.pipe()
-            os.dup2(wfd, 1)
-            os.dup2(wfd, 2)
-            os.close(wfd)
-        os.set_blocking(self._rfd, False)
+            rout, wout = os.pipe()
+            rerr, werr = os.pipe()
+            os.dup2(wout, 1)
+            os.dup2(werr, 2)
+            os.close(wout)
+            os.close(werr)
+        self._partial = {rout: b"", rerr: b""}
+        self._is_err = {rout: False, rerr: True}
+        self._open = [rout, rerr]  # pipes not at end of file yet
+        for fd in self._open:
+            os.set_blocking(fd, False)
         threading.Thread(target=self._reader, name="mctl-logs", daemon=True).start()
 
     def _reader(self) -> None:
         while True:
-            select.select([self._rfd], [], [])
+            select.select(list(self._open), [], [])
             # No flush here: a thread blocked printing into a full pipe holds the stream's lock,
             # and only this thread's reading can free it.
             if not self.drain(flush=False):
                 return
 
     def drain(self, flush: bool = True) -> bool:
-        """Read what is in the pipe now; False at end of file."""
+        """Read what is in the pipes now; False once both are at end of file."""
         if flush:
             sys.stdout.flush()
             sys.stderr.flush()
         got = False
         with self.lock:
-            while True:
-                try:
-                    data = os.read(self._rfd, 65536)
-                except BlockingIOError:
-                    break
-                if not data:
-                    return False
-                try:
-                    os.write(self._orig, data)
-                except OSError:
-                    pass
-                *complete, self._partial = (self._partial + data).split(b"\n")
-                self.lines.extend(line.decode(errors="replace") for line in complete)
-                self.count += len(complete)
-                got = got or bool(complete)
+            for fd in list(self._open):
+                while True:
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        self._open.remove(fd)
+                        break
+                    got = self._add(fd, data) or got
             if len(self.lines) > MAX_LINES:
                 extra = len(self.lines) - MAX_LINES
                 del self.lines[:extra]
+                del self.stderr[:extra]
                 self.dropped += extra
         if got:
             self.on_lines()
+        return bool(self._open)
+
+    def _add(self, fd: int, data: bytes) -> bool:
+        """Whole lines of one pipe: kept, and copied to the original stdout (stderr's tagged)
+        in the order they are numbered. A part of a line waits for its end."""
+        *complete, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
+        if not complete:
+            return False
+        err = self._is_err[fd]
+        tag = STDERR_TAG.encode() if err else b""
+        out = b"".join(tag + line + b"\n" for line in complete)
+        while out:
+            try:
+                out = out[os.write(self._orig, out):]
+            except BlockingIOError:
+                select.select([], [self._orig], [], 1.0)
+            except OSError:
+                break
+        self.lines.extend(line.decode(errors="replace") for line in complete)
+        self.stderr.extend([err] * len(complete))
+        self.count += len(complete)
         return True
 
     def frame(self) -> dict[str, Any] | None:
-        """The lines not yet taken as a `log` frame: `seq` numbers the first one, `dropped` says
-        how many older ones were lost while the control plane was unreachable."""
+        """The lines not yet taken as a `log` frame: `seq` numbers the first one, `stderr` lists
+        the indexes of the lines that came from stderr (absent when none did), `dropped` says how
+        many older ones were lost while the control plane was unreachable."""
         with self.lock:
             lines, self.lines = self.lines, []
+            stderr, self.stderr = self.stderr, []
             dropped, self.dropped = self.dropped, 0
             seq = self.count - len(lines)
         if not lines and not dropped:
             return None
         header: dict[str, Any] = {"type": "log", "lines": lines, "seq": seq}
+        errs = [i for i, err in enumerate(stderr) if err]
+        if errs:
+            header["stderr"] = errs
         if dropped:
             header["dropped"] = dropped
         return header

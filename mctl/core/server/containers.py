@@ -73,15 +73,16 @@ async def logs_route(request: web.Request) -> web.Response:
 
     def rows() -> list[tuple[Any, ...]]:
         return control.store.db.execute(
-            "SELECT id, ts, function, line FROM logs WHERE task_id = ? AND id > ? ORDER BY id "
+            "SELECT id, ts, function, line, stream FROM logs WHERE task_id = ? AND id > ? "
+            "ORDER BY id "
             "LIMIT 1000", (task_id, after)).fetchall()
 
     got = rows()
     if not got and wait and found["app_id"]:
         await control.wait_logs(found["app_id"], wait)
         got = rows()
-    return web.json_response([{"id": r[0], "ts": r[1], "function": r[2], "line": r[3]}
-                              for r in got])
+    return web.json_response([{"id": r[0], "ts": r[1], "function": r[2], "line": r[3],
+                               "stream": r[4]} for r in got])
 
 
 async def stop_route(request: web.Request) -> web.Response:

@@ -125,7 +125,7 @@ class FunctionState:
 
 class ControlPlane:
     def __init__(self, store: Store, scheduler: SchedulerBackend | None = None,
-                 log_sink: Callable[[str, str, str, str], None] | None = None) -> None:
+                 log_sink: Callable[[str, str, str, str, str], None] | None = None) -> None:
         self.store = store
         self.scheduler = scheduler                  # the backend; core talks to it via autoscaler
         self.autoscaler: Autoscaler | None = None   # set by start_server
@@ -355,15 +355,18 @@ class ControlPlane:
         app_id, tag, upto = entry
         lines = header["lines"]
         seq = header.get("seq")
+        errs = set(header.get("stderr") or ())  # indexes of the lines that came from stderr
         if header.get("dropped"):
             self.append_log(app_id, conn.task_id, tag, f"mctl: {header['dropped']} log lines were "
                                                          "dropped while the control plane was "
-                                                         "unreachable")
+                                                         "unreachable", stream="stderr")
+        skip = 0
         if seq is not None:
             entry[2] = max(upto, seq + len(lines))
-            lines = lines[max(0, upto - seq):]
-        for line in lines:
-            self.append_log(app_id, conn.task_id, tag, line)
+            skip = max(0, upto - seq)
+        for i, line in enumerate(lines[skip:], skip):
+            self.append_log(app_id, conn.task_id, tag, line,
+                            stream="stderr" if i in errs else "stdout")
 
     def _add_output_tail(self, task_id: str, tail: Any) -> None:
         """The lines of an ended worker's own output (its backend's tail) it never sent."""
@@ -371,9 +374,9 @@ class ControlPlane:
         if entry is None:  # it never said hello: the backend's report carries the tail
             return
         app_id, tag, upto = entry
-        for number, line in tail.numbered():
+        for number, line, stream in tail.numbered_streams():
             if number >= upto:
-                self.append_log(app_id, task_id, tag, line)
+                self.append_log(app_id, task_id, tag, line, stream=stream)
                 entry[2] = number + 1
 
     def _on_hello(self, conn: Conn, header: dict[str, Any], payloads: list[bytes]) -> None:
@@ -916,10 +919,13 @@ class ControlPlane:
             conn.send({"type": "outputs", "items": items}, payloads)
 
     # --- logs ----------------------------------------------------------------------------------
-    def append_log(self, app_id: str, task_id: str, function: str, line: str) -> None:
-        self.store.new_logs.append((app_id, time.time(), task_id, function, line))
+    def append_log(self, app_id: str, task_id: str, function: str, line: str,
+                   stream: str = "stdout") -> None:
+        """One line of an app's logs; `stream`: "stdout" or "stderr" (where the client prints
+        it)."""
+        self.store.new_logs.append((app_id, time.time(), task_id, function, line, stream))
         if self.log_sink is not None:
-            self.log_sink(app_id, task_id, function, line)
+            self.log_sink(app_id, task_id, function, line, stream)
         event = self.log_events.pop(app_id, None)
         if event is not None:
             asyncio.get_running_loop().call_soon(event.set)

@@ -239,7 +239,8 @@ async def app_logs(request: web.Request) -> web.Response:
         await control.wait_logs(app["app_id"], wait)
         rows = control.store.logs(app["app_id"], after)
     return web.json_response([
-        {"id": r[0], "ts": r[1], "task_id": r[2], "function": r[3], "line": r[4]} for r in rows])
+        {"id": r[0], "ts": r[1], "task_id": r[2], "function": r[3], "line": r[4], "stream": r[5]}
+        for r in rows])
 
 
 async def lookup_function(request: web.Request) -> web.Response:
@@ -519,7 +520,7 @@ class RunningServer:
 
 async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
                        scheduler_name: str | None = None,
-                       log_sink: Callable[[str, str, str, str], None] | None = None,
+                       log_sink: Callable[[str, str, str, str, str], None] | None = None,
                        advertise_url: str | None = None,
                        scheduler_options: dict[str, str] | None = None,
                        ssl_context: ssl.SSLContext | None = None,

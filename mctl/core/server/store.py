@@ -79,6 +79,8 @@ MIGRATIONS: list[str] = [
     "config TEXT NOT NULL, host TEXT, backend TEXT NOT NULL, ports TEXT NOT NULL DEFAULT '{}', "
     "container TEXT, container_id TEXT);"
     "CREATE INDEX sandboxes_app ON sandboxes(app_id, state);",
+    # 8: the stream of each log line ("stdout" or "stderr"); older lines count as stdout.
+    "ALTER TABLE logs ADD COLUMN stream TEXT NOT NULL DEFAULT 'stdout';",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -160,8 +162,8 @@ class Store:
             if self.done_inputs:
                 db.executemany("DELETE FROM inputs WHERE input_id = ?", self.done_inputs)
             if self.new_logs:
-                db.executemany("INSERT INTO logs (app_id, ts, task_id, function, line) "
-                               "VALUES (?,?,?,?,?)", self.new_logs)
+                db.executemany("INSERT INTO logs (app_id, ts, task_id, function, line, stream) "
+                               "VALUES (?,?,?,?,?,?)", self.new_logs)
             if self.new_fire_times:
                 db.executemany("INSERT OR REPLACE INTO schedule_fires VALUES (?,?,?)",
                                self.new_fire_times)
@@ -260,7 +262,7 @@ class Store:
 
     def logs(self, app_id: str, after: int = 0, limit: int = 1000) -> list[tuple[Any, ...]]:
         return self.db.execute(
-            "SELECT id, ts, task_id, function, line FROM logs WHERE app_id = ? AND id > ? "
+            "SELECT id, ts, task_id, function, line, stream FROM logs WHERE app_id = ? AND id > ? "
             "ORDER BY id LIMIT ?", (app_id, after, limit)).fetchall()
 
     # --- schedules -----------------------------------------------------------------------------
