@@ -14,6 +14,7 @@ from test_slurm import slurm_server  # noqa: F401 - the fixture
 
 KILLED = str(APPS / "killed.py")
 PRINTED = [*(f"line {i}" for i in range(5)), "on stderr", "last words"]
+ON_STDOUT = [line for line in PRINTED if line != "on stderr"]
 
 
 def mctl_cli(*args, env=None, timeout=120):
@@ -21,12 +22,16 @@ def mctl_cli(*args, env=None, timeout=120):
                           timeout=timeout, env=env or os.environ)
 
 
-def printed_then_error(both, attempts):
-    """Each printed line once per attempt, in order, all of them before the error."""
-    ours = [line for line in both.splitlines() if line in PRINTED]
-    assert ours == PRINTED * attempts, both
-    error = both.index("was killed by signal 9 (SIGKILL) before it finished")
-    assert both.rindex("last words") < error, both
+def printed_then_error(out, attempts):
+    """Each printed line once per attempt, in order, on the stream it was printed to; the error
+    (on stderr) after the stderr lines."""
+    both = out.stdout + out.stderr
+    assert [line for line in out.stdout.splitlines() if line in PRINTED] == \
+        ON_STDOUT * attempts, both
+    assert [line for line in out.stderr.splitlines() if line in PRINTED] == \
+        ["on stderr"] * attempts, both
+    error = out.stderr.index("was killed by signal 9 (SIGKILL) before it finished")
+    assert out.stderr.rindex("on stderr") < error, both
 
 
 @pytest.mark.integration
@@ -35,7 +40,7 @@ def test_output_before_sigkill_reaches_mctl_run_once_per_attempt(function, attem
     out = mctl_cli("run", f"{KILLED}::{function}")
     both = out.stdout + out.stderr
     assert out.returncode != 0, both
-    printed_then_error(both, attempts)
+    printed_then_error(out, attempts)
     assert "out of memory?" in both, both
 
 
@@ -87,15 +92,15 @@ def test_in_a_container_killed_and_oom_killed_workers_keep_their_output(images_d
     out = mctl_cli("run", f"{killed_oci}::twice", timeout=600)
     both = out.stdout + out.stderr
     assert out.returncode != 0, both
-    printed_then_error(both, 2)
+    printed_then_error(out, 2)
 
     out = mctl_cli("run", f"{killed_oci}::hog", timeout=300)
     both = out.stdout + out.stderr
     assert out.returncode != 0, both
-    assert both.count("allocating") == 1, both
-    error = both.index("was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} out of "
-                       "memory (the kernel's OOM killer ended it)")
-    assert both.index("allocating") < both.index("OOM killer ended this worker") < error, both
+    assert out.stdout.count("allocating") == 1, both
+    error = out.stderr.index("was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} "
+                             "out of memory (the kernel's OOM killer ended it)")
+    assert out.stderr.index("OOM killer ended this worker") < error, both  # its note: stderr
 
 
 @pytest.mark.slurm
@@ -113,11 +118,16 @@ def test_on_slurm_the_job_output_file_gives_what_a_killed_worker_printed(slurm_s
         twice.remote()
     logs = mctl_cli("app", "logs", "killed")
     mctl_cli("app", "stop", "killed")
-    rows = [line.split(None, 4) for line in logs.stdout.splitlines()]  # date time fn task text
-    printed = [(row[3], row[4]) for row in rows if len(row) == 5 and row[4] in PRINTED]
-    tasks = list(dict.fromkeys(task for task, _ in printed))
+
+    def printed(text, wanted):
+        rows = [line.split(None, 4) for line in text.splitlines()]  # date time fn task text
+        return [(row[3], row[4]) for row in rows if len(row) == 5 and row[4] in wanted]
+
+    tasks = list(dict.fromkeys(task for task, _ in printed(logs.stdout, PRINTED)))
     assert len(tasks) == 2, logs.stdout
-    assert printed == [(task, line) for task in tasks for line in PRINTED], logs.stdout
+    assert printed(logs.stdout, PRINTED) == [
+        (task, line) for task in tasks for line in ON_STDOUT], logs.stdout
+    assert printed(logs.stderr, PRINTED) == [(task, "on stderr") for task in tasks], logs.stderr
 
 
 def test_the_control_plane_adds_each_line_once_whichever_way_it_comes(tmp_path):

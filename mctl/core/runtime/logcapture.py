@@ -229,8 +229,9 @@ class LogCapture:
             if not self.drain(flush=False):
                 return
 
-    def drain(self, flush: bool = True) -> bool:
-        """Read what is in the pipes now; False once both are at end of file."""
+    def drain(self, flush: bool = True, end_lines: bool = False) -> bool:
+        """Read what is in the pipes now; False once both are at end of file. `end_lines`: a
+        part of a line waiting for its end is taken as a line (before a result, at the end)."""
         if flush:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -246,6 +247,10 @@ class LogCapture:
                         self._open.remove(fd)
                         break
                     got = self._add(fd, data) or got
+            if end_lines:
+                for fd, partial in self._partial.items():
+                    if partial:
+                        got = self._add(fd, b"\n") or got
             if len(self.lines) > MAX_LINES:
                 extra = len(self.lines) - MAX_LINES
                 del self.lines[:extra]

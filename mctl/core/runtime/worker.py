@@ -145,7 +145,7 @@ class Worker:
                     from mctl.core.tracebacks import format_user_traceback
 
                     print(format_user_traceback(exc), end="", file=sys.stderr, flush=True)
-                    self.logs.drain()  # to the job's own output too, before the process ends
+                    self.logs.drain(end_lines=True)  # to the job's own output too, before it ends
                 raise SystemExit(1) from None
             self._start_threads()
             while not self.stopping:
@@ -175,7 +175,7 @@ class Worker:
                 if self._orphaned():
                     os._exit(0)  # see _watchdog: not to reconnect to the successor
         self._shutdown()
-        self.logs.drain()
+        self.logs.drain(end_lines=True)
 
     async def _report_start_failure(self, session: Any, exc: BaseException) -> bool:
         """Tell the control plane why the user's code could not load, so callers see it (the
@@ -189,7 +189,7 @@ class Worker:
                     "type": "hello", "role": "worker", "task_id": self.task_id,
                     "function_id": self.function_id, "version": self.version,
                     "start_error": summary}, [serialize_exception(exc)]))
-                self.logs.drain()
+                self.logs.drain(end_lines=True)
                 frame = self.logs.frame()
                 if frame:
                     await ws.send_bytes(protocol.encode(frame))
@@ -273,7 +273,7 @@ class Worker:
     async def _send_logs_now(self, ws: Any) -> None:
         if self.logs is None or ws.closed:
             return
-        self.logs.drain()
+        self.logs.drain(end_lines=True)
         frame = self.logs.frame()
         if frame:
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -520,7 +520,7 @@ class Worker:
         ws = self.ws
         if ws is None or ws.closed:
             return
-        self._send_logs()  # what the user printed before a result arrives before it
+        self._send_logs(end_lines=True)  # what the user printed before a result arrives before it
         with self.out_lock:
             batch, self.outbox = self.outbox, []
         if batch:
@@ -543,11 +543,11 @@ class Worker:
         self._logs_scheduled = False
         self._send_logs()
 
-    def _send_logs(self) -> None:
+    def _send_logs(self, end_lines: bool = False) -> None:
         ws = self.ws
         if ws is None or ws.closed or self.logs is None:
             return
-        self.logs.drain()
+        self.logs.drain(end_lines=end_lines)
         frame = self.logs.frame()
         if frame:
             self.loop.create_task(ws.send_bytes(protocol.encode(frame)))  # type: ignore[union-attr]
@@ -561,7 +561,7 @@ class Worker:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        self.logs.drain(flush=False)
+        self.logs.drain(flush=False, end_lines=True)
         ws, loop = self.ws, self.loop
         if ws is None or ws.closed or loop is None:
             return
