@@ -77,10 +77,13 @@ def test_separate_server_run_and_app_logs_keep_the_stream(server_process, tmp_pa
     assert ours_suffix(logs.stderr, ERR) == ERR, logs.stderr
     only_err = run("app", "logs", "streams", "--stream", "stderr")
     assert ours_suffix(only_err.stderr, ERR) == ERR and ours_suffix(only_err.stdout, OUT) == []
-    import httpx
+    import json
+    import urllib.request
 
-    rows = httpx.get(f"{server_process.url}/api/apps/streams/logs",
-                     headers={"Authorization": f"Bearer {server_process.token()}"}).json()
+    request = urllib.request.Request(f"{server_process.url}/api/apps/streams/logs", headers={
+        "Authorization": f"Bearer {server_process.token()}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        rows = json.load(response)
     streams = {row["line"]: row["stream"] for row in rows}
     assert all(streams[line] == "stdout" for line in OUT), rows
     assert all(streams[line] == "stderr" for line in ERR), rows

@@ -36,8 +36,11 @@ def marker(task_id: str) -> str:
     return f"mctl: worker {task_id} output follows"
 
 
-# (stdout pipe's read end, stderr pipe's read end, original stdout) in a kept worker
-_kept: tuple[int, int, int] | None = None
+# (stdout pipe's read end, stderr pipe's read end, original stdout, shared state) in a kept worker
+_kept: tuple[int, int, int, Any] | None = None
+# The shared state's one byte: which stream's line the original stdout leaves open (unended), so
+# the keeper ends it before it copies the other stream's rest.
+OPEN_NONE, OPEN_STDOUT, OPEN_STDERR = 0, 1, 2
 
 
 def start_keeper(task_id: str) -> None:
@@ -52,6 +55,9 @@ def start_keeper(task_id: str) -> None:
         os.write(1, (marker(task_id) + "\n").encode())
     except OSError:
         pass
+    import mmap
+
+    shared = mmap.mmap(-1, 1)  # MAP_SHARED: the keeper reads what the worker writes
     rout, wout = os.pipe()
     rerr, werr = os.pipe()
     try:
@@ -63,7 +69,7 @@ def start_keeper(task_id: str) -> None:
     if child:
         os.close(wout)
         os.close(werr)
-        _keep(child, rout, rerr)  # does not return
+        _keep(child, rout, rerr, shared)  # does not return
     keeper = os.getppid()
     _die_with(keeper)
     if os.environ.get("MCTL_PARENT_PID"):  # the worker's watchdog watches the keeper now
@@ -74,7 +80,7 @@ def start_keeper(task_id: str) -> None:
     os.dup2(werr, 2)
     os.close(wout)
     os.close(werr)
-    _kept = (rout, rerr, orig)
+    _kept = (rout, rerr, orig, shared)
 
 
 def _die_with(parent: int) -> None:
@@ -89,7 +95,7 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _keep(child: int, rout: int, rerr: int) -> None:
+def _keep(child: int, rout: int, rerr: int, shared: Any) -> None:
     """The keeper: forward signals to the worker, wait for it, copy what it left in the pipes to
     the original stdout, then end the way it ended."""
     def forward(signum: int, _frame: Any) -> None:
@@ -123,8 +129,13 @@ def _keep(child: int, rout: int, rerr: int) -> None:
             os._exit(0)  # the worker gets SIGKILL (PR_SET_PDEATHSIG)
     for sig in (*FORWARDED, *FROM_A_TERMINAL):
         signal.signal(sig, signal.SIG_DFL)
-    _copy_rest(rout, b"")
-    _copy_rest(rerr, STDERR_TAG.encode())
+    still_open = shared[0]
+    if still_open == OPEN_STDERR:  # first the stream whose line is open: its rest goes on with it
+        _copy_rest(rerr, STDERR_TAG.encode(), True)
+        _copy_rest(rout, b"", False)
+    else:
+        _copy_rest(rout, b"", still_open == OPEN_STDOUT)
+        _copy_rest(rerr, STDERR_TAG.encode(), False)
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
     if sig == signal.SIGKILL and ooms is not None and (_oom_kills() or 0) > ooms:
         note = STDERR_TAG + OOM_NOTE + "\n"
@@ -139,9 +150,10 @@ def _keep(child: int, rout: int, rerr: int) -> None:
              else os.WEXITSTATUS(status))
 
 
-def _copy_rest(rfd: int, tag: bytes) -> None:
+def _copy_rest(rfd: int, tag: bytes, is_open: bool) -> None:
     """What the worker printed into one pipe and never read, as whole lines (each starting with
-    `tag`, the last one ended) to the original stdout."""
+    `tag`, the last one ended) to the original stdout. `is_open`: the worker left a line of this
+    stream open there, which the rest goes on with (or is ended when there is none)."""
     os.set_blocking(rfd, False)
     chunks = []
     while True:
@@ -154,11 +166,15 @@ def _copy_rest(rfd: int, tag: bytes) -> None:
         chunks.append(data)
     rest = b"".join(chunks)
     if not rest:
+        rest = b"\n" if is_open else b""
+    if not rest:
         return
     if not rest.endswith(b"\n"):
         rest += b"\n"
     if tag:
-        rest = b"".join(tag + line + b"\n" for line in rest[:-1].split(b"\n"))
+        lines = rest[:-1].split(b"\n")
+        rest = b"".join((b"" if i == 0 and is_open else tag) + line + b"\n"
+                        for i, line in enumerate(lines))
     while rest:
         try:
             rest = rest[os.write(1, rest):]
@@ -205,8 +221,9 @@ class LogCapture:
         sys.stdout.flush()
         sys.stderr.flush()
         if _kept is not None:  # start_keeper redirected fds 1 and 2 already
-            rout, rerr, self._orig = _kept
+            rout, rerr, self._orig, self._shared = _kept
         else:
+            self._shared = bytearray(1)
             self._orig = os.dup(1)
             rout, wout = os.pipe()
             rerr, werr = os.pipe()
@@ -214,7 +231,9 @@ class LogCapture:
             os.dup2(werr, 2)
             os.close(wout)
             os.close(werr)
-        self._partial = {rout: b"", rerr: b""}
+        self._partial = {rout: b"", rerr: b""}  # the open line of each (at most one has one)
+        self._open_in_orig: int | None = None  # the pipe whose line the original stdout leaves open
+        self._ended_early: set[int] = set()
         self._is_err = {rout: False, rerr: True}
         self._open = [rout, rerr]  # pipes not at end of file yet
         for fd in self._open:
@@ -223,21 +242,23 @@ class LogCapture:
 
     def _reader(self) -> None:
         while True:
-            select.select(list(self._open), [], [])
+            ready, _, _ = select.select(list(self._open), [], [])
             # No flush here: a thread blocked printing into a full pipe holds the stream's lock,
             # and only this thread's reading can free it.
-            if not self.drain(flush=False):
+            if not self.drain(flush=False, only=ready):
                 return
 
-    def drain(self, flush: bool = True, end_lines: bool = False) -> bool:
+    def drain(self, flush: bool = True, end_lines: bool = False,
+              only: list[int] | None = None) -> bool:
         """Read what is in the pipes now; False once both are at end of file. `end_lines`: a
-        part of a line waiting for its end is taken as a line (before a result, at the end)."""
+        part of a line waiting for its end is taken as a line (before a result, at the end).
+        `only`: the pipes to read (those select found ready)."""
         if flush:
             sys.stdout.flush()
             sys.stderr.flush()
         got = False
         with self.lock:
-            for fd in list(self._open):
+            for fd in [fd for fd in self._open if only is None or fd in only]:
                 while True:
                     try:
                         data = os.read(fd, 65536)
@@ -247,10 +268,9 @@ class LogCapture:
                         self._open.remove(fd)
                         break
                     got = self._add(fd, data) or got
-            if end_lines:
-                for fd, partial in self._partial.items():
-                    if partial:
-                        got = self._add(fd, b"\n") or got
+            if end_lines and self._open_in_orig is not None:
+                self._add(self._open_in_orig, b"\n")
+                got = True
             if len(self.lines) > MAX_LINES:
                 extra = len(self.lines) - MAX_LINES
                 del self.lines[:extra]
@@ -261,21 +281,49 @@ class LogCapture:
         return bool(self._open)
 
     def _add(self, fd: int, data: bytes) -> bool:
-        """Whole lines of one pipe: kept, and copied to the original stdout (stderr's tagged)
-        in the order they are numbered. A part of a line waits for its end."""
-        *complete, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
-        if not complete:
-            return False
+        """Bytes of one pipe, copied at once to the original stdout (a killed worker loses no
+        part of a line it had read): a stderr line there starts with the tag, and a line of one
+        stream left open is ended before the other stream's bytes (it counts as a line then, in
+        the frames too, so both number the lines alike)."""
         err = self._is_err[fd]
-        tag = STDERR_TAG.encode() if err else b""
-        out = b"".join(tag + line + b"\n" for line in complete)
-        while out:
+        if fd in self._ended_early:  # its line was ended for the other stream's bytes
+            self._ended_early.discard(fd)
+            if data.startswith(b"\n"):  # its own end came right after: already written
+                data = data[1:]
+                if not data:
+                    return False
+        if self._open_in_orig not in (None, fd):
+            other = self._open_in_orig
+            self._add(other, b"\n")
+            self._ended_early.add(other)
+        out = bytearray()
+        at_start = self._open_in_orig is None
+        pieces = data.split(b"\n")
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if last and not piece:
+                break
+            if at_start and err:
+                out += STDERR_TAG.encode()
+            out += piece
+            if not last:
+                out += b"\n"
+            at_start = not last
+        ends_open = not data.endswith(b"\n")
+        # Said before the write: a worker killed after it leaves the keeper the right state.
+        self._shared[0] = (OPEN_STDERR if err else OPEN_STDOUT) if ends_open else OPEN_NONE
+        self._open_in_orig = fd if ends_open else None
+        view = memoryview(bytes(out))
+        while view:
             try:
-                out = out[os.write(self._orig, out):]
+                view = view[os.write(self._orig, view):]
             except BlockingIOError:
                 select.select([], [self._orig], [], 1.0)
             except OSError:
                 break
+        *complete, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
+        if not complete:
+            return False
         self.lines.extend(line.decode(errors="replace") for line in complete)
         self.stderr.extend([err] * len(complete))
         self.count += len(complete)
