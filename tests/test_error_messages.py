@@ -59,6 +59,6 @@ def test_web_endpoint_error_logs_the_users_frames_only():
     assert "ZeroDivisionError: division by zero" in both
     assert f'File "{APP}", line {line_of("return 1 / x")}, in divide' in both, both
     assert "bundles" not in both and "starlette" not in both and "fastapi/" not in both, both
-    tb = out.stdout[out.stdout.index("Traceback (most recent call last):"):]
+    tb = out.stderr[out.stderr.index("Traceback (most recent call last):"):]  # printed to stderr
     tb = tb[:tb.index("ZeroDivisionError")]
     assert len(tb.splitlines()) == 4, tb  # the header, one frame (file, code, markers)

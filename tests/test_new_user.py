@@ -119,7 +119,7 @@ def test_a_schedule_that_cannot_fire_leaves_the_others_firing(tmp_path):
         run_sync(_publish(server.url, spec, blobs, "deployed", "ap-ticks", {}, set()))
 
         def lines(app_id):
-            return [row[-1] for row in server.control.store.logs(app_id)]
+            return [row[4] for row in server.control.store.logs(app_id)]
 
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
