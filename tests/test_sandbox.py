@@ -706,3 +706,18 @@ def test_a_crashed_control_plane_finds_its_sandboxes_again(server_process):
     assert mctl.Sandbox.from_id(ends.object_id).wait() == 0  # its exit, from podman
     again.terminate()
     assert not _leftover(again)
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_exec_timeouts_leave_no_files_and_kill_what_the_command_started(app, isolation):
+    """exec(timeout=) used to leave a /tmp/.mctl-exec-* pid file per call in the sandbox (seen
+    in `ls /tmp` and in snapshots), and its kill reached only the top process."""
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
+    assert run(sb, "echo", "quick", timeout=30)[:2] == (0, "quick\n")
+    p = sb.exec("sh", "-c", "sleep 101 & sleep 102; echo never", timeout=2)
+    assert p.wait() == -1 and "never" not in p.stdout.read()
+    rc, out, _ = run(sb, "sh", "-c", "ls -a /tmp; cat /proc/[0-9]*/cmdline 2>/dev/null | "
+                                     "tr '\\0' ' '; true")
+    assert rc == 0 and ".mctl-exec" not in out, out
+    assert "sleep 101" not in out and "sleep 102" not in out, out
+    sb.terminate()

@@ -619,20 +619,19 @@ class Sandbox:
         for v in values:
             environ.update(v)
         environ.update({k: v for k, v in (env or {}).items() if v is not None})
-        pid_file = kill = None
+        marker = kill = None
         container = record["container"]
         if self.isolation == "bwrap":  # its agent; a timeout kills the client, and so the command
             container = record["run_dir"]
         elif timeout is not None:
-            pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
+            marker = sandbox_runtime.exec_marker()
+            killer = sandbox_runtime.kill_marked_command(marker)
 
             def kill() -> None:
                 subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
-                                container, "/bin/sh", "-c",
-                                f"kill -KILL $(cat {pid_file}) 2>/dev/null; rm -f {pid_file}"],
-                               capture_output=True, timeout=30)
+                                container, *killer], capture_output=True, timeout=30)
         argv = sandbox_runtime.exec_argv(container, list(cmd), workdir=workdir,
-                                         env_names=sorted(environ), pid_file=pid_file,
+                                         env_names=sorted(environ), marker=marker,
                                          nproc=record.get("pids") if self.isolation == "gvisor"
                                          else None,
                                          isolation=self.isolation,
@@ -673,7 +672,6 @@ class Sandbox:
     def _fs(self, path: str, script: str, *args: str) -> bytes:
         """Run `script` (`/bin/sh -c`, $1 the path) for ls/mkdir/rm; its error as the OSError
         that the same call on a local path raises."""
-        # no timeout=: its pid file would stay in the sandbox's /tmp (as every open() left one)
         p = self._exec("/bin/sh", "-c", script, "sh", path, *args, text=False)
         p.stdin.write_eof()
         rc = p.wait()
