@@ -25,6 +25,17 @@ def test_output_before_os_exit_is_shown_with_the_exit_code():
     assert "about to crash" in both and "on stderr too" in both, both
     assert "exited with code 3 before it finished" in both, both
     assert both.index("about to crash") < both.index("exited with code 3")
+    # an ephemeral run printed the output already: no pointer at `mctl app logs`
+    assert "app logs" not in both, both
+
+
+def test_sys_exit_in_a_function_says_so():
+    """sys.exit(3) in a function used to make `mctl run` exit 3 without a word."""
+    out = mctl_cli("run", CRASHES, "--what", "quit")
+    assert out.returncode == 3, out.stderr
+    assert "quitting" in out.stdout
+    assert "mctl: function quits called sys.exit(3); mctl run exits with 3." in out.stderr, \
+        out.stderr
 
 
 def test_exit_handler_output_reaches_mctl_run():
@@ -38,8 +49,8 @@ def test_how_it_ended():
     from mctl.core.server.control import _how_it_ended
 
     assert _how_it_ended(3) == "exited with code 3 before it finished"
-    assert _how_it_ended(-9) == ("was killed by signal 9 (SIGKILL) before it finished "
-                                 "\N{EM DASH} out of memory?")
+    # no guess at a SIGKILL the backend cannot explain
+    assert _how_it_ended(-9) == "was killed by signal 9 (SIGKILL) before it finished"
     assert _how_it_ended(-11) == "was killed by signal 11 (SIGSEGV) before it finished"
     assert _how_it_ended(None) == "crashed or was killed before it finished"
 

@@ -234,6 +234,23 @@ def run(ctx: click.Context, app_ref: str | None, module: str | None, detach: boo
     except Exception as exc:  # the user's code failed, here or in a function it called
         click.echo(user_traceback(exc), err=True)
         sys.exit(1)
+    except SystemExit as exc:
+        name = getattr(exc, "_mctl_function", None)
+        if name is None:  # the local entrypoint's own sys.exit: its business
+            raise
+        # a function called sys.exit(N): say so, and exit with its code as Python would
+        code = exc.code
+        shown = "" if code is None else repr(code)
+        click.echo(f"mctl: function {name} called sys.exit({shown}); mctl run exits with "
+                   f"{_exit_status(code)}.", err=True)
+        sys.exit(_exit_status(code))
+
+
+def _exit_status(code: object) -> int:
+    """The status Python exits with for `sys.exit(code)`: None is 0, an int itself, else 1."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def _run_target(app: Any, ref: str, name: str | None
