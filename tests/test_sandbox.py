@@ -612,6 +612,34 @@ def test_cli_list_exec_logs_terminate(server_process):
     assert bad.returncode == 1 and "terminated; exec and open need a running sandbox" in bad.stderr
 
 
+def _sandbox_cmdlines(sb) -> str:
+    return run(sb, "sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; true")[1]
+
+
+def test_cli_exec_ctrl_c_stops_the_command_in_the_sandbox(server_process):
+    """Ctrl-C in `mctl sandbox exec SB -- sleep 100` printed click's "Aborted!" (exit 1) and
+    left the command running in the sandbox."""
+    import signal
+    import sys
+
+    app = mctl.App.lookup("sandbox-cli", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app)
+    proc = subprocess.Popen([sys.executable, "-m", "mctl", "sandbox", "exec", sb.object_id, "--",
+                             "sleep", "103"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "sleep 103" not in _sandbox_cmdlines(sb):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        f"mctl: interrupted (Ctrl-C); the command in sandbox {sb.object_id} was stopped."], err
+    assert "sleep 103" not in _sandbox_cmdlines(sb)
+    sb.terminate()
+
+
 def test_routes_check_token_scopes(server_process):
     import json
     import urllib.error

@@ -87,9 +87,17 @@ def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
     threading.Thread(target=feed, daemon=True).start()
     err = threading.Thread(target=copy, args=(p.stderr, sys.stderr.buffer), daemon=True)
     err.start()
-    copy(p.stdout, sys.stdout.buffer)
-    err.join()
-    rc = p.wait()
+    try:
+        copy(p.stdout, sys.stdout.buffer)
+        err.join()
+        rc = p.wait()
+    except KeyboardInterrupt:  # Ctrl-C: the command in the sandbox stops too, as a shell's would
+        terminate = getattr(p, "_terminate", None)
+        if terminate is not None:
+            terminate()
+        click.echo(f"mctl: interrupted (Ctrl-C); the command in sandbox {sandbox_id} was "
+                   "stopped.", err=True)
+        sys.exit(130)
     sys.exit(124 if rc < 0 else rc)  # -1 (its timeout) as timeout(1) says it
 
 

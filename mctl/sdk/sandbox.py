@@ -13,6 +13,7 @@ it comes, so a process that prints a lot never blocks on a full pipe.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets as _secrets
@@ -212,6 +213,15 @@ class ContainerProcess:
             self._timed_out = True
             if self._kill is not None:
                 self._kill()  # the command inside the sandbox, not only podman exec
+            self._proc.kill()
+
+    def _terminate(self) -> None:
+        """Stop the command: inside the sandbox (its processes, found by their exec marker),
+        then the runtime's exec that ran it (`mctl sandbox exec` on Ctrl-C)."""
+        if self._proc.poll() is None and self._kill is not None:
+            with contextlib.suppress(Exception):
+                self._kill()
+        if self._proc.poll() is None:
             self._proc.kill()
 
     def _code(self, rc: int) -> int:
@@ -623,7 +633,7 @@ class Sandbox:
         container = record["container"]
         if self.isolation == "bwrap":  # its agent; a timeout kills the client, and so the command
             container = record["run_dir"]
-        elif timeout is not None:
+        else:  # a timeout (or Ctrl-C in `mctl sandbox exec`) kills the command inside too
             marker = sandbox_runtime.exec_marker()
             killer = sandbox_runtime.kill_marked_command(marker)
 
