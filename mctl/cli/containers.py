@@ -84,7 +84,12 @@ def container_exec(pty: bool | None, container_id: str, command: tuple[str, ...]
         raise click.ClickException("Name the command to run: mctl container exec ID -- CMD.")
     if pty is None:
         pty = sys.stdin.isatty() and sys.stdout.isatty()
-    code = run_sync(_exec(url, container_id, argv, pty), timeout=None)
+    try:
+        code = run_sync(_exec(url, container_id, argv, pty), timeout=None)
+    except KeyboardInterrupt:  # the connection closes with this process: the server kills it
+        click.echo(f"mctl: interrupted (Ctrl-C); the command in container {container_id} was "
+                   "stopped.", err=True)
+        sys.exit(130)
     sys.exit(code)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import secrets as _secrets
 import subprocess
 import threading
 from dataclasses import dataclass
