@@ -67,3 +67,19 @@ def test_old_spellings_warn_once_from_the_client_at_the_users_line():
     for line in web + mount:
         assert line.startswith(app_file + ":"), line  # the user's file, not a bundle's copy
     assert "bundles" not in out.stderr and "bundles" not in out.stdout
+
+
+def test_a_deployed_apps_crash_points_at_its_logs(isolated_home, tmp_path):
+    """A deployed app's caller did not see the output: the error names `mctl app logs APP`."""
+    deployed = mctl_cli("deploy", CRASHES)
+    assert deployed.returncode == 0, deployed.stderr
+    try:
+        script = tmp_path / "call.py"
+        script.write_text("import mctl\ntry:\n    mctl.Function.from_name('crashes', 'crash')"
+                          ".remote(3)\nexcept Exception as e:\n    print(e)\n")
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=120, env=os.environ)
+        assert "exited with code 3 before it finished. See its output with `mctl app logs " \
+            "crashes`." in out.stdout, out.stdout + out.stderr
+    finally:
+        mctl_cli("server", "stop")
