@@ -25,6 +25,17 @@ def test_output_before_os_exit_is_shown_with_the_exit_code():
     assert "about to crash" in both and "on stderr too" in both, both
     assert "exited with code 3 before it finished" in both, both
     assert both.index("about to crash") < both.index("exited with code 3")
+    # an ephemeral run printed the output already: no pointer at `mctl app logs`
+    assert "app logs" not in both, both
+
+
+def test_sys_exit_in_a_function_says_so():
+    """sys.exit(3) in a function used to make `mctl run` exit 3 without a word."""
+    out = mctl_cli("run", CRASHES, "--what", "quit")
+    assert out.returncode == 3, out.stderr
+    assert "quitting" in out.stdout
+    assert "mctl: function quits called sys.exit(3); mctl run exits with 3." in out.stderr, \
+        out.stderr
 
 
 def test_exit_handler_output_reaches_mctl_run():
@@ -38,8 +49,8 @@ def test_how_it_ended():
     from mctl.core.server.control import _how_it_ended
 
     assert _how_it_ended(3) == "exited with code 3 before it finished"
-    assert _how_it_ended(-9) == ("was killed by signal 9 (SIGKILL) before it finished "
-                                 "\N{EM DASH} out of memory?")
+    # no guess at a SIGKILL the backend cannot explain
+    assert _how_it_ended(-9) == "was killed by signal 9 (SIGKILL) before it finished"
     assert _how_it_ended(-11) == "was killed by signal 11 (SIGSEGV) before it finished"
     assert _how_it_ended(None) == "crashed or was killed before it finished"
 
@@ -56,3 +67,19 @@ def test_old_spellings_warn_once_from_the_client_at_the_users_line():
     for line in web + mount:
         assert line.startswith(app_file + ":"), line  # the user's file, not a bundle's copy
     assert "bundles" not in out.stderr and "bundles" not in out.stdout
+
+
+def test_a_deployed_apps_crash_points_at_its_logs(isolated_home, tmp_path):
+    """A deployed app's caller did not see the output: the error names `mctl app logs APP`."""
+    deployed = mctl_cli("deploy", CRASHES)
+    assert deployed.returncode == 0, deployed.stderr
+    try:
+        script = tmp_path / "call.py"
+        script.write_text("import mctl\ntry:\n    mctl.Function.from_name('crashes', 'crash')"
+                          ".remote(3)\nexcept Exception as e:\n    print(e)\n")
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=120, env=os.environ)
+        assert "exited with code 3 before it finished. See its output with `mctl app logs " \
+            "crashes`." in out.stdout, out.stdout + out.stderr
+    finally:
+        mctl_cli("server", "stop")

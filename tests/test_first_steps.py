@@ -126,3 +126,21 @@ def test_background_server_status_and_stop(isolated_home, tmp_path):
     started = mctl_cli("server", "start")
     assert f"running at {record['url']}" in started.stdout, started.stdout
     mctl_cli("server", "stop")
+
+
+def test_read_only_commands_with_no_server_start_none(isolated_home):
+    """With no server running, `sandbox list`/`app list`/`container list` say nothing runs (they
+    used to fail), commands on one running thing say no server runs, and none of them starts a
+    server (`sandbox exec sb-x` did, only to say there was no such sandbox)."""
+    for args, empty in ((("app", "list"), "No apps are running"),
+                        (("container", "list"), "No containers are running"),
+                        (("sandbox", "list"), "No sandboxes are running")):
+        out = mctl_cli(*args)
+        assert empty in out.stdout and "no mctl server is running" in out.stdout, out.stdout
+        assert json.loads(mctl_cli(*args, "--json").stdout) == []
+    for args in (("sandbox", "exec", "sb-x", "--", "ls"), ("sandbox", "logs", "sb-x"),
+                 ("container", "exec", "ta-x", "--", "ls"), ("app", "logs", "nope")):
+        out = mctl_cli(*args, check=False)
+        assert out.returncode == 1 and "No mctl server is running" in out.stderr, \
+            (args, out.stdout + out.stderr)
+    assert not (isolated_home / "server.json").exists()  # none was started

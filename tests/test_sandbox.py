@@ -612,6 +612,34 @@ def test_cli_list_exec_logs_terminate(server_process):
     assert bad.returncode == 1 and "terminated; exec and open need a running sandbox" in bad.stderr
 
 
+def _sandbox_cmdlines(sb) -> str:
+    return run(sb, "sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; true")[1]
+
+
+def test_cli_exec_ctrl_c_stops_the_command_in_the_sandbox(server_process):
+    """Ctrl-C in `mctl sandbox exec SB -- sleep 100` printed click's "Aborted!" (exit 1) and
+    left the command running in the sandbox."""
+    import signal
+    import sys
+
+    app = mctl.App.lookup("sandbox-cli", create_if_missing=True)
+    sb = mctl.Sandbox.create(app=app)
+    proc = subprocess.Popen([sys.executable, "-m", "mctl", "sandbox", "exec", sb.object_id, "--",
+                             "sleep", "103"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "sleep 103" not in _sandbox_cmdlines(sb):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        f"mctl: interrupted (Ctrl-C); the command in sandbox {sb.object_id} was stopped."], err
+    assert "sleep 103" not in _sandbox_cmdlines(sb)
+    sb.terminate()
+
+
 def test_routes_check_token_scopes(server_process):
     import json
     import urllib.error
@@ -706,3 +734,18 @@ def test_a_crashed_control_plane_finds_its_sandboxes_again(server_process):
     assert mctl.Sandbox.from_id(ends.object_id).wait() == 0  # its exit, from podman
     again.terminate()
     assert not _leftover(again)
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_exec_timeouts_leave_no_files_and_kill_what_the_command_started(app, isolation):
+    """exec(timeout=) used to leave a /tmp/.mctl-exec-* pid file per call in the sandbox (seen
+    in `ls /tmp` and in snapshots), and its kill reached only the top process."""
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
+    assert run(sb, "echo", "quick", timeout=30)[:2] == (0, "quick\n")
+    p = sb.exec("sh", "-c", "sleep 101 & sleep 102; echo never", timeout=2)
+    assert p.wait() == -1 and "never" not in p.stdout.read()
+    rc, out, _ = run(sb, "sh", "-c", "ls -a /tmp; cat /proc/[0-9]*/cmdline 2>/dev/null | "
+                                     "tr '\\0' ' '; true")
+    assert rc == 0 and ".mctl-exec" not in out, out
+    assert "sleep 101" not in out and "sleep 102" not in out, out
+    sb.terminate()

@@ -108,17 +108,19 @@ def test_the_exec_wrapper_reads_env_from_stdin_then_runs_the_command(tmp_path):
     with this machine's /bin/sh, as the sandbox's shell would."""
     import subprocess
 
-    marker, pid_file = "mctl-env-0123abcd", tmp_path / "pid"
+    marker = "mctl-env-0123abcd"
     env = {"API_KEY": "it's a\nmulti-line $value", "MODE": "x"}
     argv = sandbox_nomad.exec_command(
-        ["/bin/sh", "-c", 'printf "%s|%s|%s|" "$API_KEY" "$MODE" "$PWD"; cat; exit 5'],
-        marker=marker, pid_file=str(pid_file), workdir=str(tmp_path))
+        ["/bin/sh", "-c", 'printf "%s|%s|%s|%s|" "$API_KEY" "$MODE" "$PWD" "$MCTL_EXEC_ID"; '
+         'cat; exit 5'],
+        marker=marker, kill_marker="00ff", workdir=str(tmp_path))
     stdin = sandbox_nomad.env_preamble(env, marker) + b"the command's own stdin\n"
     done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30, env={})
     assert done.returncode == 5, done.stderr
-    assert done.stdout.decode() == (f"it's a\nmulti-line $value|x|{tmp_path}|"
+    assert done.stdout.decode() == (f"it's a\nmulti-line $value|x|{tmp_path}|00ff|"
                                     "the command's own stdin\n")
-    assert pid_file.read_text().strip().isdigit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no pid file (a timeout finds
+    # the command by MCTL_EXEC_ID in /proc, sandbox_runtime.kill_marked_command)
     assert "multi-line" not in " ".join(argv)  # the value travelled in stdin only
     with pytest.raises(InvalidError, match="not valid in a shell"):
         sandbox_nomad.env_preamble({"BAD-NAME": "1"}, marker)

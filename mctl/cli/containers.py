@@ -17,9 +17,12 @@ def container() -> None:
 @click.option("--app", "app_name", help="Only this app's (name or id).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def container_list(app_name: str | None, as_json: bool) -> None:
-    from mctl.cli.main import _admin, _when
+    from mctl.cli.main import _admin_list, _when
 
-    rows = _admin("GET", "/api/containers", params={"app": app_name} if app_name else None)
+    rows = _admin_list("/api/containers", params={"app": app_name} if app_name else None)
+    if rows is None:
+        click.echo("[]" if as_json else "No containers are running (no mctl server is running).")
+        return
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -70,18 +73,23 @@ def container_exec(pty: bool | None, container_id: str, command: tuple[str, ...]
     printed here and its exit status is this command's. Needs a token with the deploy scope."""
     import sys
 
+    from mctl.cli.main import NO_SERVER, running_server
     from mctl.core.client import run_sync
-    from mctl.core.config import configured_server_url
 
-    url = configured_server_url()
+    url = running_server()
     if url is None:
-        raise click.ClickException("No mctl server is running; set MCTL_SERVER_URL.")
+        raise click.ClickException(NO_SERVER)
     argv = list(command[1:] if command and command[0] == "--" else command)
     if not argv:
         raise click.ClickException("Name the command to run: mctl container exec ID -- CMD.")
     if pty is None:
         pty = sys.stdin.isatty() and sys.stdout.isatty()
-    code = run_sync(_exec(url, container_id, argv, pty), timeout=None)
+    try:
+        code = run_sync(_exec(url, container_id, argv, pty), timeout=None)
+    except KeyboardInterrupt:  # the connection closes with this process: the server kills it
+        click.echo(f"mctl: interrupted (Ctrl-C); the command in container {container_id} was "
+                   "stopped.", err=True)
+        sys.exit(130)
     sys.exit(code)
 
 

@@ -16,12 +16,18 @@ from mctl.exception import Error
 
 
 def _server() -> str:
-    from mctl.core.config import configured_server_url
+    """The server that holds the named dicts and queues: they are stored objects, kept in the
+    state directory between servers, so (as `mctl volume` and `mctl secret` do) this starts the
+    background server when none runs rather than saying there are none."""
+    from mctl.cli.main import running_server
+    from mctl.core.runner import ensure_background_server
 
-    url = configured_server_url()
+    url = running_server()
     if url is None:
-        raise click.ClickException("No mctl server is running; start one with `mctl server` or "
-                                   "set MCTL_SERVER_URL.")
+        try:
+            url = ensure_background_server()
+        except Error as exc:
+            raise click.ClickException(str(exc)) from None
     return url
 
 

@@ -234,6 +234,23 @@ def run(ctx: click.Context, app_ref: str | None, module: str | None, detach: boo
     except Exception as exc:  # the user's code failed, here or in a function it called
         click.echo(user_traceback(exc), err=True)
         sys.exit(1)
+    except SystemExit as exc:
+        name = getattr(exc, "_mctl_function", None)
+        if name is None:  # the local entrypoint's own sys.exit: its business
+            raise
+        # a function called sys.exit(N): say so, and exit with its code as Python would
+        code = exc.code
+        shown = "" if code is None else repr(code)
+        click.echo(f"mctl: function {name} called sys.exit({shown}); mctl run exits with "
+                   f"{_exit_status(code)}.", err=True)
+        sys.exit(_exit_status(code))
+
+
+def _exit_status(code: object) -> int:
+    """The status Python exits with for `sys.exit(code)`: None is 0, an int itself, else 1."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def _run_target(app: Any, ref: str, name: str | None
@@ -373,13 +390,47 @@ def app() -> None:
     """Manage deployed apps: list, stop, history, rollback, logs."""
 
 
+# What a command about running things (apps, containers, sandboxes) says when no server runs:
+# here an absent local server means nothing is running, so such a command starts none.
+NO_SERVER = ("No mctl server is running, so no app, container or sandbox is running "
+             "(`mctl server start` starts one; MCTL_SERVER_URL names another).")
+
+
+def running_server() -> str | None:
+    """The server to talk to if one is running: MCTL_SERVER_URL or the profile's (taken as
+    given), else the background server recorded in server.json if it is alive; None if none.
+    Starts nothing."""
+    from mctl.core.config import configured_server_url
+    from mctl.core.runner import background_server, read_server_file
+
+    try:
+        url = configured_server_url()
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    if url is None:
+        return None
+    record = read_server_file()
+    if (not os.environ.get("MCTL_SERVER_URL") and record
+            and str(record.get("url", "")).rstrip("/") == url):
+        return url if background_server() else None  # a stale server.json
+    return url
+
+
+def _admin_list(path: str, params: dict[str, Any] | None = None) -> list[Any] | None:
+    """A list of running things from the control plane; None (not an error, no server started)
+    when no server is running."""
+    if running_server() is None:
+        return None
+    return _admin("GET", path, params=params)
+
+
 def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
            start: bool = False) -> Any:
-    """One request to the control plane; `start`: start the background server if none runs."""
+    """One request to the control plane; `start`: start the background server if none runs
+    (stored objects: secrets, volumes, dicts); without it, no running server is NO_SERVER."""
     from mctl.core.client import client_for, close_client, run_sync
-    from mctl.core.config import configured_server_url
 
-    url = configured_server_url()
+    url = running_server()
     if start:
         from mctl.core.runner import ensure_background_server
 
@@ -388,8 +439,7 @@ def _admin(method: str, path: str, body: Any = None, params: dict[str, Any] | No
         except Error as exc:
             raise click.ClickException(str(exc)) from None
     if url is None:
-        raise click.ClickException("No mctl server is running; deploy an app with `mctl deploy` "
-                                   "or set MCTL_SERVER_URL.")
+        raise click.ClickException(NO_SERVER)
     try:
         return run_sync(client_for(url).http(method, path, body, params))
     except Error as exc:
@@ -407,7 +457,10 @@ def _when(ts: float | None) -> str:
 @click.option("--all", "show_all", is_flag=True, help="Include stopped ephemeral apps.")
 def app_list(as_json: bool, show_all: bool) -> None:
     """List apps."""
-    apps = _admin("GET", "/api/apps", params={"all": "1" if show_all else "0"})
+    apps = _admin_list("/api/apps", params={"all": "1" if show_all else "0"})
+    if apps is None:
+        click.echo("[]" if as_json else "No apps are running (no mctl server is running).")
+        return
     if as_json:
         click.echo(json.dumps(apps, indent=2))
         return

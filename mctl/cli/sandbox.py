@@ -22,8 +22,11 @@ def sandbox() -> None:
 def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
     """List the running sandboxes (with --all, finished ones too): id, app, name, isolation,
     state, return code, creation time, tags."""
-    from mctl.cli.main import _admin, _when
+    from mctl.cli.main import _admin, _when, running_server
 
+    if running_server() is None:
+        click.echo("[]" if as_json else "No sandboxes are running (no mctl server is running).")
+        return
     params = {"all": "1"} if show_all else {}
     if app_id:  # a name (App.lookup's, a deployed app's) or an id, as `mctl app` takes them
         params["app_id"] = _admin("GET", f"/api/apps/{app_id}")["app_id"]
@@ -55,9 +58,12 @@ def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
                  timeout: int | None) -> None:
     """Run COMMAND in a running sandbox, with this terminal's stdin, stdout and stderr; exits
     with the command's code. `mctl sandbox exec sb-... -- python3 -c 'print(1)'`."""
+    from mctl.cli.main import NO_SERVER, running_server
     from mctl.exception import Error
     from mctl.sdk.sandbox import Sandbox
 
+    if running_server() is None:  # nothing runs: no server is started to say so
+        raise click.ClickException(NO_SERVER)
     try:
         sb = Sandbox.from_id(sandbox_id)
         p = sb.exec(*command, workdir=workdir, timeout=timeout, text=False)
@@ -81,9 +87,17 @@ def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
     threading.Thread(target=feed, daemon=True).start()
     err = threading.Thread(target=copy, args=(p.stderr, sys.stderr.buffer), daemon=True)
     err.start()
-    copy(p.stdout, sys.stdout.buffer)
-    err.join()
-    rc = p.wait()
+    try:
+        copy(p.stdout, sys.stdout.buffer)
+        err.join()
+        rc = p.wait()
+    except KeyboardInterrupt:  # Ctrl-C: the command in the sandbox stops too, as a shell's would
+        terminate = getattr(p, "_terminate", None)
+        if terminate is not None:
+            terminate()
+        click.echo(f"mctl: interrupted (Ctrl-C); the command in sandbox {sandbox_id} was "
+                   "stopped.", err=True)
+        sys.exit(130)
     sys.exit(124 if rc < 0 else rc)  # -1 (its timeout) as timeout(1) says it
 
 

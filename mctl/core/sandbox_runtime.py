@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -414,12 +415,39 @@ def _direct_exec(isolation: str | None, container_id: str | None) -> list[str] |
     return None
 
 
+# An exec with a timeout runs with `MCTL_EXEC_ID=<token>` in its environment: the timeout kills
+# every process in the sandbox whose /proc/PID/environ holds it (the command and what it started),
+# found from a second exec; no pid file is left in the sandbox's /tmp (or in its snapshots).
+MARKER_ENV = "MCTL_EXEC_ID"
+
+
+def exec_marker() -> str:
+    """A fresh token for `exec_argv(marker=...)`."""
+    import secrets
+
+    return secrets.token_hex(8)
+
+
+def kill_marked_command(marker: str) -> list[str]:
+    """The command to run inside the sandbox (an exec of its own) that SIGKILLs the processes
+    of the exec started with `marker`. It names the token only in its argv, so it never
+    matches itself; it runs twice over, for a child forked while the first pass ran."""
+    if not re.fullmatch(r"[0-9a-f]+", marker):
+        raise ValueError(f"bad exec marker {marker!r}")
+    needle = f"{MARKER_ENV}={marker}"
+    return ["/bin/sh", "-c",
+            'for _ in 1 2; do for d in /proc/[0-9]*; do '
+            f'grep -qa "{needle}" "$d/environ" 2>/dev/null && kill -KILL "${{d#/proc/}}" '
+            '2>/dev/null; done; done; exit 0']
+
+
 def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
-              env_names: list[str] = (), pid_file: str | None = None,  # type: ignore[assignment]
+              env_names: list[str] = (), marker: str | None = None,  # type: ignore[assignment]
               nproc: int | None = None, isolation: str | None = None,
               container_id: str | None = None, check: bool = True) -> list[str]:
-    """`podman exec -i ...` for one command in a running sandbox. With `pid_file` the command
-    first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
+    """`podman exec -i ...` for one command in a running sandbox. With `marker` (from
+    `exec_marker()`) the command runs with it in its environment, so a timeout can kill it and
+    what it started with `kill_marked_command(marker)`, leaving no file behind; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
     rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes).
 
@@ -458,9 +486,9 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
         for key in env_names:
             argv += ["--env", key]
         argv.append(container)
-    if not (nproc or pid_file or check):
+    if not (nproc or marker or check):
         return argv + list(cmd)
-    script = f"echo $$ > {pid_file}; " if pid_file else ""
+    script = f"{MARKER_ENV}={marker}; export {MARKER_ENV}; " if marker else ""
     if shell_workdir:
         script += ('cd "$1" 2>/dev/null || { echo "mctl: workdir $1 does not exist in the sandbox '
                    '(or is not a directory it may enter)" >&2; exit 1; }; shift; ')

@@ -217,17 +217,18 @@ def read_frame(text: str) -> tuple[str, bytes | int | None]:
     return "", None
 
 
-def exec_command(cmd: list[str], *, marker: str, pid_file: str,
+def exec_command(cmd: list[str], *, marker: str, kill_marker: str,
                  workdir: str | None = None) -> list[str]:
     """The command a relayed exec runs through Nomad's alloc exec, which has no environment or
     working directory of its own: a shell reads `export K='v'` lines from stdin up to `marker`
-    (so values travel in the stream, never in the exec URL), writes its pid to `pid_file` (for
-    a timeout's kill), enters `workdir` and execs the command, which then reads stdin itself."""
-    script = ('m=$1; p=$2; w=$3; shift 3; e=; '
+    (so values travel in the stream, never in the exec URL), exports `kill_marker` as
+    MCTL_EXEC_ID (for a timeout's kill, sandbox_runtime.kill_marked_command; no file is left),
+    enters `workdir` and execs the command, which then reads stdin itself."""
+    script = ('m=$1; k=$2; w=$3; shift 3; e=; '
               'while IFS= read -r l; do [ "$l" = "$m" ] && break; e="$e$l\n"; done; '
-              'eval "$e"; echo $$ > "$p"; '
+              f'eval "$e"; {sandbox_runtime.MARKER_ENV}=$k; export {sandbox_runtime.MARKER_ENV}; '
               'if [ -n "$w" ]; then cd "$w" || exit 126; fi; exec "$@"')
-    return ["/bin/sh", "-c", script, "sh", marker, pid_file, workdir or "", *cmd]
+    return ["/bin/sh", "-c", script, "sh", marker, kill_marker, workdir or "", *cmd]
 
 
 def env_preamble(env: dict[str, str], marker: str) -> bytes:
@@ -683,8 +684,8 @@ class NomadSandboxes:
             await self._follow(sbs, rec, ws)
             return
         marker = f"mctl-env-{secrets.token_hex(8)}"
-        pid_file = f"/tmp/.mctl-exec-{secrets.token_hex(6)}"
-        cmd = exec_command(list(req["exec"]), marker=marker, pid_file=pid_file,
+        kill_marker = sandbox_runtime.exec_marker()
+        cmd = exec_command(list(req["exec"]), marker=marker, kill_marker=kill_marker,
                            workdir=req.get("workdir"))
         preamble = env_preamble(env, marker)
         nomad = await self._exec(sbs, sandbox_id, cmd)
@@ -736,8 +737,7 @@ class NomadSandboxes:
             reader.cancel()
             await nomad.close()
         if kill:
-            await self.run_in(sbs, sandbox_id, ["/bin/sh", "-c", f"kill -KILL $(cat {pid_file})"
-                                                f" 2>/dev/null; rm -f {pid_file}"], timeout=30)
+            await self.run_in(sbs, sandbox_id, sandbox_runtime.kill_marked_command(kill_marker), timeout=30)
         if not timed_out and code is None:
             if kill or ws.closed:
                 return

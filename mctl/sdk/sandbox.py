@@ -13,9 +13,9 @@ it comes, so a process that prints a lot never blocks on a full pipe.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import secrets as _secrets
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -212,6 +212,15 @@ class ContainerProcess:
             self._timed_out = True
             if self._kill is not None:
                 self._kill()  # the command inside the sandbox, not only podman exec
+            self._proc.kill()
+
+    def _terminate(self) -> None:
+        """Stop the command: inside the sandbox (its processes, found by their exec marker),
+        then the runtime's exec that ran it (`mctl sandbox exec` on Ctrl-C)."""
+        if self._proc.poll() is None and self._kill is not None:
+            with contextlib.suppress(Exception):
+                self._kill()
+        if self._proc.poll() is None:
             self._proc.kill()
 
     def _code(self, rc: int) -> int:
@@ -619,20 +628,19 @@ class Sandbox:
         for v in values:
             environ.update(v)
         environ.update({k: v for k, v in (env or {}).items() if v is not None})
-        pid_file = kill = None
+        marker = kill = None
         container = record["container"]
         if self.isolation == "bwrap":  # its agent; a timeout kills the client, and so the command
             container = record["run_dir"]
-        elif timeout is not None:
-            pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
+        else:  # a timeout (or Ctrl-C in `mctl sandbox exec`) kills the command inside too
+            marker = sandbox_runtime.exec_marker()
+            killer = sandbox_runtime.kill_marked_command(marker)
 
             def kill() -> None:
                 subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
-                                container, "/bin/sh", "-c",
-                                f"kill -KILL $(cat {pid_file}) 2>/dev/null; rm -f {pid_file}"],
-                               capture_output=True, timeout=30)
+                                container, *killer], capture_output=True, timeout=30)
         argv = sandbox_runtime.exec_argv(container, list(cmd), workdir=workdir,
-                                         env_names=sorted(environ), pid_file=pid_file,
+                                         env_names=sorted(environ), marker=marker,
                                          nproc=record.get("pids") if self.isolation == "gvisor"
                                          else None,
                                          isolation=self.isolation,
@@ -673,7 +681,6 @@ class Sandbox:
     def _fs(self, path: str, script: str, *args: str) -> bytes:
         """Run `script` (`/bin/sh -c`, $1 the path) for ls/mkdir/rm; its error as the OSError
         that the same call on a local path raises."""
-        # no timeout=: its pid file would stay in the sandbox's /tmp (as every open() left one)
         p = self._exec("/bin/sh", "-c", script, "sh", path, *args, text=False)
         p.stdin.write_eof()
         rc = p.wait()

@@ -15,6 +15,12 @@ def crash(code):
     os._exit(code)
 
 
+@app.function()
+def quits(code):
+    print("quitting", flush=True)
+    sys.exit(code)
+
+
 @app.cls()
 class Greeter:
     @mctl.exit()
@@ -30,5 +36,7 @@ class Greeter:
 def main(what: str = "crash"):
     if what == "crash":
         crash.remote(3)
+    elif what == "quit":
+        quits.remote(3)
     else:
         print(Greeter().hello.remote())

@@ -343,6 +343,7 @@ class Worker:
                 self._returned(input_id, "success", _result(result, fn),
                                dur=time.monotonic() - start)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            self._name_exit(exc)
             self._returned(input_id, "failure", serialize_exception(exc), seq,
                            dur=time.monotonic() - start)
         finally:
@@ -403,6 +404,7 @@ class Worker:
                 else:
                     self._emit(input_id, "failure", error)
         except BaseException as exc:  # noqa: BLE001
+            self._name_exit(exc)
             err = serialize_exception(exc)
             if not committed:
                 self._autocommit()
@@ -441,8 +443,16 @@ class Worker:
                 self._emit(input_id, "timeout", serialize_exception(FunctionTimeoutError(
                     f"Input {input_id} timed out after {self.fspec.timeout:g}s.")), seq)
             except BaseException as exc:  # noqa: BLE001
+                self._name_exit(exc)
                 await asyncio.to_thread(self._returned, input_id, "failure",
                                         serialize_exception(exc), seq)
+
+    def _name_exit(self, exc: BaseException) -> None:
+        """A `sys.exit(N)` in the function travels to the caller as SystemExit, named, so
+        `mctl run` can say which function asked to exit (see cli.main.run)."""
+        if isinstance(exc, SystemExit):
+            with contextlib.suppress(AttributeError, TypeError):
+                exc._mctl_function = self.fspec.tag  # type: ignore[attr-defined]
 
     def _resolve(self, item: dict[str, Any], payload: bytes) -> tuple[Any, tuple, dict, bool]:
         """Decode an input into (callable, args, kwargs, is_generator)."""

@@ -568,14 +568,24 @@ class ControlPlane:
             if rec.done or rec.worker is not conn:
                 continue
             err = serialize_exception(ContainerCrashedError(
-                f"The container ({conn.task_id}) running input {rec.input_id} "
-                f"{how}{' ' if how.endswith('?') else '. '}"
-                "See its output in the logs (`mctl app logs APP` for a deployed app)."))
+                f"The container ({conn.task_id}) running input {rec.input_id} {how}."
+                f"{self._logs_hint(conn.function_id)}"))
             self._finish_attempt(rec, "crashed", err, fs)
         conn.running.clear()
         self._schedule_flush()
         if fs is not None:
             self._dispatch(fs)
+
+    def _logs_hint(self, function_id: str) -> str:
+        """Where a crashed container's output is: `mctl run` (an ephemeral app) has printed it
+        already, above the error; a deployed or detached app's is in its logs."""
+        fs = self.functions.get(function_id)
+        app_id = fs.app_id if fs is not None else None
+        if app_id is None or self.app_modes.get(app_id) not in ("deployed", "detached"):
+            return ""
+        spec = self.apps.get(app_id)
+        name = getattr(spec, "name", None) or app_id
+        return f" See its output with `mctl app logs {name}`."
 
     def _on_put_inputs(self, conn: Conn, header: dict[str, Any], payloads: list[bytes]) -> None:
         fid = header["function_id"]
@@ -941,8 +951,8 @@ class ControlPlane:
 
 def _how_it_ended(code: int | None, oom: bool = False) -> str:
     """`exited with code 3 before it finished`, `was killed by signal 9 (SIGKILL) before it
-    finished — out of memory?`, or the unknown case; `oom`: the backend knows the kernel's
-    OOM killer did it."""
+    finished`, or the unknown case; `oom`: the backend knows the kernel's OOM killer did it.
+    A SIGKILL the backend cannot explain gets no guess (it may be a user's `kill -9`)."""
     if oom:
         signal_9 = "by signal 9 (SIGKILL) " if code == -9 else ""
         return (f"was killed {signal_9}before it finished — out of memory (the kernel's "
@@ -956,8 +966,7 @@ def _how_it_ended(code: int | None, oom: bool = False) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown"
-        hint = " — out of memory?" if -code == signal.SIGKILL else ""
-        return f"was killed by signal {-code} ({name}) before it finished{hint}"
+        return f"was killed by signal {-code} ({name}) before it finished"
     return f"exited with code {code} before it finished"
 
 

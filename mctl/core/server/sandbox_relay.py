@@ -145,7 +145,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
                  ws: web.WebSocketResponse) -> None:
     container = rec["container"]
     env: dict[str, str] = {}
-    pid_file = None
+    marker = None
     if req.get("logs"):
         argv = sandbox_runtime.logs_argv(rec)
         if rec["state"] != "running":
@@ -176,10 +176,10 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         timeout = req.get("timeout")
         bwrap = rec.get("isolation") == "bwrap"  # its agent kills a command whose client ends
         if timeout is not None and not bwrap:
-            pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
+            marker = sandbox_runtime.exec_marker()
         argv = sandbox_runtime.exec_argv(
             rec["run_dir"] if bwrap else container, cmd, workdir=req.get("workdir"),
-            env_names=sorted(env), pid_file=pid_file,
+            env_names=sorted(env), marker=marker,
             nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None,
             isolation="bwrap" if bwrap else None)
     prefix = (await _prefix(sb, rec))
@@ -221,10 +221,10 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             await asyncio.wait_for(proc.wait(), float(timeout) if timeout is not None else None)
         except asyncio.TimeoutError:
             timed_out = True
-            if pid_file is not None:  # the command inside the sandbox, not only podman exec
+            if marker is not None:  # the command inside the sandbox, not only podman exec
                 kill = (await _prefix(sb, rec)) + [
                     "podman", "exec", "--user", sandbox_runtime.SANDBOX_USER, container,
-                    "/bin/sh", "-c", f"kill -KILL $(cat {pid_file}) 2>/dev/null; rm -f {pid_file}"]
+                    *sandbox_runtime.kill_marked_command(marker)]
                 killer = await asyncio.create_subprocess_exec(
                     *kill, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.DEVNULL)
