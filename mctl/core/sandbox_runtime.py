@@ -17,6 +17,7 @@ unisolated process. `MCTL_SANDBOX_ISOLATION` (gvisor | runc) or `isolation=` pic
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -127,11 +128,82 @@ def poolable(cfg: SandboxConfig) -> bool:
             and cfg.memory_mb is None and cfg.pids is None)
 
 
+# gVisor's runtime as podman calls it: Debian's runsc has no `exec --tty` flag (the terminal is
+# already in the process spec podman passes, with --console-socket), and podman 4 passes one for
+# `podman exec -t`. This wrapper drops that one flag and runs runsc with the rest, so a
+# terminal (`exec(pty=True)`) works in gVisor sandboxes. Written where the runtime's state lives
+# (/run: gone at a reboot, with the containers that name it).
+RUNSC_TTY_SCRIPT = """#!/bin/sh
+# mctl: runsc without exec's --tty flag (core/sandbox_runtime.py, RUNSC_TTY_SCRIPT)
+for a in "$@"; do shift; [ "$a" = --tty ] && continue; set -- "$@" "$a"; done
+exec {runsc} "$@"
+"""
+
+
+def runsc_tty_path() -> str:
+    """Where the runsc wrapper lives on a host (the control plane's, or a Slurm node)."""
+    return f"/run/mctl/runsc-tty-{hashlib.sha256(RUNSC.encode()).hexdigest()[:8]}"
+
+
+def runsc_tty_script() -> str:
+    return RUNSC_TTY_SCRIPT.format(runsc=RUNSC)
+
+
+def ensure_runsc_tty() -> str:
+    """Write the runsc wrapper on this host if it is missing; its path (RUNSC itself when it
+    cannot be written: everything but a terminal in a gVisor sandbox still works)."""
+    path = runsc_tty_path()
+    body = runsc_tty_script()
+    try:
+        with open(path) as fh:
+            if fh.read() == body:
+                return path
+    except OSError:
+        pass
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(body)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+        return path
+    except OSError:
+        return RUNSC
+
+
+# The main command's stdin (`sb.stdin`). The container runs with `podman run -i`; its stdin is
+# fed from a FIFO on the sandbox's host (`stdin_fifo`), kept open by a holder process that has it
+# open for reading and writing (so writers come and go without the command seeing an end). Each
+# `sb.stdin` connection writes into the FIFO (`STDIN_WRITE_SCRIPT`); `write_eof` ends the holder
+# (`STDIN_EOF_SCRIPT`), and once the last writer is gone the reader sees the end and closes the
+# container's stdin. The holder is its own process, not the control plane's: a restart of the
+# control plane loses nothing. Locally the reader is `podman attach` (`STDIN_HOLD_SCRIPT`); in a
+# Slurm job it is the job's own foreground `podman run -i` (plugins/sandbox_slurm).
+STDIN_HOLD_SCRIPT = (
+    'mkdir -p "${1%/*}" && rm -f "$1" "$1.pid"; mkfifo -m 600 "$1" || exit 1; exec 3<>"$1"; echo $$ > "$1.pid"; '
+    'podman attach --sig-proxy=false --detach-keys "" "$2" <"$1" >/dev/null 2>&1 3>&-; '
+    'rm -f "$1" "$1.pid"')
+STDIN_CLOSED = 75  # the exit code of STDIN_WRITE_SCRIPT when stdin is closed
+STDIN_WRITE_SCRIPT = (
+    f'[ -p "$1" ] && kill -0 "$(cat "$1.pid" 2>/dev/null)" 2>/dev/null || exit {STDIN_CLOSED}; '
+    'exec cat > "$1"')
+STDIN_EOF_SCRIPT = 'kill "$(cat "$1.pid" 2>/dev/null)" 2>/dev/null; rm -f "$1.pid"; exit 0'
+
+
+def stdin_fifo(container: str) -> str:
+    """The FIFO that feeds a sandbox's main command, on the host where it runs."""
+    return f"/run/mctl/stdin-{container}"
+
+
 def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
-             labels: dict[str, str] | None = None, timeout_s: int | None = None) -> list[str]:
+             labels: dict[str, str] | None = None, timeout_s: int | None = None,
+             runsc: str | None = None) -> list[str]:
     """`podman run -d ...` for one sandbox under `isolation` (container `name`, default from
     the sandbox id). `timeout_s`: conmon kills the container then, whoever watches or not (the
-    control plane ends it at its own timeout first; this is the net under a crashed one)."""
+    control plane ends it at its own timeout first; this is the net under a crashed one).
+    A main command gets `-i` (its stdin is kept open for `sb.stdin`). `runsc`: gVisor's runtime
+    path on the host that runs it (default: this host's wrapper, `ensure_runsc_tty`)."""
     pids = cfg.pids or DEFAULT_PIDS
     memory = cfg.memory_mb or DEFAULT_MEMORY_MB
     argv = ["podman", "run", "-d", "--name", name or container_name(cfg.sandbox_id),
@@ -144,8 +216,10 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
             "--log-driver", "k8s-file",
             # catatonit as pid 1: orphans are reaped, so a fork bomb's zombies free their pids
             "--init"]
+    if cfg.command:
+        argv.insert(3, "-i")
     if isolation == "gvisor":
-        argv += ["--runtime", RUNSC, "--runtime-flag", "network=none", "--network", "none",
+        argv += ["--runtime", runsc or ensure_runsc_tty(), "--runtime-flag", "network=none", "--network", "none",
                  # gVisor's sentry threads are host tasks: leave them room above the code's own.
                  "--pids-limit", str(2 * pids + GVISOR_PIDS_SLACK)]
     elif isolation == "runc":
@@ -193,12 +267,13 @@ def _direct_exec(isolation: str | None, container_id: str | None) -> list[str] |
 def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
               env_names: list[str] = (), pid_file: str | None = None,  # type: ignore[assignment]
               nproc: int | None = None, isolation: str | None = None,
-              container_id: str | None = None) -> list[str]:
-    """`podman exec -i ...` for one command in a running sandbox. With `pid_file` the command
+              container_id: str | None = None, tty: bool = False) -> list[str]:
+    """`podman exec -i ...` for one command in a running sandbox (`-t` with `tty`: on a
+    terminal, which the caller gives podman as its own stdin and stdout). With `pid_file` the command
     first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
     rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes)."""
-    direct = _direct_exec(isolation, container_id) if not env_names else None
+    direct = _direct_exec(isolation, container_id) if not (env_names or tty) else None
     if direct:
         # The OCI runtime's own exec (~0.07 s, against ~0.3 s through podman exec). The process
         # gets the container's spec (no capabilities, no_new_privs, its cgroups and rlimits,
@@ -209,7 +284,7 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
             argv += ["--cwd", workdir]
         argv.append(container_id)  # type: ignore[arg-type]
     else:
-        argv = ["podman", "exec", "-i", "--user", SANDBOX_USER]
+        argv = ["podman", "exec", "-i", *(["-t"] if tty else []), "--user", SANDBOX_USER]
         if workdir:
             argv += ["--workdir", workdir]
         for key in env_names:

@@ -76,7 +76,8 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
     for key in ("partition", "account", "qos"):
         if opts.get(key):
             lines.append(f"#SBATCH --{key}={opts[key]}")
-    argv = foreground(sandbox_runtime.run_argv(cfg, isolation, name=container))
+    argv = foreground(sandbox_runtime.run_argv(cfg, isolation, name=container,
+                                               runsc="__MCTL_RUNSC__"))
     if gres is not None:
         # Slurm chose the GPUs; the code sees those (devices come from CDI where it is set up)
         argv.insert(2, "CUDA_VISIBLE_DEVICES")
@@ -87,15 +88,39 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         check.append(f"[ -x {sandbox_runtime.RUNSC} ] || {{ echo \"mctl: {sandbox_runtime.RUNSC}"
                      " (gVisor) is not installed on $(hostname); install runsc there or create "
                      "the sandbox with isolation='runc'\" >&2; exit 125; }")
+    run = " ".join(shlex.quote(part) for part in argv).replace("__MCTL_RUNSC__", '"$runsc"')
+    stdin_lines: list[str] = []
+    if cfg.command:  # the main command's stdin, fed from a FIFO (sandbox_runtime, stdin_fifo)
+        fifo = sandbox_runtime.stdin_fifo(container)
+        stdin_lines = [
+            f"stdin={shlex.quote(fifo)}",
+            'mkdir -p "${stdin%/*}" && rm -f "$stdin" "$stdin.pid" && mkfifo -m 600 "$stdin" '
+            '|| { echo "mctl: cannot make $stdin on $(hostname)" >&2; exit 125; }',
+            # the holder keeps it open: writers come and go; write_eof ends the holder
+            'sleep infinity 3<>"$stdin" & echo $! > "$stdin.pid"']
+        run += ' <"$stdin" &'
+    else:
+        run += " </dev/null &"
+    wrapper = sandbox_runtime.runsc_tty_path()
     lines += [
         f"name={container}",
         # TERM (scancel, the time limit) and every other way out remove the container: it lives
         # under conmon, which Slurm's process tracking does not follow
-        "cleanup() { podman rm --force --time 0 --ignore \"$name\" >/dev/null 2>&1; }",
+        "cleanup() { podman rm --force --time 0 --ignore \"$name\" >/dev/null 2>&1; "
+        '[ -n "$stdin" ] && { kill "$(cat "$stdin.pid" 2>/dev/null)" 2>/dev/null; '
+        'rm -f "$stdin" "$stdin.pid"; }; }',
         "trap 'cleanup; exit 143' TERM INT",
         "trap cleanup EXIT",
         *check,
-        " ".join(shlex.quote(part) for part in argv) + " </dev/null &",
+        # gVisor's runtime as podman calls it (sandbox_runtime, RUNSC_TTY_SCRIPT), written on
+        # the node; plain runsc where it cannot be (all but a terminal works then)
+        f"runsc={shlex.quote(wrapper)}",
+        f'[ -x "$runsc" ] || {{ mkdir -p "${{runsc%/*}}" && printf %s '
+        f'{shlex.quote(sandbox_runtime.runsc_tty_script())} > "$runsc.$$" && '
+        f'chmod 755 "$runsc.$$" && mv -f "$runsc.$$" "$runsc"; }} 2>/dev/null || '
+        f"runsc={shlex.quote(sandbox_runtime.RUNSC)}",
+        *stdin_lines,
+        run,
         "pid=$!",
         "wait $pid; code=$?",
         "exit $code"]

@@ -48,6 +48,7 @@ class RelayProcess:
         from mctl.core.client import _LoopThread
 
         self._loop = _LoopThread.get()
+        self._pty = bool(request.get("pty"))
         self._out, self._err = _Buffer(), _Buffer()
         self._done = threading.Event()
         self._returncode: int | None = None
@@ -95,6 +96,8 @@ class RelayProcess:
                             await ws.send_str('{"eof": true}')
                         elif isinstance(item, bytes):
                             await ws.send_bytes(item)
+                        elif isinstance(item, dict):
+                            await ws.send_str(json.dumps(item))
                         else:
                             item.set_result(None)  # drain(): everything before it went out
 
@@ -117,6 +120,15 @@ class RelayProcess:
             self._done.set()
             self._connected.set()
 
+    def resize(self, rows: int, cols: int) -> None:
+        """A command on a terminal (`pty=True`): the terminal's new size (see
+        ContainerProcess.resize)."""
+        if not self._pty:
+            raise InvalidError("resize() needs a command started with exec(..., pty=True).")
+        if not self._done.is_set():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait,
+                                            {"resize": [int(rows), int(cols)]})
+
     def _finish(self) -> int:
         if self._returncode is None:
             raise InvalidError(self._error or "The sandbox relay closed without an exit code.")
@@ -138,10 +150,49 @@ class RelayProcess:
 
 
 def exec_relayed(sb: Any, cmd: list[str], *, workdir: str | None, timeout: int | None,
-                 secret_names: list[str], env: dict[str, str], text: bool) -> RelayProcess:
+                 secret_names: list[str], env: dict[str, str], text: bool,
+                 pty: dict[str, Any] | None = None) -> RelayProcess:
     return RelayProcess(sb._url, sb.object_id,
                         {"exec": list(cmd), "workdir": workdir, "timeout": timeout,
-                         "secret_names": secret_names, "env": env}, text=text)
+                         "secret_names": secret_names, "env": env, "pty": pty}, text=text)
+
+
+class MainStdin:
+    """What `sb.stdin` (a StreamWriter) writes to: the main command's stdin, through the relay
+    (`{"stdin": true}`), connected at the first write. `close()` (write_eof) ends the main
+    command's input once everything before it arrived."""
+
+    def __init__(self, sb: Any) -> None:
+        self._sb = sb
+        self._proc: RelayProcess | None = None
+        self.closed = False
+
+    def _open(self) -> RelayProcess:
+        if self._proc is None or (self._proc._done.is_set() and not self.closed):
+            self._proc = RelayProcess(self._sb._url, self._sb.object_id, {"stdin": True},
+                                      text=False)
+        if self._proc._done.is_set():
+            self._proc._wait()  # raises what the relay said
+        return self._proc
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ValueError("stdin is closed")
+        self._open().stdin.write(data)
+
+    def flush(self) -> None:
+        if self._proc is not None and not self._proc._done.is_set():
+            self._proc.stdin._fh.flush()
+        if self._proc is not None and self._proc._done.is_set():
+            self._proc._wait()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        proc = self._open()
+        self.closed = True
+        proc.stdin.write_eof()
+        proc._wait()
 
 
 def main_output(sb: Any) -> tuple[_Buffer, _Buffer]:

@@ -138,12 +138,57 @@ def _wrap(prefix: list[str], argv: list[str], trailer: str) -> list[str]:
     return prefix + ["/bin/sh", "-c", script, "sh", *argv]
 
 
+async def _pump_pty(master: int, ws: web.WebSocketResponse, trailer: bytes | None) -> int | None:
+    """Send a terminal's output (the pty's master) to the client as stdout. A terminal's output
+    is not made of lines (a prompt has no newline), so only what could be the start of the
+    trailer is held back; the trailer and the code after it end the stream."""
+    prefix = bytes([STDOUT])
+    held = b""
+    while True:
+        try:
+            chunk = await asyncio.to_thread(os.read, master, 1 << 16)
+        except OSError:  # EIO: every writer of the terminal is gone
+            chunk = b""
+        held += chunk
+        if trailer is not None:
+            at = held.find(trailer)
+            if at >= 0:
+                rest = held[at + len(trailer):]
+                if chunk and not re.match(rb"-?\d+\D", rest) and len(rest) < 16:
+                    continue  # the whole code has not arrived yet
+                digits = re.match(rb"-?\d+", rest)
+                await _send(ws, prefix, held[:at])
+                return int(digits.group()) if digits else None
+            keep = 0
+            if chunk:  # the longest end of `held` that could begin the trailer
+                for n in range(min(len(trailer) - 1, len(held)), 0, -1):
+                    if trailer.startswith(held[-n:]):
+                        keep = n
+                        break
+            ready, held = held[:len(held) - keep], held[len(held) - keep:]
+        else:
+            ready, held = held, b""
+        await _send(ws, prefix, ready)
+        if not chunk:
+            return None
+
+
+def _pty_prefix(prefix: list[str]) -> list[str]:
+    """`srun ...` → `srun --pty ...`: the step runs on a terminal on the node, sized and
+    resized as srun's own (our pty)."""
+    return prefix[:1] + ["--pty"] + prefix[1:] if prefix else prefix
+
+
 async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
                  ws: web.WebSocketResponse) -> None:
+    from mctl.core import terminal
+
     container = rec["container"]
     env: dict[str, str] = {}
     pid_file = None
+    tty = req.get("pty") if isinstance(req.get("pty"), dict) else None
     if req.get("logs"):
+        tty = None
         argv = ["podman", "logs", "-f", container]
         if rec["state"] != "running":
             logs = await sb.logs(rec["sandbox_id"])
@@ -152,6 +197,14 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
                     await ws.send_bytes(bytes([channel]) + logs[key].encode())
             await ws.send_json({"exit": 0})
             return
+    elif req.get("stdin"):  # the main command's stdin (sandbox_runtime, STDIN_HOLD_SCRIPT)
+        tty = None
+        if rec["state"] != "running":
+            raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; its main "
+                               "command's stdin is closed.")
+        sb.touch(rec["sandbox_id"])
+        argv = ["/bin/sh", "-c", sandbox_runtime.STDIN_WRITE_SCRIPT, "sh",
+                sandbox_runtime.stdin_fifo(container)]
     else:
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a "
@@ -162,6 +215,9 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         sb.touch(rec["sandbox_id"])  # activity for idle_timeout
         env = await asyncio.to_thread(sb._secret_values,
                                       {"secret_names": req.get("secret_names") or []})
+        if tty is not None:
+            tty = {**terminal.pty_spec(None), **{k: v for k, v in tty.items() if v}}
+            env.update(terminal.pty_env(tty))
         env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
         timeout = req.get("timeout")
         if timeout is not None:
@@ -169,31 +225,74 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         argv = sandbox_runtime.exec_argv(
             container, cmd, workdir=req.get("workdir"), env_names=sorted(env),
             pid_file=pid_file,
-            nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None)
+            nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None,
+            tty=tty is not None)
     prefix = (await _prefix(sb, rec))
     trailer = f"mctl-relay-exit-{_secrets.token_hex(8)}=" if prefix else None
-    argv = _wrap(prefix, argv, trailer or "")
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, **env}, start_new_session=True)
-    assert proc.stdin and proc.stdout and proc.stderr
-    pumps = [asyncio.ensure_future(_pump(proc.stdout, ws, STDOUT)),
-             asyncio.ensure_future(_pump(proc.stderr, ws, STDERR,
-                                         trailer.encode() if trailer else None))]
-    if req.get("logs"):
-        proc.stdin.close()
+    argv = _wrap(_pty_prefix(prefix) if tty is not None else prefix, argv, trailer or "")
+    master = None
+    if tty is not None:
+        # podman exec -t (and srun --pty) on a pty of ours: its output is the terminal's;
+        # stderr carries only what podman or srun say themselves
+        master, slave = terminal.open_pty(int(tty.get("rows") or 0), int(tty.get("cols") or 0))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=slave, stdout=slave, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, **env}, preexec_fn=terminal.controlling_tty)
+        finally:
+            os.close(slave)
+        assert proc.stderr
+        pumps = [asyncio.ensure_future(_pump_pty(master, ws,
+                                                 trailer.encode() if trailer else None)),
+                 asyncio.ensure_future(_pump(proc.stderr, ws, STDERR,
+                                             trailer.encode() if trailer else None))]
+    else:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, **env}, start_new_session=True)
+        assert proc.stdin and proc.stdout and proc.stderr
+        pumps = [asyncio.ensure_future(_pump(proc.stdout, ws, STDOUT)),
+                 asyncio.ensure_future(_pump(proc.stderr, ws, STDERR,
+                                             trailer.encode() if trailer else None))]
+        if req.get("logs"):
+            proc.stdin.close()
+    got_eof = False
+
+    async def to_terminal(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = await asyncio.to_thread(os.write, master, view)  # type: ignore[arg-type]
+            view = view[n:]
 
     async def feed() -> None:
+        nonlocal got_eof
         async for msg in ws:
-            if msg.type == WSMsgType.BINARY and not proc.stdin.is_closing():
+            if msg.type == WSMsgType.BINARY:
                 try:
-                    proc.stdin.write(msg.data)
-                    await proc.stdin.drain()
-                except (BrokenPipeError, ConnectionResetError):
+                    if master is not None:
+                        await to_terminal(msg.data)
+                    elif not proc.stdin.is_closing():  # type: ignore[union-attr]
+                        proc.stdin.write(msg.data)  # type: ignore[union-attr]
+                        await proc.stdin.drain()  # type: ignore[union-attr]
+                except (BrokenPipeError, ConnectionResetError, OSError):
                     pass
-            elif msg.type == WSMsgType.TEXT and json.loads(msg.data).get("eof"):
-                if not proc.stdin.is_closing():
-                    proc.stdin.close()
+            elif msg.type == WSMsgType.TEXT:
+                control = json.loads(msg.data)
+                if control.get("resize") and master is not None:
+                    rows, cols = control["resize"]
+                    try:
+                        terminal.set_size(master, int(rows), int(cols))
+                    except OSError:
+                        pass
+                if control.get("eof"):
+                    got_eof = True
+                    if master is not None:  # a terminal's end of input: ^D
+                        try:
+                            await to_terminal(b"\x04")
+                        except OSError:
+                            pass
+                    elif not proc.stdin.is_closing():  # type: ignore[union-attr]
+                        proc.stdin.close()  # type: ignore[union-attr]
         # the client went away: the command goes with it
         if proc.returncode is None:
             proc.kill()
@@ -218,15 +317,29 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
-        _, reported = await asyncio.gather(*pumps)
+        results = await asyncio.gather(*pumps)
+        reported = results[0] if master is not None else results[1]
     finally:
         feeder.cancel()
         if proc.returncode is None:
             proc.kill()
+        if master is not None:
+            os.close(master)
     rc = proc.returncode or 0
     if not timed_out and reported is not None:
         rc = reported
     code = -1 if timed_out else (128 - rc if rc < 0 else rc)
+    if req.get("stdin"):
+        if code == sandbox_runtime.STDIN_CLOSED:
+            raise InvalidError(f"The main command of sandbox {rec['sandbox_id']} has no open "
+                               "stdin: it ended, write_eof() was called, or the sandbox was "
+                               "created without a command.")
+        if got_eof:  # everything written is in the FIFO: end the holder, the reader sees EOF
+            ender = await asyncio.create_subprocess_exec(
+                *prefix, "/bin/sh", "-c", sandbox_runtime.STDIN_EOF_SCRIPT, "sh",
+                sandbox_runtime.stdin_fifo(container), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            await ender.wait()
     if not ws.closed:
         await ws.send_json({"exit": code})
 

@@ -227,6 +227,8 @@ class Sandboxes:
             self._update(sandbox_id, state="failed", ended=time.time())
             await _podman("rm", "-f", self._container(sandbox_id))
             raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
+        if cfg.command:
+            await self._hold_stdin(self._container(sandbox_id))
         ports = await self._ports(sandbox_id, cfg.ports)
         self._update(sandbox_id, state="running", ports=json.dumps(ports),
                      container_id=container_id)
@@ -236,6 +238,22 @@ class Sandboxes:
                                   loop.create_task(self._expire(sandbox_id, timeout))]
         self._watch_idle(sandbox_id, idle_timeout)
         return self._row(sandbox_id)
+
+    async def _hold_stdin(self, container: str) -> None:
+        """Feed the main command's stdin from its FIFO (sandbox_runtime, STDIN_HOLD_SCRIPT): a
+        holder process of its own session, which outlives this control plane, and ends with the
+        container (or at write_eof). Waits until the FIFO is there, so a first write finds it."""
+        import subprocess
+
+        fifo = sandbox_runtime.stdin_fifo(container)
+        # started through a shell that exits at once: the holder is nobody's child here
+        await asyncio.to_thread(subprocess.run, [
+            "/bin/sh", "-c", f"( {sandbox_runtime.STDIN_HOLD_SCRIPT} ) </dev/null >/dev/null "
+            "2>&1 &", "sh", fifo, container], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not os.path.exists(fifo + ".pid"):
+            await asyncio.sleep(0.01)
 
     def cluster(self, rec: dict[str, Any] | None = None) -> Any:
         """The cluster sandbox backend (Slurm) for new sandboxes, or for `rec` when it runs on

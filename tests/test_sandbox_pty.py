@@ -1,0 +1,194 @@
+"""Terminals and stdin in sandboxes, for real (podman with gVisor and runc, no fakes):
+`exec(..., pty=True)` runs on a terminal in the sandbox (as Modal's: stdout and stderr together on
+stdout), its size arrives and follows a resize; the main command's stdin (`sb.stdin`) round-trips
+and write_eof ends it; `mctl sandbox exec --pty` gives an interactive shell. Directly with podman
+(the SDK on the control plane's host) and through the control plane's relay. On Slurm nodes:
+tests/test_sandbox_slurm.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mctl
+from mctl.exception import InvalidError
+from test_sandbox import _needs_podman  # noqa: F401 - autouse: podman, runsc, the base image
+
+ISOLATIONS = ["gvisor", "runc"]
+
+
+@pytest.fixture
+def app():
+    a = mctl.App("sandbox-pty-tests")
+    with a.run():
+        yield a
+
+
+def _until(p, text, timeout=30):
+    """Read p's stdout (a terminal) until `text` appears; everything read so far."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    buf = p.stdout._buffer()
+    while time.monotonic() < deadline:
+        with buf.cond:
+            seen = bytes(buf.data).decode(errors="replace")
+            if text in seen or buf.eof:
+                break
+            buf.cond.wait(0.2)
+    assert text in seen, seen
+    return seen
+
+
+def _relayed(sb):
+    """The same sandbox, reached as a client on another host reaches it: through the relay."""
+    sb._relayed = lambda: True  # type: ignore[method-assign]
+    return sb
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+@pytest.mark.parametrize("via", ["podman", "relay"])
+def test_a_pty_exec_runs_on_a_terminal_of_our_size(app, isolation, via):
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
+    try:
+        if via == "relay":
+            _relayed(sb)
+        p = sb.exec("python3", "-c", "import os, sys, shutil; print(os.isatty(0), os.isatty(1), "
+                    "os.isatty(2), os.get_terminal_size(0), os.environ['TERM']); "
+                    "print('to-stderr', file=sys.stderr); sys.exit(5)", pty=True,
+                    pty_info={"winsz_rows": 33, "winsz_cols": 101, "env_term": "xterm-mctl"})
+        assert p.wait() == 5
+        out = p.stdout.read()
+        assert "True True True" in out, out
+        assert "os.terminal_size(columns=101, lines=33)" in out and "xterm-mctl" in out
+        assert "to-stderr" in out and p.stderr.read() == ""  # a terminal: all on stdout
+        assert "\r\n" in out  # the terminal's own newline
+        # without pty: pipes, as before
+        p = sb.exec("python3", "-c", "import os; print(os.isatty(0), os.isatty(1))")
+        assert p.stdout.read() == "False False\n"
+        with pytest.raises(InvalidError):
+            p.resize(10, 10)
+    finally:
+        sb.terminate()
+
+
+@pytest.mark.parametrize("via", ["podman", "relay"])
+def test_an_interactive_shell_round_trips_and_follows_a_resize(app, via):
+    sb = mctl.Sandbox.create(app=app)
+    try:
+        if via == "relay":
+            _relayed(sb)
+        p = sb.exec("sh", "-i", pty=True, pty_info={"winsz_rows": 20, "winsz_cols": 70})
+        p.stdin.write(b"echo $((6 * 7)) marker\n")
+        _until(p, "42 marker")
+        p.resize(44, 132)
+        time.sleep(0.5)
+        p.stdin.write(b"python3 -c \"import os; print('SIZE', os.get_terminal_size(0))\"\n")
+        _until(p, "SIZE os.terminal_size(columns=132, lines=44)")
+        # Python's interactive interpreter thinks it is at a terminal
+        p.stdin.write(b"python3 -i -q\n")
+        _until(p, ">>> ")
+        p.stdin.write(b"print(7 * 6, 'py')\n")
+        _until(p, "42 py")
+        p.stdin.write_eof()  # ^D: Python exits, then the shell reads another line
+        p.stdin.write(b"exit 3\n")
+        assert p.wait() == 3
+    finally:
+        sb.terminate()
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_the_main_commands_stdin_round_trips_and_write_eof_ends_it(app, isolation):
+    sb = mctl.Sandbox.create("python3", "-c", "import sys\nfor line in sys.stdin: "
+                             "print('got', line.strip(), flush=True)\nprint('end')",
+                             app=app, isolation=isolation)
+    try:
+        sb.stdin.write(b"one\n")
+        sb.stdin.write("two\n")
+        sb.stdin.drain()
+        lines = iter(sb.stdout)
+        assert next(lines) == "got one\n" and next(lines) == "got two\n"
+        # a second handle (another client) writes to the same stdin; the first stays usable
+        other = mctl.Sandbox.from_id(sb.object_id)
+        other.stdin.write(b"three\n")
+        other.stdin.drain()
+        assert next(lines) == "got three\n"
+        sb.stdin.write(b"four\n")
+        sb.stdin.write_eof()
+        assert sb.wait() == 0
+        assert sb.stdout.read() == "got four\nend\n"
+        with pytest.raises(InvalidError):
+            mctl.Sandbox.from_id(sb.object_id).stdin.write(b"late\n")
+            sb.stdin.drain()
+    finally:
+        sb.terminate()
+
+
+def test_python_i_as_the_main_command(app):
+    sb = mctl.Sandbox.create("python3", "-i", "-q", app=app)
+    try:
+        sb.stdin.write(b"print(6 * 7)\n")
+        sb.stdin.write(b"import sys; print('err-line', file=sys.stderr)\n")
+        sb.stdin.write_eof()
+        assert sb.wait() == 0
+        assert sb.stdout.read() == "42\n"
+        assert "err-line" in sb.stderr.read()
+    finally:
+        sb.terminate()
+
+
+def test_stdin_of_a_sandbox_without_a_command_says_so(app):
+    sb = mctl.Sandbox.create(app=app)
+    try:
+        with pytest.raises(InvalidError, match="no open stdin"):
+            sb.stdin.write(b"x\n")
+            time.sleep(1)
+            sb.stdin.drain()
+    finally:
+        sb.terminate()
+
+
+def test_mctl_sandbox_exec_pty_gives_an_interactive_shell(app):
+    """The CLI on a real terminal (a pty of this test): raw mode, the size, a shell."""
+    import pty
+    import select
+
+    from mctl.core import terminal
+
+    sb = mctl.Sandbox.create(app=app)
+    try:
+        master, slave = pty.openpty()
+        terminal.set_size(slave, 30, 90)
+        proc = subprocess.Popen([sys.executable, "-m", "mctl", "sandbox", "exec", sb.object_id,
+                                 "--", "sh", "-i"], stdin=slave, stdout=slave, stderr=slave,
+                                preexec_fn=terminal.controlling_tty, env=dict(os.environ))
+        os.close(slave)
+        seen = b""
+
+        def until(text, timeout=60):
+            nonlocal seen
+            deadline = time.monotonic() + timeout
+            while text not in seen and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.5)[0]:
+                    try:
+                        seen += os.read(master, 65536)
+                    except OSError:
+                        break
+            assert text in seen, seen
+
+        time.sleep(2)
+        os.write(master, b"stty size; echo $((40 + 2))x\r")
+        until(b"30 90")
+        until(b"42x")
+        terminal.set_size(master, 50, 120)  # the window changes: SIGWINCH to the CLI
+        time.sleep(1)
+        os.write(master, b"stty size\r")
+        until(b"50 120")
+        os.write(master, b"exit 4\r")
+        assert proc.wait(timeout=60) == 4
+        os.close(master)
+    finally:
+        sb.terminate()
