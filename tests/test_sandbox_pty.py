@@ -93,9 +93,15 @@ def test_an_interactive_shell_round_trips_and_follows_a_resize(app, via):
         _until(p, ">>> ")
         p.stdin.write(b"print(7 * 6, 'py')\n")
         _until(p, "42 py")
-        p.stdin.write_eof()  # ^D: Python exits, then the shell reads another line
+        p.stdin.write(b"\x04")  # ^D: Python exits, then the shell reads another line
         p.stdin.write(b"exit 3\n")
         assert p.wait() == 3
+        # write_eof() on a terminal is its end-of-file character: `cat` reads an end
+        p = sb.exec("cat", pty=True)
+        p.stdin.write(b"abc\n")
+        _until(p, "abc\r\nabc\r\n")  # the terminal's echo, then cat's copy
+        p.stdin.write_eof()
+        assert p.wait() == 0
     finally:
         sb.terminate()
 
@@ -120,9 +126,12 @@ def test_the_main_commands_stdin_round_trips_and_write_eof_ends_it(app, isolatio
         sb.stdin.write_eof()
         assert sb.wait() == 0
         assert sb.stdout.read() == "got four\nend\n"
-        with pytest.raises(InvalidError):
-            mctl.Sandbox.from_id(sb.object_id).stdin.write(b"late\n")
-            sb.stdin.drain()
+        late = mctl.Sandbox.from_id(sb.object_id)
+        with pytest.raises(InvalidError, match="finished; its main command's stdin is closed"):
+            late.stdin.write(b"late\n")
+            late.stdin.drain()
+        with pytest.raises(InvalidError, match="stdin is closed"):  # its own write_eof
+            sb.stdin.write(b"late\n")
     finally:
         sb.terminate()
 

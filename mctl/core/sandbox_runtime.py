@@ -176,19 +176,22 @@ def ensure_runsc_tty() -> str:
 # fed from a FIFO on the sandbox's host (`stdin_fifo`), kept open by a holder process that has it
 # open for reading and writing (so writers come and go without the command seeing an end). Each
 # `sb.stdin` connection writes into the FIFO (`STDIN_WRITE_SCRIPT`); `write_eof` ends the holder
-# (`STDIN_EOF_SCRIPT`), and once the last writer is gone the reader sees the end and closes the
-# container's stdin. The holder is its own process, not the control plane's: a restart of the
+# and the other writers (`STDIN_EOF_SCRIPT`): the reader sees the end and closes the container's
+# stdin. The holder is its own process, not the control plane's: a restart of the
 # control plane loses nothing. Locally the reader is `podman attach` (`STDIN_HOLD_SCRIPT`); in a
 # Slurm job it is the job's own foreground `podman run -i` (plugins/sandbox_slurm).
 STDIN_HOLD_SCRIPT = (
     'mkdir -p "${1%/*}" && rm -f "$1" "$1.pid"; mkfifo -m 600 "$1" || exit 1; exec 3<>"$1"; echo $$ > "$1.pid"; '
     'podman attach --sig-proxy=false --detach-keys "" "$2" <"$1" >/dev/null 2>&1 3>&-; '
-    'rm -f "$1" "$1.pid"')
+    'rm -f "$1" "$1.pid" "$1.writers"')
 STDIN_CLOSED = 75  # the exit code of STDIN_WRITE_SCRIPT when stdin is closed
 STDIN_WRITE_SCRIPT = (
     f'[ -p "$1" ] && kill -0 "$(cat "$1.pid" 2>/dev/null)" 2>/dev/null || exit {STDIN_CLOSED}; '
-    'exec cat > "$1"')
-STDIN_EOF_SCRIPT = 'kill "$(cat "$1.pid" 2>/dev/null)" 2>/dev/null; rm -f "$1.pid"; exit 0'
+    'echo $$ >> "$1.writers"; exec cat > "$1"')
+# The end for every writer: the holder, and the other connections' writers (what they still
+# hold is dropped, as after a close); the caller's own writer has finished first.
+STDIN_EOF_SCRIPT = ('kill "$(cat "$1.pid" 2>/dev/null)" $(cat "$1.writers" 2>/dev/null) '
+                    '2>/dev/null; rm -f "$1.pid" "$1.writers"; exit 0')
 
 
 def stdin_fifo(container: str) -> str:

@@ -108,7 +108,7 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         # under conmon, which Slurm's process tracking does not follow
         "cleanup() { podman rm --force --time 0 --ignore \"$name\" >/dev/null 2>&1; "
         '[ -n "$stdin" ] && { kill "$(cat "$stdin.pid" 2>/dev/null)" 2>/dev/null; '
-        'rm -f "$stdin" "$stdin.pid"; }; }',
+        'rm -f "$stdin" "$stdin.pid" "$stdin.writers"; }; }',
         "trap 'cleanup; exit 143' TERM INT",
         "trap cleanup EXIT",
         *check,

@@ -18,8 +18,10 @@ from mctl.sdk.sandbox import StreamReader, StreamWriter, _Buffer
 class _Stdin:
     """What StreamWriter writes to: hands each write to the relay's event loop, in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any],
+                 ended: threading.Event | None = None) -> None:
         self._loop, self._queue = loop, queue
+        self._ended = ended  # the relay closed: nothing will be sent any more
         self.closed = False
 
     def write(self, data: bytes) -> None:
@@ -32,7 +34,13 @@ class _Stdin:
 
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop.call_soon_threadsafe(self._queue.put_nowait, done)
-        done.result(timeout=300)
+        while True:
+            try:
+                done.result(timeout=0.2)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._ended is not None and self._ended.is_set():
+                    return
 
     def close(self) -> None:
         if not self.closed:
@@ -56,7 +64,7 @@ class RelayProcess:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.stdout = StreamReader(self._out, text)
         self.stderr = StreamReader(self._err, text)
-        self.stdin = StreamWriter(_Stdin(self._loop, self._queue))
+        self.stdin = StreamWriter(_Stdin(self._loop, self._queue, self._done))
         self.wait = Dual(self._wait, self._wait_aio)
         self._connected = threading.Event()
         self._future = asyncio.run_coroutine_threadsafe(
@@ -168,12 +176,17 @@ class MainStdin:
         self.closed = False
 
     def _open(self) -> RelayProcess:
-        if self._proc is None or (self._proc._done.is_set() and not self.closed):
+        if self._proc is None:
             self._proc = RelayProcess(self._sb._url, self._sb.object_id, {"stdin": True},
                                       text=False)
-        if self._proc._done.is_set():
-            self._proc._wait()  # raises what the relay said
+        self._check()
         return self._proc
+
+    def _check(self) -> None:
+        if self._proc is not None and self._proc._done.is_set():
+            self._proc._finish()  # the relay's own message, where it gave one
+            raise InvalidError(f"The main command of sandbox {self._sb.object_id} has no open "
+                               "stdin: write_eof() was called, or it ended.")
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -183,8 +196,7 @@ class MainStdin:
     def flush(self) -> None:
         if self._proc is not None and not self._proc._done.is_set():
             self._proc.stdin._fh.flush()
-        if self._proc is not None and self._proc._done.is_set():
-            self._proc._wait()
+        self._check()
 
     def close(self) -> None:
         if self.closed:

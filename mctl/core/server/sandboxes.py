@@ -248,8 +248,8 @@ class Sandboxes:
         fifo = sandbox_runtime.stdin_fifo(container)
         # started through a shell that exits at once: the holder is nobody's child here
         await asyncio.to_thread(subprocess.run, [
-            "/bin/sh", "-c", f"( {sandbox_runtime.STDIN_HOLD_SCRIPT} ) </dev/null >/dev/null "
-            "2>&1 &", "sh", fifo, container], stdin=subprocess.DEVNULL,
+            "/bin/sh", "-c", 'sh -c "$0" sh "$1" "$2" </dev/null >/dev/null 2>&1 &',
+            sandbox_runtime.STDIN_HOLD_SCRIPT, fifo, container], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not os.path.exists(fifo + ".pid"):
