@@ -160,13 +160,14 @@ def test_stdin_of_a_sandbox_without_a_command_says_so(app):
         sb.terminate()
 
 
-def test_mctl_sandbox_exec_pty_gives_an_interactive_shell(app):
+def test_mctl_sandbox_exec_pty_gives_an_interactive_shell(server_process):
     """The CLI on a real terminal (a pty of this test): raw mode, the size, a shell."""
     import pty
     import select
 
     from mctl.core import terminal
 
+    app = mctl.App.lookup("sandbox-pty-cli", create_if_missing=True)
     sb = mctl.Sandbox.create(app=app)
     try:
         master, slave = pty.openpty()
