@@ -187,7 +187,7 @@ STDIN_HOLD_SCRIPT = (
 STDIN_CLOSED = 75  # the exit code of STDIN_WRITE_SCRIPT when stdin is closed
 STDIN_WRITE_SCRIPT = (
     f'[ -p "$1" ] && kill -0 "$(cat "$1.pid" 2>/dev/null)" 2>/dev/null || exit {STDIN_CLOSED}; '
-    'echo $$ >> "$1.writers"; exec cat > "$1"')
+    'echo $$ >> "$1.writers"; echo ready; exec cat > "$1"')
 # The end for every writer: the holder, and the other connections' writers (what they still
 # hold is dropped, as after a close); the caller's own writer has finished first.
 STDIN_EOF_SCRIPT = ('kill "$(cat "$1.pid" 2>/dev/null)" $(cat "$1.writers" 2>/dev/null) '

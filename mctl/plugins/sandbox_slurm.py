@@ -101,7 +101,16 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         run += ' <"$stdin" &'
     else:
         run += " </dev/null &"
-    wrapper = sandbox_runtime.runsc_tty_path()
+    wrapper_lines: list[str] = []
+    if isolation == "gvisor":
+        # gVisor's runtime as podman calls it (sandbox_runtime, RUNSC_TTY_SCRIPT), written on
+        # the node; plain runsc where it cannot be (all but a terminal works then)
+        wrapper_lines = [
+            f"runsc={shlex.quote(sandbox_runtime.runsc_tty_path())}",
+            f'[ -x "$runsc" ] || {{ mkdir -p "${{runsc%/*}}" && printf %s '
+            f'{shlex.quote(sandbox_runtime.runsc_tty_script())} > "$runsc.$$" && '
+            f'chmod 755 "$runsc.$$" && mv -f "$runsc.$$" "$runsc"; }} 2>/dev/null || '
+            f"runsc={shlex.quote(sandbox_runtime.RUNSC)}"]
     lines += [
         f"name={container}",
         # TERM (scancel, the time limit) and every other way out remove the container: it lives
@@ -112,13 +121,7 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         "trap 'cleanup; exit 143' TERM INT",
         "trap cleanup EXIT",
         *check,
-        # gVisor's runtime as podman calls it (sandbox_runtime, RUNSC_TTY_SCRIPT), written on
-        # the node; plain runsc where it cannot be (all but a terminal works then)
-        f"runsc={shlex.quote(wrapper)}",
-        f'[ -x "$runsc" ] || {{ mkdir -p "${{runsc%/*}}" && printf %s '
-        f'{shlex.quote(sandbox_runtime.runsc_tty_script())} > "$runsc.$$" && '
-        f'chmod 755 "$runsc.$$" && mv -f "$runsc.$$" "$runsc"; }} 2>/dev/null || '
-        f"runsc={shlex.quote(sandbox_runtime.RUNSC)}",
+        *wrapper_lines,
         *stdin_lines,
         run,
         "pid=$!",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from typing import Any
 
 from mctl.exception import InvalidError
@@ -59,6 +60,7 @@ class RelayProcess:
         self._pty = bool(request.get("pty"))
         self._out, self._err = _Buffer(), _Buffer()
         self._done = threading.Event()
+        self._ready = threading.Event()
         self._returncode: int | None = None
         self._error: str | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -115,6 +117,9 @@ class RelayProcess:
                         (self._out if msg.data[:1] == b"\x01" else self._err).feed(msg.data[1:])
                     elif msg.type == aiohttp.WSMsgType.TEXT:
                         reply = json.loads(msg.data)
+                        if reply.get("ready"):  # the main command's stdin is open
+                            self._ready.set()
+                            continue
                         if "exit" in reply:
                             self._returncode = int(reply["exit"])
                         elif "error" in reply:
@@ -179,6 +184,10 @@ class MainStdin:
         if self._proc is None:
             self._proc = RelayProcess(self._sb._url, self._sb.object_id, {"stdin": True},
                                       text=False)
+            deadline = time.monotonic() + 120  # the relay says it is open, or why not
+            while not (self._proc._ready.is_set() or self._proc._done.is_set()
+                       or time.monotonic() > deadline):
+                self._proc._ready.wait(0.05)
         self._check()
         return self._proc
 

@@ -173,6 +173,22 @@ async def _pump_pty(master: int, ws: web.WebSocketResponse, trailer: bytes | Non
             return None
 
 
+async def _ready(stream: asyncio.StreamReader, ws: web.WebSocketResponse) -> None:
+    """The main command's stdin: `{"ready": true}` once the writer found it open (its one line
+    of output, STDIN_WRITE_SCRIPT), so the client knows before its first write."""
+    said = False
+    while True:
+        line = await stream.readline()
+        if not line:
+            return
+        if line.strip() == b"ready" and not said and not ws.closed:
+            said = True
+            try:
+                await ws.send_json({"ready": True})
+            except (ConnectionError, RuntimeError):
+                pass
+
+
 def _pty_prefix(prefix: list[str]) -> list[str]:
     """`srun ...` → `srun --pty ...`: the step runs on a terminal on the node, sized and
     resized as srun's own (our pty)."""
@@ -251,7 +267,8 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env={**os.environ, **env}, start_new_session=True)
         assert proc.stdin and proc.stdout and proc.stderr
-        pumps = [asyncio.ensure_future(_pump(proc.stdout, ws, STDOUT)),
+        out = (_ready(proc.stdout, ws) if req.get("stdin") else _pump(proc.stdout, ws, STDOUT))
+        pumps = [asyncio.ensure_future(out),
                  asyncio.ensure_future(_pump(proc.stderr, ws, STDERR,
                                              trailer.encode() if trailer else None))]
         if req.get("logs"):
