@@ -202,3 +202,24 @@ def test_mctl_sandbox_exec_pty_gives_an_interactive_shell(server_process):
         os.close(master)
     finally:
         sb.terminate()
+
+
+def test_the_main_commands_stdin_outlives_a_control_plane_restart(server_process):
+    """The FIFO's holder is its own process: SIGKILL the control plane between two writes."""
+    app = mctl.App.lookup("sandbox-pty-restart", create_if_missing=True)
+    sb = mctl.Sandbox.create("python3", "-c", "import sys\nfor line in sys.stdin: "
+                             "print('got', line.strip(), flush=True)\nprint('end')", app=app)
+    try:
+        sb.stdin.write(b"one\n")
+        sb.stdin.drain()
+        assert next(iter(sb.stdout)) == "got one\n"
+        server_process.kill()
+        server_process.start()
+        again = mctl.Sandbox.from_id(sb.object_id)
+        assert again.poll() is None
+        again.stdin.write(b"two\n")
+        again.stdin.write_eof()
+        assert again.wait() == 0
+        assert again.stdout.read() == "got one\ngot two\nend\n"
+    finally:
+        mctl.Sandbox.from_id(sb.object_id).terminate()
