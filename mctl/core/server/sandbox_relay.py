@@ -138,17 +138,50 @@ def _wrap(prefix: list[str], argv: list[str], trailer: str) -> list[str]:
     return prefix + ["/bin/sh", "-c", script, "sh", *argv]
 
 
-async def _pump_pty(master: int, ws: web.WebSocketResponse, trailer: bytes | None) -> int | None:
+class _Terminal:
+    """The master side of a pty, read and written from the event loop (non-blocking: a
+    terminal that nobody reads must not hold a thread)."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._loop = asyncio.get_running_loop()
+
+    async def _ready(self, add: Any, remove: Any) -> None:
+        done = self._loop.create_future()
+        add(self.fd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            remove(self.fd)
+
+    async def read(self) -> bytes:
+        while True:
+            try:
+                return os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                await self._ready(self._loop.add_reader, self._loop.remove_reader)
+            except OSError:  # EIO: every writer of the terminal is gone
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                await self._ready(self._loop.add_writer, self._loop.remove_writer)
+
+
+async def _pump_pty(term: _Terminal, ws: web.WebSocketResponse,
+                    trailer: bytes | None) -> int | None:
     """Send a terminal's output (the pty's master) to the client as stdout. A terminal's output
     is not made of lines (a prompt has no newline), so only what could be the start of the
     trailer is held back; the trailer and the code after it end the stream."""
     prefix = bytes([STDOUT])
     held = b""
     while True:
-        try:
-            chunk = await asyncio.to_thread(os.read, master, 1 << 16)
-        except OSError:  # EIO: every writer of the terminal is gone
-            chunk = b""
+        chunk = await term.read()
         held += chunk
         if trailer is not None:
             at = held.find(trailer)
@@ -247,6 +280,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
     trailer = f"mctl-relay-exit-{_secrets.token_hex(8)}=" if prefix else None
     argv = _wrap(_pty_prefix(prefix) if tty is not None else prefix, argv, trailer or "")
     master = None
+    term: _Terminal | None = None
     if tty is not None:
         # podman exec -t (and srun --pty) on a pty of ours: its output is the terminal's;
         # stderr carries only what podman or srun say themselves
@@ -258,7 +292,8 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         finally:
             os.close(slave)
         assert proc.stderr
-        pumps = [asyncio.ensure_future(_pump_pty(master, ws,
+        term = _Terminal(master)
+        pumps = [asyncio.ensure_future(_pump_pty(term, ws,
                                                  trailer.encode() if trailer else None)),
                  asyncio.ensure_future(_pump(proc.stderr, ws, STDERR,
                                              trailer.encode() if trailer else None))]
@@ -276,10 +311,8 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
     got_eof = False
 
     async def to_terminal(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = await asyncio.to_thread(os.write, master, view)  # type: ignore[arg-type]
-            view = view[n:]
+        assert term is not None
+        await term.write(data)
 
     async def feed() -> None:
         nonlocal got_eof
