@@ -6,12 +6,17 @@ On a Slurm node the control plane runs `srun --jobid=<job> --overlap podman exec
 (plugins/sandbox_slurm); for a sandbox on the control plane's own host, `podman exec -i ...`.
 
 The protocol, after the upgrade:
-- client → server, first: a JSON text message, either
-  `{"exec": [cmd...], "workdir": ..., "timeout": s, "secret_names": [...], "env": {...}}` or
+- client → server, first: a JSON text message, one of
+  `{"exec": [cmd...], "workdir": ..., "timeout": s, "secret_names": [...], "env": {...},
+  "pty": null | {"rows", "cols", "term", "colorterm", "term_program"}}`,
+  `{"stdin": true}` (write the main command's stdin: sandbox_runtime, STDIN_HOLD_SCRIPT) or
   `{"logs": true}` (follow the main command's stdout and stderr);
-- client → server: binary messages are stdin; `{"eof": true}` closes stdin;
-- server → client: binary messages, first byte 1 (stdout) or 2 (stderr), then the bytes;
-  last, `{"exit": code}` (128+n after signal n, -1 after `timeout`) or `{"error": message}`.
+- client → server: binary messages are stdin; `{"eof": true}` closes stdin (on a terminal: ^D;
+  for the main command's stdin: ends it for every writer); `{"resize": [rows, cols]}` resizes
+  the terminal of a `pty` exec;
+- server → client: binary messages, first byte 1 (stdout; with a `pty`, all the terminal shows)
+  or 2 (stderr), then the bytes; `{"ready": true}` once the main command's stdin is open; last,
+  `{"exit": code}` (128+n after signal n, -1 after `timeout`) or `{"error": message}`.
 """
 
 from __future__ import annotations
