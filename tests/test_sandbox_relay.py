@@ -38,10 +38,11 @@ def test_the_job_script_has_the_resources_and_the_local_isolation_argv():
     run = [line for line in text.splitlines() if line.startswith("podman run")]
     # the main command's stdin: a FIFO on the node, kept open by a holder (sb.stdin)
     assert len(run) == 1 and run[0].endswith(' <"$stdin" &') and " -i " in run[0]
-    assert "stdin=/run/mctl/stdin-mctl-sb-abc" in text
-    assert 'sleep infinity 3<>"$stdin" & echo $! > "$stdin.pid"' in text
+    assert f"f={sandbox_runtime.runtime_dir()}/stdin-mctl-sb-abc" in text
+    assert 'sleep infinity 3<>"$fifo" & echo $! > "$fifo.pid"' in text
     # gVisor through the wrapper that lets `podman exec -t` work, written on the node
-    assert "runsc=/run/mctl/runsc-tty-" in text and "exec /usr/bin/runsc" in text
+    assert f"runsc={sandbox_runtime.runtime_dir()}/runsc-tty-" in text
+    assert "exec /usr/bin/runsc" in text
     for flag in ('--runtime "$runsc"', "--runtime-flag network=none", "--network none",
                  "--cap-drop ALL", "--security-opt no-new-privileges", "--user 65534:65534",
                  "--memory 2048m", "--env CUDA_VISIBLE_DEVICES", "--env API_KEY", "--init"):
@@ -77,7 +78,7 @@ def test_the_job_script_runs_and_cleans_up_with_plain_sh(tmp_path):
     assert calls[0].startswith("run -i --name mctl-sb-abc")
     assert calls[-1] == "rm --force --time 0 --ignore mctl-sb-abc"
     # the stdin holder went with it
-    assert not os.path.exists("/run/mctl/stdin-mctl-sb-abc")
+    assert not os.path.exists(sandbox_runtime.stdin_fifo("mctl-sb-abc"))
 
 
 def test_a_job_without_a_command_has_no_stdin():

@@ -140,9 +140,35 @@ exec {runsc} "$@"
 """
 
 
+def runtime_dir() -> str:
+    """Where mctl keeps the runsc wrapper and the stdin FIFOs on a sandbox's host (the control
+    plane's, or a Slurm node running as the same user): /run/mctl for root, else the user's
+    runtime directory ($XDG_RUNTIME_DIR/mctl, or /tmp/mctl-<uid>). Gone at a reboot, with the
+    containers that use it."""
+    uid = os.geteuid()
+    if uid == 0:
+        return "/run/mctl"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "mctl") if xdg else f"/tmp/mctl-{uid}"
+
+
+def _private_dir(path: str) -> bool:
+    """Whether `path` is a directory of ours that no one else may write (a runtime that podman
+    runs must not be someone else's file)."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
 def runsc_tty_path() -> str:
     """Where the runsc wrapper lives on a host (the control plane's, or a Slurm node)."""
-    return f"/run/mctl/runsc-tty-{hashlib.sha256(RUNSC.encode()).hexdigest()[:8]}"
+    return os.path.join(runtime_dir(),
+                        f"runsc-tty-{hashlib.sha256(RUNSC.encode()).hexdigest()[:8]}")
 
 
 def runsc_tty_script() -> str:
@@ -155,13 +181,19 @@ def ensure_runsc_tty() -> str:
     path = runsc_tty_path()
     body = runsc_tty_script()
     try:
+        os.makedirs(os.path.dirname(path), mode=0o755 if os.geteuid() == 0 else 0o700,
+                    exist_ok=True)
+    except OSError:
+        return RUNSC
+    if not _private_dir(os.path.dirname(path)):
+        return RUNSC
+    try:
         with open(path) as fh:
             if fh.read() == body:
                 return path
     except OSError:
         pass
     try:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as fh:
             fh.write(body)
@@ -181,7 +213,7 @@ def ensure_runsc_tty() -> str:
 # control plane loses nothing. Locally the reader is `podman attach` (`STDIN_HOLD_SCRIPT`); in a
 # Slurm job it is the job's own foreground `podman run -i` (plugins/sandbox_slurm).
 STDIN_HOLD_SCRIPT = (
-    'mkdir -p "${1%/*}" && rm -f "$1" "$1.pid"; mkfifo -m 600 "$1" || exit 1; exec 3<>"$1"; echo $$ > "$1.pid"; '
+    'mkdir -p -m 700 "${1%/*}" && rm -f "$1" "$1.pid"; mkfifo -m 600 "$1" || exit 1; exec 3<>"$1"; echo $$ > "$1.pid"; '
     'podman attach --sig-proxy=false --detach-keys "" "$2" <"$1" >/dev/null 2>&1 3>&-; '
     'rm -f "$1" "$1.pid" "$1.writers"')
 STDIN_CLOSED = 75  # the exit code of STDIN_WRITE_SCRIPT when stdin is closed
@@ -191,12 +223,12 @@ STDIN_WRITE_SCRIPT = (
 # The end for every writer: the holder, and the other connections' writers (what they still
 # hold is dropped, as after a close); the caller's own writer has finished first.
 STDIN_EOF_SCRIPT = ('kill "$(cat "$1.pid" 2>/dev/null)" $(cat "$1.writers" 2>/dev/null) '
-                    '2>/dev/null; rm -f "$1.pid" "$1.writers"; exit 0')
+                    '2>/dev/null; rm -f "$1" "$1.pid" "$1.writers"; exit 0')
 
 
 def stdin_fifo(container: str) -> str:
     """The FIFO that feeds a sandbox's main command, on the host where it runs."""
-    return f"/run/mctl/stdin-{container}"
+    return os.path.join(runtime_dir(), f"stdin-{container}")
 
 
 def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,

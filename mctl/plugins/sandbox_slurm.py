@@ -93,11 +93,14 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
     if cfg.command:  # the main command's stdin, fed from a FIFO (sandbox_runtime, stdin_fifo)
         fifo = sandbox_runtime.stdin_fifo(container)
         stdin_lines = [
-            f"stdin={shlex.quote(fifo)}",
-            'mkdir -p "${stdin%/*}" && rm -f "$stdin" "$stdin.pid" && mkfifo -m 600 "$stdin" '
-            '|| { echo "mctl: cannot make $stdin on $(hostname)" >&2; exit 125; }',
+            f"f={shlex.quote(fifo)}",
+            'if mkdir -p -m 700 "${f%/*}" && rm -f "$f" "$f.pid" "$f.writers" && '
+            'mkfifo -m 600 "$f"; then stdin=$f; fifo=$f',
             # the holder keeps it open: writers come and go; write_eof ends the holder
-            'sleep infinity 3<>"$stdin" & echo $! > "$stdin.pid"']
+            '  sleep infinity 3<>"$fifo" & echo $! > "$fifo.pid"',
+            # never a failed start for it: the command then reads an empty stdin
+            'else echo "mctl: no stdin for the main command: cannot make $f on $(hostname)" >&2',
+            "fi"]
         run += ' <"$stdin" &'
     else:
         run += " </dev/null &"
@@ -116,8 +119,9 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         # TERM (scancel, the time limit) and every other way out remove the container: it lives
         # under conmon, which Slurm's process tracking does not follow
         "cleanup() { podman rm --force --time 0 --ignore \"$name\" >/dev/null 2>&1; "
-        '[ -n "$stdin" ] && { kill "$(cat "$stdin.pid" 2>/dev/null)" 2>/dev/null; '
-        'rm -f "$stdin" "$stdin.pid" "$stdin.writers"; }; }',
+        '[ -n "$fifo" ] && { kill "$(cat "$fifo.pid" 2>/dev/null)" 2>/dev/null; '
+        'rm -f "$fifo" "$fifo.pid" "$fifo.writers"; }; }',
+        "stdin=/dev/null; fifo=",
         "trap 'cleanup; exit 143' TERM INT",
         "trap cleanup EXIT",
         *check,
