@@ -37,10 +37,11 @@ def test_exit_handler_output_reaches_mctl_run():
 def test_how_it_ended():
     from mctl.core.server.control import _how_it_ended
 
-    assert _how_it_ended(3) == "exited with code 3"
-    assert _how_it_ended(-9) == "was killed by signal 9 (SIGKILL) (out of memory?)"
-    assert _how_it_ended(-11) == "was killed by signal 11 (SIGSEGV)"
-    assert _how_it_ended(None) == "crashed or was killed"
+    assert _how_it_ended(3) == "exited with code 3 before it finished"
+    assert _how_it_ended(-9) == ("was killed by signal 9 (SIGKILL) before it finished "
+                                 "\N{EM DASH} out of memory?")
+    assert _how_it_ended(-11) == "was killed by signal 11 (SIGSEGV) before it finished"
+    assert _how_it_ended(None) == "crashed or was killed before it finished"
 
 
 def test_old_spellings_warn_once_from_the_client_at_the_users_line():

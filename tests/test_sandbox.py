@@ -115,8 +115,9 @@ def test_exec_runs_in_the_sandboxs_workdir_by_default(app, isolation):
     sb.terminate()
 
 
-def test_files_open_and_snapshot(app):
-    sb = mctl.Sandbox.create(app=app)
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_files_open_and_snapshot(app, isolation):
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
     with sb.open("/tmp/notes.txt", "w") as f:
         f.write("hello\n")
     with sb.open("/tmp/notes.txt", "a") as f:
@@ -130,9 +131,15 @@ def test_files_open_and_snapshot(app):
             f.write("x")
     image = sb.snapshot_filesystem()
     sb.terminate()
-    again = mctl.Sandbox.create(app=app, image=image)
+    again = mctl.Sandbox.create(app=app, image=image, isolation=isolation)
     assert run(again, "cat", "/tmp/notes.txt")[1] == "hello\nworld\n"
+    # still the sandbox user's: it may change them (a runc `podman commit` kept the user
+    # namespace's host owners, and neither the file nor /tmp was writable any more)
+    appended = run(again, "python3", "-c", "open('/tmp/notes.txt', 'a').write('!')")
+    assert appended[0] == 0, appended
+    assert run(again, "touch", "/tmp/new")[0] == 0
     again.terminate()
+    subprocess.run(["podman", "rmi", "-f", image.base["tag"]], capture_output=True, timeout=60)
 
 
 def test_aio_twins(app):

@@ -101,3 +101,61 @@ def test_alloc_exec_frames_follow_nomads_api_types():
     assert [sandbox_nomad.read_frame(r) for r in received] == [
         ("stdout", b"hello\n"), ("stderr", b"oops"), ("exit", 3)]
     assert check([{"stdin": {"data": "not base64!"}}], kind="exec-in").returncode != 0
+
+
+def test_the_exec_wrapper_reads_env_from_stdin_then_runs_the_command(tmp_path):
+    """Nomad's alloc exec has no env or workdir: the wrapper gets them from the stream. Run it
+    with this machine's /bin/sh, as the sandbox's shell would."""
+    import subprocess
+
+    marker, pid_file = "mctl-env-0123abcd", tmp_path / "pid"
+    env = {"API_KEY": "it's a\nmulti-line $value", "MODE": "x"}
+    argv = sandbox_nomad.exec_command(
+        ["/bin/sh", "-c", 'printf "%s|%s|%s|" "$API_KEY" "$MODE" "$PWD"; cat; exit 5'],
+        marker=marker, pid_file=str(pid_file), workdir=str(tmp_path))
+    stdin = sandbox_nomad.env_preamble(env, marker) + b"the command's own stdin\n"
+    done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30, env={})
+    assert done.returncode == 5, done.stderr
+    assert done.stdout.decode() == (f"it's a\nmulti-line $value|x|{tmp_path}|"
+                                    "the command's own stdin\n")
+    assert pid_file.read_text().strip().isdigit()
+    assert "multi-line" not in " ".join(argv)  # the value travelled in stdin only
+    with pytest.raises(InvalidError, match="not valid in a shell"):
+        sandbox_nomad.env_preamble({"BAD-NAME": "1"}, marker)
+
+
+def test_placement_failures_and_exit_codes_read_from_nomads_documents():
+    evaluation = {"FailedTGAllocs": {"sandbox": {
+        "NodesEvaluated": 4, "NodesAvailable": {"dc1": 4},
+        "ConstraintFiltered": {"${meta.mctl_sandbox_runtime} = runsc": 3},
+        "NodesExhausted": 1, "DimensionExhausted": {"memory": 1}}}}
+    assert check([evaluation], kind="evaluation").returncode == 0
+    reason = sandbox_nomad.placement_reason(evaluation)
+    assert "3 node(s) excluded by filter" in reason and "dimension 'memory' exhausted" in reason
+    assert sandbox_nomad.placement_reason({"Status": "complete"}) == ""
+    dead = {"ClientStatus": "failed", "TaskStates": {"sandbox": {"State": "dead", "Events": [
+        {"Type": "Started"}, {"Type": "Terminated", "ExitCode": 0, "Signal": 9}]}}}
+    assert check([[dead]], kind="allocs").returncode == 0
+    assert sandbox_nomad.exit_code(dead) == 137
+    dead["TaskStates"]["sandbox"]["Events"][1] = {"Type": "Terminated", "ExitCode": 3}
+    assert sandbox_nomad.exit_code(dead) == 3
+    assert sandbox_nomad.exit_code({"ClientStatus": "lost"}) is None
+
+
+def test_volumes_are_nomads_host_or_csi_volumes_named_after_mctls():
+    volumes = (("/data", "datasets", True), ("/out", "results", False),
+               ("/data2", "datasets", True))
+    host = sandbox_nomad.render_sandbox(_cfg(), "gvisor", app_id="ap-1", volumes=volumes)
+    group, task = _task(host)
+    assert group["Volumes"] == {
+        "datasets": {"Name": "datasets", "Type": "host", "Source": "datasets", "ReadOnly": True},
+        "results": {"Name": "results", "Type": "host", "Source": "results", "ReadOnly": False}}
+    assert {m["Destination"]: (m["Volume"], m["ReadOnly"]) for m in task["VolumeMounts"]} == {
+        "/data": ("datasets", True), "/data2": ("datasets", True), "/out": ("results", False)}
+    assert "volumes" not in task["Config"]  # no host paths of the control plane
+    csi = sandbox_nomad.render_sandbox(_cfg(), "runc", app_id="ap-1", volumes=volumes,
+                                       options=NomadOptions(volume_type="csi"))
+    assert _task(csi)[0]["Volumes"]["results"]["AccessMode"] == "multi-node-multi-writer"
+    assert _task(csi)[0]["Volumes"]["datasets"]["AccessMode"] == "multi-node-reader-only"
+    done = check([host, csi])
+    assert done.returncode == 0, done.stdout + done.stderr

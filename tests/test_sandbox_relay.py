@@ -157,7 +157,8 @@ def test_the_relay_checks_the_callers_token(sandbox, server_process):
     assert run_sync(status(create_token("proxy", "web")))[0] == 403
     invoke = create_token("invoke", "caller")
     code, messages = run_sync(status(invoke))
-    assert code == 101 and messages[0].data == b"\x01in\n" and messages[-1].json() == {"exit": 0}
+    assert code == 101 and messages[0].json() == {"accepted": True}
+    assert messages[1].data == b"\x01in\n" and messages[-1].json() == {"exit": 0}
     # named secrets need a deploy token here too, as for exec on the control plane's host
     code, messages = run_sync(status(invoke, {"exec": ["env"], "secret_names": ["any"]}))
     assert "need a deploy token" in messages[-1].json()["error"]
@@ -189,12 +190,64 @@ def test_a_client_on_another_host_uses_the_relay(sandbox, monkeypatch):
     assert sb.open("/tmp/x.txt").read() == "relayed"
 
 
-def test_ports_on_slurm_are_refused_before_anything_is_submitted():
+def test_a_refused_exec_raises_at_exec_not_later(sandbox):
+    """The relay says "accepted" before the command starts: a refusal (here: the sandbox ended)
+    raises in exec() itself, as on the control plane's host."""
+    from mctl.sdk.sandbox_relay import RelayProcess
+
+    sandbox.terminate()
+    with pytest.raises(mctl.exception.InvalidError, match="terminated; exec needs a running"):
+        RelayProcess(sandbox._url, sandbox.object_id, {"exec": ["true"]})
+
+
+def test_a_job_with_ports_publishes_them_on_the_node_and_pulls_registry_images(monkeypatch):
+    """Ports on the node's addresses (the control plane's tunnel relay connects from outside
+    the node); an image in a registry (a snapshot pushed by another node) is pulled."""
+    monkeypatch.setenv("MCTL_INSECURE_REGISTRIES", "10.0.0.5:5000")
+    cfg = SandboxConfig(sandbox_id="sb-P", image="10.0.0.5:5000/mctl/snapshot:sb-x",
+                        ports=[8080, 9000], block_network=False)
+    text = sandbox_slurm.job_script(cfg, "runc", name="mctl-sb-p", comment="c", output="/o",
+                                    timeout_s=60)
+    run = next(line for line in text.splitlines() if line.startswith("podman run"))
+    assert "-p 0.0.0.0::8080" in run and "-p 0.0.0.0::9000" in run and "127.0.0.1" not in run
+    assert "--pull missing --tls-verify=false" in run
+    cfg = SandboxConfig(sandbox_id="sb-L", image="localhost/mctl/snapshot:sb-x")
+    text = sandbox_slurm.job_script(cfg, "gvisor", name="mctl-sb-l", comment="c", output="/o",
+                                    timeout_s=60)
+    assert "--pull never" in text and "tls-verify" not in text
+
+
+def test_the_tunnel_relay_carries_both_directions_and_closes_with_the_sandbox():
+    """core/server/tunnel_relay between a client and a real TCP server: bytes both ways, a
+    half-close passed on (the server answers after the client's EOF), and close() cuts an open
+    connection and stops listening."""
     import asyncio
 
-    from mctl.plugins.scheduler_slurm import SlurmScheduler
+    from mctl.core.server.tunnel_relay import TcpRelay
 
-    backend = sandbox_slurm.SlurmSandboxes(SlurmScheduler({}))
-    cfg = SandboxConfig(sandbox_id="sb-P", image="img", ports=[8080], block_network=False)
-    with pytest.raises(mctl.exception.InvalidError, match="cannot publish ports yet"):
-        asyncio.run(backend.create(None, cfg, "runc", {}, "ap-1", None, 60))
+    async def main():
+        async def upper(reader, writer):
+            data = await reader.read()  # until the client's EOF
+            writer.write(data.upper())
+            await writer.drain()
+            writer.close()
+
+        target = await asyncio.start_server(upper, "127.0.0.1", 0)
+        relay = TcpRelay("127.0.0.1", target.sockets[0].getsockname()[1])
+        port = await relay.start("127.0.0.1")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x" * 300_000 + b"end")
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 10)
+        assert got == b"X" * 300_000 + b"END"
+        writer.close()
+        held_reader, held = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        relay.close()
+        assert await asyncio.wait_for(held_reader.read(), 10) == b""  # cut
+        held.close()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        target.close()
+
+    asyncio.run(main())

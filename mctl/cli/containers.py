@@ -217,7 +217,9 @@ def profile_list(as_json: bool) -> None:
     if not rows:
         click.echo("No profiles yet; `mctl token set TOKEN --server URL --profile NAME` saves one.")
     for r in rows:
-        click.echo(f"{'*' if r['active'] else ' '} {r['name']:<16} {r['server'] or '-'}")
+        nomad = r["nomad"] or {}
+        extra = f"  nomad {nomad['address']}" if nomad.get("address") else ""  # type: ignore[index]
+        click.echo(f"{'*' if r['active'] else ' '} {r['name']:<16} {r['server'] or '-'}{extra}")
 
 
 @profile.command("activate")

@@ -959,6 +959,9 @@ from mctl.cli.containers import config, container, profile  # noqa: E402 - their
 cli.add_command(container)
 cli.add_command(config)
 cli.add_command(profile)
+from mctl.cli.profile_nomad import profile_nomad  # noqa: E402
+
+profile.add_command(profile_nomad)
 from mctl.cli.environment import environment  # noqa: E402
 
 cli.add_command(environment)

@@ -60,12 +60,19 @@ def render(app_file: str, name: str | None, options: tuple[str, ...], hcl: bool)
 
 
 def _backend(option_pairs: tuple[str, ...]):
-    """The nomad backend's client, with its settings from NOMAD_* and -o options."""
-    from mctl.core.config import parse_options
+    """The nomad backend's client, with its settings from -o options, then NOMAD_*, then the
+    active profile (`mctl profile nomad`)."""
+    import os
+
+    from mctl.core.config import NOMAD_SETTINGS, parse_options, profile_nomad
     from mctl.plugins.scheduler_nomad import NomadScheduler
 
     try:
-        return NomadScheduler(parse_options(option_pairs))
+        options = parse_options(option_pairs)
+        for key, value in profile_nomad().items():
+            if key not in options and not os.environ.get(NOMAD_SETTINGS[key]):
+                options[key] = value
+        return NomadScheduler(options)
     except Error as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -85,7 +92,8 @@ def _run(work) -> None:
 connection_option = click.option(
     "-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
     help="A nomad backend option (address, token_file, cacert, namespace, region); repeat. "
-         "NOMAD_ADDR, NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION are read as by Nomad's CLI.")
+         "NOMAD_ADDR, NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION, NOMAD_CACERT are read as by "
+         "Nomad's CLI, then the active profile's (`mctl profile nomad`).")
 
 
 @nomad.command("force")

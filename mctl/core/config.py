@@ -219,7 +219,54 @@ def list_profiles() -> list[dict[str, object]]:
     profiles, _ = _profiles()
     active = active_profile_name()
     return [{"name": n, "server": p.get("server"), "active": n == active,
-             "token": "set" if p.get("token") else None} for n, p in profiles.items()]
+             "token": "set" if p.get("token") else None,
+             "nomad": dict(p["nomad"]) if isinstance(p.get("nomad"), dict) else None}
+            for n, p in profiles.items()]
+
+
+# A profile's Nomad settings, for the commands that talk to Nomad from this machine (`mctl nomad
+# force|logs`), each below the variable Nomad's CLI reads; the token stays in the user's own file.
+NOMAD_SETTINGS = {"address": "NOMAD_ADDR", "namespace": "NOMAD_NAMESPACE",
+                  "region": "NOMAD_REGION", "cacert": "NOMAD_CACERT", "token_file": "NOMAD_TOKEN"}
+
+
+def profile_nomad() -> dict[str, str]:
+    """The active profile's Nomad settings ({} without a profile or settings)."""
+    nomad = _profile().get("nomad")
+    return {k: str(v) for k, v in nomad.items() if k in NOMAD_SETTINGS} \
+        if isinstance(nomad, dict) else {}
+
+
+def set_profile_nomad(name: str, settings: dict[str, str], clear: bool = False) -> dict[str, str]:
+    """`mctl profile nomad NAME --address ...`: add to (or, with `clear`, replace) profile
+    NAME's Nomad settings; returns them. Files are checked and stored as absolute paths."""
+    from mctl.exception import InvalidError, NotFoundError
+
+    profiles, active = _profiles()
+    if name not in profiles:
+        raise NotFoundError(f"No profile named {name!r}; `mctl token set TOKEN --server URL "
+                            f"--profile {name}` creates it ({', '.join(profiles) or 'none yet'} "
+                            "exist).")
+    address = settings.get("address")
+    if address and not address.startswith(("http://", "https://")):
+        raise InvalidError(f"The Nomad address {address!r} must start with http:// or https://, "
+                           "e.g. https://nomad.example.org:4646 (as NOMAD_ADDR).")
+    for key in ("cacert", "token_file"):
+        if settings.get(key):
+            path = Path(settings[key]).expanduser().resolve()
+            if not path.is_file():
+                raise InvalidError(f"--{key.replace('_', '-')} {settings[key]}: no such file; "
+                                   "give the path of an existing file.")
+            settings = {**settings, key: str(path)}
+    old = profiles[name].get("nomad")
+    nomad = {} if clear or not isinstance(old, dict) else dict(old)
+    nomad.update({k: v.rstrip("/") if k == "address" else v for k, v in settings.items() if v})
+    if nomad:
+        profiles[name]["nomad"] = nomad  # type: ignore[assignment]
+    else:
+        profiles[name].pop("nomad", None)
+    _write_profiles(profiles, active)
+    return nomad
 
 
 def _write_profiles(profiles: dict[str, dict[str, str]], active: str | None) -> Path:

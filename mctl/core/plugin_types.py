@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
     from mctl.core.spec import ImageSpec
+    from mctl.core.worker_output import OutputTail
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
@@ -43,8 +44,12 @@ class PoolEvents(Protocol):
     """What a backend tells core. Core decides; the backend only reports."""
 
     def worker_exited(self, pool_id: str, worker_id: str, exit_code: int | None,
-                      detail: str) -> None:
-        """A worker ended (any reason). `detail`: the last lines of its output, or the reason."""
+                      detail: str, output: OutputTail | None = None) -> None:
+        """A worker ended (any reason). `detail`: the last lines of its output, or the reason.
+        `exit_code`: negative for a signal. `output`: each line the process wrote to its own
+        stdout/stderr fed to a `mctl.core.worker_output.OutputTail` (set its `oom` when the
+        backend knows the OOM killer ended it); what the worker printed but could not send
+        before it died reaches the app's logs from there."""
 
     def placement_failed(self, pool_id: str, message: str) -> None:
         """The backend can never place this pool (e.g. "no node offers 3 GPUs of type A100")."""

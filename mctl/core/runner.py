@@ -35,6 +35,8 @@ async def _start_embedded(state_dir: Path) -> tuple[Any, str]:
     return server, token
 
 
+_embedded_urls: set[str] = set()  # control planes in this process: they print logs themselves
+
 INTERRUPT_GRACE_S = 0.3  # after Ctrl-C, how long workers get before they are killed
 
 
@@ -44,6 +46,7 @@ def embedded_server() -> Iterator[str]:
     It gets a fresh admin token that only this process holds, in memory."""
     with tempfile.TemporaryDirectory(prefix="mctl-run-") as state_dir:
         server, token = run_sync(_start_embedded(Path(state_dir)))
+        _embedded_urls.add(server.url)
         # A client left from an earlier server on the same address (the OS reuses ports) holds
         # that server's token: drop it before this server's token is used.
         run_sync(close_client(server.url))
@@ -58,6 +61,62 @@ def embedded_server() -> Iterator[str]:
             run_sync(close_client(server.url))
             run_sync(server.close(grace_s=grace_s))
             transport.forget_token(server.url)
+            _embedded_urls.discard(server.url)
+
+
+class LogFollower:
+    """Prints an app's log lines from a separate control plane as they arrive: a long poll of
+    `GET /api/apps/{id}/logs` on the client's loop, from the start of the run."""
+
+    PAGE = 1000  # the route's page size
+
+    def __init__(self, url: str, app_id: str) -> None:
+        self.url, self.path, self.after = url, f"/api/apps/{app_id}/logs", 0
+        self._task = run_sync(self._start(), timeout=10)  # runs on the client's loop
+
+    async def _start(self) -> Any:
+        import asyncio
+
+        return asyncio.get_running_loop().create_task(self._follow())
+
+    async def _page(self, wait: float) -> int:
+        rows = await client_for(self.url).http("GET", self.path, params={
+            "after": self.after, "wait": wait}, timeout_s=wait + 30)
+        for row in rows:
+            self.after = row["id"]
+            _print_log("", row["task_id"], row["function"], row["line"])
+        return len(rows)
+
+    async def _follow(self) -> None:
+        import asyncio
+
+        from mctl.exception import AuthError
+
+        while True:
+            try:
+                await self._page(25)
+            except asyncio.CancelledError:
+                raise
+            except AuthError:
+                print("mctl: this token may not read the app's logs (that needs a deploy token); "
+                      "what functions print is not shown here.", file=sys.stderr, flush=True)
+                return
+            except Exception:  # a dropped connection: the calls say so themselves; retry
+                await asyncio.sleep(1)
+
+    async def _finish(self, drain: bool) -> None:
+        import asyncio
+
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        if drain:  # every line stored before the run ended (a worker sends its output first)
+            with contextlib.suppress(Exception):
+                while await self._page(0) >= self.PAGE:
+                    pass
+
+    def finish(self, drain: bool = True) -> None:
+        with contextlib.suppress(Exception):
+            run_sync(self._finish(drain), timeout=30)
 
 
 def volumes_to_create(app: Any) -> set[str]:
@@ -151,13 +210,22 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
         app._hydrate(app_id, url)
         print_web_urls(url, app_id)
         _running_urls.append(url)
+        # The embedded control plane prints log lines itself (its log sink); a separate one is
+        # followed over HTTP, so `mctl run` shows what functions print wherever they run.
+        follower = LogFollower(url, app_id) if url not in _embedded_urls and not detach else None
         try:
             if detach:
                 yield
                 return
+            interrupted = False
             try:
                 yield
+            except KeyboardInterrupt:
+                interrupted = True
+                raise
             finally:
+                if follower is not None:
+                    follower.finish(drain=not interrupted)
                 client = client_for(url)
                 client.owned_apps.discard(app_id)
                 with contextlib.suppress(Exception):

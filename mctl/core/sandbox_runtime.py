@@ -284,6 +284,21 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
     return argv
 
 
+# A gVisor sandbox keeps its writes inside the sandbox (the host's copy-on-write layer never sees
+# them): snapshot_filesystem() reads the files changed since the start out of it, as a tar on
+# stdout, run there with `/bin/sh -c` (deletions are not carried over).
+SNAPSHOT_CHANGED_TAR = (
+    "find / \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/hostname "
+    "-o -path /etc/hosts -o -path /etc/resolv.conf -o -path /run \\) -prune -o "
+    "-newer /etc/hostname ! -type d -print0 2>/dev/null | "
+    "tar --null -T - -cf - 2>/dev/null")
+
+
+def snapshot_tag(sandbox_id: str) -> str:
+    """The local image a snapshot of `sandbox_id` is committed as."""
+    return f"localhost/mctl/snapshot:{sandbox_id.lower()}"
+
+
 RUNC_ROOT = "/run/runc"  # where podman's runc keeps its containers' state (root's default)
 
 
@@ -353,6 +368,11 @@ ACTIVITY_SCRIPT = (
 def activity_argv(container: str, ports: list[int], *, isolation: str | None = None,
                   container_id: str | None = None) -> list[str]:
     """The command that prints "<running execs> <tunnel connections>" for a sandbox."""
+    return exec_argv(container, activity_command(ports), isolation=isolation,
+                     container_id=container_id)
+
+
+def activity_command(ports: list[int]) -> list[str]:
+    """`ACTIVITY_SCRIPT` as a command to run inside the sandbox, for its published `ports`."""
     hexports = " ".join(f"{int(p):04X}" for p in ports)
-    return exec_argv(container, ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT],
-                     isolation=isolation, container_id=container_id)
+    return ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT]

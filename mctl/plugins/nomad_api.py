@@ -16,7 +16,8 @@ tests/test_nomad_requests.py records the requests on the wire and checks them ag
 
 Connection settings, as Nomad's own CLI reads them: NOMAD_ADDR (default http://127.0.0.1:4646),
 NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION, NOMAD_CACERT, NOMAD_CLIENT_CERT/NOMAD_CLIENT_KEY, or
-the backend options address, token_file, cacert.
+the backend options address, token_file, cacert. `mctl nomad force|logs` fill options that neither
+`-o` nor NOMAD_* set from the active profile (`mctl profile nomad`, mctl/cli/profile_nomad.py).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class NomadAPI:
         self._clients: dict[str, Any] = {}  # namespace -> python-nomad client
         self._requests: Any = None  # the one requests.Session they share
         self._session: Any = None  # aiohttp, for log streams
+        self._ws_session: Any = None  # aiohttp, for exec WebSockets
 
     def _client(self, namespace: str | None) -> Any:
         """python-nomad's client for a namespace (a function may run in its own: python-nomad
@@ -237,6 +239,33 @@ class NomadAPI:
                                 lambda n: n.job.deregister_job(job_id), missing_ok=True,
                                 namespace=ns)
 
+    async def purge(self, job_id: str, ns: str | None = None) -> Any:
+        """`DELETE /v1/job/:id?purge=true`: stop the job and remove it now (a sandbox's job: no
+        version of it is ever run again)."""
+        return await self._call(f"DELETE /v1/job/{job_id}?purge=true",
+                                lambda n: n.job.deregister_job(job_id, purge=True),
+                                missing_ok=True, namespace=ns)
+
+    async def jobs(self, prefix: str, ns: str | None = None) -> Any:
+        """`GET /v1/jobs?prefix=...&meta=true`: `api.JobListStub`s, with each job's meta."""
+        return await self._call(f"GET /v1/jobs?prefix={prefix}",
+                                lambda n: n.jobs.get_jobs(prefix=prefix, meta=True),
+                                namespace=ns)
+
+    async def evaluation(self, eval_id: str, ns: str | None = None) -> Any:
+        """`GET /v1/evaluation/:id`: an `api.Evaluation` (`FailedTGAllocs` says why a group
+        could not be placed)."""
+        namespace = ns or self.conn.namespace
+        return await self._call(f"GET /v1/evaluation/{eval_id}", lambda n: n.evaluation.request(
+            eval_id, method="get", params={"namespace": namespace}).json(), missing_ok=True,
+            namespace=ns)
+
+    async def allocation(self, alloc_id: str, ns: str | None = None) -> Any:
+        """`GET /v1/allocation/:id`: an `api.Allocation`."""
+        return await self._call(f"GET /v1/allocation/{alloc_id}",
+                                lambda n: n.allocation.get_allocation(alloc_id), missing_ok=True,
+                                namespace=ns)
+
     async def allocations(self, job_id: str, ns: str | None = None) -> Any:
         return await self._call(f"GET /v1/job/{job_id}/allocations",
                                 lambda n: n.job.get_allocations(job_id), missing_ok=True,
@@ -265,10 +294,12 @@ class NomadAPI:
         return await self._call(f"DELETE /v1/var/{path}", delete, missing_ok=True, namespace=ns)
 
     # --- logs (aiohttp: python-nomad cannot follow a stream) -----------------------------------
-    async def _http(self) -> Any:
-        if self._session is None:
-            import aiohttp
+    async def _http(self, streams: bool = False) -> Any:
+        """The aiohttp session for log streams; with `streams`, the one for exec WebSockets
+        (no total time limit: a command may run for hours)."""
+        import aiohttp
 
+        if (self._ws_session if streams else self._session) is None:
             ssl_context: Any = None
             if self.conn.cacert or self.conn.client_cert:
                 import ssl
@@ -277,10 +308,15 @@ class NomadAPI:
                 if self.conn.client_cert:
                     ssl_context.load_cert_chain(self.conn.client_cert, self.conn.client_key)
             headers = {"X-Nomad-Token": self.conn.token} if self.conn.token else {}
-            self._session = aiohttp.ClientSession(
-                headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
+            session = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(
+                    total=None if streams else self.timeout, connect=self.timeout),
                 connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else None)
-        return self._session
+            if streams:
+                self._ws_session = session
+            else:
+                self._session = session
+        return self._ws_session if streams else self._session
 
     async def stream_logs(self, alloc_id: str, task: str = TASK, kind: str = "stdout",
                           follow: bool = False, tail_bytes: int = 0,
@@ -308,10 +344,64 @@ class NomadAPI:
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
             raise self._unreachable(exc) from None
 
+    async def read_log(self, alloc_id: str, task: str, kind: str = "stdout",
+                       ns: str | None = None, follow: bool = False) -> AsyncIterator[bytes]:
+        """A task's whole log, from its start, as plain bytes
+        (`GET /v1/client/fs/logs/:alloc?task=&type=&plain=true&origin=start`); with `follow`
+        until the task ends."""
+        import aiohttp
+
+        if kind not in ("stdout", "stderr"):
+            raise InvalidError(f"Log type {kind!r} is not stdout or stderr.")
+        path = f"/v1/client/fs/logs/{quote(alloc_id, safe='')}"
+        query = {"namespace": ns or self.conn.namespace, "region": self.conn.region,
+                 "task": task, "type": kind, "plain": "true", "origin": "start", "offset": "0",
+                 "follow": "true" if follow else "false"}
+        session = await self._http()
+        no_limit = aiohttp.ClientTimeout(total=None, connect=self.timeout)
+        try:
+            async with session.get(f"{self.conn.address}{path}", params=query,
+                                   timeout=no_limit if follow else session.timeout) as resp:
+                if resp.status >= 400:
+                    text = await resp.text()
+                    if resp.status == 404:
+                        raise LookupError(text.strip()[:300])
+                    raise NomadError(self._denied(f"GET {path}", text) if resp.status == 403
+                                     else f"Nomad answered {resp.status} to GET {path}: "
+                                     f"{text.strip()[:500]}")
+                async for chunk in resp.content.iter_any():
+                    yield chunk
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+            raise self._unreachable(exc) from None
+
+    async def exec_socket(self, path: str, ns: str | None = None) -> Any:
+        """Nomad's alloc exec WebSocket at `path` (`sandbox_nomad.exec_path`), with the ACL
+        token in X-Nomad-Token; an aiohttp ClientWebSocketResponse, frames as text."""
+        import aiohttp
+
+        session = await self._http(streams=True)
+        sep = "&" if "?" in path else "?"
+        url = (self.conn.address + path + sep + "namespace=" + quote(ns or self.conn.namespace)
+               + "&region=" + quote(self.conn.region))
+        headers = {"X-Nomad-Token": self.conn.token} if self.conn.token else {}
+        try:
+            return await session.ws_connect(
+                url, headers=headers, heartbeat=30, max_msg_size=16 << 20,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10))
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 403:
+                raise NomadError(self._denied(f"GET {path.split('?')[0]}", exc.message)
+                                 + " (alloc exec needs the alloc-exec capability)") from None
+            raise NomadError(f"Nomad answered {exc.status} to the exec WebSocket "
+                             f"{path.split('?')[0]}: {exc.message}") from None
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+            raise self._unreachable(exc) from None
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._ws_session):
+            if session is not None:
+                await session.close()
+        self._session = self._ws_session = None
         if self._requests is not None:
             self._requests.close()
             self._requests = None

@@ -15,6 +15,9 @@ namespace; no network unless asked, every capability dropped, a non-root user).
   (`core/server/sandbox_relay`), never the node.
 - Each job's comment (`mctl sandbox=sb-... app=... cp=...`) lets a restarted control plane find
   its sandboxes that still run.
+- `snapshot_filesystem()` is made on the node, and pushed to MCTL_IMAGE_REGISTRY when there is
+  one (any node then pulls it); ports are published on the node and reached through a TCP relay
+  on the control plane (`core/server/tunnel_relay`), the address `sb.tunnels()` gives.
 """
 
 from __future__ import annotations
@@ -56,6 +59,32 @@ def foreground(argv: list[str]) -> list[str]:
     return out
 
 
+def pull_from_registry(argv: list[str], image: str) -> list[str]:
+    """An image from a registry (a snapshot a sandbox on another node pushed to
+    MCTL_IMAGE_REGISTRY) is pulled by the node that lacks it; a `localhost/` one must be there
+    already (podman cannot pull it), as for workers' images."""
+    from mctl.plugins.registry_v2 import insecure
+
+    out = list(argv)
+    if image.startswith("localhost/") or "--pull" not in out:
+        return out
+    at = out.index("--pull")
+    out[at + 1] = "missing"
+    if insecure(image.split("/", 1)[0]):
+        out.insert(at + 2, "--tls-verify=false")
+    return out
+
+
+def publish_on_node(argv: list[str]) -> list[str]:
+    """Published ports on the node's addresses (`-p 0.0.0.0::PORT`), not its loopback: the
+    control plane's tunnel relay connects to them from outside the node."""
+    out = list(argv)
+    for i, part in enumerate(out[:-1]):
+        if part == "-p" and out[i + 1].startswith("127.0.0.1::"):
+            out[i + 1] = "0.0.0.0::" + out[i + 1].split("::", 1)[1]
+    return out
+
+
 def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, output: str,
                timeout_s: int, gres: str | None = None,
                options: dict[str, Any] | None = None) -> str:
@@ -76,8 +105,9 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
     for key in ("partition", "account", "qos"):
         if opts.get(key):
             lines.append(f"#SBATCH --{key}={opts[key]}")
-    argv = foreground(sandbox_runtime.run_argv(cfg, isolation, name=container,
-                                               runsc="__MCTL_RUNSC__"))
+    argv = publish_on_node(pull_from_registry(
+        foreground(sandbox_runtime.run_argv(cfg, isolation, name=container,
+                                            runsc="__MCTL_RUNSC__")), cfg.image))
     if gres is not None:
         # Slurm chose the GPUs; the code sees those (devices come from CDI where it is set up)
         argv.insert(2, "CUDA_VISIBLE_DEVICES")
@@ -172,7 +202,12 @@ class SlurmSandboxes:
 
     async def _on_node(self, sandbox_id: str, *args: str, timeout: float = 60
                        ) -> tuple[int, str, str]:
-        argv = self.relay_prefix(sandbox_id) + ["podman", *args]
+        """`podman ARGS` on the sandbox's node, as a step of its job."""
+        return await self._on_node_argv(sandbox_id, ["podman", *args], timeout=timeout)
+
+    async def _on_node_argv(self, sandbox_id: str, command: list[str], *, timeout: float = 60
+                            ) -> tuple[int, str, str]:
+        argv = self.relay_prefix(sandbox_id) + command
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
@@ -219,10 +254,6 @@ class SlurmSandboxes:
         from mctl.core.spec import GpuRequest
         from mctl.plugins.scheduler_slurm import input_script, server_env_without_credentials
 
-        if cfg.ports:
-            raise InvalidError("Sandboxes on Slurm nodes cannot publish ports yet (a tunnel would "
-                               "end on the node); drop encrypted_ports/unencrypted_ports, or set "
-                               "MCTL_SANDBOX_BACKEND=local on the control plane.")
         try:
             gpu = GpuRequest.parse(body.get("gpu"))
         except ValueError as exc:
@@ -268,7 +299,74 @@ class SlurmSandboxes:
         self.nodes[sandbox_id] = node
         sbs._update(sandbox_id, state="running", host=node)
         self._watch(sbs, sandbox_id, max(0.0, now + timeout - time.time()))
+        if cfg.ports:
+            try:
+                await self._tunnels(sbs, sandbox_id, node, cfg.ports)
+            except BaseException:
+                await self.terminate(sbs, sandbox_id)
+                raise
         return sbs._row(sandbox_id)
+
+    # --- tunnels -------------------------------------------------------------------------------
+    async def _tunnels(self, sbs: Sandboxes, sandbox_id: str, node: str, ports: list[int],
+                       node_ports: dict[str, list[Any]] | None = None) -> None:
+        """Find where the node published each port (`podman port` on it, and the node's
+        address from Slurm), then open a relay on the control plane for each: the sandbox's
+        `ports` record is the relays' (the control plane's address), `node_ports` in its config
+        the node's. The relays close with the sandbox (a task of its own in `sbs.tasks`)."""
+        from mctl.core.server.tunnel_relay import TcpRelay
+
+        if node_ports is None:
+            node_ports = {}
+            addr = await self._node_addr(node)
+            container = sandbox_runtime.container_name(sandbox_id)
+            for port in ports:
+                rc, out, err = await self._on_node(sandbox_id, "port", container, f"{port}/tcp",
+                                                   timeout=30)
+                published = out.strip().splitlines()[0] if rc == 0 and out.strip() else ""
+                if not published:
+                    raise InvalidError(f"Sandbox {sandbox_id} did not publish port {port} on "
+                                       f"{node}: {err.strip()[-300:]}")
+                node_ports[str(port)] = [addr, int(published.rpartition(":")[2])]
+        host = self._relay_host(sbs)
+        relays, public = [], {}
+        for port, (addr, node_port) in node_ports.items():
+            relay = TcpRelay(addr, int(node_port))
+            public[port] = [host, await relay.start(host)]
+            relays.append(relay)
+        sbs._set_config(sandbox_id, node_ports=node_ports)
+        sbs._update(sandbox_id, ports=json.dumps(public))
+        log.info("sandbox %s: tunnels %s -> %s", sandbox_id, public, node_ports)
+
+        async def hold() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                for relay in relays:
+                    relay.close()
+
+        if sbs._state(sandbox_id) != "running":  # it ended meanwhile
+            for relay in relays:
+                relay.close()
+            return
+        sbs.tasks.setdefault(sandbox_id, []).append(asyncio.get_running_loop().create_task(hold()))
+
+    @staticmethod
+    def _relay_host(sbs: Sandboxes) -> str:
+        """The control plane's own host, as its clients address it."""
+        from urllib.parse import urlsplit
+
+        url = getattr(getattr(sbs.control, "autoscaler", None), "server_url", "") or ""
+        return urlsplit(url).hostname or "127.0.0.1"
+
+    async def _node_addr(self, node: str) -> str:
+        """The node's address as Slurm reaches it (NodeAddr), else its name."""
+        try:
+            info = await self.scheduler._run("scontrol", "show", "node", node, "--oneliner")
+        except InvalidError:
+            return node
+        match = re.search(r"NodeAddr=(\S+)", info)
+        return match.group(1) if match else node
 
     async def _wait_running(self, sandbox_id: str, job_id: str) -> str:
         """Until the container runs on its node; its node's name. A job that ends first fails
@@ -364,6 +462,52 @@ class SlurmSandboxes:
             raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its Slurm job "
                                 "ended and its output file is not readable here).") from None
 
+    async def snapshot(self, sbs: Sandboxes, rec: dict[str, Any]) -> dict[str, str]:
+        """snapshot_filesystem() on the node, in one step of the sandbox's job: the files
+        changed since the start are read out of the sandbox as its user
+        (`sandbox_runtime.SNAPSHOT_CHANGED_TAR`: gVisor keeps its writes inside the sandbox, and
+        `podman commit` of a runc container in its user namespace would keep the host's shifted
+        owners, 200000+) into a container of its image, which is committed (podman only: the
+        node needs no buildah). Deletions are not carried over. With MCTL_IMAGE_REGISTRY the node
+        pushes the image there and the snapshot is that reference, so a sandbox (or a function)
+        on any node can pull it; without, it is `localhost/mctl/snapshot:<id>` in the node's
+        podman storage: usable on nodes that share it (as the development cluster's do)."""
+        import os
+
+        from mctl.plugins.registry_v2 import insecure
+
+        sandbox_id = rec["sandbox_id"]
+        await self.ready()
+        row = sbs.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
+                             (sandbox_id,)).fetchone()
+        image = json.loads(row[0])["image"]
+        tag = sandbox_runtime.snapshot_tag(sandbox_id)
+        q = shlex.quote
+        container = q(rec["container"])
+        script = (
+            "set -e; t=$(mktemp /tmp/mctl-snapshot.XXXXXX); c=; "
+            "trap 'rm -f \"$t\"; [ -z \"$c\" ] || podman rm -f \"$c\" >/dev/null 2>&1' "
+            f"EXIT; podman exec --user {sandbox_runtime.SANDBOX_USER} {container} /bin/sh "
+            f"-c {q(sandbox_runtime.SNAPSHOT_CHANGED_TAR)} > \"$t\" || true; "
+            f"c=$(podman create --pull never {q(image)}); "
+            # the files keep the owners they had in the sandbox (--archive=false)
+            'podman cp --archive=false - "$c":/ < "$t"; '
+            f'podman commit -q "$c" {q(tag)} >/dev/null')
+        ref = tag
+        registry = os.environ.get("MCTL_IMAGE_REGISTRY", "").rstrip("/")
+        if registry:
+            ref = f"{registry}/mctl/snapshot:{sandbox_id.lower()}"
+            tls = " --tls-verify=false" if insecure(registry.split("/", 1)[0]) else ""
+            script += (f"; podman tag {q(tag)} {q(ref)}; podman push -q{tls} {q(ref)}; "
+                       f"podman rmi {q(tag)} >/dev/null")
+        rc, _, err = await self._on_node_argv(sandbox_id, ["/bin/sh", "-c", script],
+                                              timeout=600)
+        if rc != 0:
+            raise InvalidError(f"Could not snapshot sandbox {sandbox_id} on its node "
+                               f"{rec['host']}: {err.strip()[-400:]}")
+        log.info("sandbox %s: snapshot %s made on %s", sandbox_id, ref, rec["host"])
+        return {"image": ref}
+
     async def recover(self, sbs: Sandboxes, records: list[dict[str, Any]]) -> None:
         """After a restart: running sandboxes whose job still runs are watched again."""
         try:
@@ -395,6 +539,16 @@ class SlurmSandboxes:
                 left = rec["created"] + rec["timeout"] - time.time()
                 self._watch(sbs, sandbox_id, max(0.0, left))
                 log.info("sandbox %s: adopted Slurm job %s", sandbox_id, alive[sandbox_id][0])
+                row = sbs.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
+                                     (sandbox_id,)).fetchone()
+                node_ports = json.loads((row[0] if row else None) or "{}").get("node_ports")
+                if node_ports:  # the relays died with the old control plane: new ones
+                    try:
+                        await self._tunnels(sbs, sandbox_id, alive[sandbox_id][1],
+                                            [int(p) for p in node_ports], node_ports)
+                    except (OSError, InvalidError) as exc:
+                        log.warning("sandbox %s: its tunnels could not be opened again: %s",
+                                    sandbox_id, exc)
             else:
                 sbs._update(sandbox_id, state="lost", ended=time.time())
 

@@ -12,7 +12,6 @@ and stops processes. Options (`mctl server --scheduler-option KEY=VALUE`):
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import mctl
 from mctl.core import ids
 from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo, check_options
+from mctl.core.worker_output import OutputTail
 
 if TYPE_CHECKING:
     from mctl.core.launch import LaunchSpec
@@ -37,8 +37,10 @@ class Proc:
     task_id: str
     process: asyncio.subprocess.Process | None = None
     stopping: bool = False
-    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
     bridge: Any = None  # block_network: the Unix socket to the control plane (netjail_host)
+
+    def __post_init__(self) -> None:
+        self.tail = OutputTail(self.task_id)  # the end of its own output (mctl.core.worker_output)
 
 
 @dataclass
@@ -196,15 +198,18 @@ class LocalScheduler:
                 *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **extra)
         except OSError as exc:
-            proc.tail.append(f"could not run {argv[0]}: {exc}")
+            proc.tail.add(f"could not run {argv[0]}: {exc}")
         else:
             if proc.stopping:
                 proc.process.terminate()
             assert proc.process.stdout is not None
-            # The worker sends its logs over its connection; keep a tail for an early death.
+            # The worker sends its logs over its connection; the tail has what it could not send
+            # (killed by a signal) and the reason of an early death.
             async for raw in proc.process.stdout:
-                proc.tail.append(raw.decode(errors="replace").rstrip("\n"))
+                proc.tail.add(raw.decode(errors="replace"))
             code = await proc.process.wait()
+            if launch.runtime == "oci" and code is not None and 128 < code < 128 + 65:
+                code = 128 - code  # podman's 128+N: the container's process died of signal N
         if proc.bridge is not None:
             await proc.bridge.close()
         copies = sources(launch.mounts, proc.task_id)
@@ -220,7 +225,7 @@ class LocalScheduler:
         if self.events is not None:
             clean = proc.stopping or code in (0, -signal.SIGTERM)
             self.events.worker_exited(launch.pool_id, proc.task_id, code,
-                                      "" if clean else "\n".join(proc.tail))
+                                      "" if clean else proc.tail.text(), output=proc.tail)
 
     def _stop(self, proc: Proc, grace_s: float) -> None:
         if proc.stopping:

@@ -16,7 +16,8 @@ own API types by tools/nomad-jobcheck in the tests; it has not run against a liv
 The calls go through python-nomad (`nomad_api.NomadAPI`, which also says what it works around).
 
 Connection settings: see `nomad_api`. Other options: see `NomadOptions`, plus request_timeout
-(seconds, default 15) and poll_interval (default 2).
+(seconds, default 15), poll_interval (default 2) and sandbox_start_timeout (default 300: how long a
+sandbox's job may take to be placed and start, plugins/sandbox_nomad).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
     from mctl.core.plugin_types import PoolEvents
 
 log = logging.getLogger("mctl.scheduler.nomad")
-CONNECTION = ("address", "token_file", "cacert", "request_timeout", "poll_interval")
+CONNECTION = ("address", "token_file", "cacert", "request_timeout", "poll_interval",
+              "sandbox_start_timeout")
 LIVE = {"pending", "running"}
 TAIL_BYTES = 4096  # of a failed worker's stdout and stderr, into the app's logs
 
@@ -139,6 +141,8 @@ class NomadScheduler:
                                          "region": self.conn.region})
         self.timeout = _seconds(options, "request_timeout", 15)
         self.poll_interval = _seconds(options, "poll_interval", 2)
+        # how long a sandbox's job may wait to be placed and started (plugins/sandbox_nomad)
+        self.sandbox_start_timeout = _seconds(options, "sandbox_start_timeout", 300)
         self.api = NomadAPI(self.conn, self.timeout)
         self.pools: dict[str, NomadPool] = {}
         # job id -> the pool (function version) that registered it last: only that pool may

@@ -19,6 +19,7 @@ Options (`mctl server --scheduler slurm --scheduler-option KEY=VALUE`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import mctl
 from mctl.core import ids
 from mctl.core.plugin_types import PlacementError, Scheduler, WorkerInfo, check_options
+from mctl.core.worker_output import OutputTail
 from mctl.exception import InvalidError
 from mctl.plugins.slurm_rest import parse_gres
 
@@ -415,9 +417,18 @@ class SlurmScheduler:
             pool.jobs.pop(job.task_id, None)
         if self.events is not None:
             clean = job.stopping or (code == 0 and job.state == "COMPLETED")
-            detail = "" if clean else f"Slurm job {job.job_id} ended {job.state}." + _tail(
-                self.output_dir / f"{job.job_id}.out")
-            self.events.worker_exited(pool_id, job.task_id, code, detail)
+            # The job's output file: the end of what the worker printed (all of it reaches the
+            # app's logs, also what it could not send before a signal killed it).
+            output = OutputTail(job.task_id)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(output.add_file, self.output_dir / f"{job.job_id}.out")
+            if job.state == "OUT_OF_MEMORY":
+                output.oom = True
+            if code is not None and 128 < code < 128 + 65 and pool is not None \
+                    and pool.launch.runtime == "oci":
+                code = 128 - code  # podman's 128+N: the container's process died of signal N
+            detail = "" if clean else f"Slurm job {job.job_id} ended {job.state}.\n" + output.text()
+            self.events.worker_exited(pool_id, job.task_id, code, detail, output=output)
 
     async def _exit_code(self, job: Job) -> int | None:
         """The job's exit code from `scontrol show job` (sets its final state too)."""
@@ -454,13 +465,6 @@ def input_script(directory: Path, task_id: str, text: str) -> str:
     path = directory / f"{task_id}.sbatch"
     path.write_text(text)
     return str(path)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def place_gpu_choice(launch: LaunchSpec, nodes: list[dict[str, Any]],

@@ -594,9 +594,17 @@ class Sandbox:
 
     def _tunnels(self, timeout: int = 50) -> dict[int, Tunnel]:
         """{container port: Tunnel} for each of `encrypted_ports`/`unencrypted_ports`. mctl's
-        local tunnels are plain TCP on 127.0.0.1 (no TLS)."""
+        tunnels are plain TCP (no TLS): on 127.0.0.1 for a sandbox on the control plane's host,
+        on the control plane's address (a relay to the node) for one on a cluster node."""
+        from urllib.parse import urlsplit
+
         ports = self._refresh().get("ports") or {}
-        return {int(p): Tunnel(h, int(hp), h, int(hp)) for p, (h, hp) in ports.items()}
+        own = urlsplit(self._url).hostname or "127.0.0.1"
+        out = {}
+        for p, (h, hp) in ports.items():
+            h = own if h in ("", "0.0.0.0", "::") else h  # a relay on every interface
+            out[int(p)] = Tunnel(h, int(hp), h, int(hp))
+        return out
 
     # --- commands --------------------------------------------------------------------------------
     def _local(self, record: dict[str, Any]) -> None:

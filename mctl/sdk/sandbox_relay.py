@@ -97,7 +97,6 @@ class RelayProcess:
                 return
             async with ws:
                 await ws.send_str(json.dumps(request))
-                self._connected.set()
 
                 async def send() -> None:
                     while True:
@@ -117,6 +116,9 @@ class RelayProcess:
                         (self._out if msg.data[:1] == b"\x01" else self._err).feed(msg.data[1:])
                     elif msg.type == aiohttp.WSMsgType.TEXT:
                         reply = json.loads(msg.data)
+                        if reply.get("accepted"):  # exec() returns; a refusal raises there
+                            self._connected.set()
+                            continue
                         if reply.get("ready"):  # the main command's stdin is open
                             self._ready.set()
                             continue

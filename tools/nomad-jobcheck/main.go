@@ -3,7 +3,8 @@
 // checks Nomad's server would apply before accepting a job. It is mctl's contract check: no
 // Nomad agent can run where mctl is developed, so every body mctl would send is checked here.
 //
-// Usage: nomad-jobcheck [-kind job|scale|revert|variable|frame|exec-in|exec-out] [FILE...]   (no FILE: read stdin)
+// Usage: nomad-jobcheck [-kind job|scale|revert|variable|frame|exec-in|exec-out|allocs|allocation|
+// evaluation|jobs|register-response|deregister-response] [FILE...]   (no FILE: read stdin)
 // Each input may hold several JSON documents one after another. Exit status 1 and one line per
 // rejected document ("<source> #<n> <job id>: <reason>") when any is rejected.
 package main
@@ -33,7 +34,7 @@ const (
 var validName = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,128}$`)
 
 func main() {
-	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest), variable (Variable) frame (StreamFrame), exec-in (ExecStreamingInput) or exec-out (ExecStreamingOutput)")
+	kind := flag.String("kind", "job", "what each document is: job (JobRegisterRequest), scale (ScalingRequest), revert (JobRevertRequest), variable (Variable) frame (StreamFrame), exec-in (ExecStreamingInput), exec-out (ExecStreamingOutput); answers: allocs ([]AllocationListStub), allocation (Allocation), evaluation (Evaluation), jobs ([]JobListStub), register-response (JobRegisterResponse), deregister-response (JobDeregisterResponse)")
 	quiet := flag.Bool("q", false, "print nothing for accepted documents")
 	flag.Parse()
 	sources := flag.Args()
@@ -116,6 +117,44 @@ func checkOne(dec *json.Decoder, kind string) (string, error) {
 			return "-", fmt.Errorf("an exited frame needs a result")
 		}
 		return "output", nil
+	// Nomad's answers, as a test's request recorder gives them (tests/test_sandbox_nomad_requests.py):
+	// each must decode strictly into the api type the Go client would decode it into.
+	case "allocs": // GET /v1/job/:id/allocations
+		var stubs []*api.AllocationListStub
+		if err := dec.Decode(&stubs); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return "allocations", nil
+	case "allocation": // GET /v1/allocation/:id
+		var alloc api.Allocation
+		if err := dec.Decode(&alloc); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return alloc.ID, nil
+	case "evaluation": // GET /v1/evaluation/:id
+		var eval api.Evaluation
+		if err := dec.Decode(&eval); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return eval.ID, nil
+	case "jobs": // GET /v1/jobs
+		var stubs []*api.JobListStub
+		if err := dec.Decode(&stubs); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return "jobs", nil
+	case "register-response": // POST /v1/job/:id
+		var resp api.JobRegisterResponse
+		if err := dec.Decode(&resp); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return resp.EvalID, nil
+	case "deregister-response": // DELETE /v1/job/:id
+		var resp api.JobDeregisterResponse
+		if err := dec.Decode(&resp); err != nil {
+			return "-", wrapDecode(err)
+		}
+		return resp.EvalID, nil
 	case "variable":
 		var v api.Variable
 		if err := dec.Decode(&v); err != nil {

@@ -190,9 +190,9 @@ class Worker:
                     "function_id": self.function_id, "version": self.version,
                     "start_error": summary}, [serialize_exception(exc)]))
                 self.logs.drain()
-                lines = self.logs.take()
-                if lines:
-                    await ws.send_bytes(protocol.encode({"type": "log", "lines": lines}))
+                frame = self.logs.frame()
+                if frame:
+                    await ws.send_bytes(protocol.encode(frame))
             return True
         except (aiohttp.ClientError, OSError):
             return False  # the backend reports the exit with the output's tail
@@ -274,10 +274,10 @@ class Worker:
         if self.logs is None or ws.closed:
             return
         self.logs.drain()
-        lines = self.logs.take()
-        if lines:
+        frame = self.logs.frame()
+        if frame:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await ws.send_bytes(protocol.encode({"type": "log", "lines": lines}))
+                await ws.send_bytes(protocol.encode(frame))
 
     def _accept(self, item: dict[str, Any], payload: bytes) -> None:
         attempt = item.get("attempt", 1)
@@ -548,10 +548,9 @@ class Worker:
         if ws is None or ws.closed or self.logs is None:
             return
         self.logs.drain()
-        lines = self.logs.take()
-        if lines:
-            frame = protocol.encode({"type": "log", "lines": lines})
-            self.loop.create_task(ws.send_bytes(frame))  # type: ignore[union-attr]
+        frame = self.logs.frame()
+        if frame:
+            self.loop.create_task(ws.send_bytes(protocol.encode(frame)))  # type: ignore[union-attr]
 
     def flush_logs_before_exit(self, wait_s: float = 1.0) -> None:
         """From any thread, just before the process ends: the captured output to the control
@@ -572,12 +571,12 @@ class Worker:
             running = None
         if running is loop:  # the loop's own thread cannot wait for itself
             return
-        lines = self.logs.take()
-        if not lines:
+        frame = self.logs.frame()
+        if not frame:
             return
-        frame = protocol.encode({"type": "log", "lines": lines})
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(ws.send_bytes(frame), loop).result(wait_s)
+            asyncio.run_coroutine_threadsafe(ws.send_bytes(protocol.encode(frame)),
+                                             loop).result(wait_s)
 
     # --- watchdog ------------------------------------------------------------------------------
     @staticmethod
@@ -679,6 +678,9 @@ def main() -> None:
 
     task_id = env.get("MCTL_TASK_ID") or ids.new_id("task")
     os.environ["MCTL_TASK_ID"] = os.environ["MODAL_TASK_ID"] = task_id
+    from mctl.core.runtime.logcapture import start_keeper
+
+    start_keeper(task_id)  # what the worker prints survives a SIGKILL (the OOM killer's too)
     worker = Worker(env["MCTL_SERVER_URL"], env["MCTL_APP_ID"], env["MCTL_FUNCTION_ID"], task_id,
                     int(env.get("MCTL_APP_VERSION") or 0))
     try:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mctl.core.plugin_types import SchedulerBackend
     from mctl.core.server.control import Conn, ControlPlane, FunctionState
     from mctl.core.spec import AppSpec, FunctionSpec
+    from mctl.core.worker_output import OutputTail
 
 log = logging.getLogger("mctl.autoscaler")
 
@@ -331,10 +332,10 @@ class Autoscaler:
         self._count_failure(pool, error, summary)
 
     def worker_exited(self, pool_id: str, worker_id: str, exit_code: int | None,
-                      detail: str) -> None:
+                      detail: str, output: OutputTail | None = None) -> None:
         """PoolEvents: a backend saw a worker end."""
         log.info("worker %s of %s exited (code %s)", worker_id, pool_id, exit_code)
-        self.control.worker_gone(worker_id, exit_code)
+        self.control.worker_gone(worker_id, exit_code, output)
         pool = self.pools.get(pool_id)
         if pool is None:
             return

@@ -135,6 +135,9 @@ class ControlPlane:
         self.recovered = asyncio.Event()
         self.exited: deque[str] = deque(maxlen=1000)  # task ids the backend saw end
         self.exit_codes: dict[str, int] = {}  # task id -> its process's exit status, if known
+        self.oom_killed: set[str] = set()     # task ids whose backend saw the OOM killer end them
+        # task id -> [app id, function tag, number of the next output line it has not sent]
+        self.task_logs: dict[str, list[Any]] = {}
         self.log_sink = log_sink
         self.functions: dict[str, FunctionState] = {}
         self.execs: dict[str, Any] = {}  # exec id -> containers.ExecSession (`container exec`)
@@ -330,13 +333,48 @@ class ControlPlane:
                 session.deliver(header, payloads)
         elif kind == "log":
             if conn.role == "worker":
-                fs = self.functions.get(conn.function_id)
-                tag = fs.spec.tag if fs is not None else conn.function_id
-                for line in header["lines"]:
-                    self.append_log(conn.app_id, conn.task_id, tag, line)
+                self._on_log(conn, header)
         else:
             conn.send({"type": "error", "rid": header.get("rid"),
                        "message": f"unknown message type {kind!r}"})
+
+    def _task_log(self, conn: Conn) -> list[Any]:
+        entry = self.task_logs.get(conn.task_id)
+        if entry is None:
+            fs = self.functions.get(conn.function_id)
+            tag = fs.spec.tag if fs is not None else conn.function_id
+            entry = self.task_logs[conn.task_id] = [conn.app_id, tag, 0]
+            while len(self.task_logs) > 10_000:
+                self.task_logs.pop(next(iter(self.task_logs)))
+        return entry
+
+    def _on_log(self, conn: Conn, header: dict[str, Any]) -> None:
+        """A worker's output lines; `seq` numbers the first, so lines already taken from the
+        backend's tail of a process that ended (`worker_gone`) are not added twice."""
+        entry = self._task_log(conn)
+        app_id, tag, upto = entry
+        lines = header["lines"]
+        seq = header.get("seq")
+        if header.get("dropped"):
+            self.append_log(app_id, conn.task_id, tag, f"mctl: {header['dropped']} log lines were "
+                                                         "dropped while the control plane was "
+                                                         "unreachable")
+        if seq is not None:
+            entry[2] = max(upto, seq + len(lines))
+            lines = lines[max(0, upto - seq):]
+        for line in lines:
+            self.append_log(app_id, conn.task_id, tag, line)
+
+    def _add_output_tail(self, task_id: str, tail: Any) -> None:
+        """The lines of an ended worker's own output (its backend's tail) it never sent."""
+        entry = self.task_logs.get(task_id)
+        if entry is None:  # it never said hello: the backend's report carries the tail
+            return
+        app_id, tag, upto = entry
+        for number, line in tail.numbered():
+            if number >= upto:
+                self.append_log(app_id, task_id, tag, line)
+                entry[2] = number + 1
 
     def _on_hello(self, conn: Conn, header: dict[str, Any], payloads: list[bytes]) -> None:
         conn.role = header.get("role", "client")
@@ -360,6 +398,7 @@ class ControlPlane:
             self.autoscaler.start_failed(conn.pool_id, conn.task_id, payloads[0],
                                          header["start_error"])
             return
+        self._task_log(conn)
         self._resume(conn, set(header.get("held", ())), fs)
         if fs is not None and conn.task_id in fs.awaited:
             fs.awaited.discard(conn.task_id)
@@ -449,12 +488,20 @@ class ControlPlane:
             conn.draining = True
             conn.send({"type": "stop"})
 
-    def worker_gone(self, task_id: str, exit_code: int | None = None) -> None:
-        """The backend saw the worker's process end: its held inputs will not come back."""
+    def worker_gone(self, task_id: str, exit_code: int | None = None, output: Any = None) -> None:
+        """The backend saw the worker's process end: its held inputs will not come back.
+        `output` (a `worker_output.OutputTail`): the end of the process's own output; what the
+        worker printed but never sent goes to the app's logs before its inputs fail."""
         if exit_code is not None:
             self.exit_codes[task_id] = exit_code
             while len(self.exit_codes) > 1000:
-                self.exit_codes.pop(next(iter(self.exit_codes)))
+                oldest = next(iter(self.exit_codes))
+                del self.exit_codes[oldest]
+                self.oom_killed.discard(oldest)
+        if output is not None:
+            self._add_output_tail(task_id, output)
+            if output.oom:
+                self.oom_killed.add(task_id)
         old = self.orphans.pop(task_id, None)
         if old is not None:
             log.info("worker %s exited while disconnected", task_id)
@@ -513,13 +560,14 @@ class ControlPlane:
         from mctl.exception import ContainerCrashedError
 
         fs = self.functions.get(conn.function_id)
+        how = _how_it_ended(self.exit_codes.get(conn.task_id), conn.task_id in self.oom_killed)
         for rec in list(conn.running.values()):
             if rec.done or rec.worker is not conn:
                 continue
             err = serialize_exception(ContainerCrashedError(
                 f"The container ({conn.task_id}) running input {rec.input_id} "
-                f"{_how_it_ended(self.exit_codes.get(conn.task_id))} before it finished; "
-                "see its output in the logs (`mctl app logs APP` for a deployed app)."))
+                f"{how}{' ' if how.endswith('?') else '. '}"
+                "See its output in the logs (`mctl app logs APP` for a deployed app)."))
             self._finish_attempt(rec, "crashed", err, fs)
         conn.running.clear()
         self._schedule_flush()
@@ -885,10 +933,16 @@ class ControlPlane:
             pass
 
 
-def _how_it_ended(code: int | None) -> str:
-    """`exited with code 3`, `was killed by signal 9 (SIGKILL)`, or the unknown case."""
+def _how_it_ended(code: int | None, oom: bool = False) -> str:
+    """`exited with code 3 before it finished`, `was killed by signal 9 (SIGKILL) before it
+    finished — out of memory?`, or the unknown case; `oom`: the backend knows the kernel's
+    OOM killer did it."""
+    if oom:
+        signal_9 = "by signal 9 (SIGKILL) " if code == -9 else ""
+        return (f"was killed {signal_9}before it finished — out of memory (the kernel's "
+                "OOM killer ended it); give the function more `memory=`")
     if code is None:
-        return "crashed or was killed"
+        return "crashed or was killed before it finished"
     if code < 0:
         import signal
 
@@ -896,9 +950,9 @@ def _how_it_ended(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown"
-        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
-        return f"was killed by signal {-code} ({name}){hint}"
-    return f"exited with code {code}"
+        hint = " — out of memory?" if -code == signal.SIGKILL else ""
+        return f"was killed by signal {-code} ({name}) before it finished{hint}"
+    return f"exited with code {code} before it finished"
 
 
 def _pool_id(function_id: str, version: int) -> str:

@@ -3,7 +3,8 @@ them and relays their stdio over a WebSocket (`GET /api/sandboxes/{id}/relay`, s
 caller's token checked by the middleware as for every route).
 
 On a Slurm node the control plane runs `srun --jobid=<job> --overlap podman exec -i ...`
-(plugins/sandbox_slurm); for a sandbox on the control plane's own host, `podman exec -i ...`.
+(plugins/sandbox_slurm); on Nomad it speaks Nomad's alloc exec WebSocket (plugins/sandbox_nomad,
+`relay`); for a sandbox on the control plane's own host, `podman exec -i ...`.
 
 The protocol, after the upgrade:
 - client → server, first: a JSON text message, one of
@@ -14,8 +15,10 @@ The protocol, after the upgrade:
 - client → server: binary messages are stdin; `{"eof": true}` closes stdin (on a terminal: ^D;
   for the main command's stdin: ends it for every writer); `{"resize": [rows, cols]}` resizes
   the terminal of a `pty` exec;
-- server → client: binary messages, first byte 1 (stdout; with a `pty`, all the terminal shows)
-  or 2 (stderr), then the bytes; `{"ready": true}` once the main command's stdin is open; last,
+- server → client: `{"accepted": true}` once the request passed its checks (the sandbox runs,
+  the secrets may be read), before the command starts, or `{"error": message}` instead; then
+  binary messages, first byte 1 (stdout; with a `pty`, all the terminal shows) or 2 (stderr),
+  then the bytes; `{"ready": true}` once the main command's stdin is open; last,
   `{"exit": code}` (128+n after signal n, -1 after `timeout`) or `{"error": message}`.
 """
 
@@ -273,6 +276,16 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             tty = {**terminal.pty_spec(None), **{k: v for k, v in tty.items() if v}}
             env.update(terminal.pty_env(tty))
         env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
+    cluster = sb.cluster(rec)
+    if cluster is not None and hasattr(cluster, "relay"):  # its own exec protocol (Nomad)
+        if req.get("stdin") or tty is not None:
+            raise InvalidError("Sandboxes on Nomad have no terminal (exec(pty=True)) and no "
+                               "stdin for their main command yet; use exec() without pty.")
+        await cluster.ready()
+        await ws.send_json({"accepted": True})
+        await cluster.relay(sb, rec, req, env, ws)
+        return
+    if not req.get("logs") and not req.get("stdin"):
         timeout = req.get("timeout")
         if timeout is not None:
             pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
@@ -282,6 +295,8 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None,
             tty=tty is not None)
     prefix = (await _prefix(sb, rec))
+    # the request is accepted: the client's exec() returns now (a refusal above raises there)
+    await ws.send_json({"accepted": True})
     trailer = f"mctl-relay-exit-{_secrets.token_hex(8)}=" if prefix else None
     argv = _wrap(_pty_prefix(prefix) if tty is not None else prefix, argv, trailer or "")
     master = None

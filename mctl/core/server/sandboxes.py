@@ -1,8 +1,9 @@
 """Sandboxes in the control plane: every sandbox's record (id, app, name, tags, isolation, state,
 return code), its life (start, timeout, exit, terminate) and its HTTP routes.
 
-The control plane starts a sandbox through its sandbox backend. The one backend today is
-`local`: podman on the control plane's host, isolated as `core/sandbox_runtime` says. A watcher
+The control plane starts a sandbox through its sandbox backend: `local`, podman on the control
+plane's host, isolated as `core/sandbox_runtime` says, or, when it schedules on a cluster, that
+cluster's backend (`cluster()`: plugins/sandbox_slurm, plugins/sandbox_nomad). A watcher
 task per sandbox waits for its main process (`podman wait`) and records the return code; a timer
 ends it at its `timeout` (return code -1, as Modal's), and another at its `idle_timeout` once
 nothing has been active in it for that long (see `_idle`). Commands in a sandbox (`exec`) are
@@ -202,9 +203,10 @@ class Sandboxes:
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"), idle_timeout=idle_timeout)
-        isolation = sandbox_runtime.choose(cfg)
         cluster = self.cluster()
-        if cluster is not None:  # a Slurm job on a node (plugins/sandbox_slurm)
+        isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
+                     else sandbox_runtime.choose(cfg))
+        if cluster is not None:  # a job on a node (plugins/sandbox_slurm, sandbox_nomad)
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
             return rec
@@ -256,13 +258,18 @@ class Sandboxes:
             await asyncio.sleep(0.01)
 
     def cluster(self, rec: dict[str, Any] | None = None) -> Any:
-        """The cluster sandbox backend (Slurm) for new sandboxes, or for `rec` when it runs on
-        one; None: podman on this host."""
+        """The cluster sandbox backend (Slurm or Nomad, as the control plane's scheduler) for
+        new sandboxes, or for `rec` when it runs on one; None: podman on this host.
+
+        A backend has create/terminate/logs/recover/ready and `_cancel(sandbox_id)`. Commands
+        in its sandboxes run either as `podman ...` on the node behind `relay_prefix` (Slurm:
+        srun) and `_on_node`, or, when it has `relay` and `run_in`, through its own protocol
+        (Nomad's alloc exec); `isolation(cfg)`, when it has one, chooses for the nodes."""
         if rec is not None and rec.get("backend", "local") == "local":
             return None
-        from mctl.plugins.sandbox_slurm import backend_for
+        from mctl.plugins import sandbox_nomad, sandbox_slurm
 
-        return backend_for(self.control)
+        return sandbox_slurm.backend_for(self.control) or sandbox_nomad.backend_for(self.control)
 
     def _base(self) -> str:
         """The default image: debian_slim's base plus `python` (Modal's images have it; the
@@ -329,8 +336,8 @@ class Sandboxes:
         if plain and kind in (None, "debian_slim") and version in (None, DEFAULT_PYTHON):
             return base
         tag = (recipe.get("base") or {}).get("tag") or ""
-        if not recipe.get("steps") and kind == "registry" and tag.startswith("localhost/"):
-            return tag  # on this machine already: a snapshot_filesystem() image
+        if not recipe.get("steps") and kind == "registry" and snapshot_image(tag):
+            return tag  # a snapshot_filesystem() image: here already, or in MCTL_IMAGE_REGISTRY
         from mctl.core import plugins
         from mctl.core.server.image_builds import context_for
         from mctl.core.spec import ImageSpec
@@ -448,7 +455,10 @@ class Sandboxes:
                                              container_id=rec.get("container_id"))
         cluster = self.cluster(rec)
         try:
-            if cluster is not None:  # podman exec on the node, inside the sandbox's job
+            if cluster is not None and hasattr(cluster, "run_in"):  # its own exec (Nomad)
+                rc, out, err = await cluster.run_in(
+                    self, sandbox_id, sandbox_runtime.activity_command(ports), timeout=30)
+            elif cluster is not None:  # podman exec on the node, inside the sandbox's job
                 argv = sandbox_runtime.activity_argv(rec["container"], ports)
                 rc, out, err = await cluster._on_node(sandbox_id, *argv[1:], timeout=30)
             else:
@@ -538,36 +548,33 @@ class Sandboxes:
         return {"stdout": out, "stderr": err}
 
     async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
-        """The sandbox's file system as a new local image. runc: `podman commit` of the scratch
-        layer. gVisor keeps its writes inside the sandbox (the host's layer never sees them), so
-        the files changed since the start are read out with find+tar in the sandbox and added
-        on top of its image with buildah (deletions are not carried over)."""
+        """The sandbox's file system as a new local image: the files changed since the start
+        are read out with find+tar in the sandbox, as its user, and added on top of its image
+        with buildah (deletions are not carried over). Not `podman commit`: gVisor keeps its
+        writes inside the sandbox (the host's layer never sees them), and a runc container's
+        layer holds the host's shifted owners (its user namespace: 200000+), so the next
+        sandbox's user could not write its own files, nor /tmp."""
         rec = self._row(sandbox_id)
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
-        if self.cluster(rec) is not None:
-            raise InvalidError(f"Sandbox {sandbox_id} runs on the cluster node {rec['host']}: "
-                               "snapshot_filesystem() works only for sandboxes on the control "
-                               "plane's host yet.")
-        tag = f"localhost/mctl/snapshot:{sandbox_id.lower()}"
-        if rec["isolation"] != "gvisor":
-            rc, out, err = await _podman("commit", "-q", "-p", rec["container"], tag, timeout=600)
-            if rc != 0:
-                raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: {err.strip()[-400:]}")
-            return {"image": tag}
-        return await asyncio.to_thread(self._snapshot_gvisor, rec, tag)
+        cluster = self.cluster(rec)
+        if cluster is not None:  # on its node (plugins/sandbox_slurm)
+            if not hasattr(cluster, "snapshot"):
+                raise InvalidError(f"Sandbox {sandbox_id} runs on the {cluster.name} node "
+                                   f"{rec['host']}: snapshot_filesystem() is not available for "
+                                   f"sandboxes on {cluster.name.capitalize()} yet.")
+            return await cluster.snapshot(self, rec)
+        tag = sandbox_runtime.snapshot_tag(sandbox_id)
+        return await asyncio.to_thread(self._snapshot_changed, rec, tag)
 
-    def _snapshot_gvisor(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
+    def _snapshot_changed(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
         import subprocess
         import tempfile
 
         row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
                               (rec["sandbox_id"],)).fetchone()
         image = json.loads(row[0])["image"]
-        changed = ("find / \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/hostname "
-                   "-o -path /etc/hosts -o -path /etc/resolv.conf -o -path /run \\) -prune -o "
-                   "-newer /etc/hostname ! -type d -print0 2>/dev/null | "
-                   "tar --null -T - -cf - 2>/dev/null")
+        changed = sandbox_runtime.SNAPSHOT_CHANGED_TAR
         with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
             subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
                             rec["container"], "/bin/sh", "-c", changed], stdout=tar,
@@ -644,6 +651,15 @@ class Sandboxes:
                 self._watch_idle(rec["sandbox_id"], rec.get("idle_timeout"))
             else:
                 self._update(rec["sandbox_id"], state="lost", ended=time.time())
+
+
+def snapshot_image(tag: str) -> bool:
+    """Whether `tag` is an image a sandbox can start from as it is: one on this machine
+    (`localhost/...`, a snapshot_filesystem() image) or a snapshot pushed to
+    MCTL_IMAGE_REGISTRY by a sandbox on a cluster node (plugins/sandbox_slurm)."""
+    registry = os.environ.get("MCTL_IMAGE_REGISTRY", "").rstrip("/")
+    return tag.startswith("localhost/") or bool(registry) and tag.startswith(
+        f"{registry}/mctl/snapshot:")
 
 
 def _default_image(base: str) -> str:

@@ -1,0 +1,178 @@
+"""A worker killed by a signal (the OOM killer's SIGKILL, a segfault) keeps what it printed just
+before: its keeper copies the rest of its output pipe to the output the backend reads, and the
+control plane adds the lines the worker never sent, exactly once, before the error."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import APPS
+from test_images_build import images_dev  # noqa: F401 - the fixture
+from test_slurm import slurm_server  # noqa: F401 - the fixture
+
+KILLED = str(APPS / "killed.py")
+PRINTED = [*(f"line {i}" for i in range(5)), "on stderr", "last words"]
+
+
+def mctl_cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "mctl", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or os.environ)
+
+
+def printed_then_error(both, attempts):
+    """Each printed line once per attempt, in order, all of them before the error."""
+    ours = [line for line in both.splitlines() if line in PRINTED]
+    assert ours == PRINTED * attempts, both
+    error = both.index("was killed by signal 9 (SIGKILL) before it finished")
+    assert both.rindex("last words") < error, both
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("function,attempts", [("once", 1), ("twice", 2)])
+def test_output_before_sigkill_reaches_mctl_run_once_per_attempt(function, attempts):
+    out = mctl_cli("run", f"{KILLED}::{function}")
+    both = out.stdout + out.stderr
+    assert out.returncode != 0, both
+    printed_then_error(both, attempts)
+    assert "out of memory?" in both, both
+
+
+def test_output_tail_numbers_lines_after_the_marker(tmp_path):
+    from mctl.core.runtime.logcapture import OOM_NOTE, marker
+    from mctl.core.worker_output import OutputTail
+
+    tail = OutputTail("ta-x", max_lines=3)
+    for line in ["Trying to pull image...", marker("ta-x"), "a", "b", "c", "d\n", OOM_NOTE]:
+        tail.add(line)
+    assert tail.numbered() == [(2, "c"), (3, "d"), (4, OOM_NOTE)]
+    assert tail.oom is True
+    assert OutputTail("ta-y").numbered() == []  # no marker: nothing can be matched
+
+    # A job's output file: only the end is read; lines before it are counted.
+    path = tmp_path / "job.out"
+    body = "".join(f"{i:06d}\n" for i in range(100_000))
+    path.write_text(f"pulling\n{marker('ta-x')}\n{body}partial")
+    tail = OutputTail("ta-x", max_lines=5)
+    tail.add_file(path)
+    assert tail.numbered() == [(99_996, "099996"), (99_997, "099997"), (99_998, "099998"),
+                               (99_999, "099999"), (100_000, "partial")]
+    small = tmp_path / "small.out"
+    small.write_text(f"{marker('ta-x')}\na\nb\n")
+    tail = OutputTail("ta-x")
+    tail.add_file(small)
+    assert tail.numbered() == [(0, "a"), (1, "b")]
+    nomarker = tmp_path / "none.out"
+    nomarker.write_text("sbatch: error\n")
+    tail = OutputTail("ta-x")
+    tail.add_file(nomarker)
+    assert tail.numbered() == [] and tail.text() == "sbatch: error"
+
+
+def test_how_it_ended_with_oom():
+    from mctl.core.server.control import _how_it_ended
+
+    assert _how_it_ended(-9, oom=True).startswith(
+        "was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} out of memory (")
+    assert _how_it_ended(-9) == ("was killed by signal 9 (SIGKILL) before it finished "
+                                 "\N{EM DASH} out of memory?")
+
+
+@pytest.mark.integration
+def test_in_a_container_killed_and_oom_killed_workers_keep_their_output(images_dev, monkeypatch):
+    for key, value in images_dev.items():
+        monkeypatch.setenv(key, value)
+    killed_oci = str(APPS / "killed_oci.py")
+    out = mctl_cli("run", f"{killed_oci}::twice", timeout=600)
+    both = out.stdout + out.stderr
+    assert out.returncode != 0, both
+    printed_then_error(both, 2)
+
+    out = mctl_cli("run", f"{killed_oci}::hog", timeout=300)
+    both = out.stdout + out.stderr
+    assert out.returncode != 0, both
+    assert both.count("allocating") == 1, both
+    error = both.index("was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} out of "
+                       "memory (the kernel's OOM killer ended it)")
+    assert both.index("allocating") < both.index("OOM killer ended this worker") < error, both
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("slurm_server", ["cli"], indirect=True)
+def test_on_slurm_the_job_output_file_gives_what_a_killed_worker_printed(slurm_server, tmp_path):
+    # `mctl run` against a remote control plane prints no app logs (only the embedded one
+    # does): deploy, call, and read the app's logs.
+    out = mctl_cli("deploy", KILLED, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import mctl
+
+    twice = mctl.Function.from_name("killed", "twice")
+    with pytest.raises(mctl.exception.ContainerCrashedError,
+                       match=r"killed by signal 9 \(SIGKILL\) before it finished"):
+        twice.remote()
+    logs = mctl_cli("app", "logs", "killed")
+    mctl_cli("app", "stop", "killed")
+    rows = [line.split(None, 4) for line in logs.stdout.splitlines()]  # date time fn task text
+    printed = [(row[3], row[4]) for row in rows if len(row) == 5 and row[4] in PRINTED]
+    tasks = list(dict.fromkeys(task for task, _ in printed))
+    assert len(tasks) == 2, logs.stdout
+    assert printed == [(task, line) for task in tasks for line in PRINTED], logs.stdout
+
+
+def test_the_control_plane_adds_each_line_once_whichever_way_it_comes(tmp_path):
+    """Frames that arrive after the backend's tail (they were in flight when the process died)
+    and a tail that repeats lines already sent: every line once, in order."""
+    import asyncio
+
+    from mctl.core.runtime.logcapture import marker
+    from mctl.core.server.control import Conn, ControlPlane
+    from mctl.core.server.store import Store
+    from mctl.core.worker_output import OutputTail
+
+    async def main():
+        seen = []
+        control = ControlPlane(Store(tmp_path / "state"),
+                               log_sink=lambda app, task, fn, line: seen.append(line))
+        conn = Conn(lambda data: None)
+        conn.role, conn.task_id, conn.app_id, conn.function_id = "worker", "ta-k", "ap-x", "fu-f"
+        control._task_log(conn)
+        control.handle(conn, {"type": "log", "lines": ["a", "b"], "seq": 0}, [])
+        tail = OutputTail("ta-k")
+        for line in ["pulled", marker("ta-k"), "a", "b", "c", "d", "e"]:
+            tail.add(line)
+        control.worker_gone("ta-k", -9, tail)
+        # in flight when it died: c and d again, then a frame from a dropped-lines burst
+        control.handle(conn, {"type": "log", "lines": ["c", "d"], "seq": 2}, [])
+        control.handle(conn, {"type": "log", "lines": ["f"], "seq": 5, "dropped": 3}, [])
+        return seen
+
+    assert asyncio.run(main()) == ["a", "b", "c", "d", "e",
+                                   "mctl: 3 log lines were dropped while the control plane was "
+                                   "unreachable", "f"]
+
+
+def test_a_slurm_job_ended_out_of_memory_reports_its_output_and_the_oom(tmp_path):
+    """Slurm's OUT_OF_MEMORY state (a cluster that enforces memory with cgroups; the development
+    cluster does not) marks the tail, and the job's output file is read from the marker on."""
+    import asyncio
+
+    from mctl.core.runtime.logcapture import marker
+    from mctl.plugins.scheduler_slurm import Job, SlurmScheduler
+
+    reports = []
+
+    class Events:
+        def worker_exited(self, pool_id, worker_id, code, detail, output=None):
+            reports.append((worker_id, code, detail, output))
+
+    sched = SlurmScheduler({"output_dir": str(tmp_path)})
+    sched.events = Events()
+    (tmp_path / "42.out").write_text(f"{marker('ta-j')}\nloading\nallocating\n"
+                                     "slurmstepd: error: Detected 1 oom_kill event\n")
+    asyncio.run(sched._finished("pool", Job("ta-j", "42"), known=("OUT_OF_MEMORY", -9)))
+    (task, code, detail, output), = reports
+    assert (task, code, output.oom) == ("ta-j", -9, True)
+    assert [line for _, line in output.numbered()] == [
+        "loading", "allocating", "slurmstepd: error: Detected 1 oom_kill event"]
+    assert detail.startswith("Slurm job 42 ended OUT_OF_MEMORY.\nloading"), detail
