@@ -66,6 +66,9 @@ def test_a_pty_exec_runs_on_a_terminal_of_our_size(app, isolation, via):
         assert "os.terminal_size(columns=101, lines=33)" in out and "xterm-mctl" in out
         assert "to-stderr" in out and p.stderr.read() == ""  # a terminal: all on stdout
         assert "\r\n" in out  # the terminal's own newline
+        # a timeout ends it as without a terminal: -1
+        p = sb.exec("sleep", "30", pty=True, timeout=1)
+        assert p.wait() == -1
         # without pty: pipes, as before
         p = sb.exec("python3", "-c", "import os; print(os.isatty(0), os.isatty(1))")
         assert p.stdout.read() == "False False\n"

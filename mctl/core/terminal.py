@@ -80,6 +80,19 @@ def open_pty(rows: int, cols: int) -> tuple[int, int]:
     return master, slave
 
 
+def on_terminal(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """How to start `argv` with the pty's slave as stdin so that it is the program's
+    controlling terminal (a resize then reaches it as SIGWINCH): util-linux `setsid -w -c` in
+    front where there is one (no Python between fork and exec in a threaded process), else a
+    preexec_fn."""
+    import shutil
+
+    setsid = shutil.which("setsid")
+    if setsid:
+        return [setsid, "-w", "-c", *argv], {}
+    return list(argv), {"preexec_fn": controlling_tty}
+
+
 def controlling_tty() -> None:
     """preexec_fn: a new session whose controlling terminal is stdin (the pty's slave), so that a
     resize of the pty reaches the program as SIGWINCH."""

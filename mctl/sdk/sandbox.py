@@ -243,10 +243,10 @@ class ContainerProcess:
             from mctl.core import terminal
 
             master, slave = terminal.open_pty(pty["rows"], pty["cols"])
+            argv, how = terminal.on_terminal(argv)
             try:
                 self._proc = subprocess.Popen(argv, stdin=slave, stdout=slave,
-                                              stderr=subprocess.PIPE, env=env,
-                                              preexec_fn=terminal.controlling_tty)
+                                              stderr=subprocess.PIPE, env=env, **how)
             finally:
                 os.close(slave)
             self._master = master

@@ -305,10 +305,11 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         # podman exec -t (and srun --pty) on a pty of ours: its output is the terminal's;
         # stderr carries only what podman or srun say themselves
         master, slave = terminal.open_pty(int(tty.get("rows") or 0), int(tty.get("cols") or 0))
+        argv, how = terminal.on_terminal(argv)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=slave, stdout=slave, stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, **env}, preexec_fn=terminal.controlling_tty)
+                env={**os.environ, **env}, **how)
         finally:
             os.close(slave)
         assert proc.stderr
