@@ -52,13 +52,15 @@ def _relayed(sb):
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 @pytest.mark.parametrize("via", ["podman", "relay"])
 def test_a_pty_exec_runs_on_a_terminal_of_our_size(app, isolation, via):
+    from mctl.core import terminal
+
     sb = mctl.Sandbox.create(app=app, isolation=isolation)
     try:
         if via == "relay":
             _relayed(sb)
         p = sb.exec("python3", "-c", "import os, sys, shutil; print(os.isatty(0), os.isatty(1), "
                     "os.isatty(2), os.get_terminal_size(0), os.environ['TERM']); "
-                    "print('to-stderr', file=sys.stderr); sys.exit(5)", pty=True,
+                    "print('to-stderr', file=sys.stderr); sys.exit(5)",
                     pty_info={"winsz_rows": 33, "winsz_cols": 101, "env_term": "xterm-mctl"})
         assert p.wait() == 5
         out = p.stdout.read()
@@ -66,6 +68,13 @@ def test_a_pty_exec_runs_on_a_terminal_of_our_size(app, isolation, via):
         assert "os.terminal_size(columns=101, lines=33)" in out and "xterm-mctl" in out
         assert "to-stderr" in out and p.stderr.read() == ""  # a terminal: all on stdout
         assert "\r\n" in out  # the terminal's own newline
+        # pty=True: this process's terminal's size and TERM (none here: 24x80), as Modal's;
+        # it overrides pty_info
+        p = sb.exec("python3", "-c", "import os; print(os.get_terminal_size(0), "
+                    "os.environ['TERM'])", pty=True, pty_info={"winsz_rows": 5, "winsz_cols": 6})
+        assert p.wait() == 0
+        rows, cols = terminal.local_size()
+        assert f"os.terminal_size(columns={cols}, lines={rows})" in p.stdout.read()
         # a timeout ends it as without a terminal: -1
         p = sb.exec("sleep", "30", pty=True, timeout=1)
         assert p.wait() == -1
@@ -84,7 +93,7 @@ def test_an_interactive_shell_round_trips_and_follows_a_resize(app, via):
     try:
         if via == "relay":
             _relayed(sb)
-        p = sb.exec("sh", "-i", pty=True, pty_info={"winsz_rows": 20, "winsz_cols": 70})
+        p = sb.exec("sh", "-i", pty_info={"winsz_rows": 20, "winsz_cols": 70})
         p.stdin.write(b"echo $((6 * 7)) marker\n")
         _until(p, "42 marker")
         p.resize(44, 132)

@@ -161,7 +161,7 @@ def test_a_terminal_and_the_main_commands_stdin_on_a_node(slurm_server,  # noqa:
     assert sb._record["backend"] == "slurm" and sb.isolation == "gvisor"
     p = sb.exec("python3", "-c", "import os, sys; print(os.isatty(0), os.isatty(1), "
                 "os.get_terminal_size(0), os.environ['TERM']); print('e', file=sys.stderr); "
-                "sys.exit(5)", pty=True,
+                "sys.exit(5)",
                 pty_info={"winsz_rows": 33, "winsz_cols": 101, "env_term": "xterm-mctl"})
     assert p.wait() == 5
     out = p.stdout.read()
@@ -169,7 +169,7 @@ def test_a_terminal_and_the_main_commands_stdin_on_a_node(slurm_server,  # noqa:
     assert "e\r\n" in out and p.stderr.read() == ""  # a terminal: stderr on it too
     assert "mctl-relay-exit" not in out
 
-    p = sb.exec("sh", "-i", pty=True, pty_info={"winsz_rows": 20, "winsz_cols": 70})
+    p = sb.exec("sh", "-i", pty_info={"winsz_rows": 20, "winsz_cols": 70})
     p.stdin.write(b"echo $((6 * 7)) marker\n")
     _until(p, "42 marker", timeout=60)
     p.resize(44, 132)

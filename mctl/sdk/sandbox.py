@@ -625,6 +625,7 @@ class Sandbox:
 
     def _exec(self, *cmd: str, workdir: str | None = None, timeout: int | None = None,
               secrets: Sequence[Any] = (), pty: bool = False, pty_info: Any = None,
+              _pty_info: Any = None,
               text: bool = True, env: dict[str, str | None] | None = None,
               bufsize: int = -1, **unsupported: Any) -> ContainerProcess:
         from mctl.core import sandbox_runtime
@@ -632,12 +633,14 @@ class Sandbox:
         if unsupported:
             raise InvalidError(f"exec got unsupported arguments: {', '.join(sorted(unsupported))}.")
         tty: dict[str, Any] | None = None
+        pty_info = pty_info if pty_info is not None else _pty_info
         if pty or (pty_info is not None and getattr(pty_info, "enabled", True) is not False):
             from mctl.core import terminal
 
-            # As Modal's: the command runs on a terminal of this process's terminal's size (or
-            # pty_info's), its stdout and stderr both on stdout; TERM and friends come along.
-            tty = terminal.pty_spec(pty_info)
+            # As Modal's: the command runs on a terminal of this process's terminal's size, its
+            # stdout and stderr both on stdout; TERM and friends come along. The deprecated
+            # pty_info (a PTYInfo, or a dict of its fields) sets them; pty=True overrides it.
+            tty = terminal.pty_spec(None if pty else pty_info)
         if not cmd or not all(isinstance(c, str) for c in cmd):
             raise InvalidError("exec(*cmd) needs a command whose parts are all str, such as "
                                "sb.exec('python', '-c', 'print(1)').")
