@@ -280,12 +280,15 @@ class ContainerProcess:
     def resize(self, rows: int, cols: int) -> None:
         """A command on a terminal (`pty=True`): the terminal's new size (the command gets
         SIGWINCH). mctl's own; `mctl sandbox exec --pty` calls it when its window changes."""
-        if self._master is None:
+        if not hasattr(self, "_pty_input"):
             raise InvalidError("resize() needs a command started with exec(..., pty=True).")
         from mctl.core import terminal
 
+        master = self._master
+        if master is None:
+            return  # it ended
         try:
-            terminal.set_size(self._master, rows, cols)
+            terminal.set_size(master, rows, cols)
         except OSError:
             pass  # it ended
 
