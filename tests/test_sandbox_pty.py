@@ -246,3 +246,28 @@ def test_the_main_commands_stdin_outlives_a_control_plane_restart(server_process
         assert again.stdout.read() == "got one\ngot two\nend\n"
     finally:
         mctl.Sandbox.from_id(sb.object_id).terminate()
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_the_main_command_on_a_terminal(app, isolation):
+    """Sandbox.create(..., pty=True): the main command's stdin, stdout and stderr are a
+    terminal of our size; its output is all on stdout; write_eof() is ^D."""
+    sb = mctl.Sandbox.create(
+        "python3", "-c", "import os, sys\nprint(os.isatty(0), os.isatty(1), "
+        "os.get_terminal_size(0), os.environ['TERM'], flush=True)\n"
+        "print('err-line', file=sys.stderr, flush=True)\n"
+        "for line in sys.stdin: print('got', line.strip(), flush=True)\nprint('end')",
+        app=app, isolation=isolation,
+        pty_info={"winsz_rows": 33, "winsz_cols": 101, "env_term": "xterm-mctl"})
+    try:
+        sb.stdin.write(b"one\n")
+        sb.stdin.write_eof()
+        assert sb.wait() == 0
+        out = sb.stdout.read()
+        assert "True True os.terminal_size(columns=101, lines=33) xterm-mctl\r\n" in out, out
+        assert "err-line\r\n" in out and "got one\r\n" in out and out.endswith("end\r\n")
+        assert sb.stderr.read() == ""
+    finally:
+        sb.terminate()
+    with pytest.raises(InvalidError, match="needs a command"):
+        mctl.Sandbox.create(app=app, pty=True)

@@ -191,3 +191,20 @@ def test_a_terminal_and_the_main_commands_stdin_on_a_node(slurm_server,  # noqa:
     assert again.wait() == 0
     assert again.stdout.read() == "got one\ngot two\nend\n"
     assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+
+
+def test_the_main_command_on_a_terminal_on_a_node(slurm_server, slurm_cluster):  # noqa: F811
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create(
+        "python3", "-c", "import os, sys\nprint(os.isatty(0), os.get_terminal_size(0), "
+        "flush=True)\nfor line in sys.stdin: print('got', line.strip(), flush=True)\n"
+        "print('end')", app=app, timeout=120,
+        pty_info={"winsz_rows": 33, "winsz_cols": 101})
+    assert sb._record["backend"] == "slurm"
+    sb.stdin.write(b"one\n")
+    sb.stdin.write_eof()
+    assert sb.wait() == 0
+    out = sb.stdout.read()
+    assert "True os.terminal_size(columns=101, lines=33)\r\n" in out, out
+    assert "got one\r\n" in out and "end\r\n" in out
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)

@@ -62,6 +62,7 @@ class SandboxConfig:
     mounts: list[dict[str, Any]] = field(default_factory=list)  # host_path, path, read_only
     isolation: str | None = None  # requested; None: the best available
     idle_timeout: int | None = None  # seconds without activity before the control plane ends it
+    pty: dict[str, Any] | None = None  # the main command on a terminal: rows, cols, term...
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxConfig:
@@ -124,6 +125,7 @@ def poolable(cfg: SandboxConfig) -> bool:
     """Whether a warm container started ahead of time can serve `cfg`: the default shape (no
     command, the default image, no env, mounts, ports or network, default limits)."""
     return (not cfg.command and not cfg.env and not cfg.mounts and not cfg.ports
+            and cfg.pty is None
             and cfg.block_network and cfg.workdir is None and cfg.cpu is None
             and cfg.memory_mb is None and cfg.pids is None)
 
@@ -253,6 +255,8 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
             "--init"]
     if cfg.command:
         argv.insert(3, "-i")
+        if cfg.pty is not None:
+            argv.insert(4, "-t")
     if isolation == "gvisor":
         argv += ["--runtime", runsc or ensure_runsc_tty(), "--runtime-flag", "network=none", "--network", "none",
                  # gVisor's sentry threads are host tasks: leave them room above the code's own.
@@ -279,7 +283,19 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
         argv += ["--workdir", cfg.workdir]
     for key in sorted(cfg.env):
         argv += ["--env", key]  # the value comes from podman's own environment
-    argv.append(cfg.image)
+    if cfg.command and cfg.pty is not None:
+        from mctl.core import terminal
+
+        for key, value in sorted(terminal.pty_env(cfg.pty).items()):
+            argv += ["--env", f"{key}={value}"]  # TERM and friends: no secrets
+        argv.append(cfg.image)
+        # podman gives a detached terminal no size (0x0): the command's shell sets it first
+        # (the image needs /bin/sh and stty, as Debian's have)
+        argv += ["/bin/sh", "-c", 'stty rows "$1" cols "$2" 2>/dev/null; shift 2; exec "$@"',
+                 "sh", str(int(cfg.pty.get("rows") or terminal.DEFAULT_ROWS)),
+                 str(int(cfg.pty.get("cols") or terminal.DEFAULT_COLS))]
+    else:
+        argv.append(cfg.image)
     argv += cfg.command or ["sleep", "infinity"]
     return argv
 

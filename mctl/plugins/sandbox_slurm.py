@@ -451,10 +451,15 @@ class SlurmSandboxes:
                                                sandbox_runtime.container_name(sandbox_id))
             if rc == 0:
                 return {"stdout": out, "stderr": err}
-        from pathlib import Path
-
         try:
-            return {"stdout": Path(self._output(sandbox_id)).read_text(errors="replace"),
+            # newline="": a terminal's "\r\n" stays as it was written (create(pty=True))
+            with open(self._output(sandbox_id), errors="replace", newline="") as fh:
+                text = fh.read()
+            # what podman says of a terminal with a FIFO for stdin (create(pty=True)) is not
+            # the command's output
+            text = "".join(line for line in text.splitlines(keepends=True)
+                           if "The input device is not a TTY" not in line)
+            return {"stdout": text,
                     "stderr": ""}
         except OSError:
             from mctl.exception import NotFoundError

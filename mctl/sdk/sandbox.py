@@ -464,6 +464,7 @@ class Sandbox:
                 h2_ports: Sequence[int] = (), name: str | None = None,
                 tags: dict[str, str] | None = None, env: dict[str, str | None] | None = None,
                 isolation: str | None = None, pids: int | None = None,
+                pty: bool = False, pty_info: Any = None,
                 **unsupported: Any) -> Sandbox:
         if unsupported:
             raise InvalidError(f"Sandbox.create got unsupported arguments: "
@@ -482,6 +483,15 @@ class Sandbox:
             "block_network": True if block_network is None else bool(block_network),
             "ports": ports, "isolation": isolation, "gpu": gpu,
             "env": {k: v for k, v in (env or {}).items() if v is not None}}
+        if pty or (pty_info is not None and getattr(pty_info, "enabled", True) is not False):
+            from mctl.core import terminal
+
+            if not cmd:
+                raise InvalidError("Sandbox.create(pty=True) needs a command to run on the "
+                                   "terminal, such as Sandbox.create('bash', pty=True, ...).")
+            # As Modal's: the main command on a terminal (its output all on stdout), of this
+            # process's terminal's size and TERM (pty_info's where given without pty=True)
+            body["pty"] = terminal.pty_spec(None if pty else pty_info)
         body["secret_names"], body["secret_values"] = _secret_parts(secrets)
         if volumes:
             from mctl.sdk.volume import Volume, validate_mounts

@@ -213,6 +213,8 @@ class MainStdin:
         if self.closed:
             return
         proc = self._open()
+        if self._sb._record.get("pty"):  # a terminal's end of input: ^D, as one types it
+            proc.stdin.write(b"\x04")
         self.closed = True
         proc.stdin.write_eof()
         proc._wait()

@@ -95,6 +95,7 @@ class Sandboxes:
         rec["pids"] = config.get("pids") or sandbox_runtime.DEFAULT_PIDS
         rec["idle_timeout"] = config.get("idle_timeout")
         rec["ended_by"] = config.get("ended_by")  # "idle_timeout" when that ended it
+        rec["pty"] = bool(config.get("pty"))  # the main command runs on a terminal
         rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
         return rec
 
@@ -202,7 +203,8 @@ class Sandboxes:
             block_network=bool(body.get("block_network", True)),
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
-            isolation=body.get("isolation"), idle_timeout=idle_timeout)
+            isolation=body.get("isolation"), idle_timeout=idle_timeout,
+            pty=body.get("pty") if isinstance(body.get("pty"), dict) else None)
         cluster = self.cluster()
         isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
                      else sandbox_runtime.choose(cfg))
