@@ -1,6 +1,11 @@
 """Sandbox start-up: `Sandbox.create` → the first `exec`'s output, for gVisor and runc in one run.
 
     python benchmarks/sandbox.py [--n 50] [--warm 1] [--isolation gvisor,runc]
+    python benchmarks/sandbox.py --warm 0 --isolation runc,runc-network,runc-allowlist,bwrap
+
+`runc-network`: runc with `block_network=False` (podman's bridge); `runc-allowlist`: runc with
+`cidr_allowlist=["10.0.0.0/8"]` (created, initialised, firewalled, then started); `bwrap`: an
+image-less bubblewrap sandbox (no warm pool for these three).
 
 For each isolation: `--n` sandboxes one after another, each timed from `Sandbox.create(app=app,
 isolation=...)` to the first line of `sb.exec("echo", "ready").stdout` (then terminated, not
@@ -26,7 +31,12 @@ def measure(app, isolation: str, n: int) -> list[float]:
     times = []
     for _ in range(n):
         started = time.perf_counter()
-        sb = mctl.Sandbox.create(app=app, isolation=isolation)
+        if isolation == "runc-network":
+            sb = mctl.Sandbox.create(app=app, isolation="runc", block_network=False)
+        elif isolation == "runc-allowlist":
+            sb = mctl.Sandbox.create(app=app, isolation="runc", cidr_allowlist=["10.0.0.0/8"])
+        else:
+            sb = mctl.Sandbox.create(app=app, isolation=isolation)
         line = next(iter(sb.exec("echo", "ready").stdout))
         times.append(time.perf_counter() - started)
         assert line == "ready\n", line
@@ -50,17 +60,17 @@ def main() -> None:
     import mctl
 
     modes = [args.warm] + ([0] if args.cold and args.warm else [])
-    print(f"{'isolation':<8} {'warm':>4} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7}")
+    print(f"{'isolation':<14} {'warm':>4} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7}")
     for warm in modes:
         os.environ["MCTL_SANDBOX_WARM"] = str(warm)
         app = mctl.App("bench-sandbox")
         with app.run():
             for isolation in args.isolation.split(","):
-                if warm:  # the first create starts the pool; not part of the measure
+                if warm and isolation in ("gvisor", "runc"):  # the first starts the pool
                     mctl.Sandbox.create(app=app, isolation=isolation).terminate()
                     time.sleep(1.0)
                 t = measure(app, isolation, args.n)
-                print(f"{isolation:<8} {warm:>4} {len(t):>4} {statistics.median(t):>7.3f} "
+                print(f"{isolation:<14} {warm:>4} {len(t):>4} {statistics.median(t):>7.3f} "
                       f"{pct(t, 0.95):>7.3f} {max(t):>7.3f}", flush=True)
 
 

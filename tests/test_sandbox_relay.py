@@ -96,15 +96,20 @@ def _problem():
     return problem()
 
 
-@pytest.fixture
-def sandbox(server_process):
+@pytest.fixture(params=[None, "bwrap"])
+def sandbox(server_process, request):
+    """A sandbox of the default isolation, and a bwrap one (its agent behind the relay)."""
     problem = _problem()
+    if request.param == "bwrap":
+        from mctl.core import sandbox_bwrap
+
+        problem = problem or sandbox_bwrap.problem()
     if problem:
         if os.environ.get("MCTL_REQUIRE_SERVERS") == "1":
             pytest.fail(problem)
         pytest.skip(problem)
     app = mctl.App.lookup("sandbox-relay", create_if_missing=True)
-    sb = mctl.Sandbox.create(app=app)
+    sb = mctl.Sandbox.create(app=app, isolation=request.param)
     yield sb
     sb.terminate()
 

@@ -208,3 +208,54 @@ def test_the_main_command_on_a_terminal_on_a_node(slurm_server, slurm_cluster): 
     assert "True os.terminal_size(columns=101, lines=33)\r\n" in out, out
     assert "got one\r\n" in out and "end\r\n" in out
     assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+
+
+def test_a_cidr_allowlist_holds_on_a_node(slurm_server, slurm_cluster):  # noqa: F811
+    """The job script loads the same firewall into the container's network namespace on the
+    node before it starts: the host (the allowlist) answers, another node does not."""
+    import socket
+    import threading
+
+    def node_addr(node):
+        out = subprocess.run(["ip", "netns", "exec", f"mctl-{node}", "ip", "-4", "-o", "addr",
+                              "show", "eth0"], capture_output=True, text=True, timeout=20).stdout
+        return out.split()[3].split("/")[0]
+
+    host = os.environ.get("MCTL_SLURM_HOST_ADDR", "10.77.0.1")
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"hi\n")
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    other = slurm_cluster.nodes[-1]
+    other_addr = node_addr(other)
+    code = ("import socket; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); import time; time.sleep(600)")
+    srv = subprocess.Popen(["nsenter", f"--net=/run/netns/mctl-{other}", sys.executable, "-c",
+                            code], stdout=subprocess.PIPE, text=True)
+    other_port = int(srv.stdout.readline())
+    try:
+        app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+        sb = mctl.Sandbox.create(app=app, timeout=300, cidr_allowlist=[f"{host}/32"])
+        assert sb._record["backend"] == "slurm" and sb.isolation == "runc"
+        probe = ("import socket\nfor a in {targets!r}:\n    try:\n"
+                 "        socket.create_connection(a, timeout=4); print(a[0], 'OPEN')\n"
+                 "    except OSError as e:\n        print(a[0], 'BLOCKED', e)\n")
+        p = sb.exec("python3", "-c", probe.format(
+            targets=[(host, listener.getsockname()[1]), (other_addr, other_port)]))
+        assert p.wait() == 0, p.stderr.read()
+        out = p.stdout.read()
+        assert f"{host} OPEN" in out and f"{other_addr} BLOCKED" in out, out
+        assert "No route to host" in out, out  # the allowlist's reject, not a missing route
+        sb.terminate()
+    finally:
+        srv.kill()
+        listener.close()

@@ -15,7 +15,7 @@ import pytest
 
 import mctl
 from test_sandbox import (  # noqa: F401 - the bodies run here again, against Slurm nodes
-    ISOLATIONS,
+    PODMAN_ISOLATIONS as ISOLATIONS,  # bwrap sandboxes never run on a node
     _needs_podman,
     run,
     test_a_chatty_process_does_not_block,
@@ -43,6 +43,8 @@ def isolation(request):
 
 @pytest.fixture
 def _isolation_env(isolation, monkeypatch):
+    if isolation == "bwrap":  # the imported bodies run under bwrap too, locally (test_sandbox)
+        pytest.skip("bwrap sandboxes run on the control plane's host, never on a node")
     monkeypatch.setenv("MCTL_SANDBOX_ISOLATION", isolation)  # before the control plane starts
 
 

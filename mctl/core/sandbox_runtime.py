@@ -6,27 +6,41 @@ A sandbox runs untrusted code, so it is never a plain process. In order of prefe
   and the host). Debian's runsc only works here with `--runtime-flag network=none`, so a sandbox
   that asks for network (ports, `block_network=False`) cannot use it and falls back to runc.
 - `runc`: podman with runc, plus a user namespace (root inside is an unprivileged uid outside).
+- `bwrap`: bubblewrap, for an image-less sandbox where podman is missing (`core/sandbox_bwrap`:
+  the host's /usr read-only, an unprivileged uid of its own, every namespace, seccomp, cgroups).
+
+A sandbox with network gets runc. With a `cidr_allowlist` (Modal's meaning: outbound traffic only
+to those networks) its container is created and initialised but not started (`podman create`,
+`podman init`: the runtime waits before the main command's exec, so no code of the sandbox has
+run), firewall rules are loaded into its network namespace from the host (`allowlist_rules`,
+`apply_allowlist`), and only then is it started. The network namespace belongs to the host's
+user namespace, so even root inside the sandbox has no CAP_NET_ADMIN over it.
 
 Both get the same restrictions: a non-root user inside, every capability dropped,
 `no-new-privileges`, the image read-only below a writable copy-on-write scratch layer (the
 container's own layer, thrown away with it), only the declared mounts (read-only unless asked),
 and cpu, memory and pids limits. No runtime that isolates → `SandboxIsolationError`, never an
-unisolated process. `MCTL_SANDBOX_ISOLATION` (gvisor | runc) or `isolation=` picks one.
+unisolated process. `MCTL_SANDBOX_ISOLATION` (gvisor | runc | bwrap) or `isolation=` picks one.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
 from mctl.exception import InvalidError
 
 RUNSC = os.environ.get("MCTL_RUNSC", "/usr/bin/runsc")
-ISOLATIONS = ("gvisor", "runc")
+# gvisor and runc run under podman; bwrap (core/sandbox_bwrap) runs image-less sandboxes on the
+# host's own /usr where podman is missing, on the control plane's host only
+ISOLATIONS = ("gvisor", "runc", "bwrap")
+PODMAN_ISOLATIONS = ("gvisor", "runc")
 # The uid and gid code runs as inside (nobody): not root, even in the sandbox's own namespace.
 SANDBOX_USER = "65534:65534"
 # Root inside a runc sandbox is this uid outside (a user namespace of 65536 ids).
@@ -63,6 +77,9 @@ class SandboxConfig:
     isolation: str | None = None  # requested; None: the best available
     idle_timeout: int | None = None  # seconds without activity before the control plane ends it
     pty: dict[str, Any] | None = None  # the main command on a terminal: rows, cols, term...
+    # Outbound traffic only to these networks (normalised by `normalize_cidrs`); None: no
+    # allowlist (all or nothing, as block_network says); []: no outbound traffic, ports still work
+    cidr_allowlist: list[str] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxConfig:
@@ -87,25 +104,61 @@ def runc_path() -> str | None:
 
 def available() -> list[str]:
     """The isolations this machine offers, best first."""
-    if not _have("podman"):
-        return []
     out = []
-    if os.access(RUNSC, os.X_OK):
-        out.append("gvisor")
-    if runc_path():
-        out.append("runc")
+    if _have("podman"):
+        if os.access(RUNSC, os.X_OK):
+            out.append("gvisor")
+        if runc_path():
+            out.append("runc")
+    from mctl.core import sandbox_bwrap
+
+    if sandbox_bwrap.problem() is None:
+        out.append("bwrap")
     return out
+
+
+def wanted_isolation(isolation: str | None) -> str | None:
+    """The isolation asked for (`isolation=`, else MCTL_SANDBOX_ISOLATION), checked."""
+    wanted = isolation or os.environ.get("MCTL_SANDBOX_ISOLATION") or None
+    if wanted is not None and wanted not in ISOLATIONS:
+        raise InvalidError(f"Unknown sandbox isolation {wanted!r}; use one of "
+                           f"{', '.join(ISOLATIONS)}.")
+    return wanted
+
+
+def image_less_bwrap(isolation: str | None, has_image: bool) -> bool:
+    """Whether a sandbox gets bwrap: asked for, or image-less on a host whose podman cannot
+    run one (then its image is "" and `choose` says bwrap)."""
+    wanted = wanted_isolation(isolation)
+    if wanted == "bwrap":
+        return True
+    if wanted is not None or has_image:
+        return False
+    have = available()
+    return "bwrap" in have and not [i for i in have if i != "bwrap"]
 
 
 def choose(cfg: SandboxConfig) -> str:
     """The isolation `cfg` gets; raises SandboxIsolationError when none can run it."""
-    wanted = cfg.isolation or os.environ.get("MCTL_SANDBOX_ISOLATION") or None
-    if wanted is not None and wanted not in ISOLATIONS:
-        raise InvalidError(f"Unknown sandbox isolation {wanted!r}; use one of "
-                           f"{', '.join(ISOLATIONS)}.")
+    wanted = wanted_isolation(cfg.isolation)
     have = available()
-    needs_network = bool(cfg.ports) or not cfg.block_network
-    candidates = [wanted] if wanted else list(ISOLATIONS)
+    needs_network = bool(cfg.ports) or not cfg.block_network or cfg.cidr_allowlist is not None
+    if wanted == "bwrap" or not cfg.image:  # image-less: bubblewrap on the host's /usr
+        from mctl.core import sandbox_bwrap
+
+        try:
+            sandbox_bwrap.check(cfg)
+        except SandboxIsolationError as exc:
+            if wanted == "bwrap":
+                raise
+            raise SandboxIsolationError(
+                "Only bubblewrap can isolate a sandbox on this machine (no podman with runsc "
+                f"or runc), and {exc}") from None
+        if "bwrap" in have:
+            return "bwrap"
+        raise SandboxIsolationError(f"bwrap sandboxes cannot run here: "
+                                    f"{sandbox_bwrap.problem()}.")
+    candidates = [wanted] if wanted else list(PODMAN_ISOLATIONS)
     if needs_network and "gvisor" in candidates and len(candidates) > 1:
         candidates.remove("gvisor")  # Debian's runsc runs here only with network=none
     for iso in candidates:
@@ -114,7 +167,14 @@ def choose(cfg: SandboxConfig) -> str:
     if wanted == "gvisor" and needs_network and "gvisor" in have:
         raise SandboxIsolationError(
             "gVisor sandboxes cannot have network on this machine (runsc runs only with "
-            "network=none); drop the ports and block_network=False, or use isolation='runc'.")
+            "network=none); drop the ports, block_network=False and cidr_allowlist, or use "
+            "isolation='runc'.")
+    if not wanted and "bwrap" in have:
+        raise SandboxIsolationError(
+            "Only bubblewrap can isolate a sandbox on this machine (no podman with runsc or "
+            "runc), and it runs image-less sandboxes without network only: drop image=, "
+            "block_network=False, ports and cidr_allowlist, or install podman "
+            "(`scripts/sandbox-dev install`).")
     raise SandboxIsolationError(
         "No runtime on this machine can isolate a sandbox "
         f"({'wanted ' + wanted + '; ' if wanted else ''}found: {', '.join(have) or 'none'}). "
@@ -126,8 +186,8 @@ def poolable(cfg: SandboxConfig) -> bool:
     command, the default image, no env, mounts, ports or network, default limits)."""
     return (not cfg.command and not cfg.env and not cfg.mounts and not cfg.ports
             and cfg.pty is None
-            and cfg.block_network and cfg.workdir is None and cfg.cpu is None
-            and cfg.memory_mb is None and cfg.pids is None)
+            and cfg.block_network and cfg.cidr_allowlist is None and cfg.workdir is None
+            and cfg.cpu is None and cfg.memory_mb is None and cfg.pids is None)
 
 
 # gVisor's runtime as podman calls it: Debian's runsc has no `exec --tty` flag (the terminal is
@@ -258,13 +318,14 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
         if cfg.pty is not None:
             argv.insert(4, "-t")
     if isolation == "gvisor":
-        argv += ["--runtime", runsc or ensure_runsc_tty(), "--runtime-flag", "network=none", "--network", "none",
+        argv += ["--runtime", runsc or ensure_runsc_tty(), "--runtime-flag", "network=none",
+                 "--network", "none",
                  # gVisor's sentry threads are host tasks: leave them room above the code's own.
                  "--pids-limit", str(2 * pids + GVISOR_PIDS_SLACK)]
     elif isolation == "runc":
         argv += ["--runtime", runc_path() or "runc", "--pids-limit", str(pids),
                  "--uidmap", f"0:{USERNS_BASE}:65536", "--gidmap", f"0:{USERNS_BASE}:65536"]
-        if cfg.block_network and not cfg.ports:
+        if cfg.block_network and not cfg.ports and cfg.cidr_allowlist is None:
             argv += ["--network", "none"]
         else:
             argv += ["--network", "bridge"]
@@ -300,6 +361,132 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
     return argv
 
 
+def create_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
+                labels: dict[str, str] | None = None, timeout_s: int | None = None) -> list[str]:
+    """`podman create ...`: `run_argv` without starting the container, for a sandbox whose
+    network namespace gets its firewall (`apply_allowlist`) before any of its code runs."""
+    argv = run_argv(cfg, isolation, name=name, labels=labels, timeout_s=timeout_s)
+    return ["podman", "create", *argv[3:]]
+
+
+# --- cidr_allowlist: outbound traffic only to some networks --------------------------------------
+def normalize_cidrs(cidrs: Any) -> list[str]:
+    """`cidr_allowlist` as networks in canonical form ("10.1.2.3/8" → "10.0.0.0/8", a bare
+    address → /32 or /128), duplicates dropped; InvalidError for anything else. The result is
+    the only form that reaches the firewall rules."""
+    if isinstance(cidrs, (str, bytes)) or not isinstance(cidrs, (list, tuple)):
+        raise InvalidError("cidr_allowlist takes a list of networks, e.g. ['10.0.0.0/8', "
+                           f"'2001:db8::/32'], not {type(cidrs).__name__} {cidrs!r}.")
+    out: list[str] = []
+    for cidr in cidrs:
+        if not isinstance(cidr, str):
+            raise InvalidError(f"cidr_allowlist: {cidr!r} is not a string; write each network "
+                               "as a string such as '203.0.113.0/24'.")
+        try:
+            net = str(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError as exc:
+            raise InvalidError(f"cidr_allowlist: {cidr!r} is not an IPv4 or IPv6 network "
+                               f"({exc}); write an address with a prefix length, such as "
+                               "'203.0.113.0/24' or '2001:db8::/32' (a domain name is not "
+                               "accepted).") from None
+        if net not in out:
+            out.append(net)
+    return out
+
+
+def allowlist_rules(cidrs: list[str], version: int) -> str:
+    """The `iptables-restore` (version 4) or `ip6tables-restore` (6) input that lets the
+    sandbox's network namespace send only to `cidrs` (of that version), to itself (loopback) and
+    as part of connections already allowed (replies to tunnels and to allowed destinations);
+    everything else it sends is rejected at once (EHOSTUNREACH, "No route to host"), not left
+    to time out. Inbound traffic (published ports) is not filtered: Modal's allowlist is
+    outbound only."""
+    nets = [n for n in normalize_cidrs(cidrs) if ipaddress.ip_network(n).version == version]
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT DROP [0:0]",
+             "-A OUTPUT -o lo -j ACCEPT",
+             "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"]
+    if version == 6:  # neighbour discovery: without it no IPv6 address on the link answers
+        lines += [f"-A OUTPUT -p ipv6-icmp --icmpv6-type {t} -j ACCEPT"
+                  for t in ("router-solicitation", "neighbour-solicitation",
+                            "neighbour-advertisement")]
+    lines += [f"-A OUTPUT -d {net} -j ACCEPT" for net in nets]
+    reject = "icmp-admin-prohibited" if version == 4 else "icmp6-adm-prohibited"
+    lines += [f"-A OUTPUT -j REJECT --reject-with {reject}", "COMMIT", ""]
+    return "\n".join(lines)
+
+
+def _sbin(name: str) -> str | None:
+    for d in ("/usr/sbin", "/sbin", "/usr/bin"):
+        if os.access(os.path.join(d, name), os.X_OK):
+            return os.path.join(d, name)
+    return shutil.which(name)
+
+
+def allowlist_tools() -> str | None:
+    """What this host lacks to enforce a cidr_allowlist (None: nothing)."""
+    missing = [t for t in ("nsenter", "iptables-restore", "ip6tables-restore", "iptables-save")
+               if _sbin(t) is None]
+    if missing:
+        return (f"cidr_allowlist needs {', '.join(missing)} on {os.uname().nodename} (Debian: "
+                "apt-get install iptables util-linux)")
+    return None
+
+
+def apply_allowlist(netns: str, cidrs: list[str]) -> None:
+    """Load the allowlist's rules into the network namespace `netns` (a path: podman's
+    SandboxKey, or /proc/<pid>/ns/net) and check they are there. Fails closed: any error raises
+    SandboxIsolationError, and the caller removes the container instead of starting it."""
+    problem = allowlist_tools()
+    if problem:
+        raise SandboxIsolationError(problem + "; or create the sandbox without it.")
+    enter = [_sbin("nsenter") or "nsenter", f"--net={netns}"]
+
+    def run(argv: list[str], data: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(enter + argv, input=data, capture_output=True, text=True,
+                              timeout=30)
+
+    for version, tool in ((4, "iptables-restore"), (6, "ip6tables-restore")):
+        done = run([_sbin(tool) or tool], allowlist_rules(cidrs, version))
+        if done.returncode != 0:
+            if version == 6 and run(["/bin/cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"]
+                                    ).returncode != 0:
+                continue  # a kernel without IPv6: nothing to filter
+            raise SandboxIsolationError(
+                f"Could not apply cidr_allowlist to the sandbox's network ({tool}: "
+                f"{done.stderr.strip()[-400:]}); the sandbox was not started.")
+    saved = run([_sbin("iptables-save") or "iptables-save", "-t", "filter"])
+    if saved.returncode != 0 or ":OUTPUT DROP" not in saved.stdout:
+        raise SandboxIsolationError("The cidr_allowlist rules did not hold in the sandbox's "
+                                    "network namespace; the sandbox was not started.")
+
+
+def allowlist_script(cidrs: list[str], container: str) -> list[str]:
+    """Shell lines that do `apply_allowlist` for the created container `$name` (`container`)
+    on a node (the Slurm job script): exit 125 with a message on any failure."""
+    lines = [f"netns=$(podman inspect -f '{{{{.NetworkSettings.SandboxKey}}}}' {container}) "
+             "&& [ -n \"$netns\" ] || { echo \"mctl: no network namespace for the sandbox on "
+             "$(hostname)\" >&2; exit 125; }",
+             "PATH=$PATH:/usr/sbin:/sbin",
+             "for t in nsenter iptables-restore ip6tables-restore iptables-save; do "
+             "command -v $t >/dev/null || { echo \"mctl: "
+             "cidr_allowlist needs $t on $(hostname) (apt-get install iptables util-linux)\" "
+             ">&2; exit 125; }; done"]
+    fail = "{ echo \"mctl: could not apply cidr_allowlist (%s) on $(hostname)\" >&2; exit 125; }"
+    for version, tool in ((4, "iptables-restore"), (6, "ip6tables-restore")):
+        rules = allowlist_rules(cidrs, version)  # canonical CIDRs only: no quote in it
+        load = f"printf '%s' '{rules}' | nsenter --net=\"$netns\" {tool}"
+        if version == 4:
+            lines.append(f"{load} || {fail % tool}")
+        else:  # a kernel without IPv6 has nothing to filter
+            lines.append(f"if ! {load}; then nsenter --net=\"$netns\" cat "
+                         "/proc/sys/net/ipv6/conf/all/disable_ipv6 >/dev/null 2>&1 && "
+                         f"{fail % tool}; fi")
+    lines.append("nsenter --net=\"$netns\" iptables-save -t filter "
+                 "| grep -q '^:OUTPUT DROP' || { echo \"mctl: the cidr_allowlist rules did not "
+                 "hold on $(hostname)\" >&2; exit 125; }")
+    return lines
+
+
 # A gVisor sandbox keeps its writes inside the sandbox (the host's copy-on-write layer never sees
 # them): snapshot_filesystem() reads the files changed since the start out of it, as a tar on
 # stdout, run there with `/bin/sh -c` (deletions are not carried over).
@@ -316,6 +503,22 @@ def snapshot_tag(sandbox_id: str) -> str:
 
 
 RUNC_ROOT = "/run/runc"  # where podman's runc keeps its containers' state (root's default)
+
+
+def runc_netns(container_id: str) -> str | None:
+    """/proc/<pid>/ns/net of a runc container's init process (also while `podman init` holds
+    it before the main command), from runc's state file; None when it is not there."""
+    import json
+
+    if not container_id or "/" in container_id:
+        return None
+    try:
+        with open(os.path.join(RUNC_ROOT, container_id, "state.json")) as f:
+            pid = int(json.load(f)["init_process_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = f"/proc/{pid}/ns/net"
+    return path if pid > 0 and os.path.exists(path) else None
 
 
 def _direct_exec(isolation: str | None, container_id: str | None) -> list[str] | None:
@@ -339,6 +542,18 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
     first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
     rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes)."""
+    if isolation == "bwrap":
+        # through the sandbox's agent (core/bwrap_agent): `container` is its host directory.
+        # No pid file: a client that goes away (the timeout kills it) takes the command along.
+        import sys
+
+        argv = [sys.executable, "-m", "mctl.core.bwrap_agent", "exec",
+                os.path.join(container, "agent.sock")]
+        if workdir:
+            argv += ["--workdir", workdir]
+        for key in env_names:
+            argv += ["--env", key]
+        return argv + ["--", *cmd]
     direct = _direct_exec(isolation, container_id) if not (env_names or tty) else None
     if direct:
         # The OCI runtime's own exec (~0.07 s, against ~0.3 s through podman exec). The process
@@ -384,6 +599,11 @@ ACTIVITY_SCRIPT = (
 def activity_argv(container: str, ports: list[int], *, isolation: str | None = None,
                   container_id: str | None = None) -> list[str]:
     """The command that prints "<running execs> <tunnel connections>" for a sandbox."""
+    if isolation == "bwrap":  # the agent counts its running execs; no ports
+        import sys
+
+        return [sys.executable, "-m", "mctl.core.bwrap_agent", "activity",
+                os.path.join(container, "agent.sock")]
     return exec_argv(container, activity_command(ports), isolation=isolation,
                      container_id=container_id)
 
@@ -392,3 +612,14 @@ def activity_command(ports: list[int]) -> list[str]:
     """`ACTIVITY_SCRIPT` as a command to run inside the sandbox, for its published `ports`."""
     hexports = " ".join(f"{int(p):04X}" for p in ports)
     return ["/bin/sh", "-c", f"PORTS='{hexports}'; " + ACTIVITY_SCRIPT]
+
+
+def logs_argv(rec: dict[str, Any]) -> list[str]:
+    """The command that follows a running sandbox's main output (stdout, stderr) to its end."""
+    if rec.get("isolation") == "bwrap":
+        import sys
+
+        d = rec["run_dir"]
+        return [sys.executable, "-m", "mctl.core.bwrap_agent", "follow",
+                os.path.join(d, "stdout"), os.path.join(d, "stderr"), os.path.join(d, "exit")]
+    return ["podman", "logs", "-f", rec["container"]]

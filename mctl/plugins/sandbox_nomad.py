@@ -12,8 +12,9 @@ One sandbox is one batch job (`mctl-sb-<id>`, `job_id`), one group, one task `sa
   has no per-task runtime, so a gVisor job is constrained to nodes whose operator set podman's
   default runtime to runsc and says so in the node's meta (`mctl_sandbox_runtime = "runsc"`);
 - `network_mode = "none"` unless the sandbox asked for network or ports (then a bridge with the
-  ports mapped); every capability dropped, `no-new-privileges`, user 65534, `init`, a pids
-  limit; cpu (MHz), memory and GPUs (`nvidia/gpu` devices) as the task's resources;
+  ports mapped); a `cidr_allowlist` is refused (the drivers have no egress filter); every
+  capability dropped, `no-new-privileges`, user 65534, `init`, a pids limit; cpu (MHz),
+  memory and GPUs (`nvidia/gpu` devices) as the task's resources;
 - no restarts or reschedules (a sandbox that ends has ended), `kill_timeout` short: terminate
   is a kill; the control plane ends it at its timeout (Nomad has no run-time limit for a task);
 - secrets by name from Vault templates, as workers get them, other secret values from the job's
@@ -81,9 +82,14 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
     if driver not in ("docker", "podman"):
         raise InvalidError(f"A sandbox needs a container driver (docker or podman), not "
                            f"{driver!r}: exec and raw_exec cannot isolate untrusted code.")
-    if isolation not in sandbox_runtime.ISOLATIONS:
-        raise InvalidError(f"Unknown isolation {isolation!r}; use one of "
-                           f"{', '.join(sandbox_runtime.ISOLATIONS)}.")
+    if isolation not in sandbox_runtime.PODMAN_ISOLATIONS:
+        raise InvalidError(f"Unknown isolation {isolation!r} for a Nomad sandbox; use one of "
+                           f"{', '.join(sandbox_runtime.PODMAN_ISOLATIONS)}.")
+    if cfg.cidr_allowlist is not None:
+        raise InvalidError("cidr_allowlist is not supported for sandboxes on Nomad: its docker "
+                           "and podman drivers have no per-task egress filter (only all or no "
+                           "network); use block_network=True or False there, or the local or "
+                           "Slurm backend for an allowlist.")
     needs_network = bool(cfg.ports) or not cfg.block_network
     pids = cfg.pids or sandbox_runtime.DEFAULT_PIDS
     command = cfg.command or ["sleep", "infinity"]
@@ -336,9 +342,9 @@ class NomadSandboxes:
         import os
 
         wanted = cfg.isolation or os.environ.get("MCTL_SANDBOX_ISOLATION") or "gvisor"
-        if wanted not in sandbox_runtime.ISOLATIONS:
-            raise InvalidError(f"Unknown sandbox isolation {wanted!r}; use one of "
-                               f"{', '.join(sandbox_runtime.ISOLATIONS)}.")
+        if wanted not in sandbox_runtime.PODMAN_ISOLATIONS:
+            raise InvalidError(f"Unknown sandbox isolation {wanted!r} on Nomad; use one of "
+                               f"{', '.join(sandbox_runtime.PODMAN_ISOLATIONS)}.")
         return wanted
 
     def _alloc(self, sbs: Sandboxes, sandbox_id: str) -> str | None:

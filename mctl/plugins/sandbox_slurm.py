@@ -7,7 +7,10 @@ namespace; no network unless asked, every capability dropped, a non-root user).
   scheduler's `gpu_map`), timeout → `--time` (whole minutes, rounded up, plus one: Slurm's own
   backstop; the control plane ends the sandbox at its exact timeout with return code -1).
 - The job's shell runs the container in the foreground (its output is the job's output) and
-  removes it on every way out: exit, `scancel` (TERM), the time limit.
+  removes it on every way out: exit, `scancel` (TERM), the time limit. With a `cidr_allowlist`
+  it creates and initialises the container, loads the allowlist's firewall into its network
+  namespace on the node (`sandbox_runtime.allowlist_script`; the node needs iptables and
+  nsenter) and only then starts it.
 - Everything after the start happens on the node, through Slurm: the control plane runs
   `srun --jobid=<job> --overlap podman ...` (exec, logs, kill, rm), as an operator would. gVisor's
   control sockets live in the node's network namespace, so even a node sharing the control plane's
@@ -118,8 +121,11 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         check.append(f"[ -x {sandbox_runtime.RUNSC} ] || {{ echo \"mctl: {sandbox_runtime.RUNSC}"
                      " (gVisor) is not installed on $(hostname); install runsc there or create "
                      "the sandbox with isolation='runc'\" >&2; exit 125; }")
-    run = " ".join(shlex.quote(part) for part in argv).replace("__MCTL_RUNSC__", '"$runsc"')
+    def quoted(parts: list[str]) -> str:
+        return " ".join(shlex.quote(p) for p in parts).replace("__MCTL_RUNSC__", '"$runsc"')
+
     stdin_lines: list[str] = []
+    redirect = " </dev/null"
     if cfg.command:  # the main command's stdin, fed from a FIFO (sandbox_runtime, stdin_fifo)
         fifo = sandbox_runtime.stdin_fifo(container)
         stdin_lines = [
@@ -131,9 +137,7 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
             # never a failed start for it: the command then reads an empty stdin
             'else echo "mctl: no stdin for the main command: cannot make $f on $(hostname)" >&2',
             "fi"]
-        run += ' <"$stdin" &'
-    else:
-        run += " </dev/null &"
+        redirect = ' <"$stdin"'
     wrapper_lines: list[str] = []
     if isolation == "gvisor":
         # gVisor's runtime as podman calls it (sandbox_runtime, RUNSC_TTY_SCRIPT), written on
@@ -144,6 +148,18 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
             f'{shlex.quote(sandbox_runtime.runsc_tty_script())} > "$runsc.$$" && '
             f'chmod 755 "$runsc.$$" && mv -f "$runsc.$$" "$runsc"; }} 2>/dev/null || '
             f"runsc={shlex.quote(sandbox_runtime.RUNSC)}"]
+    if cfg.cidr_allowlist is None:
+        start = [quoted(argv) + redirect + " &"]
+    else:
+        # The same firewall as on the control plane's host (sandbox_runtime.apply_allowlist),
+        # loaded into the container's network namespace on the node between `podman init` and
+        # `podman start`: no code of the sandbox runs before it holds; any failure ends the job.
+        create = ["podman", "create", *argv[2:]]
+        start = [quoted(create) + " </dev/null >/dev/null || exit 125",
+                 'podman init "$name" >/dev/null || exit 125',
+                 *sandbox_runtime.allowlist_script(cfg.cidr_allowlist, '"$name"'),
+                 "podman start --attach " + ("--interactive " if cfg.command else "")
+                 + '"$name"' + redirect + " &"]
     lines += [
         f"name={container}",
         # TERM (scancel, the time limit) and every other way out remove the container: it lives
@@ -157,7 +173,7 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         *check,
         *wrapper_lines,
         *stdin_lines,
-        run,
+        *start,
         "pid=$!",
         "wait $pid; code=$?",
         "exit $code"]

@@ -439,7 +439,8 @@ class Sandbox:
 
     @property
     def isolation(self) -> str:
-        """How this sandbox is isolated: "gvisor" or "runc" (see docs/guide.md, Sandboxes)."""
+        """How this sandbox is isolated: "gvisor", "runc" or "bwrap" (see docs/guide.md,
+        Sandboxes)."""
         return self._record["isolation"]
 
     @property
@@ -460,18 +461,37 @@ class Sandbox:
                 timeout: int = 300, idle_timeout: int | None = None,
                 cpu: float | None = None, memory: int | None = None, gpu: Any = None,
                 block_network: bool | None = None, cidr_allowlist: Sequence[str] | None = None,
+                outbound_cidr_allowlist: Sequence[str] | None = None,
                 encrypted_ports: Sequence[int] = (), unencrypted_ports: Sequence[int] = (),
                 h2_ports: Sequence[int] = (), name: str | None = None,
                 tags: dict[str, str] | None = None, env: dict[str, str | None] | None = None,
                 isolation: str | None = None, pids: int | None = None,
                 pty: bool = False, pty_info: Any = None,
                 **unsupported: Any) -> Sandbox:
+        for key in ("outbound_domain_allowlist", "inbound_cidr_allowlist"):
+            if unsupported.get(key) is not None:
+                raise InvalidError(f"{key}= is not supported by mctl: a sandbox's outbound "
+                                   "traffic can be limited by address (cidr_allowlist=), not by "
+                                   "domain, and its inbound traffic (ports) only comes from the "
+                                   "control plane's host (127.0.0.1).")
+            unsupported.pop(key, None)
         if unsupported:
             raise InvalidError(f"Sandbox.create got unsupported arguments: "
                                f"{', '.join(sorted(unsupported))}.")
+        if outbound_cidr_allowlist is not None:  # Modal's newer name for the same thing
+            if cidr_allowlist is not None:
+                raise InvalidError("Pass cidr_allowlist= or outbound_cidr_allowlist=, not both "
+                                   "(they are the same setting).")
+            cidr_allowlist = outbound_cidr_allowlist
         if cidr_allowlist is not None:
-            raise InvalidError("cidr_allowlist= is not supported by mctl yet: a sandbox has "
-                               "either no network (the default) or block_network=False.")
+            if block_network:
+                raise InvalidError("`cidr_allowlist` cannot be used when `block_network` is "
+                                   "enabled; drop block_network=True (an allowlist of [] blocks "
+                                   "all outbound traffic).")
+            from mctl.core.sandbox_runtime import normalize_cidrs
+
+            cidr_allowlist = normalize_cidrs(cidr_allowlist)
+            block_network = False
         if not all(isinstance(c, str) for c in cmd):
             raise InvalidError("Sandbox.create(*cmd): each part of the command must be a str.")
         ports = [int(p) for p in [*encrypted_ports, *unencrypted_ports, *h2_ports]]
@@ -482,6 +502,7 @@ class Sandbox:
             "cpu": cpu, "memory": memory, "pids": pids, "name": name, "tags": tags or {},
             "block_network": True if block_network is None else bool(block_network),
             "ports": ports, "isolation": isolation, "gpu": gpu,
+            "cidr_allowlist": cidr_allowlist,
             "env": {k: v for k, v in (env or {}).items() if v is not None}}
         if pty or (pty_info is not None and getattr(pty_info, "enabled", True) is not False):
             from mctl.core import terminal
@@ -654,6 +675,9 @@ class Sandbox:
             # stdout and stderr both on stdout; TERM and friends come along. The deprecated
             # pty_info (a PTYInfo, or a dict of its fields) sets them; pty=True overrides it.
             tty = terminal.pty_spec(None if pty else pty_info)
+            if self.isolation == "bwrap":
+                raise InvalidError("bwrap sandboxes have no terminal (exec(pty=True)) yet; use "
+                                   "an image (podman) for that.")
         if not cmd or not all(isinstance(c, str) for c in cmd):
             raise InvalidError("exec(*cmd) needs a command whose parts are all str, such as "
                                "sb.exec('python', '-c', 'print(1)').")
@@ -681,7 +705,9 @@ class Sandbox:
             environ = {**terminal.pty_env(tty), **environ}
         pid_file = kill = None
         container = record["container"]
-        if timeout is not None:
+        if self.isolation == "bwrap":  # its agent; a timeout kills the client, and so the command
+            container = record["run_dir"]
+        elif timeout is not None:
             pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
 
             def kill() -> None:
@@ -709,8 +735,10 @@ class Sandbox:
             if self._log_buffers is None:
                 self._local(self._record)
                 out, err = _Buffer(), _Buffer()
+                from mctl.core import sandbox_runtime
+
                 self._logs = subprocess.Popen(
-                    ["podman", "logs", "-f", self._record["container"]],
+                    sandbox_runtime.logs_argv(self._record),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
                 out.pump(self._logs.stdout)
                 err.pump(self._logs.stderr)

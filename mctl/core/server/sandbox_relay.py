@@ -246,7 +246,7 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
     tty = req.get("pty") if isinstance(req.get("pty"), dict) else None
     if req.get("logs"):
         tty = None
-        argv = ["podman", "logs", "-f", container]
+        argv = sandbox_runtime.logs_argv(rec)
         if rec["state"] != "running":
             logs = await sb.logs(rec["sandbox_id"])
             for channel, key in ((STDOUT, "stdout"), (STDERR, "stderr")):
@@ -276,6 +276,9 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
             tty = {**terminal.pty_spec(None), **{k: v for k, v in tty.items() if v}}
             env.update(terminal.pty_env(tty))
         env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
+    if rec.get("isolation") == "bwrap" and (req.get("stdin") or tty is not None):
+        raise InvalidError("bwrap sandboxes have no terminal (exec(pty=True)) and no stdin for "
+                           "their main command yet; use an image (podman) for those.")
     cluster = sb.cluster(rec)
     if cluster is not None and hasattr(cluster, "relay"):  # its own exec protocol (Nomad)
         if req.get("stdin") or tty is not None:
@@ -287,13 +290,14 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
         return
     if not req.get("logs") and not req.get("stdin"):
         timeout = req.get("timeout")
-        if timeout is not None:
+        bwrap = rec.get("isolation") == "bwrap"  # its agent kills a command whose client ends
+        if timeout is not None and not bwrap:
             pid_file = f"/tmp/.mctl-exec-{_secrets.token_hex(6)}"
         argv = sandbox_runtime.exec_argv(
-            container, cmd, workdir=req.get("workdir"), env_names=sorted(env),
-            pid_file=pid_file,
+            rec["run_dir"] if bwrap else container, cmd, workdir=req.get("workdir"),
+            env_names=sorted(env), pid_file=pid_file,
             nproc=rec.get("pids") if rec.get("isolation") == "gvisor" else None,
-            tty=tty is not None)
+            isolation="bwrap" if bwrap else None, tty=tty is not None)
     prefix = (await _prefix(sb, rec))
     # the request is accepted: the client's exec() returns now (a refusal above raises there)
     await ws.send_json({"accepted": True})

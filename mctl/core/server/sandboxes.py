@@ -20,7 +20,9 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -96,6 +98,8 @@ class Sandboxes:
         rec["idle_timeout"] = config.get("idle_timeout")
         rec["ended_by"] = config.get("ended_by")  # "idle_timeout" when that ended it
         rec["pty"] = bool(config.get("pty"))  # the main command runs on a terminal
+        rec["cidr_allowlist"] = config.get("cidr_allowlist")
+        rec["run_dir"] = config.get("run_dir")  # bwrap: its host directory (agent, output)
         rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
         return rec
 
@@ -192,20 +196,53 @@ class Sandboxes:
                                    f"and {MAX_TIMEOUT_S} (or None for no idle timeout), not "
                                    f"{idle_timeout!r}.")
             idle_timeout = int(idle_timeout)
+        block_network = bool(body.get("block_network", True))
+        cidr_allowlist = body.get("cidr_allowlist")
+        if cidr_allowlist is not None:
+            if block_network:  # Modal's rule: an allowlist is a kind of network, not a block
+                raise InvalidError("`cidr_allowlist` cannot be used when `block_network` is "
+                                   "enabled; drop block_network=True (an allowlist of [] "
+                                   "blocks all outbound traffic).")
+            cidr_allowlist = sandbox_runtime.normalize_cidrs(cidr_allowlist)
         sandbox_id = ids.new_id("sandbox")
-        image = await self._image(body.get("image"), app_id)
+        cluster = self.cluster()
+        wanted = sandbox_runtime.wanted_isolation(body.get("isolation"))
+        if wanted == "bwrap" or (cluster is None and sandbox_runtime.image_less_bwrap(
+                body.get("isolation"), bool(body.get("image")))):
+            if body.get("image"):
+                raise InvalidError("bwrap sandboxes are image-less (the host's /usr, "
+                                   "read-only); drop image=, or use isolation='gvisor' or "
+                                   "'runc' (podman).")
+            image = ""  # bubblewrap on the host's own /usr (core/sandbox_bwrap)
+        else:
+            if cluster is None and not (set(sandbox_runtime.available())
+                                        & set(sandbox_runtime.PODMAN_ISOLATIONS)):
+                # no podman to build or run an image: say so before trying
+                sandbox_runtime.choose(SandboxConfig(
+                    sandbox_id=sandbox_id, image="(image)", isolation=body.get("isolation"),
+                    block_network=bool(body.get("block_network", True))))
+            image = await self._image(body.get("image"), app_id)
         env = dict(body.get("env") or {})
         env.update(await asyncio.to_thread(self._secret_values, body))
         cfg = SandboxConfig(
             sandbox_id=sandbox_id, image=image, command=list(body.get("command") or []),
             workdir=body.get("workdir"), env=env, cpu=body.get("cpu"),
             memory_mb=body.get("memory"), pids=body.get("pids"),
-            block_network=bool(body.get("block_network", True)),
+            block_network=block_network, cidr_allowlist=cidr_allowlist,
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"), idle_timeout=idle_timeout,
             pty=body.get("pty") if isinstance(body.get("pty"), dict) else None)
-        cluster = self.cluster()
+        if not cfg.image:  # bwrap, on this host whatever the cluster backend
+            sandbox_runtime.choose(cfg)  # says bwrap, or why not
+            if body.get("gpu"):
+                raise InvalidError("bwrap sandboxes have no GPUs; use a function "
+                                   "(@app.function(gpu=...)).")
+            if cfg.pty is not None:
+                raise InvalidError("bwrap sandboxes have no terminal for their main command "
+                                   "(pty=True) yet; use an image (podman) for that.")
+            return await self._create_bwrap(cfg, app_id, name, body.get("tags"), timeout,
+                                            idle_timeout)
         isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
                      else sandbox_runtime.choose(cfg))
         if cluster is not None:  # a job on a node (plugins/sandbox_slurm, sandbox_nomad)
@@ -224,12 +261,14 @@ class Sandboxes:
         self.insert(cfg, app_id, name, body.get("tags"), isolation, timeout, host=self.host,
                     backend="local", container=warm[0] if warm else container_name(sandbox_id))
         rc, err = 0, ""
-        if warm is None:
+        if cfg.cidr_allowlist is not None:
+            rc, out, err = await self._start_with_allowlist(cfg, isolation, timeout)
+        elif warm is None:
             rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
         container_id = warm[1] if warm else out.strip().splitlines()[-1] if rc == 0 else None
         if rc != 0:
             self._update(sandbox_id, state="failed", ended=time.time())
-            await _podman("rm", "-f", self._container(sandbox_id))
+            await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
             raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
         if cfg.command:
             await self._hold_stdin(self._container(sandbox_id))
@@ -258,6 +297,118 @@ class Sandboxes:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not os.path.exists(fifo + ".pid"):
             await asyncio.sleep(0.01)
+
+    # --- bwrap: image-less sandboxes under bubblewrap (core/sandbox_bwrap) ------------------
+    async def _create_bwrap(self, cfg: SandboxConfig, app_id: str, name: str | None, tags: Any,
+                            timeout: int, idle_timeout: int | None) -> dict[str, Any]:
+        """Start the launcher (cgroups, then bwrap as the sandbox's own uid with the agent as
+        its first process); running once the agent answers. It is this process's child:
+        `_watch_bwrap` waits for it, and it dies with the control plane (--die-with-parent)."""
+        from mctl.core import sandbox_bwrap
+
+        sandbox_id = cfg.sandbox_id
+        run_dir, listener = await asyncio.to_thread(sandbox_bwrap.prepare, cfg)
+        self.insert(cfg, app_id, name, tags, "bwrap", timeout, host=self.host,
+                    backend="local", container=container_name(sandbox_id),
+                    run_dir=str(run_dir))
+        try:
+            groups = await asyncio.to_thread(sandbox_bwrap.make_cgroups, cfg)
+            out = open(run_dir / "stdout", "wb")
+            err = open(run_dir / "stderr", "wb")
+            fds: list[int] = []
+            try:
+                argv, fds = sandbox_bwrap.launch(cfg, run_dir, listener.fileno(), groups)
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
+                    pass_fds=[listener.fileno(), *fds], env=sandbox_bwrap.environment(cfg))
+            finally:
+                for f in (out, err, listener):
+                    f.close()
+                for fd in fds:
+                    os.close(fd)
+            deadline = time.monotonic() + 30
+            while not await asyncio.to_thread(sandbox_bwrap.ready, run_dir, 0.5):
+                if proc.returncode is not None or time.monotonic() > deadline:
+                    if proc.returncode is None:
+                        proc.kill()
+                    await proc.wait()
+                    raise InvalidError("The sandbox could not start (bwrap): " + (
+                        sandbox_bwrap.read_logs(run_dir)["stderr"] or "").strip()[-800:])
+        except BaseException:
+            self._update(sandbox_id, state="failed", ended=time.time())
+            await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, run_dir)
+            await asyncio.to_thread(sandbox_bwrap.remove_dir, run_dir)
+            raise
+        self._update(sandbox_id, state="running")
+        self.done[sandbox_id] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.tasks[sandbox_id] = [loop.create_task(self._watch_bwrap(sandbox_id, proc)),
+                                  loop.create_task(self._expire(sandbox_id, timeout))]
+        self._watch_idle(sandbox_id, idle_timeout)
+        return self._row(sandbox_id)
+
+    async def _watch_bwrap(self, sandbox_id: str, proc: Any) -> None:
+        """Wait for the launcher (bwrap passes on the main command's code, 128+n after a
+        signal), record it, then remove what is left: processes, cgroups, the socket."""
+        from mctl.core import sandbox_bwrap
+
+        try:
+            rc = await proc.wait()
+        except asyncio.CancelledError:
+            rc = await proc.wait()  # terminated or expired: the kill ends it at once
+        run_dir = self._row(sandbox_id).get("run_dir")
+        self._finish(sandbox_id, "finished", 128 - rc if rc < 0 else rc)
+        await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, run_dir)
+        # terminate (which set its state before the kill) removes the directory itself: a
+        # marker written meanwhile would keep it
+        if run_dir and self._state(sandbox_id) != "terminated":
+            try:
+                (Path(run_dir) / "exit").write_text(str(rc))
+            except OSError:
+                pass
+
+    async def _kill(self, rec: dict[str, Any]) -> None:
+        """Kill a local sandbox's processes (its container stays, for its logs)."""
+        if rec.get("isolation") == "bwrap":
+            from mctl.core import sandbox_bwrap
+
+            await asyncio.to_thread(sandbox_bwrap.kill, rec["sandbox_id"])
+        else:
+            await _podman("kill", rec["container"])
+
+    async def _start_with_allowlist(self, cfg: SandboxConfig, isolation: str, timeout: int
+                                    ) -> tuple[int, str, str]:
+        """Start a sandbox whose outbound traffic goes only to its cidr_allowlist: create and
+        initialise the container (its network namespace exists, the runtime holds the main
+        command before its exec), load the firewall into that namespace from here, then start
+        it. No code of the sandbox runs before the rules hold; any failure leaves it unstarted.
+        Returns (rc, container id, error) as `_podman` does."""
+        name = container_name(cfg.sandbox_id)
+        argv = sandbox_runtime.create_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
+        rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+        if rc != 0:
+            return rc, out, err
+        rc, _, err = await _podman("init", name)
+        if rc != 0:
+            return rc, out, err
+        # the held container's init process, from runc's own state (a `podman inspect` costs
+        # ~0.06 s more): its network namespace is the sandbox's
+        netns = sandbox_runtime.runc_netns(out.strip().splitlines()[-1] if out.strip() else "")
+        if netns is None:
+            rc, key, err = await _podman("inspect", "-f", "{{.NetworkSettings.SandboxKey}} "
+                                         "{{.State.Pid}}", name)
+            path, _, pid = key.strip().partition(" ")
+            if rc != 0 or not (path or pid.strip("0")):
+                return 1, out, f"no network namespace for the sandbox ({err.strip()})"
+            netns = path or f"/proc/{pid}/ns/net"
+        try:
+            await asyncio.to_thread(sandbox_runtime.apply_allowlist, netns,
+                                    cfg.cidr_allowlist or [])
+        except (sandbox_runtime.SandboxIsolationError, OSError,
+                subprocess.TimeoutExpired) as exc:
+            return 1, out, str(exc)
+        rc, _, err = await _podman("start", name)
+        return rc, out, err
 
     def cluster(self, rec: dict[str, Any] | None = None) -> Any:
         """The cluster sandbox backend (Slurm or Nomad, as the control plane's scheduler) for
@@ -398,8 +549,9 @@ class Sandboxes:
     async def _expire(self, sandbox_id: str, timeout: float) -> None:
         await asyncio.sleep(timeout)
         if self._state(sandbox_id) == "running":
+            rec = self._row(sandbox_id)
             self._finish(sandbox_id, "timeout", -1)
-            await _podman("kill", self._container(sandbox_id))
+            await self._kill(rec)
 
     # --- idle_timeout ----------------------------------------------------------------------------
     def touch(self, sandbox_id: str) -> None:
@@ -442,7 +594,7 @@ class Sandboxes:
                     if cluster is not None:
                         await cluster._cancel(sandbox_id)
                     else:
-                        await _podman("kill", self._container(sandbox_id))
+                        await self._kill(rec)
                     return
         except asyncio.CancelledError:
             return
@@ -453,7 +605,8 @@ class Sandboxes:
         mctl never ends work it could not see."""
         rec = self._row(sandbox_id)
         ports = list(rec.get("ports") or {})
-        argv = sandbox_runtime.activity_argv(rec["container"], ports, isolation=rec["isolation"],
+        argv = sandbox_runtime.activity_argv(rec.get("run_dir") or rec["container"], ports,
+                                             isolation=rec["isolation"],
                                              container_id=rec.get("container_id"))
         cluster = self.cluster(rec)
         try:
@@ -512,8 +665,14 @@ class Sandboxes:
         except RuntimeError:
             return
         container = self._container(sandbox_id)
+        run_dir = self._row(sandbox_id).get("run_dir")
 
         def remove() -> None:
+            if run_dir:  # bwrap: its output goes with its directory
+                from mctl.core import sandbox_bwrap
+
+                sandbox_bwrap.remove_dir(run_dir)
+                return
             loop.create_task(_podman("rm", "-f", "-t", "0", "--ignore", container))
 
         loop.call_later(KEEP_FINISHED_S, remove)
@@ -536,6 +695,12 @@ class Sandboxes:
             return await self.cluster(rec).terminate(self, sandbox_id)
         if rec["state"] == "running":
             self._finish(sandbox_id, "terminated", 137)
+        if rec.get("isolation") == "bwrap":
+            from mctl.core import sandbox_bwrap
+
+            await asyncio.to_thread(sandbox_bwrap.cleanup, sandbox_id, rec.get("run_dir"))
+            await asyncio.to_thread(sandbox_bwrap.remove_dir, rec.get("run_dir"))
+            return self._row(sandbox_id)
         await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
         return self._row(sandbox_id)
 
@@ -543,6 +708,14 @@ class Sandboxes:
         rec = self._row(sandbox_id)
         if self.cluster(rec) is not None:
             return await self.cluster(rec).logs(self, sandbox_id)
+        if rec.get("isolation") == "bwrap":
+            from mctl.core import sandbox_bwrap
+
+            logs = sandbox_bwrap.read_logs(rec["run_dir"]) if rec.get("run_dir") else {}
+            if logs.get("stdout") is None:
+                raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its directory "
+                                    "was removed when it was terminated).")
+            return logs
         rc, out, err = await _podman("logs", self._container(sandbox_id))
         if rc != 0:
             raise NotFoundError(f"The logs of sandbox {sandbox_id} are gone (its container was "
@@ -566,6 +739,10 @@ class Sandboxes:
                                    f"{rec['host']}: snapshot_filesystem() is not available for "
                                    f"sandboxes on {cluster.name.capitalize()} yet.")
             return await cluster.snapshot(self, rec)
+        if rec["isolation"] == "bwrap":
+            raise InvalidError(f"Sandbox {sandbox_id} is a bwrap sandbox (the host's /usr, no "
+                               "image): snapshot_filesystem() needs isolation='gvisor' or "
+                               "'runc'.")
         tag = sandbox_runtime.snapshot_tag(sandbox_id)
         return await asyncio.to_thread(self._snapshot_changed, rec, tag)
 
@@ -605,7 +782,13 @@ class Sandboxes:
         await self._remove([r for r in self.list(app_id=app_id, include_finished=True)])
 
     async def _remove(self, records: list[dict[str, Any]]) -> None:
-        names = [r["container"] for r in records if r["state"] in ("finished", "timeout")]
+        from mctl.core import sandbox_bwrap
+
+        for r in records:
+            if r.get("run_dir") and r["state"] in ("finished", "timeout"):
+                sandbox_bwrap.remove_dir(r["run_dir"])
+        names = [r["container"] for r in records if r["state"] in ("finished", "timeout")
+                 and not r.get("run_dir")]
         if names:
             await _podman("rm", "-f", "-t", "0", "--ignore", *names)
 
@@ -634,6 +817,14 @@ class Sandboxes:
                     self._watch_idle(rec["sandbox_id"], rec.get("idle_timeout"))
         for rec in self.list():
             if self.cluster(rec) is not None:
+                continue
+            if rec.get("isolation") == "bwrap":  # died with the control plane that ran it
+                from mctl.core import sandbox_bwrap
+
+                await asyncio.to_thread(sandbox_bwrap.cleanup, rec["sandbox_id"],
+                                        rec.get("run_dir"))
+                await asyncio.to_thread(sandbox_bwrap.remove_dir, rec.get("run_dir"))
+                self._update(rec["sandbox_id"], state="lost", ended=time.time())
                 continue
             rc, out, _ = await _podman("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}",
                                        rec["container"])
