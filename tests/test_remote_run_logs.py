@@ -38,3 +38,21 @@ def test_mctl_run_on_a_separate_server_prints_function_output(server_process, tm
     assert "total 5" in lines
     for x in range(3):  # each once (the follower's last page does not repeat lines)
         assert lines.count(f"squaring {x}") == 1, out.stdout
+
+
+def test_mctl_run_detach_prints_function_output_while_it_runs(server_process, tmp_path):
+    """`--detach` keeps the app after the command; what its functions print during the command
+    is shown all the same (Modal's `run --detach` streams too)."""
+    app = tmp_path / "squares.py"
+    app.write_text(APP)
+    out = run("run", "--detach", str(app))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "total 5" in lines and "mctl: detached: app" in out.stderr
+    for x in range(3):
+        assert lines.count(f"squaring {x}") == 1, out.stdout
+    app_id = out.stderr.split("mctl: detached: app ", 1)[1].split()[0]
+    row = [line.split() for line in run("app", "list").stdout.splitlines()
+           if line.startswith(app_id)]
+    assert row and row[0][3] == "running", row  # still there: detached
+    run("app", "stop", app_id)

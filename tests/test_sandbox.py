@@ -125,6 +125,38 @@ def test_main_command_output_wait_and_lookup(app):
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_a_missing_command_or_workdir_says_so_in_the_users_words(app, isolation):
+    """Not runc's `exec failed: ...` log line (exit 255) or prlimit's complaint about our own
+    wrapper: a shell's "command not found" (127), also with a timeout, an env, a workdir.
+    (bwrap's agent words it itself: "mctl: CMD: No such file or directory", 127.)"""
+    def missing(err: str) -> bool:
+        return err == ("nosuchcmd: command not found\n" if isolation != "bwrap"
+                       else "mctl: nosuchcmd: No such file or directory\n")
+
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
+    for kwargs in ({}, {"timeout": 30}, {"env": {"A": "b"}}, {"workdir": "/tmp"}):
+        p = sb.exec("nosuchcmd", "--flag", **kwargs)
+        rc, err = p.wait(), p.stderr.read()
+        assert rc == 127 and missing(err), (kwargs, err)
+    p = sb.exec("pwd", workdir="/nonexist")
+    rc, err = p.wait(), p.stderr.read()
+    assert rc != 0 and "/nonexist" in err, err
+    if isolation != "bwrap":
+        assert rc == 1 and err == ("mctl: workdir /nonexist does not exist in the sandbox (or "
+                                   "is not a directory it may enter)\n")
+    p = sb.exec("sh", "-c", 'pwd; echo "$1"; exit 4', "sh", "a b", workdir="/tmp")
+    assert (p.wait(), p.stdout.read()) == (4, "/tmp\na b\n")
+    sb.terminate()
+    # the main command too (was catatonit's "failed to exec pid1: No such file...", exit 1)
+    main = mctl.Sandbox.create("nosuchcmd", "--flag", app=app, isolation=isolation)
+    rc, err = main.wait(), main.stderr.read()
+    assert rc == 127 and missing(err), err
+    main = mctl.Sandbox.create("sh", "-c", 'echo "$1"; exit 3', "sh", "a b", app=app,
+                               isolation=isolation, workdir="/tmp")
+    assert main.wait() == 3 and main.stdout.read() == "a b\n"
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_exec_runs_in_the_sandboxs_workdir_by_default(app, isolation):
     sb = mctl.Sandbox.create(app=app, isolation=isolation, workdir="/tmp")
     assert run(sb, "python3", "-c", "import os; print(os.getcwd())")[1] == "/tmp\n"
@@ -146,6 +178,11 @@ def test_files_open_and_snapshot(app, isolation):
     with pytest.raises(PermissionError):
         with sb.open("/etc/passwd", "w") as f:
             f.write("x")
+    if isolation != "bwrap":
+        # Modal's guide writes a relative "test.txt"; the working directory is / and read-only
+        with pytest.raises(PermissionError, match=r"runs as user nobody .* write under /tmp"):
+            with sb.open("test.txt", "w") as f:
+                f.write("Hello World\n")
     if isolation == "bwrap":  # no image to snapshot onto
         with pytest.raises(InvalidError, match="bwrap sandbox"):
             sb.snapshot_filesystem()
@@ -164,6 +201,41 @@ def test_files_open_and_snapshot(app, isolation):
     subprocess.run(["podman", "rmi", "-f", image.base["tag"]], capture_output=True, timeout=60)
 
 
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_modals_directory_calls_mkdir_ls_rm(app, isolation):
+    """Modal's guide: `sb.mkdir`, `sb.ls`, `sb.rm`, with the errors of the same local calls; and
+    file calls leave nothing behind in /tmp (each open() used to leave a pid file there)."""
+    sb = mctl.Sandbox.create(app=app, isolation=isolation)
+    sb.mkdir("/tmp/test")
+    with sb.open("/tmp/test/hello.txt", "w") as f:
+        f.write("Hello World\n")
+    sb.mkdir("/tmp/test/.hidden")
+    assert sb.ls("/tmp/test") == [".hidden", "hello.txt"]
+    assert sb.ls("/tmp") == ["test"]
+    sb.mkdir("/tmp/a/b", parents=True)
+    sb.mkdir("/tmp/a/b", parents=True)  # exists: fine, as mkdir -p
+    assert sb.ls("/tmp/a/b") == []
+    with pytest.raises(FileExistsError):
+        sb.mkdir("/tmp/test")
+    with pytest.raises(FileNotFoundError):
+        sb.mkdir("/tmp/x/y")
+    with pytest.raises(PermissionError):
+        sb.mkdir("/test")  # the image is read-only, the user nobody
+    with pytest.raises(FileNotFoundError):
+        sb.ls("/nope")
+    with pytest.raises(NotADirectoryError):
+        sb.ls("/tmp/test/hello.txt")
+    with pytest.raises(OSError, match="not empty"):
+        sb.rm("/tmp/test")
+    sb.rm("/tmp/test/hello.txt")
+    sb.rm("/tmp/test", recursive=True)
+    with pytest.raises(FileNotFoundError):
+        sb.rm("/tmp/test")
+    sb.rm("/tmp/a/b")  # an empty directory
+    assert sb.ls("/tmp") == ["a"]
+    sb.terminate()
+
+
 def test_aio_twins(app):
     import asyncio
 
@@ -176,6 +248,104 @@ def test_aio_twins(app):
         return lines
 
     assert asyncio.run(main()) == ["a\n", "b\n"]
+
+
+def test_a_failing_image_step_says_what_to_do_for_a_sandbox(app):
+    """Not "deploy again": nothing was deployed; the user calls Sandbox.create."""
+    if not shutil.which("buildah"):
+        pytest.skip("buildah is not installed (scripts/images-dev up)")
+    image = mctl.Image.debian_slim().run_commands("echo sandbox-step && exit 7")
+    with pytest.raises(InvalidError) as err:
+        mctl.Sandbox.create(app=app, image=image)
+    assert "(exit 7); fix that step and call Sandbox.create again." in str(err.value)
+
+
+def test_modals_other_create_keywords_as_for_functions(app):
+    """environment_name= is accepted (one environment per control plane, as everywhere),
+    placement keywords warn, the refused ones say what to do, Modal's defaults pass."""
+    from mctl.sdk.deprecated import SpellingDeprecationWarning
+
+    with pytest.warns(SpellingDeprecationWarning, match=r"region=\.\.\.\) has no effect"):
+        sb = mctl.Sandbox.create(app=app, environment_name="main", region="us-east",
+                                 network_file_systems={}, readiness_probe=None, client=None)
+    assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+    sb.terminate()
+    with pytest.raises(InvalidError, match="use a Volume instead"):
+        mctl.Sandbox.create(app=app, network_file_systems={"/data": object()})
+    with pytest.raises(InvalidError, match="readiness_probe=.*poll with sb.exec"):
+        mctl.Sandbox.create(app=app, readiness_probe=object())
+    with pytest.raises(InvalidError, match="unsupported arguments: timout"):
+        mctl.Sandbox.create(app=app, timout=5)  # a typo is still an error
+
+
+def test_too_little_memory_is_refused_with_the_floor(app):
+    """Was runsc's "unable to write into the start-sync descriptor" or a conmon error."""
+    with pytest.raises(InvalidError, match=r"at least 32 for a gvisor sandbox .*runc.* not 10"):
+        mctl.Sandbox.create(app=app, memory=10)
+    with pytest.raises(InvalidError, match=r"number of MiB"):
+        mctl.Sandbox.create(app=app, memory="1G")
+    sb = mctl.Sandbox.create(app=app, memory=10, isolation="runc")
+    assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+    sb.terminate()
+    sb = mctl.Sandbox.create(app=app, memory=32)
+    assert sb.exec("python3", "-c", "print(1)").stdout.read() == "1\n"
+    sb.terminate()
+
+
+CTRL_C_SCRIPT = """
+import sys
+import mctl
+
+def go(app):
+    sb = mctl.Sandbox.create(app=app)
+    done = mctl.Sandbox.create(app=app)
+    done.terminate()
+    p = sb.exec("bash", "-c", "echo started; sleep 60")
+    print(sb.object_id, flush=True)
+    for line in p.stdout:
+        print(line, end="", flush=True)
+
+if sys.argv[1] == "lookup":
+    go(mctl.App.lookup("ctrl-c-sandboxes", create_if_missing=True))
+else:
+    app = mctl.App("ctrl-c-run")
+    with app.run():
+        go(app)
+"""
+
+
+@pytest.mark.parametrize("how", ["lookup", "run"])
+def test_ctrl_c_mid_exec_is_one_line_that_says_what_keeps_running(how, server_process, tmp_path):
+    """Not a KeyboardInterrupt traceback through mctl's threads; a sandbox of App.lookup's app
+    outlives the script (named, with how to end it); one of `with app.run():` ends with it."""
+    import signal
+    import sys
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), how], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sandbox_id = proc.stdout.readline().strip()
+    assert proc.stdout.readline() == "started\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
+    if how == "lookup":
+        assert err.strip().splitlines()[-1] == (
+            f"Aborted (Ctrl-C); sandbox {sandbox_id} keeps running until its timeout "
+            f"(`mctl sandbox terminate {sandbox_id}` ends it).")
+        sb = mctl.Sandbox.from_id(sandbox_id)
+        assert sb.poll() is None
+        sb.terminate()
+    else:
+        assert err.strip().splitlines()[-1] == "Aborted (Ctrl-C); the app was stopped."
+
+
+def test_a_timeout_out_of_range_is_refused_not_replaced(app):
+    """timeout=0 used to become the default 300 s without a word."""
+    for bad in (0, -5, 86401, "60"):
+        with pytest.raises(InvalidError, match=f"between 1 and 86400 seconds, not {bad!r}"):
+            mctl.Sandbox.create(app=app, timeout=bad)
 
 
 def test_create_needs_a_running_app():
@@ -362,8 +532,8 @@ def test_terminate_kills_the_process_tree(app, isolation):
     assert p.wait() != 0
     assert not _leftover(sb)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert not [line for line in ps.splitlines() if line.startswith("sleep 100")
-                or tag in line], ps
+    ours = {f"sleep {n}" for n in range(1000, 1005)}  # not another test's `sleep 100`
+    assert not [line for line in ps.splitlines() if line.strip() in ours or tag in line], ps
     with pytest.raises(InvalidError, match="terminated"):
         sb.exec("true")
 
@@ -425,6 +595,11 @@ def test_cli_list_exec_logs_terminate(server_process):
     listed = _mctl("sandbox", "list")
     assert sb.object_id in listed.stdout and "gvisor" in listed.stdout and "cli-box" in listed.stdout
     assert "k=v" in listed.stdout
+    by_name = _mctl("sandbox", "list", "--app", "sandbox-cli")  # a name, as `mctl app` takes
+    assert sb.object_id in by_name.stdout, by_name.stderr
+    assert sb.object_id in _mctl("sandbox", "list", "--app", app.app_id).stdout
+    missing = _mctl("sandbox", "list", "--app", "no-such-app")
+    assert missing.returncode == 1 and "No app named 'no-such-app'" in missing.stderr
     done = _mctl("sandbox", "exec", sb.object_id, "--", "python3", "-c",
                  "import sys; d = sys.stdin.read(); print(d.upper()); sys.exit(7)", input="hello")
     assert done.returncode == 7 and done.stdout == "HELLO\n", done.stderr
@@ -434,7 +609,7 @@ def test_cli_list_exec_logs_terminate(server_process):
     assert sb.object_id not in _mctl("sandbox", "list").stdout
     assert "terminated" in _mctl("sandbox", "list", "--all").stdout
     bad = _mctl("sandbox", "exec", sb.object_id, "--", "true")
-    assert bad.returncode == 1 and "terminated; exec needs a running sandbox" in bad.stderr
+    assert bad.returncode == 1 and "terminated; exec and open need a running sandbox" in bad.stderr
 
 
 def test_routes_check_token_scopes(server_process):

@@ -32,7 +32,7 @@ def test_an_idle_sandbox_ends_after_its_idle_timeout(app):  # noqa: F811
         sb.wait()
     assert sb.returncode == -1 and sb.poll() == -1
     assert sb._record["state"] == "timeout" and sb._record["ended_by"] == "idle_timeout"
-    with pytest.raises(InvalidError, match="exec needs a running sandbox"):
+    with pytest.raises(InvalidError, match="exec and open need a running sandbox"):
         sb.exec("true")
 
 

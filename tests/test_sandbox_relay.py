@@ -201,7 +201,7 @@ def test_a_refused_exec_raises_at_exec_not_later(sandbox):
     from mctl.sdk.sandbox_relay import RelayProcess
 
     sandbox.terminate()
-    with pytest.raises(mctl.exception.InvalidError, match="terminated; exec needs a running"):
+    with pytest.raises(mctl.exception.InvalidError, match="terminated; exec and open need a"):
         RelayProcess(sandbox._url, sandbox.object_id, {"exec": ["true"]})
 
 

@@ -84,7 +84,7 @@ def test_a_sandbox_runs_on_a_node_and_exec_goes_through_the_control_plane(
     assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30), \
         _jobs(slurm_cluster, sb.object_id)
     assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
-    with pytest.raises(mctl.exception.InvalidError, match="terminated; exec needs a running"):
+    with pytest.raises(mctl.exception.InvalidError, match="terminated; exec and open need a"):
         sb.exec("true").wait()
 
 

@@ -9,27 +9,48 @@ own view too; `test_rm_rf_root_on_a_node_leaves_the_nodes_canary` checks that th
 
 from __future__ import annotations
 
+import functools
 import subprocess
 
 import pytest
 
 import mctl
-from test_sandbox import (  # noqa: F401 - the bodies run here again, against Slurm nodes
+from test_sandbox import (
     PODMAN_ISOLATIONS as ISOLATIONS,  # bwrap sandboxes never run on a node
-    _needs_podman,
+    _needs_podman,  # noqa: F401 - an autouse fixture
     run,
-    test_a_chatty_process_does_not_block,
-    test_block_network_refuses_sockets,
-    test_fork_past_the_pid_limit_fails_inside,
-    test_memory_limit_stops_the_hog_not_the_host,
-    test_rm_rf_root_leaves_the_host_and_mounts_alone,
-    test_secrets_of_the_host_are_out_of_reach,
-    test_stdin_round_trips_bytes,
-    test_terminate_kills_the_process_tree,
-    test_timeout_ends_with_minus_one,
-    test_writes_outside_the_scratch_layer_fail,
 )
+import test_sandbox
 from test_slurm import slurm_server  # noqa: F401 - a fixture: a control plane on Slurm
+
+
+def _on_nodes(test):
+    """test_sandbox's body, parametrized over the isolations a node runs (bwrap runs only on
+    the control plane's host), so no variant is collected only to be skipped."""
+    @functools.wraps(test)
+    def body(*args, **kwargs):
+        return test(*args, **kwargs)
+
+    marks = [m for m in getattr(test, "pytestmark", [])
+             if not (m.name == "parametrize" and m.args[0] == "isolation")]
+    body.pytestmark = marks + ([pytest.mark.parametrize("isolation", ISOLATIONS)]
+                               if len(marks) < len(getattr(test, "pytestmark", [])) else [])
+    return body
+
+
+for _name in (
+        "test_a_chatty_process_does_not_block",
+        "test_block_network_refuses_sockets",
+        "test_fork_past_the_pid_limit_fails_inside",
+        "test_memory_limit_stops_the_hog_not_the_host",
+        "test_rm_rf_root_leaves_the_host_and_mounts_alone",
+        "test_secrets_of_the_host_are_out_of_reach",
+        "test_stdin_round_trips_bytes",
+        "test_terminate_kills_the_process_tree",
+        "test_timeout_ends_with_minus_one",
+        "test_writes_outside_the_scratch_layer_fail",
+):
+    globals()[_name] = _on_nodes(getattr(test_sandbox, _name))
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -43,8 +64,6 @@ def isolation(request):
 
 @pytest.fixture
 def _isolation_env(isolation, monkeypatch):
-    if isolation == "bwrap":  # the imported bodies run under bwrap too, locally (test_sandbox)
-        pytest.skip("bwrap sandboxes run on the control plane's host, never on a node")
     monkeypatch.setenv("MCTL_SANDBOX_ISOLATION", isolation)  # before the control plane starts
 
 
@@ -131,7 +150,7 @@ def node_registry(slurm_cluster, tmp_path, monkeypatch):
     from conftest import free_port
 
     if not shutil.which("docker-registry"):
-        pytest.skip("docker-registry is not installed (scripts/images-dev up)")
+        pytest.fail("docker-registry is not installed: run scripts/images-dev up")
     address = f"{slurm_cluster.host_addr}:{free_port()}"
     config = tmp_path / "registry.yml"
     config.write_text(f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: "

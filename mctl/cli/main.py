@@ -169,7 +169,8 @@ def import_app_module(ref: str) -> tuple[Any, Any, str | None]:
 @click.group()
 @click.version_option(package_name="mctl")
 def cli() -> None:
-    """mctl: serverless Python functions on your own machines (Modal's API, local or Nomad)."""
+    """mctl: serverless Python functions on your own machines with Modal's API: on this machine,
+    a Slurm cluster or Nomad. `mctl run app.py` runs an app; `mctl COMMAND --help` says more."""
 
 
 RUN_HELP = """Run APP_REF (path.py, path.py::NAME or path.py::Cls.method) on an ephemeral app.
@@ -180,7 +181,8 @@ NAME is a local entrypoint or a function; without one, the app's only entrypoint
 """
 
 
-@cli.command(help=RUN_HELP, add_help_option=False, context_settings={
+@cli.command(help=RUN_HELP, short_help="Run an app's entrypoint or function on an ephemeral app.",
+             add_help_option=False, context_settings={
     "ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False})
 @click.argument("app_ref", required=False)
 @click.option("-m", "module", metavar="PACKAGE.MODULE[::NAME]",
@@ -447,7 +449,7 @@ def app_history(name: str, as_json: bool) -> None:
                    f"{v['note']}")
 
 
-@app.command("rollback")
+@app.command("rollback", short_help="Roll an app back to an earlier version.")
 @click.argument("name")
 @click.argument("version", required=False, type=str)
 def app_rollback(name: str, version: str | None) -> None:

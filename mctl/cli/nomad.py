@@ -40,7 +40,7 @@ def print_jobs(jobs: list[dict], hcl: bool) -> None:
             click.echo(json.dumps(job, indent=2))
 
 
-@click.group()
+@click.group(short_help="Nomad: render an app's jobs, run a schedule now, read logs.")
 def nomad() -> None:
     """Nomad: render an app's jobs (the `nomad` scheduler submits the same ones)."""
 

@@ -16,15 +16,17 @@ def sandbox() -> None:
 
 
 @sandbox.command("list", short_help="Sandboxes: id, app, name, isolation, state, tags.")
-@click.option("--app", "app_id", help="Only this app's (its id).")
+@click.option("--app", "app_id", metavar="APP", help="Only this app's (its name or id).")
 @click.option("--all", "show_all", is_flag=True, help="Include finished sandboxes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
+    """List the running sandboxes (with --all, finished ones too): id, app, name, isolation,
+    state, return code, creation time, tags."""
     from mctl.cli.main import _admin, _when
 
     params = {"all": "1"} if show_all else {}
-    if app_id:
-        params["app_id"] = app_id
+    if app_id:  # a name (App.lookup's, a deployed app's) or an id, as `mctl app` takes them
+        params["app_id"] = _admin("GET", f"/api/apps/{app_id}")["app_id"]
     rows = _admin("GET", "/api/sandboxes", params=params)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -42,11 +44,13 @@ def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
                    f"{tags}")
 
 
-@sandbox.command("exec", context_settings={"ignore_unknown_options": True})
+@sandbox.command("exec", short_help="Run a command in a sandbox, with this terminal's stdio.",
+                 context_settings={"ignore_unknown_options": True})
 @click.option("--pty/--no-pty", default=None,
               help="Run the command on a terminal (default: when this one is a terminal).")
 @click.option("--workdir", help="Run the command in this directory of the sandbox.")
-@click.option("--timeout", type=int, help="Stop the command after this many seconds (exit -1).")
+@click.option("--timeout", type=int,
+              help="Stop the command after this many seconds (exit code 124, as timeout(1)).")
 @click.argument("sandbox_id")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def sandbox_exec(pty: bool | None, workdir: str | None, timeout: int | None, sandbox_id: str,
@@ -166,7 +170,7 @@ class _raw_terminal:
             signal.signal(signal.SIGWINCH, self._old_handler or signal.SIG_DFL)
 
 
-@sandbox.command("logs")
+@sandbox.command("logs", short_help="Print what the sandbox's main command wrote.")
 @click.argument("sandbox_id")
 def sandbox_logs(sandbox_id: str) -> None:
     """Print what the sandbox's main command wrote (stdout, then stderr)."""

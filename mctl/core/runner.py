@@ -193,8 +193,9 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
     and stops with `mctl app stop APP_ID`."""
     from mctl.core.compile import compile_app, inline_secret_values
 
-    _quiet_interrupts()
     app_id = ids.new_id("app")
+    _quiet_interrupts("app", f"app {app_id} keeps running (detached; `mctl app stop {app_id}` "
+                      "stops it)" if detach else "the app was stopped")
     spec, blobs = compile_app(app, app_id)  # fails on bad input before anything starts
     secrets = inline_secret_values(app, app_id)
     url = config.configured_server_url() if os.environ.get("MCTL_SERVER_URL") else None
@@ -211,12 +212,10 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
         print_web_urls(url, app_id)
         _running_urls.append(url)
         # The embedded control plane prints log lines itself (its log sink); a separate one is
-        # followed over HTTP, so `mctl run` shows what functions print wherever they run.
-        follower = LogFollower(url, app_id) if url not in _embedded_urls and not detach else None
+        # followed over HTTP, so `mctl run` shows what functions print wherever they run (with
+        # --detach too, while this process runs, as Modal's does).
+        follower = LogFollower(url, app_id) if url not in _embedded_urls else None
         try:
-            if detach:
-                yield
-                return
             interrupted = False
             try:
                 yield
@@ -226,24 +225,34 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
             finally:
                 if follower is not None:
                     follower.finish(drain=not interrupted)
-                client = client_for(url)
-                client.owned_apps.discard(app_id)
-                with contextlib.suppress(Exception):
-                    run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
+                if not detach:
+                    client = client_for(url)
+                    client.owned_apps.discard(app_id)
+                    with contextlib.suppress(Exception):
+                        run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
         finally:
             _running_urls.remove(url)
 
 
-def _quiet_interrupts() -> None:
-    """Ctrl-C in a script's `with app.run():` ends it with one line, not a traceback through
-    mctl's client (`mctl run` has its own)."""
+# What the Ctrl-C line says was left behind, by topic ("app", "sandboxes"); "" says nothing.
+interrupt_notes: dict[str, str] = {}
+
+
+def _quiet_interrupts(topic: str | None = None, note: str = "") -> None:
+    """Ctrl-C in a script (`with app.run():`, a sandbox's exec) ends it with one line, not a
+    traceback through mctl's client (`mctl run` has its own): "Aborted (Ctrl-C)", then each
+    note in `interrupt_notes` (the app was stopped; a sandbox keeps running, ...)."""
+    if topic is not None:
+        interrupt_notes[topic] = note
     previous = sys.excepthook
     if getattr(previous, "_mctl", False):
         return
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
         if issubclass(kind, KeyboardInterrupt):
-            print("Aborted (Ctrl-C); the app was stopped.", file=sys.stderr, flush=True)
+            notes = "; ".join(n for n in interrupt_notes.values() if n)
+            print(f"Aborted (Ctrl-C){'; ' + notes if notes else ''}.", file=sys.stderr,
+                  flush=True)
             return
         previous(kind, value, tb)
 

@@ -357,8 +357,15 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
                  str(int(cfg.pty.get("cols") or terminal.DEFAULT_COLS))]
     else:
         argv.append(cfg.image)
-    argv += cfg.command or ["sleep", "infinity"]
+    # The user's command through FIND_COMMAND: a missing one says "CMD: command not found" (127),
+    # not catatonit's "failed to exec pid1" (1). The shell execs it: same pid, same tree.
+    argv += ([*FIND_COMMAND, *cfg.command] if cfg.command else ["sleep", "infinity"])
     return argv
+
+
+# Runs "$@" after finding its command: a shell's message and code (127) when it is missing.
+FIND_COMMAND = ["/bin/sh", "-c", 'command -v "$1" >/dev/null 2>&1 || { echo "$1: command not '
+                'found" >&2; exit 127; }; exec "$@"', "sh"]
 
 
 def create_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
@@ -536,12 +543,17 @@ def _direct_exec(isolation: str | None, container_id: str | None) -> list[str] |
 def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
               env_names: list[str] = (), pid_file: str | None = None,  # type: ignore[assignment]
               nproc: int | None = None, isolation: str | None = None,
-              container_id: str | None = None, tty: bool = False) -> list[str]:
+              container_id: str | None = None, check: bool = True,
+              tty: bool = False) -> list[str]:
     """`podman exec -i ...` for one command in a running sandbox (`-t` with `tty`: on a
     terminal, which the caller gives podman as its own stdin and stdout). With `pid_file` the command
     first writes its pid there (inside the sandbox), so a timeout can kill it; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
-    rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes)."""
+    rlimits, and the host's pids cgroup counts gVisor's threads, not the code's processes).
+
+    With `check` (the default) a small `/bin/sh` script enters `workdir` and finds the command
+    first, so a missing one reads as a shell's "CMD: command not found" (127) and a missing
+    workdir says so (1), not as the runtime's or prlimit's own error about its wrapper."""
     if isolation == "bwrap":
         # through the sandbox's agent (core/bwrap_agent): `container` is its host directory.
         # No pid file: a client that goes away (the timeout kills it) takes the command along.
@@ -555,6 +567,9 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
             argv += ["--env", key]
         return argv + ["--", *cmd]
     direct = _direct_exec(isolation, container_id) if not (env_names or tty) else None
+    shell_workdir = workdir if check else None  # entered by the script, with its own message
+    if shell_workdir:
+        workdir = None
     if direct:
         # The OCI runtime's own exec (~0.07 s, against ~0.3 s through podman exec). The process
         # gets the container's spec (no capabilities, no_new_privs, its cgroups and rlimits,
@@ -571,15 +586,22 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
         for key in env_names:
             argv += ["--env", key]
         argv.append(container)
-    if not (nproc or pid_file):
+    if not (nproc or pid_file or check):
         return argv + list(cmd)
     script = f"echo $$ > {pid_file}; " if pid_file else ""
+    if shell_workdir:
+        script += ('cd "$1" 2>/dev/null || { echo "mctl: workdir $1 does not exist in the sandbox '
+                   '(or is not a directory it may enter)" >&2; exit 1; }; shift; ')
+    if check:
+        script += ('command -v "$1" >/dev/null 2>&1 || { echo "$1: command not found" >&2; '
+                   'exit 127; }; ')
     if nproc:
         # prlimit (util-linux) execs the command in this same process. An image without it
         # runs the command unlimited inside; the host's pids cgroup still bounds the sandbox.
         n = int(nproc)
         script += (f'command -v prlimit >/dev/null 2>&1 && exec prlimit --nproc={n}:{n} -- "$@"; ')
-    return argv + ["/bin/sh", "-c", script + 'exec "$@"', "sh", *cmd]
+    return argv + ["/bin/sh", "-c", script + 'exec "$@"', "sh",
+                   *([shell_workdir] if shell_workdir else []), *cmd]
 
 
 # Counts the sandbox's activity for `idle_timeout`, run inside it with `/bin/sh -c`: the processes
@@ -605,7 +627,7 @@ def activity_argv(container: str, ports: list[int], *, isolation: str | None = N
         return [sys.executable, "-m", "mctl.core.bwrap_agent", "activity",
                 os.path.join(container, "agent.sock")]
     return exec_argv(container, activity_command(ports), isolation=isolation,
-                     container_id=container_id)
+                     container_id=container_id, check=False)
 
 
 def activity_command(ports: list[int]) -> list[str]:

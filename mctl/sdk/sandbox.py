@@ -377,6 +377,39 @@ def _app_id_and_url(app: Any) -> tuple[str, str]:
     return app_id, getattr(app, "_server_url", None) or server_url()
 
 
+_outlive: list[str] = []  # sandboxes this script created that outlive it unless terminated
+
+
+def _owned_apps(url: str) -> set[str]:
+    """The ephemeral apps of this process (`with app.run():`): stopped, with their sandboxes,
+    when the block ends."""
+    from mctl.core.client import client_for
+
+    return set(client_for(url).owned_apps)
+
+
+def _outliving(sandbox_id: str, add: bool) -> None:
+    """Keep the Ctrl-C line of a script (`runner._quiet_interrupts`) saying which sandboxes it
+    leaves running; inside a function there is no such line."""
+    if os.environ.get("MCTL_TASK_ID"):
+        return
+    from mctl.core.runner import _quiet_interrupts
+
+    if add and sandbox_id not in _outlive:
+        _outlive.append(sandbox_id)
+    elif not add and sandbox_id in _outlive:
+        _outlive.remove(sandbox_id)
+    if not _outlive:
+        note = ""
+    elif len(_outlive) == 1:
+        note = (f"sandbox {_outlive[0]} keeps running until its timeout (`mctl sandbox "
+                f"terminate {_outlive[0]}` ends it)")
+    else:
+        note = (f"sandboxes {', '.join(_outlive)} keep running until their timeout (`mctl "
+                "sandbox terminate ID` ends one)")
+    _quiet_interrupts("sandboxes", note)
+
+
 def _secret_parts(secrets: Sequence[Any]) -> tuple[list[str], list[dict[str, str]]]:
     names, values = [], []
     for s in secrets or ():
@@ -408,6 +441,9 @@ class Sandbox:
         self.tunnels = Dual(self._tunnels, self._aio(self._tunnels))
         self.snapshot_filesystem = Dual(self._snapshot, self._aio(self._snapshot))
         self.open = Dual(self._open, self._aio(self._open))
+        self.ls = Dual(self._ls, self._aio(self._ls))
+        self.mkdir = Dual(self._mkdir, self._aio(self._mkdir))
+        self.rm = Dual(self._rm, self._aio(self._rm))
         self.stdout = StreamReader(None, True, start=lambda: self._main_output()[0])
         self.stderr = StreamReader(None, True, start=lambda: self._main_output()[1])
 
@@ -475,6 +511,7 @@ class Sandbox:
                                    "domain, and its inbound traffic (ports) only comes from the "
                                    "control plane's host (127.0.0.1).")
             unsupported.pop(key, None)
+        _modal_create_keywords(unsupported)
         if unsupported:
             raise InvalidError(f"Sandbox.create got unsupported arguments: "
                                f"{', '.join(sorted(unsupported))}.")
@@ -528,7 +565,9 @@ class Sandbox:
                 run_sync(client_for(url).upload_blob(data))
             body["image"] = {"image_id": image.object_id, "recipe": image.recipe()}
         record = _http(url, "POST", "/api/sandboxes", body, timeout_s=None)
-        return Sandbox(record, url)
+        sb = Sandbox(record, url)
+        _outliving(sb.object_id, add=app_id not in _owned_apps(url))
+        return sb
 
 
     @staticmethod
@@ -617,6 +656,7 @@ class Sandbox:
     def _terminate(self) -> None:
         self._record = _http(self._url, "POST", f"/api/sandboxes/{self.object_id}/terminate")
         self._stop_logs()
+        _outliving(self.object_id, add=False)
 
     def detach(self) -> None:
         """Forget this handle's local resources (the sandbox keeps running)."""
@@ -755,6 +795,46 @@ class Sandbox:
         "rb", "wb", "ab", "r+"...). Written data reaches the sandbox at flush() or close()."""
         return SandboxFile(self, path, mode)
 
+    def _fs(self, path: str, script: str, *args: str) -> bytes:
+        """Run `script` (`/bin/sh -c`, $1 the path) for ls/mkdir/rm; its error as the OSError
+        that the same call on a local path raises."""
+        # no timeout=: its pid file would stay in the sandbox's /tmp (as every open() left one)
+        p = self._exec("/bin/sh", "-c", script, "sh", path, *args, text=False)
+        p.stdin.write_eof()
+        rc = p.wait()
+        out, err = p.stdout.read(), p.stderr.read().decode(errors="replace").strip()
+        if rc == 0:
+            return out
+        for marker, kind in (("No such file", FileNotFoundError), ("File exists", FileExistsError),
+                             ("Not a directory", NotADirectoryError),
+                             ("Is a directory", IsADirectoryError),
+                             ("Directory not empty", OSError),
+                             ("Permission denied", PermissionError),
+                             ("Read-only", PermissionError)):
+            if marker in err:
+                raise kind(f"{path} in the sandbox: {marker.lower()} ({err})")
+        raise OSError(f"{path} in the sandbox: {err or f'exit code {rc}'}")
+
+    def _ls(self, path: str) -> list[str]:
+        """The names in directory `path` (Modal's `sb.ls`), as os.listdir gives them."""
+        out = self._fs(path, '[ -e "$1" ] || { echo "No such file or directory" >&2; exit 1; }; '
+                             '[ -d "$1" ] || { echo "Not a directory" >&2; exit 1; }; '
+                             'cd "$1" || exit 1; for f in .* *; do case $f in .|..) continue;; '
+                             'esac; [ -e "$f" ] || [ -L "$f" ] || continue; printf "%s\\0" "$f"; '
+                             'done')
+        return sorted(n.decode(errors="surrogateescape") for n in out.split(b"\0") if n)
+
+    def _mkdir(self, path: str, parents: bool = False) -> None:
+        """Make directory `path` (Modal's `sb.mkdir`); `parents`: with its parents, as
+        `mkdir -p` (no error if it exists)."""
+        self._fs(path, 'mkdir -p -- "$1"' if parents else 'mkdir -- "$1"')
+
+    def _rm(self, path: str, recursive: bool = False) -> None:
+        """Remove file `path` (Modal's `sb.rm`); `recursive`: a directory and what it holds.
+        An empty directory needs no `recursive`."""
+        self._fs(path, 'rm -r -- "$1"' if recursive else
+                 'if [ -d "$1" ] && [ ! -L "$1" ]; then rmdir -- "$1"; else rm -- "$1"; fi')
+
     def _snapshot(self, timeout: int = 55) -> Any:
         """The sandbox's file system now, as an Image to start other sandboxes from."""
         from mctl.sdk.image import Image
@@ -762,6 +842,33 @@ class Sandbox:
         reply = _http(self._url, "POST", f"/api/sandboxes/{self.object_id}/snapshot",
                       timeout_s=None)
         return Image.from_registry(reply["image"])
+
+
+def _modal_create_keywords(kwargs: dict[str, Any]) -> None:
+    """Take Modal's `Sandbox.create` keywords that mctl accepts out of `kwargs`, as for
+    functions: `environment_name=` is ignored (one environment per control plane), placement
+    keywords (`region=`, `cloud=`, ...) warn, the refused ones (`network_file_systems=`,
+    `proxy=`, ...) raise when set. What is left is unknown."""
+    from mctl.sdk.app import NO_EFFECT_KEYWORDS, REFUSED_KEYWORDS
+    from mctl.sdk.deprecated import warn_once
+
+    kwargs.pop("environment_name", None)
+    if kwargs.pop("client", None) is not None:
+        raise InvalidError("Sandbox.create(client=...) is Modal's; mctl finds its control plane "
+                           "itself (MCTL_SERVER_URL, a profile or the local server).")
+    if kwargs.pop("verbose", False):
+        warn_once("sandbox-verbose", "Sandbox.create(verbose=True) has no effect on mctl; "
+                  "`mctl sandbox logs SB` prints the main command's output.", stacklevel=4)
+    if kwargs.pop("readiness_probe", None) is not None:
+        raise InvalidError("Sandbox.create(readiness_probe=...) is not supported by mctl yet; "
+                           "poll with sb.exec(...) until the sandbox is ready.")
+    for key in [k for k in kwargs if k in REFUSED_KEYWORDS or k in NO_EFFECT_KEYWORDS]:
+        value = kwargs.pop(key)
+        if key in REFUSED_KEYWORDS and value:
+            raise InvalidError(f"Sandbox.create({key}={value!r}): {REFUSED_KEYWORDS[key]}.")
+        if key in NO_EFFECT_KEYWORDS and value not in (None, False, {}, [], ()):
+            warn_once(f"sandbox-no-effect:{key}", f"Sandbox.create({key}=...) has no effect on "
+                      "mctl (it is about Modal's cloud); it is ignored.", stacklevel=4)
 
 
 async def _create_aio(*cmd: str, **kwargs: Any) -> Sandbox:
@@ -799,7 +906,8 @@ class SandboxFile:
         self._dirty = mode[0] in "wx"
 
     def _run(self, *cmd: str, data: bytes | None = None) -> tuple[int, bytes, bytes]:
-        p = self._sb._exec(*cmd, text=False, timeout=60)
+        # no timeout=: its pid file would stay in the sandbox's /tmp (ls showed one per call)
+        p = self._sb._exec(*cmd, text=False)
         if data is not None:
             p.stdin.write(data)
         p.stdin.write_eof()
@@ -866,7 +974,11 @@ class SandboxFile:
             if rc != 0:
                 msg = err.decode(errors="replace").strip()
                 if "Permission denied" in msg or "Read-only" in msg:
-                    raise PermissionError(f"Cannot write {self._path} in the sandbox: {msg}")
+                    raise PermissionError(
+                        f"Cannot write {self._path} in the sandbox: {msg}. Code in a sandbox "
+                        "runs as user nobody (65534) above a read-only image: write under /tmp "
+                        "(e.g. Sandbox.create(..., workdir=\"/tmp\") for relative paths) or in "
+                        "a volume.")
                 raise OSError(f"Cannot write {self._path} in the sandbox: {msg}")
             self._dirty = False
 

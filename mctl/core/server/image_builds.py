@@ -35,7 +35,8 @@ def context_for(control: ControlPlane, app_id: str, live: BuildLog | None = None
 
     return BuildContext(log=log, blob_path=control.store.blob_path,
                         resolve_secret=lambda name: secret_store.backend().resolve(name),
-                        again="deploy again" if mode == "deployed" else "run again")
+                        again={"deployed": "deploy again", "sandbox": "call Sandbox.create again"
+                               }.get(mode, "run again"))
 
 
 async def build_app_images(control: ControlPlane, spec: AppSpec, app_id: str,

@@ -264,8 +264,8 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
                 sandbox_runtime.stdin_fifo(container)]
     else:
         if rec["state"] != "running":
-            raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a "
-                               "running sandbox.")
+            raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec and open "
+                               "need a running sandbox.")
         cmd = req.get("exec")
         if not cmd or not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
             raise InvalidError("exec needs a command whose parts are all str.")

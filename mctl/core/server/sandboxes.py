@@ -57,6 +57,23 @@ async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float 
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+# The least memory= (MiB) a sandbox starts and runs a command with: gVisor's own kernel lives
+# inside the limit (below ~24 MiB runsc fails with "start-sync descriptor" or conmon errors, or
+# the first exec dies); podman refuses less than 6 MiB.
+MIN_MEMORY_MB = {"gvisor": 32, "runc": 6}
+
+
+def _check_memory(memory: Any, isolation: str) -> None:
+    if memory is None:
+        return
+    floor = MIN_MEMORY_MB.get(isolation, 6)
+    if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory < floor:
+        hint = (" (gVisor's kernel runs inside the limit; isolation=\"runc\" needs only "
+                f"{MIN_MEMORY_MB['runc']})" if isolation == "gvisor" else "")
+        raise InvalidError(f"Sandbox memory= is a number of MiB, at least {floor} for a "
+                           f"{isolation} sandbox{hint}; not {memory!r}.")
+
+
 class Sandboxes:
     """The control plane's sandboxes: records in SQLite, live ones in memory."""
 
@@ -185,9 +202,13 @@ class Sandboxes:
 
                 raise AlreadyExistsError(f"A running sandbox named {name!r} already exists in "
                                          "this app; terminate it or pick another name.")
-        timeout = int(body.get("timeout") or DEFAULT_TIMEOUT_S)
-        if not 1 <= timeout <= MAX_TIMEOUT_S:
-            raise InvalidError(f"Sandbox timeout must be between 1 and {MAX_TIMEOUT_S} seconds.")
+        timeout = body.get("timeout")  # 0 is refused, not the default (it was 300 s, silently)
+        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 1 <= timeout <= MAX_TIMEOUT_S:
+            raise InvalidError(f"Sandbox timeout must be between 1 and {MAX_TIMEOUT_S} seconds, "
+                               f"not {timeout!r}.")
+        timeout = int(timeout)
         idle_timeout = body.get("idle_timeout")
         if idle_timeout is not None:
             if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) \
@@ -245,6 +266,7 @@ class Sandboxes:
                                             idle_timeout)
         isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
                      else sandbox_runtime.choose(cfg))
+        _check_memory(cfg.memory_mb, isolation)
         if cluster is not None:  # a job on a node (plugins/sandbox_slurm, sandbox_nomad)
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
@@ -497,7 +519,8 @@ class Sandboxes:
 
         builder = plugins.find("mctl_register_image_builders", "oci")
         spec = ImageSpec(image_id=image["image_id"], recipe=recipe)
-        built = await asyncio.to_thread(builder.build, spec, context_for(self.control, app_id))
+        built = await asyncio.to_thread(builder.build, spec,
+                                        context_for(self.control, app_id, mode="sandbox"))
         return built["image"]
 
     def _secret_values(self, body: dict[str, Any]) -> dict[str, str]:
@@ -970,8 +993,8 @@ async def exec_route(request: web.Request) -> web.Response:
     sb = _sb(request)
     rec = sb.get(request.match_info["sandbox_id"])
     if rec["state"] != "running":
-        raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec needs a running "
-                           "sandbox.")
+        raise InvalidError(f"Sandbox {rec['sandbox_id']} is {rec['state']}; exec and open need a "
+                           "running sandbox.")
     body = await request.json()
     refused = _check_secret_names(request, list(body.get("secret_names") or []))
     if refused is not None:
