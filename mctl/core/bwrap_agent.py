@@ -59,6 +59,7 @@ class Agent:
         self.env = env
         self.running: set[int] = set()
         self.lock = threading.Lock()
+        self.answered = threading.Event()  # the control plane's readiness check got its answer
 
     def serve(self) -> None:
         while True:
@@ -86,6 +87,7 @@ class Agent:
             if req.get("activity"):
                 with self.lock:
                     conn.sendall(json.dumps({"running": len(self.running)}).encode() + b"\n")
+                self.answered.set()
                 return
             self._exec(conn, req, fds)
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the sandbox
@@ -163,6 +165,10 @@ def agent_main(args: list[str]) -> int:
         main = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=workdir, env=env)
     except OSError as exc:
         print(f"mctl: {cmd[0]}: {exc.strerror}", file=sys.stderr, flush=True)
+        # The sandbox did start; only its command could not: let the control plane's readiness
+        # check see the agent first, so this is a sandbox that ended with 127 (as under podman),
+        # not a create that failed.
+        agent.answered.wait(10)
         return 127 if isinstance(exc, FileNotFoundError) else 126
     signal.signal(signal.SIGTERM, lambda *_: main.terminate())
     return _code(main.wait())
