@@ -88,7 +88,9 @@ def test_the_slurm_job_script_fires_the_firewall_before_start():
                         timeout_s=60)
     order = [script.index(s) for s in ("podman create ", 'podman init "$name"',
                                        "iptables-restore", "ip6tables-restore",
-                                       "iptables-save", 'podman start --attach "$name"')]
+                                       "iptables-save",
+                                       # a main command: its stdin attached too (sb.stdin)
+                                       'podman start --attach --interactive "$name" <"$stdin"')]
     assert order == sorted(order), script
     assert "-A OUTPUT -d 10.0.0.0/8 -j ACCEPT" in script and "podman run" not in script
     cfg.cidr_allowlist = None

@@ -36,8 +36,14 @@ def test_the_job_script_has_the_resources_and_the_local_isolation_argv():
     assert "#SBATCH --partition=gpu" in text and "#SBATCH --account=lab" in text
     assert '#SBATCH --comment="mctl sandbox=sb-ABC app=ap-1 cp=x"' in text
     run = [line for line in text.splitlines() if line.startswith("podman run")]
-    assert len(run) == 1 and run[0].endswith(" </dev/null &")
-    for flag in ("--runtime /usr/bin/runsc", "--runtime-flag network=none", "--network none",
+    # the main command's stdin: a FIFO on the node, kept open by a holder (sb.stdin)
+    assert len(run) == 1 and run[0].endswith(' <"$stdin" &') and " -i " in run[0]
+    assert f"f={sandbox_runtime.runtime_dir()}/stdin-mctl-sb-abc" in text
+    assert 'sleep infinity 3<>"$fifo" & echo $! > "$fifo.pid"' in text
+    # gVisor through the wrapper that lets `podman exec -t` work, written on the node
+    assert f"runsc={sandbox_runtime.runtime_dir()}/runsc-tty-" in text
+    assert "exec /usr/bin/runsc" in text
+    for flag in ('--runtime "$runsc"', "--runtime-flag network=none", "--network none",
                  "--cap-drop ALL", "--security-opt no-new-privileges", "--user 65534:65534",
                  "--memory 2048m", "--env CUDA_VISIBLE_DEVICES", "--env API_KEY", "--init"):
         assert flag in run[0], flag
@@ -69,8 +75,18 @@ def test_the_job_script_runs_and_cleans_up_with_plain_sh(tmp_path):
                                "LOG": str(tmp_path / "log")})
     assert done.returncode == 7, done.stderr  # the container's exit code is the job's
     calls = (tmp_path / "log").read_text().splitlines()
-    assert calls[0].startswith("run --name mctl-sb-abc")
+    assert calls[0].startswith("run -i --name mctl-sb-abc")
     assert calls[-1] == "rm --force --time 0 --ignore mctl-sb-abc"
+    # the stdin holder went with it
+    assert not os.path.exists(sandbox_runtime.stdin_fifo("mctl-sb-abc"))
+
+
+def test_a_job_without_a_command_has_no_stdin():
+    cfg = SandboxConfig(sandbox_id="sb-N", image="img")
+    text = sandbox_slurm.job_script(cfg, "gvisor", name="mctl-sb-n", comment="c", output="/o",
+                                    timeout_s=60)
+    run = [line for line in text.splitlines() if line.startswith("podman run")]
+    assert run[0].endswith(" </dev/null &") and " -i " not in run[0] and "mkfifo" not in text
 
 
 # --- the relay on this host -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -144,6 +145,69 @@ def test_a_restarted_control_plane_keeps_its_sandboxes_on_the_nodes(slurm_server
     assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
     assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
     assert "adopted Slurm job" in (tmp_path / "server.log").read_text()
+
+
+def test_a_terminal_and_the_main_commands_stdin_on_a_node(slurm_server,  # noqa: F811
+                                                         slurm_cluster):
+    """exec(pty=True) on a node (`srun --pty ... podman exec -t` through the relay) and
+    sb.stdin (a FIFO on the node, fed by `srun --overlap`), also across a control-plane
+    restart."""
+    from test_sandbox_pty import _until
+
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create("python3", "-c", "import sys\nfor line in sys.stdin: "
+                             "print('got', line.strip(), flush=True)\nprint('end')",
+                             app=app, timeout=300)
+    assert sb._record["backend"] == "slurm" and sb.isolation == "gvisor"
+    p = sb.exec("python3", "-c", "import os, sys; print(os.isatty(0), os.isatty(1), "
+                "os.get_terminal_size(0), os.environ['TERM']); print('e', file=sys.stderr); "
+                "sys.exit(5)",
+                pty_info={"winsz_rows": 33, "winsz_cols": 101, "env_term": "xterm-mctl"})
+    assert p.wait() == 5
+    out = p.stdout.read()
+    assert "True True os.terminal_size(columns=101, lines=33) xterm-mctl" in out, out
+    assert "e\r\n" in out and p.stderr.read() == ""  # a terminal: stderr on it too
+    assert "mctl-relay-exit" not in out
+
+    p = sb.exec("sh", "-i", pty_info={"winsz_rows": 20, "winsz_cols": 70})
+    p.stdin.write(b"echo $((6 * 7)) marker\n")
+    _until(p, "42 marker", timeout=60)
+    p.resize(44, 132)
+    time.sleep(1)
+    p.stdin.write(b"stty size\n")
+    _until(p, "44 132", timeout=60)
+    p.stdin.write(b"exit 3\n")
+    assert p.wait() == 3
+
+    sb.stdin.write(b"one\n")
+    sb.stdin.drain()
+    lines = iter(sb.stdout)
+    assert next(lines) == "got one\n"
+    slurm_server.kill()
+    slurm_server.start()
+    again = mctl.Sandbox.from_id(sb.object_id)
+    again.stdin.write(b"two\n")
+    again.stdin.write_eof()
+    assert again.wait() == 0
+    assert again.stdout.read() == "got one\ngot two\nend\n"
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+
+
+def test_the_main_command_on_a_terminal_on_a_node(slurm_server, slurm_cluster):  # noqa: F811
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    sb = mctl.Sandbox.create(
+        "python3", "-c", "import os, sys\nprint(os.isatty(0), os.get_terminal_size(0), "
+        "flush=True)\nfor line in sys.stdin: print('got', line.strip(), flush=True)\n"
+        "print('end')", app=app, timeout=120,
+        pty_info={"winsz_rows": 33, "winsz_cols": 101})
+    assert sb._record["backend"] == "slurm"
+    sb.stdin.write(b"one\n")
+    sb.stdin.write_eof()
+    assert sb.wait() == 0
+    out = sb.stdout.read()
+    assert "True os.terminal_size(columns=101, lines=33)\r\n" in out, out
+    assert "got one\r\n" in out and "end\r\n" in out
+    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
 
 
 def test_a_cidr_allowlist_holds_on_a_node(slurm_server, slurm_cluster):  # noqa: F811

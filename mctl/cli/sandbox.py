@@ -49,48 +49,38 @@ def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
 
 @sandbox.command("exec", short_help="Run a command in a sandbox, with this terminal's stdio.",
                  context_settings={"ignore_unknown_options": True})
-@click.argument("sandbox_id")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--pty/--no-pty", default=None,
+              help="Run the command on a terminal (default: when this one is a terminal).")
 @click.option("--workdir", help="Run the command in this directory of the sandbox.")
 @click.option("--timeout", type=int,
               help="Stop the command after this many seconds (exit code 124, as timeout(1)).")
-def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
-                 timeout: int | None) -> None:
+@click.argument("sandbox_id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def sandbox_exec(pty: bool | None, workdir: str | None, timeout: int | None, sandbox_id: str,
+                 command: tuple[str, ...]) -> None:
     """Run COMMAND in a running sandbox, with this terminal's stdin, stdout and stderr; exits
-    with the command's code. `mctl sandbox exec sb-... -- python3 -c 'print(1)'`."""
+    with the command's code. `mctl sandbox exec sb-... -- python3 -c 'print(1)'`;
+    `mctl sandbox exec sb-... -- bash` is an interactive shell (on a terminal in the sandbox,
+    of this one's size, raw, following its resizes)."""
     from mctl.cli.main import NO_SERVER, running_server
     from mctl.exception import Error
     from mctl.sdk.sandbox import Sandbox
 
     if running_server() is None:  # nothing runs: no server is started to say so
         raise click.ClickException(NO_SERVER)
+    argv = list(command[1:] if command and command[0] == "--" else command)
+    if not argv:
+        raise click.ClickException("Name the command to run: mctl sandbox exec SB -- CMD.")
+    if pty is None:
+        pty = sys.stdin.isatty() and sys.stdout.isatty()
     try:
         sb = Sandbox.from_id(sandbox_id)
-        p = sb.exec(*command, workdir=workdir, timeout=timeout, text=False)
+        p = sb.exec(*argv, workdir=workdir, timeout=timeout, text=False, pty=pty)
     except Error as exc:
         raise click.ClickException(str(exc)) from None
-
-    def feed() -> None:
-        if sys.stdin is None or sys.stdin.isatty():
-            p.stdin.write_eof()
-            return
-        for chunk in iter(lambda: sys.stdin.buffer.read1(1 << 16), b""):
-            p.stdin.write(chunk)
-            p.stdin.drain()
-        p.stdin.write_eof()
-
-    def copy(reader, out) -> None:  # type: ignore[no-untyped-def]
-        for line in reader:
-            out.write(line)
-            out.flush()
-
-    threading.Thread(target=feed, daemon=True).start()
-    err = threading.Thread(target=copy, args=(p.stderr, sys.stderr.buffer), daemon=True)
-    err.start()
     try:
-        copy(p.stdout, sys.stdout.buffer)
-        err.join()
-        rc = p.wait()
+        with _raw_terminal(p if pty else None):  # raw: Ctrl-C is a key for the sandbox's terminal
+            rc = _copy_stdio(p, interactive=bool(pty))
     except KeyboardInterrupt:  # Ctrl-C: the command in the sandbox stops too, as a shell's would
         terminate = getattr(p, "_terminate", None)
         if terminate is not None:
@@ -99,6 +89,99 @@ def sandbox_exec(sandbox_id: str, command: tuple[str, ...], workdir: str | None,
                    "stopped.", err=True)
         sys.exit(130)
     sys.exit(124 if rc < 0 else rc)  # -1 (its timeout) as timeout(1) says it
+
+
+def _copy_stdio(p, interactive: bool) -> int:  # type: ignore[no-untyped-def]
+    """This process's stdin to the command, its stdout and stderr here; its exit code."""
+    import os
+
+    def feed() -> None:
+        if sys.stdin is None or (sys.stdin.isatty() and not interactive):
+            p.stdin.write_eof()
+            return
+        fd = sys.stdin.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            try:
+                p.stdin.write(chunk)
+                p.stdin.drain()
+            except Exception:  # noqa: BLE001 - the command ended: its exit code says the rest
+                return
+        try:
+            p.stdin.write_eof()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def copy(reader, out) -> None:  # type: ignore[no-untyped-def]
+        buf = reader._buffer()  # as it comes: a prompt has no newline
+        while True:
+            with buf.cond:
+                while len(buf.data) == reader._pos and not buf.eof:
+                    buf.cond.wait()
+                data = bytes(buf.data[reader._pos:])
+                reader._pos = len(buf.data)
+                ended = buf.eof
+            if data:
+                out.write(data)
+                out.flush()
+            if ended:
+                return
+
+    threading.Thread(target=feed, daemon=True).start()
+    err = threading.Thread(target=copy, args=(p.stderr, sys.stderr.buffer), daemon=True)
+    err.start()
+    copy(p.stdout, sys.stdout.buffer)
+    err.join()
+    return p.wait()
+
+
+class _raw_terminal:
+    """With a command on a terminal and this process at one: this terminal raw (every key goes
+    to the sandbox's terminal, which does the echo and the line editing), restored at the end;
+    its window's size changes (SIGWINCH) go to the sandbox's terminal. As `mctl container
+    exec --pty`."""
+
+    def __init__(self, p) -> None:  # type: ignore[no-untyped-def]
+        self._p = p
+        self._saved = None
+        self._old_handler = None
+
+    def __enter__(self) -> None:
+        import signal
+
+        if self._p is None or not sys.stdin.isatty():
+            return
+        import termios
+        import tty
+
+        fd = sys.stdin.fileno()
+        self._saved = termios.tcgetattr(fd)
+        tty.setraw(fd)
+
+        def resized(signum, frame) -> None:  # type: ignore[no-untyped-def]
+            from mctl.core import terminal
+
+            rows, cols = terminal.local_size()
+            try:
+                self._p.resize(rows, cols)
+            except Exception:  # noqa: BLE001 - it ended
+                pass
+
+        self._old_handler = signal.signal(signal.SIGWINCH, resized)
+
+    def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+        import signal
+
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
+            signal.signal(signal.SIGWINCH, self._old_handler or signal.SIG_DFL)
 
 
 @sandbox.command("logs", short_help="Print what the sandbox's main command wrote.")

@@ -26,6 +26,7 @@ unisolated process. `MCTL_SANDBOX_ISOLATION` (gvisor | runc | bwrap) or `isolati
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import os
 import re
@@ -76,6 +77,7 @@ class SandboxConfig:
     mounts: list[dict[str, Any]] = field(default_factory=list)  # host_path, path, read_only
     isolation: str | None = None  # requested; None: the best available
     idle_timeout: int | None = None  # seconds without activity before the control plane ends it
+    pty: dict[str, Any] | None = None  # the main command on a terminal: rows, cols, term...
     # Outbound traffic only to these networks (normalised by `normalize_cidrs`); None: no
     # allowlist (all or nothing, as block_network says); []: no outbound traffic, ports still work
     cidr_allowlist: list[str] | None = None
@@ -184,15 +186,122 @@ def poolable(cfg: SandboxConfig) -> bool:
     """Whether a warm container started ahead of time can serve `cfg`: the default shape (no
     command, the default image, no env, mounts, ports or network, default limits)."""
     return (not cfg.command and not cfg.env and not cfg.mounts and not cfg.ports
+            and cfg.pty is None
             and cfg.block_network and cfg.cidr_allowlist is None and cfg.workdir is None
             and cfg.cpu is None and cfg.memory_mb is None and cfg.pids is None)
 
 
+# gVisor's runtime as podman calls it: Debian's runsc has no `exec --tty` flag (the terminal is
+# already in the process spec podman passes, with --console-socket), and podman 4 passes one for
+# `podman exec -t`. This wrapper drops that one flag and runs runsc with the rest, so a
+# terminal (`exec(pty=True)`) works in gVisor sandboxes. Written where the runtime's state lives
+# (/run: gone at a reboot, with the containers that name it).
+RUNSC_TTY_SCRIPT = """#!/bin/sh
+# mctl: runsc without exec's --tty flag (core/sandbox_runtime.py, RUNSC_TTY_SCRIPT)
+for a in "$@"; do shift; [ "$a" = --tty ] && continue; set -- "$@" "$a"; done
+exec {runsc} "$@"
+"""
+
+
+def runtime_dir() -> str:
+    """Where mctl keeps the runsc wrapper and the stdin FIFOs on a sandbox's host (the control
+    plane's, or a Slurm node running as the same user): /run/mctl for root, else the user's
+    runtime directory ($XDG_RUNTIME_DIR/mctl, or /tmp/mctl-<uid>). Gone at a reboot, with the
+    containers that use it."""
+    uid = os.geteuid()
+    if uid == 0:
+        return "/run/mctl"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "mctl") if xdg else f"/tmp/mctl-{uid}"
+
+
+def _private_dir(path: str) -> bool:
+    """Whether `path` is a directory of ours that no one else may write (a runtime that podman
+    runs must not be someone else's file)."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def runsc_tty_path() -> str:
+    """Where the runsc wrapper lives on a host (the control plane's, or a Slurm node)."""
+    return os.path.join(runtime_dir(),
+                        f"runsc-tty-{hashlib.sha256(RUNSC.encode()).hexdigest()[:8]}")
+
+
+def runsc_tty_script() -> str:
+    return RUNSC_TTY_SCRIPT.format(runsc=RUNSC)
+
+
+def ensure_runsc_tty() -> str:
+    """Write the runsc wrapper on this host if it is missing; its path (RUNSC itself when it
+    cannot be written: everything but a terminal in a gVisor sandbox still works)."""
+    path = runsc_tty_path()
+    body = runsc_tty_script()
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755 if os.geteuid() == 0 else 0o700,
+                    exist_ok=True)
+    except OSError:
+        return RUNSC
+    if not _private_dir(os.path.dirname(path)):
+        return RUNSC
+    try:
+        with open(path) as fh:
+            if fh.read() == body:
+                return path
+    except OSError:
+        pass
+    try:
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(body)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+        return path
+    except OSError:
+        return RUNSC
+
+
+# The main command's stdin (`sb.stdin`). The container runs with `podman run -i`; its stdin is
+# fed from a FIFO on the sandbox's host (`stdin_fifo`), kept open by a holder process that has it
+# open for reading and writing (so writers come and go without the command seeing an end). Each
+# `sb.stdin` connection writes into the FIFO (`STDIN_WRITE_SCRIPT`); `write_eof` ends the holder
+# and the other writers (`STDIN_EOF_SCRIPT`): the reader sees the end and closes the container's
+# stdin. The holder is its own process, not the control plane's: a restart of the
+# control plane loses nothing. Locally the reader is `podman attach` (`STDIN_HOLD_SCRIPT`); in a
+# Slurm job it is the job's own foreground `podman run -i` (plugins/sandbox_slurm).
+STDIN_HOLD_SCRIPT = (
+    'mkdir -p -m 700 "${1%/*}" && rm -f "$1" "$1.pid"; mkfifo -m 600 "$1" || exit 1; exec 3<>"$1"; echo $$ > "$1.pid"; '
+    'podman attach --sig-proxy=false --detach-keys "" "$2" <"$1" >/dev/null 2>&1 3>&-; '
+    'rm -f "$1" "$1.pid" "$1.writers"')
+STDIN_CLOSED = 75  # the exit code of STDIN_WRITE_SCRIPT when stdin is closed
+STDIN_WRITE_SCRIPT = (
+    f'[ -p "$1" ] && kill -0 "$(cat "$1.pid" 2>/dev/null)" 2>/dev/null || exit {STDIN_CLOSED}; '
+    'echo $$ >> "$1.writers"; echo ready; exec cat > "$1"')
+# The end for every writer: the holder, and the other connections' writers (what they still
+# hold is dropped, as after a close); the caller's own writer has finished first.
+STDIN_EOF_SCRIPT = ('kill "$(cat "$1.pid" 2>/dev/null)" $(cat "$1.writers" 2>/dev/null) '
+                    '2>/dev/null; rm -f "$1" "$1.pid" "$1.writers"; exit 0')
+
+
+def stdin_fifo(container: str) -> str:
+    """The FIFO that feeds a sandbox's main command, on the host where it runs."""
+    return os.path.join(runtime_dir(), f"stdin-{container}")
+
+
 def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
-             labels: dict[str, str] | None = None, timeout_s: int | None = None) -> list[str]:
+             labels: dict[str, str] | None = None, timeout_s: int | None = None,
+             runsc: str | None = None) -> list[str]:
     """`podman run -d ...` for one sandbox under `isolation` (container `name`, default from
     the sandbox id). `timeout_s`: conmon kills the container then, whoever watches or not (the
-    control plane ends it at its own timeout first; this is the net under a crashed one)."""
+    control plane ends it at its own timeout first; this is the net under a crashed one).
+    A main command gets `-i` (its stdin is kept open for `sb.stdin`). `runsc`: gVisor's runtime
+    path on the host that runs it (default: this host's wrapper, `ensure_runsc_tty`)."""
     pids = cfg.pids or DEFAULT_PIDS
     memory = cfg.memory_mb or DEFAULT_MEMORY_MB
     argv = ["podman", "run", "-d", "--name", name or container_name(cfg.sandbox_id),
@@ -205,8 +314,13 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
             "--log-driver", "k8s-file",
             # catatonit as pid 1: orphans are reaped, so a fork bomb's zombies free their pids
             "--init"]
+    if cfg.command:
+        argv.insert(3, "-i")
+        if cfg.pty is not None:
+            argv.insert(4, "-t")
     if isolation == "gvisor":
-        argv += ["--runtime", RUNSC, "--runtime-flag", "network=none", "--network", "none",
+        argv += ["--runtime", runsc or ensure_runsc_tty(), "--runtime-flag", "network=none",
+                 "--network", "none",
                  # gVisor's sentry threads are host tasks: leave them room above the code's own.
                  "--pids-limit", str(2 * pids + GVISOR_PIDS_SLACK)]
     elif isolation == "runc":
@@ -231,7 +345,19 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
         argv += ["--workdir", cfg.workdir]
     for key in sorted(cfg.env):
         argv += ["--env", key]  # the value comes from podman's own environment
-    argv.append(cfg.image)
+    if cfg.command and cfg.pty is not None:
+        from mctl.core import terminal
+
+        for key, value in sorted(terminal.pty_env(cfg.pty).items()):
+            argv += ["--env", f"{key}={value}"]  # TERM and friends: no secrets
+        argv.append(cfg.image)
+        # podman gives a detached terminal no size (0x0): the command's shell sets it first
+        # (the image needs /bin/sh and stty, as Debian's have)
+        argv += ["/bin/sh", "-c", 'stty rows "$1" cols "$2" 2>/dev/null; shift 2; exec "$@"',
+                 "sh", str(int(cfg.pty.get("rows") or terminal.DEFAULT_ROWS)),
+                 str(int(cfg.pty.get("cols") or terminal.DEFAULT_COLS))]
+    else:
+        argv.append(cfg.image)
     # The user's command through FIND_COMMAND: a missing one says "CMD: command not found" (127),
     # not catatonit's "failed to exec pid1" (1). The shell execs it: same pid, same tree.
     argv += ([*FIND_COMMAND, *cfg.command] if cfg.command else ["sleep", "infinity"])
@@ -444,8 +570,10 @@ def kill_marked_command(marker: str) -> list[str]:
 def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
               env_names: list[str] = (), marker: str | None = None,  # type: ignore[assignment]
               nproc: int | None = None, isolation: str | None = None,
-              container_id: str | None = None, check: bool = True) -> list[str]:
-    """`podman exec -i ...` for one command in a running sandbox. With `marker` (from
+              container_id: str | None = None, check: bool = True,
+              tty: bool = False) -> list[str]:
+    """`podman exec -i ...` for one command in a running sandbox (`-t` with `tty`: on a
+    terminal, which the caller gives podman as its own stdin and stdout). With `marker` (from
     `exec_marker()`) the command runs with it in its environment, so a timeout can kill it and
     what it started with `kill_marked_command(marker)`, leaving no file behind; with `nproc` it
     lowers its own RLIMIT_NPROC first (gVisor: `podman exec` does not carry the container's
@@ -466,7 +594,7 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
         for key in env_names:
             argv += ["--env", key]
         return argv + ["--", *cmd]
-    direct = _direct_exec(isolation, container_id) if not env_names else None
+    direct = _direct_exec(isolation, container_id) if not (env_names or tty) else None
     shell_workdir = workdir if check else None  # entered by the script, with its own message
     if shell_workdir:
         workdir = None
@@ -480,7 +608,7 @@ def exec_argv(container: str, cmd: list[str], *, workdir: str | None = None,
             argv += ["--cwd", workdir]
         argv.append(container_id)  # type: ignore[arg-type]
     else:
-        argv = ["podman", "exec", "-i", "--user", SANDBOX_USER]
+        argv = ["podman", "exec", "-i", *(["-t"] if tty else []), "--user", SANDBOX_USER]
         if workdir:
             argv += ["--workdir", workdir]
         for key in env_names:

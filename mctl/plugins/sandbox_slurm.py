@@ -109,7 +109,8 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         if opts.get(key):
             lines.append(f"#SBATCH --{key}={opts[key]}")
     argv = publish_on_node(pull_from_registry(
-        foreground(sandbox_runtime.run_argv(cfg, isolation, name=container)), cfg.image))
+        foreground(sandbox_runtime.run_argv(cfg, isolation, name=container,
+                                            runsc="__MCTL_RUNSC__")), cfg.image))
     if gres is not None:
         # Slurm chose the GPUs; the code sees those (devices come from CDI where it is set up)
         argv.insert(2, "CUDA_VISIBLE_DEVICES")
@@ -120,26 +121,58 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         check.append(f"[ -x {sandbox_runtime.RUNSC} ] || {{ echo \"mctl: {sandbox_runtime.RUNSC}"
                      " (gVisor) is not installed on $(hostname); install runsc there or create "
                      "the sandbox with isolation='runc'\" >&2; exit 125; }")
+    def quoted(parts: list[str]) -> str:
+        return " ".join(shlex.quote(p) for p in parts).replace("__MCTL_RUNSC__", '"$runsc"')
+
+    stdin_lines: list[str] = []
+    redirect = " </dev/null"
+    if cfg.command:  # the main command's stdin, fed from a FIFO (sandbox_runtime, stdin_fifo)
+        fifo = sandbox_runtime.stdin_fifo(container)
+        stdin_lines = [
+            f"f={shlex.quote(fifo)}",
+            'if mkdir -p -m 700 "${f%/*}" && rm -f "$f" "$f.pid" "$f.writers" && '
+            'mkfifo -m 600 "$f"; then stdin=$f; fifo=$f',
+            # the holder keeps it open: writers come and go; write_eof ends the holder
+            '  sleep infinity 3<>"$fifo" & echo $! > "$fifo.pid"',
+            # never a failed start for it: the command then reads an empty stdin
+            'else echo "mctl: no stdin for the main command: cannot make $f on $(hostname)" >&2',
+            "fi"]
+        redirect = ' <"$stdin"'
+    wrapper_lines: list[str] = []
+    if isolation == "gvisor":
+        # gVisor's runtime as podman calls it (sandbox_runtime, RUNSC_TTY_SCRIPT), written on
+        # the node; plain runsc where it cannot be (all but a terminal works then)
+        wrapper_lines = [
+            f"runsc={shlex.quote(sandbox_runtime.runsc_tty_path())}",
+            f'[ -x "$runsc" ] || {{ mkdir -p "${{runsc%/*}}" && printf %s '
+            f'{shlex.quote(sandbox_runtime.runsc_tty_script())} > "$runsc.$$" && '
+            f'chmod 755 "$runsc.$$" && mv -f "$runsc.$$" "$runsc"; }} 2>/dev/null || '
+            f"runsc={shlex.quote(sandbox_runtime.RUNSC)}"]
     if cfg.cidr_allowlist is None:
-        start = [" ".join(shlex.quote(part) for part in argv) + " </dev/null &"]
+        start = [quoted(argv) + redirect + " &"]
     else:
         # The same firewall as on the control plane's host (sandbox_runtime.apply_allowlist),
         # loaded into the container's network namespace on the node between `podman init` and
         # `podman start`: no code of the sandbox runs before it holds; any failure ends the job.
         create = ["podman", "create", *argv[2:]]
-        start = [" ".join(shlex.quote(part) for part in create) + " </dev/null >/dev/null "
-                 "|| exit 125",
+        start = [quoted(create) + " </dev/null >/dev/null || exit 125",
                  'podman init "$name" >/dev/null || exit 125',
                  *sandbox_runtime.allowlist_script(cfg.cidr_allowlist, '"$name"'),
-                 'podman start --attach "$name" </dev/null &']
+                 "podman start --attach " + ("--interactive " if cfg.command else "")
+                 + '"$name"' + redirect + " &"]
     lines += [
         f"name={container}",
         # TERM (scancel, the time limit) and every other way out remove the container: it lives
         # under conmon, which Slurm's process tracking does not follow
-        "cleanup() { podman rm --force --time 0 --ignore \"$name\" >/dev/null 2>&1; }",
+        "cleanup() { podman rm --force --time 0 --ignore \"$name\" >/dev/null 2>&1; "
+        '[ -n "$fifo" ] && { kill "$(cat "$fifo.pid" 2>/dev/null)" 2>/dev/null; '
+        'rm -f "$fifo" "$fifo.pid" "$fifo.writers"; }; }',
+        "stdin=/dev/null; fifo=",
         "trap 'cleanup; exit 143' TERM INT",
         "trap cleanup EXIT",
         *check,
+        *wrapper_lines,
+        *stdin_lines,
         *start,
         "pid=$!",
         "wait $pid; code=$?",
@@ -434,10 +467,15 @@ class SlurmSandboxes:
                                                sandbox_runtime.container_name(sandbox_id))
             if rc == 0:
                 return {"stdout": out, "stderr": err}
-        from pathlib import Path
-
         try:
-            return {"stdout": Path(self._output(sandbox_id)).read_text(errors="replace"),
+            # newline="": a terminal's "\r\n" stays as it was written (create(pty=True))
+            with open(self._output(sandbox_id), errors="replace", newline="") as fh:
+                text = fh.read()
+            # what podman says of a terminal with a FIFO for stdin (create(pty=True)) is not
+            # the command's output
+            text = "".join(line for line in text.splitlines(keepends=True)
+                           if "The input device is not a TTY" not in line)
+            return {"stdout": text,
                     "stderr": ""}
         except OSError:
             from mctl.exception import NotFoundError

@@ -184,20 +184,83 @@ class StreamWriter:
         await asyncio.to_thread(self._drain)
 
 
+class _Fd:
+    """A raw file descriptor as `_Buffer.pump` reads it (a pty's master: EIO at its end)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+class _PtyInput:
+    """What StreamWriter writes to for a command on a terminal: the pty's master. The end of
+    input is the terminal's end-of-file character (^D), as one types it: the command reads an
+    end at the start of a line (in the terminal's line mode)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ValueError("closed")
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError:
+                raise BrokenPipeError from None
+            view = view[n:]
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                os.write(self._fd, b"\x04")
+            except OSError:
+                pass
+
+
 # --- a command in a sandbox -----------------------------------------------------------------------
 class ContainerProcess:
     """A command started by `Sandbox.exec`: `stdin`, `stdout`, `stderr`, `wait()`, `poll()`,
     `returncode` (128+n after signal n, -1 after its `timeout`)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], *, text: bool = True,
-                 timeout: float | None = None, kill: Any = None) -> None:
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env, start_new_session=True)
+                 timeout: float | None = None, kill: Any = None,
+                 pty: dict[str, Any] | None = None) -> None:
         out, err = _Buffer(), _Buffer()
-        self._pumps = [out.pump(self._proc.stdout), err.pump(self._proc.stderr)]
+        self._master: int | None = None
+        if pty is not None:
+            # podman exec -t on a local pty of ours: the terminal's output (the command's
+            # stdout and stderr together, as a terminal shows them) is stdout; podman's own
+            # messages (it could not run the command) are stderr.
+            from mctl.core import terminal
+
+            master, slave = terminal.open_pty(pty["rows"], pty["cols"])
+            argv, how = terminal.on_terminal(argv)
+            try:
+                self._proc = subprocess.Popen(argv, stdin=slave, stdout=slave,
+                                              stderr=subprocess.PIPE, env=env, **how)
+            finally:
+                os.close(slave)
+            self._master = master
+            self._pumps = [out.pump(_Fd(master)), err.pump(self._proc.stderr)]
+            self._pty_input = _PtyInput(master)
+            self.stdin = StreamWriter(self._pty_input)
+        else:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=env,
+                                          start_new_session=True)
+            self._pumps = [out.pump(self._proc.stdout), err.pump(self._proc.stderr)]
+            self.stdin = StreamWriter(self._proc.stdin)
         self.stdout = StreamReader(out, text)
         self.stderr = StreamReader(err, text)
-        self.stdin = StreamWriter(self._proc.stdin)
         self._timed_out = False
         self._returncode: int | None = None
         self._kill = kill
@@ -223,6 +286,21 @@ class ContainerProcess:
         if self._proc.poll() is None:
             self._proc.kill()
 
+    def resize(self, rows: int, cols: int) -> None:
+        """A command on a terminal (`pty=True`): the terminal's new size (the command gets
+        SIGWINCH). mctl's own; `mctl sandbox exec --pty` calls it when its window changes."""
+        if not hasattr(self, "_pty_input"):
+            raise InvalidError("resize() needs a command started with exec(..., pty=True).")
+        from mctl.core import terminal
+
+        master = self._master
+        if master is None:
+            return  # it ended
+        try:
+            terminal.set_size(master, rows, cols)
+        except OSError:
+            pass  # it ended
+
     def _code(self, rc: int) -> int:
         if self._timed_out:
             return -1
@@ -239,6 +317,13 @@ class ContainerProcess:
         rc = self._proc.wait()
         for t in self._pumps:
             t.join()
+        if self._master is not None:
+            self._pty_input.closed = True
+            try:
+                os.close(self._master)
+            except OSError:
+                pass
+            self._master = None
         self._returncode = self._code(rc)
         return self._returncode
 
@@ -356,6 +441,7 @@ class Sandbox:
         self._logs: subprocess.Popen[bytes] | None = None
         self._log_buffers: tuple[_Buffer, _Buffer] | None = None
         self._lock = threading.Lock()
+        self._stdin: StreamWriter | None = None
         self.wait = Dual(self._wait, self._wait_aio)
         self.terminate = Dual(self._terminate, self._aio(self._terminate))
         self.exec = Dual(self._exec, self._aio(self._exec))
@@ -377,6 +463,19 @@ class Sandbox:
 
             return await asyncio.to_thread(fn, *args, **kwargs)
         return aio
+
+    @property
+    def stdin(self) -> StreamWriter:
+        """The main command's stdin (`write`, `write_eof`, `drain`), as Modal's `sb.stdin`:
+        `Sandbox.create("python", "-i", ...)` reads what is written here. It goes through the
+        control plane (its relay), wherever the sandbox runs; write_eof() ends the command's
+        input."""
+        with self._lock:
+            if self._stdin is None:
+                from mctl.sdk.sandbox_relay import MainStdin
+
+                self._stdin = StreamWriter(MainStdin(self))
+            return self._stdin
 
     # --- identity --------------------------------------------------------------------------------
     @property
@@ -412,6 +511,7 @@ class Sandbox:
                 h2_ports: Sequence[int] = (), name: str | None = None,
                 tags: dict[str, str] | None = None, env: dict[str, str | None] | None = None,
                 isolation: str | None = None, pids: int | None = None,
+                pty: bool = False, pty_info: Any = None,
                 **unsupported: Any) -> Sandbox:
         for key in ("outbound_domain_allowlist", "inbound_cidr_allowlist"):
             if unsupported.get(key) is not None:
@@ -450,6 +550,15 @@ class Sandbox:
             "ports": ports, "isolation": isolation, "gpu": gpu,
             "cidr_allowlist": cidr_allowlist,
             "env": {k: v for k, v in (env or {}).items() if v is not None}}
+        if pty or (pty_info is not None and getattr(pty_info, "enabled", True) is not False):
+            from mctl.core import terminal
+
+            if not cmd:
+                raise InvalidError("Sandbox.create(pty=True) needs a command to run on the "
+                                   "terminal, such as Sandbox.create('bash', pty=True, ...).")
+            # As Modal's: the main command on a terminal (its output all on stdout), of this
+            # process's terminal's size and TERM (pty_info's where given without pty=True)
+            body["pty"] = terminal.pty_spec(None if pty else pty_info)
         body["secret_names"], body["secret_values"] = _secret_parts(secrets)
         if volumes:
             from mctl.sdk.volume import Volume, validate_mounts
@@ -599,14 +708,25 @@ class Sandbox:
 
     def _exec(self, *cmd: str, workdir: str | None = None, timeout: int | None = None,
               secrets: Sequence[Any] = (), pty: bool = False, pty_info: Any = None,
+              _pty_info: Any = None,
               text: bool = True, env: dict[str, str | None] | None = None,
               bufsize: int = -1, **unsupported: Any) -> ContainerProcess:
         from mctl.core import sandbox_runtime
 
         if unsupported:
             raise InvalidError(f"exec got unsupported arguments: {', '.join(sorted(unsupported))}.")
-        if pty or pty_info is not None:
-            raise InvalidError("exec(pty=True) is not supported by mctl yet.")
+        tty: dict[str, Any] | None = None
+        pty_info = pty_info if pty_info is not None else _pty_info
+        if pty or (pty_info is not None and getattr(pty_info, "enabled", True) is not False):
+            from mctl.core import terminal
+
+            # As Modal's: the command runs on a terminal of this process's terminal's size, its
+            # stdout and stderr both on stdout; TERM and friends come along. The deprecated
+            # pty_info (a PTYInfo, or a dict of its fields) sets them; pty=True overrides it.
+            tty = terminal.pty_spec(None if pty else pty_info)
+            if self.isolation == "bwrap":
+                raise InvalidError("bwrap sandboxes have no terminal (exec(pty=True)) yet; use "
+                                   "an image (podman) for that.")
         if not cmd or not all(isinstance(c, str) for c in cmd):
             raise InvalidError("exec(*cmd) needs a command whose parts are all str, such as "
                                "sb.exec('python', '-c', 'print(1)').")
@@ -619,7 +739,7 @@ class Sandbox:
                 extra.update(v)
             extra.update({k: v for k, v in (env or {}).items() if v is not None})
             relayed: Any = exec_relayed(self, list(cmd), workdir=workdir, timeout=timeout,
-                                        secret_names=names, env=extra, text=text)
+                                        secret_names=names, env=extra, text=text, pty=tty)
             return relayed  # a RelayProcess: the ContainerProcess interface
         record = _http(self._url, "POST", f"/api/sandboxes/{self.object_id}/exec",
                        {"secret_names": names})
@@ -628,6 +748,10 @@ class Sandbox:
         for v in values:
             environ.update(v)
         environ.update({k: v for k, v in (env or {}).items() if v is not None})
+        if tty is not None:
+            from mctl.core import terminal
+
+            environ = {**terminal.pty_env(tty), **environ}
         marker = kill = None
         container = record["container"]
         if self.isolation == "bwrap":  # its agent; a timeout kills the client, and so the command
@@ -644,9 +768,10 @@ class Sandbox:
                                          nproc=record.get("pids") if self.isolation == "gvisor"
                                          else None,
                                          isolation=self.isolation,
-                                         container_id=record.get("container_id"))
+                                         container_id=record.get("container_id"),
+                                         tty=tty is not None)
         return ContainerProcess(argv, {**os.environ, **environ}, text=text, timeout=timeout,
-                                kill=kill)
+                                kill=kill, pty=tty)
 
     def _main_output(self) -> tuple[_Buffer, _Buffer]:
         """The main command's stdout and stderr, from podman's log of the container."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from typing import Any
 
 from mctl.exception import InvalidError
@@ -18,8 +19,10 @@ from mctl.sdk.sandbox import StreamReader, StreamWriter, _Buffer
 class _Stdin:
     """What StreamWriter writes to: hands each write to the relay's event loop, in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any],
+                 ended: threading.Event | None = None) -> None:
         self._loop, self._queue = loop, queue
+        self._ended = ended  # the relay closed: nothing will be sent any more
         self.closed = False
 
     def write(self, data: bytes) -> None:
@@ -32,7 +35,13 @@ class _Stdin:
 
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop.call_soon_threadsafe(self._queue.put_nowait, done)
-        done.result(timeout=300)
+        while True:
+            try:
+                done.result(timeout=0.2)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._ended is not None and self._ended.is_set():
+                    return
 
     def close(self) -> None:
         if not self.closed:
@@ -48,14 +57,16 @@ class RelayProcess:
         from mctl.core.client import _LoopThread
 
         self._loop = _LoopThread.get()
+        self._pty = bool(request.get("pty"))
         self._out, self._err = _Buffer(), _Buffer()
         self._done = threading.Event()
+        self._ready = threading.Event()
         self._returncode: int | None = None
         self._error: str | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.stdout = StreamReader(self._out, text)
         self.stderr = StreamReader(self._err, text)
-        self.stdin = StreamWriter(_Stdin(self._loop, self._queue))
+        self.stdin = StreamWriter(_Stdin(self._loop, self._queue, self._done))
         self.wait = Dual(self._wait, self._wait_aio)
         self._connected = threading.Event()
         self._future = asyncio.run_coroutine_threadsafe(
@@ -94,6 +105,8 @@ class RelayProcess:
                             await ws.send_str('{"eof": true}')
                         elif isinstance(item, bytes):
                             await ws.send_bytes(item)
+                        elif isinstance(item, dict):
+                            await ws.send_str(json.dumps(item))
                         else:
                             item.set_result(None)  # drain(): everything before it went out
 
@@ -105,6 +118,9 @@ class RelayProcess:
                         reply = json.loads(msg.data)
                         if reply.get("accepted"):  # exec() returns; a refusal raises there
                             self._connected.set()
+                            continue
+                        if reply.get("ready"):  # the main command's stdin is open
+                            self._ready.set()
                             continue
                         if "exit" in reply:
                             self._returncode = int(reply["exit"])
@@ -118,6 +134,15 @@ class RelayProcess:
             self._err.close()
             self._done.set()
             self._connected.set()
+
+    def resize(self, rows: int, cols: int) -> None:
+        """A command on a terminal (`pty=True`): the terminal's new size (see
+        ContainerProcess.resize)."""
+        if not self._pty:
+            raise InvalidError("resize() needs a command started with exec(..., pty=True).")
+        if not self._done.is_set():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait,
+                                            {"resize": [int(rows), int(cols)]})
 
     def _finish(self) -> int:
         if self._returncode is None:
@@ -140,10 +165,59 @@ class RelayProcess:
 
 
 def exec_relayed(sb: Any, cmd: list[str], *, workdir: str | None, timeout: int | None,
-                 secret_names: list[str], env: dict[str, str], text: bool) -> RelayProcess:
+                 secret_names: list[str], env: dict[str, str], text: bool,
+                 pty: dict[str, Any] | None = None) -> RelayProcess:
     return RelayProcess(sb._url, sb.object_id,
                         {"exec": list(cmd), "workdir": workdir, "timeout": timeout,
-                         "secret_names": secret_names, "env": env}, text=text)
+                         "secret_names": secret_names, "env": env, "pty": pty}, text=text)
+
+
+class MainStdin:
+    """What `sb.stdin` (a StreamWriter) writes to: the main command's stdin, through the relay
+    (`{"stdin": true}`), connected at the first write. `close()` (write_eof) ends the main
+    command's input once everything before it arrived."""
+
+    def __init__(self, sb: Any) -> None:
+        self._sb = sb
+        self._proc: RelayProcess | None = None
+        self.closed = False
+
+    def _open(self) -> RelayProcess:
+        if self._proc is None:
+            self._proc = RelayProcess(self._sb._url, self._sb.object_id, {"stdin": True},
+                                      text=False)
+            deadline = time.monotonic() + 120  # the relay says it is open, or why not
+            while not (self._proc._ready.is_set() or self._proc._done.is_set()
+                       or time.monotonic() > deadline):
+                self._proc._ready.wait(0.05)
+        self._check()
+        return self._proc
+
+    def _check(self) -> None:
+        if self._proc is not None and self._proc._done.is_set():
+            self._proc._finish()  # the relay's own message, where it gave one
+            raise InvalidError(f"The main command of sandbox {self._sb.object_id} has no open "
+                               "stdin: write_eof() was called, or it ended.")
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ValueError("stdin is closed")
+        self._open().stdin.write(data)
+
+    def flush(self) -> None:
+        if self._proc is not None and not self._proc._done.is_set():
+            self._proc.stdin._fh.flush()
+        self._check()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        proc = self._open()
+        if self._sb._record.get("pty"):  # a terminal's end of input: ^D, as one types it
+            proc.stdin.write(b"\x04")
+        self.closed = True
+        proc.stdin.write_eof()
+        proc._wait()
 
 
 def main_output(sb: Any) -> tuple[_Buffer, _Buffer]:

@@ -114,6 +114,7 @@ class Sandboxes:
         rec["pids"] = config.get("pids") or sandbox_runtime.DEFAULT_PIDS
         rec["idle_timeout"] = config.get("idle_timeout")
         rec["ended_by"] = config.get("ended_by")  # "idle_timeout" when that ended it
+        rec["pty"] = bool(config.get("pty"))  # the main command runs on a terminal
         rec["cidr_allowlist"] = config.get("cidr_allowlist")
         rec["run_dir"] = config.get("run_dir")  # bwrap: its host directory (agent, output)
         rec["container"] = rec.get("container") or container_name(rec["sandbox_id"])
@@ -251,12 +252,16 @@ class Sandboxes:
             block_network=block_network, cidr_allowlist=cidr_allowlist,
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
-            isolation=body.get("isolation"), idle_timeout=idle_timeout)
+            isolation=body.get("isolation"), idle_timeout=idle_timeout,
+            pty=body.get("pty") if isinstance(body.get("pty"), dict) else None)
         if not cfg.image:  # bwrap, on this host whatever the cluster backend
             sandbox_runtime.choose(cfg)  # says bwrap, or why not
             if body.get("gpu"):
                 raise InvalidError("bwrap sandboxes have no GPUs; use a function "
                                    "(@app.function(gpu=...)).")
+            if cfg.pty is not None:
+                raise InvalidError("bwrap sandboxes have no terminal for their main command "
+                                   "(pty=True) yet; use an image (podman) for that.")
             return await self._create_bwrap(cfg, app_id, name, body.get("tags"), timeout,
                                             idle_timeout)
         isolation = (cluster.isolation(cfg) if hasattr(cluster, "isolation")  # the nodes'
@@ -287,6 +292,8 @@ class Sandboxes:
             self._update(sandbox_id, state="failed", ended=time.time())
             await _podman("rm", "-f", "-t", "0", self._container(sandbox_id))
             raise InvalidError(f"The sandbox could not start ({isolation}): {err.strip()[-800:]}")
+        if cfg.command:
+            await self._hold_stdin(self._container(sandbox_id))
         ports = await self._ports(sandbox_id, cfg.ports)
         self._update(sandbox_id, state="running", ports=json.dumps(ports),
                      container_id=container_id)
@@ -296,6 +303,22 @@ class Sandboxes:
                                   loop.create_task(self._expire(sandbox_id, timeout))]
         self._watch_idle(sandbox_id, idle_timeout)
         return self._row(sandbox_id)
+
+    async def _hold_stdin(self, container: str) -> None:
+        """Feed the main command's stdin from its FIFO (sandbox_runtime, STDIN_HOLD_SCRIPT): a
+        holder process of its own session, which outlives this control plane, and ends with the
+        container (or at write_eof). Waits until the FIFO is there, so a first write finds it."""
+        import subprocess
+
+        fifo = sandbox_runtime.stdin_fifo(container)
+        # started through a shell that exits at once: the holder is nobody's child here
+        await asyncio.to_thread(subprocess.run, [
+            "/bin/sh", "-c", 'sh -c "$0" sh "$1" "$2" </dev/null >/dev/null 2>&1 &',
+            sandbox_runtime.STDIN_HOLD_SCRIPT, fifo, container], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not os.path.exists(fifo + ".pid"):
+            await asyncio.sleep(0.01)
 
     # --- bwrap: image-less sandboxes under bubblewrap (core/sandbox_bwrap) ------------------
     async def _create_bwrap(self, cfg: SandboxConfig, app_id: str, name: str | None, tags: Any,
