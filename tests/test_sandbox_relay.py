@@ -27,7 +27,7 @@ def _script(**kw):
 
 
 def test_the_job_script_has_the_resources_and_the_local_isolation_argv():
-    text = _script(timeout_s=90, gres="gpu:a100:2", cpu=2.5, memory_mb=2048,
+    text = _script(timeout_s=90, gres="gpu:a100:2", isolation="runc", cpu=2.5, memory_mb=2048,
                    options={"partition": "gpu", "account": "lab"})
     assert "#SBATCH --cpus-per-task=3" in text
     assert "#SBATCH --mem=2304M" in text  # the container's 2048 MiB plus podman's room
@@ -35,6 +35,15 @@ def test_the_job_script_has_the_resources_and_the_local_isolation_argv():
     assert "#SBATCH --gres=gpu:a100:2" in text
     assert "#SBATCH --partition=gpu" in text and "#SBATCH --account=lab" in text
     assert '#SBATCH --comment="mctl sandbox=sb-ABC app=ap-1 cp=x"' in text
+    # the GPUs: Slurm's devices by CDI, through the wrapper function containers start with
+    # (containers.gpu_argv); the container sees exactly those, so no CUDA_VISIBLE_DEVICES
+    run = [line for line in text.splitlines() if "podman run" in line]
+    assert len(run) == 1 and "CUDA_VISIBLE_DEVICES" not in run[0]
+    assert run[0].startswith("' mctl-gpu-sandbox 2 podman run -i --name mctl-sb-abc")
+    assert "\nsh -c '\nwant=$1; shift\n" in text  # containers.GPU_SCRIPT
+    assert "nvidia-ctk cdi generate" in text and "nvproxy" not in text
+    text = _script(timeout_s=90)
+    assert "--gres" not in text and "nvidia" not in text
     run = [line for line in text.splitlines() if line.startswith("podman run")]
     # the main command's stdin: a FIFO on the node, kept open by a holder (sb.stdin)
     assert len(run) == 1 and run[0].endswith(' <"$stdin" &') and " -i " in run[0]
@@ -45,7 +54,7 @@ def test_the_job_script_has_the_resources_and_the_local_isolation_argv():
     assert "exec /usr/bin/runsc" in text
     for flag in ('--runtime "$runsc"', "--runtime-flag network=none", "--network none",
                  "--cap-drop ALL", "--security-opt no-new-privileges", "--user 65534:65534",
-                 "--memory 2048m", "--env CUDA_VISIBLE_DEVICES", "--env API_KEY", "--init"):
+                 "--memory 2048m", "--env API_KEY", "--init"):
         assert flag in run[0], flag
     assert " -d " not in run[0]  # in the foreground: the job lasts as long as the container
     assert "s3cret-value" not in text  # values reach podman through the job's environment
@@ -79,6 +88,76 @@ def test_the_job_script_runs_and_cleans_up_with_plain_sh(tmp_path):
     assert calls[-1] == "rm --force --time 0 --ignore mctl-sb-abc"
     # the stdin holder went with it
     assert not os.path.exists(sandbox_runtime.stdin_fifo("mctl-sb-abc"))
+
+
+def _gpu_job(tmp_path, isolation, cdi=True, runsc_flags="", allowlist=None, **env):
+    """Run a GPU sandbox's job script with stand-ins for podman and runsc that record their
+    argv; (exit code, podman's calls, stderr)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "podman").write_text("#!/bin/sh\necho \"$@\" >> \"$LOG\"\n"
+                                   "case \"$1\" in run|start) exit 7;; esac\n")
+    (bindir / "podman").chmod(0o755)
+    runsc = bindir / "runsc"
+    runsc.write_text(f"#!/bin/sh\necho '{runsc_flags}'\n")
+    runsc.chmod(0o755)
+    specs = tmp_path / "cdi"
+    specs.mkdir(exist_ok=True)
+    if cdi:
+        (specs / "nvidia.yaml").write_text("kind: nvidia.com/gpu\ndevices:\n- name: '0'\n")
+    cfg = SandboxConfig(sandbox_id="sb-G", image="img", gpu="A100:2",
+                        block_network=allowlist is None, cidr_allowlist=allowlist)
+    old = sandbox_runtime.RUNSC
+    sandbox_runtime.RUNSC = str(runsc)
+    try:
+        text = sandbox_slurm.job_script(cfg, isolation, name="mctl-sb-g", comment="c",
+                                        output="/o", timeout_s=60, gres="gpu:a100:2")
+    finally:
+        sandbox_runtime.RUNSC = old
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    log = tmp_path / "log"
+    log.write_text("")
+    done = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+                               "LOG": str(log), "MCTL_CDI_SPEC_DIRS": str(specs), **env})
+    return done.returncode, log.read_text().splitlines(), done.stderr
+
+
+def _devices(call):
+    parts = call.split()
+    return [parts[i + 1] for i, p in enumerate(parts) if p == "--device"]
+
+
+def test_a_gpu_job_passes_slurms_devices_by_cdi(tmp_path):
+    code, calls, _ = _gpu_job(tmp_path, "runc", SLURM_JOB_GPUS="1,3",
+                              CUDA_VISIBLE_DEVICES="0,1")  # Slurm renumbers CUDA_VISIBLE_DEVICES
+    assert code == 7 and calls[0].startswith("run --device nvidia.com/gpu=1 --device "
+                                             "nvidia.com/gpu=3 --name mctl-sb-g")
+    assert _devices(calls[0]) == ["nvidia.com/gpu=1", "nvidia.com/gpu=3"]
+    assert "--uidmap 0:200000:65536" in calls[0] and "nvproxy" not in calls[0]
+    # with a cidr_allowlist: `podman create` gets them, before the firewall and the start
+    code, calls, _ = _gpu_job(tmp_path, "runc", allowlist=["10.0.0.0/8"], SLURM_JOB_GPUS="2")
+    assert calls[0].startswith("create --device nvidia.com/gpu=2 --name mctl-sb-g"), calls
+
+
+def test_a_gpu_job_on_a_node_without_a_cdi_spec_fails_naming_the_fix(tmp_path):
+    code, calls, err = _gpu_job(tmp_path, "runc", cdi=False, SLURM_JOB_GPUS="0")
+    assert code == 125 and not [c for c in calls if c.startswith("run")]
+    assert "this sandbox asks for 2 GPU(s)" in err and "no CDI spec for nvidia.com/gpu" in err
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in err
+
+
+def test_a_gvisor_gpu_job_needs_nvproxy_on_the_node(tmp_path):
+    code, calls, err = _gpu_job(tmp_path, "gvisor", runsc_flags="  -network string",
+                                SLURM_JOB_GPUS="0,1")
+    assert code == 125 and not [c for c in calls if c.startswith("run")]
+    assert "has no nvproxy flag" in err and "isolation='runc'" in err
+    code, calls, err = _gpu_job(tmp_path, "gvisor", runsc_flags="  -nvproxy\n  -network",
+                                SLURM_JOB_GPUS="0,1")
+    assert code == 7, err
+    assert "--runtime-flag network=none --runtime-flag nvproxy=true" in calls[0]
+    assert _devices(calls[0]) == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
 
 
 def test_a_job_without_a_command_has_no_stdin():
@@ -169,10 +248,25 @@ def test_the_relay_checks_the_callers_token(sandbox, server_process):
     assert "need a deploy token" in messages[-1].json()["error"]
 
 
-def test_gpu_sandboxes_need_a_cluster_backend(sandbox):
+def test_a_local_gpu_sandbox_without_a_cdi_spec_says_how_to_make_one(server_process):
+    """This host has no GPU and no CDI spec: the podman sandbox (runc: this runsc has no
+    nvproxy) fails naming `nvidia-ctk cdi generate` (the argv with the devices:
+    tests/test_gpu_containers.py); gVisor is refused saying why; bwrap has no GPUs."""
+    problem = _problem()
+    if problem:
+        pytest.skip(problem)
+    if os.path.exists("/etc/cdi") or os.path.exists("/var/run/cdi"):
+        pytest.skip("this host has a CDI spec directory")
+    if sandbox_runtime.runsc_nvproxy():
+        pytest.skip("this host's runsc has nvproxy")
     app = mctl.App.lookup("sandbox-relay", create_if_missing=True)
-    with pytest.raises(mctl.exception.InvalidError, match="gpu= need a cluster backend"):
+    with pytest.raises(mctl.exception.InvalidError, match=r"(?s)could not start \(runc\).*"
+                       r"this sandbox asks for 1 GPU\(s\).*nvidia-ctk cdi generate"):
         mctl.Sandbox.create(app=app, gpu="A100")
+    with pytest.raises(mctl.exception.InvalidError, match="has no nvproxy flag.*isolation='runc'"):
+        mctl.Sandbox.create(app=app, gpu="any", isolation="gvisor")
+    with pytest.raises(mctl.exception.InvalidError, match="bwrap sandboxes have no GPUs"):
+        mctl.Sandbox.create(app=app, gpu="any", isolation="bwrap")
 
 
 def test_a_client_on_another_host_uses_the_relay(sandbox, monkeypatch):

@@ -81,6 +81,7 @@ class SandboxConfig:
     # Outbound traffic only to these networks (normalised by `normalize_cidrs`); None: no
     # allowlist (all or nothing, as block_network says); []: no outbound traffic, ports still work
     cidr_allowlist: list[str] | None = None
+    gpu: str | None = None  # `gpu=` as asked ("A100:1", "any"); the devices come from CDI
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxConfig:
@@ -101,6 +102,47 @@ def runc_path() -> str | None:
         if os.access(p, os.X_OK):
             return p
     return shutil.which("runc")
+
+
+# `runsc flags` lists `-nvproxy` in releases from 2023 on; gVisor passes NVIDIA GPUs to a
+# sandbox only with it (`--runtime-flag nvproxy=true`). Debian bookworm's runsc (20221219) has not.
+def nvproxy_check() -> str:
+    """The shell test, on a node, that its runsc has nvproxy (the job script of a Slurm GPU
+    sandbox under gVisor runs it)."""
+    import shlex
+
+    return f"{shlex.quote(RUNSC)} flags 2>&1 | grep -q -- '-nvproxy\\b'"
+
+
+@functools.lru_cache(maxsize=None)
+def runsc_nvproxy() -> bool:
+    """Whether this host's runsc can pass GPUs to a sandbox (it has the nvproxy flag)."""
+    if not os.access(RUNSC, os.X_OK):
+        return False
+    try:
+        out = subprocess.run([RUNSC, "flags"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return bool(re.search(r"-nvproxy\b", out.stdout + out.stderr))
+
+
+def gpu_count(cfg: SandboxConfig) -> int:
+    """How many GPUs `cfg` asks for (0: none)."""
+    if not cfg.gpu:
+        return 0
+    from mctl.core.spec import GpuRequest
+
+    request = GpuRequest.parse(cfg.gpu)
+    return request.count if request is not None else 0
+
+
+def gvisor_gpu_problem(host: str | None = None) -> str:
+    """Why a GPU sandbox cannot run under gVisor on `host` (default: this one), and what to
+    do."""
+    return (f"gVisor passes GPUs to a sandbox only through runsc's nvproxy, and {RUNSC} on "
+            f"{host or os.uname().nodename} has no nvproxy flag (a runsc release from 2023 or later has "
+            "it; Debian bookworm's 20221219 has not). Use isolation='runc' (the default for a "
+            "GPU sandbox where runsc lacks nvproxy), or install a newer runsc.")
 
 
 def available() -> list[str]:
@@ -162,6 +204,10 @@ def choose(cfg: SandboxConfig) -> str:
     candidates = [wanted] if wanted else list(PODMAN_ISOLATIONS)
     if needs_network and "gvisor" in candidates and len(candidates) > 1:
         candidates.remove("gvisor")  # Debian's runsc runs here only with network=none
+    if cfg.gpu and "gvisor" in candidates and "gvisor" in have and not runsc_nvproxy():
+        if wanted == "gvisor":
+            raise SandboxIsolationError(gvisor_gpu_problem())
+        candidates.remove("gvisor")  # GPUs under gVisor need nvproxy: runc instead
     for iso in candidates:
         if iso in have and not (iso == "gvisor" and needs_network):
             return iso
@@ -186,7 +232,7 @@ def poolable(cfg: SandboxConfig) -> bool:
     """Whether a warm container started ahead of time can serve `cfg`: the default shape (no
     command, the default image, no env, mounts, ports or network, default limits)."""
     return (not cfg.command and not cfg.env and not cfg.mounts and not cfg.ports
-            and cfg.pty is None
+            and cfg.pty is None and not cfg.gpu
             and cfg.block_network and cfg.cidr_allowlist is None and cfg.workdir is None
             and cfg.cpu is None and cfg.memory_mb is None and cfg.pids is None)
 
@@ -323,6 +369,9 @@ def run_argv(cfg: SandboxConfig, isolation: str, name: str | None = None,
                  "--network", "none",
                  # gVisor's sentry threads are host tasks: leave them room above the code's own.
                  "--pids-limit", str(2 * pids + GVISOR_PIDS_SLACK)]
+        if cfg.gpu:  # GPUs through gVisor's nvproxy (the devices: containers.GPU_SCRIPT)
+            argv[argv.index("--runtime-flag") + 2:argv.index("--runtime-flag") + 2] = [
+                "--runtime-flag", "nvproxy=true"]
     elif isolation == "runc":
         argv += ["--runtime", runc_path() or "runc", "--pids-limit", str(pids),
                  "--uidmap", f"0:{USERNS_BASE}:65536", "--gidmap", f"0:{USERNS_BASE}:65536"]

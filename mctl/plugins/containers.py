@@ -101,11 +101,22 @@ def run_argv(launch: LaunchSpec, task_id: str, tool: str = "podman") -> tuple[li
         argv += ["-e", key]  # the value comes from the environment of podman itself
     argv += [launch.image, launch.command[0] if launch.command else "python3", "-c", BOOT]
     if launch.gpu is not None:
-        argv = ["sh", "-c", GPU_SCRIPT, "mctl-gpu", str(launch.gpu.count), *argv]
+        argv = gpu_argv(argv, launch.gpu.count)
     return argv, env
 
 
-# A function with `gpu=` runs its container through this script, on the host that runs it (the
+def gpu_argv(argv: list[str], count: int, what: str = "function") -> list[str]:
+    """`argv` (`podman run ...`, `podman create ...` or `docker run ...`) run through
+    GPU_SCRIPT, which adds the GPU devices where it runs. Function containers and GPU sandboxes
+    (locally, and in their Slurm job script) both start this way. `what` names the asker in the
+    script's errors ("function" or "sandbox")."""
+    if what not in ("function", "sandbox"):
+        raise ValueError(f"gpu_argv: what={what!r}")
+    return ["sh", "-c", GPU_SCRIPT, f"mctl-gpu-{what}" if what != "function" else "mctl-gpu",
+            str(count), *argv]
+
+
+# A function (or sandbox) with `gpu=` runs its container through this script (`gpu_argv`), on the host that runs it (the
 # local machine, or the Slurm node inside the job, where the GPUs are assigned). It picks the
 # devices: MCTL_GPU_DEVICES if set, else Slurm's assignment (SLURM_STEP_GPUS, SLURM_JOB_GPUS:
 # physical indexes, what CDI names), else CUDA_VISIBLE_DEVICES, else all GPUs; and checks that a
@@ -114,9 +125,10 @@ def run_argv(launch: LaunchSpec, task_id: str, tool: str = "podman") -> tuple[li
 # $1 is the GPU count asked for; $2 $3 are `podman run` (or `docker run`); then the rest.
 GPU_SCRIPT = r"""
 want=$1; shift
+case "$0" in *sandbox) what=sandbox;; *) what=function;; esac
 sel=${MCTL_GPU_DEVICES:-${SLURM_STEP_GPUS:-${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-all}}}}
 case "$sel" in NoDevFiles|none|-1)
-    echo "mctl: this function asks for $want GPU(s), but none was assigned to it here" \
+    echo "mctl: this $what asks for $want GPU(s), but none was assigned to it here" \
          "(devices: $sel)." >&2; exit 125;;
 esac
 tool=$1; sub=$2; shift 2
@@ -129,7 +141,7 @@ else
         if grep -qs "nvidia.com/gpu" "$d"/*.yaml "$d"/*.yml "$d"/*.json; then found=$d; fi
     done
     if [ -z "$found" ]; then
-        echo "mctl: this function asks for $want GPU(s), but $(hostname) has no CDI spec for" \
+        echo "mctl: this $what asks for $want GPU(s), but $(hostname) has no CDI spec for" \
              "nvidia.com/gpu in $dirs, so podman cannot pass GPUs to its container. Generate" \
              "one with the NVIDIA Container Toolkit: nvidia-ctk cdi generate" \
              "--output=/etc/cdi/nvidia.yaml" >&2

@@ -90,6 +90,13 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
                            "and podman drivers have no per-task egress filter (only all or no "
                            "network); use block_network=True or False there, or the local or "
                            "Slurm backend for an allowlist.")
+    try:
+        request = GpuRequest.parse(gpu)
+    except ValueError as exc:
+        raise InvalidError(str(exc)) from None
+    if request is not None and isolation == "gvisor":
+        raise InvalidError("A GPU sandbox on Nomad cannot use gVisor (runsc's nvproxy cannot be "
+                           "passed through Nomad's drivers); use isolation='runc'.")
     needs_network = bool(cfg.ports) or not cfg.block_network
     pids = cfg.pids or sandbox_runtime.DEFAULT_PIDS
     command = cfg.command or ["sleep", "infinity"]
@@ -98,8 +105,12 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
         "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"], "init": True,
         "hostname": "sandbox", "network_mode": "bridge" if needs_network else "none"}
     constraints = []
-    if driver == "docker":
+    if driver == "docker" and request is None:
         config["runtime"] = "runsc" if isolation == "gvisor" else "runc"
+    # A GPU task names no runtime: the docker driver then uses its gpu_runtime (nvidia: runc
+    # plus NVIDIA's hook, which passes the devices the nvidia/gpu plugin assigned) and refuses
+    # any other one ("conflicting runtime requests")
+    if driver == "docker":
         config["pids_limit"] = pids if isolation == "runc" else (
             2 * pids + sandbox_runtime.GVISOR_PIDS_SLACK)
         if isolation == "gvisor":
@@ -125,10 +136,6 @@ def render_sandbox(cfg: SandboxConfig, isolation: str, *, app_id: str, options: 
     resources: dict[str, Any] = {
         "CPU": max(1, round(cpu * opts.cpu_mhz_per_core)),
         "MemoryMB": cfg.memory_mb or sandbox_runtime.DEFAULT_MEMORY_MB}
-    try:
-        request = GpuRequest.parse(gpu)
-    except ValueError as exc:
-        raise InvalidError(str(exc)) from None
     if request is not None:
         device: dict[str, Any] = {"Name": "nvidia/gpu", "Count": request.count}
         if request.type:
@@ -339,13 +346,24 @@ class NomadSandboxes:
 
     def isolation(self, cfg: SandboxConfig) -> str:
         """What the sandbox gets on the node: gVisor unless runc was asked for (the node's
-        runtime, not this host's: Nomad places the job where the driver can run it)."""
+        runtime, not this host's: Nomad places the job where the driver can run it); runc for
+        a GPU sandbox (gVisor's nvproxy cannot be turned on through Nomad's drivers)."""
         import os
 
-        wanted = cfg.isolation or os.environ.get("MCTL_SANDBOX_ISOLATION") or "gvisor"
+        asked = cfg.isolation or os.environ.get("MCTL_SANDBOX_ISOLATION")
+        wanted = asked or ("runc" if cfg.gpu else "gvisor")
         if wanted not in sandbox_runtime.PODMAN_ISOLATIONS:
             raise InvalidError(f"Unknown sandbox isolation {wanted!r} on Nomad; use one of "
                                f"{', '.join(sandbox_runtime.PODMAN_ISOLATIONS)}.")
+        if cfg.gpu and wanted == "gvisor":
+            # Nomad's docker and podman drivers name a runtime but pass it no flags, so
+            # runsc's `--nvproxy` (gVisor's GPU support) cannot be set per task
+            raise InvalidError(
+                "A GPU sandbox on Nomad cannot use gVisor: GPUs under gVisor need runsc's "
+                "nvproxy flag, which Nomad's docker and podman drivers cannot pass per task. "
+                "Use isolation='runc' (the default for gpu= on Nomad)"
+                + (" and unset MCTL_SANDBOX_ISOLATION=gvisor" if not cfg.isolation else "")
+                + ".")
         return wanted
 
     def _alloc(self, sbs: Sandboxes, sandbox_id: str) -> str | None:

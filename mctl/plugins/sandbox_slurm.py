@@ -111,16 +111,26 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
     argv = publish_on_node(pull_from_registry(
         foreground(sandbox_runtime.run_argv(cfg, isolation, name=container,
                                             runsc="__MCTL_RUNSC__")), cfg.image))
-    if gres is not None:
-        # Slurm chose the GPUs; the code sees those (devices come from CDI where it is set up)
-        argv.insert(2, "CUDA_VISIBLE_DEVICES")
-        argv.insert(2, "--env")
+    # GPUs: the devices Slurm assigned to the job (SLURM_JOB_GPUS), passed by CDI through the
+    # same wrapper as function containers' (containers.gpu_argv: the CDI-spec check, its error
+    # naming `nvidia-ctk cdi generate`); the container sees exactly those, numbered from 0
+    gpus = sandbox_runtime.gpu_count(cfg) if cfg.gpu else (
+        int(gres.rsplit(":", 1)[1]) if gres else 0)
+
+    def with_gpus(parts: list[str]) -> list[str]:
+        from mctl.plugins.containers import gpu_argv
+
+        return gpu_argv(parts, gpus, "sandbox") if gpus else parts
     check = ["command -v podman >/dev/null || { echo \"mctl: podman is not installed on "
              "$(hostname); sandboxes on Slurm need podman on every node\" >&2; exit 125; }"]
     if isolation == "gvisor":
         check.append(f"[ -x {sandbox_runtime.RUNSC} ] || {{ echo \"mctl: {sandbox_runtime.RUNSC}"
                      " (gVisor) is not installed on $(hostname); install runsc there or create "
                      "the sandbox with isolation='runc'\" >&2; exit 125; }")
+        if gpus:  # GPUs under gVisor: only a runsc with nvproxy (the node's, checked there)
+            check.append(f"{sandbox_runtime.nvproxy_check()} || {{ echo \"mctl: "
+                         f"{sandbox_runtime.gvisor_gpu_problem('$(hostname)')}\" >&2; "
+                         "exit 125; }")
     def quoted(parts: list[str]) -> str:
         return " ".join(shlex.quote(p) for p in parts).replace("__MCTL_RUNSC__", '"$runsc"')
 
@@ -149,13 +159,13 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
             f'chmod 755 "$runsc.$$" && mv -f "$runsc.$$" "$runsc"; }} 2>/dev/null || '
             f"runsc={shlex.quote(sandbox_runtime.RUNSC)}"]
     if cfg.cidr_allowlist is None:
-        start = [quoted(argv) + redirect + " &"]
+        start = [quoted(with_gpus(argv)) + redirect + " &"]
     else:
         # The same firewall as on the control plane's host (sandbox_runtime.apply_allowlist),
         # loaded into the container's network namespace on the node between `podman init` and
         # `podman start`: no code of the sandbox runs before it holds; any failure ends the job.
         create = ["podman", "create", *argv[2:]]
-        start = [quoted(create) + " </dev/null >/dev/null || exit 125",
+        start = [quoted(with_gpus(create)) + " </dev/null >/dev/null || exit 125",
                  'podman init "$name" >/dev/null || exit 125',
                  *sandbox_runtime.allowlist_script(cfg.cidr_allowlist, '"$name"'),
                  "podman start --attach " + ("--interactive " if cfg.command else "")

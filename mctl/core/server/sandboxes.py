@@ -45,16 +45,37 @@ TIMEOUT_GRACE_S = 30
 KEEP_FINISHED_S = float(os.environ.get("MCTL_SANDBOX_KEEP_S", "900"))
 
 
-async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float = 120
-                  ) -> tuple[int, str, str]:
+async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+                  gpus: int = 0) -> tuple[int, str, str]:
+    """`podman ARGS`; `gpus`: a `run` or `create` of a GPU sandbox, through the wrapper that
+    adds this host's GPUs by CDI as for function containers (containers.gpu_argv: all of them,
+    or MCTL_GPU_DEVICES / CUDA_VISIBLE_DEVICES; no CDI spec → exit 125 naming the fix)."""
+    argv = ["podman", *args]
+    if gpus:
+        from mctl.plugins.containers import gpu_argv
+
+        argv = gpu_argv(argv, gpus, "sandbox")
     try:
         proc = await asyncio.create_subprocess_exec(
-            "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL, env=env)
     except FileNotFoundError:  # a control plane without podman serves all but sandboxes
         return 127, "", "podman is not installed (scripts/sandbox-dev install)"
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _gpu(gpu: Any) -> str | None:
+    """`gpu=` checked ("A100:1", "any", ...); None for none."""
+    if not gpu:
+        return None
+    from mctl.core.spec import GpuRequest
+
+    try:
+        GpuRequest.parse(gpu)
+    except (ValueError, TypeError) as exc:
+        raise InvalidError(f"Sandbox gpu= {gpu!r}: {exc}") from None
+    return str(gpu)
 
 
 # The least memory= (MiB) a sandbox starts and runs a command with: gVisor's own kernel lives
@@ -253,7 +274,8 @@ class Sandboxes:
             ports=[int(p) for p in body.get("ports") or []],
             mounts=await asyncio.to_thread(self._mounts, body.get("volumes") or {}),
             isolation=body.get("isolation"), idle_timeout=idle_timeout,
-            pty=body.get("pty") if isinstance(body.get("pty"), dict) else None)
+            pty=body.get("pty") if isinstance(body.get("pty"), dict) else None,
+            gpu=_gpu(body.get("gpu")))
         if not cfg.image:  # bwrap, on this host whatever the cluster backend
             sandbox_runtime.choose(cfg)  # says bwrap, or why not
             if body.get("gpu"):
@@ -271,10 +293,6 @@ class Sandboxes:
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
             return rec
-        if body.get("gpu"):
-            raise InvalidError("Sandboxes with gpu= need a cluster backend (the slurm "
-                               "scheduler); run GPU code here in a function "
-                               "(@app.function(gpu=...)).")
         argv = sandbox_runtime.run_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
         warm = None
         if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
@@ -286,7 +304,8 @@ class Sandboxes:
         if cfg.cidr_allowlist is not None:
             rc, out, err = await self._start_with_allowlist(cfg, isolation, timeout)
         elif warm is None:
-            rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+            rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env},
+                                         gpus=sandbox_runtime.gpu_count(cfg))
         container_id = warm[1] if warm else out.strip().splitlines()[-1] if rc == 0 else None
         if rc != 0:
             self._update(sandbox_id, state="failed", ended=time.time())
@@ -407,7 +426,8 @@ class Sandboxes:
         Returns (rc, container id, error) as `_podman` does."""
         name = container_name(cfg.sandbox_id)
         argv = sandbox_runtime.create_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
-        rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env})
+        rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env},
+                                     gpus=sandbox_runtime.gpu_count(cfg))
         if rc != 0:
             return rc, out, err
         rc, _, err = await _podman("init", name)
