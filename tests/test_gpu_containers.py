@@ -9,7 +9,7 @@ import pytest
 
 from mctl.core.launch import LaunchSpec
 from mctl.core.spec import GpuRequest
-from mctl.plugins.containers import run_argv
+from mctl.plugins.containers import GPU_SCRIPT, run_argv
 
 CDI_SPEC = """cdiVersion: 0.5.0
 kind: nvidia.com/gpu
@@ -90,3 +90,74 @@ def test_no_cdi_spec_fails_naming_the_fix(started):
 def test_slurm_assigning_no_gpu_says_so(started):
     code, _, err = started(GpuRequest(count=1), SLURM_JOB_GPUS="NoDevFiles")
     assert code == 125 and "none was assigned" in err
+
+
+# --- sandboxes: the same wrapper (containers.gpu_argv), and the runtime a GPU sandbox gets --------
+def test_a_local_gpu_sandbox_starts_through_the_same_wrapper(tmp_path):
+    """The local backend's GPU sandbox: `podman run` of the sandbox, through gpu_argv, gets this
+    host's GPUs (all, or MCTL_GPU_DEVICES / CUDA_VISIBLE_DEVICES) by CDI; no spec → the fix."""
+    from mctl.core import sandbox_runtime
+    from mctl.plugins.containers import gpu_argv
+
+    fake = tmp_path / "podman"
+    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    fake.chmod(0o755)
+    cdi = tmp_path / "cdi"
+    cdi.mkdir()
+    cfg = sandbox_runtime.SandboxConfig(sandbox_id="sb-gpu", image="img", gpu="A100:1")
+    argv = gpu_argv(sandbox_runtime.run_argv(cfg, "runc"), 1, "sandbox")
+    assert argv[:5] == ["sh", "-c", GPU_SCRIPT, "mctl-gpu-sandbox", "1"]
+    argv[5] = str(fake)
+
+    def run(**env):
+        return subprocess.run(argv, capture_output=True, text=True, env={
+            "PATH": "/usr/bin:/bin", "MCTL_CDI_SPEC_DIRS": str(cdi), **env})
+
+    out = run()
+    assert out.returncode == 125 and "this sandbox asks for 1 GPU(s)" in out.stderr
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in out.stderr
+    (cdi / "nvidia.yaml").write_text(CDI_SPEC)
+    args = run().stdout.splitlines()
+    assert args[:4] == ["run", "--device", "nvidia.com/gpu=all", "-d"]
+    assert "--uidmap" in args and args[args.index("--user") + 1] == "65534:65534"
+    assert devices(run(CUDA_VISIBLE_DEVICES="1").stdout.splitlines()) == ["nvidia.com/gpu=1"]
+
+
+def test_a_gpu_sandbox_gets_runc_unless_runsc_has_nvproxy(monkeypatch):
+    from mctl.core import sandbox_runtime
+    from mctl.core.sandbox_runtime import SandboxConfig, SandboxIsolationError, choose
+
+    monkeypatch.setattr(sandbox_runtime, "available", lambda: ["gvisor", "runc"])
+    monkeypatch.setattr(sandbox_runtime, "runsc_nvproxy", lambda: False)
+    gpu = SandboxConfig(sandbox_id="sb-g", image="img", gpu="any")
+    assert choose(SandboxConfig(sandbox_id="sb-n", image="img")) == "gvisor"
+    assert choose(gpu) == "runc"
+    gpu.isolation = "gvisor"
+    with pytest.raises(SandboxIsolationError, match=r"only through runsc's nvproxy.*no "
+                       r"nvproxy flag.*isolation='runc'.*newer runsc"):
+        choose(gpu)
+    monkeypatch.setattr(sandbox_runtime, "runsc_nvproxy", lambda: True)
+    assert choose(gpu) == "gvisor"
+    gpu.isolation = None
+    assert choose(gpu) == "gvisor"
+    argv = sandbox_runtime.run_argv(gpu, "gvisor", runsc="/r")
+    at = argv.index("--runtime")
+    assert argv[at:at + 6] == ["--runtime", "/r", "--runtime-flag", "network=none",
+                               "--runtime-flag", "nvproxy=true"]
+    assert "nvproxy=true" not in sandbox_runtime.run_argv(gpu, "runc")
+    assert not sandbox_runtime.poolable(SandboxConfig(sandbox_id="sb-p", image="i", gpu="any"))
+
+
+def test_this_hosts_runsc_is_probed_for_nvproxy():
+    """Debian bookworm's runsc (20221219) has no nvproxy; a newer one lists `-nvproxy`."""
+    import os
+    import re
+
+    from mctl.core import sandbox_runtime
+
+    if not os.access(sandbox_runtime.RUNSC, os.X_OK):
+        pytest.skip("no runsc here")
+    done = subprocess.run([sandbox_runtime.RUNSC, "flags"], capture_output=True, text=True)
+    flags = done.stdout + done.stderr  # runsc writes them to stderr
+    assert "-network" in flags  # `runsc flags` lists the flags this probe reads
+    assert sandbox_runtime.runsc_nvproxy() == bool(re.search(r"-nvproxy\b", flags))

@@ -28,7 +28,7 @@ def _task(doc):
 
 def test_a_gvisor_sandbox_is_a_docker_batch_job_with_runsc_and_no_network():
     doc = sandbox_nomad.render_sandbox(_cfg(cpu=2, memory_mb=2048, env={"MODE": "x"}), "gvisor",
-                                       app_id="ap-1", gpu="A100:1", secret_names=("openai",))
+                                       app_id="ap-1", secret_names=("openai",))
     group, task = _task(doc)
     assert doc["Job"]["Type"] == "batch" and doc["Job"]["ID"] == "mctl-sb-nomad1"
     assert task["Driver"] == "docker" and task["User"] == "65534:65534"
@@ -38,11 +38,37 @@ def test_a_gvisor_sandbox_is_a_docker_batch_job_with_runsc_and_no_network():
     assert config["init"] is True and config["ulimit"] == {"nproc": "512:512"}
     assert (config["command"], config["args"]) == ("python", ["-c", "print(1)"])
     assert task["Resources"]["CPU"] == 2000 and task["Resources"]["MemoryMB"] == 2048
-    assert task["Resources"]["Devices"][0]["Name"] == "nvidia/gpu"
+    assert "Devices" not in task["Resources"]
     assert task["KillSignal"] == "SIGKILL" and task["KillTimeout"] == 5 * 10**9
     assert group["RestartPolicy"]["Attempts"] == 0
     assert group["ReschedulePolicy"] == {"Attempts": 0, "Unlimited": False}
     assert task["Env"]["MODE"] == "x" and task["Templates"][0]["Envvars"] is True
+    done = check([doc])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_gpu_sandbox_is_runc_with_the_drivers_gpu_runtime(monkeypatch):
+    """GPUs under gVisor need runsc's nvproxy, which Nomad's drivers cannot pass: a GPU sandbox
+    gets runc, and on docker names no runtime (the driver's gpu_runtime, nvidia, is runc plus
+    NVIDIA's hook; naming another one is "conflicting runtime requests")."""
+    monkeypatch.delenv("MCTL_SANDBOX_ISOLATION", raising=False)
+    backend = sandbox_nomad.NomadSandboxes.__new__(sandbox_nomad.NomadSandboxes)
+    assert backend.isolation(_cfg(gpu="A100:1")) == "runc"
+    assert backend.isolation(_cfg()) == "gvisor"
+    assert backend.isolation(_cfg(gpu="any", isolation="runc")) == "runc"
+    with pytest.raises(InvalidError, match="cannot use gVisor.*nvproxy.*isolation='runc'"):
+        backend.isolation(_cfg(gpu="any", isolation="gvisor"))
+    monkeypatch.setenv("MCTL_SANDBOX_ISOLATION", "gvisor")
+    with pytest.raises(InvalidError, match="unset MCTL_SANDBOX_ISOLATION=gvisor"):
+        backend.isolation(_cfg(gpu="any"))
+    with pytest.raises(InvalidError, match="cannot use gVisor"):
+        sandbox_nomad.render_sandbox(_cfg(), "gvisor", app_id="ap-1", gpu="any")
+    doc = sandbox_nomad.render_sandbox(_cfg(), "runc", app_id="ap-1", gpu="A100:2")
+    _, task = _task(doc)
+    assert "runtime" not in task["Config"] and task["Config"]["pids_limit"] == 512
+    [device] = task["Resources"]["Devices"]
+    assert device["Name"] == "nvidia/gpu" and device["Count"] == 2
+    assert device["Constraints"][0]["RTarget"] == "(?i)A100"
     done = check([doc])
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -5,6 +5,7 @@ a node under gVisor, and every command reaches it through the control plane's re
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import time
 import pytest
 
 import mctl
+from mctl.core import sandbox_runtime
 from conftest import wait_until
 from test_sandbox import _needs_podman  # noqa: F401 - autouse: podman, runsc, the base
 from test_slurm import slurm_server  # noqa: F401 - a fixture: a control plane on Slurm
@@ -111,18 +113,28 @@ def test_the_main_command_its_output_and_the_timeout_on_a_node(slurm_server,  # 
     assert wait_until(lambda: not _containers(sb.object_id), 30), _containers(sb.object_id)
 
 
-def test_a_gpu_sandbox_gets_its_gres_and_sees_its_gpus(slurm_server, slurm_cluster):  # noqa: F811
+def test_a_gpu_sandbox_asks_for_its_gres_and_needs_a_cdi_spec(slurm_server,  # noqa: F811
+                                                              slurm_cluster):
+    """The dev cluster's GPUs are GRES with stand-in device files and its nodes have no CDI
+    spec: the job gets its GRES, and the container's start fails there naming the fix (the
+    devices it would get with one: tests/test_sandbox_relay.py, the GPU job script tests)."""
     app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
-    sb = mctl.Sandbox.create(app=app, gpu="A100:2", cpu=2, memory=512, timeout=60)
-    job_id = _jobs(slurm_cluster, sb.object_id)[0].split()[0]
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%b|%C|%m|%l"],
+    with pytest.raises(mctl.exception.InvalidError) as info:
+        mctl.Sandbox.create(app=app, gpu="A100:2", cpu=2, memory=512, timeout=60)
+    message = str(info.value)
+    assert "ended FAILED (exit code 125)" in message, message
+    assert "this sandbox asks for 2 GPU(s)" in message and "no CDI spec for nvidia.com/gpu" \
+        in message
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in message
+    job_id = re.search(r"Slurm job (\d+)", message).group(1)
+    out = subprocess.run(["scontrol", "show", "job", job_id, "--oneliner"],
                          capture_output=True, text=True,
-                         env=slurm_cluster.client_env(), timeout=20).stdout.strip()
-    assert out == "gres:gpu:a100:2|2|768M|2:00", out  # 60 s -> 1 min + 1; 512 + 256 MiB
-    p = sb.exec("printenv", "CUDA_VISIBLE_DEVICES")
-    assert p.wait() == 0 and p.stdout.read() == "0,1\n"
-    sb.terminate()
-    assert wait_until(lambda: not _jobs(slurm_cluster, sb.object_id), 30)
+                         env=slurm_cluster.client_env(), timeout=20).stdout
+    assert "gres/gpu:a100=2" in out or "gres:gpu:a100:2" in out, out
+    # gVisor: this runsc has no nvproxy, so the control plane refuses before any job
+    if not sandbox_runtime.runsc_nvproxy():
+        with pytest.raises(mctl.exception.InvalidError, match="has no nvproxy flag"):
+            mctl.Sandbox.create(app=app, gpu="A100:1", isolation="gvisor", timeout=60)
 
 
 def test_a_restarted_control_plane_keeps_its_sandboxes_on_the_nodes(slurm_server,  # noqa: F811
