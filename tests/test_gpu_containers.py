@@ -161,3 +161,30 @@ def test_this_hosts_runsc_is_probed_for_nvproxy():
     flags = done.stdout + done.stderr  # runsc writes them to stderr
     assert "-network" in flags  # `runsc flags` lists the flags this probe reads
     assert sandbox_runtime.runsc_nvproxy() == bool(re.search(r"-nvproxy\b", flags))
+
+
+def test_a_local_gpu_sandboxs_env_cannot_choose_its_gpus(tmp_path, monkeypatch):
+    """The local backend runs the wrapper with the sandbox's env= (podman reads the values
+    from it): the variables that pick devices come from the control plane's environment."""
+    import asyncio
+    import os
+
+    from mctl.core.server.sandboxes import _podman
+
+    fake = tmp_path / "bin" / "podman"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    fake.chmod(0o755)
+    cdi = tmp_path / "cdi"
+    cdi.mkdir()
+    (cdi / "nvidia.yaml").write_text(CDI_SPEC)
+    monkeypatch.setenv("MCTL_CDI_SPEC_DIRS", str(cdi))
+    monkeypatch.setenv("MCTL_GPU_DEVICES", "1")
+    env = {**os.environ, "PATH": f"{fake.parent}:/usr/bin:/bin", "MCTL_GPU_DEVICES": "all",
+           "SLURM_JOB_GPUS": "0,1"}
+    rc, out, err = asyncio.run(_podman("run", "img", env=env, gpus=1))
+    assert rc == 0, err
+    assert out.splitlines() == ["run", "--device", "nvidia.com/gpu=1", "img"]
+    monkeypatch.delenv("MCTL_GPU_DEVICES")
+    rc, out, _ = asyncio.run(_podman("run", "img", env=env, gpus=1))
+    assert devices(out.splitlines()) == ["nvidia.com/gpu=all"]

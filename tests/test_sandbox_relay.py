@@ -131,7 +131,9 @@ def _devices(call):
 
 def test_a_gpu_job_passes_slurms_devices_by_cdi(tmp_path):
     code, calls, _ = _gpu_job(tmp_path, "runc", SLURM_JOB_GPUS="1,3",
-                              CUDA_VISIBLE_DEVICES="0,1")  # Slurm renumbers CUDA_VISIBLE_DEVICES
+                              CUDA_VISIBLE_DEVICES="0,1",  # Slurm renumbers it
+                              # the sandbox's env= (or the control plane's) cannot choose
+                              MCTL_GPU_DEVICES="all", SLURM_STEP_GPUS="0,1,2,3")
     assert code == 7 and calls[0].startswith("run --device nvidia.com/gpu=1 --device "
                                              "nvidia.com/gpu=3 --name mctl-sb-g")
     assert _devices(calls[0]) == ["nvidia.com/gpu=1", "nvidia.com/gpu=3"]

@@ -105,6 +105,12 @@ def run_argv(launch: LaunchSpec, task_id: str, tool: str = "podman") -> tuple[li
     return argv, env
 
 
+# The variables GPU_SCRIPT picks devices (and finds CDI specs) by: a sandbox's own env= must not
+# set them (core/server/sandboxes._podman, plugins/sandbox_slurm.job_script).
+GPU_CHOICE_ENV = ("MCTL_GPU_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS",
+                  "CUDA_VISIBLE_DEVICES", "MCTL_CDI_SPEC_DIRS")
+
+
 def gpu_argv(argv: list[str], count: int, what: str = "function") -> list[str]:
     """`argv` (`podman run ...`, `podman create ...` or `docker run ...`) run through
     GPU_SCRIPT, which adds the GPU devices where it runs. Function containers and GPU sandboxes

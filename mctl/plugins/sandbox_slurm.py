@@ -4,7 +4,8 @@ isolates it (`core/sandbox_runtime.run_argv`: podman with gVisor's runsc, or run
 namespace; no network unless asked, every capability dropped, a non-root user).
 
 - Resources: cpu → `--cpus-per-task`, memory → `--mem`, gpu → `--gres=gpu:TYPE:N` (the
-  scheduler's `gpu_map`), timeout → `--time` (whole minutes, rounded up, plus one: Slurm's own
+  scheduler's `gpu_map`; the container gets the job's GPUs by CDI through
+  `containers.gpu_argv`, as a GPU function's does), timeout → `--time` (whole minutes, rounded up, plus one: Slurm's own
   backstop; the control plane ends the sandbox at its exact timeout with return code -1).
 - The job's shell runs the container in the foreground (its output is the job's output) and
   removes it on every way out: exit, `scancel` (TERM), the time limit. With a `cidr_allowlist`
@@ -121,6 +122,7 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         from mctl.plugins.containers import gpu_argv
 
         return gpu_argv(parts, gpus, "sandbox") if gpus else parts
+
     check = ["command -v podman >/dev/null || { echo \"mctl: podman is not installed on "
              "$(hostname); sandboxes on Slurm need podman on every node\" >&2; exit 125; }"]
     if isolation == "gvisor":
@@ -131,6 +133,11 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
             check.append(f"{sandbox_runtime.nvproxy_check()} || {{ echo \"mctl: "
                          f"{sandbox_runtime.gvisor_gpu_problem('$(hostname)')}\" >&2; "
                          "exit 125; }")
+    if gpus:
+        # The job's GRES decides (SLURM_JOB_GPUS, set by Slurm): not the sandbox's env= nor
+        # the control plane's own MCTL_GPU_DEVICES, which --export=ALL brings along
+        check.append("unset MCTL_GPU_DEVICES SLURM_STEP_GPUS")
+
     def quoted(parts: list[str]) -> str:
         return " ".join(shlex.quote(p) for p in parts).replace("__MCTL_RUNSC__", '"$runsc"')
 

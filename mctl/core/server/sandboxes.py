@@ -52,9 +52,15 @@ async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float 
     or MCTL_GPU_DEVICES / CUDA_VISIBLE_DEVICES; no CDI spec → exit 125 naming the fix)."""
     argv = ["podman", *args]
     if gpus:
-        from mctl.plugins.containers import gpu_argv
+        from mctl.plugins.containers import GPU_CHOICE_ENV, gpu_argv
 
         argv = gpu_argv(argv, gpus, "sandbox")
+        # which GPUs: the control plane's settings, never the sandbox's own env=
+        env = dict(os.environ if env is None else env)
+        for key in GPU_CHOICE_ENV:
+            env.pop(key, None)
+            if key in os.environ:
+                env[key] = os.environ[key]
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
