@@ -353,7 +353,7 @@ def test_create_needs_a_running_app():
         mctl.Sandbox.create()
     with pytest.raises(InvalidError, match="is not running"):
         mctl.Sandbox.create(app=mctl.App("not-running"))
-    # gpu= (CDI devices, runc unless runsc has nvproxy): tests/test_gpu_containers.py, test_sandbox_relay.py
+    # gpu= (CDI devices; runc unless runsc has nvproxy): tests/test_gpu_containers.py
 
 
 def test_app_lookup_create_if_missing_hosts_sandboxes(server_process):
