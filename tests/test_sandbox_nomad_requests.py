@@ -354,7 +354,7 @@ def test_sandbox_request_sequence_create_exec_logs_terminate(tmp_path, isolated_
         assert _http(srv.url, "GET", f"/api/sandboxes/{sb.object_id}/logs") == {
             "stdout": "main says hi\n", "stderr": "main warns\n"}
 
-        # an exec timeout: the command is killed inside by its pid file, through a second exec
+        # an exec timeout: the command is killed inside, found by its exec marker, by a second exec
         p = sb.exec("sleep", "30", timeout=1)
         assert p.wait() == -1
         kills = [json.loads(unquote(k.split("command=")[1].split("&")[0]))
@@ -362,7 +362,8 @@ def test_sandbox_request_sequence_create_exec_logs_terminate(tmp_path, isolated_
         assert kills and kills[0][:2] == ["/bin/sh", "-c"]
         sleeper = [json.loads(unquote(k.split("command=")[1].split("&")[0]))
                    for k, _ in recorder.frames_in if "sleep" in unquote(k)][0]
-        assert f"kill -KILL $(cat {sleeper[5]})" in kills[0][2]  # the pid file it wrote
+        # the sleeper's wrapper exports that marker (`sh -c SCRIPT sh ENV_END MARKER ...`)
+        assert f"MCTL_EXEC_ID={sleeper[5]}" in kills[0][2] and "kill -KILL" in kills[0][2]
 
         before = len(recorder.requests)
         sb.terminate()

@@ -165,13 +165,17 @@ def agent_main(args: list[str]) -> int:
         main = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=workdir, env=env)
     except OSError as exc:
         print(f"mctl: {cmd[0]}: {exc.strerror}", file=sys.stderr, flush=True)
-        # The sandbox did start; only its command could not: let the control plane's readiness
-        # check see the agent first, so this is a sandbox that ended with 127 (as under podman),
-        # not a create that failed.
-        agent.answered.wait(10)
-        return 127 if isinstance(exc, FileNotFoundError) else 126
+        return _started(agent, 127 if isinstance(exc, FileNotFoundError) else 126)
     signal.signal(signal.SIGTERM, lambda *_: main.terminate())
-    return _code(main.wait())
+    return _started(agent, _code(main.wait()))
+
+
+def _started(agent: Agent, code: int) -> int:
+    """The sandbox did start, however soon its command ended (or could not start): the control
+    plane's readiness check sees the agent first, so this is a sandbox that ended with `code`
+    (as under podman), not a create that failed."""
+    agent.answered.wait(10)
+    return code
 
 
 # --- on the host -------------------------------------------------------------------------------
