@@ -41,7 +41,7 @@ def test_output_before_sigkill_reaches_mctl_run_once_per_attempt(function, attem
     both = out.stdout + out.stderr
     assert out.returncode != 0, both
     printed_then_error(out, attempts)
-    assert "out of memory?" in both, both
+    assert "out of memory" not in both, both  # no guess: the local backend cannot tell why
 
 
 def test_output_tail_numbers_lines_after_the_marker(tmp_path):
@@ -80,8 +80,7 @@ def test_how_it_ended_with_oom():
 
     assert _how_it_ended(-9, oom=True).startswith(
         "was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} out of memory (")
-    assert _how_it_ended(-9) == ("was killed by signal 9 (SIGKILL) before it finished "
-                                 "\N{EM DASH} out of memory?")
+    assert _how_it_ended(-9) == "was killed by signal 9 (SIGKILL) before it finished"
 
 
 @pytest.mark.integration
