@@ -271,3 +271,13 @@ def test_a_cidr_allowlist_holds_on_a_node(slurm_server, slurm_cluster):  # noqa:
     finally:
         srv.kill()
         listener.close()
+
+
+def test_a_main_command_that_ends_at_once_on_a_node_keeps_its_output(slurm_server,  # noqa: F811
+                                                                     slurm_cluster):
+    """The command ends (and its container goes) before the relay's `podman logs` on the node
+    starts: what it printed comes from the job's output file, not nothing."""
+    app = mctl.App.lookup("sandbox-slurm", create_if_missing=True)
+    for _ in range(3):
+        sb = mctl.Sandbox.create("python", "-c", "print('out')", app=app, timeout=60)
+        assert sb.stdout.read() == "out\n"

@@ -25,11 +25,13 @@ The protocol, after the upgrade:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import secrets as _secrets
+import weakref
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -46,8 +48,12 @@ STDOUT, STDERR = 1, 2
 SLURM_LINE = re.compile(rb"^(srun: (error|warning): |slurmstepd(-[^:]*)?: error: \*\*\* STEP )")
 
 
+_HAD_OUTPUT: weakref.WeakSet[Any] = weakref.WeakSet()  # relays that sent a command's output
+
+
 async def _send(ws: web.WebSocketResponse, prefix: bytes, data: bytes) -> None:
     if data and not ws.closed:  # a closed socket: keep draining, the process must never block
+        _HAD_OUTPUT.add(ws)
         try:
             await ws.send_bytes(prefix + data)
         except (ConnectionError, RuntimeError):
@@ -404,6 +410,16 @@ async def _serve(sb: Any, rec: dict[str, Any], req: dict[str, Any],
     if not timed_out and reported is not None:
         rc = reported
     code = -1 if timed_out else (128 - rc if rc < 0 else rc)
+    if req.get("logs") and code != 0 and ws not in _HAD_OUTPUT and not ws.closed:
+        # `podman logs` found no container: the sandbox ended (and its container went) between
+        # the record's "running" and the follow (a short main command on a node). What it wrote
+        # is where sb.logs reads an ended sandbox's output (on Slurm, the job's output file).
+        with contextlib.suppress(Exception):
+            logs = await sb.logs(rec["sandbox_id"])
+            for channel, key in ((STDOUT, "stdout"), (STDERR, "stderr")):
+                if logs[key]:
+                    await ws.send_bytes(bytes([channel]) + logs[key].encode())
+        code = 0
     if req.get("stdin"):
         if code == sandbox_runtime.STDIN_CLOSED:
             raise InvalidError(f"The main command of sandbox {rec['sandbox_id']} has no open "
