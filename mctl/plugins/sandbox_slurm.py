@@ -409,6 +409,10 @@ class SlurmSandboxes:
         reason = ""
         while time.monotonic() < deadline:
             state, node, code, reason = await self._state(job_id)
+            if state in ("COMPLETED", "FAILED") and code is not None and code != 125 and node:
+                # the container ran and its command already ended (a short command): a
+                # sandbox that finished, as locally; the job script's own failures exit 125
+                return node
             if state in _finished():
                 raise InvalidError(
                     f"The sandbox's Slurm job {job_id} ended {state} (exit code {code}) before "
