@@ -798,19 +798,11 @@ class NomadSandboxes:
 
 
 def backend_for(control: Any) -> NomadSandboxes | None:
-    """The Nomad sandbox backend when the control plane schedules on Nomad (and
-    MCTL_SANDBOX_BACKEND is not `local`), else None."""
-    import os
-
+    """A Nomad sandbox backend when the control plane schedules on Nomad, else None
+    (`Sandboxes.cluster` makes it once, unless MCTL_SANDBOX_BACKEND is `local`)."""
     from mctl.plugins.scheduler_nomad import NomadScheduler
 
-    if os.environ.get("MCTL_SANDBOX_BACKEND", "") == "local":
-        return None
-    found = getattr(control, "_nomad_sandboxes", None)
-    if found is not None:
-        return found
     scheduler = getattr(control, "scheduler", None)
     if not isinstance(scheduler, NomadScheduler):
         return None
-    found = control._nomad_sandboxes = NomadSandboxes(scheduler, control)
-    return found
+    return NomadSandboxes(scheduler, control)

@@ -602,21 +602,13 @@ def _finished() -> set[str]:
 
 
 def backend_for(control: Any) -> SlurmSandboxes | None:
-    """The Slurm sandbox backend when the control plane schedules on Slurm (and
-    MCTL_SANDBOX_BACKEND is not `local`), else None."""
-    import os
-
+    """A Slurm sandbox backend when the control plane schedules on Slurm through its commands,
+    else None (`Sandboxes.cluster` makes it once, unless MCTL_SANDBOX_BACKEND is `local`)."""
     from mctl.plugins.scheduler_slurm import SlurmScheduler
 
-    if os.environ.get("MCTL_SANDBOX_BACKEND", "") == "local":
-        return None
-    found = getattr(control, "_slurm_sandboxes", None)
-    if found is not None:
-        return found
     scheduler = getattr(control, "scheduler", None)
     if not isinstance(scheduler, SlurmScheduler):
         return None
     if scheduler.rest is not None:
-        return None  # TODO: sbatch through slurmrestd; srun has no REST counterpart anyway
-    found = control._slurm_sandboxes = SlurmSandboxes(scheduler)
-    return found
+        return None  # every operation on a running sandbox is an srun step: no REST counterpart
+    return SlurmSandboxes(scheduler)

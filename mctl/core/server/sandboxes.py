@@ -110,6 +110,7 @@ class Sandboxes:
         self.done: dict[str, asyncio.Event] = {}
         self.tasks: dict[str, list[asyncio.Task[Any]]] = {}
         self.touched: set[str] = set()  # sandboxes with an exec started since their last check
+        self._cluster: Any = None  # the cluster backend, made on first use
         self.host = socket.gethostname()
         self.started = time.time()
         # Warm containers of the default shape, per isolation, started ahead of `create`
@@ -468,9 +469,14 @@ class Sandboxes:
         (Nomad's alloc exec); `isolation(cfg)`, when it has one, chooses for the nodes."""
         if rec is not None and rec.get("backend", "local") == "local":
             return None
-        from mctl.plugins import sandbox_nomad, sandbox_slurm
+        if os.environ.get("MCTL_SANDBOX_BACKEND", "") == "local":
+            return None
+        if self._cluster is None:
+            from mctl.plugins import sandbox_nomad, sandbox_slurm
 
-        return sandbox_slurm.backend_for(self.control) or sandbox_nomad.backend_for(self.control)
+            self._cluster = (sandbox_slurm.backend_for(self.control)
+                             or sandbox_nomad.backend_for(self.control))
+        return self._cluster
 
     def _base(self) -> str:
         """The default image: debian_slim's base plus `python` (Modal's images have it; the
