@@ -193,6 +193,11 @@ def job_script(cfg: SandboxConfig, isolation: str, *, name: str, comment: str, o
         *start,
         "pid=$!",
         "wait $pid; code=$?",
+        # The relay's `podman logs -f` (a step of this job) ends by itself once it has read the
+        # container's last lines; the job's end would kill it first and lose them (a main
+        # command's buffered stdout comes at its exit). Wait for it, 10 s at most.
+        'i=0; while [ "$i" -lt 100 ] && pgrep -f "podman logs -f $name" >/dev/null 2>&1; '
+        "do sleep 0.1; i=$((i + 1)); done",
         "exit $code"]
     return "\n".join(lines) + "\n"
 
