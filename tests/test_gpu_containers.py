@@ -188,3 +188,32 @@ def test_a_local_gpu_sandboxs_env_cannot_choose_its_gpus(tmp_path, monkeypatch):
     monkeypatch.delenv("MCTL_GPU_DEVICES")
     rc, out, _ = asyncio.run(_podman("run", "img", env=env, gpus=1))
     assert devices(out.splitlines()) == ["nvidia.com/gpu=all"]
+
+
+def test_a_gpu_function_on_slurm_gets_its_jobs_gpus_not_the_control_planes(tmp_path):
+    """sbatch --export=ALL brings the control plane's environment into the job, its
+    MCTL_GPU_DEVICES (this host's GPUs for the local backend) too: the job's GRES decides."""
+    import os
+
+    from mctl.plugins.scheduler_slurm import SlurmScheduler
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "podman").write_text("#!/bin/sh\necho \"$@\" >> \"$LOG\"\n")
+    (bindir / "podman").chmod(0o755)
+    cdi = tmp_path / "cdi"
+    cdi.mkdir()
+    (cdi / "nvidia.yaml").write_text(CDI_SPEC)
+    sched = SlurmScheduler({"output_dir": str(tmp_path / "jobs")})
+    script = tmp_path / "job.sh"
+    script.write_text(sched.job_script(launch(GpuRequest(count=2)), "ta-abc"))
+    log = tmp_path / "log"
+    log.write_text("")
+    done = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+                               "LOG": str(log), "MCTL_CDI_SPEC_DIRS": str(cdi),
+                               "MCTL_GPU_DEVICES": "all", "SLURM_STEP_GPUS": "0,1,2,3",
+                               "SLURM_JOB_GPUS": "1,3"})
+    assert done.returncode == 0, done.stderr
+    [run] = [c.split() for c in log.read_text().splitlines() if c.startswith("run ")]
+    assert devices(run) == ["nvidia.com/gpu=1", "nvidia.com/gpu=3"]

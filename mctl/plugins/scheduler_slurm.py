@@ -283,6 +283,10 @@ class SlurmScheduler:
 
         name = container_name(task_id)
         argv, _ = run_argv(launch, task_id)
+        if launch.gpu is not None:
+            # The job's GRES decides (SLURM_JOB_GPUS): not the control plane's own
+            # MCTL_GPU_DEVICES (its local GPUs), which --export=ALL brings along
+            lines.append("unset MCTL_GPU_DEVICES SLURM_STEP_GPUS")
         lines += [f"trap 'podman stop --time {int(launch.timeout_s) + 5} {name} >/dev/null' TERM",
                   f"trap 'podman rm --force --ignore {name} >/dev/null 2>&1' EXIT",
                   " ".join(shlex.quote(part) for part in argv) + " &",
