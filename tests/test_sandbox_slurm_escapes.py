@@ -135,8 +135,18 @@ def test_files_and_a_snapshot_on_a_node(app, isolation):
     # as the sandbox's user, which may change it again
     appended = run(again, "python3", "-c", "open('/tmp/notes.txt', 'a').write('more')")
     assert appended[0] == 0, appended
+    # a file it deletes stays deleted in its snapshot
+    assert run(again, "python3", "-c", "import os; os.remove('/tmp/notes.txt'); "
+               "open('/tmp/kept.txt', 'w').write('kept')")[0] == 0
+    second = again.snapshot_filesystem()
     again.terminate()
-    subprocess.run(["podman", "rmi", "-f", image.base["tag"]], capture_output=True, timeout=60)
+    third = mctl.Sandbox.create(app=app, image=second, isolation=isolation)
+    assert run(third, "python3", "-c", "import os; print(sorted(os.listdir('/tmp')))")[1] == \
+        "['kept.txt']\n"
+    third.terminate()
+    for made in (image, second):
+        subprocess.run(["podman", "rmi", "-f", made.base["tag"]], capture_output=True,
+                       timeout=60)
 
 
 @pytest.fixture

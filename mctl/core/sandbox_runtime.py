@@ -544,21 +544,6 @@ def allowlist_script(cidrs: list[str], container: str) -> list[str]:
     return lines
 
 
-# A gVisor sandbox keeps its writes inside the sandbox (the host's copy-on-write layer never sees
-# them): snapshot_filesystem() reads the files changed since the start out of it, as a tar on
-# stdout, run there with `/bin/sh -c` (deletions are not carried over).
-SNAPSHOT_CHANGED_TAR = (
-    "find / \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/hostname "
-    "-o -path /etc/hosts -o -path /etc/resolv.conf -o -path /run \\) -prune -o "
-    "-newer /etc/hostname ! -type d -print0 2>/dev/null | "
-    "tar --null -T - -cf - 2>/dev/null")
-
-
-def snapshot_tag(sandbox_id: str) -> str:
-    """The local image a snapshot of `sandbox_id` is committed as."""
-    return f"localhost/mctl/snapshot:{sandbox_id.lower()}"
-
-
 RUNC_ROOT = "/run/runc"  # where podman's runc keeps its containers' state (root's default)
 
 

@@ -510,43 +510,29 @@ class SlurmSandboxes:
                                 "ended and its output file is not readable here).") from None
 
     async def snapshot(self, sbs: Sandboxes, rec: dict[str, Any]) -> dict[str, str]:
-        """snapshot_filesystem() on the node, in one step of the sandbox's job: the files
-        changed since the start are read out of the sandbox as its user
-        (`sandbox_runtime.SNAPSHOT_CHANGED_TAR`: gVisor keeps its writes inside the sandbox, and
-        `podman commit` of a runc container in its user namespace would keep the host's shifted
-        owners, 200000+) into a container of its image, which is committed (podman only: the
-        node needs no buildah). Deletions are not carried over. With MCTL_IMAGE_REGISTRY the node
-        pushes the image there and the snapshot is that reference, so a sandbox (or a function)
-        on any node can pull it; without, it is `localhost/mctl/snapshot:<id>` in the node's
-        podman storage: usable on nodes that share it (as the development cluster's do)."""
+        """snapshot_filesystem() on the node, in one step of the sandbox's job (the script of
+        core/sandbox_snapshot, as locally: the node needs podman, no buildah). With
+        MCTL_IMAGE_REGISTRY the node pushes the image there and the snapshot is that reference,
+        so a sandbox (or a function) on any node can pull it; without, it is
+        `localhost/mctl/snapshot:<id>` in the node's podman storage: usable on nodes that share
+        it (as the development cluster's do)."""
         import os
 
+        from mctl.core import sandbox_snapshot
         from mctl.plugins.registry_v2 import insecure
 
         sandbox_id = rec["sandbox_id"]
         await self.ready()
-        row = sbs.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
-                             (sandbox_id,)).fetchone()
-        image = json.loads(row[0])["image"]
-        tag = sandbox_runtime.snapshot_tag(sandbox_id)
+        tag = sandbox_snapshot.tag(sandbox_id)
         q = shlex.quote
-        container = q(rec["container"])
-        script = (
-            "set -e; t=$(mktemp /tmp/mctl-snapshot.XXXXXX); c=; "
-            "trap 'rm -f \"$t\"; [ -z \"$c\" ] || podman rm -f \"$c\" >/dev/null 2>&1' "
-            f"EXIT; podman exec --user {sandbox_runtime.SANDBOX_USER} {container} /bin/sh "
-            f"-c {q(sandbox_runtime.SNAPSHOT_CHANGED_TAR)} > \"$t\" || true; "
-            f"c=$(podman create --pull never {q(image)}); "
-            # the files keep the owners they had in the sandbox (--archive=false)
-            'podman cp --archive=false - "$c":/ < "$t"; '
-            f'podman commit -q "$c" {q(tag)} >/dev/null')
+        script = sbs.snapshot_script(rec, tag)
         ref = tag
         registry = os.environ.get("MCTL_IMAGE_REGISTRY", "").rstrip("/")
         if registry:
             ref = f"{registry}/mctl/snapshot:{sandbox_id.lower()}"
             tls = " --tls-verify=false" if insecure(registry.split("/", 1)[0]) else ""
-            script += (f"; podman tag {q(tag)} {q(ref)}; podman push -q{tls} {q(ref)}; "
-                       f"podman rmi {q(tag)} >/dev/null")
+            script += (f"podman tag {q(tag)} {q(ref)}; podman push -q{tls} {q(ref)}; "
+                       f"podman rmi {q(tag)} >/dev/null\n")
         rc, _, err = await self._on_node_argv(sandbox_id, ["/bin/sh", "-c", script],
                                               timeout=600)
         if rc != 0:

@@ -778,12 +778,8 @@ class Sandboxes:
         return {"stdout": out, "stderr": err}
 
     async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
-        """The sandbox's file system as a new local image: the files changed since the start
-        are read out with find+tar in the sandbox, as its user, and added on top of its image
-        with buildah (deletions are not carried over). Not `podman commit`: gVisor keeps its
-        writes inside the sandbox (the host's layer never sees them), and a runc container's
-        layer holds the host's shifted owners (its user namespace: 200000+), so the next
-        sandbox's user could not write its own files, nor /tmp."""
+        """The sandbox's file system as a new local image, its deletions included
+        (core/sandbox_snapshot says how, and why not `podman commit`)."""
         rec = self._row(sandbox_id)
         if rec["state"] != "running":
             raise InvalidError(f"Sandbox {sandbox_id} is {rec['state']}; snapshot a running one.")
@@ -798,37 +794,28 @@ class Sandboxes:
             raise InvalidError(f"Sandbox {sandbox_id} is a bwrap sandbox (the host's /usr, no "
                                "image): snapshot_filesystem() needs isolation='gvisor' or "
                                "'runc'.")
-        tag = sandbox_runtime.snapshot_tag(sandbox_id)
-        return await asyncio.to_thread(self._snapshot_changed, rec, tag)
+        from mctl.core import sandbox_snapshot
 
-    def _snapshot_changed(self, rec: dict[str, Any], tag: str) -> dict[str, Any]:
-        import subprocess
-        import tempfile
+        tag = sandbox_snapshot.tag(sandbox_id)
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", self.snapshot_script(rec, tag), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: "
+                               f"{err.decode(errors='replace').strip()[-400:]}")
+        return {"image": tag}
+
+    def snapshot_script(self, rec: dict[str, Any], tag: str) -> str:
+        """The script that snapshots sandbox `rec` as `tag` where it runs."""
+        from mctl.core import sandbox_snapshot
 
         row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
                               (rec["sandbox_id"],)).fetchone()
-        image = json.loads(row[0])["image"]
-        changed = sandbox_runtime.SNAPSHOT_CHANGED_TAR
-        with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
-            subprocess.run(["podman", "exec", "--user", sandbox_runtime.SANDBOX_USER,
-                            rec["container"], "/bin/sh", "-c", changed], stdout=tar,
-                           stderr=subprocess.DEVNULL, timeout=600)
-            ctr = subprocess.run(["buildah", "from", "--pull=never", image], capture_output=True,
-                                 text=True, timeout=120)
-            if ctr.returncode != 0:
-                raise InvalidError(f"Could not snapshot sandbox {rec['sandbox_id']}: "
-                                   f"{ctr.stderr.strip()[-400:]}")
-            name = ctr.stdout.strip()
-            try:
-                for argv in (["buildah", "add", name, tar.name, "/"],
-                             ["buildah", "commit", "-q", name, tag]):
-                    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-                    if done.returncode != 0:
-                        raise InvalidError(f"Could not snapshot sandbox {rec['sandbox_id']}: "
-                                           f"{done.stderr.strip()[-400:]}")
-            finally:
-                subprocess.run(["buildah", "rm", name], capture_output=True, timeout=60)
-        return {"image": tag}
+        config = json.loads(row[0])
+        return sandbox_snapshot.script(rec["container"], config["image"], tag,
+                                       [m["path"] for m in config.get("mounts") or []],
+                                       sandbox_runtime.SANDBOX_USER)
 
     async def stop_app(self, app_id: str) -> None:
         """The app stopped: its sandboxes stop, and the containers of finished ones go too."""
