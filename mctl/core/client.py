@@ -315,7 +315,7 @@ class Client:
             async with self._session.request(method, self.url + path, json=body, params=params,
                                              timeout=aiohttp.ClientTimeout(total=timeout_s)
                                              ) as resp:
-                data = await resp.json()
+                data = await _json(resp, self.url)
                 if resp.status in (401, 403):
                     raise transport.refused(resp.status, data.get("error"))
                 if resp.status == 404:
@@ -390,6 +390,21 @@ class Client:
         return ConnectionError(f"Could not reach the mctl control plane at {self.url} ({exc}). "
                                "Start one with `mctl server`, or set MCTL_SERVER_URL to a running "
                                "one.")
+
+
+async def _json(resp: Any, url: str) -> Any:
+    """The answer's JSON; an answer that is not (a proxy's page, not a control plane at all)
+    says what came back instead of a decoding error."""
+    import json
+
+    text = await resp.text(errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        snippet = " ".join(text.split())[:200]
+        raise ConnectionError(f"{url} answered {resp.method} {resp.url.path} with HTTP "
+                              f"{resp.status} and no JSON ({snippet or 'an empty body'}): is it "
+                              "an mctl control plane? Check MCTL_SERVER_URL.") from None
 
 
 async def _check(resp: Any) -> None:

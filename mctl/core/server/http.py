@@ -435,13 +435,23 @@ def _serves_own_inputs(request: web.Request) -> bool:
 
 @web.middleware
 async def user_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """mctl errors become JSON: 404 for what does not exist, 400 for the rest."""
+    """mctl errors become JSON: 404 for what does not exist, 400 for the rest; a bug of ours
+    is a JSON 500 that says where to look (its message stays in the log: it may quote values)."""
     try:
         return await handler(request)
     except NotFoundError as exc:
         return _json_error(404, str(exc))
     except Error as exc:
         return _json_error(400, str(exc))
+    except (web.HTTPException, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            raise  # the socket is open: no JSON answer fits there any more
+        log.exception("%s %s failed", request.method, request.path)
+        return _json_error(500, f"The control plane failed on {request.method} {request.path} "
+                                f"({type(exc).__name__}); its log (the output of `mctl server`) "
+                                "has the traceback. This is a bug: please report it.")
 
 
 # method, path, handler, user scope needed (None: open), what a task token may do
