@@ -353,3 +353,24 @@ def test_revoking_a_token_closes_its_connections(server_process):
     kind, code = asyncio.run(run())
     assert kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 4001
     assert ws_session(url, doomed, [])[0] == 401
+
+
+def test_a_client_sends_the_token_of_the_control_plane_now_at_its_address(tmp_path,
+                                                                         isolated_home,
+                                                                         monkeypatch):
+    """A process that talked to one control plane, then to a new one at the same address (a
+    restart on a fresh state, a port used again): its next call sends the new token, not the
+    one its session started with."""
+    port = free_port()
+    first = ServerProcess(tmp_path / "first", port, dict(os.environ)).start()
+    monkeypatch.setenv("MCTL_SERVER_URL", first.url)
+    assert mctl.App.lookup("before-the-restart", create_if_missing=True).app_id
+    old_token = first.token
+    first.stop()
+    monkeypatch.setenv("MCTL_HOME", str(tmp_path / "another-home"))  # it writes its own token
+    second = ServerProcess(tmp_path / "second", port, dict(os.environ)).start()
+    try:
+        assert second.token != old_token
+        assert mctl.App.lookup("after-the-restart", create_if_missing=True).app_id
+    finally:
+        second.stop()

@@ -104,6 +104,7 @@ class Client:
         self.owned_apps: set[str] = set()
         self._ws: Any = None
         self._session: Any = None
+        self._old_sessions: list[Any] = []
         self._connected: asyncio.Event | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
@@ -242,8 +243,9 @@ class Client:
             await self._ws.close()
         if self._reader is not None:
             self._reader.cancel()
-        if self._session is not None:
-            await self._session.close()
+        for session in (*self._old_sessions, self._session):
+            if session is not None:
+                await session.close()
 
     # --- calls ---------------------------------------------------------------------------------
     def open_stream(self, call_id: str) -> CallStream:
@@ -316,6 +318,8 @@ class Client:
                                              timeout=aiohttp.ClientTimeout(total=timeout_s)
                                              ) as resp:
                 data = await _json(resp, self.url)
+                if resp.status == 401 and await self._renew_session():
+                    return await self.http(method, path, body, params, timeout_s)
                 if resp.status in (401, 403):
                     raise transport.refused(resp.status, data.get("error"))
                 if resp.status == 404:
@@ -353,6 +357,24 @@ class Client:
             if tls is not None:
                 raise tls from None
             raise self._unreachable(exc) from None
+
+    async def _renew_session(self) -> bool:
+        """After a 401: a new session when the configured token is no longer the one this
+        session sends (`mctl token set` meanwhile, or a new control plane at the same address);
+        False when it is the same (the refusal stands)."""
+        import aiohttp
+
+        headers = transport.auth_headers(self.url)
+        if self._session is None or headers.get("Authorization") == \
+                self._session.headers.get("Authorization"):
+            return False
+        old, self._session = self._session, aiohttp.ClientSession(
+            headers=headers, connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.url)))
+        if self._ws is None or self._ws.closed:
+            await old.close()
+        else:  # the open WebSocket is old's: it goes when it ends, or with this client
+            self._old_sessions.append(old)
+        return True
 
     async def _ensure_session(self) -> None:
         if self._session is None:
