@@ -234,6 +234,12 @@ def run(ctx: click.Context, app_ref: str | None, module: str | None, detach: boo
     except Exception as exc:  # the user's code failed, here or in a function it called
         click.echo(user_traceback(exc), err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: the app was stopped; one line and 130, as a script's
+        from mctl.core.interrupts import say
+        from mctl.core.runner import interrupt_line
+
+        say(interrupt_line())
+        sys.exit(130)
     except SystemExit as exc:
         name = getattr(exc, "_mctl_function", None)
         if name is None:  # the local entrypoint's own sys.exit: its business
@@ -1038,14 +1044,22 @@ def main() -> None:
     _register_plugin_commands()
     try:
         cli(standalone_mode=False)
-    except click.exceptions.Abort:
+    except BrokenPipeError:  # `mctl app logs APP | head`: the reader has what it wanted
+        from mctl.core.interrupts import stdout_gone
+
+        stdout_gone()  # nothing more to write, nor an error at exit about the flush
+        sys.exit(141)  # 128 + SIGPIPE, as `yes | head` leaves it
+    except click.exceptions.Abort as exc:
         click.echo("Aborted!", err=True)
-        sys.exit(1)
+        # Ctrl-C exits 130 as a shell expects of it (128 + SIGINT); a declined prompt 1
+        sys.exit(130 if isinstance(exc.__context__, KeyboardInterrupt) else 1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except Error as exc:  # an mctl error that no command turned into a message: still one line
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
-    except SystemExit:
+    except SystemExit as exc:
+        if exc.code == 1 and isinstance(exc.__context__, BrokenPipeError):
+            sys.exit(141)  # click's quiet exit for a closed stdout (`| head`): as `yes | head`
         raise

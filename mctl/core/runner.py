@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,19 +26,26 @@ def _print_log(app_id: str, task_id: str, function: str, line: str,
                stream: str = "stdout") -> None:
     """A function's output line, on this process's stdout or stderr as the function printed it
     (as `modal run` does: `mctl run app.py > out.txt` leaves warnings on the terminal)."""
-    if (task_id, function) == ("build", "image"):
+    from mctl.core import interrupts
+
+    if (task_id, function) == ("build", "image") or interrupts.output_gone:
         return  # image build output: the deployer follows it with a progress line
-    if stream == "stderr":
-        sys.stdout.flush()  # what came before it on stdout shows first on a shared terminal
-        print(line, file=sys.stderr, flush=True)
-    else:
-        print(line, flush=True)
+    try:
+        if stream == "stderr":
+            sys.stdout.flush()  # what came before it on stdout shows first on a shared terminal
+            print(line, file=sys.stderr, flush=True)
+        else:
+            print(line, flush=True)
+    except BrokenPipeError:  # `mctl run app.py | head`: the reader went away; the run ends
+        interrupts.stdout_gone()
+    except (OSError, ValueError):  # a closed terminal (SIGHUP ends the run): nowhere to print
+        pass
 
 
 async def _start_embedded(state_dir: Path) -> tuple[Any, str]:
     from mctl.core.server.http import start_server
 
-    server = await start_server(state_dir, log_sink=_print_log)
+    server = await start_server(state_dir, log_sink=_print_log, ephemeral=True)
     _, token = server.control.tokens.issue("embedded", "admin")
     return server, token
 
@@ -207,6 +215,20 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
     spec, blobs = compile_app(app, app_id)  # fails on bad input before anything starts
     secrets = inline_secret_values(app, app_id)
     url = config.configured_server_url() if os.environ.get("MCTL_SERVER_URL") else None
+    from mctl.core import interrupts
+
+    try:
+        with interrupts.ending_like_ctrl_c():
+            yield from _run_app(app, app_id, spec, blobs, secrets, url, detach)
+    except interrupts.Terminated as exc:  # SIGTERM, SIGHUP: cleaned up as after Ctrl-C
+        if exc.signum != signal.SIGPIPE:  # stdout went away: quietly, as `yes | head` does
+            interrupts.say(interrupt_line(exc))
+        raise SystemExit(interrupts.exit_status(exc)) from None
+
+
+def _run_app(app: DeclaredApp, app_id: str, spec: Any, blobs: dict[str, bytes],
+             secrets: dict[str, dict[str, str]], url: str | None, detach: bool
+             ) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if detach:
             url = url or ensure_background_server()
@@ -258,14 +280,25 @@ def _quiet_interrupts(topic: str | None = None, note: str = "") -> None:
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
         if issubclass(kind, KeyboardInterrupt):
-            notes = "; ".join(n for n in interrupt_notes.values() if n)
-            print(f"Aborted (Ctrl-C){'; ' + notes if notes else ''}.", file=sys.stderr,
-                  flush=True)
+            from mctl.core.interrupts import say
+
+            say(interrupt_line(value))
             return
         previous(kind, value, tb)
 
     hook._mctl = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def interrupt_line(exc: BaseException | None = None) -> str:
+    """The one line a run ended by Ctrl-C (or `exc`: SIGTERM, SIGHUP) ends with, and what that
+    left behind: "Aborted (Ctrl-C); the app was stopped."."""
+    from mctl.core.interrupts import Terminated
+
+    how = {"SIGTERM": "Terminated (SIGTERM)", "SIGHUP": "Hung up (SIGHUP)"}.get(
+        exc.name, exc.name) if isinstance(exc, Terminated) else "Aborted (Ctrl-C)"
+    notes = "; ".join(n for n in interrupt_notes.values() if n)
+    return f"{how}{'; ' + notes if notes else ''}."
 
 
 def web_urls(url: str, app_id: str) -> list[dict[str, Any]]:

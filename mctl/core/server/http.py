@@ -536,11 +536,13 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
                        ssl_context: ssl.SSLContext | None = None,
                        secret_backend: str | None = None,
                        bootstrap_tokens: bool = False,
-                       local_token_file: Path | None = None) -> RunningServer:
+                       local_token_file: Path | None = None,
+                       ephemeral: bool = False) -> RunningServer:
     """Open the store, start the HTTP(S) server and the scheduler, and recover running apps.
 
     `bootstrap_tokens`: on first start make an admin token (`auth.bootstrap_local_token`) before
-    the first request can arrive."""
+    the first request can arrive. `ephemeral`: an embedded control plane (`mctl run`), whose state
+    goes with its process: its containers carry its owner label (sandboxes.EPHEMERAL_LABEL)."""
     from mctl.core import plugins
     from mctl.core.server.autoscaler import Autoscaler
     from mctl.core.server.metrics import Metrics
@@ -558,6 +560,8 @@ async def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
     backend = plugins.find("mctl_register_schedulers", name).factory(options)
     store = Store(state_dir)
     control = ControlPlane(store, backend, log_sink)
+    if ephemeral:
+        control.ephemeral_owner = sandboxes.ephemeral_owner()  # type: ignore[attr-defined]
     control.tokens = auth.TokenStore(store.db)
     control.audit = Audit(Path(state_dir) / "audit.log")
     if bootstrap_tokens:

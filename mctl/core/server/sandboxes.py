@@ -45,6 +45,35 @@ TIMEOUT_GRACE_S = 30
 KEEP_FINISHED_S = float(os.environ.get("MCTL_SANDBOX_KEEP_S", "900"))
 
 
+# The label of an embedded control plane's containers: "host:pid:start" of its process.
+EPHEMERAL_LABEL = "mctl.ephemeral"
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with its
+    pid it names one process, not a later one that got the same pid; None if there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def ephemeral_owner() -> str:
+    """This process as an embedded control plane's owner label: "host:pid:start"."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _owner_gone(owner: str, host: str) -> bool:
+    """Whether the embedded control plane `owner` ("host:pid:start") is certainly gone: of this
+    host, and no process with its pid and start time runs. Another host's, or one that cannot
+    be read, counts as alive (its containers are left alone)."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return False
+    start = _process_start(int(parts[1]))
+    return start is None or start != parts[2]
+
+
 async def _podman(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
                   gpus: int = 0) -> tuple[int, str, str]:
     """`podman ARGS`; `gpus`: a `run` or `create` of a GPU sandbox, through the wrapper that
@@ -124,6 +153,12 @@ class Sandboxes:
 
         state = str(getattr(control.store, "state_dir", id(control)))
         self.owner = hashlib.sha256(f"{self.host}:{state}".encode()).hexdigest()[:16]
+        # An embedded control plane (`mctl run`, a script's app.run()) labels its containers
+        # with its process: nobody can reach them once that process is gone (its state dir was
+        # temporary), so the next one to start removes them if a crash left them behind.
+        owner = getattr(control, "ephemeral_owner", None)
+        self.labels = {EPHEMERAL_LABEL: owner} if owner else {}
+        self._reaper: asyncio.Task[Any] | None = None
 
     # --- records -----------------------------------------------------------------------------
     def _row(self, sandbox_id: str) -> dict[str, Any]:
@@ -300,7 +335,8 @@ class Sandboxes:
             rec = await cluster.create(self, cfg, isolation, body, app_id, name, timeout)
             self._watch_idle(sandbox_id, idle_timeout)
             return rec
-        argv = sandbox_runtime.run_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
+        argv = sandbox_runtime.run_argv(cfg, isolation, labels=self.labels,
+                                        timeout_s=timeout + TIMEOUT_GRACE_S)
         warm = None
         if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
             warm = self._claim(isolation)
@@ -432,7 +468,8 @@ class Sandboxes:
         it. No code of the sandbox runs before the rules hold; any failure leaves it unstarted.
         Returns (rc, container id, error) as `_podman` does."""
         name = container_name(cfg.sandbox_id)
-        argv = sandbox_runtime.create_argv(cfg, isolation, timeout_s=timeout + TIMEOUT_GRACE_S)
+        argv = sandbox_runtime.create_argv(cfg, isolation, labels=self.labels,
+                                           timeout_s=timeout + TIMEOUT_GRACE_S)
         rc, out, err = await _podman(*argv[1:], env={**os.environ, **cfg.env},
                                      gpus=sandbox_runtime.gpu_count(cfg))
         if rc != 0:
@@ -504,7 +541,7 @@ class Sandboxes:
                 cfg = SandboxConfig(sandbox_id=warm_id, image=self._base())
                 argv = sandbox_runtime.run_argv(
                     cfg, isolation, name=f"mctl-{warm_id}",
-                    labels={"mctl.sandbox.warm": self.owner},
+                    labels={"mctl.sandbox.warm": self.owner, **self.labels},
                     timeout_s=MAX_TIMEOUT_S + TIMEOUT_GRACE_S)
                 rc, out, err = await _podman(*argv[1:])
                 if rc != 0:
@@ -834,9 +871,33 @@ class Sandboxes:
         if names:
             await _podman("rm", "-f", "-t", "0", "--ignore", *names)
 
+    async def reap_ephemeral(self) -> list[str]:
+        """Remove the sandbox and warm containers of embedded control planes of this host whose
+        process is gone (a `mctl run` killed with SIGKILL, a crash): their state went with them,
+        so no command could reach them. A live one's, or another host's, are left alone.
+        Returns the containers removed."""
+        try:
+            rc, out, _ = await _podman("ps", "-a", "--filter", f"label={EPHEMERAL_LABEL}",
+                                       "--format", f'{{{{.ID}}}} {{{{index .Labels '
+                                       f'"{EPHEMERAL_LABEL}"}}}}')
+            if rc != 0:
+                return []
+            gone = [cid for cid, _, owner in (line.partition(" ") for line in out.splitlines())
+                    if owner and _owner_gone(owner.strip(), self.host)]
+            if gone:
+                log.info("sandboxes: removing %d containers of embedded control planes that "
+                         "no longer run", len(gone))
+                await _podman("rm", "-f", "-t", "0", "--ignore", *gone)
+            return gone
+        except Exception:  # noqa: BLE001 - a net under crashes; never in the way of a start
+            log.exception("sandboxes: removing leftover containers failed")
+            return []
+
     async def shutdown(self) -> None:
         """The control plane stops: its running sandboxes stop with it."""
         self.warm_size = 0
+        if self._reaper is not None:
+            self._reaper.cancel()
         await self._drain_pool()
         for rec in self.list():
             await self.terminate(rec["sandbox_id"])
@@ -852,6 +913,8 @@ class Sandboxes:
         that ended meanwhile gets its exit code from podman; one whose container is gone is
         recorded as lost."""
         await self._drain_pool()
+        if self.labels:  # in the background: an embedded control plane starts at once
+            self._reaper = asyncio.get_running_loop().create_task(self.reap_ephemeral())
         if self.cluster() is not None:  # sandboxes on Slurm nodes: their jobs, found again
             await self.cluster().recover(self, [r for r in self.list() if self.cluster(r)])
             for rec in self.list():
