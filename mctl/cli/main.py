@@ -548,9 +548,15 @@ def print_logs(path: str, follow: bool, describe: Any, stream: str = "all") -> N
             row_stream = row.get("stream", "stdout")
             if stream not in ("all", row_stream):
                 continue
-            if row_stream == "stderr":
-                sys.stdout.flush()
-            click.echo(f"{_when(row['ts'])} {describe(row)}", err=row_stream == "stderr")
+            try:
+                if row_stream == "stderr":
+                    sys.stdout.flush()
+                click.echo(f"{_when(row['ts'])} {describe(row)}", err=row_stream == "stderr")
+            except BrokenPipeError:  # `mctl app logs APP | head`: the reader has its lines
+                from mctl.core.interrupts import stdout_gone
+
+                stdout_gone()
+                sys.exit(141)  # quietly, 128 + SIGPIPE as `yes | head` leaves it
         if not follow and len(rows) < 1000:
             return
 
@@ -1044,11 +1050,6 @@ def main() -> None:
     _register_plugin_commands()
     try:
         cli(standalone_mode=False)
-    except BrokenPipeError:  # `mctl app logs APP | head`: the reader has what it wanted
-        from mctl.core.interrupts import stdout_gone
-
-        stdout_gone()  # nothing more to write, nor an error at exit about the flush
-        sys.exit(141)  # 128 + SIGPIPE, as `yes | head` leaves it
     except click.exceptions.Abort as exc:
         click.echo("Aborted!", err=True)
         # Ctrl-C exits 130 as a shell expects of it (128 + SIGINT); a declined prompt 1
@@ -1059,7 +1060,5 @@ def main() -> None:
     except Error as exc:  # an mctl error that no command turned into a message: still one line
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
-    except SystemExit as exc:
-        if exc.code == 1 and isinstance(exc.__context__, BrokenPipeError):
-            sys.exit(141)  # click's quiet exit for a closed stdout (`| head`): as `yes | head`
+    except SystemExit:
         raise
