@@ -128,6 +128,12 @@ def test_a_crashed_runs_containers_are_removed_by_the_next_one(tmp_path, podman)
                        check=True, timeout=120, capture_output=True)
         wait_until(lambda: _containers_of(crashed.pid) == set(), timeout=30)
         assert len(_containers_of(live.pid)) >= 2  # a live run's are left alone
+        # the net under a crash is an hour for a warm container (sandboxes.WARM_TTL_S), not 24 h
+        warm = [n for n in _containers_of(live.pid) if n.startswith("mctl-warm-")]
+        assert warm
+        timeout = subprocess.run(["podman", "inspect", "--format", "{{.Config.Timeout}}",
+                                  warm[0]], capture_output=True, text=True).stdout.strip()
+        assert timeout == "3630"
     finally:
         live.send_signal(signal.SIGTERM)
         live.communicate(timeout=60)

@@ -41,6 +41,10 @@ DEFAULT_TIMEOUT_S = 300
 WAIT_CAP_S = 50.0  # one long-poll waits at most this long; the client asks again
 # podman's own --timeout: this long after the sandbox's, in case no control plane ends it
 TIMEOUT_GRACE_S = 30
+# A warm container's own podman timeout (the net under a control plane that dies without removing
+# it; it used to be 24 h): it serves sandboxes whose timeout fits in what is left of it, and is
+# replaced when too little is left.
+WARM_TTL_S = float(os.environ.get("MCTL_SANDBOX_WARM_TTL", "3600"))
 # A finished sandbox's container (its logs) is kept this long, then removed.
 KEEP_FINISHED_S = float(os.environ.get("MCTL_SANDBOX_KEEP_S", "900"))
 
@@ -146,7 +150,8 @@ class Sandboxes:
         # (MCTL_SANDBOX_WARM of each, default 1; 0 turns it off). Labelled with this control
         # plane's state directory, so a restart removes its own leftovers and no one else's.
         self.warm_size = int(os.environ.get("MCTL_SANDBOX_WARM", "1"))
-        self.pool: dict[str, list[tuple[str, str]]] = {}  # (container name, container id)
+        # (container name, container id, started: time.monotonic())
+        self.pool: dict[str, list[tuple[str, str, float]]] = {}
         self.defaults: dict[str, str] = {}
         self.filling: set[str] = set()
         import hashlib
@@ -159,6 +164,7 @@ class Sandboxes:
         owner = getattr(control, "ephemeral_owner", None)
         self.labels = {EPHEMERAL_LABEL: owner} if owner else {}
         self._reaper: asyncio.Task[Any] | None = None
+        self._removing: set[asyncio.Task[Any]] = set()
 
     # --- records -----------------------------------------------------------------------------
     def _row(self, sandbox_id: str) -> dict[str, Any]:
@@ -339,7 +345,7 @@ class Sandboxes:
                                         timeout_s=timeout + TIMEOUT_GRACE_S)
         warm = None
         if image == self._base() and sandbox_runtime.poolable(cfg) and self.warm_size > 0:
-            warm = self._claim(isolation)
+            warm = self._claim(isolation, timeout)
             asyncio.get_running_loop().create_task(self._refill(isolation))
         self.insert(cfg, app_id, name, body.get("tags"), isolation, timeout, host=self.host,
                     backend="local", container=warm[0] if warm else container_name(sandbox_id))
@@ -525,9 +531,24 @@ class Sandboxes:
             self.defaults[base] = _default_image(base)
         return self.defaults[base]
 
-    def _claim(self, isolation: str) -> tuple[str, str] | None:
+    def _claim(self, isolation: str, timeout: float) -> tuple[str, str, float] | None:
+        """A warm container whose own podman timeout (WARM_TTL_S from its start) leaves room
+        for a sandbox of `timeout` seconds; one too old for any is removed (the refill that
+        follows starts a fresh one)."""
         pool = self.pool.get(isolation) or []
-        return pool.pop(0) if pool else None
+        now = time.monotonic()
+        for warm in list(pool):
+            left = warm[2] + WARM_TTL_S - now
+            if left >= timeout:
+                pool.remove(warm)
+                return warm
+            if left < DEFAULT_TIMEOUT_S:  # of no use to a default sandbox either
+                pool.remove(warm)
+                task = asyncio.get_running_loop().create_task(
+                    _podman("rm", "-f", "-t", "0", "--ignore", warm[0]))
+                self._removing.add(task)  # held until done (the loop keeps weak references)
+                task.add_done_callback(self._removing.discard)
+        return None
 
     async def _refill(self, isolation: str) -> None:
         """Start warm containers of the default shape until the pool is full again."""
@@ -542,7 +563,8 @@ class Sandboxes:
                 argv = sandbox_runtime.run_argv(
                     cfg, isolation, name=f"mctl-{warm_id}",
                     labels={"mctl.sandbox.warm": self.owner, **self.labels},
-                    timeout_s=MAX_TIMEOUT_S + TIMEOUT_GRACE_S)
+                    timeout_s=WARM_TTL_S + TIMEOUT_GRACE_S)
+                started = time.monotonic()
                 rc, out, err = await _podman(*argv[1:])
                 if rc != 0:
                     log.warning("sandboxes: a warm %s container did not start: %s", isolation,
@@ -551,7 +573,7 @@ class Sandboxes:
                 if self.warm_size == 0:  # the control plane stopped meanwhile
                     await _podman("rm", "-f", "-t", "0", f"mctl-{warm_id}")
                     return
-                pool.append((f"mctl-{warm_id}", out.strip()))
+                pool.append((f"mctl-{warm_id}", out.strip(), started))
         except Exception:  # noqa: BLE001 - a pool is an optimisation; create still works cold
             log.exception("sandboxes: filling the warm pool failed")
         finally:
