@@ -511,8 +511,10 @@ class Worker:
 
     # --- outputs -------------------------------------------------------------------------------
     def _emit(self, input_id: str, status: str, data: bytes, seq: int = 0, final: bool = True,
-              dur: float | None = None) -> None:
+              dur: float | None = None, exiting: bool = False) -> None:
         item: dict[str, Any] = {"id": input_id, "status": status, "seq": seq, "final": final}
+        if exiting:  # this process ends next: the control plane sends it no retry
+            item["exiting"] = True
         if dur is not None:
             item["dur"] = dur
         if len(data) > BLOB_THRESHOLD:
@@ -610,7 +612,7 @@ class Worker:
         print(f"mctl: input {input_id} timed out after {self.fspec.timeout:g}s; stopping this "
               "container", file=sys.stderr, flush=True)
         self._emit(input_id, "timeout", serialize_exception(FunctionTimeoutError(
-            f"Input {input_id} timed out after {self.fspec.timeout:g}s.")))
+            f"Input {input_id} timed out after {self.fspec.timeout:g}s.")), exiting=True)
         # Give the loop a moment to send the output, then die as a killed container would.
         time.sleep(0.3)
         os._exit(3)

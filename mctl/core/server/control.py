@@ -564,12 +564,19 @@ class ControlPlane:
 
         fs = self.functions.get(conn.function_id)
         how = _how_it_ended(self.exit_codes.get(conn.task_id), conn.task_id in self.oom_killed)
+        of = f" of {fs.spec.tag}" if fs is not None else ""
         for rec in list(conn.running.values()):
             if rec.done or rec.worker is not conn:
                 continue
-            err = serialize_exception(ContainerCrashedError(
-                f"The container ({conn.task_id}) running input {rec.input_id} {how}."
-                f"{self._logs_hint(conn.function_id)}"))
+            message = f"The container ({conn.task_id}) running input {rec.input_id}{of} {how}"
+            if self._retry_delay(rec, "crashed", fs) is None:  # its last attempt
+                if rec.attempts > 1 and fs is not None:
+                    message += (f"; {fs.spec.tag} failed after {rec.attempts} attempts "
+                                f"(retries={fs.spec.retries.max_retries if fs.spec.retries else 0})")
+                message += f".{self._logs_hint(conn.function_id)}"
+            else:
+                message += "."
+            err = serialize_exception(ContainerCrashedError(message))
             self._finish_attempt(rec, "crashed", err, fs)
         conn.running.clear()
         self._schedule_flush()
@@ -828,6 +835,8 @@ class ControlPlane:
             final = item.get("final", True)
             if "dur" in item:
                 durations.append(item["dur"])
+            if item.get("exiting"):  # a timed-out worker about to exit: no retry goes to it
+                self.drain(conn)
             if not final:
                 self._store_output(rec, item.get("seq", 0), status, payload, item.get("blob", False),
                                    final=False)
@@ -854,6 +863,7 @@ class ControlPlane:
                         fs: FunctionState | None, seq: int = 0, is_blob: bool = False) -> None:
         """Record the end of an attempt, wherever the input is now (a worker, the queue, or
         waiting for a retry): retry a failure under the function's policy, else store it."""
+        task_id = rec.worker.task_id if rec.worker is not None else ""
         if rec.worker is not None:
             rec.worker.running.pop(rec.input_id, None)
             if fs is not None:
@@ -863,17 +873,68 @@ class ControlPlane:
             fs.n_pending -= 1
             rec.queued = False
         rec.worker = None
-        if status in FINAL_FAILURES and fs is not None and not fs.stopped and rec.sink is None:
-            policy = fs.spec.retries
-            if policy is not None and rec.attempts <= policy.max_retries:
-                delay = policy.delay(rec.attempts)
-                log.info("retrying %s (attempt %d) in %.1fs after %s", rec.input_id,
-                         rec.attempts + 1, delay, status)
-                asyncio.get_running_loop().call_later(delay, self._requeue, fs, rec)
-                return
+        delay = self._retry_delay(rec, status, fs)
+        if status in FINAL_FAILURES and fs is not None:
+            if status == "timeout" and delay is None and rec.attempts > 1:
+                payload, is_blob = self._timed_out_after_retries(rec, fs), False
+            self._log_failed_attempt(rec, status, payload, is_blob, fs, task_id, delay)
+        if delay is not None:
+            assert fs is not None
+            log.info("retrying %s (attempt %d) in %.1fs after %s", rec.input_id,
+                     rec.attempts + 1, delay, status)
+            asyncio.get_running_loop().call_later(delay, self._requeue, fs, rec)
+            return
         self._store_output(rec, seq, status, payload, is_blob, final=True)
         if self.metrics is not None and fs is not None:
             self.metrics.input_finished(fs, status, time.time() - rec.created)
+
+    def _retry_delay(self, rec: InputRec, status: str, fs: FunctionState | None) -> float | None:
+        """Seconds until a failed attempt is retried under the function's policy; None when it
+        is not (it succeeded, it was the last attempt, a web request, a stopped function)."""
+        if status not in FINAL_FAILURES or fs is None or fs.stopped or rec.sink is not None:
+            return None
+        policy = fs.spec.retries
+        if policy is None or rec.attempts > policy.max_retries:
+            return None
+        return policy.delay(rec.attempts)
+
+    def _timed_out_after_retries(self, rec: InputRec, fs: FunctionState) -> bytes:
+        """The caller's error for an input whose last attempt timed out: it names the function
+        and the attempts (the worker's own error knows neither)."""
+        from mctl.core.serialization import serialize_exception
+        from mctl.exception import FunctionTimeoutError
+
+        return serialize_exception(FunctionTimeoutError(
+            f"Input {rec.input_id} of {fs.spec.tag} timed out after {fs.spec.timeout:g}s; "
+            f"{fs.spec.tag} failed after {rec.attempts} attempts "
+            f"(retries={fs.spec.retries.max_retries if fs.spec.retries else 0})."))
+
+    def _log_failed_attempt(self, rec: InputRec, status: str, payload: bytes, is_blob: bool,
+                            fs: FunctionState, task_id: str, retry_in: float | None) -> None:
+        """A failed attempt in its app's logs, on stderr: one line naming the function, input,
+        call and attempt, then the error as its caller sees it (the user's frames only). Done
+        here, where every backend's results and crashes arrive, once per attempt. A web
+        request's exception is logged by its worker (runtime/web.py); an ephemeral app's last
+        failure gets the line without the traceback, which its caller (`mctl run`) prints."""
+        if fs.stopped or (rec.sink is not None and status != "crashed"):
+            return
+        from mctl.core.serialization import describe_error
+
+        what = {"failure": "failed", "timeout": "timed out", "crashed": "crashed"}[status]
+        where = f"input {rec.input_id}, call {rec.call_id}"
+        policy = fs.spec.retries
+        if policy is not None and policy.max_retries and rec.sink is None:
+            where += f", attempt {rec.attempts} of {policy.max_retries + 1}"
+        if retry_in is not None:
+            where += f"; retrying in {retry_in:.1f}s"
+        ephemeral_last = retry_in is None and self.app_modes.get(fs.app_id) == "ephemeral"
+        lines = [f"mctl: {fs.spec.tag} {what} ({where})" + ("" if ephemeral_last else ":")]
+        if not ephemeral_last:
+            text = ("(the error is too large to show here; its caller gets it)" if is_blob
+                    else describe_error(payload))
+            lines += _capped(text.splitlines())
+        for line in lines:
+            self.append_log(fs.app_id, task_id or "control", fs.spec.tag, line, stream="stderr")
 
     def _requeue(self, fs: FunctionState, rec: InputRec) -> None:
         if rec.done or fs.stopped or rec.worker is not None or rec.queued:
@@ -968,6 +1029,15 @@ def _how_it_ended(code: int | None, oom: bool = False) -> str:
             name = "unknown"
         return f"was killed by signal {-code} ({name}) before it finished"
     return f"exited with code {code} before it finished"
+
+
+def _capped(lines: list[str], keep: int = 200) -> list[str]:
+    """At most `keep` lines of a traceback: its start and its end (the error itself)."""
+    if len(lines) <= keep:
+        return lines
+    head, tail = keep // 4, keep - keep // 4
+    return [*lines[:head], f"  ... {len(lines) - head - tail} lines left out ...",
+            *lines[-tail:]]
 
 
 def _pool_id(function_id: str, version: int) -> str:
