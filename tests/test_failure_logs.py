@@ -13,7 +13,6 @@ import pytest
 
 from conftest import APPS, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP = str(APPS / "failing_logs.py")
 
 
@@ -42,6 +41,8 @@ def deployed(server_process):
     mctl_cli("app", "stop", "failing-logs")
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_spawned_functions_exception_is_in_the_logs_once_with_its_traceback(deployed):
     import mctl
 
@@ -76,6 +77,8 @@ def test_a_spawned_functions_exception_is_in_the_logs_once_with_its_traceback(de
     assert "mctl.core" not in out.stderr and "bundles" not in out.stderr, out.stderr
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_each_crashed_attempt_is_logged_and_the_error_names_function_and_attempts(deployed):
     import mctl
 
@@ -93,6 +96,8 @@ def test_each_crashed_attempt_is_logged_and_the_error_names_function_and_attempt
     assert sum("failed after 3 attempts" in line for line in lines) == 1, lines
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_timed_out_input_is_logged_and_names_its_attempts(deployed):
     import mctl
 
@@ -106,6 +111,8 @@ def test_a_timed_out_input_is_logged_and_names_its_attempts(deployed):
         headers[1], lines
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_failing_scheduled_run_is_in_the_logs(deployed):
     def failures():
         rows = log_rows(deployed)
@@ -123,3 +130,26 @@ def test_a_failing_scheduled_run_is_in_the_logs(deployed):
     assert "ValueError: scheduled failure" in out.stderr, out.stderr
     raise_line = line_of('raise ValueError("scheduled failure")')
     assert f'File "{APP}", line {raise_line}, in scheduled' in out.stderr, out.stderr
+
+
+
+def test_the_control_plane_reads_an_errors_text_without_running_its_pickle(tmp_path):
+    """Logging a failure must not unpickle the user's objects in the control plane."""
+    from mctl.core.serialization import describe_error, dumps, serialize_exception
+
+    marker = tmp_path / "ran"
+
+    class Evil(Exception):
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    try:
+        raise Evil("boom")
+    except Evil as exc:
+        text = describe_error(serialize_exception(exc))
+    assert text.startswith("Traceback (most recent call last):"), text
+    assert text.endswith("Evil: boom"), text
+    assert not marker.exists()
+    # a payload that is not an error's: a short note, nothing run
+    assert "could not be read" in describe_error(dumps(Evil("x")))
+    assert not marker.exists()

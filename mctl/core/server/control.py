@@ -928,6 +928,7 @@ class ControlPlane:
         if retry_in is not None:
             where += f"; retrying in {retry_in:.1f}s"
         ephemeral_last = retry_in is None and self.app_modes.get(fs.app_id) == "ephemeral"
+        log.info("%s %s (%s) in app %s", fs.spec.tag, what, where, fs.app_id)
         lines = [f"mctl: {fs.spec.tag} {what} ({where})" + ("" if ephemeral_last else ":")]
         if not ephemeral_last:
             text = ("(the error is too large to show here; its caller gets it)" if is_blob
