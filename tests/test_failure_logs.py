@@ -130,6 +130,16 @@ def test_a_failing_scheduled_run_is_in_the_logs(deployed):
     assert "ValueError: scheduled failure" in out.stderr, out.stderr
     raise_line = line_of('raise ValueError("scheduled failure")')
     assert f'File "{APP}", line {raise_line}, in scheduled' in out.stderr, out.stderr
+    # `mctl app list` says that the last scheduled run failed, and where to look
+    import mctl
+
+    with pytest.raises(KeyError):
+        mctl.Function.from_name("failing-logs", "fails").remote(2)
+    listed = mctl_cli("app", "list")
+    assert re.search(r"    scheduled: last scheduled run failed at [-\d]+ [:\d]+ \(fc-\w+\): "
+                     r"ValueError: scheduled failure; see `mctl app logs failing-logs`",
+                     listed.stdout), listed.stdout
+    assert "fails:" not in listed.stdout  # only scheduled functions' runs are shown there
 
 
 

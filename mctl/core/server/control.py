@@ -106,6 +106,9 @@ class FunctionState:
         # Set when the function cannot start or be placed: every input fails with this error.
         self.failure: bytes | None = None
         self.failure_text = ""
+        # A scheduled function's last run, when it failed (`mctl app list` shows it): its time,
+        # call id and error line. Cleared by a run that succeeds; not kept across restarts.
+        self.last_failure: dict[str, Any] | None = None
         # After a restart nothing is dispatched until the backend has said which workers of the
         # previous process still run (`restoring`) and those have reconnected and reclaimed the
         # inputs they hold (`awaited`), or the reconnect grace has passed.
@@ -885,6 +888,10 @@ class ControlPlane:
             asyncio.get_running_loop().call_later(delay, self._requeue, fs, rec)
             return
         self._store_output(rec, seq, status, payload, is_blob, final=True)
+        if fs is not None and fs.spec.schedule is not None and rec.sink is None:
+            fs.last_failure = None if status not in FINAL_FAILURES else {
+                "at": time.time(), "call_id": rec.call_id, "status": status,
+                "error": _error_line(payload, is_blob)}
         if self.metrics is not None and fs is not None:
             self.metrics.input_finished(fs, status, time.time() - rec.created)
 
@@ -1030,6 +1037,16 @@ def _how_it_ended(code: int | None, oom: bool = False) -> str:
             name = "unknown"
         return f"was killed by signal {-code} ({name}) before it finished"
     return f"exited with code {code} before it finished"
+
+
+def _error_line(payload: bytes, is_blob: bool) -> str:
+    """The last line of an error's text (`ValueError: scheduled failure`)."""
+    from mctl.core.serialization import describe_error
+
+    if is_blob:
+        return "(a large error; see the app's logs)"
+    lines = describe_error(payload).splitlines()
+    return lines[-1] if lines else ""
 
 
 def _capped(lines: list[str], keep: int = 200) -> list[str]:
