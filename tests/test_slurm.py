@@ -332,3 +332,48 @@ def test_a_file_written_on_one_node_is_read_on_another(slurm_cluster, tmp_path, 
             assert wait_until(lambda: not any(scratch.rglob("*")), 60), list(scratch.rglob("*"))
     finally:
         srv.stop()
+
+
+SLURM_FAILS = '''import os
+
+import mctl
+
+app = mctl.App("slurm-fails")
+
+
+@app.function()
+def fails(x):
+    raise KeyError(f"missing {x}")
+
+
+@app.function(retries=mctl.Retries(max_retries=1, initial_delay=0.0, max_delay=1.0))
+def crashes():
+    os._exit(3)
+'''
+
+
+def test_failed_and_crashed_inputs_on_nodes_are_in_the_app_logs(slurm_server, slurm_cluster,
+                                                                 tmp_path):
+    """The same entries as on the local backend (test_failure_logs): the control plane writes
+    them, for a node's exception and for a job the backend saw end."""
+    from test_deploy import mctl_cli
+
+    app_file = tmp_path / "slurm_fails.py"
+    app_file.write_text(SLURM_FAILS)
+    assert mctl_cli("deploy", str(app_file)).returncode == 0
+    with pytest.raises(KeyError):
+        mctl.Function.from_name("slurm-fails", "fails").remote(1)
+    with pytest.raises(mctl.exception.ContainerCrashedError) as info:
+        mctl.Function.from_name("slurm-fails", "crashes").remote()
+    assert "of crashes exited with code 3 before it finished; crashes failed after 2 attempts " \
+        "(retries=1)" in str(info.value), str(info.value)
+
+    def logged():
+        return mctl_cli("app", "logs", "slurm-fails", "--stream", "stderr").stderr
+
+    assert wait_until(lambda: "KeyError: 'missing 1'" in logged(), 30), logged()
+    text = logged()
+    assert text.count("mctl: fails failed (input ") == 1, text
+    assert "mctl: crashes crashed (" in text and "attempt 1 of 2; retrying in" in text, text
+    assert "attempt 2 of 2)" in text, text
+    mctl_cli("app", "stop", "slurm-fails")

@@ -479,6 +479,10 @@ def app_list(as_json: bool, show_all: bool) -> None:
                    f"{a['version']:<7} {_when(a['created'])}")
         for tag, reason in (a.get("failing") or {}).items():
             click.echo(f"    {tag}: {reason}")
+        for tag, run in (a.get("last_run_failed") or {}).items():
+            what = {"timeout": "timed out", "crashed": "crashed"}.get(run["status"], "failed")
+            click.echo(f"    {tag}: last scheduled run {what} at {_when(run['at'])} "
+                       f"({run['call_id']}): {run['error']}; see `mctl app logs {a['name']}`")
 
 
 @app.command("stop")

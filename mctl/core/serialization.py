@@ -89,6 +89,27 @@ def serialize_exception(exc: BaseException) -> bytes:
     return dumps((_PortableException(exc), format_user_traceback(exc)))
 
 
+def describe_error(payload: bytes) -> str:
+    """The traceback text of a `serialize_exception` payload, read without running anything in
+    it: the control plane, which logs failed inputs, never unpickles the user's objects (only
+    `_rebuild_exception`'s arguments, plain strings and bytes, are let through)."""
+    import io
+    import pickle
+
+    class _TextOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) == (__name__, "_rebuild_exception"):
+                return lambda data, type_name, message: f"{type_name}: {message}"
+            raise pickle.UnpicklingError(f"{module}.{name} is not read here")
+
+    try:
+        exc, tb = _TextOnly(io.BytesIO(payload)).load()
+    except Exception:  # noqa: BLE001 - not an error payload we know
+        return "(the error could not be read here; its caller gets it)"
+    text = tb if isinstance(tb, str) and tb.strip() else str(exc)
+    return text.rstrip("\n")
+
+
 class RemoteTraceback(Exception):
     """Set as `__cause__` of a re-raised remote exception whose traceback cannot be rebuilt as
     frames (a chained one), so the remote traceback is printed."""

@@ -30,6 +30,8 @@ log = logging.getLogger("mctl.server")
 # A worker whose connection drops keeps its inputs this long, to resume them when it reconnects.
 RECONNECT_GRACE = float(os.environ.get("MCTL_WORKER_RECONNECT_GRACE", "10"))
 
+# How long an ended worker's output tail waits for its connection's end (the frames before it).
+TAIL_WAIT_S = 3.0
 FINAL_FAILURES = ("failure", "timeout", "crashed")
 
 
@@ -106,6 +108,9 @@ class FunctionState:
         # Set when the function cannot start or be placed: every input fails with this error.
         self.failure: bytes | None = None
         self.failure_text = ""
+        # A scheduled function's last run, when it failed (`mctl app list` shows it): its time,
+        # call id and error line. Cleared by a run that succeeds; not kept across restarts.
+        self.last_failure: dict[str, Any] | None = None
         # After a restart nothing is dispatched until the backend has said which workers of the
         # previous process still run (`restoring`) and those have reconnected and reclaimed the
         # inputs they hold (`awaited`), or the reconnect grace has passed.
@@ -130,6 +135,7 @@ class ControlPlane:
         self.scheduler = scheduler                  # the backend; core talks to it via autoscaler
         self.autoscaler: Autoscaler | None = None   # set by start_server
         self.orphans: dict[str, Conn] = {}          # task id -> dropped worker connection
+        self.pending_tails: dict[str, Any] = {}     # task id -> OutputTail waiting for its EOF
         # Set once `recover` has run: a worker that outlived a previous control-plane process may
         # call back before then, and must find its inputs and function already in place.
         self.recovered = asyncio.Event()
@@ -358,8 +364,9 @@ class ControlPlane:
         errs = set(header.get("stderr") or ())  # indexes of the lines that came from stderr
         if header.get("dropped"):
             self.append_log(app_id, conn.task_id, tag, f"mctl: {header['dropped']} log lines were "
-                                                         "dropped while the control plane was "
-                                                         "unreachable", stream="stderr")
+                                                         "dropped while this worker could not "
+                                                         "reach the control plane",
+                            stream="stderr")
         skip = 0
         if seq is not None:
             entry[2] = max(upto, seq + len(lines))
@@ -367,6 +374,8 @@ class ControlPlane:
         for i, line in enumerate(lines[skip:], skip):
             self.append_log(app_id, conn.task_id, tag, line,
                             stream="stderr" if i in errs else "stdout")
+        if seq is not None:  # stored: the worker may read on (it keeps few lines unacknowledged)
+            conn.send({"type": "log_ack", "upto": entry[2]})
 
     def _add_output_tail(self, task_id: str, tail: Any) -> None:
         """The lines of an ended worker's own output (its backend's tail) it never sent."""
@@ -494,17 +503,36 @@ class ControlPlane:
     def worker_gone(self, task_id: str, exit_code: int | None = None, output: Any = None) -> None:
         """The backend saw the worker's process end: its held inputs will not come back.
         `output` (a `worker_output.OutputTail`): the end of the process's own output; what the
-        worker printed but never sent goes to the app's logs before its inputs fail."""
+        worker printed but never sent goes to the app's logs before its inputs fail. While its
+        connection is still open, log frames it sent before it died may still be on their way:
+        the tail waits for the connection's end (at most `TAIL_WAIT_S`), so that it fills in
+        exactly the lines that never came, in their place."""
         if exit_code is not None:
             self.exit_codes[task_id] = exit_code
             while len(self.exit_codes) > 1000:
                 oldest = next(iter(self.exit_codes))
                 del self.exit_codes[oldest]
                 self.oom_killed.discard(oldest)
+        if output is not None and output.oom:
+            self.oom_killed.add(task_id)
+        if output is not None and task_id not in self.orphans and any(
+                conn.task_id == task_id and not conn.closed
+                for fs in self.functions.values() for conn in fs.workers):
+            self.exited.append(task_id)  # `disconnected` crashes its inputs, after the tail
+            self.pending_tails[task_id] = output
+            asyncio.get_running_loop().call_later(TAIL_WAIT_S, self._tail_wait_over, task_id)
+            return
+        self._gone_now(task_id, output)
+
+    def _tail_wait_over(self, task_id: str) -> None:
+        """Its connection stayed open (a node that died takes no TCP reset with it)."""
+        output = self.pending_tails.pop(task_id, None)
+        if output is not None:
+            self._gone_now(task_id, output)
+
+    def _gone_now(self, task_id: str, output: Any) -> None:
         if output is not None:
             self._add_output_tail(task_id, output)
-            if output.oom:
-                self.oom_killed.add(task_id)
         old = self.orphans.pop(task_id, None)
         if old is not None:
             log.info("worker %s exited while disconnected", task_id)
@@ -537,6 +565,9 @@ class ControlPlane:
                     self._reap_later(app_id)
         if conn.role != "worker":
             return
+        tail = self.pending_tails.pop(conn.task_id, None)
+        if tail is not None:  # its process ended and every frame it sent is in: fill in the rest
+            self._add_output_tail(conn.task_id, tail)
         fs = self.functions.get(conn.function_id)
         if fs is not None and conn in fs.workers:
             fs.workers.remove(conn)
@@ -564,12 +595,19 @@ class ControlPlane:
 
         fs = self.functions.get(conn.function_id)
         how = _how_it_ended(self.exit_codes.get(conn.task_id), conn.task_id in self.oom_killed)
+        of = f" of {fs.spec.tag}" if fs is not None else ""
         for rec in list(conn.running.values()):
             if rec.done or rec.worker is not conn:
                 continue
-            err = serialize_exception(ContainerCrashedError(
-                f"The container ({conn.task_id}) running input {rec.input_id} {how}."
-                f"{self._logs_hint(conn.function_id)}"))
+            message = f"The container ({conn.task_id}) running input {rec.input_id}{of} {how}"
+            if self._retry_delay(rec, "crashed", fs) is None:  # its last attempt
+                if rec.attempts > 1 and fs is not None:
+                    message += (f"; {fs.spec.tag} failed after {rec.attempts} attempts "
+                                f"(retries={fs.spec.retries.max_retries if fs.spec.retries else 0})")
+                message += f".{self._logs_hint(conn.function_id)}"
+            else:
+                message += "."
+            err = serialize_exception(ContainerCrashedError(message))
             self._finish_attempt(rec, "crashed", err, fs)
         conn.running.clear()
         self._schedule_flush()
@@ -828,6 +866,8 @@ class ControlPlane:
             final = item.get("final", True)
             if "dur" in item:
                 durations.append(item["dur"])
+            if item.get("exiting"):  # a timed-out worker about to exit: no retry goes to it
+                self.drain(conn)
             if not final:
                 self._store_output(rec, item.get("seq", 0), status, payload, item.get("blob", False),
                                    final=False)
@@ -854,6 +894,7 @@ class ControlPlane:
                         fs: FunctionState | None, seq: int = 0, is_blob: bool = False) -> None:
         """Record the end of an attempt, wherever the input is now (a worker, the queue, or
         waiting for a retry): retry a failure under the function's policy, else store it."""
+        task_id = rec.worker.task_id if rec.worker is not None else ""
         if rec.worker is not None:
             rec.worker.running.pop(rec.input_id, None)
             if fs is not None:
@@ -863,17 +904,73 @@ class ControlPlane:
             fs.n_pending -= 1
             rec.queued = False
         rec.worker = None
-        if status in FINAL_FAILURES and fs is not None and not fs.stopped and rec.sink is None:
-            policy = fs.spec.retries
-            if policy is not None and rec.attempts <= policy.max_retries:
-                delay = policy.delay(rec.attempts)
-                log.info("retrying %s (attempt %d) in %.1fs after %s", rec.input_id,
-                         rec.attempts + 1, delay, status)
-                asyncio.get_running_loop().call_later(delay, self._requeue, fs, rec)
-                return
+        delay = self._retry_delay(rec, status, fs)
+        if status in FINAL_FAILURES and fs is not None:
+            if status == "timeout" and delay is None and rec.attempts > 1:
+                payload, is_blob = self._timed_out_after_retries(rec, fs), False
+            self._log_failed_attempt(rec, status, payload, is_blob, fs, task_id, delay)
+        if delay is not None:
+            assert fs is not None
+            log.info("retrying %s (attempt %d) in %.1fs after %s", rec.input_id,
+                     rec.attempts + 1, delay, status)
+            asyncio.get_running_loop().call_later(delay, self._requeue, fs, rec)
+            return
         self._store_output(rec, seq, status, payload, is_blob, final=True)
+        if fs is not None and fs.spec.schedule is not None and rec.sink is None:
+            fs.last_failure = None if status not in FINAL_FAILURES else {
+                "at": time.time(), "call_id": rec.call_id, "status": status,
+                "error": _error_line(payload, is_blob)}
         if self.metrics is not None and fs is not None:
             self.metrics.input_finished(fs, status, time.time() - rec.created)
+
+    def _retry_delay(self, rec: InputRec, status: str, fs: FunctionState | None) -> float | None:
+        """Seconds until a failed attempt is retried under the function's policy; None when it
+        is not (it succeeded, it was the last attempt, a web request, a stopped function)."""
+        if status not in FINAL_FAILURES or fs is None or fs.stopped or rec.sink is not None:
+            return None
+        policy = fs.spec.retries
+        if policy is None or rec.attempts > policy.max_retries:
+            return None
+        return policy.delay(rec.attempts)
+
+    def _timed_out_after_retries(self, rec: InputRec, fs: FunctionState) -> bytes:
+        """The caller's error for an input whose last attempt timed out: it names the function
+        and the attempts (the worker's own error knows neither)."""
+        from mctl.core.serialization import serialize_exception
+        from mctl.exception import FunctionTimeoutError
+
+        return serialize_exception(FunctionTimeoutError(
+            f"Input {rec.input_id} of {fs.spec.tag} timed out after {fs.spec.timeout:g}s; "
+            f"{fs.spec.tag} failed after {rec.attempts} attempts "
+            f"(retries={fs.spec.retries.max_retries if fs.spec.retries else 0})."))
+
+    def _log_failed_attempt(self, rec: InputRec, status: str, payload: bytes, is_blob: bool,
+                            fs: FunctionState, task_id: str, retry_in: float | None) -> None:
+        """A failed attempt in its app's logs, on stderr: one line naming the function, input,
+        call and attempt, then the error as its caller sees it (the user's frames only). Done
+        here, where every backend's results and crashes arrive, once per attempt. A web
+        request's exception is logged by its worker (runtime/web.py); an ephemeral app's last
+        failure gets the line without the traceback, which its caller (`mctl run`) prints."""
+        if fs.stopped or (rec.sink is not None and status != "crashed"):
+            return
+        from mctl.core.serialization import describe_error
+
+        what = {"failure": "failed", "timeout": "timed out", "crashed": "crashed"}[status]
+        where = f"input {rec.input_id}, call {rec.call_id}"
+        policy = fs.spec.retries
+        if policy is not None and policy.max_retries and rec.sink is None:
+            where += f", attempt {rec.attempts} of {policy.max_retries + 1}"
+        if retry_in is not None:
+            where += f"; retrying in {retry_in:.1f}s"
+        ephemeral_last = retry_in is None and self.app_modes.get(fs.app_id) == "ephemeral"
+        log.info("%s %s (%s) in app %s", fs.spec.tag, what, where, fs.app_id)
+        lines = [f"mctl: {fs.spec.tag} {what} ({where})" + ("" if ephemeral_last else ":")]
+        if not ephemeral_last:
+            text = ("(the error is too large to show here; its caller gets it)" if is_blob
+                    else describe_error(payload))
+            lines += _capped(text.splitlines())
+        for line in lines:
+            self.append_log(fs.app_id, task_id or "control", fs.spec.tag, line, stream="stderr")
 
     def _requeue(self, fs: FunctionState, rec: InputRec) -> None:
         if rec.done or fs.stopped or rec.worker is not None or rec.queued:
@@ -968,6 +1065,25 @@ def _how_it_ended(code: int | None, oom: bool = False) -> str:
             name = "unknown"
         return f"was killed by signal {-code} ({name}) before it finished"
     return f"exited with code {code} before it finished"
+
+
+def _error_line(payload: bytes, is_blob: bool) -> str:
+    """The last line of an error's text (`ValueError: scheduled failure`)."""
+    from mctl.core.serialization import describe_error
+
+    if is_blob:
+        return "(a large error; see the app's logs)"
+    lines = describe_error(payload).splitlines()
+    return lines[-1] if lines else ""
+
+
+def _capped(lines: list[str], keep: int = 200) -> list[str]:
+    """At most `keep` lines of a traceback: its start and its end (the error itself)."""
+    if len(lines) <= keep:
+        return lines
+    head, tail = keep // 4, keep - keep // 4
+    return [*lines[:head], f"  ... {len(lines) - head - tail} lines left out ...",
+            *lines[-tail:]]
 
 
 def _pool_id(function_id: str, version: int) -> str:

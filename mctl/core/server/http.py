@@ -160,11 +160,15 @@ async def list_apps(request: web.Request) -> web.Response:
     if request.query.get("all") != "1":
         apps = [a for a in apps if a["mode"] == "deployed" or a["state"] == "running"]
     failing: dict[str, dict[str, str]] = {}
+    last_failed: dict[str, dict[str, Any]] = {}  # scheduled functions whose last run failed
     for fs in control.functions.values():
         if fs.failure is not None:
             failing.setdefault(fs.app_id, {})[fs.spec.tag] = fs.failure_text
+        if fs.last_failure is not None:
+            last_failed.setdefault(fs.app_id, {})[fs.spec.tag] = fs.last_failure
     for app in apps:
         app["failing"] = failing.get(app["app_id"], {})
+        app["last_run_failed"] = last_failed.get(app["app_id"], {})
     return web.json_response(apps)
 
 
