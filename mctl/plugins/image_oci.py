@@ -201,6 +201,7 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path,
     kind = base["kind"]
     if kind == "debian_slim":
         lines.append(f"FROM {_debian_slim_base(ctx, recipe.get('python_version'))}")
+        lines.append(PYTHON_LINK)  # Modal's images have `python` (the base has python3 only)
     elif kind == "registry":
         from mctl.plugins import registry_v2
 
@@ -420,6 +421,11 @@ def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
         if line.strip().upper().startswith("FROM "):
             out += extra
     return out
+
+
+# `python` -> python3 in a debian_slim image, as in Modal's (and the default sandbox image, see
+# server/sandboxes._default_image); a layer the build cache shares between images of one base.
+PYTHON_LINK = "RUN [ -e /usr/bin/python ] || ln -s python3 /usr/bin/python"
 
 
 def _debian_slim_base(ctx: BuildContext, version: str | None) -> str:
