@@ -37,3 +37,13 @@ def test_a_class_with_its_own_init_is_pointed_to_modal_parameter():
     with pytest.raises(InvalidError, match=r"its parameters are none \(declare one in the class "
                                            r"body as `y: str = modal.parameter\(\)`\)"):
         NoParams(y=3)
+
+
+def test_sandbox_keywords_get_a_did_you_mean_as_app_function_does():
+    """Refused before anything is asked of a control plane (none runs here)."""
+    with pytest.raises(InvalidError, match=r"Sandbox.create\(\) got an unknown keyword 'timout'. "
+                                           r"Did you mean 'timeout'\?"):
+        mctl.Sandbox.create(app=app, timout=5)
+    with pytest.raises(InvalidError, match=r"Sandbox.create\(\) got an unknown keyword 'wrkdir'. "
+                                           r"Did you mean 'workdir'\?"):
+        mctl.Sandbox.create(wrkdir="/tmp")
