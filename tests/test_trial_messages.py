@@ -47,3 +47,37 @@ def test_sandbox_keywords_get_a_did_you_mean_as_app_function_does():
     with pytest.raises(InvalidError, match=r"Sandbox.create\(\) got an unknown keyword 'wrkdir'. "
                                            r"Did you mean 'workdir'\?"):
         mctl.Sandbox.create(wrkdir="/tmp")
+
+
+def test_the_docs_import_statements_work():
+    """docs/guide.md said `from modal.dict import Dict` works; no `modal` package exists."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    statements = set()
+    for doc in ("README.md", "docs/guide.md", "docs/architecture.md"):
+        text = (root / doc).read_text()
+        for m in re.finditer(r"`((?:from [\w.]+ import [\w, ]+|import [\w.]+(?: as \w+)?))`",
+                             text):
+            stmt = m.group(1)
+            if re.match(r"(from|import) modal\b", stmt):  # only as what to write instead
+                before, after = text[:m.start()], text[m.end():]
+                assert re.search(r"(for|in)\s*$", before) or re.match(
+                    r"\s*(becomes|fails)", after), f"{doc}: {before[-80:]}{stmt}{after[:20]}"
+            else:
+                statements.add(stmt)
+    assert "from mctl.dict import Dict" in statements
+    for stmt in sorted(statements):
+        exec(stmt, {})  # each one the docs name imports
+
+
+def test_import_modal_says_how_to_alias(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "plain_modal.py").write_text("import modal\napp = modal.App()\n")
+    out = subprocess.run([sys.executable, "-m", "mctl", "run", str(tmp_path / "plain_modal.py")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "No module named 'modal'" in out.stderr
+    assert "installs no `modal` package: write `import mctl as modal`" in out.stderr

@@ -68,7 +68,8 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
     except Error as exc:  # a declaration mctl refused: its message says what to do
         raise click.ClickException(f"{_user_location(exc)}{exc}") from None
     except Exception as exc:  # a syntax error, a failed import, a NameError, ...
-        raise click.ClickException(f"Could not import {path}:\n{user_traceback(exc)}") from None
+        raise click.ClickException(f"Could not import {path}:\n{user_traceback(exc)}"
+                                   f"{_modal_hint(exc)}") from None
     apps = [v for v in vars(module).values() if isinstance(v, App)]
     if not apps:
         raise click.UsageError(f"{path} defines no mctl.App; create one with app = mctl.App(...).")
@@ -136,6 +137,16 @@ def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) 
     return out
 
 
+def _modal_hint(exc: BaseException) -> str:
+    """What to write when an app imports Modal's package, which mctl does not install."""
+    name = getattr(exc, "name", None) or ""
+    if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] != "modal":
+        return ""
+    return ("\nmctl runs Modal's code under its own name and installs no `modal` package: write "
+            "`import mctl as modal` for `import modal`, and mctl for modal in `from modal... "
+            "import ...` (`from mctl.dict import Dict`, `from mctl import Secret`).")
+
+
 def import_app_module(ref: str) -> tuple[Any, Any, str | None]:
     """`package.module[::name]` (mctl run -m) -> (module, App, object name)."""
     import importlib
@@ -152,7 +163,7 @@ def import_app_module(ref: str) -> tuple[Any, Any, str | None]:
                                    f"{os.getcwd()}; run from the directory that holds it, or "
                                    "pass a file path instead of -m.") from None
         raise click.ClickException(f"Could not import {module_name}:\n{user_traceback(exc)}"
-                                   ) from None
+                                   f"{_modal_hint(exc)}") from None
     except Error as exc:
         raise click.ClickException(f"{_user_location(exc)}{exc}") from None
     except Exception as exc:
