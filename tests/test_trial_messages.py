@@ -6,6 +6,12 @@ import mctl
 from mctl.exception import InvalidError
 
 app = mctl.App("trial-messages")
+run_app = mctl.App("trial-embedded")
+
+
+@run_app.function()
+def hello():
+    return "hi"
 
 
 @app.cls()
@@ -81,3 +87,31 @@ def test_import_modal_says_how_to_alias(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "No module named 'modal'" in out.stderr
     assert "installs no `modal` package: write `import mctl as modal`" in out.stderr
+
+
+def test_cli_says_a_live_mctl_run_has_its_own_control_plane(server_process, monkeypatch):
+    """While `mctl run` (here `app.run()`) is live on its embedded control plane, `mctl app list`,
+    `sandbox list`, `container list` and `sandbox exec` reach another (or none): they say so."""
+    import os
+
+    from click.testing import CliRunner
+
+    from mctl.cli.main import cli
+
+    def cli_says(*args):
+        out = CliRunner().invoke(cli, list(args))
+        return out.output
+
+    url = os.environ.pop("MCTL_SERVER_URL")
+    with run_app.run():
+        note = f"A `mctl run` is live (pid {os.getpid()}: app trial-embedded) on its own control"
+        monkeypatch.setenv("MCTL_SERVER_URL", url)  # the CLI talks to the background server
+        for args in (["app", "list"], ["sandbox", "list"], ["container", "list"],
+                     ["sandbox", "exec", "sb-nosuch", "--", "echo", "hi"]):
+            text = cli_says(*args)
+            assert note in text and "start a server first" in text, (args, text)
+        assert "No sandbox 'sb-nosuch'" in cli_says("sandbox", "exec", "sb-nosuch", "--", "true")
+        monkeypatch.delenv("MCTL_SERVER_URL")  # no server at all
+        assert note in cli_says("sandbox", "list") and note in cli_says("app", "list")
+    monkeypatch.setenv("MCTL_SERVER_URL", url)
+    assert "live" not in cli_says("app", "list")  # the run ended: its record went with it
