@@ -415,7 +415,7 @@ async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse
             app = control.store.find_app(name)
             if app is None or app["app_id"] != principal.app_id:
                 return _json_error(403, "A task token may only read its own app; this request "
-                                        f"names {name!r}.")
+                                        f"names {name!r}. {auth.OTHER_APP_HINT}")
         if task_rule == TASK_OWN_FUNCTION:
             if request.match_info.get("function_id") != principal.function_id:
                 return _json_error(403, "A task token may only read its own function's secrets.")
