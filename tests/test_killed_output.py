@@ -44,6 +44,29 @@ def test_output_before_sigkill_reaches_mctl_run_once_per_attempt(function, attem
     assert "out of memory" not in both, both  # no guess: the local backend cannot tell why
 
 
+# Not yet fixed: a signal between the capture thread's read of a pipe chunk and its copy to the
+# original stdout loses that chunk (tens of lines, sometimes); the keeper must become the reader.
+_CHUNK_LOSS = pytest.mark.xfail(strict=False, reason="a chunk read but not yet copied when killed")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["raise", "exit", pytest.param("segv", marks=_CHUNK_LOSS),
+                                  pytest.param("kill", marks=_CHUNK_LOSS)])
+def test_many_lines_printed_before_any_ending_arrive_in_order_once(kind):
+    """20,000 lines printed as fast as a loop can, then an exception, os._exit(3), a segfault or
+    SIGKILL: all of them, in order, once, and no dropped-lines notice (nothing was dropped)."""
+    import re
+
+    out = mctl_cli("run", str(APPS / "crash_many.py"), "--kind", kind)
+    both = out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode != 0, both
+    numbers = [int(m.group(1)) for m in re.finditer(r"^line (\d+) x+$", out.stdout, re.M)]
+    missing = sorted(set(range(20000)) - set(numbers))
+    assert numbers == list(range(20000)), (len(numbers), missing[:3], missing[-3:], both)
+    assert "unterminated" in out.stdout, both
+    assert "dropped" not in out.stderr, both
+
+
 def test_output_tail_numbers_lines_after_the_marker(tmp_path):
     from mctl.core.runtime.logcapture import OOM_NOTE, marker
     from mctl.core.worker_output import OutputTail
@@ -157,8 +180,8 @@ def test_the_control_plane_adds_each_line_once_whichever_way_it_comes(tmp_path):
         return seen
 
     assert asyncio.run(main()) == ["a", "b", "c", "d", "e",
-                                   "mctl: 3 log lines were dropped while the control plane was "
-                                   "unreachable", "f"]
+                                   "mctl: 3 log lines were dropped while this worker could not "
+                                   "reach the control plane", "f"]
 
 
 def test_a_slurm_job_ended_out_of_memory_reports_its_output_and_the_oom(tmp_path):

@@ -2,6 +2,11 @@
 test bodies, with every sandbox a Slurm job on a node under gVisor and under runc, and every
 command relayed through the control plane (`srun --jobid --overlap podman exec`).
 
+The borrowed escape bodies run on nodes under gVisor (a node's default) only; both runtimes' own
+escapes are tested locally (tests/test_sandbox.py), and what differs on a node for runc (its job
+script, snapshots, tunnels) has runc tests here. MCTL_TEST_NODE_ISOLATIONS=gvisor,runc runs the
+bodies under both (CI time: each runtime adds about 2.5 minutes).
+
 The dev cluster's nodes are network (and UTS) namespaces on this machine: they share its file
 systems, its process table and its podman storage (scripts/slurm-dev). So a canary under this
 test's tmp_path, the host's /etc/shadow and home, `ps` and `podman ps` here all are the node's
@@ -10,6 +15,7 @@ own view too; `test_rm_rf_root_on_a_node_leaves_the_nodes_canary` checks that th
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 
 import pytest
@@ -23,17 +29,19 @@ from test_sandbox import (
 import test_sandbox
 from test_slurm import slurm_server  # noqa: F401 - a fixture: a control plane on Slurm
 
+ESCAPE_ISOLATIONS = os.environ.get("MCTL_TEST_NODE_ISOLATIONS", "gvisor").split(",")
+
 
 def _on_nodes(test):
-    """test_sandbox's body, parametrized over the isolations a node runs (bwrap runs only on
-    the control plane's host), so no variant is collected only to be skipped."""
+    """test_sandbox's body, parametrized over ESCAPE_ISOLATIONS (bwrap runs only on the
+    control plane's host), so no variant is collected only to be skipped."""
     @functools.wraps(test)
     def body(*args, **kwargs):
         return test(*args, **kwargs)
 
     marks = [m for m in getattr(test, "pytestmark", [])
              if not (m.name == "parametrize" and m.args[0] == "isolation")]
-    body.pytestmark = marks + ([pytest.mark.parametrize("isolation", ISOLATIONS)]
+    body.pytestmark = marks + ([pytest.mark.parametrize("isolation", ESCAPE_ISOLATIONS)]
                                if len(marks) < len(getattr(test, "pytestmark", [])) else [])
     return body
 

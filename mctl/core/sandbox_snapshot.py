@@ -6,8 +6,8 @@ Not `podman commit` of the sandbox: gVisor keeps its writes inside the sandbox (
 never sees them), and a runc container's layer holds the host's shifted owners (its user
 namespace: 200000+), so the next sandbox's user could not write its own files. Instead:
 
-1. in the sandbox, as its user: the list of every path it sees (`_list`), then a tar of the files
-   changed since it started (`_changed_tar`);
+1. in the sandbox, as its user: one walk lists every path it sees, marking those changed since
+   it started (`_walk`); then a tar of the changed ones (`_TAR`);
 2. on the host, a fresh container of the sandbox's image, mounted: the image's paths the sandbox
    user could see, less the sandbox's list, are what it deleted; they are removed from the fresh
    container (so the commit records them as deletions);
@@ -54,26 +54,29 @@ def _prune(paths: list[str], root: str = "") -> str:
             + " \\) -prune")
 
 
-def _list(mounts: list[str]) -> str:
-    """In the sandbox: every path it sees as `d/path` (a directory) or `f/path` (anything
-    else), NUL-separated, then LIST_END (find exits 1 when it met a directory it may not read;
-    more means it could not run)."""
-    return (f"find / {_prune(_skipped(mounts))} -o -type d -exec printf 'd%s\\0' {{}} + "
-            "-o -exec printf 'f%s\\0' {} + 2>/dev/null; "
+def _walk(mounts: list[str]) -> str:
+    """In the sandbox, one walk of its file system (a walk under gVisor takes a second or more):
+    every path it sees as `d/path` (a directory) or `f/path` (anything else), upper case `D`
+    and `F` for those changed since it started (/etc/hostname is written at its start),
+    NUL-separated, then LIST_END (find exits 1 when it met a directory it may not read; more
+    means it could not run)."""
+    new = "-newer /etc/hostname"
+    kinds = [(f"{new} -type d", "D"), (new, "F"), ("-type d", "d"), ("", "f")]
+    tests = " -o ".join(f"{test + ' ' if test else ''}-exec printf '{kind}%s\\0' {{}} +"
+                        for test, kind in kinds)
+    return (f"find / {_prune(_skipped(mounts))} -o {tests} 2>/dev/null; "
             f"[ $? -le 1 ] && printf '%s\\0' {shlex.quote(LIST_END)}")
 
 
-def _changed_tar(mounts: list[str]) -> str:
-    """In the sandbox: the files and directories changed since it started (/etc/hostname is
-    written at its start), as a tar on stdout; a directory without its contents (those that
-    changed are there themselves), so the ones it made come back with its owner and mode."""
-    return (f"find / -mindepth 1 {_prune(_skipped(mounts))} -o -newer /etc/hostname -print0 "
-            "2>/dev/null | tar --null --no-recursion -T - -cf - 2>/dev/null")
+# In the sandbox: the changed paths (NUL-separated on stdin) as a tar on stdout; a directory
+# without its contents (those that changed are listed themselves), so the directories it made
+# come back with its owner and mode.
+_TAR = "tar --null --no-recursion -T - -cf - 2>/dev/null"
 
 
 def _image_list(mounts: list[str]) -> str:
     """On the host, in the mounted fresh container: the image's paths the sandbox user could
-    see (no descent into a directory it could not enter), as `_list` writes them."""
+    see (no descent into a directory it could not enter), as `_walk` writes them."""
     hidden = (f"\\( -type d ! -perm -005 ! -user {USER_ID} "
               f"! \\( -group {USER_ID} -perm -050 \\) \\)")
     return (f"find . {_prune(_skipped(mounts), '.')} -o {hidden} -printf 'd/%P\\0' -prune "
@@ -88,7 +91,7 @@ _REMOVE = """set -e
 m=$(podman mount "$1")
 trap 'podman umount "$1" >/dev/null 2>&1' EXIT
 (cd "$m" && {image_list}) | LC_ALL=C sort -z > "$2/before"
-LC_ALL=C sort -z "$2/now" > "$2/now.sorted"
+sed -z 's/^D/d/; s/^F/f/' "$2/now" | LC_ALL=C sort -z > "$2/now.sorted"
 LC_ALL=C comm -z -23 "$2/before" "$2/now.sorted" > "$2/gone"
 if [ -s "$2/gone" ]; then
     xargs -0 sh -c 'for p; do rm -rf --one-file-system -- "$0${{p#?}}"; done' "$m" < "$2/gone"
@@ -98,15 +101,16 @@ fi
 
 def script(container: str, image: str, tag: str, mounts: list[str], user: str) -> str:
     """The shell script that snapshots `container` (a sandbox of `image`, whose commands run as
-    `user`) as the local image `tag`. It needs podman, GNU find, sort and comm (coreutils 8.25
-    or later) where it runs."""
+    `user`) as the local image `tag`. It needs podman, GNU find, grep, sed, sort, cut and comm
+    (coreutils 8.25 or later) where it runs."""
     q = shlex.quote
     remove = q(_REMOVE.format(image_list=_image_list(mounts)))
     return f"""set -e
 t=$(mktemp -d /tmp/mctl-snapshot.XXXXXX); c=
 trap 'rm -rf "$t"; [ -z "$c" ] || podman rm -f "$c" >/dev/null 2>&1' EXIT
-podman exec --user {q(user)} {q(container)} /bin/sh -c {q(_list(mounts))} > "$t/now" || true
-podman exec --user {q(user)} {q(container)} /bin/sh -c {q(_changed_tar(mounts))} \\
+podman exec --user {q(user)} {q(container)} /bin/sh -c {q(_walk(mounts))} > "$t/now" || true
+grep -za '^[DF]/.' "$t/now" | cut -z -c2- > "$t/changed" || true
+podman exec -i --user {q(user)} {q(container)} /bin/sh -c {q(_TAR)} < "$t/changed" \\
     > "$t/changed.tar" || true
 c=$(podman create --pull never {q(image)})
 if [ "$(tr '\\0' '\\n' < "$t/now" | tail -n 1)" = {q(LIST_END)} ]; then

@@ -17,8 +17,11 @@ import os
 
 from mctl.core.runtime.logcapture import OOM_NOTE, STDERR_TAG, marker
 
-MAX_LINES = 2000
-TAIL_BYTES = 256 * 1024  # of a file: the end read as lines (the rest is only counted)
+# Kept: more than a worker reads ahead of the control plane's acknowledgment
+# (`logcapture.WINDOW` + `READ_SIZE`) plus two pipes' rest that its keeper copies at the end.
+MAX_LINES = 200_000
+MAX_BYTES = 16 << 20
+TAIL_BYTES = MAX_BYTES  # of a file: the end read as lines (the rest is only counted)
 
 
 class OutputTail:
@@ -27,6 +30,7 @@ class OutputTail:
         self.lines: collections.deque[str] = collections.deque(maxlen=max_lines)
         self.stderr: collections.deque[bool] = collections.deque(maxlen=max_lines)  # of each line
         self.count: int | None = None  # lines after the marker; None until it is seen
+        self.bytes = 0  # of the kept lines
         self.oom: bool | None = None   # True: the kernel's OOM killer ended it (as far as known)
 
     def add(self, line: str) -> None:
@@ -34,6 +38,7 @@ class OutputTail:
         if line == self.marker:  # what came before is the wrappers' (podman's pull, ...)
             self.lines.clear()
             self.stderr.clear()
+            self.bytes = 0
             self.count = 0
             return
         err = line.startswith(STDERR_TAG)
@@ -41,8 +46,14 @@ class OutputTail:
             line = line[len(STDERR_TAG):]
         if line == OOM_NOTE:
             self.oom = True
+        if len(self.lines) == self.lines.maxlen:
+            self.bytes -= len(self.lines[0])
         self.lines.append(line)
         self.stderr.append(err)
+        self.bytes += len(line)
+        while self.bytes > MAX_BYTES and len(self.lines) > 1:
+            self.bytes -= len(self.lines.popleft())
+            self.stderr.popleft()
         if self.count is not None:
             self.count += 1
 
@@ -81,6 +92,7 @@ class OutputTail:
             lines.pop()
         self.lines.clear()
         self.stderr.clear()
+        self.bytes = 0
         self.count = counted
         for line in lines:
             self.add(line)

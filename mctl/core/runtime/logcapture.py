@@ -22,9 +22,17 @@ import select
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 MAX_LINES = 10_000   # kept while disconnected; older lines are dropped first
+# While connected, the capture thread reads on only while fewer lines than this are read but not
+# yet acknowledged by the control plane (`log_ack`); a print waits meanwhile, as on a slow
+# terminal. A killed worker's unacknowledged lines are in its own output (copied when read), and
+# the backend's tail (`worker_output.MAX_LINES`) holds many more than this plus two pipes' worth.
+WINDOW = 4000
+STALL_S = 2.0        # no ack for this long: read on anyway (a stuck loop must not hang prints)
+READ_SIZE = 16384    # one read of the capture thread (at most this many lines past the window)
 OOM_NOTE = "mctl: the kernel's OOM killer ended this worker (out of memory)"
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 FROM_A_TERMINAL = (signal.SIGINT, signal.SIGQUIT)  # to the process group: the worker has its own
@@ -218,6 +226,10 @@ class LogCapture:
         self.stderr: list[bool] = []  # of each line in `lines`: it came from stderr
         self.dropped = 0
         self.count = 0  # lines read so far, both streams; the next line's number
+        self.cond = threading.Condition(self.lock)
+        self.up = False  # connected
+        self.connected = False  # to a control plane that acknowledges log frames
+        self.acked = 0  # lines the control plane has (numbered from the marker)
         sys.stdout.flush()
         sys.stderr.flush()
         if _kept is not None:  # start_keeper redirected fds 1 and 2 already
@@ -242,17 +254,45 @@ class LogCapture:
 
     def _reader(self) -> None:
         while True:
+            with self.cond:  # not too far ahead of what the control plane has
+                since, acked = time.monotonic(), self.acked
+                # Only while the loop takes the lines (it may be the one printing) and acks come.
+                while (self.connected and self.count - self.acked >= WINDOW and not self.lines
+                       and time.monotonic() - since < STALL_S):
+                    self.cond.wait(0.25)
+                    if self.acked != acked:
+                        since, acked = time.monotonic(), self.acked
             ready, _, _ = select.select(list(self._open), [], [])
             # No flush here: a thread blocked printing into a full pipe holds the stream's lock,
             # and only this thread's reading can free it.
-            if not self.drain(flush=False, only=ready):
+            if not self.drain(flush=False, only=ready, size=READ_SIZE):
                 return
 
+    def set_connected(self, connected: bool) -> None:
+        """The worker's connection is up (or down: lines are kept, the oldest dropped past
+        `MAX_LINES`). Lines taken as frames on an earlier connection count as acknowledged.
+        The window holds only once the control plane's first `log_ack` came (an older one
+        sends none)."""
+        with self.cond:
+            self.up = connected
+            self.connected = False
+            self.acked = self.count - len(self.lines)
+            self.cond.notify_all()
+
+    def ack(self, upto: int) -> None:
+        """The control plane has the lines numbered below `upto`."""
+        with self.cond:
+            self.connected = self.up
+            if upto > self.acked:
+                self.acked = upto
+                self.cond.notify_all()
+
     def drain(self, flush: bool = True, end_lines: bool = False,
-              only: list[int] | None = None) -> bool:
+              only: list[int] | None = None, size: int = 0) -> bool:
         """Read what is in the pipes now; False once both are at end of file. `end_lines`: a
         part of a line waiting for its end is taken as a line (before a result, at the end).
-        `only`: the pipes to read (those select found ready)."""
+        `only`: the pipes to read (those select found ready). `size`: read once, at most this
+        much, from each (0: until the pipe is empty)."""
         if flush:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -261,17 +301,20 @@ class LogCapture:
             for fd in [fd for fd in self._open if only is None or fd in only]:
                 while True:
                     try:
-                        data = os.read(fd, 65536)
+                        data = os.read(fd, size or 65536)
                     except BlockingIOError:
                         break
                     if not data:
                         self._open.remove(fd)
                         break
                     got = self._add(fd, data) or got
+                    if size:
+                        break
             if end_lines and self._open_in_orig is not None:
                 self._add(self._open_in_orig, b"\n")
                 got = True
-            if len(self.lines) > MAX_LINES:
+            # Connected, nothing is dropped: the window holds the reading back instead.
+            if not self.up and len(self.lines) > MAX_LINES:
                 extra = len(self.lines) - MAX_LINES
                 del self.lines[:extra]
                 del self.stderr[:extra]
@@ -332,7 +375,7 @@ class LogCapture:
     def frame(self) -> dict[str, Any] | None:
         """The lines not yet taken as a `log` frame: `seq` numbers the first one, `stderr` lists
         the indexes of the lines that came from stderr (absent when none did), `dropped` says how
-        many older ones were lost while the control plane was unreachable."""
+        many older ones were lost while the worker was not connected."""
         with self.lock:
             lines, self.lines = self.lines, []
             stderr, self.stderr = self.stderr, []

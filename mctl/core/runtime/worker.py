@@ -159,6 +159,7 @@ class Worker:
                         for _, frame, _ in list(self.unacked):  # may not have been stored
                             await ws.send_bytes(frame)
                         self.ws = ws
+                        self.logs.set_connected(True)
                         self._flush_outputs()
                         await self._receive(ws)
                 except (aiohttp.ClientError, OSError) as exc:
@@ -170,6 +171,7 @@ class Worker:
                     else:
                         log.warning("control plane unreachable (%s); reconnecting", exc)
                 self.ws = None
+                self.logs.set_connected(False)
                 if not self.stopping:
                     await asyncio.sleep(0.5)
                 if self._orphaned():
@@ -214,6 +216,8 @@ class Worker:
                     for input_id, attempt in unacked.popleft()[2]:
                         if self.held.get(input_id) == attempt:  # not a newer retry of it
                             del self.held[input_id]
+            elif kind == "log_ack":
+                self.logs.ack(header["upto"])
             elif kind == "input_data":  # more of a web request
                 if self.web is not None:
                     self.web.deliver(header, payloads)
@@ -512,6 +516,9 @@ class Worker:
     # --- outputs -------------------------------------------------------------------------------
     def _emit(self, input_id: str, status: str, data: bytes, seq: int = 0, final: bool = True,
               dur: float | None = None) -> None:
+        with contextlib.suppress(Exception):  # what it printed before comes before (_send_logs)
+            sys.stdout.flush()
+            sys.stderr.flush()
         item: dict[str, Any] = {"id": input_id, "status": status, "seq": seq, "final": final}
         if dur is not None:
             item["dur"] = dur
@@ -557,7 +564,9 @@ class Worker:
         ws = self.ws
         if ws is None or ws.closed or self.logs is None:
             return
-        self.logs.drain(end_lines=end_lines)
+        # No flush on the loop: a thread blocked printing into a full pipe holds its stream's
+        # lock until the capture thread reads on, which may wait for this loop's log_ack.
+        self.logs.drain(flush=False, end_lines=end_lines)
         frame = self.logs.frame()
         if frame:
             self.loop.create_task(ws.send_bytes(protocol.encode(frame)))  # type: ignore[union-attr]

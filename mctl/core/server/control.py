@@ -30,6 +30,8 @@ log = logging.getLogger("mctl.server")
 # A worker whose connection drops keeps its inputs this long, to resume them when it reconnects.
 RECONNECT_GRACE = float(os.environ.get("MCTL_WORKER_RECONNECT_GRACE", "10"))
 
+# How long an ended worker's output tail waits for its connection's end (the frames before it).
+TAIL_WAIT_S = 3.0
 FINAL_FAILURES = ("failure", "timeout", "crashed")
 
 
@@ -130,6 +132,7 @@ class ControlPlane:
         self.scheduler = scheduler                  # the backend; core talks to it via autoscaler
         self.autoscaler: Autoscaler | None = None   # set by start_server
         self.orphans: dict[str, Conn] = {}          # task id -> dropped worker connection
+        self.pending_tails: dict[str, Any] = {}     # task id -> OutputTail waiting for its EOF
         # Set once `recover` has run: a worker that outlived a previous control-plane process may
         # call back before then, and must find its inputs and function already in place.
         self.recovered = asyncio.Event()
@@ -358,8 +361,9 @@ class ControlPlane:
         errs = set(header.get("stderr") or ())  # indexes of the lines that came from stderr
         if header.get("dropped"):
             self.append_log(app_id, conn.task_id, tag, f"mctl: {header['dropped']} log lines were "
-                                                         "dropped while the control plane was "
-                                                         "unreachable", stream="stderr")
+                                                         "dropped while this worker could not "
+                                                         "reach the control plane",
+                            stream="stderr")
         skip = 0
         if seq is not None:
             entry[2] = max(upto, seq + len(lines))
@@ -367,6 +371,8 @@ class ControlPlane:
         for i, line in enumerate(lines[skip:], skip):
             self.append_log(app_id, conn.task_id, tag, line,
                             stream="stderr" if i in errs else "stdout")
+        if seq is not None:  # stored: the worker may read on (it keeps few lines unacknowledged)
+            conn.send({"type": "log_ack", "upto": entry[2]})
 
     def _add_output_tail(self, task_id: str, tail: Any) -> None:
         """The lines of an ended worker's own output (its backend's tail) it never sent."""
@@ -494,17 +500,36 @@ class ControlPlane:
     def worker_gone(self, task_id: str, exit_code: int | None = None, output: Any = None) -> None:
         """The backend saw the worker's process end: its held inputs will not come back.
         `output` (a `worker_output.OutputTail`): the end of the process's own output; what the
-        worker printed but never sent goes to the app's logs before its inputs fail."""
+        worker printed but never sent goes to the app's logs before its inputs fail. While its
+        connection is still open, log frames it sent before it died may still be on their way:
+        the tail waits for the connection's end (at most `TAIL_WAIT_S`), so that it fills in
+        exactly the lines that never came, in their place."""
         if exit_code is not None:
             self.exit_codes[task_id] = exit_code
             while len(self.exit_codes) > 1000:
                 oldest = next(iter(self.exit_codes))
                 del self.exit_codes[oldest]
                 self.oom_killed.discard(oldest)
+        if output is not None and output.oom:
+            self.oom_killed.add(task_id)
+        if output is not None and task_id not in self.orphans and any(
+                conn.task_id == task_id and not conn.closed
+                for fs in self.functions.values() for conn in fs.workers):
+            self.exited.append(task_id)  # `disconnected` crashes its inputs, after the tail
+            self.pending_tails[task_id] = output
+            asyncio.get_running_loop().call_later(TAIL_WAIT_S, self._tail_wait_over, task_id)
+            return
+        self._gone_now(task_id, output)
+
+    def _tail_wait_over(self, task_id: str) -> None:
+        """Its connection stayed open (a node that died takes no TCP reset with it)."""
+        output = self.pending_tails.pop(task_id, None)
+        if output is not None:
+            self._gone_now(task_id, output)
+
+    def _gone_now(self, task_id: str, output: Any) -> None:
         if output is not None:
             self._add_output_tail(task_id, output)
-            if output.oom:
-                self.oom_killed.add(task_id)
         old = self.orphans.pop(task_id, None)
         if old is not None:
             log.info("worker %s exited while disconnected", task_id)
@@ -537,6 +562,9 @@ class ControlPlane:
                     self._reap_later(app_id)
         if conn.role != "worker":
             return
+        tail = self.pending_tails.pop(conn.task_id, None)
+        if tail is not None:  # its process ended and every frame it sent is in: fill in the rest
+            self._add_output_tail(conn.task_id, tail)
         fs = self.functions.get(conn.function_id)
         if fs is not None and conn in fs.workers:
             fs.workers.remove(conn)
