@@ -1,4 +1,4 @@
-"""`from modal.app import App` works as `from mctl.app import App`."""
+"""Modal's `modal.app` path: `from modal.app import App` becomes `from mctl.app import App`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`from modal.cls import Cls` works as `from mctl.cls import Cls`."""
+"""Modal's `modal.cls` path: `from modal.cls import Cls` becomes `from mctl.cls import Cls`."""
 
 from __future__ import annotations
 

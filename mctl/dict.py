@@ -1,4 +1,4 @@
-"""`from modal.dict import Dict` works as `from mctl.dict import Dict`."""
+"""Modal's `modal.dict` path: `from modal.dict import Dict` becomes `from mctl.dict import Dict`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`from modal.functions import Function, FunctionCall, gather` works with mctl."""
+"""Modal's `modal.functions` path: `from mctl.functions import Function, FunctionCall, gather`."""
 
 from __future__ import annotations
 

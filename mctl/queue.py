@@ -1,4 +1,5 @@
-"""`from modal.queue import Queue` works as `from mctl.queue import Queue`."""
+"""Modal's `modal.queue` path: `from modal.queue import Queue` becomes `from mctl.queue import
+Queue`."""
 
 from __future__ import annotations
 

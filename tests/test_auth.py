@@ -169,7 +169,8 @@ def test_task_token_is_confined_to_its_function(server_process, tmp_path):
     # a function may call its own app's functions with its task token...
     assert mctl.Function.from_name("tasky", "call_sibling").remote(21) == 42
     # ...but not another app's
-    with pytest.raises(mctl.exception.Error, match="task token"):
+    with pytest.raises(mctl.exception.Error, match=r"task token.*mctl token create --scope "
+                                                   r"invoke.*MCTL_TOKEN=<that token>"):
         mctl.Function.from_name("tasky", "call_other_app").remote()
 
     # registering as a worker of another function (to read its inputs) is refused
@@ -203,6 +204,30 @@ def test_task_token_is_confined_to_its_function(server_process, tmp_path):
     # its own app's record is readable (the worker loads its spec from it)
     assert http(f"{url}/api/apps/{tasky['app_id']}", token=task)[0] == 200
     assert http(f"{url}/api/apps?all=1", token=admin)[1][0]["state"] == "running"
+
+
+CROSS_APP = """
+import os
+import mctl
+
+app = mctl.App("crossy")
+
+@app.function(secrets=[mctl.Secret.from_name("crossy-token")])
+def call_other_app():
+    assert os.environ["MCTL_TASK_TOKEN"]  # the worker keeps its own, for its own requests
+    return mctl.Function.from_name("scheduled", "version").remote()
+"""
+
+
+def test_a_function_calls_another_app_with_an_invoke_token_from_a_secret(server_process,
+                                                                         tmp_path):
+    """What the task token's refusal tells a user to do (docs/guide.md, "Task tokens")."""
+    mctl_cli("deploy", str(APPS / "scheduled.py"), env=dict(os.environ, TICK_FILE="/dev/null"))
+    invoke = create_token("invoke", "crossy")
+    mctl_cli("secret", "create", "crossy-token", f"MCTL_TOKEN={invoke}")
+    (tmp_path / "crossy.py").write_text(CROSS_APP)
+    mctl_cli("deploy", str(tmp_path / "crossy.py"))
+    assert mctl.Function.from_name("crossy", "call_other_app").remote() == "v1"
 
 
 def _self_signed(tmp_path):

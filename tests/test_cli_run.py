@@ -81,5 +81,13 @@ def test_detach_keeps_the_app_running_until_it_is_stopped(tmp_path, monkeypatch)
         assert stopped.returncode == 0, stopped.stderr
         listed = json.loads(mctl_cli("app", "list", "--json", "--all").stdout)
         assert [a["state"] for a in listed if a["app_id"] == app_id] == ["stopped"]
+        # the hint printed for a detached app (`mctl app logs NAME`) works after the stop too
+        logs = mctl_cli("app", "logs", "cli_targets")
+        assert logs.returncode == 0, logs.stderr
+        history = mctl_cli("app", "history", "cli_targets", "--json")
+        assert json.loads(history.stdout)["app"]["app_id"] == app_id, history.stderr
+        again = mctl_cli("app", "stop", "cli_targets")  # stop and rollback want a running one
+        assert again.returncode == 1 and f"the newest of that name, {app_id} (detached), " \
+            "is stopped" in again.stderr, again.stderr
     finally:
         srv.stop()

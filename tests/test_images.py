@@ -224,3 +224,18 @@ def test_oci_build_secrets_are_build_secrets_not_layers(tmp_path):
     src = secrets_dir(tmp_path / "ctx") / "step-1.env"
     assert flags[flags.index("--secret") + 1] == f"id=mctl-step-1,src={src}"
     assert src.read_text() == "export TOKEN=s3cret\n" and oct(src.stat().st_mode & 0o777) == "0o600"
+
+
+def test_debian_slim_images_have_python_as_modals_do(tmp_path, monkeypatch):
+    """`python` (not only python3) in every debian_slim image the oci builder makes, as in the
+    default sandbox image: a sandbox on debian_slim().pip_install(...) ran `python` with rc 127."""
+    from mctl.plugins import debian_slim_base
+    from mctl.plugins.image_oci import PYTHON_LINK
+
+    monkeypatch.setattr(debian_slim_base, "ensure", lambda *a: None)  # no base build here
+    for n, image in enumerate([mctl.Image.debian_slim().pip_install("six"),
+                               mctl.Image.debian_slim(python_version="3.13").apt_install("git")]):
+        lines = [ln for ln in render(image, tmp_path / str(n)).splitlines()
+                 if not ln.startswith("ARG ")]  # the host's pip settings
+        assert lines[1:3] == PYTHON_LINK  # right after FROM: one cached layer for every image
+    assert "ln -s python3 /usr/bin/python" in PYTHON_LINK[0]

@@ -362,3 +362,42 @@ def test_ctrl_c_while_the_image_builds_abandons_the_deploy(oci_server):
     out = mctl_cli("deploy", str(APPS / "image_slow.py"), env=env)  # the image stayed cached
     assert "nothing to build" in out.stdout
     assert mctl.Function.from_name("image-slow", "nonce").remote() == env["IMAGE_SLOW_NONCE"]
+
+
+@pytest.mark.slow
+def test_debian_slim_images_have_python_and_older_ones_get_it(images_dev, tmp_path, monkeypatch):
+    """Modal's images have `python`; a sandbox on debian_slim().pip_install(...) had not (rc 127).
+    An image built before (no mctl.python label) gets the link as one layer, not a rebuild."""
+    from mctl.core.images import BuildContext
+    from mctl.core.spec import ImageSpec
+    from mctl.plugins import image_oci
+
+    for key, value in images_dev.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MCTL_IMAGE_REGISTRY", raising=False)
+    image = mctl.Image.debian_slim().run_commands(f"echo {tmp_path.name}")  # a new image id
+    spec = ImageSpec(image_id=image.object_id, recipe=image.recipe())
+    lines = []
+    ctx = BuildContext(log=lines.append, blob_path=lambda b: tmp_path / b)
+    tag = image_oci.build(spec, ctx)["image"]
+
+    def python_runs():
+        return subprocess.run(["podman", "run", "--rm", tag, "python", "-c", "print(6 * 7)"],
+                              capture_output=True, text=True).stdout.strip() == "42"
+
+    try:
+        assert python_runs()
+        # as built before: no link, no label
+        ctr = subprocess.run(["buildah", "from", "--pull=never", tag], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        subprocess.run(["buildah", "run", ctr, "rm", "/usr/bin/python"], check=True)
+        subprocess.run(["buildah", "config", "--label", "mctl.python-", ctr], check=True)
+        subprocess.run(["buildah", "commit", "-q", ctr, tag], check=True, capture_output=True)
+        subprocess.run(["buildah", "rm", ctr], capture_output=True)
+        assert not python_runs()
+        lines.clear()
+        image_oci.build(spec, ctx)
+        assert any("exists, nothing to build" in line for line in lines), lines
+        assert python_runs()
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)

@@ -30,7 +30,8 @@ def printed_then_error(out, attempts):
         ON_STDOUT * attempts, both
     assert [line for line in out.stderr.splitlines() if line in PRINTED] == \
         ["on stderr"] * attempts, both
-    error = out.stderr.index("was killed by signal 9 (SIGKILL) before it finished")
+    # the last one: the caller's error (each failed attempt is in the logs too)
+    error = out.stderr.rindex("was killed by signal 9 (SIGKILL) before it finished")
     assert out.stderr.rindex("on stderr") < error, both
 
 
@@ -120,7 +121,7 @@ def test_in_a_container_killed_and_oom_killed_workers_keep_their_output(images_d
     both = out.stdout + out.stderr
     assert out.returncode != 0, both
     assert out.stdout.count("allocating") == 1, both
-    error = out.stderr.index("was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} "
+    error = out.stderr.rindex("was killed by signal 9 (SIGKILL) before it finished \N{EM DASH} "
                              "out of memory (the kernel's OOM killer ended it)")
     assert out.stderr.index("OOM killer ended this worker") < error, both  # its note: stderr
 

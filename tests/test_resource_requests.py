@@ -83,3 +83,34 @@ def test_nomad_takes_any_gpu_choice_preferring_the_first():
                                  gpu_fallbacks=(GpuRequest(type="A100"),)), NomadOptions.parse({}))
     assert device["Constraints"][0]["RTarget"] == "(?i)(H100|A100)"
     assert [a["RTarget"] for a in device["Affinities"]] == ["(?i)H100", "(?i)A100"]
+
+
+def test_the_local_backend_says_plainly_what_gpu_it_lacks_and_which_names_are_unknown(
+        monkeypatch):
+    """A trial's `gpu="T5"` printed "h requests what this machine has no 1 GPU(s) of type T5"."""
+    import asyncio
+    import dataclasses
+
+    from mctl.core import plugins
+    from mctl.core.spec import unknown_gpu
+    from mctl.plugins.scheduler_local import LocalScheduler
+
+    monkeypatch.setattr(plugins, "registrations", lambda hook: [])  # a machine with no GPU
+    notices = []
+
+    class Events:
+        def notice(self, pool_id, text):
+            notices.append(text)
+
+    sched = LocalScheduler({})
+    sched.events = Events()
+    asyncio.run(sched.ensure_pool(_launch(gpu=GpuRequest(type="T5"))))
+    assert notices[0] == "f: this machine has no GPU, and it asks for 1 T5 GPU; it runs here anyway."
+    assert "'T5' is not one of Modal's" in notices[1] and "did you mean 'T4'?" in notices[1]
+    notices.clear()
+    launch = dataclasses.replace(_launch(gpu=GpuRequest(type=None, count=2)), pool_id="fu-y-v1",
+                                 gpu_fallbacks=(GpuRequest(type="H100"),))
+    asyncio.run(sched.ensure_pool(launch))
+    assert notices == ["f: this machine has no GPU, and it asks for 2 GPUs or 1 H100 GPU; it "
+                       "runs here anyway."]  # any and Modal's names: no warning about the name
+    assert unknown_gpu("h100") == "" and unknown_gpu("RTX6000", ("RTX6000",)) == ""

@@ -295,7 +295,7 @@ def test_modals_other_create_keywords_as_for_functions(app):
         mctl.Sandbox.create(app=app, network_file_systems={"/data": object()})
     with pytest.raises(InvalidError, match="readiness_probe=.*poll with sb.exec"):
         mctl.Sandbox.create(app=app, readiness_probe=object())
-    with pytest.raises(InvalidError, match="unsupported arguments: timout"):
+    with pytest.raises(InvalidError, match="unknown keyword 'timout'. Did you mean 'timeout'"):
         mctl.Sandbox.create(app=app, timout=5)  # a typo is still an error
 
 

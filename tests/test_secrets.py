@@ -274,3 +274,15 @@ def test_first_release_specs_answer_with_keys_not_values():
     assert VALUE not in json.dumps(out)
     assert out["functions"]["f"]["secrets"] == [{"keys": ["API_KEY"], "inline": True},
                                                 {"name": "db", "required_keys": []}]
+
+
+@pytest.mark.parametrize("values,words", [
+    ({"A": 1}, "the value of 'A' is a int (1); values must be str"),
+    ({3: "x"}, "the key 3 is a int; names must be str"),
+    (["A"], "takes a dict of str to str, not list"),
+])
+def test_from_dict_refuses_what_is_not_str_when_declared(values, words):
+    """Not at run time, naming an internal secret 'inline.ap-...', as before."""
+    with pytest.raises(InvalidError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        mctl.Secret.from_dict(values)
+    assert mctl.Secret.from_dict({"A": "1", "B": None}) is not None

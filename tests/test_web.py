@@ -196,6 +196,11 @@ def test_deployed_endpoint_scales_from_zero_and_needs_proxy_auth(server_process,
     status, _, _ = http(f"{server_process.url}/api/apps", headers={
         "Authorization": f"Bearer {secret}"})
     assert status == 403
+    # A stopped app's endpoint says the app is stopped, not that there is no such endpoint.
+    _cli("app", "stop", "webapp")
+    status, body, _ = http(url, headers=proxy)
+    assert status == 404 and b"App 'webapp'" in body and b"is stopped" in body \
+        and b"`mctl deploy` it again" in body, body
 
 
 def _alive(pid):

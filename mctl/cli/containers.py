@@ -17,17 +17,18 @@ def container() -> None:
 @click.option("--app", "app_name", help="Only this app's (name or id).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def container_list(app_name: str | None, as_json: bool) -> None:
-    from mctl.cli.main import _admin_list, _when
+    from mctl.cli.main import _admin_list, _when, embedded_note
 
     rows = _admin_list("/api/containers", params={"app": app_name} if app_name else None)
     if rows is None:
-        click.echo("[]" if as_json else "No containers are running (no mctl server is running).")
+        click.echo("[]" if as_json else "No containers are running (no mctl server is running)."
+                   + embedded_note())
         return
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo("No containers are running.")
+        click.echo("No containers are running." + embedded_note())
         return
     click.echo(f"{'CONTAINER':<27} {'APP':<16} {'FUNCTION':<20} {'HOST':<14} {'STATE':<9} "
                f"{'INPUTS':>6}  SINCE")

@@ -68,7 +68,8 @@ def import_app_file(ref: str) -> tuple[Any, Any, str | None]:
     except Error as exc:  # a declaration mctl refused: its message says what to do
         raise click.ClickException(f"{_user_location(exc)}{exc}") from None
     except Exception as exc:  # a syntax error, a failed import, a NameError, ...
-        raise click.ClickException(f"Could not import {path}:\n{user_traceback(exc)}") from None
+        raise click.ClickException(f"Could not import {path}:\n{user_traceback(exc)}"
+                                   f"{_modal_hint(exc)}") from None
     apps = [v for v in vars(module).values() if isinstance(v, App)]
     if not apps:
         raise click.UsageError(f"{path} defines no mctl.App; create one with app = mctl.App(...).")
@@ -136,6 +137,16 @@ def _parse_entrypoint_args(label: str, sig: inspect.Signature, args: list[str]) 
     return out
 
 
+def _modal_hint(exc: BaseException) -> str:
+    """What to write when an app imports Modal's package, which mctl does not install."""
+    name = getattr(exc, "name", None) or ""
+    if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] != "modal":
+        return ""
+    return ("\nmctl runs Modal's code under its own name and installs no `modal` package: write "
+            "`import mctl as modal` for `import modal`, and mctl for modal in `from modal... "
+            "import ...` (`from mctl.dict import Dict`, `from mctl import Secret`).")
+
+
 def import_app_module(ref: str) -> tuple[Any, Any, str | None]:
     """`package.module[::name]` (mctl run -m) -> (module, App, object name)."""
     import importlib
@@ -152,7 +163,7 @@ def import_app_module(ref: str) -> tuple[Any, Any, str | None]:
                                    f"{os.getcwd()}; run from the directory that holds it, or "
                                    "pass a file path instead of -m.") from None
         raise click.ClickException(f"Could not import {module_name}:\n{user_traceback(exc)}"
-                                   ) from None
+                                   f"{_modal_hint(exc)}") from None
     except Error as exc:
         raise click.ClickException(f"{_user_location(exc)}{exc}") from None
     except Exception as exc:
@@ -402,6 +413,22 @@ NO_SERVER = ("No mctl server is running, so no app, container or sandbox is runn
              "(`mctl server start` starts one; MCTL_SERVER_URL names another).")
 
 
+def embedded_note() -> str:
+    """For a list that came back empty or an id not found: the `mctl run`s alive now on their
+    own embedded control planes, which this command cannot reach, and what to do; '' if none."""
+    from mctl.core.runner import embedded_runs
+
+    runs = embedded_runs()
+    if not runs:
+        return ""
+    which = ", ".join(f"pid {r['pid']}: app {r.get('name') or r['app_id']}" for r in runs)
+    return (f"\n{'A `mctl run` is' if len(runs) == 1 else 'Some `mctl run`s are'} live ({which}) "
+            "on its own control plane inside that process, which mctl commands cannot reach. To "
+            "see and manage its apps, containers and sandboxes from here, start a server first "
+            "(`mctl server start`, or set MCTL_SERVER_URL) and `mctl run` again: it then runs "
+            "there.")
+
+
 def running_server() -> str | None:
     """The server to talk to if one is running: MCTL_SERVER_URL or the profile's (taken as
     given), else the background server recorded in server.json if it is alive; None if none.
@@ -465,10 +492,14 @@ def app_list(as_json: bool, show_all: bool) -> None:
     """List apps."""
     apps = _admin_list("/api/apps", params={"all": "1" if show_all else "0"})
     if apps is None:
-        click.echo("[]" if as_json else "No apps are running (no mctl server is running).")
+        click.echo("[]" if as_json else "No apps are running (no mctl server is running)."
+                   + embedded_note())
         return
     if as_json:
         click.echo(json.dumps(apps, indent=2))
+        return
+    if not apps:
+        click.echo(("No apps are running." if not show_all else "No apps.") + embedded_note())
         return
     width = max([20, *(len(a["name"]) for a in apps)])  # long names keep the columns straight
     click.echo(f"{'APP ID':<26} {'NAME':<{width}} {'MODE':<10} {'STATE':<8} {'VERSION':<7} "

@@ -22,10 +22,11 @@ def sandbox() -> None:
 def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
     """List the running sandboxes (with --all, finished ones too): id, app, name, isolation,
     state, return code, creation time, tags."""
-    from mctl.cli.main import _admin, _when, running_server
+    from mctl.cli.main import _admin, _when, embedded_note, running_server
 
     if running_server() is None:
-        click.echo("[]" if as_json else "No sandboxes are running (no mctl server is running).")
+        click.echo("[]" if as_json else "No sandboxes are running (no mctl server is running)."
+                   + embedded_note())
         return
     params = {"all": "1"} if show_all else {}
     if app_id:  # a name (App.lookup's, a deployed app's) or an id, as `mctl app` takes them
@@ -35,7 +36,8 @@ def sandbox_list(app_id: str | None, show_all: bool, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo("No sandboxes are running." if not show_all else "No sandboxes.")
+        click.echo(("No sandboxes are running." if not show_all else "No sandboxes.")
+                   + embedded_note())
         return
     click.echo(f"{'SANDBOX':<27} {'APP':<27} {'NAME':<14} {'ISOLATION':<9} {'STATE':<10} "
                f"{'RC':>4}  {'CREATED':<19}  TAGS")
@@ -62,12 +64,12 @@ def sandbox_exec(pty: bool | None, workdir: str | None, timeout: int | None, san
     with the command's code. `mctl sandbox exec sb-... -- python3 -c 'print(1)'`;
     `mctl sandbox exec sb-... -- bash` is an interactive shell (on a terminal in the sandbox,
     of this one's size, raw, following its resizes)."""
-    from mctl.cli.main import NO_SERVER, running_server
-    from mctl.exception import Error
+    from mctl.cli.main import NO_SERVER, embedded_note, running_server
+    from mctl.exception import Error, NotFoundError
     from mctl.sdk.sandbox import Sandbox
 
     if running_server() is None:  # nothing runs: no server is started to say so
-        raise click.ClickException(NO_SERVER)
+        raise click.ClickException(NO_SERVER + embedded_note())
     argv = list(command[1:] if command and command[0] == "--" else command)
     if not argv:
         raise click.ClickException("Name the command to run: mctl sandbox exec SB -- CMD.")
@@ -76,6 +78,8 @@ def sandbox_exec(pty: bool | None, workdir: str | None, timeout: int | None, san
     try:
         sb = Sandbox.from_id(sandbox_id)
         p = sb.exec(*argv, workdir=workdir, timeout=timeout, text=False, pty=pty)
+    except NotFoundError as exc:
+        raise click.ClickException(str(exc) + embedded_note()) from None
     except Error as exc:
         raise click.ClickException(str(exc)) from None
     try:

@@ -364,7 +364,7 @@ class Client:
         False when it is the same (the refusal stands)."""
         import aiohttp
 
-        headers = transport.auth_headers(self.url)
+        headers = transport.caller_headers(self.url)
         if self._session is None or headers.get("Authorization") == \
                 self._session.headers.get("Authorization"):
             return False
@@ -382,7 +382,7 @@ class Client:
 
             # The token and the TLS context go with every request and the WebSocket upgrade.
             self._session = aiohttp.ClientSession(
-                headers=transport.auth_headers(self.url),
+                headers=transport.caller_headers(self.url),
                 connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.url)))
 
     async def upload_blob(self, data: bytes) -> str:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from mctl.core import config, ids, transport
 from mctl.core.client import client_for, close_client, run_sync
@@ -241,6 +241,8 @@ def _run_app(app: DeclaredApp, app_id: str, spec: Any, blobs: dict[str, bytes],
         app._hydrate(app_id, url)
         print_web_urls(url, app_id)
         _running_urls.append(url)
+        if url in _embedded_urls:  # so `mctl app list` elsewhere can say this run is not its
+            stack.callback(_note_embedded_run(url, app_id, getattr(app, "name", None)))
         # The embedded control plane prints log lines itself (its log sink); a separate one is
         # followed over HTTP, so `mctl run` shows what functions print wherever they run (with
         # --detach too, while this process runs, as Modal's does).
@@ -262,6 +264,39 @@ def _run_app(app: DeclaredApp, app_id: str, spec: Any, blobs: dict[str, bytes],
                         run_sync(client.http("POST", f"/api/apps/{app_id}/stop"))
         finally:
             _running_urls.remove(url)
+
+
+def _runs_dir() -> Path:
+    return config.home() / "runs"
+
+
+def _note_embedded_run(url: str, app_id: str, name: str | None) -> Callable[[], None]:
+    """Record `$MCTL_HOME/runs/<pid>.json` (url, app; no token) while this process runs an app
+    on its own embedded control plane; returns what removes it. Best effort: never fails."""
+    path = _runs_dir() / f"{os.getpid()}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"pid": os.getpid(), "url": url, "app_id": app_id,
+                                    "name": name, "started": time.time()}))
+    except OSError:
+        pass
+    return lambda: path.unlink(missing_ok=True)
+
+
+def embedded_runs() -> list[dict[str, Any]]:
+    """The `mctl run`s (and `app.run()`s) of this MCTL_HOME alive now on their own embedded
+    control planes, which no other process can reach (their token is in their memory only)."""
+    out = []
+    for path in sorted(_runs_dir().glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record.get("pid"), int) and process_alive(record["pid"]):
+            out.append(record)
+        else:  # a run that was killed: its record stays behind
+            path.unlink(missing_ok=True)
+    return out
 
 
 # What the Ctrl-C line says was left behind, by topic ("app", "sandboxes"); "" says nothing.

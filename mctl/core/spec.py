@@ -139,6 +139,29 @@ class GpuRequest(_Model):
         return cls(type=None if gpu_type == "ANY" else gpu_type, count=int(match["count"] or 1))
 
 
+# Modal's GPU type names (its GPU guide, 2026); mctl takes any name (a cluster's GRES names are its
+# own), and says when one is neither these nor a name the operator mapped (see unknown_gpu).
+MODAL_GPU_TYPES = ("T4", "L4", "A10", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB",
+                   "RTX-PRO-6000", "H100", "H100!", "H200", "B200", "B200+")
+
+
+def unknown_gpu(gpu_type: str | None, known: tuple[str, ...] = ()) -> str:
+    """A warning for a GPU type that is neither Modal's nor in `known` (a scheduler's own names,
+    such as Slurm's gpu_map keys), with the nearest name; '' when the type is known or any."""
+    import difflib
+
+    if gpu_type is None:
+        return ""
+    names = {n.upper() for n in (*MODAL_GPU_TYPES, *known)}
+    if gpu_type.upper() in names:
+        return ""
+    close = difflib.get_close_matches(gpu_type.upper(), sorted(names), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (f"gpu type {gpu_type!r} is not one of Modal's ({', '.join(MODAL_GPU_TYPES)}) nor a "
+            f"name this control plane maps; {hint}mctl passes it on as it is (a cluster may have "
+            "its own GPU names)")
+
+
 class ResourcesSpec(_Model):
     cpu: Cpu = None                  # the request (Modal's `cpu=` or the first of `cpu=(r, l)`)
     memory_mb: MemoryMb = None

@@ -46,6 +46,18 @@ def auth_headers(url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def caller_headers(url: str) -> dict[str, str]:
+    """The headers of the SDK's calls (Function.from_name, .remote, Dict, ...). In a worker, an
+    `MCTL_TOKEN` its function was given (a Secret: a worker never gets the server's) goes instead
+    of its task token, which may call its own app only: that is how a function calls another
+    app's functions (docs/guide.md, "Task tokens"). The worker's own requests keep the task
+    token (auth_headers)."""
+    given = os.environ.get("MCTL_TOKEN", "").strip()
+    if given and os.environ.get("MCTL_TASK_TOKEN") and url not in _tokens:
+        return {"Authorization": f"Bearer {given}"}
+    return auth_headers(url)
+
+
 @functools.lru_cache(maxsize=4)
 def _context(cafile: str | None) -> ssl.SSLContext:
     import ssl

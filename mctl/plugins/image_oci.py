@@ -100,6 +100,8 @@ def build(image: ImageSpec, ctx: BuildContext) -> dict[str, Any]:
         s.get("force_build") for s in image.recipe.get("steps", []))
     if not forced and _exists(tool, tag, ref, registry):
         ctx.say(f"image {image.image_id}: {ref} exists, nothing to build")
+        if not registry and tool != "docker" and base.get("kind", "debian_slim") == "debian_slim":
+            _ensure_python_link(tag, ctx)
         return result
     context = cache_dir() / "oci" / image.image_id
     shutil.rmtree(context, ignore_errors=True)
@@ -201,6 +203,7 @@ def render(image: ImageSpec, ctx: BuildContext, context: Path,
     kind = base["kind"]
     if kind == "debian_slim":
         lines.append(f"FROM {_debian_slim_base(ctx, recipe.get('python_version'))}")
+        lines += PYTHON_LINK  # Modal's images have `python` (the base has python3 only)
     elif kind == "registry":
         from mctl.plugins import registry_v2
 
@@ -420,6 +423,44 @@ def _after_each_from(lines: list[str], extra: list[str]) -> list[str]:
         if line.strip().upper().startswith("FROM "):
             out += extra
     return out
+
+
+# `python` -> python3 in a debian_slim image, as in Modal's (and the default sandbox image, see
+# server/sandboxes._default_image); a layer the build cache shares between images of one base.
+PYTHON_LINK = ["RUN [ -e /usr/bin/python ] || ln -s python3 /usr/bin/python",
+               "LABEL mctl.python=python3"]
+
+
+def _ensure_python_link(tag: str, ctx: BuildContext) -> None:
+    """A debian_slim image built here before they had `python` (no mctl.python label) gets the
+    link as one small layer on the same tag: seconds once, not a rebuild of its steps."""
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    label = subprocess.run(["podman", "image", "inspect", "-f",
+                            '{{index .Labels "mctl.python"}}', tag], capture_output=True, text=True)
+    if label.returncode != 0 or label.stdout.strip() or not shutil.which("buildah"):
+        return
+    ctr = subprocess.run(["buildah", "from", "--pull=never", tag], capture_output=True, text=True)
+    if ctr.returncode != 0:
+        return
+    name = ctr.stdout.strip()
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+            with tarfile.open(tmp.name, "w") as tar:
+                link = tarfile.TarInfo("usr/bin/python")
+                link.type, link.linkname = tarfile.SYMTYPE, "python3"
+                tar.addfile(link, io.BytesIO(b""))
+            for argv in (["buildah", "add", name, tmp.name, "/"],
+                         ["buildah", "config", "--label", "mctl.python=python3", name],
+                         ["buildah", "commit", "-q", name, tag]):
+                if subprocess.run(argv, capture_output=True).returncode != 0:
+                    return
+        ctx.say(f"image {tag}: added python -> python3 (built before debian_slim images had it)")
+    finally:
+        subprocess.run(["buildah", "rm", name], capture_output=True)
 
 
 def _debian_slim_base(ctx: BuildContext, version: str | None) -> str:

@@ -99,8 +99,11 @@ class LocalScheduler:
         if problem and self.strict:
             raise PlacementError(f"this machine ({socket.gethostname()}) {problem}")
         if problem and self.events is not None:
-            self.events.notice(launch.pool_id, f"{launch.function} requests what this machine "
-                                               f"{problem}; running it here anyway.")
+            self.events.notice(launch.pool_id, f"{launch.function}: this machine {problem}; it "
+                                               "runs here anyway.")
+        unknown = _unknown_gpus(launch)
+        if unknown and self.events is not None:
+            self.events.notice(launch.pool_id, f"{launch.function}: {unknown}.")
         self.pools[launch.pool_id] = LocalPool(launch)
 
     async def scale(self, pool_id: str, count: int) -> None:
@@ -280,9 +283,25 @@ def _unavailable(launch: LaunchSpec) -> str:
             matching = [g for g in gpus if wanted is None or wanted.lower() in g.model.lower()]
             if len(matching) >= choice.count:
                 return ""
-            missing.append(f"{choice.count} GPU(s)" + (f" of type {wanted}" if wanted else ""))
-        return f"has no {' or '.join(missing)}"
+            missing.append(_gpus(choice.count, wanted))
+        have = (f"{_gpus(len(gpus), None)} ({', '.join(g.model for g in gpus)})" if gpus
+                else "no GPU")
+        return f"has {have}, and it asks for {' or '.join(missing)}"
     return ""
+
+
+def _gpus(count: int, gpu_type: str | None) -> str:
+    """'1 T4 GPU', '2 GPUs', '3 GPUs of any type'."""
+    return f"{count} {gpu_type + ' ' if gpu_type else ''}GPU{'s' if count != 1 else ''}"
+
+
+def _unknown_gpus(launch: LaunchSpec) -> str:
+    from mctl.core.spec import unknown_gpu
+
+    if launch.gpu is None:
+        return ""
+    return "; ".join(w for w in (unknown_gpu(c.type) for c in (launch.gpu, *launch.gpu_fallbacks))
+                     if w)
 
 
 @mctl.hookimpl

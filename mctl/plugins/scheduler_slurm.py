@@ -170,6 +170,11 @@ class SlurmScheduler:
 
             if mount_namespace.problem():
                 problem = f"{launch.function} mounts volumes, but a job {mount_namespace.problem()}"
+        if problem and launch.gpu is not None:
+            from mctl.core.spec import unknown_gpu
+
+            unknown = unknown_gpu(launch.gpu.type, tuple(self.gpu_map))
+            problem += f" ({unknown})" if unknown else ""
         if problem:
             raise PlacementError(problem)
         pool = self.pools[launch.pool_id] = SlurmPool(launch)

@@ -108,10 +108,15 @@ def _check_keywords(decorator: str, kwargs: dict[str, Any], allowed: set[str]) -
                 warn_once(f"no-effect:{key}", f"{decorator}({key}=...) has no effect on mctl "
                           "(it is about Modal's cloud); it is ignored.", stacklevel=3)
             continue
-        close = difflib.get_close_matches(key, sorted(allowed | ACCEPTED_FOR_COMPAT), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise InvalidError(f"{decorator}() got an unknown keyword {key!r}.{hint}")
+        raise InvalidError(f"{decorator}() got an unknown keyword {key!r}."
+                           f"{did_you_mean(key, allowed | ACCEPTED_FOR_COMPAT)}")
     return extra
+
+
+def did_you_mean(key: str, names: Any) -> str:
+    """' Did you mean 'timeout'?' for the nearest of `names`, '' when none is near."""
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _implemented(decorator: str, key: str, value: Any) -> dict[str, Any]:

@@ -61,13 +61,26 @@ def bind_params(user_cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     the declared types. Runs where the instance is made too, for callers of `Cls.from_name`."""
     params = constructor_params(user_cls)
     cls_name = user_cls.__name__
+    init_args = _custom_init_args(user_cls)
+    if init_args and (args or set(kwargs) - set(params)):
+        decl = "; ".join(f"{n}: int = modal.parameter()" for n in init_args)
+        raise InvalidError(
+            f"{cls_name} takes its arguments in __init__({', '.join(['self', *init_args])}), "
+            f"which mctl does not support on an @app.cls (Modal deprecates a custom __init__ "
+            f"there too): declare them as class parameters instead, `{decl}` in the class body "
+            f"(a parameter is a str, int, bool or bytes; import mctl as modal), drop the __init__ (or use @modal.enter() for setup), and "
+            f"call {cls_name}({', '.join(f'{n}=...' for n in init_args)}).")
     if args:
         raise InvalidError(f"{cls_name}(...) takes parameters by keyword only, e.g. "
-                           f"{cls_name}({next(iter(params), 'name')}=...).")
+                           f"{cls_name}({next(iter(params), 'name')}=...)" + (
+                               "." if params else f"; it declares none: declare one in the class "
+                               "body as `name: str = modal.parameter()`."))
     unknown = set(kwargs) - set(params)
     if unknown:
         raise InvalidError(f"{cls_name} has no parameter {', '.join(sorted(unknown))}; "
-                           f"its parameters are {', '.join(params) or 'none'}.")
+                           f"its parameters are {', '.join(params) or 'none'}" + (
+                               "." if params else f" (declare one in the class body as "
+                               f"`{sorted(unknown)[0]}: str = modal.parameter()`)."))
     annotations = parameter_annotations(user_cls)
     values = {}
     for name, param in params.items():
@@ -79,6 +92,19 @@ def bind_params(user_cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         else:
             raise InvalidError(f"{cls_name} needs parameter {name!r}: {cls_name}({name}=...).")
     return values
+
+
+def _custom_init_args(user_cls: type) -> list[str]:
+    """The arguments (besides self) of a class's own __init__; [] for none or object's."""
+    init = user_cls.__init__
+    if init is object.__init__:
+        return []
+    try:
+        sig = inspect.signature(init)
+    except (TypeError, ValueError):
+        return []
+    return [n for n, p in list(sig.parameters.items())[1:]
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _check_type(cls_name: str, name: str, value: Any, annotation: Any) -> None:

@@ -522,8 +522,14 @@ class Sandbox:
             unsupported.pop(key, None)
         _modal_create_keywords(unsupported)
         if unsupported:
-            raise InvalidError(f"Sandbox.create got unsupported arguments: "
-                               f"{', '.join(sorted(unsupported))}.")
+            import inspect
+
+            from mctl.sdk.app import did_you_mean
+
+            known = [n for n, p in inspect.signature(Sandbox._create).parameters.items()
+                     if p.kind == p.KEYWORD_ONLY]
+            raise InvalidError("Sandbox.create() got an unknown keyword " + "; ".join(
+                f"{key!r}.{did_you_mean(key, known)}" for key in sorted(unsupported)))
         if outbound_cidr_allowlist is not None:  # Modal's newer name for the same thing
             if cidr_allowlist is not None:
                 raise InvalidError("Pass cidr_allowlist= or outbound_cidr_allowlist=, not both "
@@ -714,7 +720,14 @@ class Sandbox:
         from mctl.core import sandbox_runtime
 
         if unsupported:
-            raise InvalidError(f"exec got unsupported arguments: {', '.join(sorted(unsupported))}.")
+            import inspect
+
+            from mctl.sdk.app import did_you_mean
+
+            known = [n for n, p in inspect.signature(Sandbox._exec).parameters.items()
+                     if p.kind == p.KEYWORD_ONLY and not n.startswith("_")]
+            raise InvalidError("Sandbox.exec() got an unknown keyword " + "; ".join(
+                f"{key!r}.{did_you_mean(key, known)}" for key in sorted(unsupported)))
         tty: dict[str, Any] | None = None
         pty_info = pty_info if pty_info is not None else _pty_info
         if pty or (pty_info is not None and getattr(pty_info, "enabled", True) is not False):

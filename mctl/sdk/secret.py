@@ -28,8 +28,17 @@ class Secret:
 
     @staticmethod
     def from_dict(env_dict: dict[str, str | None]) -> Secret:
-        if not isinstance(env_dict, dict) or not all(isinstance(k, str) for k in env_dict):
-            raise InvalidError("Secret.from_dict takes a dict of str to str.")
+        if not isinstance(env_dict, dict):
+            raise InvalidError(f"Secret.from_dict takes a dict of str to str, not "
+                               f"{type(env_dict).__name__}.")
+        for key, value in env_dict.items():  # refused here, not when a worker starts (as Modal)
+            if not isinstance(key, str):
+                raise InvalidError(f"Secret.from_dict: the key {key!r} is a "
+                                   f"{type(key).__name__}; names must be str.")
+            if value is not None and not isinstance(value, str):
+                raise InvalidError(f"Secret.from_dict: the value of {key!r} is a "
+                                   f"{type(value).__name__} ({value!r}); values must be str "
+                                   f"(or None to leave it out), e.g. {key!r}: {str(value)!r}.")
         return Secret(values={k: v for k, v in env_dict.items() if v is not None})
 
     @staticmethod

@@ -203,10 +203,17 @@ def bootstrap_local_token(tokens: TokenStore, token_file: Path | None) -> str:
 def scope_denial(principal: Principal, scope: str) -> str:
     if principal.is_task:
         return (f"A task token cannot do this (it needs scope {scope}); a worker may only read its "
-                "own app, move blobs and call its own app's functions.")
+                f"own app, move blobs and call its own app's functions. {OTHER_APP_HINT}")
     return (f"This token has scope {principal.scope}; this needs scope {scope}. Ask an admin for "
             f"one with `mctl token create --scope {scope}`.")
 
+
+# What a function that must reach beyond its own app does (transport.caller_headers).
+OTHER_APP_HINT = ("To call another app's functions (or do more) from a function, give it a "
+                  "token: `mctl token create --scope invoke --name NAME`, then `mctl secret "
+                  "create NAME MCTL_TOKEN=<that token>`, and `secrets=[mctl.Secret.from_name("
+                  "\"NAME\")]` on the function; its calls then use that token (docs/guide.md, "
+                  "\"Task tokens\").")
 
 RESTRICTED = ("This function is declared with restrict_modal_access=True: its worker may serve "
               "its own inputs only, not call functions or use Dicts, Queues or other apps' "

@@ -116,7 +116,7 @@ async def by_path(request: web.Request) -> web.StreamResponse:
     slug, name = request.match_info["app"], request.match_info["endpoint"]
     endpoint = routes.find(slug, name)
     if endpoint is None:
-        return _not_found(slug, name)
+        return _not_found(routes, slug, name)
     tail = request.match_info.get("tail", "")
     return await serve(request, endpoint, "/" + tail.lstrip("/"),
                        f"{PREFIX}{slug}/{name}")
@@ -134,12 +134,25 @@ async def by_host(request: web.Request, handler: Any) -> web.StreamResponse:
             if sep:
                 endpoint = request.app[ROUTES].find(slug, name)
                 if endpoint is None:
-                    return _not_found(slug, name)
+                    return _not_found(request.app[ROUTES], slug, name)
                 return await serve(request, endpoint, request.path, "")
     return await handler(request)
 
 
-def _not_found(slug: str, name: str) -> web.Response:
+def _not_found(routes: Routes, slug: str, name: str) -> web.Response:
+    """404: no such endpoint; an app of that URL that has stopped says so, and what to do."""
+    deployed = not slug.lower().endswith("-dev")
+    app_name = slug if deployed else slug[:-len("-dev")]
+    stopped = [a for a in routes.control.store.apps()
+               if a["name"].lower() == app_name.lower() and a["state"] != "running"
+               and (a["mode"] == "deployed") == deployed]
+    if stopped:
+        app = stopped[-1]
+        again = ("`mctl deploy` it again (or `mctl app rollback`)" if deployed else
+                 "run it again (`mctl serve` or `mctl run --detach`)")
+        return web.Response(status=404, text=f"App {app['name']!r} ({app['app_id']}) is stopped, "
+                                             f"so its web endpoint {name!r} does not answer; "
+                                             f"{again}.\n")
     return web.Response(status=404, text=f"No web endpoint {name!r} in app {slug!r}; check the "
                                          "URL that `mctl deploy` or `mctl serve` printed.\n")
 

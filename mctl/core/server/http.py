@@ -81,13 +81,15 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _find_app(control: ControlPlane, name: str) -> dict[str, Any]:
+def _find_app(control: ControlPlane, name: str, stopped: bool = False) -> dict[str, Any]:
     """The app with this id, else the deployed app of this name, else the one running detached
-    or ephemeral app of this name (`mctl run --detach`); several such: refused, naming them."""
+    or ephemeral app of this name (`mctl run --detach`); several such: refused, naming them.
+    `stopped` (logs, history): else the newest stopped app of this name."""
     app = control.store.find_app(name)
     if app is not None:
         return app
-    running = [a for a in control.store.apps()
+    apps = control.store.apps()
+    running = [a for a in apps
                if a["name"] == name and a["mode"] != "deployed" and a["state"] == "running"]
     if len(running) == 1:
         return running[0]
@@ -96,6 +98,13 @@ def _find_app(control: ControlPlane, name: str) -> dict[str, Any]:
 
         raise InvalidError(f"{len(running)} running apps are named {name!r}: "
                            f"{', '.join(a['app_id'] for a in running)}; pass one of these ids.")
+    named = [a for a in apps if a["name"] == name]  # oldest first
+    if stopped and named:
+        return named[-1]
+    if named:
+        raise NotFoundError(f"No running app named {name!r}; the newest of that name, "
+                            f"{named[-1]['app_id']} ({named[-1]['mode']}), is stopped. "
+                            "`mctl app list --all` shows stopped apps.")
     raise NotFoundError(f"No app named {name!r}; `mctl app list` shows the apps.")
 
 
@@ -204,7 +213,7 @@ async def stop_app(request: web.Request) -> web.Response:
 
 async def app_history(request: web.Request) -> web.Response:
     control = _control(request)
-    app = _find_app(control, request.match_info["name"])
+    app = _find_app(control, request.match_info["name"], stopped=True)
     return web.json_response({"app": app, "versions": control.store.versions(app["app_id"])})
 
 
@@ -235,7 +244,7 @@ async def rollback_app(request: web.Request) -> web.Response:
 
 async def app_logs(request: web.Request) -> web.Response:
     control = _control(request)
-    app = _find_app(control, request.match_info["name"])
+    app = _find_app(control, request.match_info["name"], stopped=True)
     after = int(request.query.get("after", 0))
     wait = min(float(request.query.get("wait", 0)), 60.0)
     rows = control.store.logs(app["app_id"], after)
@@ -419,7 +428,7 @@ async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse
             app = control.store.find_app(name)
             if app is None or app["app_id"] != principal.app_id:
                 return _json_error(403, "A task token may only read its own app; this request "
-                                        f"names {name!r}.")
+                                        f"names {name!r}. {auth.OTHER_APP_HINT}")
         if task_rule == TASK_OWN_FUNCTION:
             if request.match_info.get("function_id") != principal.function_id:
                 return _json_error(403, "A task token may only read its own function's secrets.")
