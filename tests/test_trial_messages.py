@@ -115,3 +115,52 @@ def test_cli_says_a_live_mctl_run_has_its_own_control_plane(server_process, monk
         assert note in cli_says("sandbox", "list") and note in cli_says("app", "list")
     monkeypatch.setenv("MCTL_SERVER_URL", url)
     assert "live" not in cli_says("app", "list")  # the run ended: its record went with it
+
+
+COUNTER = '''
+import mctl as modal
+
+app = modal.App()
+d = modal.Dict.from_name("trial-counter", create_if_missing=True)
+
+
+@app.function()
+def bump():
+    d["n"] = d.get("n", 0) + 1
+    return d["n"]
+
+
+@app.local_entrypoint()
+def main():
+    print("count:", bump.remote(), d["n"])
+'''
+
+
+@pytest.mark.integration
+def test_a_named_dict_on_mctl_runs_own_control_plane_says_it_will_go(tmp_path, isolated_home,
+                                                                     server_process,
+                                                                     monkeypatch):
+    """Modal's named Dicts outlive a run; on `mctl run`'s own control plane (no server) they
+    cannot: one line says so and how to keep them. On a server, nothing is said."""
+    import os
+    import subprocess
+    import sys
+
+    app_file = tmp_path / "counter.py"
+    app_file.write_text(COUNTER)
+    note = "mctl: Dict 'trial-counter' lives in this run's own control plane and is gone when"
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-m", "mctl", "run", str(app_file)],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    on_server = run(os.environ)
+    assert "count: 1 1" in on_server.stdout and note not in on_server.stderr
+    alone = {k: v for k, v in os.environ.items() if k != "MCTL_SERVER_URL"}
+    alone["MCTL_HOME"] = str(tmp_path / "another-home")  # no server configured there
+    out = run(alone)
+    assert "count: 1 1" in out.stdout
+    assert out.stderr.count(note) == 1, out.stderr
+    assert "start a server (`mctl server start`, or set MCTL_SERVER_URL)" in out.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from mctl.exception import InvalidError, NotFoundError
@@ -32,6 +33,22 @@ def server_url() -> str:
 
 # True while a blocking call drives an operation in the caller's thread (see `_drive`).
 _blocking: contextvars.ContextVar[bool] = contextvars.ContextVar("mctl_blocking", default=False)
+
+
+_noted: set[tuple[str, str]] = set()
+
+
+def _note_if_throwaway(url: str, label: str, name: str) -> None:
+    """A named Dict or Queue on the control plane `mctl run` started in this process (state in
+    a temp dir) is gone when the run ends, unlike Modal's: say so once per name, with the fix."""
+    from mctl.core import runner
+
+    if url not in runner._embedded_urls or (label, name) in _noted:
+        return
+    _noted.add((label, name))
+    print(f"mctl: {label} {name!r} lives in this run's own control plane and is gone when the run "
+          "ends; to keep it, start a server (`mctl server start`, or set MCTL_SERVER_URL) and "
+          "run again.", file=sys.stderr, flush=True)
 
 
 def _drive(awaitable: Any) -> Any:
@@ -104,6 +121,7 @@ class StoredObject:
                 reply = await client_for(self._url).http(  # type: ignore[arg-type]
                     "POST", "/api/objects/lookup", body)
             self._object_id = reply["object_id"]
+            _note_if_throwaway(self._url, self.label, self._name)  # type: ignore[arg-type]
         return self._object_id
 
     async def _call(self, op: str, header: dict[str, Any] | None = None,
