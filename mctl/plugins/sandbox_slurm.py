@@ -533,8 +533,10 @@ class SlurmSandboxes:
             tls = " --tls-verify=false" if insecure(registry.split("/", 1)[0]) else ""
             script += (f"podman tag {q(tag)} {q(ref)}; podman push -q{tls} {q(ref)}; "
                        f"podman rmi {q(tag)} >/dev/null\n")
+        from mctl.core.server.sandboxes import SNAPSHOT_TIMEOUT_S
+
         rc, _, err = await self._on_node_argv(sandbox_id, ["/bin/sh", "-c", script],
-                                              timeout=600)
+                                              timeout=SNAPSHOT_TIMEOUT_S)
         if rc != 0:
             raise InvalidError(f"Could not snapshot sandbox {sandbox_id} on its node "
                                f"{rec['host']}: {err.strip()[-400:]}")

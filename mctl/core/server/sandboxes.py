@@ -46,6 +46,7 @@ TIMEOUT_GRACE_S = 30
 # replaced when too little is left.
 WARM_TTL_S = float(os.environ.get("MCTL_SANDBOX_WARM_TTL", "3600"))
 # A finished sandbox's container (its logs) is kept this long, then removed.
+SNAPSHOT_TIMEOUT_S = 600.0  # snapshot_filesystem(), here or on a node
 KEEP_FINISHED_S = float(os.environ.get("MCTL_SANDBOX_KEEP_S", "900"))
 
 
@@ -859,7 +860,13 @@ class Sandboxes:
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", self.snapshot_script(rec, tag), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate()
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), SNAPSHOT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: it took over "
+                               f"{SNAPSHOT_TIMEOUT_S:g}s (a very large file system?).") from None
         if proc.returncode != 0:
             raise InvalidError(f"Could not snapshot sandbox {sandbox_id}: "
                                f"{err.decode(errors='replace').strip()[-400:]}")
