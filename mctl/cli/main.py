@@ -522,7 +522,8 @@ def app_stop(name: str) -> None:
     """Stop an app: its workers exit and its schedules stop firing."""
     result = _admin("POST", f"/api/apps/{name}/stop")
     shown = result.get("name") or name
-    click.echo(f"Stopped {shown} ({result['app_id']})" if shown != result["app_id"]
+    shown = f"{shown} ({result['app_id']})" if shown != result["app_id"] else shown
+    click.echo(f"App {shown} was already stopped; nothing to do." if result.get("already")
                else f"Stopped {shown}")
 
 
@@ -569,15 +570,23 @@ def app_logs(name: str, follow: bool, stream: str) -> None:
     logs` and `nomad alloc logs -stderr` do), so `mctl app logs APP > out.txt` keeps only stdout's;
     `--stream` picks one stream."""
     print_logs(f"/api/apps/{name}/logs", follow,
-               lambda row: f"{row['function']} {row['task_id']}  {row['line']}", stream)
+               lambda row: f"{row['function']} {row['task_id']}  {row['line']}", stream,
+               until_stopped=True)
 
 
-def print_logs(path: str, follow: bool, describe: Any, stream: str = "all") -> None:
+def print_logs(path: str, follow: bool, describe: Any, stream: str = "all",
+               until_stopped: bool = False) -> None:
     """Page through a logs route (1,000 lines a page); `follow`: long-poll for new lines.
-    A stderr line goes to stderr; `stream` other than "all" prints only that stream's."""
+    A stderr line goes to stderr; `stream` other than "all" prints only that stream's.
+    `until_stopped` (an app's logs): following ends, with a line saying so, once the app is
+    stopped and every line is printed (as `modal app logs` streams only while the app runs)."""
     after = 0
     while True:
-        rows = _admin("GET", path, params={"after": after, "wait": 25 if follow else 0})
+        params = {"after": after, "wait": 25 if follow else 0}
+        if follow and until_stopped:
+            params["state"] = 1
+        answer = _admin("GET", path, params=params)
+        rows = answer["rows"] if isinstance(answer, dict) else answer  # list: an older server
         for row in rows:
             after = row["id"]
             row_stream = row.get("stream", "stdout")
@@ -592,7 +601,13 @@ def print_logs(path: str, follow: bool, describe: Any, stream: str = "all") -> N
 
                 stdout_gone()
                 sys.exit(141)  # quietly, 128 + SIGPIPE as `yes | head` leaves it
-        if not follow and len(rows) < 1000:
+        if len(rows) < 1000 and (not follow or (isinstance(answer, dict)
+                                               and answer["state"] == "stopped")):
+            if follow:
+                shown = (f"{answer['name']} ({answer['app_id']})"
+                         if answer["name"] != answer["app_id"] else answer["app_id"])
+                sys.stdout.flush()
+                click.echo(f"mctl: app {shown} is stopped; no more lines will come.", err=True)
             return
 
 
@@ -658,9 +673,16 @@ def secret_create(name: str, pairs: tuple[str, ...], dotenv: str | None, from_js
         raise click.UsageError(f"The secret's name is missing: {name!r} is a KEY=VALUE pair; "
                                f"write `mctl secret create NAME {name} ...`.")
     values = _secret_values(pairs, dotenv, from_json)
+    existed = force and any(row["name"] == name for row in _admin("GET", "/api/secrets",
+                                                                    start=True))
     how = create(_admin, name, values, force)  # to Vault from here when it can: see that module
-    click.echo(f"Created secret {name} with keys {', '.join(sorted(values))}"
+    click.echo(f"{'Replaced' if existed else 'Created'} secret {name} with keys "
+               f"{', '.join(sorted(values))}"
                + (" (written to Vault from this machine)" if how == "client" else ""))
+    if existed:
+        click.echo("mctl: containers already running keep the old values until they are "
+                   "replaced: `mctl container stop ID` (or deploy the app again) to pick up the "
+                   "new ones.", err=True)
 
 
 @secret.command("list")

@@ -105,19 +105,39 @@ def volume_put(name: str, local: str, remote: str, force: bool) -> None:
 @click.argument("name")
 @click.argument("remote")
 @click.argument("local", default=".")
-@click.option("-f", "--force", is_flag=True, help="Replace a local file that exists.")
+@click.option("-f", "--force", is_flag=True, help="Replace local files that exist.")
 def volume_get(name: str, remote: str, local: str, force: bool) -> None:
-    """Download file REMOTE of volume NAME to LOCAL (a directory, a file, or '-' for stdout)."""
+    """Download REMOTE of volume NAME to LOCAL (a directory, a file, or '-' for stdout).
+
+    A directory REMOTE is downloaded with everything below it, as Modal's `volume get`: into
+    LOCAL under its own name when LOCAL is a directory, else to LOCAL itself."""
     from mctl.sdk.volume import Volume
 
     vol = Volume.from_name(name)
+    entries = _run(lambda: vol.listdir(remote, recursive=True))
+    key = remote.strip("/")  # a file lists as itself; a directory as what is below it
+    is_file = (len(entries) == 1 and entries[0].path.strip("/") == key
+               and entries[0].type.name != "DIRECTORY")
     if local == "-":
+        if not is_file:
+            raise click.ClickException(f"{remote!r} is a directory in volume {name!r}; '-' "
+                                       "writes one file's bytes: give a local directory to "
+                                       "download it into.")
         _run(lambda: vol.read_file_into_fileobj(remote, sys.stdout.buffer))
+        return
+    if not is_file:
+        _get_directory(vol, name, remote, local, force, entries)
         return
     target = os.path.join(local, os.path.basename(remote.rstrip("/"))) \
         if os.path.isdir(local) else local
     if os.path.exists(target) and not force:
         raise click.ClickException(f"{target} exists; pass --force to replace it.")
+    size = _download(vol, remote, target)
+    click.echo(f"Downloaded {name}:{remote} to {target} ({size} bytes)", err=True)
+
+
+def _download(vol: Any, remote: str, target: str) -> int:
+    """One file, written whole or not at all."""
     tmp = f"{target}.mctl-part"
     try:
         with open(tmp, "wb") as fh:
@@ -126,7 +146,48 @@ def volume_get(name: str, remote: str, local: str, force: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    click.echo(f"Downloaded {name}:{remote} to {target} ({size} bytes)", err=True)
+    return size
+
+
+def _get_directory(vol: Any, name: str, remote: str, local: str, force: bool,
+                   entries: list[Any]) -> None:
+    """Directory `remote` with everything below it: to LOCAL/<its name> when LOCAL is a
+    directory (LOCAL itself for the volume's root), else to LOCAL, made. Existing local files
+    are checked first: without --force none is replaced and nothing is written."""
+    key = remote.strip("/")
+    base = local
+    if os.path.isdir(local) and key:
+        base = os.path.join(local, os.path.basename(key))
+    plan = []
+    for e in entries:
+        rel = e.path.strip("/")[len(key):].lstrip("/") if key else e.path.strip("/")
+        target = os.path.join(base, *rel.split("/"))
+        kind = e.type.name
+        if kind == "DIRECTORY":
+            if os.path.exists(target) and not os.path.isdir(target):
+                raise click.ClickException(f"{target} exists and is not a directory; move it "
+                                           "away to download the directory there.")
+        elif kind == "FILE":
+            if os.path.isdir(target):
+                raise click.ClickException(f"{target} is a local directory; volume file "
+                                           f"{e.path} cannot replace it.")
+            if os.path.exists(target) and not force:
+                raise click.ClickException(f"{target} exists; pass --force to replace it (and "
+                                           "every other local file the download would replace).")
+            plan.append((e, target))
+    os.makedirs(base, exist_ok=True)
+    for e in entries:
+        if e.type.name == "DIRECTORY":
+            rel = e.path.strip("/")[len(key):].lstrip("/") if key else e.path.strip("/")
+            os.makedirs(os.path.join(base, *rel.split("/")), exist_ok=True)
+    total = 0
+    for e, target in plan:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        total += _download(vol, "/" + e.path.strip("/"), target)
+    skipped = sum(1 for e in entries if e.type.name not in ("FILE", "DIRECTORY"))
+    note = f"; {skipped} symlink{'s' if skipped != 1 else ''} skipped" if skipped else ""
+    click.echo(f"Downloaded {name}:{remote} to {base} ({len(plan)} file"
+               f"{'s' if len(plan) != 1 else ''}, {total} bytes{note})", err=True)
 
 
 @volume.command("rm")
@@ -137,7 +198,13 @@ def volume_rm(name: str, path: str, recursive: bool) -> None:
     """Remove PATH from volume NAME."""
     from mctl.sdk.volume import Volume
 
-    _run(lambda: Volume.from_name(name).remove_file(path, recursive=recursive))
+    try:
+        _run(lambda: Volume.from_name(name).remove_file(path, recursive=recursive))
+    except click.ClickException as exc:
+        if not recursive and "is a directory" in exc.message:
+            raise click.ClickException(f"{path!r} is a directory in volume {name!r}; pass "
+                                       "-r/--recursive to remove it and its contents.") from None
+        raise
     click.echo(f"Removed {name}:{path}")
 
 

@@ -19,10 +19,12 @@ def _not_found(fspec: FunctionSpec, ref: dict[str, Any], backends: list[Any]) ->
         return NotFoundError(f"The secret values given in code for {fspec.tag} (keys "
                              f"{', '.join(ref.get('keys', []))}) are no longer in the "
                              "secret store; run or deploy the app again.")
-    return NotFoundError(f"Secret {name!r} (used by {fspec.tag}) was not found in the "
-                         f"secret backends ({', '.join(b.name for b in backends)}); "
-                         "create it with "
-                         f"`mctl secret create {name} KEY=VALUE`.")
+    active = [b.name for b in backends if b.configured is None or b.configured()] or \
+        [b.name for b in backends]  # only those set up here (no Vault without VAULT_ADDR)
+    where = (f"the {active[0]} secret backend" if len(active) == 1
+             else f"the secret backends ({', '.join(active)})")
+    return NotFoundError(f"Secret {name!r} (used by {fspec.tag}) was not found in {where}; "
+                         f"create it with `mctl secret create {name} KEY=VALUE`.")
 
 
 def _check_keys(ref: dict[str, Any], present: Any) -> None:

@@ -156,6 +156,9 @@ class SecretBackend(_Registration):
     - `worker_access(app_id, names) -> dict`: JSON-able, short-lived means for one worker to read
       these secrets (e.g. a response-wrapped token), sent to it with its task token.
     - `worker_read(access) -> dict[str, str]`: run in the worker, the values read with `access`.
+
+    And any backend may give `configured() -> bool`: False when it is not set up here (Vault
+    without VAULT_ADDR), so that a missing secret's message names only the backends in use.
     """
 
     resolve: Callable[[str], dict[str, str] | None]
@@ -167,6 +170,7 @@ class SecretBackend(_Registration):
     revoke: Callable[[str], None] | None = None
     worker_access: Callable[[str, list[str]], dict[str, Any]] | None = None
     worker_read: Callable[[dict[str, Any]], dict[str, str]] | None = None
+    configured: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -297,4 +297,5 @@ def worker_read(access: dict[str, Any]) -> dict[str, str]:
 def mctl_register_secret_backends():
     yield SecretBackend(name="vault", resolve=resolve, list=list_secrets, create=create,
                         delete=delete, keys=keys, grant=grant, revoke=revoke,
-                        worker_access=worker_access, worker_read=worker_read)
+                        worker_access=worker_access, worker_read=worker_read,
+                        configured=lambda: _addr() is not None)

@@ -151,7 +151,7 @@ class Image:
         if _in_worker():
             return self
         if not path.is_file():
-            raise InvalidError(f"Image.pip_install_from_requirements: no file {path}.")
+            raise _no_local("pip_install_from_requirements", "file", path)
         lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
         return self.pip_install(*[line for line in lines if line], find_links=find_links,
                                 **options)
@@ -165,7 +165,7 @@ class Image:
         if _in_worker():
             return self
         if not path.is_file():
-            raise InvalidError(f"Image.pip_install_from_pyproject: no file {path}.")
+            raise _no_local("pip_install_from_pyproject", "file", path)
         project = tomllib.loads(path.read_text()).get("project", {})
         deps = list(project.get("dependencies", []))
         for group in optional_dependencies:
@@ -225,7 +225,7 @@ class Image:
         """`copy=False` adds the file when the container starts; `copy=True` bakes a layer."""
         src = Path(local_path)
         if not src.is_file() and not _in_worker():
-            raise InvalidError(f"Image.add_local_file: no file {src}.")
+            raise _no_local("add_local_file", "file", src)
         if not remote_path.startswith("/"):
             raise InvalidError(f"Image.add_local_file: remote_path must be absolute, got "
                                f"{remote_path!r}.")
@@ -239,7 +239,7 @@ class Image:
                       ) -> Image:
         src = Path(local_path)
         if not src.is_dir() and not _in_worker():
-            raise InvalidError(f"Image.add_local_dir: no directory {src}.")
+            raise _no_local("add_local_dir", "directory", src)
         if not remote_path.startswith("/"):
             raise InvalidError(f"Image.add_local_dir: remote_path must be absolute, got "
                                f"{remote_path!r}.")
@@ -399,6 +399,31 @@ def _walk(root: Path, ignore: Sequence[str] | Callable[[Path], bool]) -> list[Pa
         dirnames[:] = sorted(d for d in dirnames if not ignored(Path(dirpath) / d))
         out += [Path(dirpath) / f for f in sorted(filenames) if not ignored(Path(dirpath) / f)]
     return out
+
+
+def _no_local(method: str, kind: str, given: Path) -> InvalidError:
+    """No such local file or directory: the full path tried (a relative one is taken from the
+    current directory, as in Modal), and a hint when one of that name is next to the app file."""
+    import sys
+
+    cwd = Path.cwd()
+    tried = cwd / given
+    text = f"Image.{method}: no {kind} {tried}"
+    if given.is_absolute():
+        return InvalidError(text + ".")
+    text += f" (a relative path is taken from the current directory, {cwd}, as in Modal)."
+    frame = sys._getframe(1)  # the first caller outside mctl: the app file
+    package = str(Path(__file__).resolve().parent.parent)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+    if frame is not None and not frame.f_code.co_filename.startswith("<"):
+        here = Path(frame.f_code.co_filename).resolve().parent
+        beside = here / given
+        if here != cwd.resolve() and (beside.is_dir() if kind == "directory"
+                                      else beside.is_file()):
+            text += (f" {beside} exists next to the app file: write Path(__file__).parent / "
+                     f"{str(given)!r} to use it from any directory.")
+    return InvalidError(text)
 
 
 def _in_worker() -> bool:

@@ -91,12 +91,14 @@ class Autoscaler:
         self.in_place = bool(getattr(backend, "updates_in_place", False))
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False  # the control plane is shutting down: it stops the workers itself
 
     async def start(self) -> None:
         await self.backend.start(self)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def shutdown(self) -> None:
+        self.closing = True
         if self._task is not None:
             self._task.cancel()
         for task in list(self._tasks):
@@ -343,6 +345,8 @@ class Autoscaler:
             pool.stopping.discard(worker_id)
             return
         pool.asked = max(pool.asked - 1, 0)
+        if self.closing:  # stopped by this shutdown, not a failed start: nothing to count or log
+            return
         if worker_id in pool.ready or worker_id in pool.reported:
             pool.ready.discard(worker_id)
             pool.reported.discard(worker_id)

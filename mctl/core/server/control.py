@@ -153,6 +153,7 @@ class ControlPlane:
         self.log_events: dict[str, asyncio.Event] = {}
         self.app_owners: dict[str, set[Conn]] = {}
         self.app_modes: dict[str, str] = {}
+        self.apps_stopping: set[str] = set()  # stop_app under way: its workers may still print
         self.ephemeral_grace = float(os.environ.get("MCTL_EPHEMERAL_GRACE", "60"))
         self._acks: list[tuple[Conn, dict[str, Any]]] = []
         self._output_acks: set[Conn] = set()
@@ -278,6 +279,16 @@ class ControlPlane:
         mode = self.app_modes.pop(app_id, None)
         self.app_owners.pop(app_id, None)
         self.store.set_app_state(app_id, "stopped")
+        self.apps_stopping.add(app_id)
+        try:
+            await self._stop_app(app_id, spec, mode)
+        finally:
+            self.apps_stopping.discard(app_id)
+            event = self.log_events.pop(app_id, None)  # `mctl app logs -f` sees the stop
+            if event is not None:
+                event.set()
+
+    async def _stop_app(self, app_id: str, spec: AppSpec | None, mode: str | None) -> None:
         if self.tokens is not None:
             self.tokens.revoke_task_tokens(app_id)
         if self.autoscaler is not None:

@@ -206,6 +206,9 @@ def _redacted(spec: dict[str, Any] | None) -> dict[str, Any] | None:
 async def stop_app(request: web.Request) -> web.Response:
     control = _control(request)
     app = _find_app(control, request.match_info["name"])
+    if app["state"] == "stopped":  # nothing to do: said so, and no second audit entry
+        return web.json_response({"app_id": app["app_id"], "name": app["name"],
+                                  "state": "stopped", "already": True})
     await control.stop_app(app["app_id"])
     control.audit(request, "app.stop", app["app_id"], name=app["name"])
     return web.json_response({"app_id": app["app_id"], "name": app["name"], "state": "stopped"})
@@ -247,13 +250,25 @@ async def app_logs(request: web.Request) -> web.Response:
     app = _find_app(control, request.match_info["name"], stopped=True)
     after = int(request.query.get("after", 0))
     wait = min(float(request.query.get("wait", 0)), 60.0)
-    rows = control.store.logs(app["app_id"], after)
-    if not rows and wait:
-        await control.wait_logs(app["app_id"], wait)
-        rows = control.store.logs(app["app_id"], after)
-    return web.json_response([
+    app_id = app["app_id"]
+
+    def state() -> str:
+        """running, stopping (its workers may still print) or stopped (no more lines)."""
+        now = control.store.find_app(app_id) or app
+        return "stopping" if app_id in control.apps_stopping else now["state"]
+
+    now, rows = state(), control.store.logs(app_id, after)  # no await between: consistent
+    if not rows and wait and now != "stopped":  # a stopped app writes no more lines
+        await control.wait_logs(app_id, wait)
+        now, rows = state(), control.store.logs(app_id, after)
+    listed = [
         {"id": r[0], "ts": r[1], "task_id": r[2], "function": r[3], "line": r[4], "stream": r[5]}
-        for r in rows])
+        for r in rows]
+    if request.query.get("state") != "1":
+        return web.json_response(listed)
+    # `mctl app logs -f` ends at "stopped" once it has fewer than a page: those are the last lines.
+    return web.json_response({"rows": listed, "state": now, "app_id": app_id,
+                              "name": app["name"]})
 
 
 async def lookup_function(request: web.Request) -> web.Response:
