@@ -139,7 +139,7 @@ def test_cli(server_process, tmp_path):
     mctl_cli("volume", "get", "models", "v1/weights.bin", str(tmp_path / "down"))
     assert (tmp_path / "down").read_bytes() == b"\x00\x01weights"
     out = mctl_cli("volume", "get", "models", "v1/nope", str(tmp_path / "nope"), check=False)
-    assert out.returncode != 0 and "No file 'v1/nope'" in out.stderr
+    assert out.returncode != 0 and "No file or directory 'v1/nope'" in out.stderr
     assert not (tmp_path / "nope").exists()
 
     out = mctl_cli("volume", "rm", "models", "tree", check=False)
