@@ -49,8 +49,6 @@ def team(tmp_path, server_process, monkeypatch):
 
 def test_mctl_run_and_app_run_use_the_active_profiles_server(team, tmp_path, monkeypatch):
     server, env, admin_env, _ = team
-    shown = json.loads(mctl_cli("config", "show", "--json", env=env).stdout)
-    assert shown["server"] == server.url and "profile team-deploy" in shown["server_from"]
     app_file = tmp_path / "team_app.py"
     app_file.write_text(TEAM_APP)
     out = mctl_cli("run", str(app_file), env=env)
@@ -61,6 +59,9 @@ def test_mctl_run_and_app_run_use_the_active_profiles_server(team, tmp_path, mon
     volumes = mctl_cli("volume", "list", "--json", env=admin_env).stdout
     assert "team-vol" in volumes
     assert not (tmp_path / "user-home" / "server.json").exists()
+    assert not (tmp_path / "user-home" / "volume-store").exists()
+    shown = json.loads(mctl_cli("config", "show", "--json", env=env).stdout)
+    assert shown["server"] == server.url and "profile team-deploy" in shown["server_from"]
 
     # `with app.run():` in a process of that user, too
     from conftest import load_app
