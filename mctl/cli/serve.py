@@ -1,6 +1,7 @@
 """`mctl serve app.py`: run an app with its web endpoints live, and run it again when its files
-change. Every run is on the same control plane (an embedded one unless MCTL_SERVER_URL or a profile names a server)
-and an ephemeral app's URL names the app, not the run, so the URLs stay the same."""
+change. Every run is on the same control plane (an embedded one unless MCTL_SERVER_URL or a
+profile names a server) and an ephemeral app's URL names the app, not the run, so the URLs stay
+the same."""
 
 from __future__ import annotations
 

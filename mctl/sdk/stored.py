@@ -3,8 +3,8 @@ the control plane they live on.
 
 A handle made by `from_name` resolves on first use, against the control plane of the app running
 in this process (`app.run()`), else `MCTL_SERVER_URL` (a worker's own) or the active profile's
-server, else the background server (`mctl deploy`'s). So a module-level `Queue.from_name(...)` names the same
-queue in the caller and in every worker of the app.
+server, else the background server (`mctl deploy`'s). So a module-level `Queue.from_name(...)`
+names the same queue in the caller and in every worker of the app.
 """
 
 from __future__ import annotations
