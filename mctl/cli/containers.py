@@ -178,19 +178,14 @@ def config_show(as_json: bool) -> None:
     from mctl.core import config as cfg
 
     try:
-        server = cfg.configured_server_url()
+        choice = cfg.server_choice()
+        server, server_from = choice.url, choice.where
     except Exception as exc:  # noqa: BLE001 - a malformed URL: show what is wrong
-        server = f"invalid: {exc}"
-    token = cfg.configured_token()
-    source = ("MCTL_TASK_TOKEN" if os.environ.get("MCTL_TASK_TOKEN") else
-              "MCTL_TOKEN" if os.environ.get("MCTL_TOKEN") else
-              str(cfg.profile_file()) if cfg._profile().get("token") else
-              str(cfg.local_token_file()) if token else None)
+        server, server_from = f"invalid: {exc}", None
+    token, source = cfg.token_choice()
     data = {
         "server": server,
-        "server_from": ("MCTL_SERVER_URL" if os.environ.get("MCTL_SERVER_URL") else
-                        str(cfg.profile_file()) if cfg._profile().get("server") else
-                        str(cfg.server_file()) if server else None),
+        "server_from": server_from,
         "token": "set" if token else None, "token_from": source,
         "home": str(cfg.home()), "environment": cfg.environment_name(),
         "server_config": str(cfg.server_config_file()),

@@ -433,20 +433,16 @@ def running_server() -> str | None:
     """The server to talk to if one is running: MCTL_SERVER_URL or the profile's (taken as
     given), else the background server recorded in server.json if it is alive; None if none.
     Starts nothing."""
-    from mctl.core.config import configured_server_url
-    from mctl.core.runner import background_server, read_server_file
+    from mctl.core.config import server_choice
+    from mctl.core.runner import background_server
 
     try:
-        url = configured_server_url()
+        choice = server_choice()
     except Error as exc:
         raise click.ClickException(str(exc)) from None
-    if url is None:
-        return None
-    record = read_server_file()
-    if (not os.environ.get("MCTL_SERVER_URL") and record
-            and str(record.get("url", "")).rstrip("/") == url):
-        return url if background_server() else None  # a stale server.json
-    return url
+    if choice.source == "background":
+        return choice.url if background_server() else None  # a stale server.json
+    return choice.url
 
 
 def _admin_list(path: str, params: dict[str, Any] | None = None) -> list[Any] | None:
@@ -835,7 +831,10 @@ def token_set(token_value: str, server: str | None, profile: str | None,
     if not token_value.startswith("mctl_"):
         raise click.UsageError("That is not an mctl token (they start with mctl_); copy the "
                                "whole line `mctl token create` printed.")
-    path = save_profile(token_value.strip(), server, profile, activate)
+    try:
+        path = save_profile(token_value.strip(), server, profile, activate)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
     name = profile or active_profile_name()
     active = name == active_profile_name()
     click.echo(f"Saved the token{' and server' if server else ''} to {path} (profile {name}"
@@ -1005,10 +1004,27 @@ def _uptime(seconds: float) -> str:
 
 @server.command("status")
 def server_status() -> None:
-    """Say whether the background server runs: its URL, pid and uptime."""
-    from mctl.core.runner import background_server
+    """Say which server commands use and whether it answers; and whether the local background
+    server (the one `mctl server start/stop` manage) runs: its URL, pid and uptime."""
+    from mctl.core.runner import background_server, server_alive
 
+    choice = _named_choice()
     record = background_server()
+    if choice is not None:
+        try:
+            alive = server_alive(choice.url)
+        except Error as exc:
+            alive, why = False, str(exc)
+        else:
+            why = "it answers /healthz" if alive else "it does not answer /healthz"
+        click.echo(f"Commands use the mctl server at {choice.url} (from {choice.where}): {why}.")
+        if record is not None:
+            click.echo(f"A local background server also runs at {record['url']} (pid "
+                       f"{record['pid']}); commands do not use it while {choice.where} names "
+                       "a server.")
+        click.echo("`mctl server start/stop/status` manage only a local background server"
+                   + ("" if record else "; none runs") + ".")
+        sys.exit(0 if alive else 1)
     if record is None:
         click.echo("No mctl server is running; `mctl deploy` or `mctl server start` starts one.")
         sys.exit(1)
@@ -1017,11 +1033,30 @@ def server_status() -> None:
     click.echo(f"mctl server running at {record['url']} (pid {record['pid']}, up {uptime})")
 
 
+def _named_choice() -> Any:
+    """The server MCTL_SERVER_URL or the active profile names (config.ServerChoice), else None."""
+    from mctl.core.config import server_choice
+
+    try:
+        choice = server_choice()
+    except Error as exc:
+        raise click.ClickException(str(exc)) from None
+    return choice if choice.named else None
+
+
 @server.command("start")
 def server_start() -> None:
     """Start the background server if none runs (as `mctl deploy` does)."""
-    from mctl.core.runner import background_server, ensure_background_server
+    from mctl.core.runner import background_server, ensure_background_server, server_alive
 
+    choice = _named_choice()
+    if choice is not None:
+        alive = server_alive(choice.url)
+        click.echo(f"Commands use the mctl server at {choice.url} (from {choice.where}), which "
+                   f"{'answers' if alive else 'does not answer'} /healthz; no local background "
+                   "server was started (it would not be used). Unset MCTL_SERVER_URL or run "
+                   "`mctl profile deactivate` to use one.")
+        sys.exit(0 if alive else 1)
     try:
         running = background_server()
         url = running["url"] if running else ensure_background_server()
@@ -1039,10 +1074,19 @@ def server_stop() -> None:
         record = stop_background_server()
     except Error as exc:
         raise click.ClickException(str(exc)) from None
+    choice = _named_choice()
     if record is None:
+        if choice is not None:
+            click.echo(f"No local background server is running, so nothing was stopped. Commands "
+                       f"use the mctl server at {choice.url} (from {choice.where}), which `mctl "
+                       "server stop` does not manage: stop it where it runs.")
+            return
         click.echo("No mctl server is running; nothing to stop.")
         return
     click.echo(f"Stopped the mctl server at {record['url']} (pid {record['pid']})")
+    if choice is not None:
+        click.echo(f"Commands use the mctl server at {choice.url} (from {choice.where}), which "
+                   "keeps running.")
 
 
 def _server_tls(cert: str | None, key: str | None, advertise_url: str | None) -> Any:

@@ -1,6 +1,7 @@
 """`mctl serve app.py`: run an app with its web endpoints live, and run it again when its files
-change. Every run is on the same control plane (an embedded one unless MCTL_SERVER_URL is set)
-and an ephemeral app's URL names the app, not the run, so the URLs stay the same."""
+change. Every run is on the same control plane (an embedded one unless MCTL_SERVER_URL or a
+profile names a server) and an ephemeral app's URL names the app, not the run, so the URLs stay
+the same."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def serve(app_ref: str, timeout: float | None) -> None:
     """Run APP_REF's functions and web endpoints until Ctrl-C; edits to the app's .py files run
     it again with the new code (the endpoint URLs stay the same)."""
     from mctl.cli.main import import_app_file
+    from mctl.core.config import named_server_url
     from mctl.core.runner import embedded_server
     from mctl.exception import Error
 
@@ -58,7 +60,7 @@ def serve(app_ref: str, timeout: float | None) -> None:
         return exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
 
     with contextlib.ExitStack() as stack:
-        if not os.environ.get("MCTL_SERVER_URL"):
+        if not named_server_url():
             os.environ["MCTL_SERVER_URL"] = stack.enter_context(embedded_server())
             stack.callback(os.environ.pop, "MCTL_SERVER_URL", None)
         running = contextlib.ExitStack()  # the app as last loaded, live until a good edit

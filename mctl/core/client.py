@@ -17,7 +17,7 @@ import os
 import threading
 from typing import Any, Awaitable, Coroutine, TypeVar
 
-from mctl.core import ids, protocol, transport
+from mctl.core import config, ids, protocol, transport
 from mctl.exception import AuthError, ConnectionError, InputCancellation, NotFoundError
 
 log = logging.getLogger("mctl.client")
@@ -144,9 +144,7 @@ class Client:
                 now = loop.time()
                 lost_at = lost_at if lost_at is not None else now
                 if first or now - lost_at > RECONNECT_TIMEOUT:
-                    err = ConnectionError(
-                        f"Could not reach the mctl control plane at {self.url} ({exc}). Start one "
-                        "with `mctl server`, or set MCTL_SERVER_URL to a running one.")
+                    err = ConnectionError(config.unreachable_message(self.url, exc))
                     self._fail_all(err)
                     if first:
                         raise err from None
@@ -333,8 +331,7 @@ class Client:
             tls = transport.tls_error(self.url, exc)
             if tls is not None:
                 raise tls from None
-            raise ConnectionError(f"Could not reach the mctl control plane at {self.url} ({exc}). "
-                                  "Start one with `mctl server`, or set MCTL_SERVER_URL.") from None
+            raise ConnectionError(config.unreachable_message(self.url, exc)) from None
 
     async def post_frame(self, path: str, header: dict[str, Any], payloads: list[bytes] = ()
                          ) -> tuple[dict[str, Any], list[bytes]]:  # type: ignore[assignment]
@@ -409,9 +406,7 @@ class Client:
             raise self._unreachable(exc) from None
 
     def _unreachable(self, exc: BaseException) -> ConnectionError:
-        return ConnectionError(f"Could not reach the mctl control plane at {self.url} ({exc}). "
-                               "Start one with `mctl server`, or set MCTL_SERVER_URL to a running "
-                               "one.")
+        return ConnectionError(config.unreachable_message(self.url, exc))
 
 
 async def _json(resp: Any, url: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 
 def home() -> Path:
@@ -66,22 +67,78 @@ def _profile() -> dict[str, str]:
     return profiles.get(name, {}) if name else {}
 
 
-def configured_server_url() -> str | None:
-    """`MCTL_SERVER_URL`, else the profile's server, else the background server recorded in
-    `server.json`, else None."""
-    url = os.environ.get("MCTL_SERVER_URL") or _profile().get("server")
-    if url:
-        if not url.startswith(("http://", "https://")):
-            from mctl.exception import InvalidError
+class ServerChoice(NamedTuple):
+    """Which control plane commands use, and where that came from.
 
-            where = "MCTL_SERVER_URL" if os.environ.get("MCTL_SERVER_URL") else str(profile_file())
-            raise InvalidError(f"The server URL {url!r} (from {where}) must start with http:// or "
-                               "https://, e.g. http://127.0.0.1:8600.")
-        return url.rstrip("/")
+    `source` is "env" (MCTL_SERVER_URL), "profile" (the active profile's server), "background"
+    (the local background server recorded in server.json) or "none"; `where` says it for people
+    ("MCTL_SERVER_URL", "profile team at /home/u/.mctl/profile.json", a server.json path)."""
+
+    url: str | None
+    source: str
+    where: str | None
+
+    @property
+    def named(self) -> bool:
+        """True when the user named a server (MCTL_SERVER_URL or a profile's): commands then use
+        that one, never a local background server nor `mctl run`'s own embedded one."""
+        return self.source in ("env", "profile")
+
+
+def check_server_url(url: str, where: str) -> str:
+    """`url` without a trailing slash; an InvalidError unless it is http(s)://..."""
+    if not url.startswith(("http://", "https://")):
+        from mctl.exception import InvalidError
+
+        raise InvalidError(f"The server URL {url!r} (from {where}) must start with http:// or "
+                           "https://, e.g. http://127.0.0.1:8600.")
+    return url.rstrip("/")
+
+
+def server_choice() -> ServerChoice:
+    """The one rule for which control plane a client talks to: `MCTL_SERVER_URL`, else the
+    active profile's server, else the background server recorded in `server.json`, else none.
+    (`mctl run` and `app.run()` use their own embedded control plane when none is *named*.)"""
+    env = os.environ.get("MCTL_SERVER_URL")
+    if env:
+        return ServerChoice(check_server_url(env, "MCTL_SERVER_URL"), "env", "MCTL_SERVER_URL")
+    server = _profile().get("server")
+    if server:
+        where = f"profile {active_profile_name()} at {profile_file()}"
+        return ServerChoice(check_server_url(server, where), "profile", where)
     try:
-        return json.loads(server_file().read_text())["url"]
-    except (OSError, ValueError, KeyError):
-        return None
+        url = json.loads(server_file().read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ServerChoice(None, "none", None)
+    return ServerChoice(url, "background", str(server_file()))
+
+
+def configured_server_url() -> str | None:
+    """`server_choice()`'s URL: MCTL_SERVER_URL, the profile's, the background server's or None."""
+    return server_choice().url
+
+
+def unreachable_message(url: str, reason: object) -> str:
+    """What to say when nothing answers at `url`: where that URL came from and what to do."""
+    try:
+        choice = server_choice()
+    except Exception:  # noqa: BLE001 - a malformed setting: say the plain message
+        choice = ServerChoice(None, "none", None)
+    head = f"Could not reach the mctl control plane at {url} ({reason})."
+    if choice.url != url.rstrip("/") or not choice.named:
+        return head + " Start one with `mctl server`, or set MCTL_SERVER_URL to a running one."
+    if choice.source == "env":
+        return (head + " It is MCTL_SERVER_URL's: start that server, or fix or unset "
+                "MCTL_SERVER_URL.")
+    return (head + f" It is the server of {choice.where}: start that server, fix the URL (`mctl "
+            "token set TOKEN --server URL --profile NAME`), or `mctl profile deactivate` to use "
+            "a local server.")
+
+
+def named_server_url() -> str | None:
+    """The server the user named (MCTL_SERVER_URL or the active profile's), else None."""
+    choice = server_choice()
+    return choice.url if choice.named else None
 
 
 def server_config_file() -> Path:
@@ -140,18 +197,28 @@ def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return options
 
 
-def configured_token() -> str | None:
-    """The token this process presents: a worker's `MCTL_TASK_TOKEN` first (a worker must not
-    act with more than its task's rights), then `MCTL_TOKEN`, the profile's token, and the token
-    the local background server wrote."""
-    token = os.environ.get("MCTL_TASK_TOKEN") or os.environ.get("MCTL_TOKEN") \
-        or _profile().get("token")
+def token_choice() -> tuple[str | None, str | None]:
+    """(the token this process presents, where it came from, for people; never the value).
+
+    A worker's `MCTL_TASK_TOKEN` first (a worker must not act with more than its task's rights),
+    then `MCTL_TOKEN`, the active profile's token, and the token the local background server
+    wrote."""
+    for var in ("MCTL_TASK_TOKEN", "MCTL_TOKEN"):
+        if os.environ.get(var, "").strip():
+            return os.environ[var].strip(), var
+    token = (_profile().get("token") or "").strip()
     if token:
-        return token.strip()
+        return token, f"profile {active_profile_name()} at {profile_file()}"
     try:
-        return local_token_file().read_text().strip() or None
+        token = local_token_file().read_text().strip()
     except OSError:
-        return None
+        return None, None
+    return (token, f"the local token file {local_token_file()}") if token else (None, None)
+
+
+def configured_token() -> str | None:
+    """The token this process presents (see `token_choice`)."""
+    return token_choice()[0]
 
 
 def write_private(path: Path, text: str) -> None:
@@ -173,7 +240,7 @@ def save_profile(token: str, server: str | None, name: str | None = None,
     entry = dict(profiles.get(name, {}))
     entry["token"] = token
     if server:
-        entry["server"] = server.rstrip("/")
+        entry["server"] = check_server_url(server, "--server")
     profiles[name] = entry
     if activate or active is None or (activate is None and name == active):
         active = name

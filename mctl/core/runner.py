@@ -202,7 +202,8 @@ def running_server_url() -> str | None:
 
 @contextlib.contextmanager
 def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
-    """Run `app` as an ephemeral app: on MCTL_SERVER_URL if set, else on an embedded server.
+    """Run `app` as an ephemeral app: on the server the user named (MCTL_SERVER_URL or the active
+    profile's, `config.server_choice`), else on an embedded server.
 
     `detach`: the app outlives this process (Modal's `run --detach`): it runs on the configured
     or background server, is not stopped when the block ends nor when its caller disconnects,
@@ -214,7 +215,7 @@ def run_app(app: DeclaredApp, detach: bool = False) -> Iterator[None]:
                       "stops it)" if detach else "the app was stopped")
     spec, blobs = compile_app(app, app_id)  # fails on bad input before anything starts
     secrets = inline_secret_values(app, app_id)
-    url = config.configured_server_url() if os.environ.get("MCTL_SERVER_URL") else None
+    url = config.named_server_url()
     from mctl.core import interrupts
 
     try:
@@ -385,30 +386,47 @@ def server_alive(url: str) -> bool:
 
 
 def ensure_background_server(timeout: float = 30.0) -> str:
-    """The configured server's URL; start `mctl server` in the background if none answers."""
-    url = config.configured_server_url()
-    if url and server_alive(url):
-        return url
-    if os.environ.get("MCTL_SERVER_URL"):
-        raise ConnectionError(f"No mctl control plane answers at MCTL_SERVER_URL={url}; start it "
-                              "with `mctl server` or unset MCTL_SERVER_URL.")
+    """The configured server's URL; start `mctl server` in the background if none answers.
+
+    A server the user named (MCTL_SERVER_URL, a profile's) that does not answer is an error at
+    once: another control plane started here would not hold that server's apps and secrets."""
+    choice = config.server_choice()
+    if choice.url and server_alive(choice.url):
+        return choice.url
+    if choice.named:
+        raise ConnectionError(config.unreachable_message(choice.url or "", "no answer to /healthz"))
     home = config.home()
     home.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         config.server_file().unlink()
-    log = open(home / "server.log", "ab")
-    subprocess.Popen([sys.executable, "-m", "mctl", "server"], stdout=log, stderr=log,
-                     stdin=subprocess.DEVNULL, start_new_session=True)
+    log_path = home / "server.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mctl", "server"], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        url = config.configured_server_url()
+        record = read_server_file()
+        url = record.get("url") if isinstance(record, dict) else None
         if url and server_alive(url):
             print(f"mctl: started a background control plane at {url} (state and server.log in "
                   f"{home}); `mctl server stop` stops it.", file=sys.stderr)
             return url
+        if proc.poll() is not None:
+            raise ConnectionError(f"The background mctl server exited at start (status "
+                                  f"{proc.returncode}); see {log_path}.")
         time.sleep(0.1)
-    raise ConnectionError(f"The background mctl server did not start within {timeout:g}s; see "
-                          f"{home / 'server.log'}.")
+    # Not up in time: stop it rather than leave a server nobody knows of running.
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(FileNotFoundError):
+        if (read_server_file() or {}).get("pid") == proc.pid:
+            config.server_file().unlink()
+    raise ConnectionError(f"The background mctl server did not start within {timeout:g}s, so it "
+                          f"was stopped (pid {proc.pid}); see {log_path}.")
 
 
 def write_server_file(url: str) -> None:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 UNAUTHORIZED = ("Missing or invalid token: create one with `mctl token create` on the server's "
                 "machine and set MCTL_TOKEN, or run `mctl token set TOKEN`.")
 
+REVOKED = ("This token was revoked: ask an admin for a new one (`mctl token create` on the "
+           "server's machine) and set MCTL_TOKEN, or run `mctl token set TOKEN`.")
+
 # Tokens of control planes started in this process (the embedded server of `app.run()`).
 _tokens: dict[str, str] = {}
 
@@ -115,9 +118,21 @@ def tls_error(url: str, exc: BaseException) -> ConnectionError | None:
 def refused(status: int, message: str | None) -> AuthError:
     """The error for a 401 or 403 answer; the server's message says what to do."""
     if status == 401:
-        return AuthError(message or UNAUTHORIZED)
+        return AuthError(f"{message or UNAUTHORIZED} {_token_source()}")
     return AuthError(message or "This token lacks the scope for this request; ask an admin for "
                                 "a token with more rights (`mctl token create --scope ...`).")
+
+
+def _token_source() -> str:
+    """Which token a refused request sent, by where it came from (never its value)."""
+    try:
+        _, source = config.token_choice()
+    except Exception:  # noqa: BLE001 - a bad MCTL_PROFILE: the refusal matters more here
+        return ""
+    if source is None:
+        return (f"(No token was sent: none is set in MCTL_TOKEN, a profile, or "
+                f"{config.local_token_file()}.)")
+    return f"(The token sent came from {source}.)"
 
 
 def urlopen(url: str, data: bytes | None = None, method: str | None = None,

@@ -2,9 +2,9 @@
 the control plane they live on.
 
 A handle made by `from_name` resolves on first use, against the control plane of the app running
-in this process (`app.run()`), else `MCTL_SERVER_URL` (a worker's own), else the configured or
-background server (`mctl deploy`'s). So a module-level `Queue.from_name(...)` names the same
-queue in the caller and in every worker of the app.
+in this process (`app.run()`), else `MCTL_SERVER_URL` (a worker's own) or the active profile's
+server, else the background server (`mctl deploy`'s). So a module-level `Queue.from_name(...)`
+names the same queue in the caller and in every worker of the app.
 """
 
 from __future__ import annotations
@@ -19,16 +19,10 @@ from mctl.sdk.function import Dual
 
 
 def server_url() -> str:
-    import os
-
     from mctl.core import config, runner
 
-    url = runner.running_server_url()
-    if url:
-        return url
-    if os.environ.get("MCTL_SERVER_URL"):
-        return config.configured_server_url()  # type: ignore[return-value]
-    return runner.ensure_background_server()
+    return runner.running_server_url() or config.named_server_url() \
+        or runner.ensure_background_server()
 
 
 # True while a blocking call drives an operation in the caller's thread (see `_drive`).

@@ -132,6 +132,14 @@ class TokenStore:
         self.db.execute("UPDATE tokens SET revoked = ? WHERE token_id = ?", (time.time(), token_id))
         return {"token_id": token_id, "name": name, "scope": scope}
 
+    def was_revoked(self, token: str | None) -> bool:
+        """True for a token that was valid and has been revoked. Saying so tells the caller only
+        about a token it already holds, so it gives a guesser nothing."""
+        if not token or not token.startswith(PREFIX):
+            return False
+        return self.db.execute("SELECT 1 FROM tokens WHERE hash = ? AND revoked IS NOT NULL",
+                               (hash_token(token),)).fetchone() is not None
+
     # --- verification --------------------------------------------------------------------------
     def verify(self, token: str | None) -> Principal | None:
         """The principal of a valid, unrevoked token; None otherwise."""

@@ -419,7 +419,7 @@ async def after_recovery(request: web.Request, handler: Any) -> web.StreamRespon
 @web.middleware
 async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
     """401 without a valid token, 403 without the scope; the principal goes on the request."""
-    from mctl.core.transport import UNAUTHORIZED
+    from mctl.core.transport import REVOKED, UNAUTHORIZED
 
     rule = request.app[RULES].get(request.match_info.handler)
     if rule is not None and rule[0] is None:
@@ -427,7 +427,8 @@ async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse
     control = _control(request)
     principal = control.tokens.verify(_bearer(request))
     if principal is None:
-        return web.json_response({"error": UNAUTHORIZED}, status=401,
+        revoked = control.tokens.was_revoked(_bearer(request))
+        return web.json_response({"error": REVOKED if revoked else UNAUTHORIZED}, status=401,
                                  headers={"WWW-Authenticate": "Bearer"})
     request[PRINCIPAL_KEY] = principal
     if rule is None:
