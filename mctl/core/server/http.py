@@ -257,6 +257,8 @@ async def app_logs(request: web.Request) -> web.Response:
         now = control.store.find_app(app_id) or app
         return "stopping" if app_id in control.apps_stopping else now["state"]
 
+    if control.store.new_logs:  # lines not in logs() yet: the flush scheduled with them runs
+        await asyncio.sleep(0)
     now, rows = state(), control.store.logs(app_id, after)  # no await between: consistent
     if not rows and wait and now != "stopped":  # a stopped app writes no more lines
         await control.wait_logs(app_id, wait)
