@@ -68,7 +68,8 @@ def bind_params(user_cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             f"{cls_name} takes its arguments in __init__({', '.join(['self', *init_args])}), "
             f"which mctl does not support on an @app.cls (Modal deprecates a custom __init__ "
             f"there too): declare them as class parameters instead, `{decl}` in the class body "
-            f"(a parameter is a str, int, bool or bytes; import mctl as modal), drop the __init__ (or use @modal.enter() for setup), and "
+            f"(a parameter is a str, int, bool or bytes; import mctl as modal), drop the "
+            f"__init__ (or use @modal.enter() for setup), and "
             f"call {cls_name}({', '.join(f'{n}=...' for n in init_args)}).")
     if args:
         raise InvalidError(f"{cls_name}(...) takes parameters by keyword only, e.g. "

@@ -613,8 +613,9 @@ class ControlPlane:
             message = f"The container ({conn.task_id}) running input {rec.input_id}{of} {how}"
             if self._retry_delay(rec, "crashed", fs) is None:  # its last attempt
                 if rec.attempts > 1 and fs is not None:
+                    retries = fs.spec.retries.max_retries if fs.spec.retries else 0
                     message += (f"; {fs.spec.tag} failed after {rec.attempts} attempts "
-                                f"(retries={fs.spec.retries.max_retries if fs.spec.retries else 0})")
+                                f"(retries={retries})")
                 message += f".{self._logs_hint(conn.function_id)}"
             else:
                 message += "."
