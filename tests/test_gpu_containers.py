@@ -27,15 +27,21 @@ def launch(gpu):
                       image_id="im-x", runtime="oci", gpu=gpu)
 
 
-@pytest.fixture
-def started(tmp_path):
-    """Run a worker's argv with a `podman` that prints its arguments; returns (code, args, err)."""
+def _printing_podman_and_cdi_dir(tmp_path):
+    """A `podman` that prints its arguments, one per line, and an empty CDI spec directory."""
     fake = tmp_path / "bin" / "podman"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
     fake.chmod(0o755)
     cdi = tmp_path / "cdi"
     cdi.mkdir()
+    return fake, cdi
+
+
+@pytest.fixture
+def started(tmp_path):
+    """Run a worker's argv with a `podman` that prints its arguments; returns (code, args, err)."""
+    fake, cdi = _printing_podman_and_cdi_dir(tmp_path)
 
     def start(gpu, with_spec=True, **env):
         if with_spec:
@@ -171,12 +177,7 @@ def test_a_local_gpu_sandboxs_env_cannot_choose_its_gpus(tmp_path, monkeypatch):
 
     from mctl.core.server.sandboxes import _podman
 
-    fake = tmp_path / "bin" / "podman"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
-    fake.chmod(0o755)
-    cdi = tmp_path / "cdi"
-    cdi.mkdir()
+    fake, cdi = _printing_podman_and_cdi_dir(tmp_path)
     (cdi / "nvidia.yaml").write_text(CDI_SPEC)
     monkeypatch.setenv("MCTL_CDI_SPEC_DIRS", str(cdi))
     monkeypatch.setenv("MCTL_GPU_DEVICES", "1")
