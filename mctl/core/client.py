@@ -144,7 +144,7 @@ class Client:
                 now = loop.time()
                 lost_at = lost_at if lost_at is not None else now
                 if first or now - lost_at > RECONNECT_TIMEOUT:
-                    err = ConnectionError(config.unreachable_message(self.url, exc))
+                    err = self._unreachable(exc)
                     self._fail_all(err)
                     if first:
                         raise err from None
@@ -331,7 +331,7 @@ class Client:
             tls = transport.tls_error(self.url, exc)
             if tls is not None:
                 raise tls from None
-            raise ConnectionError(config.unreachable_message(self.url, exc)) from None
+            raise self._unreachable(exc) from None
 
     async def post_frame(self, path: str, header: dict[str, Any], payloads: list[bytes] = ()
                          ) -> tuple[dict[str, Any], list[bytes]]:  # type: ignore[assignment]
@@ -359,14 +359,11 @@ class Client:
         """After a 401: a new session when the configured token is no longer the one this
         session sends (`mctl token set` meanwhile, or a new control plane at the same address);
         False when it is the same (the refusal stands)."""
-        import aiohttp
-
         headers = transport.caller_headers(self.url)
         if self._session is None or headers.get("Authorization") == \
                 self._session.headers.get("Authorization"):
             return False
-        old, self._session = self._session, aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.url)))
+        old, self._session = self._session, self._new_session(headers)
         if self._ws is None or self._ws.closed:
             await old.close()
         else:  # the open WebSocket is old's: it goes when it ends, or with this client
@@ -375,12 +372,14 @@ class Client:
 
     async def _ensure_session(self) -> None:
         if self._session is None:
-            import aiohttp
+            self._session = self._new_session(transport.caller_headers(self.url))
 
-            # The token and the TLS context go with every request and the WebSocket upgrade.
-            self._session = aiohttp.ClientSession(
-                headers=transport.caller_headers(self.url),
-                connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.url)))
+    def _new_session(self, headers: dict[str, str]) -> Any:
+        """The token and the TLS context go with every request and the WebSocket upgrade."""
+        import aiohttp
+
+        return aiohttp.ClientSession(
+            headers=headers, connector=aiohttp.TCPConnector(ssl=transport.aiohttp_ssl(self.url)))
 
     async def upload_blob(self, data: bytes) -> str:
         import aiohttp
