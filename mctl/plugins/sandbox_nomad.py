@@ -536,16 +536,12 @@ class NomadSandboxes:
             await self._cancel(sandbox_id, sbs)
 
     def _job(self, sbs: Sandboxes, sandbox_id: str) -> tuple[str, str]:
-        row = sbs.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
-                             (sandbox_id,)).fetchone()
-        config = json.loads((row[0] if row else None) or "{}")
+        config = sbs.config(sandbox_id)
         return (config.get("nomad_job") or job_id(sandbox_id),
                 config.get("nomad_namespace") or self.namespace)
 
     def _has_variable(self, sbs: Sandboxes, sandbox_id: str) -> bool:
-        row = sbs.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
-                             (sandbox_id,)).fetchone()
-        return bool(json.loads((row[0] if row else None) or "{}").get("nomad_variable"))
+        return bool(sbs.config(sandbox_id).get("nomad_variable"))
 
     async def _purge(self, jid: str, ns: str, variable: bool) -> None:
         try:

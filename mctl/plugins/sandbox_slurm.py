@@ -574,9 +574,7 @@ class SlurmSandboxes:
                 left = rec["created"] + rec["timeout"] - time.time()
                 self._watch(sbs, sandbox_id, max(0.0, left))
                 log.info("sandbox %s: adopted Slurm job %s", sandbox_id, alive[sandbox_id][0])
-                row = sbs.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
-                                     (sandbox_id,)).fetchone()
-                node_ports = json.loads((row[0] if row else None) or "{}").get("node_ports")
+                node_ports = sbs.config(sandbox_id).get("node_ports")
                 if node_ports:  # the relays died with the old control plane: new ones
                     try:
                         await self._tunnels(sbs, sandbox_id, alive[sandbox_id][1],

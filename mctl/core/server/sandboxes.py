@@ -748,10 +748,14 @@ class Sandboxes:
             return True
         return int(counts[0]) > 0 or int(counts[1]) > 0
 
-    def _set_config(self, sandbox_id: str, **fields: Any) -> None:
+    def config(self, sandbox_id: str) -> dict[str, Any]:
+        """The sandbox's stored config (`insert`, plus what its backend added), {} if none."""
         row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
                               (sandbox_id,)).fetchone()
-        config = json.loads((row[0] if row else None) or "{}")
+        return json.loads((row[0] if row else None) or "{}")
+
+    def _set_config(self, sandbox_id: str, **fields: Any) -> None:
+        config = self.config(sandbox_id)
         config.update(fields)
         self._update(sandbox_id, config=json.dumps(config))
 
@@ -876,9 +880,7 @@ class Sandboxes:
         """The script that snapshots sandbox `rec` as `tag` where it runs."""
         from mctl.core import sandbox_snapshot
 
-        row = self.db.execute("SELECT config FROM sandboxes WHERE sandbox_id = ?",
-                              (rec["sandbox_id"],)).fetchone()
-        config = json.loads(row[0])
+        config = self.config(rec["sandbox_id"])
         return sandbox_snapshot.script(rec["container"], config["image"], tag,
                                        [m["path"] for m in config.get("mounts") or []],
                                        sandbox_runtime.SANDBOX_USER)
